@@ -1,0 +1,101 @@
+// common/dtype.h — element types of KV pages and activations, with host conversions.
+//
+// KV, q and outputs are 16-bit floats (fp16 or bf16) stored as raw little-endian uint16 on the
+// host; accumulation is always fp32. These conversions are the host's (and the CPU backend's)
+// single definition of rounding: round-to-nearest-even, NaN preserved. Thread-safe: pure functions.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <string_view>
+
+#include "absl/status/statusor.h"
+
+namespace pkv {
+
+enum class DType : uint8_t { kF16 = 0, kBF16 = 1 };
+
+// Bytes per element.
+constexpr size_t DTypeSize(DType) { return 2; }
+
+// "fp16" / "bf16".
+std::string_view DTypeName(DType dtype);
+
+// Parses "fp16"/"float16"/"half" and "bf16"/"bfloat16".
+absl::StatusOr<DType> ParseDType(std::string_view name);
+
+inline uint32_t FloatBits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return u;
+}
+inline float BitsFloat(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+// IEEE binary16 -> float.
+inline float HalfToFloat(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1Fu;
+  uint32_t mant = h & 0x3FFu;
+  if (exp == 0) {
+    if (mant == 0) return BitsFloat(sign);
+    // Subnormal: normalise.
+    int e = -1;
+    do {
+      ++e;
+      mant <<= 1;
+    } while ((mant & 0x400u) == 0);
+    mant &= 0x3FFu;
+    return BitsFloat(sign | (static_cast<uint32_t>(127 - 15 - e) << 23) | (mant << 13));
+  }
+  if (exp == 0x1F) return BitsFloat(sign | 0x7F800000u | (mant << 13));
+  return BitsFloat(sign | ((exp + 127 - 15) << 23) | (mant << 13));
+}
+
+// float -> IEEE binary16, round to nearest even.
+inline uint16_t FloatToHalf(float f) {
+  const uint32_t u = FloatBits(f);
+  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
+  const uint32_t abs = u & 0x7FFFFFFFu;
+  if (abs >= 0x7F800000u) {  // Inf or NaN
+    return sign | 0x7C00u | (abs > 0x7F800000u ? 0x200u : 0u);
+  }
+  if (abs >= 0x477FF000u) return sign | 0x7C00u;  // rounds to >= 65520: overflow to Inf
+  if (abs < 0x38800000u) {                         // below the smallest normal half (2^-14)
+    if (abs < 0x33000000u) return sign;            // below half the smallest subnormal
+    const uint32_t exp = abs >> 23;
+    const uint32_t mant = (abs & 0x7FFFFFu) | 0x800000u;
+    const uint32_t shift = 126 - exp;  // 14 + (113 - exp) with the implicit bit
+    uint32_t half_mant = mant >> shift;
+    const uint32_t rem = mant & ((1u << shift) - 1);
+    const uint32_t halfway = 1u << (shift - 1);
+    if (rem > halfway || (rem == halfway && (half_mant & 1u))) ++half_mant;
+    return sign | static_cast<uint16_t>(half_mant);
+  }
+  uint32_t rounded = abs + 0xFFFu + ((abs >> 13) & 1u);  // round mantissa to 10 bits, ties even
+  return sign | static_cast<uint16_t>((rounded - 0x38000000u) >> 13);
+}
+
+// bfloat16 -> float.
+inline float BFloat16ToFloat(uint16_t b) { return BitsFloat(static_cast<uint32_t>(b) << 16); }
+
+// float -> bfloat16, round to nearest even, NaN kept quiet.
+inline uint16_t FloatToBFloat16(float f) {
+  uint32_t u = FloatBits(f);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
+  u += 0x7FFFu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+inline float ToFloat(DType dtype, uint16_t raw) {
+  return dtype == DType::kF16 ? HalfToFloat(raw) : BFloat16ToFloat(raw);
+}
+inline uint16_t FromFloat(DType dtype, float f) {
+  return dtype == DType::kF16 ? FloatToHalf(f) : FloatToBFloat16(f);
+}
+
+}  // namespace pkv

@@ -1,0 +1,185 @@
+// engine/engine.h — the step executor: the only code that combines pager, scheduler and backend.
+//
+// Life of a token step (see docs/ARCHITECTURE.md): the router sends one Step per layer, all
+// carrying the same token_step_id and the same rows in the same order. Layer 0 opens the token
+// step: it applies the page-table deltas (free, then open), appends one token slot to every row,
+// builds the page table and the scheduler's plan; every layer then writes its new K,V into the
+// row's new slot and runs attention with that plan. When every layer has run, the token step is
+// complete and its sequences may join the next one.
+//
+// Every call validates all of its input before it changes anything: on error the pool, page
+// tables and sequence states are exactly as before. Errors carry absl codes that map one-to-one
+// to gRPC (INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, RESOURCE_EXHAUSTED, ALREADY_EXISTS)
+// and name the offending field. A retried (token_step_id, layer) returns the outputs of its first
+// execution without appending again, for the token steps still held (Options).
+//
+// Thread-safety: all public methods are thread-safe (one internal mutex; a step runs under it).
+#pragma once
+
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "common/model_shape.h"
+#include "engine/backend.h"
+#include "kvpool/block_pager.h"
+#include "scheduler/scheduler.h"
+
+namespace pkv::engine {
+
+using kvpool::SeqId;
+
+struct EngineOptions {
+  int32_t max_batch = 256;            // rows per step
+  int32_t retained_token_steps = 16;  // completed token steps kept for retries
+  uint64_t scatter_seed = 0;          // 0: ascending page order (see BlockPager::Options)
+};
+
+// One layer of one token step, in domain terms. Spans point into the caller's request buffers
+// and must stay valid for the call.
+struct StepInput {
+  uint64_t token_step_id = 0;  // nonzero; shared by all layers of the token step
+  int32_t layer = 0;           // 0 opens the token step and carries the deltas
+  std::vector<SeqId> rows;     // batch rows, in order (unique)
+  std::vector<SeqId> open;     // layer 0 only: new empty sequences, opened before the append
+  std::vector<SeqId> free;     // layer 0 only: sequences released before the append
+  std::span<const uint8_t> q;  // [B, Hq, d] model dtype, little-endian
+  std::span<const uint8_t> k;  // [B, Hkv, d] this layer's K of each row's new token
+  std::span<const uint8_t> v;  // [B, Hkv, d]
+  bool want_lse = false;
+};
+
+struct StepOutput {
+  std::string out;         // [B, Hq, d] model dtype bytes
+  std::vector<float> lse;  // [B, Hq] natural-log LSE of the scaled scores, when asked
+  KernelId kernel = KernelId::kReference;
+  bool replayed = false;    // served from the retry cache
+  double attend_seconds = 0.0;  // time in the backend's Attend for this layer
+};
+
+// What the worker serves, for Describe and readiness.
+struct EngineInfo {
+  ModelShape shape;
+  std::string backend;
+  std::string device;
+  int32_t max_batch = 0;
+  kvpool::PagerStats pager;
+  int64_t active_sequences = 0;   // steppable
+  int64_t writing_sequences = 0;  // prompt being written by WriteKV
+  int64_t open_token_steps = 0;   // token steps with layers still to run
+};
+
+class Engine;
+
+// A prompt being written (WriteKV). Pages are allocated by Engine::BeginPrompt; the sequence
+// becomes steppable only after Commit. Destroying an uncommitted PromptWrite releases the
+// sequence and its pages, so a cut stream leaves nothing behind. Not thread-safe itself; calls
+// take the engine's lock.
+class PromptWrite {
+ public:
+  PromptWrite(const PromptWrite&) = delete;
+  PromptWrite& operator=(const PromptWrite&) = delete;
+  ~PromptWrite();
+
+  // Writes K,V of tokens [token_offset, token_offset + n) of one layer; `k` and `v` are
+  // [n, Hkv, d] model-dtype bytes. Chunks may come in any order; rewriting a token is allowed.
+  [[nodiscard]] absl::Status Write(int32_t layer, int64_t token_offset, int64_t n,
+                                   std::span<const uint8_t> k, std::span<const uint8_t> v);
+  // FAILED_PRECONDITION (naming the first missing layer/token) unless every token of every layer
+  // was written; on success the sequence is steppable.
+  [[nodiscard]] absl::Status Commit();
+  // Releases the sequence now (also done by the destructor when not committed).
+  void Abort();
+
+  SeqId seq() const { return seq_; }
+  int64_t num_tokens() const { return num_tokens_; }
+  int64_t bytes_written() const { return bytes_written_; }
+
+ private:
+  friend class Engine;
+  PromptWrite(Engine* engine, SeqId seq, int64_t num_tokens);
+
+  Engine* engine_;
+  SeqId seq_;
+  int64_t num_tokens_;
+  bool done_ = false;
+  int64_t bytes_written_ = 0;
+  std::vector<std::vector<bool>> written_;  // [layer][token]
+  std::vector<int64_t> covered_;           // [layer] tokens written
+};
+
+class Engine {
+ public:
+  // Takes ownership of the backend; the pager is sized to the backend's arena.
+  static absl::StatusOr<std::unique_ptr<Engine>> Create(const EngineOptions& options,
+                                                        ExecutionBackendPtr backend,
+                                                        scheduler::Scheduler scheduler);
+  ~Engine();
+
+  // One layer of a token step (see the file comment).
+  absl::StatusOr<StepOutput> Step(const StepInput& input);
+
+  // Starts writing a prompt of `num_tokens` tokens (>= 1) for a new sequence.
+  // ALREADY_EXISTS, INVALID_ARGUMENT, RESOURCE_EXHAUSTED (free pages in the message).
+  absl::StatusOr<std::unique_ptr<PromptWrite>> BeginPrompt(SeqId seq, int64_t num_tokens);
+
+  // Releases sequences (all-or-nothing): NOT_FOUND if any is unknown, FAILED_PRECONDITION if a
+  // prompt is still being written. A released sequence drops out of any open token step.
+  absl::Status Release(std::span<const SeqId> seqs);
+
+  EngineInfo Info() const;
+  const ModelShape& shape() const { return shape_; }
+
+  // Verifies the pager and the engine's sequence states agree (tests).
+  absl::Status CheckConsistency() const;
+
+ private:
+  friend class PromptWrite;
+
+  enum class SeqPhase { kWriting, kReady };
+  struct SeqState {
+    SeqPhase phase = SeqPhase::kReady;
+    uint64_t open_token_step = 0;  // 0: none
+  };
+  struct TokenStep {
+    uint64_t id = 0;
+    std::vector<SeqId> rows;
+    std::vector<kvpool::SlotAddr> new_slots;  // [B] slot of each row's new token
+    PageTableCsr table;
+    scheduler::StepPlan plan;
+    std::vector<bool> layer_done;
+    int32_t layers_done = 0;
+    std::vector<StepOutput> outputs;  // [num_layers] kept for retries
+  };
+
+  Engine(const EngineOptions& options, ExecutionBackendPtr backend, scheduler::Scheduler scheduler);
+
+  absl::Status ValidateTensors(const StepInput& in) const;
+  absl::Status ValidateLayerZero(const StepInput& in) const;
+  absl::Status ValidateLaterLayer(const StepInput& in, const TokenStep& ts) const;
+  void BeginTokenStep(const StepInput& in);  // applies deltas; cannot fail after validation
+  absl::StatusOr<StepOutput> RunLayer(TokenStep& ts, const StepInput& in);
+  void CompleteTokenStep(uint64_t id);
+  TokenStep* FindRetained(uint64_t id);
+  void ReleaseLocked(SeqId seq);
+
+  const EngineOptions options_;
+  const ModelShape shape_;
+  ExecutionBackendPtr backend_;
+  const scheduler::Scheduler scheduler_;
+
+  mutable std::mutex mu_;
+  kvpool::BlockPager pager_;
+  absl::flat_hash_map<SeqId, SeqState> seqs_;
+  absl::flat_hash_map<uint64_t, std::unique_ptr<TokenStep>> open_steps_;
+  std::deque<std::unique_ptr<TokenStep>> retained_;  // completed, newest last
+};
+
+}  // namespace pkv::engine

@@ -1,0 +1,87 @@
+// kvpool/kv_arena.h — where KV pages physically live (host memory now, device memory later).
+//
+// An arena holds every layer's pages for one model shape, laid out
+//   [num_layers][num_pages][2 (K, V)][num_kv_heads][page_size][head_dim]  (model dtype)
+// so one layer's pages are one contiguous array that kernels index with a page table. Page ids
+// are shared by all layers. The arena only stores bytes; which page belongs to whom is the
+// BlockPager's business. Thread-safety: not synchronised; the engine serialises access.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string_view>
+
+#include "absl/status/status.h"
+#include "common/model_shape.h"
+
+namespace pkv::kvpool {
+
+using PageId = int32_t;
+
+// A token slot: `slot` in [0, page_size) of physical page `page`.
+struct SlotAddr {
+  PageId page;
+  int32_t slot;
+};
+
+class KvArena {
+ public:
+  virtual ~KvArena() = default;
+
+  virtual const ModelShape& shape() const = 0;
+  virtual int64_t num_pages() const = 0;
+  // "host" or "cuda".
+  virtual std::string_view kind() const = 0;
+
+  // Copies K and V of `slots.size()` tokens of one layer into their slots. `k` and `v` are host
+  // buffers [slots.size(), num_kv_heads, head_dim] of the model dtype.
+  [[nodiscard]] virtual absl::Status WriteTokens(int32_t layer, std::span<const SlotAddr> slots,
+                                                 const void* k, const void* v) = 0;
+  // The inverse of WriteTokens (tests and debugging).
+  [[nodiscard]] virtual absl::Status ReadTokens(int32_t layer, std::span<const SlotAddr> slots,
+                                                void* k, void* v) const = 0;
+  // Copies page `src` to page `dst` in every layer (copy-on-write of a shared partial page).
+  [[nodiscard]] virtual absl::Status CopyPage(PageId src, PageId dst) = 0;
+
+  // Start of one layer's pages, [num_pages, 2, Hkv, P, d], in the arena's memory space.
+  virtual void* layer_data(int32_t layer) = 0;
+  virtual const void* layer_data(int32_t layer) const = 0;
+
+  // Elements per page of one layer.
+  int64_t page_elems() const {
+    return 2LL * shape().num_kv_heads * shape().page_size * shape().head_dim;
+  }
+};
+using KvArenaPtr = std::unique_ptr<KvArena>;
+
+// Host-memory arena (the CPU backend's pool and the staging model for the device one).
+class HostKvArena final : public KvArena {
+ public:
+  // Allocates num_pages pages for every layer of `shape`; fails with RESOURCE_EXHAUSTED when
+  // the allocation fails.
+  static absl::StatusOr<std::unique_ptr<HostKvArena>> Create(const ModelShape& shape, int64_t num_pages);
+
+  const ModelShape& shape() const override { return shape_; }
+  int64_t num_pages() const override { return num_pages_; }
+  std::string_view kind() const override { return "host"; }
+  absl::Status WriteTokens(int32_t layer, std::span<const SlotAddr> slots, const void* k,
+                           const void* v) override;
+  absl::Status ReadTokens(int32_t layer, std::span<const SlotAddr> slots, void* k,
+                          void* v) const override;
+  absl::Status CopyPage(PageId src, PageId dst) override;
+  void* layer_data(int32_t layer) override { return data_.get() + layer * layer_elems(); }
+  const void* layer_data(int32_t layer) const override { return data_.get() + layer * layer_elems(); }
+
+ private:
+  HostKvArena(const ModelShape& shape, int64_t num_pages, std::unique_ptr<uint16_t[]> data)
+      : shape_(shape), num_pages_(num_pages), data_(std::move(data)) {}
+  int64_t layer_elems() const { return num_pages_ * page_elems(); }
+  absl::Status CheckAccess(int32_t layer, std::span<const SlotAddr> slots) const;
+
+  ModelShape shape_;
+  int64_t num_pages_;
+  std::unique_ptr<uint16_t[]> data_;  // [layers][pages][2][Hkv][P][d]
+};
+
+}  // namespace pkv::kvpool

@@ -1,0 +1,38 @@
+// scheduler/scheduler.h — per-step choice of the decode-attention route.
+//
+// Plan(shape) maps a token step's StepShape to a StepPlan. The choice is deterministic: the same
+// shape and options always give the same plan. A fixed arm (Options::fixed_kernel) bypasses the
+// policy for comparisons and debugging. Thread-safety: Plan is const and may run concurrently.
+#pragma once
+
+#include <optional>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "scheduler/step_plan.h"
+
+namespace pkv::scheduler {
+
+class Scheduler {
+ public:
+  struct Options {
+    // Routes the backend can execute; Plan only returns one of these.
+    std::vector<KernelId> available = {KernelId::kReference};
+    // When set, every step uses this route (it must be available).
+    std::optional<KernelId> fixed_kernel;
+  };
+
+  // INVALID_ARGUMENT when `available` is empty or the fixed kernel is not available.
+  static absl::StatusOr<Scheduler> Create(const Options& options);
+
+  // The plan for one token step.
+  StepPlan Plan(const StepShape& shape) const;
+
+  const Options& options() const { return options_; }
+
+ private:
+  explicit Scheduler(Options options) : options_(std::move(options)) {}
+  Options options_;
+};
+
+}  // namespace pkv::scheduler
