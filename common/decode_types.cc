@@ -1,10 +1,12 @@
 #include "common/decode_types.h"
 
+#include <string>
+
 #include "absl/strings/str_cat.h"
 
 namespace pkv {
 
-std::string_view KernelName(KernelId id) {
+const char* KernelName(KernelId id) {
   switch (id) {
     case KernelId::kReference: return "reference";
     case KernelId::kPerRequest: return "per_request";
@@ -18,10 +20,10 @@ std::string_view KernelName(KernelId id) {
 absl::StatusOr<KernelId> ParseKernelId(std::string_view name) {
   for (int i = 0; i < kNumKernelIds; ++i) {
     const auto id = static_cast<KernelId>(i);
-    if (KernelName(id) == name) return id;
+    if (name == KernelName(id)) return id;
   }
   return absl::InvalidArgumentError(absl::StrCat(
-      "unknown kernel '", name, "' (want reference, per_request, sequence_split, workqueue, flashinfer)"));
+      "unknown kernel '", std::string(name), "' (want reference, per_request, sequence_split, workqueue, flashinfer)"));
 }
 
 }  // namespace pkv

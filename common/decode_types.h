@@ -22,8 +22,9 @@ enum class KernelId : uint8_t {
 };
 inline constexpr int kNumKernelIds = 5;
 
-// Stable lower-case names used in flags, logs and metric labels.
-std::string_view KernelName(KernelId id);
+// Stable lower-case names used in flags, logs and metric labels. (const char*: Debian's Abseil
+// has its own absl::string_view, distinct from std::string_view, so StrCat takes C strings.)
+const char* KernelName(KernelId id);
 absl::StatusOr<KernelId> ParseKernelId(std::string_view name);
 
 // One work item of the compact work queue: pages [page_begin, page_end) (offsets into the row's

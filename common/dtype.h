@@ -20,7 +20,7 @@ enum class DType : uint8_t { kF16 = 0, kBF16 = 1 };
 constexpr size_t DTypeSize(DType) { return 2; }
 
 // "fp16" / "bf16".
-std::string_view DTypeName(DType dtype);
+const char* DTypeName(DType dtype);
 
 // Parses "fp16"/"float16"/"half" and "bf16"/"bfloat16".
 absl::StatusOr<DType> ParseDType(std::string_view name);

@@ -32,7 +32,7 @@ class ExecutionBackend {
   virtual ~ExecutionBackend() = default;
 
   // "cpu" or "cuda".
-  virtual std::string_view name() const = 0;
+  virtual const char* name() const = 0;
   virtual kvpool::KvArena& arena() = 0;
   virtual scheduler::DeviceInfo device_info() const = 0;
   // Routes this backend can run.

@@ -38,7 +38,7 @@ using kvpool::SeqId;
 
 struct EngineOptions {
   int32_t max_batch = 256;            // rows per step
-  int32_t retained_token_steps = 16;  // completed token steps kept for retries
+  int32_t retained_token_steps = 2;   // completed token steps whose outputs are kept for retries
   uint64_t scatter_seed = 0;          // 0: ascending page order (see BlockPager::Options)
 };
 
@@ -140,6 +140,10 @@ class Engine {
   // Verifies the pager and the engine's sequence states agree (tests).
   absl::Status CheckConsistency() const;
 
+  // A hash of every page table, sequence state, open token step and (for a host arena) every KV
+  // byte: tests compare it before and after a rejected request to prove nothing changed.
+  uint64_t StateFingerprint() const;
+
  private:
   friend class PromptWrite;
 
@@ -167,6 +171,8 @@ class Engine {
   void BeginTokenStep(const StepInput& in);  // applies deltas; cannot fail after validation
   absl::StatusOr<StepOutput> RunLayer(TokenStep& ts, const StepInput& in);
   void CompleteTokenStep(uint64_t id);
+  // Drops an open token step: its rows lose the token it appended and are unlocked.
+  void AbortTokenStep(uint64_t id);
   TokenStep* FindRetained(uint64_t id);
   void ReleaseLocked(SeqId seq);
 

@@ -47,6 +47,7 @@ struct DecodeParams {
   int32_t num_splits = 1;             // uniform split count for kSequenceSplit
   const int32_t* row_splits = nullptr;  // [B] per-row split count, or null for uniform
   const int32_t* partial_offset = nullptr;  // [B] first partial slot of each row, or null
+  int32_t num_partials = 0;  // partial slots the plan uses (kWorkQueue: sum of row_splits > 1)
 };
 static_assert(std::is_trivially_copyable_v<DecodeParams>);
 

@@ -101,6 +101,23 @@ absl::Status BlockPager::Append(SeqId seq, int64_t tokens, std::vector<PageCopy>
   return absl::OkStatus();
 }
 
+absl::Status BlockPager::Truncate(SeqId seq, int64_t num_tokens) {
+  auto it = seqs_.find(seq);
+  if (it == seqs_.end()) return absl::NotFoundError(absl::StrCat("sequence ", seq, " not found"));
+  SequencePages& s = it->second;
+  if (num_tokens < 0 || num_tokens > s.num_tokens) {
+    return absl::InvalidArgumentError(absl::StrCat("cannot truncate sequence ", seq, " of ",
+                                                   s.num_tokens, " tokens to ", num_tokens));
+  }
+  const int64_t keep = PagesForTokens(num_tokens);
+  for (int64_t i = keep; i < static_cast<int64_t>(s.pages.size()); ++i) Drop(s.pages[i]);
+  reserved_tokens_ -= (static_cast<int64_t>(s.pages.size()) - keep) * page_size_;
+  s.pages.resize(keep);
+  used_tokens_ -= s.num_tokens - num_tokens;
+  s.num_tokens = num_tokens;
+  return absl::OkStatus();
+}
+
 absl::Status BlockPager::Release(SeqId seq) {
   auto it = seqs_.find(seq);
   if (it == seqs_.end()) return absl::NotFoundError(absl::StrCat("sequence ", seq, " not found"));

@@ -68,6 +68,9 @@ class BlockPager {
   // A shared (refcount > 1) partial last page is replaced by a private copy; the copy to make is
   // appended to `copies` (may be null only when no page is shared).
   [[nodiscard]] absl::Status Append(SeqId seq, int64_t tokens, std::vector<PageCopy>* copies = nullptr);
+  // Shrinks `seq` to its first `num_tokens` tokens, dropping pages past them (undoes an Append).
+  // NOT_FOUND, INVALID_ARGUMENT when num_tokens is negative or larger than the sequence.
+  [[nodiscard]] absl::Status Truncate(SeqId seq, int64_t num_tokens);
   // Drops `seq` and its page references. NOT_FOUND.
   [[nodiscard]] absl::Status Release(SeqId seq);
   // Creates `dst` sharing every page of `src` (refcounts + 1). NOT_FOUND, ALREADY_EXISTS.

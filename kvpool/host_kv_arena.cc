@@ -13,8 +13,8 @@ absl::StatusOr<std::unique_ptr<HostKvArena>> HostKvArena::Create(const ModelShap
   if (num_pages < 1) return absl::InvalidArgumentError("num_pages must be >= 1");
   const int64_t elems = num_pages * 2LL * shape.num_kv_heads * shape.page_size * shape.head_dim *
                         shape.num_layers;
-  // Not value-initialised: pages are written before they are read.
-  std::unique_ptr<uint16_t[]> data(new (std::nothrow) uint16_t[elems]);
+  // Zeroed so the pool is committed at start and never holds stale bytes.
+  std::unique_ptr<uint16_t[]> data(new (std::nothrow) uint16_t[elems]());
   if (data == nullptr) {
     return absl::ResourceExhaustedError(
         absl::StrCat("cannot allocate ", elems * 2, " bytes of host KV arena"));

@@ -32,7 +32,7 @@ class KvArena {
   virtual const ModelShape& shape() const = 0;
   virtual int64_t num_pages() const = 0;
   // "host" or "cuda".
-  virtual std::string_view kind() const = 0;
+  virtual const char* kind() const = 0;
 
   // Copies K and V of `slots.size()` tokens of one layer into their slots. `k` and `v` are host
   // buffers [slots.size(), num_kv_heads, head_dim] of the model dtype.
@@ -64,7 +64,7 @@ class HostKvArena final : public KvArena {
 
   const ModelShape& shape() const override { return shape_; }
   int64_t num_pages() const override { return num_pages_; }
-  std::string_view kind() const override { return "host"; }
+  const char* kind() const override { return "host"; }
   absl::Status WriteTokens(int32_t layer, std::span<const SlotAddr> slots, const void* k,
                            const void* v) override;
   absl::Status ReadTokens(int32_t layer, std::span<const SlotAddr> slots, void* k,

@@ -1,0 +1,474 @@
+#include "engine/engine.h"
+
+#include <algorithm>
+#include <chrono>
+
+#include "absl/container/flat_hash_set.h"
+#include "absl/hash/hash.h"
+#include "absl/strings/str_cat.h"
+#include "common/log.h"
+#include "common/status_macros.h"
+
+namespace pkv::engine {
+namespace {
+
+// First duplicate in `ids`, or -1.
+int64_t FirstDuplicate(const std::vector<SeqId>& ids) {
+  absl::flat_hash_set<SeqId> seen;
+  for (size_t i = 0; i < ids.size(); ++i) {
+    if (!seen.insert(ids[i]).second) return static_cast<int64_t>(i);
+  }
+  return -1;
+}
+
+bool Contains(const std::vector<SeqId>& ids, SeqId id) {
+  return std::find(ids.begin(), ids.end(), id) != ids.end();
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// PromptWrite
+
+PromptWrite::PromptWrite(Engine* engine, SeqId seq, int64_t num_tokens)
+    : engine_(engine),
+      seq_(seq),
+      num_tokens_(num_tokens),
+      written_(engine->shape().num_layers, std::vector<bool>(num_tokens, false)),
+      covered_(engine->shape().num_layers, 0) {}
+
+PromptWrite::~PromptWrite() { Abort(); }
+
+absl::Status PromptWrite::Write(int32_t layer, int64_t token_offset, int64_t n,
+                                std::span<const uint8_t> k, std::span<const uint8_t> v) {
+  if (done_) return absl::FailedPreconditionError("prompt write already finished");
+  const ModelShape& s = engine_->shape();
+  if (layer < 0 || layer >= s.num_layers) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("layer: ", layer, " out of range [0, ", s.num_layers, ")"));
+  }
+  if (n < 1) return absl::InvalidArgumentError(absl::StrCat("num_tokens: must be >= 1, got ", n));
+  if (token_offset < 0 || token_offset + n > num_tokens_) {
+    return absl::InvalidArgumentError(absl::StrCat("token_offset: tokens [", token_offset, ", ",
+                                                   token_offset + n, ") exceed the prompt's ",
+                                                   num_tokens_, " tokens"));
+  }
+  const size_t want = static_cast<size_t>(n) * s.num_kv_heads * s.head_dim * DTypeSize(s.dtype);
+  if (k.size() != want) {
+    return absl::InvalidArgumentError(absl::StrCat("k: ", k.size(), " bytes, want ", want, " ([", n,
+                                                   ", ", s.num_kv_heads, ", ", s.head_dim, "] ",
+                                                   DTypeName(s.dtype), ")"));
+  }
+  if (v.size() != want) {
+    return absl::InvalidArgumentError(absl::StrCat("v: ", v.size(), " bytes, want ", want));
+  }
+  std::lock_guard<std::mutex> lock(engine_->mu_);
+  const kvpool::SequencePages* pages = engine_->pager_.Find(seq_);
+  // Invariant: a sequence being written cannot be released (Release refuses it).
+  PKV_CHECK(pages != nullptr) << "prompt sequence " << seq_ << " vanished";
+  std::vector<kvpool::SlotAddr> slots(n);
+  for (int64_t t = 0; t < n; ++t) slots[t] = engine_->pager_.Locate(*pages, token_offset + t);
+  PKV_RETURN_IF_ERROR(engine_->backend_->arena().WriteTokens(layer, slots, k.data(), v.data()));
+  for (int64_t t = token_offset; t < token_offset + n; ++t) {
+    if (!written_[layer][t]) {
+      written_[layer][t] = true;
+      ++covered_[layer];
+    }
+  }
+  bytes_written_ += static_cast<int64_t>(k.size() + v.size());
+  return absl::OkStatus();
+}
+
+absl::Status PromptWrite::Commit() {
+  if (done_) return absl::FailedPreconditionError("prompt write already finished");
+  for (size_t layer = 0; layer < covered_.size(); ++layer) {
+    if (covered_[layer] != num_tokens_) {
+      const auto first = std::find(written_[layer].begin(), written_[layer].end(), false) -
+                         written_[layer].begin();
+      return absl::FailedPreconditionError(absl::StrCat(
+          "sequence ", seq_, ": prompt incomplete: layer ", layer, " has ", covered_[layer], " of ",
+          num_tokens_, " tokens (first missing token ", first, ")"));
+    }
+  }
+  std::lock_guard<std::mutex> lock(engine_->mu_);
+  engine_->seqs_[seq_].phase = Engine::SeqPhase::kReady;
+  done_ = true;
+  return absl::OkStatus();
+}
+
+void PromptWrite::Abort() {
+  if (done_) return;
+  done_ = true;
+  std::lock_guard<std::mutex> lock(engine_->mu_);
+  engine_->ReleaseLocked(seq_);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Engine
+
+absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& options,
+                                                       ExecutionBackendPtr backend,
+                                                       scheduler::Scheduler scheduler) {
+  if (backend == nullptr) return absl::InvalidArgumentError("backend is null");
+  PKV_RETURN_IF_ERROR(backend->arena().shape().Validate());
+  if (options.max_batch < 1) return absl::InvalidArgumentError("max_batch must be >= 1");
+  for (KernelId k : scheduler.options().available) {
+    const auto have = backend->kernels();
+    if (std::find(have.begin(), have.end(), k) == have.end()) {
+      return absl::InvalidArgumentError(absl::StrCat("scheduler offers kernel ", KernelName(k),
+                                                     " that backend ", backend->name(), " lacks"));
+    }
+  }
+  return std::unique_ptr<Engine>(new Engine(options, std::move(backend), std::move(scheduler)));
+}
+
+Engine::Engine(const EngineOptions& options, ExecutionBackendPtr backend, scheduler::Scheduler scheduler)
+    : options_(options),
+      shape_(backend->arena().shape()),
+      backend_(std::move(backend)),
+      scheduler_(std::move(scheduler)),
+      pager_(kvpool::BlockPager::Options{backend_->arena().num_pages(), shape_.page_size,
+                                         options.scatter_seed}) {}
+
+Engine::~Engine() = default;
+
+absl::Status Engine::ValidateTensors(const StepInput& in) const {
+  const size_t b = in.rows.size();
+  const size_t el = DTypeSize(shape_.dtype);
+  const size_t q_want = b * shape_.num_q_heads * shape_.head_dim * el;
+  const size_t kv_want = b * shape_.num_kv_heads * shape_.head_dim * el;
+  if (in.q.size() != q_want) {
+    return absl::InvalidArgumentError(absl::StrCat("q: ", in.q.size(), " bytes, want ", q_want, " ([",
+                                                   b, ", ", shape_.num_q_heads, ", ", shape_.head_dim,
+                                                   "] ", DTypeName(shape_.dtype), ")"));
+  }
+  if (in.k.size() != kv_want) {
+    return absl::InvalidArgumentError(absl::StrCat("k: ", in.k.size(), " bytes, want ", kv_want, " ([",
+                                                   b, ", ", shape_.num_kv_heads, ", ",
+                                                   shape_.head_dim, "] ", DTypeName(shape_.dtype), ")"));
+  }
+  if (in.v.size() != kv_want) {
+    return absl::InvalidArgumentError(absl::StrCat("v: ", in.v.size(), " bytes, want ", kv_want));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Engine::ValidateLayerZero(const StepInput& in) const {
+  if (int64_t i = FirstDuplicate(in.free); i >= 0) {
+    return absl::InvalidArgumentError(absl::StrCat("free[", i, "]: sequence ", in.free[i], " listed twice"));
+  }
+  if (int64_t i = FirstDuplicate(in.open); i >= 0) {
+    return absl::InvalidArgumentError(absl::StrCat("open[", i, "]: sequence ", in.open[i], " listed twice"));
+  }
+  for (size_t i = 0; i < in.free.size(); ++i) {
+    const SeqId id = in.free[i];
+    auto it = seqs_.find(id);
+    if (it == seqs_.end()) return absl::NotFoundError(absl::StrCat("free[", i, "]: sequence ", id, " not found"));
+    if (it->second.phase == SeqPhase::kWriting) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("free[", i, "]: sequence ", id, " prompt is still being written"));
+    }
+    if (it->second.open_token_step != 0) {
+      return absl::FailedPreconditionError(absl::StrCat("free[", i, "]: sequence ", id, " is in token step ",
+                                                        it->second.open_token_step, ", which has layers left"));
+    }
+    if (Contains(in.rows, id)) {
+      return absl::InvalidArgumentError(absl::StrCat("free[", i, "]: sequence ", id, " is also a row of this step"));
+    }
+  }
+  for (size_t i = 0; i < in.open.size(); ++i) {
+    const SeqId id = in.open[i];
+    if (Contains(in.free, id)) {
+      return absl::InvalidArgumentError(absl::StrCat("open[", i, "]: sequence ", id, " is also freed"));
+    }
+    if (seqs_.contains(id)) {
+      return absl::AlreadyExistsError(absl::StrCat("open[", i, "]: sequence ", id, " already exists"));
+    }
+  }
+  int64_t pages_needed = 0;
+  for (size_t i = 0; i < in.rows.size(); ++i) {
+    const SeqId id = in.rows[i];
+    if (Contains(in.open, id)) {
+      pages_needed += 1;  // an opened sequence is empty: its first token needs a page
+      continue;
+    }
+    auto it = seqs_.find(id);
+    if (it == seqs_.end()) return absl::NotFoundError(absl::StrCat("rows[", i, "]: sequence ", id, " not found"));
+    if (it->second.phase == SeqPhase::kWriting) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("rows[", i, "]: sequence ", id, " prompt is still being written (WriteKV not complete)"));
+    }
+    if (it->second.open_token_step != 0) {
+      return absl::FailedPreconditionError(absl::StrCat("rows[", i, "]: sequence ", id, " is in token step ",
+                                                        it->second.open_token_step, ", which has layers left"));
+    }
+    auto need = pager_.PagesToAppend(id, 1);
+    PKV_CHECK(need.ok()) << "engine and pager disagree on sequence " << id;
+    pages_needed += *need;
+  }
+  const int64_t from_frees = pager_.PagesReleasedBy(in.free);
+  const int64_t available = pager_.free_pages() + from_frees;
+  if (pages_needed > available) {
+    return absl::ResourceExhaustedError(absl::StrCat("KV pool full: this token step needs ", pages_needed,
+                                                     " new pages, ", pager_.free_pages(), " free (+",
+                                                     from_frees, " released by free)"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Engine::ValidateLaterLayer(const StepInput& in, const TokenStep& ts) const {
+  if (!in.open.empty() || !in.free.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(in.open.empty() ? "free" : "open",
+                                                   ": deltas are only allowed in layer 0 of a token step"));
+  }
+  if (in.rows != ts.rows) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("rows: differ from layer 0 of token step ", ts.id, " (same rows, same order)"));
+  }
+  for (size_t i = 0; i < ts.rows.size(); ++i) {
+    if (!seqs_.contains(ts.rows[i])) {
+      return absl::NotFoundError(absl::StrCat("rows[", i, "]: sequence ", ts.rows[i], " was released"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+void Engine::BeginTokenStep(const StepInput& in) {
+  auto ts = std::make_unique<TokenStep>();
+  ts->id = in.token_step_id;
+  ts->rows = in.rows;
+  ts->layer_done.assign(shape_.num_layers, false);
+  ts->outputs.resize(shape_.num_layers);
+  for (SeqId id : in.free) ReleaseLocked(id);
+  for (SeqId id : in.open) {
+    PKV_CHECK(pager_.Create(id, 0).ok()) << "validated open failed";
+    seqs_[id] = SeqState{SeqPhase::kReady, 0};
+  }
+  std::vector<kvpool::PageCopy> copies;
+  scheduler::StepShape shape;
+  shape.model = shape_;
+  shape.device = backend_->device_info();
+  ts->table.indptr.push_back(0);
+  for (SeqId id : in.rows) {
+    PKV_CHECK(pager_.Append(id, 1, &copies).ok()) << "validated append failed";
+    const kvpool::SequencePages* pages = pager_.Find(id);
+    ts->new_slots.push_back(pager_.Locate(*pages, pages->num_tokens - 1));
+    ts->table.indices.insert(ts->table.indices.end(), pages->pages.begin(), pages->pages.end());
+    ts->table.indptr.push_back(static_cast<int32_t>(ts->table.indices.size()));
+    ts->table.last_page_len.push_back(
+        static_cast<int32_t>((pages->num_tokens - 1) % shape_.page_size + 1));
+    shape.row_tokens.push_back(pages->num_tokens);
+    seqs_[id].open_token_step = ts->id;
+  }
+  for (const kvpool::PageCopy& c : copies) {
+    // Invariant: the pager only returns in-range pages.
+    PKV_CHECK(backend_->arena().CopyPage(c.src, c.dst).ok()) << "page copy failed";
+  }
+  ts->plan = scheduler_.Plan(shape);
+  open_steps_[ts->id] = std::move(ts);
+}
+
+absl::StatusOr<StepOutput> Engine::RunLayer(TokenStep& ts, const StepInput& in) {
+  StepOutput result;
+  const size_t b = ts.rows.size();
+  if (b > 0) {
+    PKV_RETURN_IF_ERROR(backend_->arena().WriteTokens(in.layer, ts.new_slots, in.k.data(), in.v.data()));
+  }
+  result.out.resize(b * shape_.num_q_heads * shape_.head_dim * DTypeSize(shape_.dtype));
+  if (in.want_lse) result.lse.resize(b * shape_.num_q_heads);
+  result.kernel = ts.plan.kernel;
+  const auto t0 = std::chrono::steady_clock::now();
+  if (b > 0) {
+    PKV_RETURN_IF_ERROR(backend_->Attend(ts.plan, in.layer, ts.table, in.q.data(), result.out.data(),
+                                         in.want_lse ? result.lse.data() : nullptr));
+  }
+  result.attend_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  ts.layer_done[in.layer] = true;
+  ++ts.layers_done;
+  ts.outputs[in.layer] = result;
+  return result;
+}
+
+void Engine::CompleteTokenStep(uint64_t id) {
+  auto it = open_steps_.find(id);
+  PKV_CHECK(it != open_steps_.end()) << "completing unknown token step " << id;
+  std::unique_ptr<TokenStep> ts = std::move(it->second);
+  open_steps_.erase(it);
+  for (SeqId row : ts->rows) {
+    auto s = seqs_.find(row);
+    if (s != seqs_.end() && s->second.open_token_step == id) s->second.open_token_step = 0;
+  }
+  ts->table = PageTableCsr{};  // only outputs are needed for retries
+  retained_.push_back(std::move(ts));
+  while (static_cast<int32_t>(retained_.size()) > options_.retained_token_steps) retained_.pop_front();
+}
+
+void Engine::AbortTokenStep(uint64_t id) {
+  auto it = open_steps_.find(id);
+  if (it == open_steps_.end()) return;
+  for (SeqId row : it->second->rows) {
+    auto s = seqs_.find(row);
+    if (s == seqs_.end() || s->second.open_token_step != id) continue;
+    s->second.open_token_step = 0;
+    const kvpool::SequencePages* pages = pager_.Find(row);
+    PKV_CHECK(pages != nullptr && pages->num_tokens >= 1) << "open token step row without its token";
+    PKV_CHECK(pager_.Truncate(row, pages->num_tokens - 1).ok()) << "truncate failed";
+  }
+  PKV_LOG(WARNING) << "token step " << id << " aborted after " << it->second->layers_done << " of "
+                   << shape_.num_layers << " layers (a row was released)";
+  open_steps_.erase(it);
+}
+
+Engine::TokenStep* Engine::FindRetained(uint64_t id) {
+  for (auto& ts : retained_) {
+    if (ts->id == id) return ts.get();
+  }
+  return nullptr;
+}
+
+void Engine::ReleaseLocked(SeqId seq) {
+  auto it = seqs_.find(seq);
+  if (it == seqs_.end()) return;
+  if (it->second.open_token_step != 0) {
+    const uint64_t step = it->second.open_token_step;
+    it->second.open_token_step = 0;
+    AbortTokenStep(step);
+  }
+  PKV_CHECK(pager_.Release(seq).ok()) << "engine and pager disagree on sequence " << seq;
+  seqs_.erase(seq);
+}
+
+absl::StatusOr<StepOutput> Engine::Step(const StepInput& in) {
+  if (in.token_step_id == 0) return absl::InvalidArgumentError("token_step_id: must be nonzero");
+  if (in.layer < 0 || in.layer >= shape_.num_layers) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("layer: ", in.layer, " out of range [0, ", shape_.num_layers, ")"));
+  }
+  if (static_cast<int64_t>(in.rows.size()) > options_.max_batch) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("rows: ", in.rows.size(), " rows exceed max_batch ", options_.max_batch));
+  }
+  if (int64_t i = FirstDuplicate(in.rows); i >= 0) {
+    return absl::InvalidArgumentError(absl::StrCat("rows[", i, "]: sequence ", in.rows[i], " listed twice"));
+  }
+  PKV_RETURN_IF_ERROR(ValidateTensors(in));
+
+  std::lock_guard<std::mutex> lock(mu_);
+  // A retried (token_step_id, layer) returns its first outputs.
+  TokenStep* ts = nullptr;
+  if (auto it = open_steps_.find(in.token_step_id); it != open_steps_.end()) ts = it->second.get();
+  if (ts == nullptr) ts = FindRetained(in.token_step_id);
+  if (ts != nullptr && ts->layer_done[in.layer]) {
+    if (in.rows != ts->rows) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "token_step_id: ", in.token_step_id, " layer ", in.layer, " already ran with different rows"));
+    }
+    StepOutput replay = ts->outputs[in.layer];
+    replay.replayed = true;
+    if (!in.want_lse) replay.lse.clear();
+    return replay;
+  }
+  if (in.layer == 0) {
+    if (ts != nullptr) {
+      return absl::FailedPreconditionError(absl::StrCat("token_step_id: ", in.token_step_id, " already exists"));
+    }
+    PKV_RETURN_IF_ERROR(ValidateLayerZero(in));
+    BeginTokenStep(in);
+    ts = open_steps_[in.token_step_id].get();
+  } else {
+    if (ts == nullptr || !open_steps_.contains(in.token_step_id)) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "token_step_id: ", in.token_step_id, " has not begun (send layer 0 first) or was aborted"));
+    }
+    PKV_RETURN_IF_ERROR(ValidateLaterLayer(in, *ts));
+  }
+  absl::StatusOr<StepOutput> out = RunLayer(*ts, in);
+  if (out.ok() && ts->layers_done == shape_.num_layers) CompleteTokenStep(ts->id);
+  return out;
+}
+
+absl::StatusOr<std::unique_ptr<PromptWrite>> Engine::BeginPrompt(SeqId seq, int64_t num_tokens) {
+  if (num_tokens < 1) {
+    return absl::InvalidArgumentError(absl::StrCat("num_tokens: must be >= 1, got ", num_tokens));
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  if (seqs_.contains(seq)) return absl::AlreadyExistsError(absl::StrCat("sequence_id: ", seq, " already exists"));
+  PKV_RETURN_IF_ERROR(pager_.Create(seq, num_tokens));
+  seqs_[seq] = SeqState{SeqPhase::kWriting, 0};
+  return std::unique_ptr<PromptWrite>(new PromptWrite(this, seq, num_tokens));
+}
+
+absl::Status Engine::Release(std::span<const SeqId> seqs) {
+  std::lock_guard<std::mutex> lock(mu_);
+  absl::flat_hash_set<SeqId> seen;
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    if (!seen.insert(seqs[i]).second) {
+      return absl::InvalidArgumentError(absl::StrCat("sequence_ids[", i, "]: sequence ", seqs[i], " listed twice"));
+    }
+    auto it = seqs_.find(seqs[i]);
+    if (it == seqs_.end()) {
+      return absl::NotFoundError(absl::StrCat("sequence_ids[", i, "]: sequence ", seqs[i], " not found"));
+    }
+    if (it->second.phase == SeqPhase::kWriting) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("sequence_ids[", i, "]: sequence ", seqs[i], " prompt is still being written"));
+    }
+  }
+  for (SeqId id : seqs) ReleaseLocked(id);
+  return absl::OkStatus();
+}
+
+EngineInfo Engine::Info() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  EngineInfo info;
+  info.shape = shape_;
+  info.backend = std::string(backend_->name());
+  info.device = backend_->device_info().name;
+  info.max_batch = options_.max_batch;
+  info.pager = pager_.Stats();
+  for (const auto& [id, s] : seqs_) {
+    if (s.phase == SeqPhase::kWriting) ++info.writing_sequences;
+    else ++info.active_sequences;
+  }
+  info.open_token_steps = static_cast<int64_t>(open_steps_.size());
+  return info;
+}
+
+absl::Status Engine::CheckConsistency() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  PKV_RETURN_IF_ERROR(pager_.CheckConsistency());
+  if (static_cast<int64_t>(seqs_.size()) != pager_.Stats().num_sequences) {
+    return absl::InternalError("engine and pager sequence counts differ");
+  }
+  for (const auto& [id, s] : seqs_) {
+    if (!pager_.Contains(id)) return absl::InternalError(absl::StrCat("sequence ", id, " missing in pager"));
+    if (s.open_token_step != 0 && !open_steps_.contains(s.open_token_step)) {
+      return absl::InternalError(absl::StrCat("sequence ", id, " locked by a vanished token step"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+uint64_t Engine::StateFingerprint() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::vector<SeqId> ids;
+  ids.reserve(seqs_.size());
+  for (const auto& [id, s] : seqs_) ids.push_back(id);
+  std::sort(ids.begin(), ids.end());
+  uint64_t h = absl::HashOf(pager_.free_pages(), open_steps_.size());
+  for (SeqId id : ids) {
+    const SeqState& s = seqs_.at(id);
+    const kvpool::SequencePages* p = pager_.Find(id);
+    h = absl::HashOf(h, id, static_cast<int>(s.phase), s.open_token_step, p->num_tokens, p->pages);
+  }
+  const kvpool::KvArena& arena = backend_->arena();
+  if (std::string_view(arena.kind()) == "host") {
+    const size_t bytes = static_cast<size_t>(arena.num_pages() * arena.page_elems() * 2);
+    for (int32_t layer = 0; layer < shape_.num_layers; ++layer) {
+      h = absl::HashOf(h, std::string(static_cast<const char*>(arena.layer_data(layer)), bytes));
+    }
+  }
+  return h;
+}
+
+}  // namespace pkv::engine
