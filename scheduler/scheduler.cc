@@ -18,9 +18,28 @@ absl::StatusOr<Scheduler> Scheduler::Create(const Options& options) {
 }
 
 StepPlan Scheduler::Plan(const StepShape& shape) const {
-  (void)shape;
   StepPlan plan;
-  plan.kernel = options_.fixed_kernel.value_or(options_.available.front());
+  std::vector<KernelId> candidates = options_.available;
+  if (options_.fixed_kernel.has_value()) candidates = {*options_.fixed_kernel};
+  bool have = false;
+  ArmCost best;
+  for (KernelId k : candidates) {
+    if (k == KernelId::kReference || k == KernelId::kFlashInfer) continue;  // not modelled
+    const ArmCost c = model_.BestOf(k, shape);
+    if (!have || c.us < best.us || (c.us == best.us && c.launches < best.launches)) {
+      best = c;
+      have = true;
+    }
+  }
+  if (!have) {  // the CPU reference (or an unmodelled fixed route)
+    plan.kernel = candidates.front();
+    return plan;
+  }
+  plan.kernel = best.kernel;
+  plan.num_splits = best.num_splits;
+  plan.pages_per_task = best.pages_per_task;
+  plan.launches_per_layer = best.launches;
+  plan.predicted_us = best.us;
   return plan;
 }
 

@@ -1,7 +1,9 @@
 // scheduler/scheduler.h — per-step choice of the decode-attention route.
 //
-// Plan(shape) maps a token step's StepShape to a StepPlan. The choice is deterministic: the same
-// shape and options always give the same plan. A fixed arm (Options::fixed_kernel) bypasses the
+// Plan(shape) maps a token step's StepShape to a StepPlan: among the routes the backend offers it
+// takes the one the calibrated CostModel predicts fastest (ties go to fewer launches), with that
+// route's best split count or task size. The CPU reference is the only route on the CPU backend.
+// The choice is deterministic: the same shape and options always give the same plan. A fixed arm (Options::fixed_kernel) bypasses the
 // policy for comparisons and debugging. Thread-safety: Plan is const and may run concurrently.
 #pragma once
 
@@ -9,6 +11,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "scheduler/cost_model.h"
 #include "scheduler/step_plan.h"
 
 namespace pkv::scheduler {
@@ -20,6 +23,8 @@ class Scheduler {
     std::vector<KernelId> available = {KernelId::kReference};
     // When set, every step uses this route (it must be available).
     std::optional<KernelId> fixed_kernel;
+    // Calibrated constants (DefaultCostProfile() when no profile was loaded).
+    CostProfile profile = DefaultCostProfile();
   };
 
   // INVALID_ARGUMENT when `available` is empty or the fixed kernel is not available.
@@ -29,10 +34,12 @@ class Scheduler {
   StepPlan Plan(const StepShape& shape) const;
 
   const Options& options() const { return options_; }
+  const CostModel& cost_model() const { return model_; }
 
  private:
-  explicit Scheduler(Options options) : options_(std::move(options)) {}
+  explicit Scheduler(Options options) : options_(std::move(options)), model_(options_.profile) {}
   Options options_;
+  CostModel model_;
 };
 
 }  // namespace pkv::scheduler

@@ -33,6 +33,7 @@ struct StepPlan {
   KernelId kernel = KernelId::kReference;
   int32_t num_splits = 1;            // uniform split count (kSequenceSplit)
   std::vector<int32_t> row_splits;   // per-row split count (empty: uniform)
+  int32_t pages_per_task = 0;        // task size of the compact work list (kWorkQueue)
   std::vector<DecodeTask> tasks;     // compact work list (kWorkQueue)
   int64_t workspace_bytes = 0;       // scratch for partial (m, l, acc) states
   int32_t launches_per_layer = 1;    // kernel launches each layer costs

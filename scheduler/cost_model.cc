@@ -1,0 +1,125 @@
+#include "scheduler/cost_model.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+namespace pkv::scheduler {
+namespace {
+
+int64_t RowPages(const StepShape& s, size_t row) {
+  return (s.row_tokens[row] + s.model.page_size - 1) / s.model.page_size;
+}
+
+// Bytes of K and V of one page of one KV head.
+int64_t PageHeadBytes(const StepShape& s) {
+  return 2LL * s.model.page_size * s.model.head_dim * static_cast<int64_t>(DTypeSize(s.model.dtype));
+}
+
+// Partial states a split row writes and the merge reads back: per query head and split,
+// acc[d] + m + l in fp32.
+int64_t MergeBytes(const StepShape& s, int64_t split_partials) {
+  return 2LL * split_partials * s.model.group_size() * (s.model.head_dim + 2) * 4;
+}
+
+}  // namespace
+
+int64_t CostModel::KvBytes(const StepShape& shape) {
+  int64_t pages = 0;
+  for (size_t r = 0; r < shape.row_tokens.size(); ++r) pages += RowPages(shape, r);
+  return pages * shape.model.num_kv_heads * PageHeadBytes(shape);
+}
+
+double CostModel::UnitsUs(int64_t total_bytes, int64_t max_unit_bytes, int64_t units) const {
+  const double stream_us = static_cast<double>(total_bytes) / (profile_.stream_read_gbps * 1e3);
+  const double longest_us = static_cast<double>(max_unit_bytes) / (profile_.cta_read_gbps * 1e3);
+  const int64_t concurrency = static_cast<int64_t>(profile_.num_sms) * profile_.resident_ctas_per_sm;
+  const int64_t waves = units == 0 ? 0 : (units + concurrency - 1) / concurrency;
+  return std::max(stream_us, longest_us) + static_cast<double>(waves) * profile_.task_us;
+}
+
+ArmCost CostModel::PerRequest(const StepShape& s) const {
+  ArmCost c;
+  c.kernel = KernelId::kPerRequest;
+  c.launches = 1;
+  c.kv_bytes = KvBytes(s);
+  int64_t max_pages = 0;
+  for (size_t r = 0; r < s.row_tokens.size(); ++r) max_pages = std::max(max_pages, RowPages(s, r));
+  c.units = static_cast<int64_t>(s.row_tokens.size()) * s.model.num_kv_heads;
+  c.us = UnitsUs(c.kv_bytes, max_pages * PageHeadBytes(s), c.units) + profile_.launch_us;
+  return c;
+}
+
+ArmCost CostModel::SequenceSplit(const StepShape& s, int32_t num_splits) const {
+  ArmCost c;
+  c.kernel = KernelId::kSequenceSplit;
+  c.num_splits = std::max(1, num_splits);
+  c.launches = c.num_splits > 1 ? 2 : 1;
+  c.kv_bytes = KvBytes(s);
+  int64_t max_unit_pages = 0;
+  for (size_t r = 0; r < s.row_tokens.size(); ++r) {
+    max_unit_pages = std::max(max_unit_pages, (RowPages(s, r) + c.num_splits - 1) / c.num_splits);
+  }
+  // Every (row, KV head, split) is a CTA, empty splits included (they exit early).
+  c.units = static_cast<int64_t>(s.row_tokens.size()) * s.model.num_kv_heads * c.num_splits;
+  c.merge_bytes = c.num_splits > 1 ? MergeBytes(s, c.units) : 0;
+  c.us = UnitsUs(c.kv_bytes, max_unit_pages * PageHeadBytes(s), c.units) + c.launches * profile_.launch_us +
+         static_cast<double>(c.merge_bytes) / (profile_.merge_gbps * 1e3);
+  return c;
+}
+
+ArmCost CostModel::WorkQueue(const StepShape& s, int32_t pages_per_task) const {
+  ArmCost c;
+  c.kernel = KernelId::kWorkQueue;
+  c.pages_per_task = std::max(1, pages_per_task);
+  c.launches = 1;  // merge fused into the task kernel
+  c.kv_bytes = KvBytes(s);
+  int64_t split_partials = 0, max_unit_pages = 0;
+  for (size_t r = 0; r < s.row_tokens.size(); ++r) {
+    const int64_t pages = RowPages(s, r);
+    if (pages == 0) continue;
+    const int64_t tasks = (pages + c.pages_per_task - 1) / c.pages_per_task;
+    max_unit_pages = std::max(max_unit_pages, (pages + tasks - 1) / tasks);
+    c.units += tasks * s.model.num_kv_heads;
+    if (tasks > 1) split_partials += tasks * s.model.num_kv_heads;
+  }
+  c.merge_bytes = MergeBytes(s, split_partials);
+  c.us = UnitsUs(c.kv_bytes, max_unit_pages * PageHeadBytes(s), c.units) + profile_.launch_us +
+         static_cast<double>(c.merge_bytes) / (profile_.merge_gbps * 1e3);
+  return c;
+}
+
+int32_t PagesPerTaskFor(const StepShape& s, int64_t target_tasks) {
+  int64_t pages = 0;
+  for (size_t r = 0; r < s.row_tokens.size(); ++r) pages += RowPages(s, r);
+  const int64_t head_pages = pages * s.model.num_kv_heads;
+  target_tasks = std::max<int64_t>(1, target_tasks);
+  return static_cast<int32_t>(std::max<int64_t>(1, (head_pages + target_tasks - 1) / target_tasks));
+}
+
+ArmCost CostModel::BestOf(KernelId kernel, const StepShape& s) const {
+  switch (kernel) {
+    case KernelId::kSequenceSplit: {
+      ArmCost best = SequenceSplit(s, 1);
+      for (int32_t splits = 2; splits <= 128; splits *= 2) {
+        ArmCost c = SequenceSplit(s, splits);
+        if (c.us < best.us) best = c;
+      }
+      return best;
+    }
+    case KernelId::kWorkQueue: {
+      const int64_t concurrency = static_cast<int64_t>(profile_.num_sms) * profile_.resident_ctas_per_sm;
+      ArmCost best;
+      best.us = std::numeric_limits<double>::infinity();
+      for (int64_t target : {concurrency / 4, concurrency / 2, concurrency, 2 * concurrency, 4 * concurrency}) {
+        ArmCost c = WorkQueue(s, PagesPerTaskFor(s, target));
+        if (c.us < best.us) best = c;
+      }
+      return best;
+    }
+    default:
+      return PerRequest(s);
+  }
+}
+
+}  // namespace pkv::scheduler

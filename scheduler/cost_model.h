@@ -1,0 +1,63 @@
+// scheduler/cost_model.h — a roofline-style cost model of each decode-attention route.
+//
+// A route runs a set of work units (CTAs or tasks), each streaming some KV bytes. With the
+// calibrated constants of a CostProfile, one layer of a step is predicted to take
+//   max(Σ bytes / β, max unit bytes / β_cta)   streaming, bounded by the longest unit
+//   + ceil(units / (SMs × resident)) × task_us  per-unit fixed costs, per wave
+//   + launches × λ                              kernel launches
+//   + merge bytes / β_merge                     split partials written and read back
+// Routes differ in their units: per-request has one per (row, KV head); sequence-split cuts every
+// row into S equal page ranges (uniform S, two launches); the work queue cuts rows into tasks of
+// at most `pages_per_task` pages (only non-empty tasks, one launch with the merge fused).
+// Thread-safety: const methods, safe to share.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "scheduler/cost_profile.h"
+#include "scheduler/step_plan.h"
+
+namespace pkv::scheduler {
+
+// One route with its parameter and predicted cost per layer.
+struct ArmCost {
+  KernelId kernel = KernelId::kPerRequest;
+  int32_t num_splits = 1;      // kSequenceSplit
+  int32_t pages_per_task = 0;  // kWorkQueue
+  int64_t units = 0;           // CTAs or tasks
+  int32_t launches = 1;
+  int64_t kv_bytes = 0;
+  int64_t merge_bytes = 0;
+  double us = 0.0;
+};
+
+class CostModel {
+ public:
+  explicit CostModel(CostProfile profile) : profile_(std::move(profile)) {}
+
+  // KV bytes one layer of the step reads (each K,V byte once).
+  static int64_t KvBytes(const StepShape& shape);
+
+  ArmCost PerRequest(const StepShape& shape) const;
+  ArmCost SequenceSplit(const StepShape& shape, int32_t num_splits) const;
+  ArmCost WorkQueue(const StepShape& shape, int32_t pages_per_task) const;
+
+  // The cheapest parameter of one route (splits in {2..128}, task sizes around the device's
+  // concurrency), or the route's only form for per-request.
+  ArmCost BestOf(KernelId kernel, const StepShape& shape) const;
+
+  const CostProfile& profile() const { return profile_; }
+
+ private:
+  // Cost of units whose byte sizes are `unit_bytes`.
+  double UnitsUs(int64_t total_bytes, int64_t max_unit_bytes, int64_t units) const;
+
+  CostProfile profile_;
+};
+
+// Pages per task that yields about `target_tasks` tasks over the step's (row, KV head) pairs.
+int32_t PagesPerTaskFor(const StepShape& shape, int64_t target_tasks);
+
+}  // namespace pkv::scheduler

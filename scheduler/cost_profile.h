@@ -1,0 +1,58 @@
+// scheduler/cost_profile.h — the calibrated constants of the decode cost model, and their file.
+//
+// A profile is measured on one GPU for one model shape by `pkv-calibrate` and stored as JSON:
+//   {
+//     "format": "pkv-calibration-v1",
+//     "gpu": "NVIDIA H100 80GB HBM3",          // cudaDeviceProp::name it was measured on
+//     "num_sms": 132,
+//     "shape": {"num_q_heads": 32, "num_kv_heads": 8, "head_dim": 128, "page_size": 16,
+//               "dtype": "fp16"},
+//     "stream_read_gbps": 3100.0,    // β: whole-device streaming read of KV
+//     "cta_read_gbps": 28.0,         // one work unit (CTA) streaming alone: bounds long rows
+//     "resident_ctas_per_sm": 4,     // work units in flight per SM
+//     "launch_us": 4.0,              // λ: cost of one kernel launch in a step
+//     "merge_gbps": 1500.0,          // bandwidth of writing + reading split partials
+//     "task_us": 0.25                // fixed cost of one work unit (prologue, q load, epilogue)
+//   }
+// Unknown keys are ignored (forward compatible); every listed number is required. The engine
+// loads the profile at start-up; without one it uses DefaultCostProfile() and logs a warning.
+// Thread-safety: plain values and pure functions.
+#pragma once
+
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "common/model_shape.h"
+
+namespace pkv::scheduler {
+
+struct CostProfile {
+  std::string gpu = "default";
+  int num_sms = 132;
+  int num_q_heads = 0;  // 0: any shape (the defaults)
+  int num_kv_heads = 0;
+  int head_dim = 0;
+  int page_size = 0;
+  std::string dtype;
+  double stream_read_gbps = 2500.0;
+  double cta_read_gbps = 20.0;
+  int resident_ctas_per_sm = 4;
+  double launch_us = 6.0;
+  double merge_gbps = 1000.0;
+  double task_us = 0.5;
+
+  // OK when the profile was measured for `shape` (or is shape-agnostic).
+  absl::Status Matches(const ModelShape& shape) const;
+};
+
+// Conservative built-in constants (an H100-class GPU, no calibration).
+CostProfile DefaultCostProfile();
+
+// Parses profile JSON (see the file comment). INVALID_ARGUMENT naming the missing or bad key.
+absl::StatusOr<CostProfile> ParseCostProfile(const std::string& json);
+// Reads and parses a profile file; NOT_FOUND when it cannot be opened.
+absl::StatusOr<CostProfile> LoadCostProfile(const std::string& path);
+// The JSON text of a profile (what pkv-calibrate writes).
+std::string CostProfileToJson(const CostProfile& profile);
+
+}  // namespace pkv::scheduler
