@@ -35,7 +35,8 @@ PromptWrite::PromptWrite(Engine* engine, SeqId seq, int64_t num_tokens)
       seq_(seq),
       num_tokens_(num_tokens),
       written_(engine->shape().num_layers, std::vector<bool>(num_tokens, false)),
-      covered_(engine->shape().num_layers, 0) {}
+      covered_(engine->shape().num_layers, 0),
+      started_(std::chrono::steady_clock::now()) {}
 
 PromptWrite::~PromptWrite() { Abort(); }
 
@@ -93,6 +94,8 @@ absl::Status PromptWrite::Commit() {
   std::lock_guard<std::mutex> lock(engine_->mu_);
   engine_->seqs_[seq_].phase = Engine::SeqPhase::kReady;
   done_ = true;
+  engine_->observer_->OnPromptCommitted(
+      bytes_written_, std::chrono::duration<double>(std::chrono::steady_clock::now() - started_).count());
   return absl::OkStatus();
 }
 
@@ -265,6 +268,15 @@ void Engine::BeginTokenStep(const StepInput& in) {
     PKV_CHECK(backend_->arena().CopyPage(c.src, c.dst).ok()) << "page copy failed";
   }
   ts->plan = scheduler_.Plan(shape);
+  TokenStepEvent event;
+  event.kernel = ts->plan.kernel;
+  event.rows = static_cast<int32_t>(ts->rows.size());
+  for (int64_t t : shape.row_tokens) event.kv_tokens += t;
+  event.num_splits = ts->plan.num_splits;
+  event.pages_per_task = ts->plan.pages_per_task;
+  event.launches_per_layer = ts->plan.launches_per_layer;
+  event.predicted_seconds = ts->plan.predicted_us * 1e-6;
+  observer_->OnTokenStepPlanned(event);
   open_steps_[ts->id] = std::move(ts);
 }
 
@@ -286,6 +298,14 @@ absl::StatusOr<StepOutput> Engine::RunLayer(TokenStep& ts, const StepInput& in) 
   ts.layer_done[in.layer] = true;
   ++ts.layers_done;
   ts.outputs[in.layer] = result;
+  LayerStepEvent event;
+  event.kernel = ts.plan.kernel;
+  event.rows = static_cast<int32_t>(b);
+  event.layer = in.layer;
+  event.attend_seconds = result.attend_seconds;
+  event.predicted_seconds = ts.plan.predicted_us * 1e-6;
+  event.launches = ts.plan.launches_per_layer;
+  observer_->OnLayerStep(event);
   return result;
 }
 
@@ -298,6 +318,7 @@ void Engine::CompleteTokenStep(uint64_t id) {
     auto s = seqs_.find(row);
     if (s != seqs_.end() && s->second.open_token_step == id) s->second.open_token_step = 0;
   }
+  observer_->OnTokenStepCompleted(static_cast<int32_t>(ts->rows.size()));
   ts->table = PageTableCsr{};  // only outputs are needed for retries
   retained_.push_back(std::move(ts));
   while (static_cast<int32_t>(retained_.size()) > options_.retained_token_steps) retained_.pop_front();
@@ -316,6 +337,7 @@ void Engine::AbortTokenStep(uint64_t id) {
   }
   PKV_LOG(WARNING) << "token step " << id << " aborted after " << it->second->layers_done << " of "
                    << shape_.num_layers << " layers (a row was released)";
+  observer_->OnTokenStepAborted(static_cast<int32_t>(it->second->rows.size()));
   open_steps_.erase(it);
 }
 
@@ -365,6 +387,12 @@ absl::StatusOr<StepOutput> Engine::Step(const StepInput& in) {
     }
     StepOutput replay = ts->outputs[in.layer];
     replay.replayed = true;
+    LayerStepEvent event;
+    event.kernel = replay.kernel;
+    event.rows = static_cast<int32_t>(ts->rows.size());
+    event.layer = in.layer;
+    event.replayed = true;
+    observer_->OnLayerStep(event);
     if (!in.want_lse) replay.lse.clear();
     return replay;
   }
@@ -416,6 +444,11 @@ absl::Status Engine::Release(std::span<const SeqId> seqs) {
   }
   for (SeqId id : seqs) ReleaseLocked(id);
   return absl::OkStatus();
+}
+
+void Engine::SetObserver(StepObserver* observer) {
+  std::lock_guard<std::mutex> lock(mu_);
+  observer_ = observer != nullptr ? observer : &default_observer_;
 }
 
 EngineInfo Engine::Info() const {

@@ -16,6 +16,7 @@
 // Thread-safety: all public methods are thread-safe (one internal mutex; a step runs under it).
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <deque>
 #include <memory>
@@ -29,6 +30,7 @@
 #include "absl/status/statusor.h"
 #include "common/model_shape.h"
 #include "engine/backend.h"
+#include "engine/step_observer.h"
 #include "kvpool/block_pager.h"
 #include "scheduler/scheduler.h"
 
@@ -113,6 +115,7 @@ class PromptWrite {
   int64_t bytes_written_ = 0;
   std::vector<std::vector<bool>> written_;  // [layer][token]
   std::vector<int64_t> covered_;           // [layer] tokens written
+  std::chrono::steady_clock::time_point started_;
 };
 
 class Engine {
@@ -135,6 +138,10 @@ class Engine {
   absl::Status Release(std::span<const SeqId> seqs);
 
   EngineInfo Info() const;
+
+  // Installs the observer of step events (not owned; must outlive the engine). Call before
+  // serving; null disables reporting.
+  void SetObserver(StepObserver* observer);
   const ModelShape& shape() const { return shape_; }
 
   // Verifies the pager and the engine's sequence states agree (tests).
@@ -186,6 +193,8 @@ class Engine {
   absl::flat_hash_map<SeqId, SeqState> seqs_;
   absl::flat_hash_map<uint64_t, std::unique_ptr<TokenStep>> open_steps_;
   std::deque<std::unique_ptr<TokenStep>> retained_;  // completed, newest last
+  StepObserver default_observer_;
+  StepObserver* observer_ = &default_observer_;
 };
 
 }  // namespace pkv::engine

@@ -314,3 +314,47 @@ TEST(EngineTest, AbortedTokenStepUndoesAppendOfOtherRows) {
 
 }  // namespace
 }  // namespace pkv::engine
+
+namespace pkv::engine {
+namespace {
+
+// Records events so the test can check what the engine reports.
+class RecordingObserver final : public StepObserver {
+ public:
+  void OnTokenStepPlanned(const TokenStepEvent& e) override { planned.push_back(e); }
+  void OnLayerStep(const LayerStepEvent& e) override { layers.push_back(e); }
+  void OnTokenStepCompleted(int32_t rows) override { completed_rows += rows; }
+  void OnTokenStepAborted(int32_t rows) override { aborted_rows += rows; }
+  void OnPromptCommitted(int64_t bytes, double) override { prompt_bytes += bytes; }
+  std::vector<TokenStepEvent> planned;
+  std::vector<LayerStepEvent> layers;
+  int completed_rows = 0, aborted_rows = 0;
+  int64_t prompt_bytes = 0;
+};
+
+TEST(EngineObserverTest, ReportsPlansLayersCompletionsAndPrompts) {
+  auto e = MakeEngine(32);
+  RecordingObserver obs;
+  e->SetObserver(&obs);
+  const ModelShape s = e->shape();
+  std::mt19937_64 rng(7);
+  WritePrompt(*e, 1, 5, rng);
+  WritePrompt(*e, 2, 3, rng);
+  EXPECT_EQ(obs.prompt_bytes, 2LL * (5 + 3) * s.num_layers * s.num_kv_heads * s.head_dim * 2);
+  for (int layer = 0; layer < s.num_layers; ++layer) ASSERT_TRUE(e->Step(MakeStep(s, 1, layer, {1, 2}, rng)).ok());
+  ASSERT_EQ(obs.planned.size(), 1u);
+  EXPECT_EQ(obs.planned[0].rows, 2);
+  EXPECT_EQ(obs.planned[0].kv_tokens, 6 + 4);
+  EXPECT_EQ(obs.layers.size(), static_cast<size_t>(s.num_layers));
+  EXPECT_EQ(obs.completed_rows, 2);
+  ASSERT_TRUE(e->Step(MakeStep(s, 1, 0, {1, 2}, rng)).ok());  // retry
+  EXPECT_TRUE(obs.layers.back().replayed);
+  ASSERT_TRUE(e->Step(MakeStep(s, 2, 0, {1}, rng)).ok());
+  const SeqId one[] = {1};
+  ASSERT_TRUE(e->Release(one).ok());
+  EXPECT_EQ(obs.aborted_rows, 1);
+  e->SetObserver(nullptr);
+}
+
+}  // namespace
+}  // namespace pkv::engine
