@@ -1,0 +1,584 @@
+#!/usr/bin/env python3
+"""Offline checks of the persistentkv Helm chart (run by scripts/helm_check.sh).
+
+1. helm lint --strict with the default values and with every ci/*-values.yaml scenario.
+2. helm template of each scenario, then checks on the rendered manifests: GPU request, gRPC
+   probes on the right port, named ports, hardened security contexts, selectors of the Services,
+   ServiceMonitor, PDB and NetworkPolicy matching the pod labels, the worker flags, the
+   PrometheusRule alerts, the Grafana dashboard JSON and the helm test pod.
+3. Bad values that must be rejected (schema or the chart's cross-field checks).
+4. Every value in values.yaml is documented in README.md and declared in values.schema.json.
+
+Prints one PASS/FAIL line per check and "helm_check: N passed, M failed"; exits 1 on a failure.
+"""
+import argparse
+import copy
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import yaml
+
+RELEASE = "pkvtest"
+NAMESPACE = "pkv-ci"
+ALERTS = {  # alert -> what its expression must contain (metric names of common/metrics.cc)
+    "PersistentKVWorkerDown": ["up{", "== 0"],
+    "PersistentKVPoolNearlyFull": ['pkv_kv_pool_pages{state="free"', 'pkv_kv_pool_pages{state="total"'],
+    "PersistentKVHighErrorRate": ['pkv_rpc_requests_total{code!="OK"', "pkv_rpc_requests_total{"],
+    "PersistentKVStepLatencyHigh": ["histogram_quantile(0.99", "pkv_step_duration_seconds_bucket{"],
+    "PersistentKVPredictionDrift": ["pkv_scheduler_prediction_error_ratio_sum{",
+                                    "pkv_scheduler_prediction_error_ratio_count{"],
+}
+STANDARD_LABELS = ("helm.sh/chart", "app.kubernetes.io/name", "app.kubernetes.io/instance",
+                   "app.kubernetes.io/managed-by", "app.kubernetes.io/version")
+
+# --set arguments that must make `helm template` fail: (args, why, what the error must name).
+# A dotted value path matches both helm 4's "/a/b" and helm 3's "a.b" schema messages.
+BAD_VALUES = [
+    (["--set", "gpu.count=-1"], "negative GPU count", "gpu.count"),
+    (["--set", "worker.model.dtype=fp32"], "unknown dtype", "worker.model.dtype"),
+    (["--set-string", "worker.model.numLayers=many"], "string where an integer is expected",
+     "worker.model.numLayers"),
+    (["--set", "worker.model.numLayers=0"], "zero layers", "worker.model.numLayers"),
+    (["--set", "worker.backend=tpu"], "unknown backend", "worker.backend"),
+    (["--set", "image.tag=latest"], "image tag latest", "image.tag"),
+    (["--set", "image.pullPolicy=Sometimes"], "unknown pull policy", "image.pullPolicy"),
+    (["--set", "image.digest=sha256:abc"], "malformed digest", "image.digest"),
+    (["--set", "ports.grpc=70000"], "port out of range", "ports.grpc"),
+    (["--set", "replicaCount=-1"], "negative replicas", "replicaCount"),
+    (["--set", "unknownTopLevelKey=1"], "unknown top-level key", "unknownTopLevelKey"),
+    (["--set", "worker.unknownFlag=1"], "unknown worker key", "unknownFlag"),
+    (["--set", "probes.startup.failureThreshold=0"], "zero start-up failure threshold",
+     "probes.startup.failureThreshold"),
+    (["--set", "metrics.prometheusRule.poolFreeRatioBelow=2"], "ratio above 1",
+     "metrics.prometheusRule.poolFreeRatioBelow"),
+    (["--set", "metrics.serviceMonitor.interval=often"], "malformed scrape interval",
+     "metrics.serviceMonitor.interval"),
+    (["--set", "service.type=ExternalName"], "unsupported Service type", "service.type"),
+    (["--set", "gpu.resourceName=gpu"], "GPU resource without a domain", "gpu.resourceName"),
+    (["--set", "calibration.key=a/b"], "ConfigMap key with a slash", "calibration.key"),
+    (["--set", "worker.model.numQHeads=30"], "Hq not a multiple of Hkv (chart check)", "multiple of"),
+    (["--set", "terminationGracePeriodSeconds=10"], "grace period shorter than the drain (chart check)",
+     "must be at least"),
+    (["--set", "tls.enabled=true"], "TLS without a Secret (chart check)", "tls.secretName"),
+    (["--set", "worker.backend=cuda,gpu.count=0"], "cuda backend without a GPU (chart check)",
+     "gpu.count >= 1"),
+    (["--set", "ports.metrics=50051"], "gRPC and metrics on one port (chart check)", "must differ"),
+    (["--set", "metrics.enabled=false,metrics.serviceMonitor.enabled=true"],
+     "ServiceMonitor without metrics (chart check)", "needs metrics.enabled"),
+]
+
+
+class Checker:
+    def __init__(self, helm, chart):
+        self.helm = helm
+        self.chart = chart
+        self.passed = 0
+        self.failed = []
+        self.notes = []
+        self.worker_flags = set()  # flag names the chart passes pkv-worker, over all scenarios
+        self.replay_flags = set()  # flag names of the helm test pod's pkv-replay command
+        with open(os.path.join(chart, "Chart.yaml")) as f:
+            self.chart_meta = yaml.safe_load(f)
+        with open(os.path.join(chart, "values.yaml")) as f:
+            self.defaults = yaml.safe_load(f)
+
+    def check(self, name, ok, detail=""):
+        if ok:
+            self.passed += 1
+            print(f"PASS {name}")
+        else:
+            self.failed.append(name)
+            print(f"FAIL {name}" + (f": {detail}" if detail else ""))
+        return ok
+
+    def run_helm(self, *args):
+        proc = subprocess.run([self.helm, *args], capture_output=True, text=True)
+        return proc.returncode, proc.stdout, proc.stderr
+
+    def template(self, extra):
+        return self.run_helm("template", RELEASE, self.chart, "--namespace", NAMESPACE,
+                             "--include-crds", *extra)
+
+    # ---- scenarios -------------------------------------------------------------------------
+    def scenarios(self):
+        ci = os.path.join(self.chart, "ci")
+        out = [("defaults", None)]
+        for name in sorted(os.listdir(ci)):
+            if name.endswith("-values.yaml"):
+                out.append((name[: -len("-values.yaml")], os.path.join(ci, name)))
+        return out
+
+    def effective_values(self, values_file):
+        values = copy.deepcopy(self.defaults)
+        if values_file:
+            with open(values_file) as f:
+                merge(values, yaml.safe_load(f) or {})
+        return values
+
+    def run_scenarios(self):
+        scenarios = self.scenarios()
+        self.check("ci/ has scenarios (default, cpu-only, monitoring, tls)",
+                   {"default", "cpu-only", "monitoring", "tls"} <= {n for n, _ in scenarios},
+                   str([n for n, _ in scenarios]))
+        for name, values_file in scenarios:
+            extra = ["-f", values_file] if values_file else []
+            rc, out, err = self.run_helm("lint", "--strict", self.chart, *extra)
+            self.check(f"[{name}] helm lint --strict", rc == 0, (out + err).strip()[-800:])
+            rc, out, err = self.template(extra)
+            if not self.check(f"[{name}] helm template", rc == 0, err.strip()[-800:]):
+                continue
+            docs = [d for d in yaml.safe_load_all(out) if d]
+            self.check_manifests(name, docs, self.effective_values(values_file))
+
+    # ---- rendered manifests ----------------------------------------------------------------
+    def check_manifests(self, sc, docs, values):
+        by_kind = {}
+        for d in docs:
+            by_kind.setdefault(d["kind"], []).append(d)
+        c = lambda what, ok, detail="": self.check(f"[{sc}] {what}", ok, detail)
+
+        missing = [f'{d["kind"]}/{d["metadata"]["name"]}' for d in docs
+                   if any(l not in (d["metadata"].get("labels") or {}) for l in STANDARD_LABELS)]
+        c("every resource carries the standard labels", not missing, str(missing))
+        wrong_ns = [d["metadata"]["name"] for d in docs if d["metadata"].get("namespace") != NAMESPACE]
+        c("every resource is namespaced to the release", not wrong_ns, str(wrong_ns))
+
+        deps = by_kind.get("Deployment", [])
+        if not c("exactly one Deployment", len(deps) == 1, str(len(deps))):
+            return
+        dep = deps[0]
+        pod = dep["spec"]["template"]
+        pod_labels = pod["metadata"]["labels"]
+        spec = pod["spec"]
+        c("no StatefulSet", "StatefulSet" not in by_kind)
+        c("Deployment selector matches pod labels",
+          subset(dep["spec"]["selector"]["matchLabels"], pod_labels))
+        c("replicas follow replicaCount", dep["spec"]["replicas"] == values["replicaCount"])
+        containers = spec["containers"]
+        worker = next((x for x in containers if x["name"] == "worker"), None)
+        if not c("worker container present", worker is not None):
+            return
+
+        # Image: never latest; default tag = appVersion.
+        image = worker["image"]
+        tag = image.rsplit(":", 1)[1] if "@" not in image else None
+        c("image tag is not latest", tag != "latest" and not image.endswith(":latest"), image)
+        if not values["image"]["tag"] and not values["image"]["digest"]:
+            c("default image tag is the chart appVersion",
+              tag == str(self.chart_meta["appVersion"]), image)
+        if values["image"]["digest"]:
+            c("digest pins the image", image.endswith("@" + values["image"]["digest"]), image)
+
+        # GPU request.
+        gpu = values["gpu"]["count"]
+        res = worker.get("resources", {})
+        rname = values["gpu"]["resourceName"]
+        if gpu > 0:
+            c(f"GPU request and limit {rname}={gpu}",
+              res.get("limits", {}).get(rname) == gpu and res.get("requests", {}).get(rname) == gpu,
+              json.dumps(res))
+        else:
+            c("no GPU resource when gpu.count=0", "gpu" not in json.dumps(res), json.dumps(res))
+            c("CPU backend when gpu.count=0", "--backend=cpu" in worker["args"], str(worker["args"]))
+        c("memory limit set", "memory" in res.get("limits", {}), json.dumps(res))
+        rc = values["runtimeClassName"]
+        c("runtimeClassName follows the value", spec.get("runtimeClassName", "") == rc)
+        for key in ("nodeSelector", "tolerations", "affinity"):
+            if values[key]:
+                c(f"{key} rendered", spec.get(key) == values[key])
+
+        # Ports: named, unique, the gRPC and metrics ones present.
+        ports = worker.get("ports", [])
+        names = [p.get("name") for p in ports]
+        c("every container port is named", all(names) and len(set(names)) == len(names), str(names))
+        cport = {p["name"]: p["containerPort"] for p in ports}
+        c("gRPC port named grpc", cport.get("grpc") == values["ports"]["grpc"], str(cport))
+        if values["metrics"]["enabled"]:
+            c("metrics port named metrics", cport.get("metrics") == values["ports"]["metrics"], str(cport))
+
+        # Flags.
+        args = worker["args"]
+        flags = {}
+        for a in args:
+            m = re.match(r"^--([a-z0-9_]+)=(.*)$", a)
+            if m:
+                flags.setdefault(m.group(1), []).append(m.group(2))
+        c("every flag is --name=value", all(re.match(r"^--[a-z0-9_]+=", a) for a in args), str(args))
+        c("no flag repeated", all(len(v) == 1 for v in flags.values()),
+          str({k: v for k, v in flags.items() if len(v) > 1}))
+        self.worker_flags.update(flags)
+        flag = lambda k: (flags.get(k) or [None])[0]
+        c("--listen on the gRPC port", flag("listen") == f"0.0.0.0:{values['ports']['grpc']}", str(flag("listen")))
+        m = values["worker"]["model"]
+        c("model shape flags", [flag(k) for k in ("num_layers", "num_q_heads", "num_kv_heads", "head_dim",
+                                                   "page_size", "dtype")]
+          == [str(m[k]) for k in ("numLayers", "numQHeads", "numKvHeads", "headDim", "pageSize")] + [m["dtype"]])
+        pool = values["worker"]["kvPool"]
+        if pool["numPages"] > 0:
+            c("--num_pages wins over --kv_pool_bytes",
+              flag("num_pages") == str(pool["numPages"]) and "kv_pool_bytes" not in flags)
+        else:
+            c("--kv_pool_bytes is an integer", flag("kv_pool_bytes") == str(pool["bytes"]), str(flag("kv_pool_bytes")))
+        if values["metrics"]["enabled"]:
+            c("--metrics_listen on the metrics port",
+              flag("metrics_listen") == f"0.0.0.0:{values['ports']['metrics']}", str(flag("metrics_listen")))
+
+        # Probes: native gRPC, on the gRPC port (or the plaintext health port with TLS).
+        probe_port = values["tls"]["healthPort"] if values["tls"]["enabled"] else values["ports"]["grpc"]
+        for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+            p = worker.get(kind)
+            ok = (p is not None and set(p) & {"grpc", "httpGet", "tcpSocket", "exec"} == {"grpc"}
+                  and p["grpc"].get("port") == probe_port and probe_port in cport.values())
+            c(f"{kind} is a gRPC probe on port {probe_port}", ok, json.dumps(p))
+        sp = worker.get("startupProbe") or {}
+        budget = sp.get("periodSeconds", 10) * sp.get("failureThreshold", 3)
+        c("startup probe allows >= 5 minutes (calibration)", budget >= 300, str(budget))
+        lp = worker.get("livenessProbe") or {}
+        c("liveness window outlasts the drain",
+          lp.get("periodSeconds", 10) * lp.get("failureThreshold", 3) > values["worker"]["shutdownGraceSeconds"])
+
+        # Shutdown: preStop + grace period >= preStop + drain.
+        pre = (worker.get("lifecycle") or {}).get("preStop") or {}
+        c("preStop hook present", bool(pre), json.dumps(pre))
+        drain = float(flag("shutdown_grace_s") or "0")
+        grace = spec.get("terminationGracePeriodSeconds", 30)
+        c("terminationGracePeriodSeconds covers preStop + drain",
+          grace >= values["lifecycle"]["preStopSleepSeconds"] + drain, f"{grace} vs {drain}")
+
+        # Security contexts.
+        self.check_security(c, "worker", spec, worker)
+        vols = {v["name"]: v for v in spec.get("volumes", [])}
+        mounts = {m["mountPath"]: m["name"] for m in worker.get("volumeMounts", [])}
+        c("writable /tmp emptyDir for the read-only root", mounts.get("/tmp") in vols and
+          "emptyDir" in vols.get(mounts.get("/tmp"), {}))
+
+        # Calibration profile.
+        cal = values["calibration"]
+        if cal["profile"] or cal["existingConfigMap"]:
+            path = f"{cal['mountPath']}/{cal['key']}"
+            c("--calibration_profile points into the mounted ConfigMap",
+              flag("calibration_profile") == path and mounts.get(cal["mountPath"]) == "calibration"
+              and "configMap" in vols.get("calibration", {}), str(flag("calibration_profile")))
+            if cal["profile"]:
+                cms = [d for d in by_kind.get("ConfigMap", [])
+                       if d["metadata"]["name"] == vols["calibration"]["configMap"]["name"]]
+                c("calibration ConfigMap rendered with the profile",
+                  len(cms) == 1 and cms[0]["data"].get(cal["key"], "").strip() == cal["profile"].strip())
+                c("pods roll when the profile changes",
+                  "checksum/calibration" in (pod["metadata"].get("annotations") or {}))
+        elif not cal["imageProfile"]:
+            c("no --calibration_profile without a profile", "calibration_profile" not in flags)
+
+        # TLS.
+        if values["tls"]["enabled"]:
+            tv = next((v for v in vols.values() if "secret" in v), None)
+            c("TLS Secret mounted read-only",
+              tv is not None and tv["secret"]["secretName"] == values["tls"]["secretName"]
+              and mounts.get(values["tls"]["mountPath"]) == tv["name"])
+            c("TLS flags point into the mount",
+              all((flag(k) or "").startswith(values["tls"]["mountPath"] + "/")
+                  for k in ("tls_cert_file", "tls_key_file")))
+            c("plaintext health listener for the probes",
+              flag("health_listen") == f"0.0.0.0:{values['tls']['healthPort']}")
+
+        # Services.
+        services = {s["metadata"]["name"]: s for s in by_kind.get("Service", [])}
+        main = [s for s in services.values() if s["spec"].get("clusterIP") != "None"]
+        headless = [s for s in services.values() if s["spec"].get("clusterIP") == "None"]
+        c("one load-balanced Service", len(main) == 1, str(list(services)))
+        if values["headlessService"]["enabled"]:
+            c("one headless Service", len(headless) == 1)
+        for s in services.values():
+            nm = s["metadata"]["name"]
+            c(f"Service {nm} selects the worker pods", subset(s["spec"]["selector"], pod_labels) and
+              s["spec"]["selector"].get("app.kubernetes.io/component") == "worker")
+            sports = s["spec"]["ports"]
+            c(f"Service {nm} ports named and targeting named container ports",
+              all(p.get("name") and p.get("targetPort") in cport for p in sports), json.dumps(sports))
+            c(f"Service {nm} exposes grpc", any(p["name"] == "grpc" and p["port"] == values["ports"]["grpc"]
+                                                 for p in sports))
+        if headless:
+            c("headless Service publishes only ready workers",
+              not headless[0]["spec"].get("publishNotReadyAddresses", False))
+
+        # PDB.
+        pdbs = by_kind.get("PodDisruptionBudget", [])
+        if values["podDisruptionBudget"]["enabled"]:
+            c("PodDisruptionBudget selects the worker pods",
+              len(pdbs) == 1 and subset(pdbs[0]["spec"]["selector"]["matchLabels"], pod_labels))
+            c("PodDisruptionBudget sets exactly one of minAvailable/maxUnavailable",
+              len(pdbs) == 1 and len({"minAvailable", "maxUnavailable"} & set(pdbs[0]["spec"])) == 1)
+
+        # NetworkPolicy.
+        nps = by_kind.get("NetworkPolicy", [])
+        if values["networkPolicy"]["enabled"]:
+            ok = len(nps) == 1 and subset(nps[0]["spec"]["podSelector"]["matchLabels"], pod_labels)
+            c("NetworkPolicy selects the worker pods", ok)
+            if ok:
+                allowed = {p["port"] for r in nps[0]["spec"]["ingress"] for p in r.get("ports", [])}
+                c("NetworkPolicy admits the named ports", allowed <= set(cport) and "grpc" in allowed, str(allowed))
+
+        # ServiceMonitor.
+        sms = by_kind.get("ServiceMonitor", [])
+        if values["metrics"]["serviceMonitor"]["enabled"]:
+            if c("ServiceMonitor rendered", len(sms) == 1):
+                sm = sms[0]["spec"]
+                chosen = [s for s in services.values() if selects(sm["selector"], s["metadata"]["labels"])]
+                c("ServiceMonitor selects exactly the load-balanced Service",
+                  [s["metadata"]["name"] for s in chosen] == [main[0]["metadata"]["name"]],
+                  str([s["metadata"]["name"] for s in chosen]))
+                mports = {p["name"] for p in main[0]["spec"]["ports"]}
+                c("ServiceMonitor endpoint port exists on the Service",
+                  all(e.get("port") in mports for e in sm["endpoints"]))
+                c("ServiceMonitor watches the release namespace",
+                  NAMESPACE in sm.get("namespaceSelector", {}).get("matchNames", []))
+                extra = values["metrics"]["serviceMonitor"]["labels"]
+                c("ServiceMonitor carries its selector labels", subset(extra, sms[0]["metadata"]["labels"]))
+        else:
+            c("no ServiceMonitor when disabled", not sms)
+
+        # PrometheusRule.
+        prs = by_kind.get("PrometheusRule", [])
+        if values["metrics"]["prometheusRule"]["enabled"]:
+            if c("PrometheusRule rendered", len(prs) == 1):
+                rules = [r for g in prs[0]["spec"]["groups"] for r in g["rules"]]
+                byname = {r.get("alert"): r for r in rules}
+                for alert, needles in ALERTS.items():
+                    r = byname.get(alert)
+                    ok = (r is not None and all(x in r["expr"] for x in needles) and promql_balanced(r["expr"])
+                          and "{{" not in r["expr"] and re.match(r"^\d+[smh]$", str(r.get("for", "")))
+                          and r["labels"].get("severity") and r["annotations"].get("summary"))
+                    c(f"alert {alert}", bool(ok), json.dumps(r))
+                fullname = dep["metadata"]["name"]
+                c("alerts select the ServiceMonitor's job",
+                  all(f'job="{fullname}"' in r["expr"] for r in byname.values() if r))
+        else:
+            c("no PrometheusRule when disabled", not prs)
+
+        # Grafana dashboard.
+        dash = [d for d in by_kind.get("ConfigMap", []) if d["metadata"]["name"].endswith("-dashboard")]
+        if values["metrics"]["grafanaDashboard"]["enabled"]:
+            if c("dashboard ConfigMap rendered with grafana_dashboard=\"1\"",
+                 len(dash) == 1 and dash[0]["metadata"]["labels"].get("grafana_dashboard") == "1"):
+                try:
+                    board = json.loads(next(iter(dash[0]["data"].values())))
+                except ValueError as e:
+                    board = None
+                    c("dashboard JSON parses", False, str(e))
+                if board is not None:
+                    exprs = [t.get("expr", "") for p in board.get("panels", []) for t in p.get("targets", [])]
+                    c("dashboard JSON has a title, uid and query panels",
+                      board.get("title") and board.get("uid") and exprs and all(exprs))
+                    for metric in ("pkv_kv_pool_pages", "pkv_rpc_requests_total",
+                                   "pkv_step_duration_seconds_bucket", "pkv_scheduler_prediction_error_ratio"):
+                        c(f"dashboard plots {metric}", any(metric in e for e in exprs))
+        else:
+            c("no dashboard when disabled", not dash)
+
+        # helm test pod.
+        tests = [d for d in by_kind.get("Pod", [])
+                 if (d["metadata"].get("annotations") or {}).get("helm.sh/hook") == "test"]
+        if values["tests"]["enabled"]:
+            if c("helm test pod rendered", len(tests) == 1):
+                t = tests[0]
+                tc = t["spec"]["containers"][0]
+                argv = tc.get("command", []) + tc.get("args", [])
+                cmd = " ".join(argv)
+                self.replay_flags.update(re.findall(r"^--([a-z0-9_]+)", a)[0] for a in argv[1:]
+                                         if re.match(r"^--[a-z0-9_]+", a))
+                svc = main[0]["metadata"]["name"] if main else "?"
+                c("helm test pod calls Describe through the Service",
+                  "--describe_only" in cmd and f"--target={svc}.{NAMESPACE}.svc:{values['ports']['grpc']}" in cmd, cmd)
+                c("helm test pod never restarts", t["spec"].get("restartPolicy") == "Never")
+                self.check_security(c, "test pod", t["spec"], tc)
+                if values["networkPolicy"]["enabled"] and values["networkPolicy"]["grpcFrom"] and nps:
+                    peers = [p for r in nps[0]["spec"]["ingress"] for p in r.get("from", [])]
+                    c("NetworkPolicy admits the helm test pod",
+                      any(subset(p.get("podSelector", {}).get("matchLabels", {"x": "y"}), t["metadata"]["labels"])
+                          for p in peers))
+
+    def check_security(self, c, who, pod_spec, container):
+        psc = pod_spec.get("securityContext") or {}
+        sc = container.get("securityContext") or {}
+        c(f"{who}: runAsNonRoot", psc.get("runAsNonRoot") is True and sc.get("runAsNonRoot", True) is True)
+        c(f"{who}: non-zero runAsUser", (sc.get("runAsUser") or psc.get("runAsUser") or 0) > 0)
+        c(f"{who}: readOnlyRootFilesystem", sc.get("readOnlyRootFilesystem") is True)
+        c(f"{who}: allowPrivilegeEscalation false", sc.get("allowPrivilegeEscalation") is False)
+        c(f"{who}: drops ALL capabilities", "ALL" in (sc.get("capabilities") or {}).get("drop", []))
+        seccomp = (sc.get("seccompProfile") or psc.get("seccompProfile") or {}).get("type")
+        c(f"{who}: seccomp RuntimeDefault", seccomp == "RuntimeDefault")
+
+    # ---- bad values ------------------------------------------------------------------------
+    def run_bad_values(self):
+        for args, why, names in BAD_VALUES:
+            rc, _, err = self.template(args)
+            named = names in err or "/" + names.replace(".", "/") in err
+            self.check(f"rejects {' '.join(args[1:])} ({why})", rc != 0 and named,
+                       "rendered without error" if rc == 0 else err.strip()[-300:])
+
+    # ---- other ----------------------------------------------------------------------------
+    def run_misc(self):
+        rc, out, err = self.template(["--kube-version", "1.28.0", "-s", "templates/deployment.yaml"])
+        ok = rc == 0 and '"/bin/sleep"' in out
+        self.check("Kubernetes 1.28: preStop falls back to exec sleep", ok, err.strip()[-300:])
+        rc, out, err = self.run_helm("template", RELEASE, self.chart, "--kube-version", "1.26.0")
+        self.check("Kubernetes 1.26 (no GA gRPC probes) is refused by kubeVersion", rc != 0)
+
+        with open(os.path.join(self.chart, "README.md")) as f:
+            readme = f.read()
+        table = readme.split("\n## Values\n", 1)[-1]
+        documented = set(re.findall(r"^\|\s*`([^`]+)`\s*\|", table, re.M))
+        leaves = set(leaf_paths(self.defaults))
+        undocumented = sorted(leaves - documented)
+        self.check("every value in values.yaml is documented in README.md", not undocumented,
+                   str(undocumented))
+        stale = sorted(p for p in documented - leaves
+                       if not any(l.startswith(p + ".") for l in leaves))
+        self.check("README.md documents no value that values.yaml lacks", not stale, str(stale))
+
+        sys.dont_write_bytecode = True  # keep tests/helm free of __pycache__
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import values_table
+        fresh = values_table.table(os.path.join(self.chart, "values.yaml"))
+        self.check("README.md values table matches values.yaml (tests/helm/values_table.py)",
+                   readme.endswith(fresh))
+
+        with open(os.path.join(self.chart, "values.schema.json")) as f:
+            schema = json.load(f)
+        unknown = [p for p in leaves if not schema_has(schema, p.split("."))]
+        self.check("every value is declared in values.schema.json", not unknown, str(unknown))
+
+        with tempfile.TemporaryDirectory() as tmp:
+            rc, out, err = self.run_helm("package", self.chart, "-d", tmp)
+            self.check("helm package", rc == 0, err.strip()[-300:])
+
+
+    # ---- flags against built binaries ------------------------------------------------------
+    def run_flags(self, binaries, strict):
+        """Flags the chart renders that a built pkv-worker / pkv-replay does not define. Notes
+        only (the binaries may be older than the chart) unless strict."""
+        for name, wanted in (("pkv-worker", self.worker_flags), ("pkv-replay", self.replay_flags)):
+            binary = binaries.get(name)
+            if not binary:
+                self.notes.append(f"{name}: no built binary found; chart flags not compared")
+                continue
+            proc = subprocess.run([binary, "--helpfull"], capture_output=True, text=True, timeout=30)
+            defined = set(re.findall(r"^\s+--([a-z0-9_]+) \(", proc.stdout + proc.stderr, re.M))
+            if not defined:
+                self.notes.append(f"{name}: {binary} --helpfull listed no flags")
+                continue
+            missing = sorted(wanted - defined)
+            if strict:
+                self.check(f"{name} ({binary}) defines every flag the chart passes", not missing, str(missing))
+            elif missing:
+                self.notes.append(f"{name} ({binary}) lacks flags the chart passes: "
+                                  + " ".join("--" + m for m in missing))
+            else:
+                self.notes.append(f"{name} ({binary}) defines every flag the chart passes")
+
+
+def merge(base, over):
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            merge(base[k], v)
+        else:
+            base[k] = v
+
+
+def subset(small, big):
+    return all(big.get(k) == v for k, v in (small or {}).items())
+
+
+def selects(selector, labels):
+    """Whether a LabelSelector (matchLabels + matchExpressions) selects `labels`."""
+    if not subset(selector.get("matchLabels", {}), labels):
+        return False
+    for e in selector.get("matchExpressions", []):
+        key, op, vals = e["key"], e["operator"], e.get("values", [])
+        if op == "In" and labels.get(key) not in vals:
+            return False
+        if op == "NotIn" and labels.get(key) in vals:
+            return False
+        if op == "Exists" and key not in labels:
+            return False
+        if op == "DoesNotExist" and key in labels:
+            return False
+    return True
+
+
+def promql_balanced(expr):
+    depth = {"(": 0, "{": 0, "[": 0}
+    pairs = {")": "(", "}": "{", "]": "["}
+    in_str = False
+    for ch in expr:
+        if ch == '"':
+            in_str = not in_str
+        elif in_str:
+            continue
+        elif ch in depth:
+            depth[ch] += 1
+        elif ch in pairs:
+            depth[pairs[ch]] -= 1
+            if depth[pairs[ch]] < 0:
+                return False
+    return not in_str and all(v == 0 for v in depth.values())
+
+
+def leaf_paths(values, prefix=""):
+    """Documented paths: scalars and lists are leaves; non-empty maps recurse, except maps of
+    Kubernetes objects that are documented as a whole."""
+    whole = {"resources", "podSecurityContext", "securityContext", "updateStrategy",
+             "tests.resources", "metrics.grafanaDashboard.labels"}
+    for k, v in values.items():
+        path = f"{prefix}{k}"
+        if isinstance(v, dict) and v and path not in whole:
+            yield from leaf_paths(v, path + ".")
+        else:
+            yield path
+
+
+def schema_has(schema, parts):
+    node = schema
+    for p in parts:
+        props = node.get("properties")
+        if props is None:
+            return node.get("type") == "object" and node.get("additionalProperties", True) is not False
+        if p not in props:
+            return False
+        node = props[p]
+    return True
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--helm", required=True)
+    ap.add_argument("--chart", required=True)
+    ap.add_argument("--worker", default="", help="built pkv-worker to compare flags with")
+    ap.add_argument("--replay", default="", help="built pkv-replay to compare flags with")
+    ap.add_argument("--strict-flags", action="store_true",
+                    help="count flags the binaries lack as failures (default: notes)")
+    a = ap.parse_args()
+    checker = Checker(a.helm, a.chart)
+    checker.run_scenarios()
+    checker.run_bad_values()
+    checker.run_misc()
+    checker.run_flags({"pkv-worker": a.worker, "pkv-replay": a.replay}, a.strict_flags)
+    for note in checker.notes:
+        print(f"NOTE {note}")
+    total = checker.passed + len(checker.failed)
+    if checker.failed:
+        print(f"\nhelm_check: FAILED {len(checker.failed)} of {total} checks:")
+        for name in checker.failed:
+            print(f"  - {name}")
+    else:
+        print(f"\nhelm_check: all {total} checks passed")
+    print(f"helm_check: {checker.passed} passed, {len(checker.failed)} failed")
+    return 1 if checker.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
