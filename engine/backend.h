@@ -1,8 +1,13 @@
 // engine/backend.h — the seam between the engine and the hardware that runs attention.
 //
-// An ExecutionBackend owns the KV arena of one model shape and executes one layer's decode
-// attention for a batch whose page table the engine built on the host. The CPU backend runs
-// kernels/reference; the CUDA backend (PKV_WITH_CUDA) runs kernels/cuda on a stream.
+// An ExecutionBackend owns the KV arena of one model shape and runs decode steps. Per token step
+// the engine calls BeginTokenStep once (layer 0): the backend takes the step's page table, the new
+// token slot of every row and the scheduler's plan, and commits them to one of its descriptor
+// slots (on the GPU: one pinned buffer uploaded with one copy). Every layer then calls RunLayer
+// with that slot: append the layer's new K,V into the slots, run attention with the plan. Several
+// token steps may be open at once (micro-batches interleaving their layers), up to
+// max_open_token_steps(). The CPU backend runs kernels/reference; the CUDA backend
+// (PKV_WITH_CUDA, engine/cuda_backend.h) runs kernels/cuda on its stream.
 // Thread-safety: the engine serialises calls into one backend.
 #pragma once
 
@@ -38,11 +43,24 @@ class ExecutionBackend {
   // Routes this backend can run.
   virtual std::vector<KernelId> kernels() const = 0;
 
-  // Runs one layer's attention for the batch. `q` [B, Hq, d] and `out` [B, Hq, d] are host
-  // buffers of the model dtype; `lse` [B, Hq] may be null.
-  [[nodiscard]] virtual absl::Status Attend(const scheduler::StepPlan& plan, int32_t layer,
-                                            const PageTableCsr& table, const void* q, void* out,
-                                            float* lse) = 0;
+  // Descriptor slots: token steps that may be open at once.
+  virtual int32_t max_open_token_steps() const = 0;
+
+  // Commits a token step (page table, each row's new-token slot, plan) to a free descriptor slot
+  // and returns the slot. The engine guarantees a slot is free (it counts open token steps).
+  [[nodiscard]] virtual absl::StatusOr<int32_t> BeginTokenStep(
+      const scheduler::StepPlan& plan, const PageTableCsr& table,
+      std::span<const kvpool::SlotAddr> new_slots) = 0;
+
+  // One layer of an open token step: writes `k`, `v` [B, Hkv, d] into the rows' new-token slots,
+  // then runs attention of `q` [B, Hq, d] into `out` [B, Hq, d] (host buffers, model dtype) and
+  // `lse` [B, Hq] when not null. `attend_seconds` receives the attention's device time.
+  [[nodiscard]] virtual absl::Status RunLayer(int32_t slot, int32_t layer, const void* q,
+                                              const void* k, const void* v, void* out, float* lse,
+                                              double* attend_seconds) = 0;
+
+  // Frees the descriptor slot of a completed or aborted token step.
+  virtual void EndTokenStep(int32_t slot) = 0;
 };
 using ExecutionBackendPtr = std::unique_ptr<ExecutionBackend>;
 

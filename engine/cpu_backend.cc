@@ -1,9 +1,11 @@
 // The CPU backend: a host KV arena and kernels/reference, the executable specification.
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "common/log.h"
 #include "engine/backend.h"
 #include "kernels/reference/paged_decode.h"
 
@@ -12,8 +14,10 @@ namespace {
 
 class CpuBackend final : public ExecutionBackend {
  public:
+  static constexpr int32_t kSlots = 8;
+
   CpuBackend(std::unique_ptr<kvpool::HostKvArena> arena, int num_threads)
-      : arena_(std::move(arena)), num_threads_(num_threads) {}
+      : arena_(std::move(arena)), num_threads_(num_threads), slots_(kSlots) {}
 
   const char* name() const override { return "cpu"; }
   kvpool::KvArena& arena() override { return *arena_; }
@@ -25,17 +29,35 @@ class CpuBackend final : public ExecutionBackend {
     return info;
   }
   std::vector<KernelId> kernels() const override { return {KernelId::kReference}; }
+  int32_t max_open_token_steps() const override { return kSlots; }
 
-  absl::Status Attend(const scheduler::StepPlan& plan, int32_t layer, const PageTableCsr& table,
-                      const void* q, void* out, float* lse) override {
+  absl::StatusOr<int32_t> BeginTokenStep(const scheduler::StepPlan& plan, const PageTableCsr& table,
+                                         std::span<const kvpool::SlotAddr> new_slots) override {
     if (plan.kernel != KernelId::kReference) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("the cpu backend cannot run kernel ", KernelName(plan.kernel)));
+      return absl::InvalidArgumentError(absl::StrCat("the cpu backend cannot run kernel ", KernelName(plan.kernel)));
+    }
+    for (int32_t s = 0; s < kSlots; ++s) {
+      if (!slots_[s].used) {
+        slots_[s].used = true;
+        slots_[s].table = table;
+        slots_[s].new_slots.assign(new_slots.begin(), new_slots.end());
+        return s;
+      }
+    }
+    return absl::ResourceExhaustedError("no free descriptor slot");
+  }
+
+  absl::Status RunLayer(int32_t slot, int32_t layer, const void* q, const void* k, const void* v,
+                        void* out, float* lse, double* attend_seconds) override {
+    PKV_CHECK(slot >= 0 && slot < kSlots && slots_[slot].used) << "bad descriptor slot " << slot;
+    const Slot& d = slots_[slot];
+    if (!d.new_slots.empty()) {
+      if (auto s = arena_->WriteTokens(layer, d.new_slots, k, v); !s.ok()) return s;
     }
     const ModelShape& s = arena_->shape();
     kernels::DecodeParams p;
     p.dtype = s.dtype;
-    p.batch = static_cast<int32_t>(table.last_page_len.size());
+    p.batch = static_cast<int32_t>(d.table.last_page_len.size());
     p.num_q_heads = s.num_q_heads;
     p.num_kv_heads = s.num_kv_heads;
     p.head_dim = s.head_dim;
@@ -44,17 +66,33 @@ class CpuBackend final : public ExecutionBackend {
     p.q = q;
     p.kv = arena_->layer_data(layer);
     p.num_pages = arena_->num_pages();
-    p.page_indptr = table.indptr.data();
-    p.page_indices = table.indices.data();
-    p.last_page_len = table.last_page_len.data();
+    p.page_indptr = d.table.indptr.data();
+    p.page_indices = d.table.indices.data();
+    p.last_page_len = d.table.last_page_len.data();
     p.out = out;
     p.lse = lse;
-    return kernels::reference::Launch(p, nullptr, nullptr, num_threads_);
+    const auto t0 = std::chrono::steady_clock::now();
+    absl::Status st = kernels::reference::Launch(p, nullptr, nullptr, num_threads_);
+    if (attend_seconds != nullptr) {
+      *attend_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    }
+    return st;
+  }
+
+  void EndTokenStep(int32_t slot) override {
+    PKV_CHECK(slot >= 0 && slot < kSlots && slots_[slot].used) << "bad descriptor slot " << slot;
+    slots_[slot] = Slot{};
   }
 
  private:
+  struct Slot {
+    bool used = false;
+    PageTableCsr table;
+    std::vector<kvpool::SlotAddr> new_slots;
+  };
   std::unique_ptr<kvpool::HostKvArena> arena_;
   int num_threads_;
+  std::vector<Slot> slots_;
 };
 
 }  // namespace

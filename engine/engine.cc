@@ -157,6 +157,11 @@ absl::Status Engine::ValidateTensors(const StepInput& in) const {
 }
 
 absl::Status Engine::ValidateLayerZero(const StepInput& in) const {
+  if (static_cast<int32_t>(open_steps_.size()) >= backend_->max_open_token_steps()) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "token_step_id: ", open_steps_.size(), " token steps are open (the most the ", backend_->name(),
+        " backend keeps); finish their layers before opening another"));
+  }
   if (int64_t i = FirstDuplicate(in.free); i >= 0) {
     return absl::InvalidArgumentError(absl::StrCat("free[", i, "]: sequence ", in.free[i], " listed twice"));
   }
@@ -236,7 +241,7 @@ absl::Status Engine::ValidateLaterLayer(const StepInput& in, const TokenStep& ts
   return absl::OkStatus();
 }
 
-void Engine::BeginTokenStep(const StepInput& in) {
+absl::Status Engine::BeginTokenStep(const StepInput& in) {
   auto ts = std::make_unique<TokenStep>();
   ts->id = in.token_step_id;
   ts->rows = in.rows;
@@ -268,33 +273,50 @@ void Engine::BeginTokenStep(const StepInput& in) {
     PKV_CHECK(backend_->arena().CopyPage(c.src, c.dst).ok()) << "page copy failed";
   }
   ts->plan = scheduler_.Plan(shape);
+  absl::StatusOr<int32_t> slot = backend_->BeginTokenStep(ts->plan, ts->table, ts->new_slots);
+  if (!slot.ok()) {
+    for (SeqId id : in.rows) {
+      seqs_[id].open_token_step = 0;
+      PKV_CHECK(pager_.Truncate(id, pager_.Find(id)->num_tokens - 1).ok()) << "undo append failed";
+    }
+    for (SeqId id : in.open) ReleaseLocked(id);
+    PKV_LOG(ERROR) << "backend refused token step " << in.token_step_id << ": " << slot.status();
+    return absl::InternalError(absl::StrCat("backend ", backend_->name(), " failed to begin token step ",
+                                            in.token_step_id, ": ", slot.status().message()));
+  }
+  ts->backend_slot = *slot;
   TokenStepEvent event;
   event.kernel = ts->plan.kernel;
   event.rows = static_cast<int32_t>(ts->rows.size());
   for (int64_t t : shape.row_tokens) event.kv_tokens += t;
   event.num_splits = ts->plan.num_splits;
   event.pages_per_task = ts->plan.pages_per_task;
+  if (ts->plan.kernel == KernelId::kSequenceSplit) {
+    event.max_row_splits = ts->plan.num_splits;
+  } else if (ts->plan.kernel == KernelId::kWorkQueue && ts->plan.pages_per_task > 0) {
+    int64_t max_pages = 0;
+    for (int64_t t : shape.row_tokens) max_pages = std::max(max_pages, (t + shape_.page_size - 1) / shape_.page_size);
+    event.max_row_splits = static_cast<int32_t>((max_pages + ts->plan.pages_per_task - 1) / ts->plan.pages_per_task);
+  }
   event.launches_per_layer = ts->plan.launches_per_layer;
   event.predicted_seconds = ts->plan.predicted_us * 1e-6;
   observer_->OnTokenStepPlanned(event);
   open_steps_[ts->id] = std::move(ts);
+  return absl::OkStatus();
 }
 
-absl::StatusOr<StepOutput> Engine::RunLayer(TokenStep& ts, const StepInput& in) {
+absl::StatusOr<StepOutput> Engine::RunLayer(TokenStep& ts, const StepInput& in,
+                                            std::chrono::steady_clock::time_point started) {
   StepOutput result;
   const size_t b = ts.rows.size();
-  if (b > 0) {
-    PKV_RETURN_IF_ERROR(backend_->arena().WriteTokens(in.layer, ts.new_slots, in.k.data(), in.v.data()));
-  }
   result.out.resize(b * shape_.num_q_heads * shape_.head_dim * DTypeSize(shape_.dtype));
   if (in.want_lse) result.lse.resize(b * shape_.num_q_heads);
   result.kernel = ts.plan.kernel;
-  const auto t0 = std::chrono::steady_clock::now();
   if (b > 0) {
-    PKV_RETURN_IF_ERROR(backend_->Attend(ts.plan, in.layer, ts.table, in.q.data(), result.out.data(),
-                                         in.want_lse ? result.lse.data() : nullptr));
+    PKV_RETURN_IF_ERROR(backend_->RunLayer(ts.backend_slot, in.layer, in.q.data(), in.k.data(), in.v.data(),
+                                           result.out.data(), in.want_lse ? result.lse.data() : nullptr,
+                                           &result.attend_seconds));
   }
-  result.attend_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   ts.layer_done[in.layer] = true;
   ++ts.layers_done;
   ts.outputs[in.layer] = result;
@@ -305,6 +327,7 @@ absl::StatusOr<StepOutput> Engine::RunLayer(TokenStep& ts, const StepInput& in) 
   event.attend_seconds = result.attend_seconds;
   event.predicted_seconds = ts.plan.predicted_us * 1e-6;
   event.launches = ts.plan.launches_per_layer;
+  event.step_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
   observer_->OnLayerStep(event);
   return result;
 }
@@ -319,6 +342,8 @@ void Engine::CompleteTokenStep(uint64_t id) {
     if (s != seqs_.end() && s->second.open_token_step == id) s->second.open_token_step = 0;
   }
   observer_->OnTokenStepCompleted(static_cast<int32_t>(ts->rows.size()));
+  backend_->EndTokenStep(ts->backend_slot);
+  ts->backend_slot = -1;
   ts->table = PageTableCsr{};  // only outputs are needed for retries
   retained_.push_back(std::move(ts));
   while (static_cast<int32_t>(retained_.size()) > options_.retained_token_steps) retained_.pop_front();
@@ -338,6 +363,7 @@ void Engine::AbortTokenStep(uint64_t id) {
   PKV_LOG(WARNING) << "token step " << id << " aborted after " << it->second->layers_done << " of "
                    << shape_.num_layers << " layers (a row was released)";
   observer_->OnTokenStepAborted(static_cast<int32_t>(it->second->rows.size()));
+  backend_->EndTokenStep(it->second->backend_slot);
   open_steps_.erase(it);
 }
 
@@ -361,6 +387,7 @@ void Engine::ReleaseLocked(SeqId seq) {
 }
 
 absl::StatusOr<StepOutput> Engine::Step(const StepInput& in) {
+  const auto started = std::chrono::steady_clock::now();
   if (in.token_step_id == 0) return absl::InvalidArgumentError("token_step_id: must be nonzero");
   if (in.layer < 0 || in.layer >= shape_.num_layers) {
     return absl::InvalidArgumentError(
@@ -401,7 +428,7 @@ absl::StatusOr<StepOutput> Engine::Step(const StepInput& in) {
       return absl::FailedPreconditionError(absl::StrCat("token_step_id: ", in.token_step_id, " already exists"));
     }
     PKV_RETURN_IF_ERROR(ValidateLayerZero(in));
-    BeginTokenStep(in);
+    PKV_RETURN_IF_ERROR(BeginTokenStep(in));
     ts = open_steps_[in.token_step_id].get();
   } else {
     if (ts == nullptr || !open_steps_.contains(in.token_step_id)) {
@@ -410,7 +437,7 @@ absl::StatusOr<StepOutput> Engine::Step(const StepInput& in) {
     }
     PKV_RETURN_IF_ERROR(ValidateLaterLayer(in, *ts));
   }
-  absl::StatusOr<StepOutput> out = RunLayer(*ts, in);
+  absl::StatusOr<StepOutput> out = RunLayer(*ts, in, started);
   if (out.ok() && ts->layers_done == shape_.num_layers) CompleteTokenStep(ts->id);
   return out;
 }
@@ -424,6 +451,28 @@ absl::StatusOr<std::unique_ptr<PromptWrite>> Engine::BeginPrompt(SeqId seq, int6
   PKV_RETURN_IF_ERROR(pager_.Create(seq, num_tokens));
   seqs_[seq] = SeqState{SeqPhase::kWriting, 0};
   return std::unique_ptr<PromptWrite>(new PromptWrite(this, seq, num_tokens));
+}
+
+absl::Status Engine::AdoptUnwrittenPromptForBenchmark(SeqId seq, int64_t num_tokens) {
+  if (num_tokens < 1) return absl::InvalidArgumentError("num_tokens: must be >= 1");
+  std::lock_guard<std::mutex> lock(mu_);
+  if (seqs_.contains(seq)) return absl::AlreadyExistsError(absl::StrCat("sequence_id: ", seq, " already exists"));
+  PKV_RETURN_IF_ERROR(pager_.Create(seq, num_tokens));
+  seqs_[seq] = SeqState{SeqPhase::kReady, 0};
+  return absl::OkStatus();
+}
+
+absl::Status Engine::SetScheduler(scheduler::Scheduler scheduler) {
+  const auto have = backend_->kernels();
+  for (KernelId k : scheduler.options().available) {
+    if (std::find(have.begin(), have.end(), k) == have.end()) {
+      return absl::InvalidArgumentError(absl::StrCat("scheduler offers kernel ", KernelName(k),
+                                                     " that backend ", backend_->name(), " lacks"));
+    }
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  scheduler_ = std::move(scheduler);
+  return absl::OkStatus();
 }
 
 absl::Status Engine::Release(std::span<const SeqId> seqs) {

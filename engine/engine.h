@@ -133,6 +133,15 @@ class Engine {
   // ALREADY_EXISTS, INVALID_ARGUMENT, RESOURCE_EXHAUSTED (free pages in the message).
   absl::StatusOr<std::unique_ptr<PromptWrite>> BeginPrompt(SeqId seq, int64_t num_tokens);
 
+  // Benchmarks only: creates a steppable sequence of `num_tokens` tokens whose prompt K,V is
+  // whatever its pages hold (the benchmark fills the whole pool with random data once). Same
+  // errors as BeginPrompt. Never used by the service.
+  absl::Status AdoptUnwrittenPromptForBenchmark(SeqId seq, int64_t num_tokens);
+
+  // Replaces the scheduler (fixed-arm comparisons in benchmarks; the worker sets it at start).
+  // INVALID_ARGUMENT when it offers a kernel the backend lacks.
+  absl::Status SetScheduler(scheduler::Scheduler scheduler);
+
   // Releases sequences (all-or-nothing): NOT_FOUND if any is unknown, FAILED_PRECONDITION if a
   // prompt is still being written. A released sequence drops out of any open token step.
   absl::Status Release(std::span<const SeqId> seqs);
@@ -165,6 +174,7 @@ class Engine {
     std::vector<kvpool::SlotAddr> new_slots;  // [B] slot of each row's new token
     PageTableCsr table;
     scheduler::StepPlan plan;
+    int32_t backend_slot = -1;  // descriptor slot of the backend while open
     std::vector<bool> layer_done;
     int32_t layers_done = 0;
     std::vector<StepOutput> outputs;  // [num_layers] kept for retries
@@ -175,8 +185,11 @@ class Engine {
   absl::Status ValidateTensors(const StepInput& in) const;
   absl::Status ValidateLayerZero(const StepInput& in) const;
   absl::Status ValidateLaterLayer(const StepInput& in, const TokenStep& ts) const;
-  void BeginTokenStep(const StepInput& in);  // applies deltas; cannot fail after validation
-  absl::StatusOr<StepOutput> RunLayer(TokenStep& ts, const StepInput& in);
+  // Applies the deltas and commits the step to the backend. Fails only on a backend (device)
+  // fault, after undoing the appends and opens (frees stay applied).
+  absl::Status BeginTokenStep(const StepInput& in);
+  absl::StatusOr<StepOutput> RunLayer(TokenStep& ts, const StepInput& in,
+                                      std::chrono::steady_clock::time_point started);
   void CompleteTokenStep(uint64_t id);
   // Drops an open token step: its rows lose the token it appended and are unlocked.
   void AbortTokenStep(uint64_t id);
@@ -186,7 +199,7 @@ class Engine {
   const EngineOptions options_;
   const ModelShape shape_;
   ExecutionBackendPtr backend_;
-  const scheduler::Scheduler scheduler_;
+  scheduler::Scheduler scheduler_;
 
   mutable std::mutex mu_;
   kvpool::BlockPager pager_;

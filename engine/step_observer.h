@@ -17,8 +17,9 @@ struct TokenStepEvent {
   KernelId kernel = KernelId::kReference;
   int32_t rows = 0;
   int64_t kv_tokens = 0;        // tokens attended per layer, summed over rows
-  int32_t num_splits = 1;
-  int32_t pages_per_task = 0;
+  int32_t num_splits = 1;        // kSequenceSplit: splits of every row
+  int32_t pages_per_task = 0;    // kWorkQueue: task size
+  int32_t max_row_splits = 1;    // most partials any row is cut into (1: no merge)
   int32_t launches_per_layer = 1;
   double predicted_seconds = 0;  // cost model's prediction per layer (0 when not modelled)
 };
@@ -29,6 +30,7 @@ struct LayerStepEvent {
   int32_t rows = 0;
   int32_t layer = 0;
   bool replayed = false;
+  double step_seconds = 0;       // Engine::Step from entry to the answer (lock wait included)
   double attend_seconds = 0;     // backend time for the attention of this layer
   double predicted_seconds = 0;  // cost model's prediction (0 when not modelled)
   int32_t launches = 1;

@@ -148,7 +148,7 @@ absl::StatusOr<CostProfile> ParseCostProfile(const std::string& json) {
     return absl::InvalidArgumentError(absl::StrCat("profile: format '", format, "' is not pkv-calibration-v1"));
   }
   CostProfile p;
-  double sms, hq, hkv, d, ps, res;
+  double sms = 0, hq = 0, hkv = 0, d = 0, ps = 0, res = 0;
   for (auto st : {str("gpu", &p.gpu), num("num_sms", &sms), num("shape.num_q_heads", &hq),
                   num("shape.num_kv_heads", &hkv), num("shape.head_dim", &d),
                   num("shape.page_size", &ps), str("shape.dtype", &p.dtype),

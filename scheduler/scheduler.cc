@@ -19,13 +19,18 @@ absl::StatusOr<Scheduler> Scheduler::Create(const Options& options) {
 
 StepPlan Scheduler::Plan(const StepShape& shape) const {
   StepPlan plan;
-  std::vector<KernelId> candidates = options_.available;
-  if (options_.fixed_kernel.has_value()) candidates = {*options_.fixed_kernel};
+  const std::vector<KernelId> candidates = options_.fixed_kernel.has_value()
+                                               ? std::vector<KernelId>(1, *options_.fixed_kernel)
+                                               : options_.available;
   bool have = false;
   ArmCost best;
   for (KernelId k : candidates) {
     if (k == KernelId::kReference || k == KernelId::kFlashInfer) continue;  // not modelled
-    const ArmCost c = model_.BestOf(k, shape);
+    ArmCost c = model_.BestOf(k, shape);
+    if (options_.fixed_kernel.has_value() && options_.fixed_parameter > 0) {
+      if (k == KernelId::kSequenceSplit) c = model_.SequenceSplit(shape, options_.fixed_parameter);
+      if (k == KernelId::kWorkQueue) c = model_.WorkQueue(shape, options_.fixed_parameter);
+    }
     if (!have || c.us < best.us || (c.us == best.us && c.launches < best.launches)) {
       best = c;
       have = true;

@@ -23,6 +23,9 @@ class Scheduler {
     std::vector<KernelId> available = {KernelId::kReference};
     // When set, every step uses this route (it must be available).
     std::optional<KernelId> fixed_kernel;
+    // With a fixed kernel, pin its parameter too (0: the cost model picks): the split count of
+    // kSequenceSplit or the task size (pages) of kWorkQueue. For calibration and debugging.
+    int32_t fixed_parameter = 0;
     // Calibrated constants (DefaultCostProfile() when no profile was loaded).
     CostProfile profile = DefaultCostProfile();
   };

@@ -128,3 +128,24 @@ TEST(CostProfileTest, RoundTripsAndRejectsBadFiles) {
 
 }  // namespace
 }  // namespace pkv::scheduler
+
+namespace pkv::scheduler {
+namespace {
+
+TEST(SchedulerTest, FixedParameterPinsSplitsAndTaskSize) {
+  Scheduler::Options o;
+  o.available = {KernelId::kPerRequest, KernelId::kSequenceSplit, KernelId::kWorkQueue};
+  o.fixed_kernel = KernelId::kSequenceSplit;
+  o.fixed_parameter = 3;
+  StepShape s;
+  s.model.num_q_heads = 32;
+  s.model.num_kv_heads = 8;
+  s.row_tokens = {4096};
+  EXPECT_EQ(Scheduler::Create(o)->Plan(s).num_splits, 3);
+  o.fixed_kernel = KernelId::kWorkQueue;
+  o.fixed_parameter = 5;
+  EXPECT_EQ(Scheduler::Create(o)->Plan(s).pages_per_task, 5);
+}
+
+}  // namespace
+}  // namespace pkv::scheduler

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# bench/gpu_serving_suite.sh — one call on the GPU machine for the engine on the CUDA backend:
+# configure + build (no gRPC), the engine's GPU test (every route vs the CPU reference through
+# the engine), pkv-calibrate (fits the cost-model profile), then `pkv-bench trace` with that
+# profile. Logs, the profile and CSV/markdown go to $OUT; a short summary is printed last.
+#   bench/gpu_serving_suite.sh [COMMIT]
+# Environment: JOBS, BUILD_DIR (default build-gpu-serving), TRACE=full|quick|none (default full),
+#   SEEDS (default the held-out 20260623..27), LAYERS (default 32).
+# Abseil comes from ./.gpudeps (bench/make_gpu_deps.sh) when the machine has none. Device call:
+#   run(command="export OUT; bench/gpu_serving_suite.sh $(git rev-parse --short HEAD)", carry=[".gpudeps"])
+set -uo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+OUT="${OUT:-$ROOT/gpu-out}"
+mkdir -p "$OUT"
+COMMIT="${1:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
+BUILD_DIR="${BUILD_DIR:-build-gpu-serving}"
+JOBS="${JOBS:-$(nproc)}"
+TRACE="${TRACE:-full}"
+SEEDS="${SEEDS:-20260623,20260624,20260625,20260626,20260627}"
+LAYERS="${LAYERS:-32}"
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/serving-build.log"
+EXTRA=()
+if [[ ! -d /usr/include/absl && -d "$ROOT/.gpudeps" ]]; then
+  EXTRA+=("-DCMAKE_PREFIX_PATH=$ROOT/.gpudeps")
+  export LD_LIBRARY_PATH="$ROOT/.gpudeps/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
+start=$(date +%s)
+if ! { cmake -S . -B "$BUILD_DIR" -G Ninja -DPKV_WITH_SERVICE=OFF -DCMAKE_BUILD_TYPE=Release \
+         -DCMAKE_CUDA_ARCHITECTURES=90a-real "${EXTRA[@]}" >>"$OUT/serving-build.log" 2>&1 &&
+       cmake --build "$BUILD_DIR" -j "$JOBS" --target engine_cuda_test engine_test pkv-calibrate pkv-bench \
+         >>"$OUT/serving-build.log" 2>&1; }; then
+  echo "build: FAILED after $(( $(date +%s) - start )) s"; tail -30 "$OUT/serving-build.log"; exit 1
+fi
+echo "build: OK in $(( $(date +%s) - start )) s"
+BIN="$BUILD_DIR/bin"
+
+timeout 300 "$BIN/engine_cuda_test" >"$OUT/engine_cuda_test.log" 2>&1
+TEST_RC=$?
+timeout 60 "$BIN/engine_test" >>"$OUT/engine_cuda_test.log" 2>&1 || TEST_RC=1
+grep -E "^\[  (PASSED|FAILED) |^\[==========\]|Failure|rel" "$OUT/engine_cuda_test.log" | tail -12
+
+PROFILE="$OUT/h100-hq32-hkv8-d128-p16-fp16.json"
+timeout 240 "$BIN/pkv-calibrate" --out="$PROFILE" 2>&1 | tee "$OUT/calibrate.log"
+[[ -f "$PROFILE" ]] || PROFILE=""
+
+if [[ "$TRACE" != none ]]; then
+  WL="bimodal:8,uniform:8,zipf:8,bimodal:4,bucketed:1"
+  ARGS=(--workloads="$WL" --seeds="$SEEDS" --layers="$LAYERS")
+  if [[ "$TRACE" == quick ]]; then ARGS=(--workloads="$WL" --seeds=20260623 --layers=8); fi
+  [[ -n "$PROFILE" ]] && ARGS+=(--profile="$PROFILE")
+  timeout 420 "$BIN/pkv-bench" trace "${ARGS[@]}" --csv="$OUT/trace.csv" --md="$OUT/trace.md" \
+    --commit="$COMMIT" 2>"$OUT/trace.err" | tee "$OUT/trace.log"
+  tail -5 "$OUT/trace.err"
+fi
+echo "== engine_cuda_test rc=$TEST_RC; profile ${PROFILE:-none}"

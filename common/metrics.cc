@@ -1,0 +1,205 @@
+#include "common/metrics.h"
+
+#include <vector>
+
+#include "prometheus/family.h"
+
+namespace pkv {
+namespace {
+
+using prometheus::BuildCounter;
+using prometheus::BuildGauge;
+using prometheus::BuildHistogram;
+using prometheus::Histogram;
+
+// Layer-step and attention times: 5 µs (a short GPU step) to 10 s (a long CPU step).
+const Histogram::BucketBoundaries& StepBuckets() {
+  static const Histogram::BucketBoundaries b = {5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3,
+                                                1e-2, 2e-2, 5e-2, 0.1,  0.2,  0.5,  1.0,  2.0,  5.0,  10.0};
+  return b;
+}
+
+}  // namespace
+
+const char* RpcMethodName(RpcMethod method) {
+  switch (method) {
+    case RpcMethod::kDescribe: return "Describe";
+    case RpcMethod::kStep: return "Step";
+    case RpcMethod::kStepStream: return "StepStream";
+    case RpcMethod::kWriteKV: return "WriteKV";
+    case RpcMethod::kRelease: return "Release";
+  }
+  return "unknown";
+}
+
+const char* StatusCodeName(int code) {
+  static const char* const kNames[kNumStatusCodes] = {
+      "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
+      "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED",
+      "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED"};
+  return code >= 0 && code < kNumStatusCodes ? kNames[code] : "UNKNOWN";
+}
+
+int SplitBucket(int splits) {
+  if (splits <= 1) return 0;
+  if (splits <= 4) return 1;
+  if (splits <= 16) return 2;
+  return 3;
+}
+
+const char* SplitBucketName(int bucket) {
+  static const char* const kNames[kNumSplitBuckets] = {"1", "2-4", "5-16", "17+"};
+  return kNames[bucket];
+}
+
+WorkerMetrics::WorkerMetrics(const BuildInfo& build) : registry_(std::make_shared<prometheus::Registry>()) {
+  auto& r = *registry_;
+  BuildGauge()
+      .Name("pkv_build_info")
+      .Help("Build and runtime facts of this worker; the value is always 1.")
+      .Register(r)
+      .Add({{"version", build.version},
+            {"commit", build.commit},
+            {"backend", build.backend},
+            {"gpu", build.gpu},
+            {"dtype", build.dtype},
+            {"calibration_profile", build.calibration_profile}})
+      .Set(1);
+
+  auto& duration = BuildHistogram()
+                       .Name("pkv_step_duration_seconds")
+                       .Help("Worker-side time of one layer-step (validation, KV append, attention), by kernel.")
+                       .Register(r);
+  auto& attend = BuildHistogram()
+                     .Name("pkv_step_attention_seconds")
+                     .Help("Device time of the attention of one layer-step (GPU events on CUDA), by kernel.")
+                     .Register(r);
+  auto& decisions = BuildCounter()
+                        .Name("pkv_scheduler_decisions_total")
+                        .Help("Token steps planned, by kernel and split-count bucket.")
+                        .Register(r);
+  auto& predicted = BuildCounter()
+                        .Name("pkv_scheduler_predicted_seconds_total")
+                        .Help("Sum of the cost model's predicted attention time of layer-steps, by kernel.")
+                        .Register(r);
+  auto& measured = BuildCounter()
+                       .Name("pkv_scheduler_measured_seconds_total")
+                       .Help("Sum of the measured attention time of the layer-steps counted in "
+                             "pkv_scheduler_predicted_seconds_total, by kernel.")
+                       .Register(r);
+  for (int k = 0; k < kNumKernelIds; ++k) {
+    const std::string name = KernelName(static_cast<KernelId>(k));
+    step_duration_[k] = &duration.Add({{"kernel", name}}, StepBuckets());
+    step_attend_[k] = &attend.Add({{"kernel", name}}, StepBuckets());
+    predicted_[k] = &predicted.Add({{"kernel", name}});
+    measured_[k] = &measured.Add({{"kernel", name}});
+    for (int b = 0; b < kNumSplitBuckets; ++b) {
+      decisions_[k][b] = &decisions.Add({{"kernel", name}, {"splits", SplitBucketName(b)}});
+    }
+  }
+  prediction_error_ = &BuildHistogram()
+                           .Name("pkv_scheduler_prediction_error_ratio")
+                           .Help("|measured - predicted| / measured attention time of modelled layer-steps.")
+                           .Register(r)
+                           .Add({}, Histogram::BucketBoundaries{0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0});
+  launches_ = &BuildHistogram()
+                   .Name("pkv_step_launches")
+                   .Help("Kernel launches per layer-step.")
+                   .Register(r)
+                   .Add({}, Histogram::BucketBoundaries{1, 2, 3, 4, 8, 16, 32});
+  decode_tokens_ = &BuildCounter()
+                        .Name("pkv_decode_tokens_total")
+                        .Help("Tokens decoded: rows of token steps whose every layer ran.")
+                        .Register(r)
+                        .Add({});
+  auto& token_steps = BuildCounter()
+                          .Name("pkv_token_steps_total")
+                          .Help("Token steps by outcome (completed: every layer ran; aborted: a row was released).")
+                          .Register(r);
+  token_steps_completed_ = &token_steps.Add({{"outcome", "completed"}});
+  token_steps_aborted_ = &token_steps.Add({{"outcome", "aborted"}});
+  replays_ = &BuildCounter()
+                  .Name("pkv_step_replays_total")
+                  .Help("Layer-steps answered from the retry cache (a retried token_step_id and layer).")
+                  .Register(r)
+                  .Add({});
+  auto& graphs = BuildCounter()
+                     .Name("pkv_cuda_graph_launches_total")
+                     .Help("Layer-steps by CUDA-graph outcome (hit: replayed a captured graph; miss: "
+                           "captured or ran eagerly).")
+                     .Register(r);
+  graph_hits_ = &graphs.Add({{"result", "hit"}});
+  graph_misses_ = &graphs.Add({{"result", "miss"}});
+  graph_padding_rows_ = &BuildCounter()
+                             .Name("pkv_cuda_graph_padding_rows_total")
+                             .Help("Rows of padding added to reach a captured batch-size bucket.")
+                             .Register(r)
+                             .Add({});
+  ingest_bytes_ = &BuildCounter()
+                       .Name("pkv_ingest_bytes_total")
+                       .Help("Prompt K,V bytes committed through WriteKV.")
+                       .Register(r)
+                       .Add({});
+  ingest_duration_ = &BuildHistogram()
+                          .Name("pkv_ingest_duration_seconds")
+                          .Help("Time from a WriteKV header to the commit of its prompt.")
+                          .Register(r)
+                          .Add({}, Histogram::BucketBoundaries{1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 60});
+
+  auto& pages = BuildGauge()
+                    .Name("pkv_kv_pool_pages")
+                    .Help("KV pool pages by state (total, used, free).")
+                    .Register(r);
+  pool_total_ = &pages.Add({{"state", "total"}});
+  pool_used_ = &pages.Add({{"state", "used"}});
+  pool_free_ = &pages.Add({{"state", "free"}});
+  auto& tokens = BuildGauge()
+                     .Name("pkv_kv_pool_tokens")
+                     .Help("Token slots of the pool: reserved (pages held x page size) and used (tokens stored).")
+                     .Register(r);
+  tokens_reserved_ = &tokens.Add({{"state", "reserved"}});
+  tokens_used_ = &tokens.Add({{"state", "used"}});
+  steps_until_full_ = &BuildGauge()
+                           .Name("pkv_kv_pool_steps_until_full")
+                           .Help("Token steps until the pool is full if active sequences keep growing by one "
+                                 "token per step (free token slots / active sequences).")
+                           .Register(r)
+                           .Add({});
+  auto& seqs = BuildGauge().Name("pkv_sequences").Help("Sequences by state (active: steppable; writing: "
+                                                         "prompt being written).").Register(r);
+  seq_active_ = &seqs.Add({{"state", "active"}});
+  seq_writing_ = &seqs.Add({{"state", "writing"}});
+  open_token_steps_ = &BuildGauge()
+                           .Name("pkv_open_token_steps")
+                           .Help("Token steps begun (layer 0 ran) with layers still to run.")
+                           .Register(r)
+                           .Add({});
+  ready_ = &BuildGauge()
+                .Name("pkv_ready")
+                .Help("1 while the worker serves steps (health SERVING), 0 while starting or draining.")
+                .Register(r)
+                .Add({});
+
+  auto& rpcs = BuildCounter()
+                   .Name("pkv_rpc_requests_total")
+                   .Help("Finished RPCs (or stream messages for StepStream), by method and gRPC status code.")
+                   .Register(r);
+  auto& inflight = BuildGauge()
+                       .Name("pkv_rpc_inflight")
+                       .Help("RPCs and streams in flight, by method.")
+                       .Register(r);
+  for (int m = 0; m < kNumRpcMethods; ++m) {
+    const std::string method = RpcMethodName(static_cast<RpcMethod>(m));
+    inflight_[m] = &inflight.Add({{"method", method}});
+    for (int c = 0; c < kNumStatusCodes; ++c) {
+      rpc_[m][c] = &rpcs.Add({{"method", method}, {"code", StatusCodeName(c)}});
+    }
+  }
+  queue_rejections_ = &BuildCounter()
+                           .Name("pkv_executor_rejections_total")
+                           .Help("Requests refused with RESOURCE_EXHAUSTED because the step queue was full.")
+                           .Register(r)
+                           .Add({});
+}
+
+}  // namespace pkv

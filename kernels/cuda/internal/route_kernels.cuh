@@ -1,0 +1,139 @@
+// kernels/cuda/internal/route_kernels.cuh — the route kernels (work assignment variants around
+// AttendRange) and the separate LSE-merge kernel. Included only by the route .cu files.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "kernels/cuda/internal/launchers.h"
+#include "kernels/cuda/internal/paged_attention.cuh"
+
+namespace pkv::kernels::cuda::internal {
+
+// After this CTA wrote partial `first_slot + split` of (row, kvh): publish it and count; the last
+// of the `splits` CTAs of the group merges them into out/lse and re-zeroes the counter (classic
+// threadfence reduction). All threads of the CTA call it.
+template <typename T, int D>
+__device__ __forceinline__ void CountAndMerge(const DecodeParams& p, const Workspace& ws, int row, int kvh,
+                                              int64_t first_slot, int splits) {
+  __shared__ int is_last;
+  const int G = p.num_q_heads / p.num_kv_heads;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int* counter = &ws.counters[row * p.num_kv_heads + kvh];
+    const int done = atomicAdd(counter, 1);
+    is_last = done == splits - 1;
+    if (is_last) atomicExch(counter, 0);  // leave the workspace zeroed for the next launch
+  }
+  __syncthreads();
+  if (is_last) {
+    __threadfence();
+    for (int g = threadIdx.x >> 5; g < G; g += kWarps) {
+      MergeWarp<T, D, true>(p, row, kvh * G + g, first_slot, splits, ws.lse, ws.o);
+    }
+  }
+}
+
+// Per-request: grid (Hkv, B); the whole row, output written directly.
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) PerRequestKernel(const __grid_constant__ DecodeParams p) {
+  extern __shared__ __align__(128) char smem[];
+  const int kvh = blockIdx.x, b = blockIdx.y;
+  const int pages = p.page_indptr[b + 1] - p.page_indptr[b];
+  const MergeView<D> v = AttendRange<T, D>(p, b, kvh, 0, pages, smem);
+  WriteFinal<T, D>(p, b, kvh, v);
+}
+
+// Sequence split: grid (S, Hkv, B); split s takes pages [s*n/S, (s+1)*n/S) of the row and writes
+// partial slot b*S + s (S == 1: the output directly). kFused: the last split of each (row, KV
+// head) merges (one launch); else the merge kernel runs next.
+template <typename T, int D, bool kFused>
+__global__ void __launch_bounds__(kThreads)
+    SequenceSplitKernel(const __grid_constant__ DecodeParams p, Workspace ws) {
+  extern __shared__ __align__(128) char smem[];
+  const int s = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
+  const int S = gridDim.x;
+  const int pages = p.page_indptr[b + 1] - p.page_indptr[b];
+  const int begin = static_cast<int>(static_cast<int64_t>(pages) * s / S);
+  const int end = static_cast<int>(static_cast<int64_t>(pages) * (s + 1) / S);
+  const MergeView<D> v = AttendRange<T, D>(p, b, kvh, begin, end, smem);
+  if (S == 1) {
+    WriteFinal<T, D>(p, b, kvh, v);
+  } else {
+    const int64_t first = static_cast<int64_t>(b) * S;
+    WritePartial<D>(p, first + s, kvh, v, ws.lse, ws.o);
+    if constexpr (kFused) CountAndMerge<T, D>(p, ws, b, kvh, first, S);
+  }
+}
+
+// Work queue: a persistent grid strides over the compact task list. A task of a row with one
+// split writes the output; otherwise it writes partial slot partial_offset[row] + split and, with
+// kFused, the last task of its (row, KV head) to finish merges the group's partials. The next
+// task's Q, page ids and first chunks are issued before the current task's epilogue, so its load
+// latency hides behind the merge, the partial write and the completion counter.
+template <typename T, int D, bool kFused>
+__global__ void __launch_bounds__(kThreads) WorkQueueKernel(const __grid_constant__ DecodeParams p, Workspace ws) {
+  extern __shared__ __align__(128) char smem[];
+  int t = blockIdx.x;
+  if (t >= p.num_tasks) return;
+  DecodeTask cur = p.tasks[t];
+  RangeState<D> r;
+  BeginRange<T, D>(p, cur.row, cur.kv_head, cur.page_begin, cur.page_end, smem, r);
+  for (;;) {
+    float m_run, l_run, o[D / 8][2];
+    RunRange<T, D>(p, smem, r, m_run, l_run, o);
+    const MergeView<D> v = StashWarpState<D>(smem, m_run, l_run, o);
+    const int nt = t + gridDim.x;
+    DecodeTask next = cur;
+    if (nt < p.num_tasks) {
+      next = p.tasks[nt];
+      BeginRange<T, D>(p, next.row, next.kv_head, next.page_begin, next.page_end, smem, r);
+    }
+    __syncthreads();  // all warps' states of `cur` are stashed
+    if (cur.num_splits == 1) {
+      WriteFinal<T, D>(p, cur.row, cur.kv_head, v);
+    } else {
+      const int64_t first = p.partial_offset[cur.row];
+      WritePartial<D>(p, first + cur.split, cur.kv_head, v, ws.lse, ws.o);
+      if constexpr (kFused) CountAndMerge<T, D>(p, ws, cur.row, cur.kv_head, first, cur.num_splits);
+    }
+    __syncthreads();  // the merge area is read; the next stash may overwrite it
+    if (nt >= p.num_tasks) break;
+    cur = next;
+    t = nt;
+  }
+}
+
+// Separate merge: one warp per (row, query head); rows with fewer than 2 splits are skipped
+// (their output was written directly). kUniform: S = p.num_splits, slots b*S..; else per-row
+// row_splits / partial_offset.
+template <typename T, int D, bool kUniform>
+__global__ void __launch_bounds__(kThreads) MergeKernel(const __grid_constant__ DecodeParams p, Workspace ws) {
+  const int64_t item = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  if (item >= static_cast<int64_t>(p.batch) * p.num_q_heads) return;
+  const int b = static_cast<int>(item / p.num_q_heads), h = static_cast<int>(item % p.num_q_heads);
+  const int splits = kUniform ? p.num_splits : p.row_splits[b];
+  if (splits < 2) return;
+  const int64_t first = kUniform ? static_cast<int64_t>(b) * p.num_splits : p.partial_offset[b];
+  MergeWarp<T, D, false>(p, b, h, first, splits, ws.lse, ws.o);
+}
+
+// Raises the dynamic shared-memory limit of `Kernel` once per process (keyed by the kernel itself,
+// not its type: every instantiation needs its own attribute).
+template <auto Kernel>
+cudaError_t EnsureSmem(int bytes) {
+  static const cudaError_t once = [bytes] {
+    const cudaError_t e = cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+    if (e != cudaSuccess) return e;
+    // Two CTAs of the largest tiles need the whole 228 KB carve-out on Hopper.
+    return cudaFuncSetAttribute(Kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                static_cast<int>(cudaSharedmemCarveoutMaxShared));
+  }();
+  return once;
+}
+
+inline int MergeGrid(const DecodeParams& p) {
+  return static_cast<int>((static_cast<int64_t>(p.batch) * p.num_q_heads + kWarps - 1) / kWarps);
+}
+
+}  // namespace pkv::kernels::cuda::internal

@@ -1,0 +1,226 @@
+#include "kvpool/cuda/device_kv_arena.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "kvpool/cuda/append_kv.h"
+
+namespace pkv::kvpool {
+namespace {
+
+absl::Status CudaStatus(cudaError_t e, const char* what) {
+  if (e == cudaSuccess) return absl::OkStatus();
+  const std::string msg = absl::StrCat(what, ": ", cudaGetErrorString(e));
+  if (e == cudaErrorMemoryAllocation) return absl::ResourceExhaustedError(msg);
+  if (e == cudaErrorNoDevice || e == cudaErrorInsufficientDriver) return absl::FailedPreconditionError(msg);
+  return absl::InternalError(msg);
+}
+
+#define PKV_CUDA_RETURN(expr, what)                          \
+  do {                                                       \
+    if (absl::Status s_ = CudaStatus((expr), what); !s_.ok()) return s_; \
+  } while (0)
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<DeviceKvArena>> DeviceKvArena::Create(const ModelShape& shape, const Options& o) {
+  if (absl::Status s = shape.Validate(); !s.ok()) return s;
+  if (shape.head_dim % 8 != 0) return absl::InvalidArgumentError("head_dim must be a multiple of 8");
+  if (o.staging_bytes < (1 << 20)) return absl::InvalidArgumentError("staging_bytes must be >= 1 MiB");
+  const int64_t page_bytes_all = shape.page_bytes_all_layers();
+  int64_t pages = o.num_pages;
+  if (pages <= 0) {
+    if (!(o.free_memory_fraction > 0 && o.free_memory_fraction <= 1)) {
+      return absl::InvalidArgumentError("set num_pages > 0 or free_memory_fraction in (0, 1]");
+    }
+    size_t free_b = 0, total_b = 0;
+    PKV_CUDA_RETURN(cudaMemGetInfo(&free_b, &total_b), "cudaMemGetInfo");
+    pages = static_cast<int64_t>(static_cast<double>(free_b) * o.free_memory_fraction) / page_bytes_all;
+    if (pages < 1) return absl::ResourceExhaustedError("free device memory holds no page");
+  }
+  std::unique_ptr<DeviceKvArena> a(new DeviceKvArena(shape, pages));
+  PKV_CUDA_RETURN(cudaMalloc(&a->data_, static_cast<size_t>(pages * page_bytes_all)),
+                  absl::StrCat("cudaMalloc of ", pages * page_bytes_all, " bytes of KV pool").c_str());
+  PKV_CUDA_RETURN(cudaMemset(a->data_, 0, static_cast<size_t>(pages * page_bytes_all)), "cudaMemset");
+  PKV_CUDA_RETURN(cudaStreamCreateWithFlags(&a->stream_, cudaStreamNonBlocking), "cudaStreamCreate");
+  a->staging_bytes_ = o.staging_bytes;
+  for (int i = 0; i < 2; ++i) {
+    PKV_CUDA_RETURN(cudaHostAlloc(&a->staging_[i], o.staging_bytes, cudaHostAllocDefault), "cudaHostAlloc");
+    PKV_CUDA_RETURN(cudaEventCreateWithFlags(&a->staged_[i], cudaEventDisableTiming), "cudaEventCreate");
+  }
+  a->scratch_bytes_ = o.staging_bytes;
+  PKV_CUDA_RETURN(cudaMalloc(&a->scratch_, static_cast<size_t>(a->scratch_bytes_)), "cudaMalloc scratch");
+  PKV_CUDA_RETURN(cudaStreamSynchronize(a->stream_), "cudaStreamSynchronize");
+  return a;
+}
+
+DeviceKvArena::~DeviceKvArena() {
+  if (stream_ != nullptr) cudaStreamSynchronize(stream_);
+  for (int i = 0; i < 2; ++i) {
+    if (staging_[i] != nullptr) cudaFreeHost(staging_[i]);
+    if (staged_[i] != nullptr) cudaEventDestroy(staged_[i]);
+  }
+  if (scratch_ != nullptr) cudaFree(scratch_);
+  if (data_ != nullptr) cudaFree(data_);
+  if (stream_ != nullptr) cudaStreamDestroy(stream_);
+}
+
+absl::Status DeviceKvArena::CheckAccess(int32_t layer, std::span<const SlotAddr> slots) const {
+  if (layer < 0 || layer >= shape_.num_layers) return absl::InvalidArgumentError(absl::StrCat("layer ", layer, " out of range"));
+  for (const SlotAddr& s : slots) {
+    if (s.page < 0 || s.page >= num_pages_ || s.slot < 0 || s.slot >= shape_.page_size) {
+      return absl::InvalidArgumentError(absl::StrCat("slot (", s.page, ", ", s.slot, ") out of range"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+namespace {
+
+// Per-chunk token count that fits slots + K + V in `bytes`.
+int64_t TokensPerChunk(const ModelShape& s, int64_t bytes) {
+  const int64_t per_token = 8 + 2 * s.num_kv_heads * static_cast<int64_t>(s.head_dim) * 2;
+  return std::max<int64_t>(1, (bytes - 256) / per_token);
+}
+
+}  // namespace
+
+absl::Status DeviceKvArena::WriteTokens(int32_t layer, std::span<const SlotAddr> slots, const void* k, const void* v) {
+  if (absl::Status s = CheckAccess(layer, slots); !s.ok()) return s;
+  const int64_t row = static_cast<int64_t>(shape_.num_kv_heads) * shape_.head_dim * 2;  // bytes per token of K
+  const int64_t chunk = TokensPerChunk(shape_, std::min(staging_bytes_, scratch_bytes_));
+  for (int64_t t0 = 0; t0 < static_cast<int64_t>(slots.size()); t0 += chunk) {
+    const int64_t n = std::min<int64_t>(chunk, static_cast<int64_t>(slots.size()) - t0);
+    // Stage [slots | K | V] in pinned memory, one copy up, one append launch.
+    char* st = static_cast<char*>(staging_[0]);
+    const int64_t slot_bytes = (n * 8 + 15) / 16 * 16;
+    std::memcpy(st, slots.data() + t0, n * 8);
+    std::memcpy(st + slot_bytes, static_cast<const char*>(k) + t0 * row, n * row);
+    std::memcpy(st + slot_bytes + n * row, static_cast<const char*>(v) + t0 * row, n * row);
+    PKV_CUDA_RETURN(cudaMemcpyAsync(scratch_, st, slot_bytes + 2 * n * row, cudaMemcpyHostToDevice, stream_), "H2D");
+    cuda::AppendKvParams p;
+    p.arena = data_;
+    p.layer_stride = layer_bytes() / 2;
+    p.first_layer = layer;
+    p.num_layers = 1;
+    p.num_kv_heads = shape_.num_kv_heads;
+    p.page_size = shape_.page_size;
+    p.head_dim = shape_.head_dim;
+    p.num_tokens = static_cast<int32_t>(n);
+    p.slots = static_cast<const int32_t*>(scratch_);
+    p.k = static_cast<char*>(scratch_) + slot_bytes;
+    p.v = static_cast<char*>(scratch_) + slot_bytes + n * row;
+    PKV_CUDA_RETURN(cuda::LaunchAppendKv(p, stream_), "append kernel");
+    PKV_CUDA_RETURN(cudaStreamSynchronize(stream_), "append sync");  // staging is reused
+  }
+  return absl::OkStatus();
+}
+
+absl::Status DeviceKvArena::ReadTokens(int32_t layer, std::span<const SlotAddr> slots, void* k, void* v) const {
+  if (absl::Status s = CheckAccess(layer, slots); !s.ok()) return s;
+  const int64_t row = static_cast<int64_t>(shape_.num_kv_heads) * shape_.head_dim * 2;
+  const int64_t chunk = TokensPerChunk(shape_, std::min(staging_bytes_, scratch_bytes_));
+  for (int64_t t0 = 0; t0 < static_cast<int64_t>(slots.size()); t0 += chunk) {
+    const int64_t n = std::min<int64_t>(chunk, static_cast<int64_t>(slots.size()) - t0);
+    const int64_t slot_bytes = (n * 8 + 15) / 16 * 16;
+    PKV_CUDA_RETURN(cudaMemcpyAsync(scratch_, slots.data() + t0, n * 8, cudaMemcpyHostToDevice, stream_), "H2D");
+    cuda::AppendKvParams p;
+    p.arena = data_;
+    p.layer_stride = layer_bytes() / 2;
+    p.first_layer = layer;
+    p.num_layers = 1;
+    p.num_kv_heads = shape_.num_kv_heads;
+    p.page_size = shape_.page_size;
+    p.head_dim = shape_.head_dim;
+    p.num_tokens = static_cast<int32_t>(n);
+    p.slots = static_cast<const int32_t*>(scratch_);
+    p.k = static_cast<char*>(scratch_) + slot_bytes;
+    p.v = static_cast<char*>(scratch_) + slot_bytes + n * row;
+    PKV_CUDA_RETURN(cuda::LaunchGatherKv(p, stream_), "gather kernel");
+    PKV_CUDA_RETURN(cudaMemcpyAsync(static_cast<char*>(k) + t0 * row, p.k, n * row, cudaMemcpyDeviceToHost, stream_), "D2H");
+    PKV_CUDA_RETURN(cudaMemcpyAsync(static_cast<char*>(v) + t0 * row, p.v, n * row, cudaMemcpyDeviceToHost, stream_), "D2H");
+    PKV_CUDA_RETURN(cudaStreamSynchronize(stream_), "gather sync");
+  }
+  return absl::OkStatus();
+}
+
+absl::Status DeviceKvArena::CopyPage(PageId src, PageId dst) {
+  if (src < 0 || src >= num_pages_ || dst < 0 || dst >= num_pages_) {
+    return absl::InvalidArgumentError("CopyPage: page out of range");
+  }
+  const size_t page_bytes = static_cast<size_t>(page_elems()) * 2;
+  char* base = static_cast<char*>(data_);
+  // One 2-D copy moves the page in every layer (pitch = one layer).
+  PKV_CUDA_RETURN(cudaMemcpy2DAsync(base + dst * page_bytes, layer_bytes(), base + src * page_bytes, layer_bytes(),
+                                    page_bytes, shape_.num_layers, cudaMemcpyDeviceToDevice, stream_),
+                  "CopyPage");
+  PKV_CUDA_RETURN(cudaStreamSynchronize(stream_), "CopyPage sync");
+  return absl::OkStatus();
+}
+
+absl::StatusOr<IngestStats> DeviceKvArena::IngestPages(std::span<const PageId> pages, const void* host_pages) {
+  for (PageId p : pages) {
+    if (p < 0 || p >= num_pages_) return absl::InvalidArgumentError(absl::StrCat("IngestPages: page ", p, " out of range"));
+  }
+  const auto t_start = std::chrono::steady_clock::now();
+  IngestStats stats;
+  const int64_t page_bytes = page_elems() * 2;
+  const int64_t n = static_cast<int64_t>(pages.size());
+  const auto* src = static_cast<const char*>(host_pages);
+  char* dev = static_cast<char*>(data_);
+  // Pinned (page-locked) sources skip the staging copy: one DMA per page run, straight from them.
+  cudaPointerAttributes attr{};
+  const bool pinned = cudaPointerGetAttributes(&attr, host_pages) == cudaSuccess && attr.type == cudaMemoryTypeHost;
+  (void)cudaGetLastError();  // an unregistered pointer may leave an error behind on older drivers
+  if (pinned) {
+    for (int32_t layer = 0; layer < shape_.num_layers; ++layer) {
+      for (int64_t r = 0; r < n;) {
+        int64_t e = r + 1;
+        while (e < n && pages[e] == pages[e - 1] + 1) ++e;
+        PKV_CUDA_RETURN(cudaMemcpyAsync(dev + layer * layer_bytes() + static_cast<int64_t>(pages[r]) * page_bytes,
+                                        src + (static_cast<int64_t>(layer) * n + r) * page_bytes, (e - r) * page_bytes,
+                                        cudaMemcpyHostToDevice, stream_),
+                        "ingest H2D (pinned)");
+        ++stats.copies;
+        r = e;
+      }
+    }
+    PKV_CUDA_RETURN(cudaStreamSynchronize(stream_), "ingest sync");
+    stats.bytes = n * page_bytes * shape_.num_layers;
+    stats.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
+    return stats;
+  }
+  const int64_t pages_per_stage = std::max<int64_t>(1, staging_bytes_ / page_bytes);
+  int buf = 0;
+  // Walk (layer, page) in source order, in staging-sized pieces; inside a piece, every run of
+  // consecutive physical pages becomes one copy. Two staging buffers: fill one while the other's
+  // copies run.
+  for (int32_t layer = 0; layer < shape_.num_layers; ++layer) {
+    for (int64_t i0 = 0; i0 < n; i0 += pages_per_stage) {
+      const int64_t cnt = std::min(pages_per_stage, n - i0);
+      PKV_CUDA_RETURN(cudaEventSynchronize(staged_[buf]), "staging wait");  // its last copies are done
+      char* st = static_cast<char*>(staging_[buf]);
+      std::memcpy(st, src + (static_cast<int64_t>(layer) * n + i0) * page_bytes, cnt * page_bytes);
+      for (int64_t r = 0; r < cnt;) {
+        int64_t e = r + 1;
+        while (e < cnt && pages[i0 + e] == pages[i0 + e - 1] + 1) ++e;
+        PKV_CUDA_RETURN(cudaMemcpyAsync(dev + layer * layer_bytes() + static_cast<int64_t>(pages[i0 + r]) * page_bytes,
+                                        st + r * page_bytes, (e - r) * page_bytes, cudaMemcpyHostToDevice, stream_),
+                        "ingest H2D");
+        ++stats.copies;
+        r = e;
+      }
+      PKV_CUDA_RETURN(cudaEventRecord(staged_[buf], stream_), "event");
+      buf ^= 1;
+    }
+  }
+  PKV_CUDA_RETURN(cudaStreamSynchronize(stream_), "ingest sync");
+  stats.bytes = n * page_bytes * shape_.num_layers;
+  stats.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
+  return stats;
+}
+
+}  // namespace pkv::kvpool

@@ -1,0 +1,82 @@
+// kvpool/cuda/device_kv_arena.h — the KV pool in device memory (kvpool::KvArena on the GPU).
+//
+// One cudaMalloc at creation holds every layer's pages, [layers][pages][2][Hkv][P][d], sized by a
+// page count or by a fraction of the device's free memory; nothing is allocated afterwards except
+// the pinned staging buffers (also at creation). The per-step path is LaunchAppendKv (append_kv.h)
+// on the engine's stream; WriteTokens/ReadTokens/CopyPage are synchronous helpers on the arena's
+// own stream (tests, copy-on-write). IngestPages writes prompt KV that arrives page-formatted
+// through double-buffered pinned staging, one cudaMemcpyAsync per run of consecutive physical
+// pages per layer, and reports its bandwidth.
+// Thread-safety: not synchronised; the engine serialises calls (like every KvArena).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <memory>
+#include <span>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "kvpool/kv_arena.h"
+
+namespace pkv::kvpool {
+
+struct IngestStats {
+  int64_t bytes = 0;        // bytes written to the device
+  int64_t copies = 0;       // host-to-device copies issued (after coalescing page runs)
+  double seconds = 0;       // wall time of the call, staging included
+  double gbps() const { return seconds > 0 ? bytes / seconds / 1e9 : 0; }
+};
+
+class DeviceKvArena final : public KvArena {
+ public:
+  struct Options {
+    int64_t num_pages = 0;            // > 0: exactly this many pages
+    double free_memory_fraction = 0;  // else: this share of the free device memory (0, 1]
+    int64_t staging_bytes = 64 << 20; // each of the two pinned staging buffers
+  };
+
+  // RESOURCE_EXHAUSTED when the memory is not there, INVALID_ARGUMENT for a bad shape/option,
+  // FAILED_PRECONDITION without a usable GPU.
+  static absl::StatusOr<std::unique_ptr<DeviceKvArena>> Create(const ModelShape& shape, const Options& options);
+  ~DeviceKvArena() override;
+  DeviceKvArena(const DeviceKvArena&) = delete;
+  DeviceKvArena& operator=(const DeviceKvArena&) = delete;
+
+  const ModelShape& shape() const override { return shape_; }
+  int64_t num_pages() const override { return num_pages_; }
+  const char* kind() const override { return "cuda"; }
+  absl::Status WriteTokens(int32_t layer, std::span<const SlotAddr> slots, const void* k, const void* v) override;
+  absl::Status ReadTokens(int32_t layer, std::span<const SlotAddr> slots, void* k, void* v) const override;
+  absl::Status CopyPage(PageId src, PageId dst) override;
+  void* layer_data(int32_t layer) override { return static_cast<char*>(data_) + layer * layer_bytes(); }
+  const void* layer_data(int32_t layer) const override {
+    return static_cast<const char*>(data_) + layer * layer_bytes();
+  }
+
+  // Copies prompt KV that is already page-formatted, `host_pages` = [num_layers][pages.size()]
+  // [page elems] (model dtype), into physical pages `pages` of every layer. Synchronous. Pageable
+  // sources go through the two pinned staging buffers (bounded by the host memcpy); pinned
+  // sources are copied directly (bounded by PCIe).
+  [[nodiscard]] absl::StatusOr<IngestStats> IngestPages(std::span<const PageId> pages, const void* host_pages);
+
+  int64_t layer_bytes() const { return num_pages_ * page_elems() * 2; }
+  cudaStream_t stream() const { return stream_; }
+
+ private:
+  DeviceKvArena(const ModelShape& shape, int64_t num_pages) : shape_(shape), num_pages_(num_pages) {}
+  absl::Status CheckAccess(int32_t layer, std::span<const SlotAddr> slots) const;
+
+  ModelShape shape_;
+  int64_t num_pages_;
+  void* data_ = nullptr;                   // device, [layers][pages][2][Hkv][P][d]
+  cudaStream_t stream_ = nullptr;
+  void* staging_[2] = {nullptr, nullptr};  // pinned host
+  cudaEvent_t staged_[2] = {nullptr, nullptr};
+  int64_t staging_bytes_ = 0;
+  void* scratch_ = nullptr;                // device: slots + K + V of WriteTokens/ReadTokens
+  int64_t scratch_bytes_ = 0;
+};
+
+}  // namespace pkv::kvpool

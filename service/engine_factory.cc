@@ -1,0 +1,80 @@
+#include "service/engine_factory.h"
+
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "common/log.h"
+#include "common/status_macros.h"
+#include "scheduler/cost_profile.h"
+#include "scheduler/scheduler.h"
+#ifdef PKV_HAVE_CUDA
+#include "engine/cuda_backend.h"
+#endif
+
+namespace pkv::service {
+
+absl::StatusOr<int64_t> PoolPages(const EngineConfig& config) {
+  PKV_RETURN_IF_ERROR(config.shape.Validate());
+  if (config.num_pages > 0) return config.num_pages;
+  const int64_t page_bytes = config.shape.page_bytes_all_layers();
+  const int64_t pages = config.kv_pool_bytes / page_bytes;
+  if (pages < 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "kv_pool_bytes (", config.kv_pool_bytes, ") holds no page of ", page_bytes,
+        " bytes (", config.shape.DebugString(), "); raise it or set num_pages"));
+  }
+  return pages;
+}
+
+absl::StatusOr<std::unique_ptr<engine::Engine>> BuildEngine(const EngineConfig& config) {
+  PKV_ASSIGN_OR_RETURN(const int64_t pages, PoolPages(config));
+  if (config.max_batch < 1) {
+    return absl::InvalidArgumentError(absl::StrCat("max_batch must be >= 1, got ", config.max_batch));
+  }
+  if (config.backend != "auto" && config.backend != "cpu" && config.backend != "cuda") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("backend must be auto, cpu or cuda, got '", config.backend, "'"));
+  }
+  bool use_cuda = config.backend == "cuda";
+#ifdef PKV_HAVE_CUDA
+  if (config.backend == "auto") use_cuda = engine::CudaDeviceAvailable();
+#endif
+  engine::ExecutionBackendPtr backend;
+  if (use_cuda) {
+#ifdef PKV_HAVE_CUDA
+    engine::CudaBackendOptions co;
+    co.num_pages = config.gpu_memory_fraction > 0 && config.num_pages <= 0 ? 0 : pages;
+    co.free_memory_fraction = config.gpu_memory_fraction;
+    co.max_batch = config.max_batch;
+    PKV_ASSIGN_OR_RETURN(backend, engine::CreateCudaBackend(config.shape, co));
+#else
+    return absl::FailedPreconditionError("backend=cuda: this build has no CUDA backend (PKV_WITH_CUDA=OFF)");
+#endif
+  } else {
+    PKV_ASSIGN_OR_RETURN(backend, engine::CreateCpuBackend(config.shape, pages, config.cpu_threads));
+  }
+  scheduler::Scheduler::Options sched_options;
+  sched_options.available = backend->kernels();
+  if (!config.fixed_kernel.empty()) {
+    PKV_ASSIGN_OR_RETURN(sched_options.fixed_kernel, ParseKernelId(config.fixed_kernel));
+  }
+  if (!config.calibration_profile.empty()) {
+    PKV_ASSIGN_OR_RETURN(sched_options.profile, scheduler::LoadCostProfile(config.calibration_profile));
+    PKV_RETURN_IF_ERROR(sched_options.profile.Matches(config.shape));
+    PKV_LOG(INFO) << "calibration profile " << config.calibration_profile << " (measured on "
+                  << sched_options.profile.gpu << ")";
+  } else if (backend->device_info().is_gpu) {
+    PKV_LOG(WARNING) << "no --calibration_profile: the scheduler uses built-in conservative defaults";
+  }
+  PKV_ASSIGN_OR_RETURN(scheduler::Scheduler sched, scheduler::Scheduler::Create(sched_options));
+  engine::EngineOptions options;
+  options.max_batch = config.max_batch;
+  options.scatter_seed = config.scatter_seed;
+  PKV_LOG(INFO) << "engine: " << config.shape.DebugString() << " pages=" << pages << " ("
+                << pages * config.shape.page_bytes_all_layers() << " bytes) backend="
+                << backend->name() << " max_batch=" << config.max_batch
+                << " scatter_seed=" << config.scatter_seed;
+  return engine::Engine::Create(options, std::move(backend), std::move(sched));
+}
+
+}  // namespace pkv::service

@@ -1,0 +1,59 @@
+// service/executor.h — a small bounded thread pool for engine work handed off by gRPC reactors.
+//
+// Reactors must never block, and engine calls (a CPU attention layer, a pool mutation under the
+// engine lock) can take milliseconds, so the service runs them here. The queue is bounded:
+// TrySubmit refuses work when `max_queued` tasks wait, and the caller answers RESOURCE_EXHAUSTED
+// (backpressure) instead of queueing without limit. SubmitAlways is for cleanup and for the next
+// message of a stream that already holds an admission (each stream has at most one task queued),
+// so its extra queue is bounded by the number of open streams.
+// Thread-safety: every method may be called from any thread. Shutdown runs every queued task,
+// then joins the threads; submissions after Shutdown are refused (SubmitAlways runs them inline).
+#pragma once
+
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "absl/functional/any_invocable.h"
+
+namespace pkv::service {
+
+class BoundedExecutor final {
+ public:
+  using Task = absl::AnyInvocable<void() &&>;
+
+  // Starts `num_threads` (>= 1) workers; at most `max_queued` (>= 1) tasks wait for a worker.
+  BoundedExecutor(int num_threads, int max_queued);
+  BoundedExecutor(const BoundedExecutor&) = delete;
+  BoundedExecutor& operator=(const BoundedExecutor&) = delete;
+  // Shuts down (see Shutdown).
+  ~BoundedExecutor();
+
+  // Queues `task`; false (task dropped) when the queue is full or the executor shut down.
+  [[nodiscard]] bool TrySubmit(Task task);
+  // Queues `task` whatever the queue length; after Shutdown it runs on the calling thread.
+  void SubmitAlways(Task task);
+  // Runs every queued task, then stops and joins the workers. Idempotent.
+  void Shutdown();
+
+  // Tasks waiting (not yet running).
+  int64_t queued() const;
+  // Tasks running now.
+  int64_t running() const;
+
+ private:
+  void WorkerLoop();
+
+  const int max_queued_;
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<Task> queue_;
+  int64_t running_ = 0;
+  bool stopping_ = false;
+  std::vector<std::thread> threads_;
+};
+
+}  // namespace pkv::service

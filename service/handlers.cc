@@ -1,0 +1,90 @@
+#include "service/handlers.h"
+
+#include <span>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+
+namespace pkv::service {
+namespace {
+
+std::span<const uint8_t> Bytes(const std::string& data) {
+  return {reinterpret_cast<const uint8_t*>(data.data()), data.size()};
+}
+
+}  // namespace
+
+void RunDescribe(const engine::Engine& engine, const ServiceLimits& limits, bool serving,
+                 v1::DescribeResponse* response) {
+  FillDescribe(engine.Info(), limits, serving, response);
+}
+
+absl::Status RunStep(engine::Engine& engine, const v1::StepRequest& request,
+                     v1::StepResponse* response) {
+  PKV_ASSIGN_OR_RETURN(const engine::StepInput input, ToStepInput(request, engine.shape()));
+  PKV_ASSIGN_OR_RETURN(engine::StepOutput output, engine.Step(input));
+  ToStepResponse(std::move(output), request, engine.shape(), response);
+  return absl::OkStatus();
+}
+
+absl::Status RunRelease(engine::Engine& engine, const v1::ReleaseRequest& request,
+                        v1::ReleaseResponse* response) {
+  const std::vector<engine::SeqId> ids(request.sequence_ids().begin(), request.sequence_ids().end());
+  PKV_RETURN_IF_ERROR(engine.Release(ids));
+  response->set_released(static_cast<int64_t>(ids.size()));
+  response->set_free_pages(engine.Info().pager.free_pages);
+  return absl::OkStatus();
+}
+
+absl::Status PromptSession::OnMessage(const v1::WriteKVRequest& request) {
+  switch (request.payload_case()) {
+    case v1::WriteKVRequest::kHeader: {
+      if (write_ != nullptr || committed_) {
+        return absl::InvalidArgumentError("header: a WriteKV stream carries exactly one header, first");
+      }
+      const v1::WriteKVHeader& h = request.header();
+      if (h.num_tokens() < 1) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("header.num_tokens must be >= 1, got ", h.num_tokens()));
+      }
+      PKV_ASSIGN_OR_RETURN(write_, engine_.BeginPrompt(h.sequence_id(), h.num_tokens()));
+      return absl::OkStatus();
+    }
+    case v1::WriteKVRequest::kChunk: {
+      if (write_ == nullptr) {
+        return absl::InvalidArgumentError("chunk: the first WriteKV message must be a header");
+      }
+      const v1::KVChunk& c = request.chunk();
+      PKV_RETURN_IF_ERROR(CheckChunk(c, engine_.shape(), write_->num_tokens()));
+      PKV_RETURN_IF_ERROR(write_->Write(c.layer(), c.token_offset(), c.num_tokens(),
+                                        Bytes(c.k().data()), Bytes(c.v().data())));
+      ++num_chunks_;
+      return absl::OkStatus();
+    }
+    case v1::WriteKVRequest::PAYLOAD_NOT_SET:
+      break;
+  }
+  return absl::InvalidArgumentError("payload: a WriteKVRequest must carry a header or a chunk");
+}
+
+absl::Status PromptSession::Commit(v1::WriteKVResponse* response) {
+  if (write_ == nullptr) {
+    return absl::InvalidArgumentError("header: the WriteKV stream ended without a header");
+  }
+  PKV_RETURN_IF_ERROR(write_->Commit());
+  committed_ = true;
+  response->set_sequence_id(write_->seq());
+  response->set_num_tokens(write_->num_tokens());
+  response->set_bytes_written(write_->bytes_written());
+  response->set_num_chunks(num_chunks_);
+  return absl::OkStatus();
+}
+
+void PromptSession::Abort() {
+  if (pending()) write_->Abort();
+  write_.reset();
+}
+
+}  // namespace pkv::service

@@ -1,0 +1,173 @@
+#include "service/proto_convert.h"
+
+#include <algorithm>
+#include <bit>
+#include <cstring>
+#include <span>
+#include <string>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "common/status_macros.h"
+
+namespace pkv::service {
+namespace {
+
+static_assert(std::endian::native == std::endian::little,
+              "tensors travel little-endian; a big-endian host needs byte swaps here");
+
+std::span<const uint8_t> Bytes(const std::string& data) {
+  return {reinterpret_cast<const uint8_t*>(data.data()), data.size()};
+}
+
+std::string ShapeString(std::span<const int64_t> shape) {
+  return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
+}
+
+}  // namespace
+
+v1::DType ToProtoDType(DType dtype) {
+  switch (dtype) {
+    case DType::kF16:
+      return v1::DTYPE_FP16;
+    case DType::kBF16:
+      return v1::DTYPE_BF16;
+  }
+  return v1::DTYPE_UNSPECIFIED;
+}
+
+absl::StatusOr<DType> FromProtoDType(int dtype, absl::string_view field) {
+  switch (dtype) {
+    case v1::DTYPE_FP16:
+      return DType::kF16;
+    case v1::DTYPE_BF16:
+      return DType::kBF16;
+    default:
+      return absl::InvalidArgumentError(
+          absl::StrCat(field, " must be DTYPE_FP16 or DTYPE_BF16, got ",
+                       v1::DType_IsValid(dtype) ? v1::DType_Name(static_cast<v1::DType>(dtype))
+                                                : absl::StrCat(dtype)));
+  }
+}
+
+void FillDescribe(const engine::EngineInfo& info, const ServiceLimits& limits, bool serving,
+                  v1::DescribeResponse* out) {
+  v1::ModelShape* m = out->mutable_model();
+  m->set_num_layers(info.shape.num_layers);
+  m->set_num_q_heads(info.shape.num_q_heads);
+  m->set_num_kv_heads(info.shape.num_kv_heads);
+  m->set_head_dim(info.shape.head_dim);
+  m->set_page_size(info.shape.page_size);
+  m->set_dtype(ToProtoDType(info.shape.dtype));
+  v1::PoolInfo* p = out->mutable_pool();
+  p->set_total_pages(info.pager.total_pages);
+  p->set_free_pages(info.pager.free_pages);
+  p->set_used_pages(info.pager.used_pages);
+  p->set_page_bytes(info.shape.page_bytes_all_layers());
+  p->set_num_sequences(info.pager.num_sequences);
+  p->set_reserved_tokens(info.pager.reserved_tokens);
+  p->set_used_tokens(info.pager.used_tokens);
+  out->set_backend(info.backend);
+  out->set_device(info.device);
+  out->mutable_limits()->set_max_batch(info.max_batch);
+  out->mutable_limits()->set_max_message_bytes(limits.max_message_bytes);
+  out->set_active_sequences(info.active_sequences);
+  out->set_writing_sequences(info.writing_sequences);
+  out->set_open_token_steps(info.open_token_steps);
+  out->set_serving(serving);
+}
+
+absl::Status CheckTensor(const v1::Tensor& tensor, DType dtype, std::initializer_list<int64_t> shape,
+                         absl::string_view field) {
+  PKV_ASSIGN_OR_RETURN(const DType got, FromProtoDType(tensor.dtype(), absl::StrCat(field, ".dtype")));
+  if (got != dtype) {
+    return absl::InvalidArgumentError(absl::StrCat(field, ".dtype is ", std::string(DTypeName(got)),
+                                                   " but the model dtype is ", std::string(DTypeName(dtype))));
+  }
+  const std::span<const int64_t> want(shape.begin(), shape.size());
+  const std::span<const int64_t> have(tensor.shape().data(), tensor.shape().size());
+  if (!std::equal(want.begin(), want.end(), have.begin(), have.end())) {
+    return absl::InvalidArgumentError(absl::StrCat(field, ".shape is ", ShapeString(have),
+                                                   ", expected ", ShapeString(want)));
+  }
+  int64_t elems = 1;
+  for (int64_t s : shape) elems *= s;
+  const int64_t want_bytes = elems * static_cast<int64_t>(DTypeSize(dtype));
+  if (static_cast<int64_t>(tensor.data().size()) != want_bytes) {
+    return absl::InvalidArgumentError(absl::StrCat(field, ".data has ", tensor.data().size(),
+                                                   " bytes, expected ", want_bytes, " for shape ",
+                                                   ShapeString(want)));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<engine::StepInput> ToStepInput(const v1::StepRequest& request,
+                                              const ModelShape& shape) {
+  if (request.token_step_id() == 0) {
+    return absl::InvalidArgumentError("token_step_id must be nonzero");
+  }
+  if (request.layer() < 0 || request.layer() >= shape.num_layers) {
+    return absl::InvalidArgumentError(absl::StrCat("layer ", request.layer(), " is out of range [0, ",
+                                                   shape.num_layers, ")"));
+  }
+  const int64_t b = request.rows_size();
+  PKV_RETURN_IF_ERROR(CheckTensor(request.q(), shape.dtype, {b, shape.num_q_heads, shape.head_dim}, "q"));
+  PKV_RETURN_IF_ERROR(CheckTensor(request.k(), shape.dtype, {b, shape.num_kv_heads, shape.head_dim}, "k"));
+  PKV_RETURN_IF_ERROR(CheckTensor(request.v(), shape.dtype, {b, shape.num_kv_heads, shape.head_dim}, "v"));
+  engine::StepInput in;
+  in.token_step_id = request.token_step_id();
+  in.layer = request.layer();
+  in.rows.assign(request.rows().begin(), request.rows().end());
+  in.open.assign(request.open().begin(), request.open().end());
+  in.free.assign(request.free().begin(), request.free().end());
+  in.q = Bytes(request.q().data());
+  in.k = Bytes(request.k().data());
+  in.v = Bytes(request.v().data());
+  in.want_lse = request.want_lse();
+  return in;
+}
+
+void ToStepResponse(engine::StepOutput&& output, const v1::StepRequest& request,
+                    const ModelShape& shape, v1::StepResponse* response) {
+  const int64_t b = request.rows_size();
+  response->set_token_step_id(request.token_step_id());
+  response->set_layer(request.layer());
+  v1::Tensor* out = response->mutable_out();
+  out->set_dtype(ToProtoDType(shape.dtype));
+  out->add_shape(b);
+  out->add_shape(shape.num_q_heads);
+  out->add_shape(shape.head_dim);
+  out->set_data(std::move(output.out));
+  if (!output.lse.empty()) {
+    v1::Tensor* lse = response->mutable_lse();
+    lse->set_dtype(v1::DTYPE_FP32);
+    lse->add_shape(b);
+    lse->add_shape(shape.num_q_heads);
+    lse->mutable_data()->resize(output.lse.size() * sizeof(float));
+    std::memcpy(lse->mutable_data()->data(), output.lse.data(), output.lse.size() * sizeof(float));
+  }
+  response->set_kernel(std::string(KernelName(output.kernel)));
+  response->set_replayed(output.replayed);
+  response->set_attend_seconds(output.attend_seconds);
+}
+
+absl::Status CheckChunk(const v1::KVChunk& chunk, const ModelShape& shape, int64_t prompt_tokens) {
+  if (chunk.layer() < 0 || chunk.layer() >= shape.num_layers) {
+    return absl::InvalidArgumentError(absl::StrCat("chunk.layer ", chunk.layer(),
+                                                   " is out of range [0, ", shape.num_layers, ")"));
+  }
+  if (chunk.num_tokens() < 1 || chunk.token_offset() < 0 ||
+      chunk.token_offset() > prompt_tokens - chunk.num_tokens()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "chunk tokens [", chunk.token_offset(), ", ", chunk.token_offset() + chunk.num_tokens(),
+        ") (chunk.token_offset, chunk.num_tokens) must be a non-empty range within the prompt's ",
+        prompt_tokens, " tokens"));
+  }
+  const int64_t n = chunk.num_tokens();
+  PKV_RETURN_IF_ERROR(CheckTensor(chunk.k(), shape.dtype, {n, shape.num_kv_heads, shape.head_dim}, "chunk.k"));
+  PKV_RETURN_IF_ERROR(CheckTensor(chunk.v(), shape.dtype, {n, shape.num_kv_heads, shape.head_dim}, "chunk.v"));
+  return absl::OkStatus();
+}
+
+}  // namespace pkv::service

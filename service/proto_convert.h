@@ -1,0 +1,55 @@
+// service/proto_convert.h — API v1 messages <-> engine domain types, and proto-level checks.
+//
+// Proto types stop at service/: everything below works on engine::StepInput, engine::EngineInfo
+// and raw byte spans. The checks here are those only the wire format needs (dtype enums, shape
+// fields, byte sizes against Describe); the engine validates the semantics (layers, rows,
+// deltas, pool space). Every error is INVALID_ARGUMENT naming the field, e.g. "q.shape".
+// Thread-safety: pure functions; a StepInput points into the request it was made from.
+#pragma once
+
+#include <cstdint>
+#include <initializer_list>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "common/dtype.h"
+#include "common/model_shape.h"
+#include "engine/engine.h"
+#include "pkv/v1/worker.pb.h"
+
+namespace pkv::service {
+
+// Service-level limits reported by Describe.
+struct ServiceLimits {
+  int64_t max_message_bytes = 64LL << 20;
+};
+
+// Model dtype -> wire dtype.
+v1::DType ToProtoDType(DType dtype);
+// Wire dtype -> model dtype; INVALID_ARGUMENT naming `field` for FP32/unspecified/unknown.
+absl::StatusOr<DType> FromProtoDType(int dtype, absl::string_view field);
+
+// Fills a DescribeResponse from the engine's state.
+void FillDescribe(const engine::EngineInfo& info, const ServiceLimits& limits, bool serving,
+                  v1::DescribeResponse* out);
+
+// OK when `tensor` has dtype `dtype`, exactly `shape` and prod(shape) * 2 bytes of data;
+// otherwise INVALID_ARGUMENT naming `field` (e.g. "q.shape", "k.data").
+absl::Status CheckTensor(const v1::Tensor& tensor, DType dtype, std::initializer_list<int64_t> shape,
+                         absl::string_view field);
+
+// Checks the request's tensors against the model shape and returns the engine's view of it
+// (spans into `request`, which must outlive the result).
+absl::StatusOr<engine::StepInput> ToStepInput(const v1::StepRequest& request, const ModelShape& shape);
+
+// Moves an engine output into `response` (out [B, Hq, d], lse [B, Hq] fp32 when present) and
+// echoes the request's token_step_id and layer.
+void ToStepResponse(engine::StepOutput&& output, const v1::StepRequest& request,
+                    const ModelShape& shape, v1::StepResponse* response);
+
+// Checks a WriteKV chunk's tensors ([num_tokens, Hkv, d] in the model dtype) and ranges against
+// the model shape and the prompt length announced by the header.
+absl::Status CheckChunk(const v1::KVChunk& chunk, const ModelShape& shape, int64_t prompt_tokens);
+
+}  // namespace pkv::service

@@ -1,0 +1,417 @@
+// GPU tests of kernels/cuda: every route against an independent double-precision host reference
+// and the CPU executable specification (kernels/reference), on random normal data with scattered
+// (randomly permuted) pages, partial last pages, empty rows and empty splits. Outputs are poisoned
+// with NaN first, so an unwritten element fails. Skipped without a GPU.
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "common/dtype.h"
+#include "gtest/gtest.h"
+#include "kernels/cuda/decode_attention_cuda.h"
+#include "kernels/cuda/work_plan.h"
+#include "kernels/reference/paged_decode.h"
+
+namespace pkv::kernels::cuda {
+namespace {
+
+bool HaveGpu() {
+  int n = 0;
+  const cudaError_t e = cudaGetDeviceCount(&n);
+  if (e != cudaSuccess) {
+    (void)cudaGetLastError();  // cudaErrorNoDevice / cudaErrorInsufficientDriver: no GPU
+    return false;
+  }
+  return n > 0;
+}
+
+#define CUDA_OK(expr) ASSERT_EQ((expr), cudaSuccess) << #expr << ": " << cudaGetErrorString(cudaGetLastError())
+
+// Owns one device allocation.
+struct DevBuf {
+  void* ptr = nullptr;
+  size_t bytes = 0;
+  DevBuf() = default;
+  DevBuf(const DevBuf&) = delete;
+  DevBuf& operator=(const DevBuf&) = delete;
+  ~DevBuf() {
+    if (ptr != nullptr) cudaFree(ptr);
+  }
+  cudaError_t Alloc(size_t n) {
+    bytes = n;
+    return n == 0 ? cudaSuccess : cudaMalloc(&ptr, n);
+  }
+  template <typename T>
+  cudaError_t Upload(const std::vector<T>& v) {
+    if (v.empty()) return cudaSuccess;
+    if (cudaError_t e = Alloc(v.size() * sizeof(T)); e != cudaSuccess) return e;
+    return cudaMemcpy(ptr, v.data(), bytes, cudaMemcpyHostToDevice);
+  }
+};
+
+struct Route {
+  KernelId kernel;
+  int splits = 1;             // kSequenceSplit
+  int pages_per_task = 0;     // kWorkQueue (0: about 2 tasks per SM slot)
+  MergeMode merge = MergeMode::kFused;
+  std::string Name() const {
+    std::string n(KernelName(kernel));
+    if (kernel == KernelId::kSequenceSplit) n += "/S" + std::to_string(splits);
+    if (kernel == KernelId::kWorkQueue) n += "/ppt" + std::to_string(pages_per_task);
+    if (kernel != KernelId::kPerRequest) n += merge == MergeMode::kFused ? "/fused" : "/separate";
+    return n;
+  }
+};
+
+struct Case {
+  DType dtype = DType::kF16;
+  int hq = 8, hkv = 2, d = 128, page = 16;
+  std::vector<int64_t> lengths;
+  uint64_t seed = 1;
+};
+
+// Host data for one case: pages scattered over a pool by a random permutation.
+struct HostData {
+  std::vector<uint16_t> q, kv;
+  std::vector<int32_t> indptr, indices, last;
+  int64_t num_pages = 0;
+};
+
+HostData MakeData(const Case& c) {
+  std::mt19937_64 rng(c.seed);
+  std::normal_distribution<float> normal(0.f, 1.f);
+  HostData h;
+  const int B = static_cast<int>(c.lengths.size());
+  h.indptr.push_back(0);
+  int64_t total = 0;
+  for (int b = 0; b < B; ++b) {
+    const int64_t pages = (c.lengths[b] + c.page - 1) / c.page;
+    total += pages;
+    h.indptr.push_back(static_cast<int32_t>(total));
+    h.last.push_back(pages == 0 ? 1 : static_cast<int32_t>(c.lengths[b] - (pages - 1) * c.page));
+  }
+  h.num_pages = total + 3;  // a few pages nobody owns
+  std::vector<int32_t> perm(h.num_pages);
+  std::iota(perm.begin(), perm.end(), 0);
+  std::shuffle(perm.begin(), perm.end(), rng);
+  h.indices.assign(perm.begin(), perm.begin() + total);
+  h.q.resize(static_cast<size_t>(B) * c.hq * c.d);
+  for (auto& x : h.q) x = FromFloat(c.dtype, normal(rng));
+  h.kv.resize(static_cast<size_t>(h.num_pages) * 2 * c.hkv * c.page * c.d);
+  for (auto& x : h.kv) x = FromFloat(c.dtype, normal(rng));
+  return h;
+}
+
+DecodeParams HostParams(const Case& c, const HostData& h) {
+  DecodeParams p;
+  p.dtype = c.dtype;
+  p.batch = static_cast<int32_t>(c.lengths.size());
+  p.num_q_heads = c.hq;
+  p.num_kv_heads = c.hkv;
+  p.head_dim = c.d;
+  p.page_size = c.page;
+  p.sm_scale = 1.f / std::sqrt(static_cast<float>(c.d));
+  p.q = h.q.data();
+  p.kv = h.kv.data();
+  p.num_pages = h.num_pages;
+  p.page_indptr = h.indptr.data();
+  p.page_indices = h.indices.data();
+  p.last_page_len = h.last.data();
+  return p;
+}
+
+// Independent double-precision reference: two passes (max, then sums) per (row, query head).
+void DoubleReference(const Case& c, const HostData& h, std::vector<double>* out, std::vector<double>* lse) {
+  const DecodeParams p = HostParams(c, h);
+  const int B = p.batch, G = c.hq / c.hkv, d = c.d;
+  out->assign(static_cast<size_t>(B) * c.hq * d, 0.0);
+  lse->assign(static_cast<size_t>(B) * c.hq, -INFINITY);
+  std::vector<double> s;
+  for (int b = 0; b < B; ++b) {
+    const int64_t n = c.lengths[b];
+    if (n == 0) continue;
+    for (int hq = 0; hq < c.hq; ++hq) {
+      const int kvh = hq / G;
+      const uint16_t* q = &h.q[(static_cast<size_t>(b) * c.hq + hq) * d];
+      s.assign(n, 0.0);
+      double mx = -INFINITY;
+      for (int64_t t = 0; t < n; ++t) {
+        const int64_t page = h.indices[h.indptr[b] + t / c.page];
+        const uint16_t* k = &h.kv[KvOffset(p, page, 0, kvh, static_cast<int32_t>(t % c.page))];
+        double acc = 0.0;
+        for (int i = 0; i < d; ++i) acc += static_cast<double>(ToFloat(c.dtype, q[i])) * ToFloat(c.dtype, k[i]);
+        s[t] = acc * (1.0 / std::sqrt(static_cast<double>(d)));
+        mx = std::max(mx, s[t]);
+      }
+      double sum = 0.0;
+      double* o = &(*out)[(static_cast<size_t>(b) * c.hq + hq) * d];
+      for (int64_t t = 0; t < n; ++t) {
+        const double w = std::exp(s[t] - mx);
+        sum += w;
+        const int64_t page = h.indices[h.indptr[b] + t / c.page];
+        const uint16_t* v = &h.kv[KvOffset(p, page, 1, kvh, static_cast<int32_t>(t % c.page))];
+        for (int i = 0; i < d; ++i) o[i] += w * ToFloat(c.dtype, v[i]);
+      }
+      for (int i = 0; i < d; ++i) o[i] /= sum;
+      (*lse)[static_cast<size_t>(b) * c.hq + hq] = mx + std::log(sum);
+    }
+  }
+}
+
+struct Errors {
+  double rel_l2 = 0;
+  double lse_max_abs = 0;
+  int64_t nan = 0;
+};
+
+Errors Compare(DType dtype, const std::vector<uint16_t>& got, const std::vector<float>& got_lse,
+               const std::vector<double>& ref, const std::vector<double>& ref_lse) {
+  Errors e;
+  double num = 0, den = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    const double g = ToFloat(dtype, got[i]);
+    if (!std::isfinite(g)) {
+      ++e.nan;
+      continue;
+    }
+    num += (g - ref[i]) * (g - ref[i]);
+    den += ref[i] * ref[i];
+  }
+  e.rel_l2 = den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+  for (size_t i = 0; i < got_lse.size(); ++i) {
+    if (std::isinf(ref_lse[i])) {
+      if (!(std::isinf(got_lse[i]) && got_lse[i] < 0)) ++e.nan;
+      continue;
+    }
+    if (!std::isfinite(got_lse[i])) {
+      ++e.nan;
+      continue;
+    }
+    e.lse_max_abs = std::max(e.lse_max_abs, std::abs(got_lse[i] - ref_lse[i]));
+  }
+  return e;
+}
+
+// Runs `routes` on one case and checks each against both references.
+void RunCase(const Case& c, const std::vector<Route>& routes) {
+  const HostData h = MakeData(c);
+  std::vector<double> ref, ref_lse;
+  DoubleReference(c, h, &ref, &ref_lse);
+
+  // The CPU executable specification on the same inputs.
+  std::vector<uint16_t> cpu_out(ref.size());
+  std::vector<float> cpu_lse(ref_lse.size());
+  {
+    DecodeParams p = HostParams(c, h);
+    p.out = cpu_out.data();
+    p.lse = cpu_lse.data();
+    ASSERT_TRUE(reference::CanImplement(p).ok());
+    ASSERT_TRUE(reference::Launch(p, nullptr, nullptr, 8).ok());
+  }
+  const double tol = c.dtype == DType::kF16 ? 2e-3 : 1e-2;
+  const Errors cpu_err = Compare(c.dtype, cpu_out, cpu_lse, ref, ref_lse);
+  EXPECT_LT(cpu_err.rel_l2, tol) << "kernels/reference vs double";
+
+  DevBuf q, kv, indptr, indices, last, out, lse;
+  CUDA_OK(q.Upload(h.q));
+  CUDA_OK(kv.Upload(h.kv));
+  CUDA_OK(indptr.Upload(h.indptr));
+  CUDA_OK(indices.Upload(h.indices.empty() ? std::vector<int32_t>{0} : h.indices));
+  CUDA_OK(last.Upload(h.last));
+  CUDA_OK(out.Alloc(ref.size() * 2));
+  CUDA_OK(lse.Alloc(ref_lse.size() * 4));
+
+  std::vector<int32_t> row_pages;
+  for (size_t b = 0; b + 1 < h.indptr.size(); ++b) row_pages.push_back(h.indptr[b + 1] - h.indptr[b]);
+
+  for (const Route& r : routes) {
+    SCOPED_TRACE(r.Name());
+    DecodeParams p = HostParams(c, h);
+    p.q = q.ptr;
+    p.kv = kv.ptr;
+    p.page_indptr = static_cast<const int32_t*>(indptr.ptr);
+    p.page_indices = static_cast<const int32_t*>(indices.ptr);
+    p.last_page_len = static_cast<const int32_t*>(last.ptr);
+    p.out = out.ptr;
+    p.lse = static_cast<float*>(lse.ptr);
+    DevBuf tasks, row_splits, partial_offset, ws;
+    if (r.kernel == KernelId::kSequenceSplit) p.num_splits = r.splits;
+    if (r.kernel == KernelId::kWorkQueue) {
+      const int ppt = r.pages_per_task > 0
+                          ? r.pages_per_task
+                          : PagesPerTaskFor(row_pages, c.hkv, 2LL * PersistentGridSize(p));
+      const WorkPlan plan = BuildWorkPlan(row_pages, c.hkv, ppt);
+      CUDA_OK(tasks.Upload(plan.tasks));
+      CUDA_OK(row_splits.Upload(plan.row_splits));
+      CUDA_OK(partial_offset.Upload(plan.partial_offset));
+      p.tasks = static_cast<const DecodeTask*>(tasks.ptr);
+      p.num_tasks = static_cast<int32_t>(plan.tasks.size());
+      p.row_splits = static_cast<const int32_t*>(row_splits.ptr);
+      p.partial_offset = static_cast<const int32_t*>(partial_offset.ptr);
+      p.num_partials = plan.num_partials;
+    }
+    const absl::Status can = CanImplement(r.kernel, p);
+    ASSERT_TRUE(can.ok()) << can;
+    const size_t ws_bytes = WorkspaceBytes(r.kernel, p);
+    CUDA_OK(ws.Alloc(ws_bytes));
+    if (ws_bytes > 0) CUDA_OK(cudaMemset(ws.ptr, 0, ws_bytes));
+    // Two launches on the same workspace: the fused counters must come back to zero.
+    for (int rep = 0; rep < 2; ++rep) {
+      CUDA_OK(cudaMemset(out.ptr, 0xFF, out.bytes));  // NaN in fp16 and bf16
+      CUDA_OK(cudaMemset(lse.ptr, 0xFF, lse.bytes));
+      const absl::Status st = Launch(r.kernel, p, ws.ptr, nullptr, r.merge);
+      ASSERT_TRUE(st.ok()) << st;
+      CUDA_OK(cudaDeviceSynchronize());
+      std::vector<uint16_t> got(ref.size());
+      std::vector<float> got_lse(ref_lse.size());
+      CUDA_OK(cudaMemcpy(got.data(), out.ptr, out.bytes, cudaMemcpyDeviceToHost));
+      CUDA_OK(cudaMemcpy(got_lse.data(), lse.ptr, lse.bytes, cudaMemcpyDeviceToHost));
+      const Errors e = Compare(c.dtype, got, got_lse, ref, ref_lse);
+      EXPECT_EQ(e.nan, 0) << "non-finite or unwritten outputs";
+      EXPECT_LT(e.rel_l2, tol) << "vs double reference";
+      EXPECT_LT(e.lse_max_abs, 2e-3) << "lse vs double reference";
+      // Against the CPU specification: the two fp32 implementations agree to within both tolerances.
+      std::vector<double> cpu_ref(cpu_out.size());
+      for (size_t i = 0; i < cpu_out.size(); ++i) cpu_ref[i] = ToFloat(c.dtype, cpu_out[i]);
+      std::vector<double> cpu_lse_d(cpu_lse.begin(), cpu_lse.end());
+      const Errors e2 = Compare(c.dtype, got, got_lse, cpu_ref, cpu_lse_d);
+      EXPECT_LT(e2.rel_l2, 2 * tol) << "vs kernels/reference";
+      if (::testing::Test::HasFailure()) return;
+    }
+  }
+}
+
+std::vector<Route> AllRoutes(int splits, int ppt) {
+  return {Route{KernelId::kPerRequest},
+          Route{KernelId::kSequenceSplit, splits, 0, MergeMode::kFused},
+          Route{KernelId::kSequenceSplit, splits, 0, MergeMode::kSeparate},
+          Route{KernelId::kWorkQueue, 1, ppt, MergeMode::kFused},
+          Route{KernelId::kWorkQueue, 1, ppt, MergeMode::kSeparate}};
+}
+
+class DecodeAttentionCudaTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!HaveGpu()) GTEST_SKIP() << "no CUDA device";
+  }
+};
+
+// Every dtype x head_dim x G on short ragged rows: partial pages, a 1-token row, an empty row, and
+// splits that outnumber a row's pages (empty splits).
+TEST_F(DecodeAttentionCudaTest, ShapesSweep) {
+  uint64_t seed = 100;
+  for (DType dt : {DType::kF16, DType::kBF16}) {
+    for (int d : {64, 128, 256}) {
+      for (int g : {1, 2, 4, 8}) {
+        SCOPED_TRACE(std::string(DTypeName(dt)) + " d=" + std::to_string(d) + " G=" + std::to_string(g));
+        Case c;
+        c.dtype = dt;
+        c.d = d;
+        c.hkv = 2;
+        c.hq = 2 * g;
+        c.lengths = {1, 0, 37, 16, 517, 129};
+        c.seed = ++seed;
+        RunCase(c, AllRoutes(/*splits=*/5, /*ppt=*/3));
+        if (HasFailure()) return;
+      }
+    }
+  }
+}
+
+// Page sizes other than 16 (powers of two) on the default shape.
+TEST_F(DecodeAttentionCudaTest, PageSizes) {
+  for (int page : {1, 8, 32, 64, 128}) {
+    for (DType dt : {DType::kF16, DType::kBF16}) {
+      SCOPED_TRACE("page=" + std::to_string(page));
+      Case c;
+      c.dtype = dt;
+      c.page = page;
+      c.lengths = {3, 200, 1000, page, page + 1};
+      c.seed = 7 + page;
+      RunCase(c, AllRoutes(3, 2));
+      if (HasFailure()) return;
+    }
+  }
+}
+
+// Long rows up to 128K tokens (one KV head to keep the host reference quick).
+TEST_F(DecodeAttentionCudaTest, LongRows) {
+  for (DType dt : {DType::kF16, DType::kBF16}) {
+    for (int64_t n : {4096 + 5, 16384, 131072}) {
+      SCOPED_TRACE(std::string(DTypeName(dt)) + " n=" + std::to_string(n));
+      Case c;
+      c.dtype = dt;
+      c.hkv = 1;
+      c.hq = 4;
+      c.lengths = {n};
+      c.seed = 1000 + n;
+      RunCase(c, {Route{KernelId::kPerRequest}, Route{KernelId::kSequenceSplit, 64},
+                  Route{KernelId::kSequenceSplit, 64, 0, MergeMode::kSeparate},
+                  Route{KernelId::kWorkQueue, 1, 0, MergeMode::kFused},
+                  Route{KernelId::kWorkQueue, 1, 0, MergeMode::kSeparate}});
+      if (HasFailure()) return;
+    }
+  }
+}
+
+// A mixed batch like the paper's steps (Hq 32, Hkv 8), tasks sized for the device.
+TEST_F(DecodeAttentionCudaTest, MixedBatch) {
+  std::mt19937_64 rng(20260622);
+  for (DType dt : {DType::kF16, DType::kBF16}) {
+    Case c;
+    c.dtype = dt;
+    c.hq = 32;
+    c.hkv = 8;
+    for (int b = 0; b < 8; ++b) c.lengths.push_back(1 + static_cast<int64_t>(rng() % 12000));
+    c.seed = 55;
+    std::vector<Route> routes = AllRoutes(4, 0);
+    // One page per task: ~90 tasks per persistent CTA and ~750-way merges.
+    routes.push_back(Route{KernelId::kWorkQueue, 1, 1, MergeMode::kFused});
+    routes.push_back(Route{KernelId::kWorkQueue, 1, 1, MergeMode::kSeparate});
+    RunCase(c, routes);
+    if (HasFailure()) return;
+  }
+}
+
+// Shapes the routes refuse.
+TEST(DecodeAttentionCudaContract, CanImplementRejects) {
+  DecodeParams p;
+  p.batch = 1;
+  p.num_q_heads = 32;
+  p.num_kv_heads = 2;  // G = 16
+  p.head_dim = 128;
+  p.page_size = 16;
+  EXPECT_FALSE(CanImplement(KernelId::kPerRequest, p).ok());
+  p.num_kv_heads = 8;
+  p.head_dim = 96;
+  EXPECT_FALSE(CanImplement(KernelId::kPerRequest, p).ok());
+  p.head_dim = 128;
+  p.page_size = 24;
+  EXPECT_FALSE(CanImplement(KernelId::kPerRequest, p).ok());
+  p.page_size = 16;
+  EXPECT_FALSE(CanImplement(KernelId::kReference, p).ok());
+}
+
+TEST(WorkPlanTest, SplitsAndSlots) {
+  const std::vector<int32_t> pages = {10, 0, 3};
+  const WorkPlan plan = BuildWorkPlan(pages, 2, 4);
+  EXPECT_EQ(plan.row_splits, (std::vector<int32_t>{3, 1, 1}));
+  EXPECT_EQ(plan.num_partials, 3);
+  EXPECT_EQ(plan.tasks.size(), 2u * (3 + 1 + 1));
+  int64_t covered = 0;
+  for (const DecodeTask& t : plan.tasks) covered += t.page_end - t.page_begin;
+  EXPECT_EQ(covered, 2 * 13);
+  EXPECT_LE(plan.tasks.front().page_end - plan.tasks.front().page_begin, 4);
+  // The smallest cap that fits 10 tasks: cap 4 gives (3 + 1 + 1) * 2 = 10, cap 3 gives 12.
+  EXPECT_EQ(PagesPerTaskFor(pages, 2, 10), 4);
+  EXPECT_EQ(PagesPerTaskFor(pages, 2, 1), 10);  // cannot fit: one task per (row, head)
+}
+
+}  // namespace
+}  // namespace pkv::kernels::cuda

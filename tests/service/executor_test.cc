@@ -1,0 +1,86 @@
+// Tests of service/executor.h: bounded admission, draining on shutdown.
+#include "service/executor.h"
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
+
+#include "gtest/gtest.h"
+
+namespace pkv::service {
+namespace {
+
+// A gate the test opens to let blocked tasks finish.
+class Gate {
+ public:
+  void Wait() {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [this] { return open_; });
+  }
+  void Open() {
+    std::lock_guard<std::mutex> lock(mu_);
+    open_ = true;
+    cv_.notify_all();
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool open_ = false;
+};
+
+TEST(BoundedExecutorTest, RunsEveryAcceptedTask) {
+  std::atomic<int> ran{0};
+  {
+    BoundedExecutor executor(2, 1000);
+    for (int i = 0; i < 500; ++i) ASSERT_TRUE(executor.TrySubmit([&ran] { ran.fetch_add(1); }));
+  }  // the destructor drains the queue
+  EXPECT_EQ(ran.load(), 500);
+}
+
+TEST(BoundedExecutorTest, RefusesWhenTheQueueIsFull) {
+  BoundedExecutor executor(1, 2);
+  Gate gate;
+  std::atomic<int> ran{0};
+  std::atomic<bool> started{false};
+  ASSERT_TRUE(executor.TrySubmit([&] {
+    started.store(true);
+    gate.Wait();
+    ran.fetch_add(1);
+  }));
+  while (!started.load()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  EXPECT_EQ(executor.running(), 1);
+  EXPECT_TRUE(executor.TrySubmit([&] { ran.fetch_add(1); }));
+  EXPECT_TRUE(executor.TrySubmit([&] { ran.fetch_add(1); }));
+  EXPECT_EQ(executor.queued(), 2);
+  EXPECT_FALSE(executor.TrySubmit([&] { ran.fetch_add(100); })) << "a third waiting task must be refused";
+  executor.SubmitAlways([&] { ran.fetch_add(1); });  // cleanups are never refused
+  EXPECT_EQ(executor.queued(), 3);
+  gate.Open();
+  executor.Shutdown();
+  EXPECT_EQ(ran.load(), 4);
+}
+
+TEST(BoundedExecutorTest, AfterShutdownTrySubmitFailsAndSubmitAlwaysRunsInline) {
+  BoundedExecutor executor(2, 4);
+  executor.Shutdown();
+  executor.Shutdown();  // idempotent
+  EXPECT_FALSE(executor.TrySubmit([] {}));
+  bool ran = false;
+  executor.SubmitAlways([&ran] { ran = true; });
+  EXPECT_TRUE(ran);
+}
+
+TEST(BoundedExecutorTest, MoveOnlyTasks) {
+  BoundedExecutor executor(1, 4);
+  auto value = std::make_unique<int>(7);
+  std::atomic<int> seen{0};
+  ASSERT_TRUE(executor.TrySubmit([v = std::move(value), &seen] { seen.store(*v); }));
+  executor.Shutdown();
+  EXPECT_EQ(seen.load(), 7);
+}
+
+}  // namespace
+}  // namespace pkv::service
