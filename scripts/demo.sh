@@ -11,7 +11,7 @@ BIN=build/bin
 LOG=$(mktemp -t pkv-worker.XXXXXX.log)
 
 # A small model so the CPU backend finishes in about a minute on two cores.
-"$BIN/pkv-worker" --listen=127.0.0.1:0 --backend=auto \
+"$BIN/pkv-worker" --listen=127.0.0.1:0 --metrics_listen=127.0.0.1:0 --backend=auto \
   --num_layers=4 --num_q_heads=32 --num_kv_heads=8 --head_dim=128 --page_size=16 --dtype=fp16 \
   --num_pages=4096 --scatter_seed=20260622 >"$LOG" 2>&1 &
 WORKER=$!

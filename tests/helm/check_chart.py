@@ -5,7 +5,8 @@
 2. helm template of each scenario, then checks on the rendered manifests: GPU request, gRPC
    probes on the right port, named ports, hardened security contexts, selectors of the Services,
    ServiceMonitor, PDB and NetworkPolicy matching the pod labels, the worker flags, the
-   PrometheusRule alerts, the Grafana dashboard JSON and the helm test pod.
+   PrometheusRule alerts (rules/persistentkv-alerts.yaml, embedded), the Grafana dashboard JSON and
+   the helm test pod.
 3. Bad values that must be rejected (schema or the chart's cross-field checks).
 4. Every value in values.yaml is documented in README.md and declared in values.schema.json.
 
@@ -32,6 +33,13 @@ ALERTS = {  # alert -> what its expression must contain (metric names of common/
     "PersistentKVPredictionDrift": ["pkv_scheduler_prediction_error_ratio_sum{",
                                     "pkv_scheduler_prediction_error_ratio_count{"],
 }
+# Alerts whose trailing threshold the chart takes from metrics.prometheusRule.<value>.
+ALERT_THRESHOLDS = {"PersistentKVPoolNearlyFull": "poolFreeRatioBelow",
+                    "PersistentKVHighErrorRate": "errorRatioAbove",
+                    "PersistentKVStepLatencyHigh": "stepLatencyP99SecondsAbove",
+                    "PersistentKVPredictionDrift": "predictionErrorRatioAbove"}
+RULES_FILE = "rules/persistentkv-alerts.yaml"  # plain Prometheus rules the PrometheusRule embeds
+TRAILING_THRESHOLD = re.compile(r"(==|!=|>=|<=|>|<)\s*([-+]?[0-9.]+(?:[eE][-+]?\d+)?)\s*$")
 STANDARD_LABELS = ("helm.sh/chart", "app.kubernetes.io/name", "app.kubernetes.io/instance",
                    "app.kubernetes.io/managed-by", "app.kubernetes.io/version")
 
@@ -85,6 +93,8 @@ class Checker:
             self.chart_meta = yaml.safe_load(f)
         with open(os.path.join(chart, "values.yaml")) as f:
             self.defaults = yaml.safe_load(f)
+        with open(os.path.join(chart, RULES_FILE)) as f:
+            self.rules_file = yaml.safe_load(f)
 
     def check(self, name, ok, detail=""):
         if ok:
@@ -356,6 +366,19 @@ class Checker:
                 fullname = dep["metadata"]["name"]
                 c("alerts select the ServiceMonitor's job",
                   all(f'job="{fullname}"' in r["expr"] for r in byname.values() if r))
+                # The PrometheusRule is rules/persistentkv-alerts.yaml with only the job selector,
+                # the thresholds, `for` and labels set per release.
+                pr = values["metrics"]["prometheusRule"]
+                diffs = []
+                for fr in (r for g in self.rules_file["groups"] for r in g["rules"] if r.get("alert")):
+                    got = byname.get(fr["alert"])
+                    want = fr["expr"].replace('job="persistentkv"', f'job="{fullname}",namespace="{NAMESPACE}"')
+                    if fr["alert"] in ALERT_THRESHOLDS:
+                        want = TRAILING_THRESHOLD.sub(lambda m: f"{m.group(1)} {pr[ALERT_THRESHOLDS[fr['alert']]]}", want)
+                    if got is None or got["expr"] != want or got.get("for") != f"{pr['forMinutes']}m":
+                        diffs.append(fr["alert"])
+                c(f"PrometheusRule embeds {RULES_FILE} (selector, thresholds and for: from values)", not diffs,
+                  str(diffs))
         else:
             c("no PrometheusRule when disabled", not prs)
 
@@ -422,6 +445,15 @@ class Checker:
 
     # ---- other ----------------------------------------------------------------------------
     def run_misc(self):
+        # Standalone users of the rules file get the chart's default thresholds.
+        pr = self.defaults["metrics"]["prometheusRule"]
+        wrong = []
+        for r in (r for g in self.rules_file["groups"] for r in g["rules"]):
+            if r.get("alert") in ALERT_THRESHOLDS:
+                m = TRAILING_THRESHOLD.search(r["expr"])
+                if not m or float(m.group(2)) != float(pr[ALERT_THRESHOLDS[r["alert"]]]):
+                    wrong.append(r["alert"])
+        self.check(f"{RULES_FILE} thresholds equal the values.yaml defaults", not wrong, str(wrong))
         rc, out, err = self.template(["--kube-version", "1.28.0", "-s", "templates/deployment.yaml"])
         ok = rc == 0 and '"/bin/sleep"' in out
         self.check("Kubernetes 1.28: preStop falls back to exec sleep", ok, err.strip()[-300:])

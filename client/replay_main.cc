@@ -1,0 +1,190 @@
+// pkv-replay: plays the prefill/router tier against a pkv-worker.
+//
+// Describe; then for each request of a workload, WriteKV of its prompt (all layers, random
+// normal K,V) and decode with continuous batching (--batch rows, all layers per token step),
+// checking a sample of outputs (--check_fraction) against an independent double-precision
+// reference. Prints progress on long runs and, at the end, decode tokens/s and step latency
+// percentiles. Exits 1 when an output check fails, 2 on any other error.
+//
+// --describe_only (the chart's `helm test` pod): connect, Describe, print the worker's shape, pool
+// and backend, exit 0; exit 2 with the status when the worker cannot be reached or Describe fails.
+// --tls_ca_file turns TLS on; --tls_cert_file/--tls_key_file add a client certificate (mTLS).
+#include <cstdint>
+#include <cstdio>
+#include <string>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/flags/usage_config.h"
+#include "absl/strings/match.h"
+#include "absl/time/time.h"
+#include "client/replay.h"
+#include "client/worker_client.h"
+#include "common/log.h"
+#include "common/workload.h"
+
+ABSL_FLAG(std::string, target, "127.0.0.1:50051", "Worker address host:port.");
+ABSL_FLAG(std::string, workload, "uniform",
+          "Synthetic workload: uniform, bimodal, zipf, bucketed, homogeneous (ignored with --trace_csv).");
+ABSL_FLAG(std::string, trace_csv, "",
+          "CSV trace (arrival_ms,input_tokens,output_tokens[,block_hashes]) instead of --workload.");
+ABSL_FLAG(bool, honor_arrivals, false, "Admit trace requests no earlier than their arrival_ms.");
+ABSL_FLAG(int32_t, batch, 8, "Most active rows (continuous batching).");
+ABSL_FLAG(int32_t, num_requests, 24, "Requests to replay (first N of a trace; 0 = whole trace).");
+ABSL_FLAG(uint64_t, seed, 20260622, "Seed of the workload, the q/K/V data and the check sample.");
+ABSL_FLAG(double, context_scale, 1.0, "Multiply prompt lengths by this (0, 1] (small CPU runs).");
+ABSL_FLAG(int64_t, max_context, 0, "Cap prompt lengths at this many tokens (0: no cap).");
+ABSL_FLAG(int64_t, max_output, 0, "Cap decode lengths at this many tokens (0: no cap).");
+ABSL_FLAG(double, check_fraction, 0.01, "Share of (token step, layer, row) outputs checked.");
+ABSL_FLAG(int64_t, max_steps, 0, "Stop after this many token steps (0: run the workload out).");
+ABSL_FLAG(int64_t, warmup_steps, 3, "Token steps left out of latency statistics.");
+ABSL_FLAG(int64_t, chunk_tokens, 256, "WriteKV chunk size in tokens.");
+ABSL_FLAG(bool, stream, true, "Use StepStream (true) or unary Step (false).");
+ABSL_FLAG(double, progress_s, 5.0, "Seconds between progress lines (0: none).");
+ABSL_FLAG(double, connect_timeout_s, 10.0, "Seconds to wait for the worker.");
+ABSL_FLAG(bool, describe_only, false,
+          "Connect, call Describe, print the worker's shape, pool and backend, and exit (0 when it "
+          "answered); no workload is run.");
+ABSL_FLAG(std::string, tls_ca_file, "",
+          "PEM CA bundle that signed the worker's certificate; turns TLS on (empty: plaintext).");
+ABSL_FLAG(std::string, tls_cert_file, "",
+          "PEM client certificate for workers that require one (mutual TLS); with --tls_key_file.");
+ABSL_FLAG(std::string, tls_key_file, "", "PEM private key of --tls_cert_file.");
+
+namespace {
+
+pkv::client::ClientOptions ClientOptionsFromFlags() {
+  pkv::client::ClientOptions options;
+  options.target = absl::GetFlag(FLAGS_target);
+  options.connect_timeout = absl::Seconds(absl::GetFlag(FLAGS_connect_timeout_s));
+  options.tls_ca_file = absl::GetFlag(FLAGS_tls_ca_file);
+  options.tls_cert_file = absl::GetFlag(FLAGS_tls_cert_file);
+  options.tls_key_file = absl::GetFlag(FLAGS_tls_key_file);
+  return options;
+}
+
+// --describe_only: one Describe, printed as a block.
+int DescribeOnly() {
+  const pkv::client::ClientOptions options = ClientOptionsFromFlags();
+  auto client = pkv::client::WorkerClient::Connect(options);
+  if (!client.ok()) {
+    PKV_LOG(ERROR) << client.status();
+    return 2;
+  }
+  auto info = (*client)->Describe();
+  if (!info.ok()) {
+    PKV_LOG(ERROR) << "Describe: " << info.status();
+    return 2;
+  }
+  const bool tls = !options.tls_ca_file.empty() || !options.tls_cert_file.empty();
+  std::printf(
+      "pkv-replay: worker %s (%s)\n"
+      "  model:    %s\n"
+      "  backend:  %s (%s)\n"
+      "  pool:     %lld/%lld pages free, %lld bytes/page, %lld sequences, %lld tokens\n"
+      "  activity: %lld active, %lld writing, %lld open token steps\n"
+      "  limits:   max_batch %d, max_message_bytes %lld\n"
+      "  serving:  %s\n",
+      options.target.c_str(),
+      tls ? (options.tls_cert_file.empty() ? "TLS" : "mutual TLS") : "plaintext",
+      info->shape.DebugString().c_str(), info->backend.c_str(), info->device.c_str(),
+      static_cast<long long>(info->free_pages), static_cast<long long>(info->total_pages),
+      static_cast<long long>(info->page_bytes), static_cast<long long>(info->num_sequences),
+      static_cast<long long>(info->used_tokens), static_cast<long long>(info->active_sequences),
+      static_cast<long long>(info->writing_sequences),
+      static_cast<long long>(info->open_token_steps), info->max_batch,
+      static_cast<long long>(info->max_message_bytes), info->serving ? "yes" : "no (draining)");
+  std::fflush(stdout);
+  return 0;
+}
+
+int Run() {
+  if (absl::GetFlag(FLAGS_describe_only)) return DescribeOnly();
+  std::vector<pkv::WorkloadRequest> requests;
+  const std::string trace = absl::GetFlag(FLAGS_trace_csv);
+  const int32_t num_requests = absl::GetFlag(FLAGS_num_requests);
+  std::string source;
+  if (!trace.empty()) {
+    auto parsed = pkv::ReadTraceCsv(trace);
+    if (!parsed.ok()) {
+      PKV_LOG(ERROR) << parsed.status();
+      return 2;
+    }
+    requests = *std::move(parsed);
+    if (num_requests > 0 && static_cast<size_t>(num_requests) < requests.size()) {
+      requests.resize(num_requests);
+    }
+    source = trace;
+  } else {
+    auto kind = pkv::ParseWorkloadKind(absl::GetFlag(FLAGS_workload));
+    if (!kind.ok()) {
+      PKV_LOG(ERROR) << "--workload: " << kind.status();
+      return 2;
+    }
+    requests = pkv::GenerateWorkload(*kind, num_requests, absl::GetFlag(FLAGS_seed));
+    source = std::string(pkv::WorkloadKindName(*kind));
+  }
+  pkv::ScaleWorkload(requests, absl::GetFlag(FLAGS_context_scale), absl::GetFlag(FLAGS_max_context),
+                     absl::GetFlag(FLAGS_max_output));
+
+  const pkv::client::ClientOptions client_options = ClientOptionsFromFlags();
+  auto client = pkv::client::WorkerClient::Connect(client_options);
+  if (!client.ok()) {
+    PKV_LOG(ERROR) << client.status();
+    return 2;
+  }
+  auto info = (*client)->Describe();
+  if (!info.ok()) {
+    PKV_LOG(ERROR) << "Describe: " << info.status();
+    return 2;
+  }
+  std::printf("pkv-replay: worker %s: %s, backend %s (%s), %lld/%lld pages free, max_batch %d\n",
+              client_options.target.c_str(), info->shape.DebugString().c_str(),
+              info->backend.c_str(), info->device.c_str(), static_cast<long long>(info->free_pages),
+              static_cast<long long>(info->total_pages), info->max_batch);
+  std::printf("pkv-replay: workload %s, %zu requests, batch %d, seed %llu\n", source.c_str(),
+              requests.size(), absl::GetFlag(FLAGS_batch),
+              static_cast<unsigned long long>(absl::GetFlag(FLAGS_seed)));
+  std::fflush(stdout);
+
+  pkv::client::ReplayOptions options;
+  options.batch = absl::GetFlag(FLAGS_batch);
+  options.seed = absl::GetFlag(FLAGS_seed);
+  options.check_fraction = absl::GetFlag(FLAGS_check_fraction);
+  options.max_steps = absl::GetFlag(FLAGS_max_steps);
+  options.warmup_steps = absl::GetFlag(FLAGS_warmup_steps);
+  options.chunk_tokens = absl::GetFlag(FLAGS_chunk_tokens);
+  options.honor_arrivals = absl::GetFlag(FLAGS_honor_arrivals);
+  options.use_stream = absl::GetFlag(FLAGS_stream);
+  options.progress_interval = absl::Seconds(absl::GetFlag(FLAGS_progress_s));
+  auto report = pkv::client::RunReplay(**client, options, requests);
+  if (!report.ok()) {
+    PKV_LOG(ERROR) << "replay failed: " << report.status();
+    return 2;
+  }
+  std::printf("%s", report->Format().c_str());
+  std::fflush(stdout);
+  if (report->check_failures > 0) {
+    PKV_LOG(ERROR) << report->check_failures << " output checks failed";
+    return 1;
+  }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "Replays a workload against a pkv-worker (prefill via WriteKV, decode via StepStream).\n"
+      "  pkv-replay --target=127.0.0.1:50051 --workload=bimodal --batch=8 --num_requests=24 "
+      "--context_scale=0.05\n"
+      "  pkv-replay --describe_only --target=worker:50051 --tls_ca_file=ca.crt");
+  absl::FlagsUsageConfig usage;
+  // --help lists this program's flags (those defined in replay_main.cc).
+  usage.contains_help_flags = [](absl::string_view path) { return absl::StrContains(path, "replay_main."); };
+  usage.contains_helpshort_flags = usage.contains_help_flags;
+  absl::SetFlagsUsageConfig(usage);
+  absl::ParseCommandLine(argc, argv);
+  return Run();
+}

@@ -1,0 +1,373 @@
+#include "client/worker_client.h"
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <fstream>
+#include <initializer_list>
+#include <sstream>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+#include "grpcpp/generic/generic_stub.h"
+#include "grpcpp/grpcpp.h"
+#include "grpcpp/security/credentials.h"
+#include "grpcpp/support/byte_buffer.h"
+#include "pkv/v1/worker.grpc.pb.h"
+
+namespace pkv::client {
+namespace {
+
+// The client's one grpc::Status -> absl::Status mapping (codes share their numbering).
+absl::Status FromGrpc(const grpc::Status& status) {
+  if (status.ok()) return absl::OkStatus();
+  return absl::Status(static_cast<absl::StatusCode>(status.error_code()), status.error_message());
+}
+
+// Reads the PEM file of ClientOptions field `field` (named in errors).
+absl::StatusOr<std::string> ReadPemFile(const char* field, const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, "=", path, ": cannot read the file: ", std::strerror(errno)));
+  }
+  std::ostringstream text;
+  text << in.rdbuf();
+  std::string pem = std::move(text).str();
+  if (pem.find("-----BEGIN ") == std::string::npos) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, "=", path, ": not a PEM file (no -----BEGIN line)"));
+  }
+  return pem;
+}
+
+// Channel credentials from the TLS options: plaintext when none is set.
+absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> ChannelCredentials(
+    const ClientOptions& options) {
+  if (options.tls_cert_file.empty() != options.tls_key_file.empty()) {
+    return absl::InvalidArgumentError("tls_cert_file and tls_key_file must be given together");
+  }
+  if (options.tls_ca_file.empty() && options.tls_cert_file.empty()) {
+    return grpc::InsecureChannelCredentials();
+  }
+  grpc::SslCredentialsOptions ssl;
+  if (!options.tls_ca_file.empty()) {
+    PKV_ASSIGN_OR_RETURN(ssl.pem_root_certs, ReadPemFile("tls_ca_file", options.tls_ca_file));
+  }
+  if (!options.tls_cert_file.empty()) {
+    PKV_ASSIGN_OR_RETURN(ssl.pem_cert_chain, ReadPemFile("tls_cert_file", options.tls_cert_file));
+    PKV_ASSIGN_OR_RETURN(ssl.pem_private_key, ReadPemFile("tls_key_file", options.tls_key_file));
+  }
+  return grpc::SslCredentials(ssl);
+}
+
+v1::DType WireDType(DType dtype) { return dtype == DType::kF16 ? v1::DTYPE_FP16 : v1::DTYPE_BF16; }
+
+void SetTensor(v1::Tensor* t, DType dtype, std::initializer_list<int64_t> shape, std::string data) {
+  t->set_dtype(WireDType(dtype));
+  for (int64_t s : shape) t->add_shape(s);
+  t->set_data(std::move(data));
+}
+
+v1::StepRequest ToRequest(const StepArgs& a, const ModelShape& shape) {
+  v1::StepRequest r;
+  r.set_token_step_id(a.token_step_id);
+  r.set_layer(a.layer);
+  r.mutable_rows()->Add(a.rows.begin(), a.rows.end());
+  r.mutable_open()->Add(a.open.begin(), a.open.end());
+  r.mutable_free()->Add(a.free.begin(), a.free.end());
+  const int64_t b = static_cast<int64_t>(a.rows.size());
+  SetTensor(r.mutable_q(), shape.dtype, {b, shape.num_q_heads, shape.head_dim}, a.q);
+  SetTensor(r.mutable_k(), shape.dtype, {b, shape.num_kv_heads, shape.head_dim}, a.k);
+  SetTensor(r.mutable_v(), shape.dtype, {b, shape.num_kv_heads, shape.head_dim}, a.v);
+  r.set_want_lse(a.want_lse);
+  return r;
+}
+
+StepResult FromResponse(v1::StepResponse&& r) {
+  StepResult out;
+  out.token_step_id = r.token_step_id();
+  out.layer = r.layer();
+  out.out = std::move(*r.mutable_out()->mutable_data());
+  const std::string& lse = r.lse().data();
+  out.lse.resize(lse.size() / sizeof(float));
+  if (!out.lse.empty()) std::memcpy(out.lse.data(), lse.data(), out.lse.size() * sizeof(float));
+  out.kernel = r.kernel();
+  out.replayed = r.replayed();
+  out.attend_seconds = r.attend_seconds();
+  return out;
+}
+
+class GrpcPromptWriter final : public PromptWriter {
+ public:
+  GrpcPromptWriter(v1::PersistentKV::Stub* stub, ModelShape shape) : shape_(shape) {
+    writer_ = stub->WriteKV(&ctx_, &response_);
+  }
+  ~GrpcPromptWriter() override {
+    if (!finished_) {
+      ctx_.TryCancel();
+      writer_->Finish().IgnoreError();
+    }
+  }
+
+  absl::Status WriteHeader(uint64_t seq, int64_t num_tokens) {
+    v1::WriteKVRequest req;
+    req.mutable_header()->set_sequence_id(seq);
+    req.mutable_header()->set_num_tokens(num_tokens);
+    if (!writer_->Write(req)) return Broken();
+    return absl::OkStatus();
+  }
+
+  absl::Status WriteChunk(int32_t layer, int64_t token_offset, int64_t n, std::string_view k,
+                          std::string_view v) override {
+    if (finished_) return absl::FailedPreconditionError("WriteKV stream already finished");
+    v1::WriteKVRequest req;
+    v1::KVChunk* c = req.mutable_chunk();
+    c->set_layer(layer);
+    c->set_token_offset(token_offset);
+    c->set_num_tokens(n);
+    SetTensor(c->mutable_k(), shape_.dtype, {n, shape_.num_kv_heads, shape_.head_dim}, std::string(k));
+    SetTensor(c->mutable_v(), shape_.dtype, {n, shape_.num_kv_heads, shape_.head_dim}, std::string(v));
+    if (!writer_->Write(req)) return Broken();
+    return absl::OkStatus();
+  }
+
+  absl::Status Finish() override {
+    if (finished_) return final_;
+    writer_->WritesDone();
+    finished_ = true;
+    final_ = FromGrpc(writer_->Finish());
+    return final_;
+  }
+
+  void Cancel() override { ctx_.TryCancel(); }
+
+ private:
+  // The stream broke: its final status says why.
+  absl::Status Broken() {
+    finished_ = true;
+    final_ = FromGrpc(writer_->Finish());
+    if (final_.ok()) final_ = absl::UnavailableError("WriteKV stream closed by the worker");
+    return final_;
+  }
+
+  const ModelShape shape_;
+  grpc::ClientContext ctx_;
+  v1::WriteKVResponse response_;
+  std::unique_ptr<grpc::ClientWriter<v1::WriteKVRequest>> writer_;
+  bool finished_ = false;
+  absl::Status final_;
+};
+
+class GrpcStepStream final : public StepStreamSession {
+ public:
+  GrpcStepStream(v1::PersistentKV::Stub* stub, ModelShape shape) : shape_(shape) {
+    stream_ = stub->StepStream(&ctx_);
+  }
+  ~GrpcStepStream() override {
+    if (!finished_) {
+      ctx_.TryCancel();
+      stream_->Finish().IgnoreError();
+    }
+  }
+
+  absl::StatusOr<StepResult> Step(const StepArgs& args) override {
+    if (finished_) return absl::FailedPreconditionError("StepStream already finished");
+    if (!stream_->Write(ToRequest(args, shape_))) return Ended();
+    v1::StepResponse response;
+    if (!stream_->Read(&response)) return Ended();
+    if (response.status().code() != 0) {
+      return absl::Status(static_cast<absl::StatusCode>(response.status().code()),
+                          response.status().message());
+    }
+    return FromResponse(std::move(response));
+  }
+
+  absl::Status Finish() override {
+    if (finished_) return final_;
+    stream_->WritesDone();
+    finished_ = true;
+    final_ = FromGrpc(stream_->Finish());
+    return final_;
+  }
+
+  void Cancel() override { ctx_.TryCancel(); }
+
+ private:
+  absl::Status Ended() {
+    finished_ = true;
+    final_ = FromGrpc(stream_->Finish());
+    if (final_.ok()) final_ = absl::UnavailableError("StepStream closed by the worker");
+    return final_;
+  }
+
+  const ModelShape shape_;
+  grpc::ClientContext ctx_;
+  std::unique_ptr<grpc::ClientReaderWriter<v1::StepRequest, v1::StepResponse>> stream_;
+  bool finished_ = false;
+  absl::Status final_;
+};
+
+}  // namespace
+
+struct WorkerClient::Impl {
+  ClientOptions options;
+  std::shared_ptr<grpc::Channel> channel;
+  std::unique_ptr<v1::PersistentKV::Stub> stub;
+
+  void SetDeadline(grpc::ClientContext* ctx) const {
+    ctx->set_deadline(absl::ToChronoTime(absl::Now() + options.rpc_timeout));
+  }
+};
+
+absl::StatusOr<std::unique_ptr<WorkerClient>> WorkerClient::Connect(const ClientOptions& options) {
+  auto impl = std::make_unique<Impl>();
+  impl->options = options;
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(static_cast<int>(options.max_message_bytes));
+  args.SetMaxSendMessageSize(static_cast<int>(options.max_message_bytes));
+  PKV_ASSIGN_OR_RETURN(std::shared_ptr<grpc::ChannelCredentials> credentials,
+                       ChannelCredentials(options));
+  impl->channel = grpc::CreateCustomChannel(options.target, credentials, args);
+  if (!impl->channel->WaitForConnected(absl::ToChronoTime(absl::Now() + options.connect_timeout))) {
+    const bool tls = !options.tls_ca_file.empty() || !options.tls_cert_file.empty();
+    return absl::UnavailableError(absl::StrCat(
+        "cannot connect to ", options.target, " within ", absl::FormatDuration(options.connect_timeout),
+        tls ? " over TLS (is the worker up, serving TLS, with a certificate for this name signed by "
+              "the CA given? does it require a client certificate?)"
+            : " (plaintext channel: is the worker up? if it serves TLS, pass the TLS options)"));
+  }
+  impl->stub = v1::PersistentKV::NewStub(impl->channel);
+  std::unique_ptr<WorkerClient> client(new WorkerClient(std::move(impl)));
+  PKV_ASSIGN_OR_RETURN(const WorkerInfo info, client->Describe());
+  (void)info;
+  return client;
+}
+
+WorkerClient::WorkerClient(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+WorkerClient::~WorkerClient() = default;
+
+absl::StatusOr<WorkerInfo> WorkerClient::Describe() {
+  grpc::ClientContext ctx;
+  impl_->SetDeadline(&ctx);
+  v1::DescribeResponse r;
+  PKV_RETURN_IF_ERROR(FromGrpc(impl_->stub->Describe(&ctx, v1::DescribeRequest(), &r)));
+  WorkerInfo info;
+  info.shape.num_layers = r.model().num_layers();
+  info.shape.num_q_heads = r.model().num_q_heads();
+  info.shape.num_kv_heads = r.model().num_kv_heads();
+  info.shape.head_dim = r.model().head_dim();
+  info.shape.page_size = r.model().page_size();
+  switch (r.model().dtype()) {
+    case v1::DTYPE_FP16:
+      info.shape.dtype = DType::kF16;
+      break;
+    case v1::DTYPE_BF16:
+      info.shape.dtype = DType::kBF16;
+      break;
+    default:
+      return absl::InternalError(absl::StrCat("Describe: unexpected model dtype ", r.model().dtype()));
+  }
+  info.backend = r.backend();
+  info.device = r.device();
+  info.total_pages = r.pool().total_pages();
+  info.free_pages = r.pool().free_pages();
+  info.used_pages = r.pool().used_pages();
+  info.page_bytes = r.pool().page_bytes();
+  info.num_sequences = r.pool().num_sequences();
+  info.used_tokens = r.pool().used_tokens();
+  info.max_batch = r.limits().max_batch();
+  info.max_message_bytes = r.limits().max_message_bytes();
+  info.active_sequences = r.active_sequences();
+  info.writing_sequences = r.writing_sequences();
+  info.open_token_steps = r.open_token_steps();
+  info.serving = r.serving();
+  shape_ = info.shape;
+  return info;
+}
+
+absl::StatusOr<StepResult> WorkerClient::Step(const StepArgs& args) {
+  grpc::ClientContext ctx;
+  impl_->SetDeadline(&ctx);
+  v1::StepResponse response;
+  PKV_RETURN_IF_ERROR(FromGrpc(impl_->stub->Step(&ctx, ToRequest(args, shape_), &response)));
+  return FromResponse(std::move(response));
+}
+
+absl::StatusOr<std::unique_ptr<StepStreamSession>> WorkerClient::OpenStepStream() {
+  return std::make_unique<GrpcStepStream>(impl_->stub.get(), shape_);
+}
+
+absl::StatusOr<std::unique_ptr<PromptWriter>> WorkerClient::BeginWriteKV(uint64_t sequence_id,
+                                                                         int64_t num_tokens) {
+  auto writer = std::make_unique<GrpcPromptWriter>(impl_->stub.get(), shape_);
+  PKV_RETURN_IF_ERROR(writer->WriteHeader(sequence_id, num_tokens));
+  return writer;
+}
+
+absl::Status WorkerClient::WritePrompt(uint64_t sequence_id, int64_t num_tokens,
+                                       int64_t chunk_tokens, const ChunkFiller& fill) {
+  if (chunk_tokens < 1) return absl::InvalidArgumentError("chunk_tokens must be >= 1");
+  PKV_ASSIGN_OR_RETURN(std::unique_ptr<PromptWriter> writer, BeginWriteKV(sequence_id, num_tokens));
+  std::string k, v;
+  for (int32_t layer = 0; layer < shape_.num_layers; ++layer) {
+    for (int64_t off = 0; off < num_tokens; off += chunk_tokens) {
+      const int64_t n = std::min(chunk_tokens, num_tokens - off);
+      k.clear();
+      v.clear();
+      fill(layer, off, n, &k, &v);
+      absl::Status s = writer->WriteChunk(layer, off, n, k, v);
+      if (!s.ok()) return s;  // the stream's final status (e.g. the worker's RESOURCE_EXHAUSTED)
+    }
+  }
+  return writer->Finish();
+}
+
+absl::StatusOr<int64_t> WorkerClient::Release(std::span<const uint64_t> sequence_ids) {
+  grpc::ClientContext ctx;
+  impl_->SetDeadline(&ctx);
+  v1::ReleaseRequest req;
+  req.mutable_sequence_ids()->Add(sequence_ids.begin(), sequence_ids.end());
+  v1::ReleaseResponse resp;
+  PKV_RETURN_IF_ERROR(FromGrpc(impl_->stub->Release(&ctx, req, &resp)));
+  return resp.free_pages();
+}
+
+absl::StatusOr<bool> WorkerClient::CheckHealth(const std::string& service) {
+  // grpc.health.v1.Health/Check through the generic stub, so the client needs no generated
+  // health code. HealthCheckRequest is {string service = 1}; HealthCheckResponse is
+  // {ServingStatus status = 1} with SERVING = 1.
+  std::string request;
+  if (!service.empty()) {
+    request.push_back(0x0A);  // field 1, length-delimited
+    request.push_back(static_cast<char>(service.size()));  // services names are < 128 bytes
+    request.append(service);
+  }
+  grpc::Slice slice(request);
+  grpc::ByteBuffer request_buffer(&slice, 1);
+  grpc::GenericStub generic(impl_->channel);
+  grpc::ClientContext ctx;
+  impl_->SetDeadline(&ctx);
+  grpc::CompletionQueue cq;
+  auto call = generic.PrepareUnaryCall(&ctx, "/grpc.health.v1.Health/Check", request_buffer, &cq);
+  call->StartCall();
+  grpc::ByteBuffer response_buffer;
+  grpc::Status status;
+  call->Finish(&response_buffer, &status, reinterpret_cast<void*>(1));
+  void* tag = nullptr;
+  bool ok = false;
+  cq.Next(&tag, &ok);
+  cq.Shutdown();
+  while (cq.Next(&tag, &ok)) {
+  }
+  PKV_RETURN_IF_ERROR(FromGrpc(status));
+  std::vector<grpc::Slice> slices;
+  if (!response_buffer.Dump(&slices).ok()) return absl::InternalError("health: unreadable response");
+  std::string bytes;
+  for (const auto& s : slices) bytes.append(reinterpret_cast<const char*>(s.begin()), s.size());
+  // Default (UNKNOWN = 0) is encoded as no bytes.
+  return bytes.size() == 2 && bytes[0] == 0x08 && bytes[1] == 0x01;
+}
+
+}  // namespace pkv::client

@@ -1,0 +1,151 @@
+// client/worker_client.h — the router/prefill side's C++ client of the PersistentKV worker.
+//
+// WorkerClient wraps the gRPC stub of API v1 in domain terms (no gRPC or proto types in this
+// header): Describe, WriteKV of a prompt in chunks (PromptWriter, or WritePrompt for a whole
+// prompt), Step (unary), StepStream (StepStreamSession: one response per request, in order),
+// Release, and the standard health check. Tensors are raw little-endian bytes; the client adds
+// the shapes from Describe. Errors come back as absl statuses with the worker's code and message.
+// Thread-safety: WorkerClient methods are thread-safe; a PromptWriter or StepStreamSession is
+// used by one thread at a time (Cancel may be called from any thread).
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "common/model_shape.h"
+
+namespace pkv::client {
+
+// What Describe reports.
+struct WorkerInfo {
+  ModelShape shape;
+  std::string backend;
+  std::string device;
+  int64_t total_pages = 0;
+  int64_t free_pages = 0;
+  int64_t used_pages = 0;
+  int64_t page_bytes = 0;
+  int64_t num_sequences = 0;
+  int64_t used_tokens = 0;
+  int32_t max_batch = 0;
+  int64_t max_message_bytes = 0;
+  int64_t active_sequences = 0;
+  int64_t writing_sequences = 0;
+  int64_t open_token_steps = 0;
+  bool serving = false;
+};
+
+// One layer of one token step (see StepRequest in proto/pkv/v1/worker.proto).
+struct StepArgs {
+  uint64_t token_step_id = 0;
+  int32_t layer = 0;
+  std::vector<uint64_t> rows;
+  std::vector<uint64_t> open;  // layer 0 only
+  std::vector<uint64_t> free;  // layer 0 only
+  std::string q;               // [B, Hq, d] model dtype bytes
+  std::string k;               // [B, Hkv, d]
+  std::string v;               // [B, Hkv, d]
+  bool want_lse = false;
+};
+
+struct StepResult {
+  uint64_t token_step_id = 0;
+  int32_t layer = 0;
+  std::string out;         // [B, Hq, d] model dtype bytes
+  std::vector<float> lse;  // [B, Hq] when asked
+  std::string kernel;
+  bool replayed = false;
+  double attend_seconds = 0.0;
+};
+
+struct ClientOptions {
+  std::string target;                         // host:port
+  int64_t max_message_bytes = 256LL << 20;    // receive/send limit of the channel
+  absl::Duration connect_timeout = absl::Seconds(10);
+  absl::Duration rpc_timeout = absl::Seconds(120);  // deadline of unary calls
+  // TLS: PEM CA bundle that signed the worker's certificate. Setting it (or a client
+  // certificate) turns TLS on; empty with TLS on: gRPC's default roots. Files are read by
+  // Connect (INVALID_ARGUMENT when unreadable).
+  std::string tls_ca_file;
+  // PEM client certificate chain and private key for workers that require client certificates
+  // (mutual TLS). Both or neither.
+  std::string tls_cert_file;
+  std::string tls_key_file;
+};
+
+// A WriteKV stream in progress. Destroying it without Finish cancels the stream (the worker
+// then releases the prompt).
+class PromptWriter {
+ public:
+  virtual ~PromptWriter() = default;
+  // Sends K,V of tokens [token_offset, token_offset + n) of `layer` ([n, Hkv, d] bytes each).
+  // A non-OK result means the stream broke; Finish then gives the worker's status.
+  virtual absl::Status WriteChunk(int32_t layer, int64_t token_offset, int64_t n,
+                                  std::string_view k, std::string_view v) = 0;
+  // Half-closes and waits for the worker's answer: OK once the sequence is steppable.
+  virtual absl::Status Finish() = 0;
+  // Cancels the stream (the worker leaves nothing behind).
+  virtual void Cancel() = 0;
+};
+
+// A StepStream. Destroying it without Finish cancels the stream.
+class StepStreamSession {
+ public:
+  virtual ~StepStreamSession() = default;
+  // Sends one request and waits for its response. A per-message error comes back as the
+  // worker's status and the stream stays usable; UNAVAILABLE/CANCELLED etc. with the RPC status
+  // when the stream itself ended.
+  virtual absl::StatusOr<StepResult> Step(const StepArgs& args) = 0;
+  // Half-closes and returns the stream's final status.
+  virtual absl::Status Finish() = 0;
+  // Cancels the stream.
+  virtual void Cancel() = 0;
+};
+
+// Produces K and V ([n, Hkv, d] model dtype bytes, appended to *k and *v) of prompt tokens
+// [token_offset, token_offset + n) of one layer.
+using ChunkFiller = std::function<void(int32_t layer, int64_t token_offset, int64_t n,
+                                       std::string* k, std::string* v)>;
+
+class WorkerClient final {
+ public:
+  // Creates the channel (plaintext, or TLS per the tls_* options) and waits up to
+  // connect_timeout for it (UNAVAILABLE otherwise; INVALID_ARGUMENT for unusable TLS options).
+  static absl::StatusOr<std::unique_ptr<WorkerClient>> Connect(const ClientOptions& options);
+  ~WorkerClient();
+
+  absl::StatusOr<WorkerInfo> Describe();
+  // Unary Step.
+  absl::StatusOr<StepResult> Step(const StepArgs& args);
+  // Opens a StepStream.
+  absl::StatusOr<std::unique_ptr<StepStreamSession>> OpenStepStream();
+  // Opens a WriteKV stream and sends its header.
+  absl::StatusOr<std::unique_ptr<PromptWriter>> BeginWriteKV(uint64_t sequence_id, int64_t num_tokens);
+  // Writes a whole prompt: for every layer, chunks of at most `chunk_tokens` tokens from `fill`.
+  absl::Status WritePrompt(uint64_t sequence_id, int64_t num_tokens, int64_t chunk_tokens,
+                           const ChunkFiller& fill);
+  // Frees sequences; returns the worker's free pages afterwards.
+  absl::StatusOr<int64_t> Release(std::span<const uint64_t> sequence_ids);
+  // grpc.health.v1 Check for `service` ("" = the whole server): true when SERVING.
+  absl::StatusOr<bool> CheckHealth(const std::string& service = "");
+
+  // The shape of the last successful Describe (Connect calls Describe once).
+  const ModelShape& shape() const { return shape_; }
+
+  struct Impl;
+
+ private:
+  explicit WorkerClient(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+  ModelShape shape_;
+};
+
+}  // namespace pkv::client

@@ -1,0 +1,191 @@
+// pkv-worker: the PersistentKV decode-attention worker (gRPC API v1, health, reflection).
+//
+// The gRPC port is plaintext, TLS (--tls_cert_file/--tls_key_file) or mutual TLS (plus
+// --tls_client_ca_file); --health_listen adds a plaintext grpc.health.v1-only port for probes.
+// Starts the engine for one model shape, serves it, prints
+//   pkv-worker listening on HOST:PORT
+// on stdout once ready, and on SIGTERM/SIGINT drains (health NOT_SERVING, new work refused with
+// UNAVAILABLE), lets in-flight work finish within --shutdown_grace_s, stops and exits 0.
+#include <pthread.h>
+#include <signal.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <string>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/flags/usage_config.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/time/time.h"
+#include "common/dtype.h"
+#include "common/log.h"
+#include "common/metrics.h"
+#include "prometheus/exposer.h"
+#include "service/metrics_observer.h"
+#include "service/engine_factory.h"
+#include "service/worker_server.h"
+
+ABSL_FLAG(std::string, listen, "0.0.0.0:50051",
+          "Address to listen on, host:port (port 0 picks a free port; e.g. 127.0.0.1:0).");
+ABSL_FLAG(int32_t, num_layers, 32, "Attention layers of the served model.");
+ABSL_FLAG(int32_t, num_q_heads, 32, "Query heads Hq.");
+ABSL_FLAG(int32_t, num_kv_heads, 8, "KV heads Hkv (Hq must be a multiple).");
+ABSL_FLAG(int32_t, head_dim, 128, "Head size d: 64, 128 or 256.");
+ABSL_FLAG(int32_t, page_size, 16, "Tokens per KV page.");
+ABSL_FLAG(std::string, dtype, "fp16", "Dtype of q, K, V and outputs: fp16 or bf16.");
+ABSL_FLAG(int64_t, kv_pool_bytes, int64_t{1} << 30,
+          "KV pool size in bytes (all layers); ignored when --num_pages is set.");
+ABSL_FLAG(int64_t, num_pages, 0, "KV pool size in pages (each holds page_size tokens of every layer); 0: use --kv_pool_bytes.");
+ABSL_FLAG(std::string, backend, "auto",
+          "Execution backend: auto (CUDA when compiled in and a GPU is present, else CPU), cpu or cuda.");
+ABSL_FLAG(int32_t, cpu_threads, 0, "Threads of the CPU backend's attention; 0: hardware concurrency.");
+ABSL_FLAG(int32_t, max_batch, 256, "Most rows one Step may carry.");
+ABSL_FLAG(uint64_t, scatter_seed, 0,
+          "0: hand out pages in ascending order; otherwise a seeded random permutation.");
+ABSL_FLAG(int64_t, max_message_bytes, int64_t{64} << 20, "gRPC max request/response message size, in [1 MiB, 2 GiB).");
+ABSL_FLAG(int32_t, service_threads, 2, "Threads that run engine work for the RPCs.");
+ABSL_FLAG(int32_t, service_queue, 64,
+          "Engine tasks that may wait for a service thread before new work gets RESOURCE_EXHAUSTED.");
+ABSL_FLAG(std::string, metrics_listen, "0.0.0.0:9400",
+          "host:port of the Prometheus exposition (/metrics); empty disables it.");
+ABSL_FLAG(std::string, calibration_profile, "",
+          "Cost-model profile JSON written by pkv-calibrate; empty: built-in conservative defaults.");
+ABSL_FLAG(std::string, fixed_kernel, "",
+          "Run every step with one route (per_request, sequence_split, workqueue; reference on the CPU) "
+          "instead of the adaptive scheduler: comparisons and debugging.");
+ABSL_FLAG(double, gpu_memory_fraction, 0.85,
+          "CUDA backend: KV pool = this share of free device memory when --num_pages is 0 "
+          "(0: size it by --kv_pool_bytes). Ignored by the CPU backend.");
+ABSL_FLAG(std::string, tls_cert_file, "",
+          "PEM certificate chain of the gRPC port; with --tls_key_file serves TLS (empty: plaintext).");
+ABSL_FLAG(std::string, tls_key_file, "", "PEM private key of --tls_cert_file.");
+ABSL_FLAG(std::string, tls_client_ca_file, "",
+          "With TLS: PEM CA bundle; clients must present a certificate it signed (mutual TLS).");
+ABSL_FLAG(std::string, health_listen, "",
+          "host:port of a second, plaintext gRPC server that serves only grpc.health.v1 (same "
+          "status as the gRPC port) for Kubernetes probes when that port uses TLS; empty: none.");
+ABSL_FLAG(double, shutdown_grace_s, 10.0,
+          "On SIGTERM/SIGINT, seconds in-flight RPCs get to finish before they are cancelled.");
+
+namespace {
+
+int Run() {
+  // Block the stop signals in every thread (gRPC's and the executor's inherit this mask); this
+  // thread waits for them with sigwait.
+  sigset_t stop_signals;
+  sigemptyset(&stop_signals);
+  sigaddset(&stop_signals, SIGTERM);
+  sigaddset(&stop_signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+
+  pkv::service::EngineConfig config;
+  config.shape.num_layers = absl::GetFlag(FLAGS_num_layers);
+  config.shape.num_q_heads = absl::GetFlag(FLAGS_num_q_heads);
+  config.shape.num_kv_heads = absl::GetFlag(FLAGS_num_kv_heads);
+  config.shape.head_dim = absl::GetFlag(FLAGS_head_dim);
+  config.shape.page_size = absl::GetFlag(FLAGS_page_size);
+  auto dtype = pkv::ParseDType(absl::GetFlag(FLAGS_dtype));
+  if (!dtype.ok()) {
+    PKV_LOG(ERROR) << "--dtype: " << dtype.status();
+    return 2;
+  }
+  config.shape.dtype = *dtype;
+  config.num_pages = absl::GetFlag(FLAGS_num_pages);
+  config.kv_pool_bytes = absl::GetFlag(FLAGS_kv_pool_bytes);
+  config.backend = absl::GetFlag(FLAGS_backend);
+  config.cpu_threads = absl::GetFlag(FLAGS_cpu_threads);
+  config.max_batch = absl::GetFlag(FLAGS_max_batch);
+  config.scatter_seed = absl::GetFlag(FLAGS_scatter_seed);
+  config.gpu_memory_fraction = absl::GetFlag(FLAGS_gpu_memory_fraction);
+  config.calibration_profile = absl::GetFlag(FLAGS_calibration_profile);
+  config.fixed_kernel = absl::GetFlag(FLAGS_fixed_kernel);
+
+  auto engine = pkv::service::BuildEngine(config);
+  if (!engine.ok()) {
+    PKV_LOG(ERROR) << "cannot create the engine: " << engine.status();
+    return 2;
+  }
+  // Metrics: every family bound now; engine events feed them through the observer.
+  const pkv::engine::EngineInfo info = (*engine)->Info();
+  pkv::BuildInfo build;
+  build.version = PKV_VERSION;
+  build.commit = PKV_COMMIT;
+  build.backend = info.backend;
+  build.gpu = info.backend == "cpu" ? "none" : info.device;
+  build.dtype = pkv::DTypeName(info.shape.dtype);
+  build.calibration_profile = config.calibration_profile.empty() ? "default" : config.calibration_profile;
+  pkv::WorkerMetrics metrics(build);
+  pkv::service::MetricsObserver observer(&metrics);
+  (*engine)->SetObserver(&observer);
+  std::unique_ptr<prometheus::Exposer> exposer;
+  const std::string metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
+  if (!metrics_listen.empty()) {
+    try {
+      exposer = std::make_unique<prometheus::Exposer>(metrics_listen);
+    } catch (const std::exception& e) {
+      PKV_LOG(ERROR) << "--metrics_listen=" << metrics_listen << ": cannot serve metrics: " << e.what();
+      return 2;
+    }
+    exposer->RegisterCollectable(metrics.registry());
+    const auto ports = exposer->GetListeningPorts();
+    PKV_LOG(INFO) << "metrics on http://" << metrics_listen.substr(0, metrics_listen.rfind(':')) << ":"
+                  << (ports.empty() ? 0 : ports.front()) << "/metrics";
+    std::printf("pkv-worker metrics on port %d\n", ports.empty() ? 0 : ports.front());
+  }
+
+  pkv::service::ServerOptions options;
+  options.metrics = &metrics;
+  options.listen_address = absl::GetFlag(FLAGS_listen);
+  options.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
+  options.executor_threads = absl::GetFlag(FLAGS_service_threads);
+  options.executor_queue = absl::GetFlag(FLAGS_service_queue);
+  options.tls_cert_file = absl::GetFlag(FLAGS_tls_cert_file);
+  options.tls_key_file = absl::GetFlag(FLAGS_tls_key_file);
+  options.tls_client_ca_file = absl::GetFlag(FLAGS_tls_client_ca_file);
+  options.health_listen_address = absl::GetFlag(FLAGS_health_listen);
+  auto server = pkv::service::WorkerServer::Start(options, *std::move(engine));
+  if (!server.ok()) {
+    PKV_LOG(ERROR) << "cannot start the server: " << server.status();
+    return 2;
+  }
+  pkv::service::WorkerServer* served = server->get();
+  pkv::service::PoolSampler sampler(&served->engine(), &metrics, [served] { return !served->draining(); });
+  PKV_LOG(INFO) << "serving pkv.v1.PersistentKV + grpc.health.v1 + reflection ("
+                << served->security_mode() << ")";
+  if (served->health_port() != 0) {
+    std::printf("pkv-worker health on port %d\n", served->health_port());
+  }
+  std::printf("pkv-worker listening on %s\n", (*server)->address().c_str());
+  std::fflush(stdout);
+
+  int sig = 0;
+  sigwait(&stop_signals, &sig);
+  const absl::Duration grace = absl::Seconds(absl::GetFlag(FLAGS_shutdown_grace_s));
+  PKV_LOG(INFO) << "received " << (sig == SIGTERM ? "SIGTERM" : "SIGINT") << ": draining, grace "
+                << absl::FormatDuration(grace);
+  (*server)->Shutdown(grace);
+  sampler.Stop();
+  server->get()->engine().SetObserver(nullptr);
+  server->reset();
+  PKV_LOG(INFO) << "pkv-worker exited cleanly";
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "PersistentKV decode-attention worker.\n"
+      "  pkv-worker --listen=127.0.0.1:0 --num_layers=4 --num_q_heads=8 --num_kv_heads=2 "
+      "--head_dim=64 --num_pages=4096 --backend=cpu");
+  absl::FlagsUsageConfig usage;
+  // --help lists this program's flags (those defined in worker_main.cc).
+  usage.contains_help_flags = [](absl::string_view path) { return absl::StrContains(path, "worker_main."); };
+  usage.contains_helpshort_flags = usage.contains_help_flags;
+  absl::SetFlagsUsageConfig(usage);
+  absl::ParseCommandLine(argc, argv);
+  return Run();
+}

@@ -1,0 +1,94 @@
+// service/worker_server.h — the PersistentKV gRPC server: API v1, health and reflection.
+//
+// WorkerServer owns the engine, the bounded executor that runs engine work, the callback service
+// and the grpc::Server (plaintext, TLS or mutual TLS), plus an optional second, plaintext server
+// that serves only grpc.health.v1 for Kubernetes gRPC probes (they cannot speak TLS); pkv-worker and the integration tests both start it through Start, so the
+// tests exercise exactly what the binary serves. gRPC types stay in worker_server.cc: this header
+// is cheap to include.
+//
+// Life cycle: Start -> serving (health SERVING on both servers) -> BeginDrain (health NOT_SERVING, new RPCs and
+// new stream messages refused with UNAVAILABLE, in-flight work finishes) -> Shutdown (waits for
+// in-flight RPCs up to the grace period, cancels the rest, runs queued cleanups, stops).
+// Thread-safety: all methods may be called from any thread; Shutdown is idempotent.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "engine/engine.h"
+#include "service/executor.h"
+
+namespace pkv {
+class WorkerMetrics;
+}  // namespace pkv
+
+namespace pkv::service {
+
+struct ServerOptions {
+  std::string listen_address = "0.0.0.0:50051";  // host:port; port 0 picks a free one
+  int64_t max_message_bytes = 64LL << 20;         // gRPC max send/receive message size
+  int executor_threads = 2;                       // engine work threads
+  int executor_queue = 64;                        // tasks waiting before RESOURCE_EXHAUSTED
+  // RPC counters, in-flight gauges and queue rejections go here when set (not owned; must
+  // outlive the server). Engine events are bound separately (service/metrics_observer.h).
+  WorkerMetrics* metrics = nullptr;
+
+  // TLS on the API port: PEM certificate chain and private key, read at Start. Both or neither;
+  // neither: plaintext.
+  std::string tls_cert_file;
+  std::string tls_key_file;
+  // With TLS: require client certificates signed by this PEM CA bundle (mutual TLS). Empty: no
+  // client certificate is asked for.
+  std::string tls_client_ca_file;
+  // host:port of a second, plaintext server that serves only grpc.health.v1, with the same
+  // status as the API server (no API, no reflection); port 0 picks a free one. Empty: none.
+  std::string health_listen_address;
+};
+
+class WorkerServer final {
+ public:
+  // Starts serving `engine`. INVALID_ARGUMENT for bad options (a TLS file that is missing,
+  // unreadable or not PEM, a key without a certificate, ...); UNAVAILABLE when an address cannot
+  // be bound or the TLS credentials are rejected.
+  static absl::StatusOr<std::unique_ptr<WorkerServer>> Start(const ServerOptions& options,
+                                                             std::unique_ptr<engine::Engine> engine);
+  WorkerServer(const WorkerServer&) = delete;
+  WorkerServer& operator=(const WorkerServer&) = delete;
+  // Shutdown with no grace period if it has not run.
+  ~WorkerServer();
+
+  // The bound port (the chosen one when the address asked for port 0).
+  int port() const;
+  // host:port actually bound, e.g. "127.0.0.1:41234".
+  std::string address() const;
+  // The bound port of the health-only server; 0 when there is none.
+  int health_port() const;
+  // host:port of the health-only server; empty when there is none.
+  std::string health_address() const;
+  // "plaintext", "TLS" or "mutual TLS": how the API port is served.
+  std::string security_mode() const;
+  // The engine served (tests inspect its state).
+  engine::Engine& engine();
+
+  // The executor that runs engine work (tests fill it to provoke backpressure).
+  BoundedExecutor& executor_for_testing();
+
+  // Health NOT_SERVING (both servers); new work is refused with UNAVAILABLE; in-flight work continues.
+  void BeginDrain();
+  // Whether BeginDrain has run.
+  bool draining() const;
+  // BeginDrain, then waits up to `grace` for in-flight RPCs, cancels what remains, stops the
+  // health-only server and stops the executor after its queued tasks. Idempotent.
+  void Shutdown(absl::Duration grace);
+
+  struct Impl;
+
+ private:
+  explicit WorkerServer(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace pkv::service

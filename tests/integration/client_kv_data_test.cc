@@ -1,0 +1,103 @@
+// Tests of the client's reproducible data (client/kv_data.h), its double reference and the
+// replay's percentile helper: the pieces every integration check relies on.
+#include "client/kv_data.h"
+
+#include <cmath>
+#include <cstring>
+
+#include "client/replay.h"
+#include "common/dtype.h"
+#include "gtest/gtest.h"
+
+namespace pkv::client {
+namespace {
+
+ModelShape Shape(DType dtype) {
+  ModelShape s;
+  s.num_layers = 2;
+  s.num_q_heads = 4;
+  s.num_kv_heads = 2;
+  s.head_dim = 64;
+  s.dtype = dtype;
+  return s;
+}
+
+TEST(KvDataGenTest, BytesAndValuesAgreeAndAreReproducible) {
+  for (DType dtype : {DType::kF16, DType::kBF16}) {
+    const ModelShape s = Shape(dtype);
+    const KvDataGen a(s, 11), b(s, 11), c(s, 12);
+    std::string k1, v1, k2, v2, k3, v3;
+    a.AppendKv(5, 1, 10, 3, &k1, &v1);
+    b.AppendKv(5, 1, 10, 3, &k2, &v2);
+    c.AppendKv(5, 1, 10, 3, &k3, &v3);
+    ASSERT_EQ(k1.size(), 3u * 2 * 64 * 2);
+    EXPECT_EQ(k1, k2);
+    EXPECT_EQ(v1, v2);
+    EXPECT_NE(k1, k3);
+    EXPECT_NE(k1, v1);
+    const std::vector<double> hist = a.History(DataKind::kK, 5, 1, 13);
+    for (int t = 0; t < 3; ++t) {
+      for (int i = 0; i < 2 * 64; ++i) {
+        uint16_t raw;
+        std::memcpy(&raw, k1.data() + 2 * (t * 128 + i), 2);
+        EXPECT_EQ(ToFloat(dtype, raw), hist[(10 + t) * 128 + i]);
+        EXPECT_EQ(raw, a.Raw(DataKind::kK, 5, 1, 10 + t, i / 64, i % 64));
+      }
+    }
+    std::string q;
+    a.AppendQ(5, 1, 10, &q);
+    const std::vector<double> qd = a.Query(5, 1, 10);
+    ASSERT_EQ(q.size(), qd.size() * 2);
+    for (size_t i = 0; i < qd.size(); ++i) {
+      uint16_t raw;
+      std::memcpy(&raw, q.data() + 2 * i, 2);
+      EXPECT_EQ(ToFloat(dtype, raw), qd[i]);
+    }
+  }
+}
+
+TEST(KvDataGenTest, ValuesAreStandardNormal) {
+  const KvDataGen gen(Shape(DType::kF16), 3);
+  const std::vector<double> x = gen.History(DataKind::kV, 1, 0, 2000);  // 256000 values
+  double sum = 0, sq = 0, within1 = 0;
+  for (double v : x) {
+    sum += v;
+    sq += v * v;
+    within1 += std::abs(v) < 1.0;
+  }
+  const double n = static_cast<double>(x.size());
+  EXPECT_NEAR(sum / n, 0.0, 0.01);
+  EXPECT_NEAR(sq / n, 1.0, 0.02);
+  EXPECT_NEAR(within1 / n, 0.6827, 0.005);
+}
+
+TEST(ReferenceDecodeTest, MatchesHandComputedCases) {
+  ModelShape s = Shape(DType::kF16);
+  s.num_q_heads = 2;
+  s.num_kv_heads = 1;
+  s.head_dim = 64;
+  const int d = 64;
+  // Two tokens; head 0's query prefers token 1 by a score gap of exactly log(3).
+  std::vector<double> q(2 * d, 0.0), k(2 * d, 0.0), v(2 * d, 0.0);
+  q[0] = std::log(3.0) * std::sqrt(64.0);  // head 0: score(t) = k[t][0] * log 3
+  k[1 * d + 0] = 1.0;
+  v[0 * d + 5] = 1.0;
+  v[1 * d + 5] = 5.0;
+  std::vector<double> out, lse;
+  ReferenceDecode(s, q, k, v, 2, &out, &lse);
+  EXPECT_NEAR(out[5], 0.25 * 1.0 + 0.75 * 5.0, 1e-12);
+  EXPECT_NEAR(lse[0], std::log(1.0 + 3.0), 1e-12);
+  EXPECT_NEAR(out[d + 5], 3.0, 1e-12);  // head 1: uniform weights
+  EXPECT_NEAR(lse[1], std::log(2.0), 1e-12);
+}
+
+TEST(ReplayTest, PercentileInterpolatesBetweenRanks) {
+  EXPECT_EQ(Percentile({}, 50), 0.0);
+  EXPECT_EQ(Percentile({4.0}, 99), 4.0);
+  EXPECT_DOUBLE_EQ(Percentile({1, 2, 3, 4}, 50), 2.5);
+  EXPECT_DOUBLE_EQ(Percentile({10, 0, 5}, 100), 10.0);
+  EXPECT_DOUBLE_EQ(Percentile({0, 10}, 99), 9.9);
+}
+
+}  // namespace
+}  // namespace pkv::client

@@ -1,0 +1,551 @@
+// Integration tests: the real gRPC server (service::WorkerServer, as pkv-worker builds it) on
+// 127.0.0.1:0 with a small CPU model and scattered pages, driven through the client library.
+// Outputs are checked against the client's independent double-precision reference.
+#include <chrono>
+#include <condition_variable>
+#include <mutex>
+#include <map>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "client/kv_data.h"
+#include "client/replay.h"
+#include "client/worker_client.h"
+#include "common/workload.h"
+#include "gtest/gtest.h"
+#include "service/engine_factory.h"
+#include "service/worker_server.h"
+
+namespace pkv {
+namespace {
+
+using client::DataKind;
+using client::StepArgs;
+using client::StepResult;
+
+constexpr uint64_t kDataSeed = 20260622;
+
+ModelShape TestShape() {
+  ModelShape s;
+  s.num_layers = 3;
+  s.num_q_heads = 8;
+  s.num_kv_heads = 2;
+  s.head_dim = 64;
+  s.page_size = 16;
+  s.dtype = DType::kF16;
+  return s;
+}
+
+// Expected history of one sequence: K and V per layer as doubles, [len, Hkv, d].
+struct History {
+  int64_t len = 0;
+  std::vector<std::vector<double>> k, v;  // [layer]
+};
+
+class WorkerIntegrationTest : public ::testing::Test {
+ protected:
+  void StartWorker(int64_t num_pages, int executor_threads = 2, int executor_queue = 64) {
+    service::EngineConfig config;
+    config.shape = TestShape();
+    config.num_pages = num_pages;
+    config.backend = "cpu";
+    config.cpu_threads = 1;
+    config.max_batch = 16;
+    config.scatter_seed = 0xC0FFEE;
+    auto engine = service::BuildEngine(config);
+    ASSERT_TRUE(engine.ok()) << engine.status();
+    service::ServerOptions options;
+    options.listen_address = "127.0.0.1:0";
+    options.max_message_bytes = 8 << 20;
+    options.executor_threads = executor_threads;
+    options.executor_queue = executor_queue;
+    auto server = service::WorkerServer::Start(options, *std::move(engine));
+    ASSERT_TRUE(server.ok()) << server.status();
+    server_ = *std::move(server);
+    ASSERT_GT(server_->port(), 0);
+    client::ClientOptions copts;
+    copts.target = server_->address();
+    copts.rpc_timeout = absl::Seconds(30);
+    auto c = client::WorkerClient::Connect(copts);
+    ASSERT_TRUE(c.ok()) << c.status();
+    client_ = *std::move(c);
+    gen_ = std::make_unique<client::KvDataGen>(TestShape(), kDataSeed);
+  }
+
+  void TearDown() override {
+    client_.reset();
+    if (server_ != nullptr) server_->Shutdown(absl::Seconds(2));
+  }
+
+  client::WorkerInfo Describe() {
+    auto info = client_->Describe();
+    EXPECT_TRUE(info.ok()) << info.status();
+    return info.ok() ? *info : client::WorkerInfo{};
+  }
+
+  // Polls until the pool is all free and no prompt is being written (cleanups are async).
+  bool WaitAllFree(absl::Duration timeout = absl::Seconds(5)) {
+    const absl::Time deadline = absl::Now() + timeout;
+    while (absl::Now() < deadline) {
+      const client::WorkerInfo info = Describe();
+      if (info.free_pages == info.total_pages && info.num_sequences == 0 &&
+          info.writing_sequences == 0) {
+        return true;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    return false;
+  }
+
+  void Track(uint64_t seq, int64_t len) {
+    History& h = expected_[seq];
+    h.len = len;
+    h.k.clear();
+    h.v.clear();
+    for (int32_t l = 0; l < TestShape().num_layers; ++l) {
+      h.k.push_back(gen_->History(DataKind::kK, seq, l, len));
+      h.v.push_back(gen_->History(DataKind::kV, seq, l, len));
+    }
+  }
+
+  // Writes a prompt with chunks of `chunk` tokens, layers in the given order, and (when
+  // `rewrite`) the first chunk of each layer twice.
+  absl::Status WritePrompt(uint64_t seq, int64_t len, int64_t chunk, std::vector<int32_t> layers,
+                           bool rewrite = false) {
+    auto writer = client_->BeginWriteKV(seq, len);
+    if (!writer.ok()) return writer.status();
+    for (int32_t layer : layers) {
+      for (int64_t off = 0; off < len; off += chunk) {
+        const int64_t n = std::min(chunk, len - off);
+        std::string k, v;
+        gen_->AppendKv(seq, layer, off, n, &k, &v);
+        absl::Status s = (*writer)->WriteChunk(layer, off, n, k, v);
+        if (!s.ok()) return s;
+        if (rewrite && off == 0) {
+          s = (*writer)->WriteChunk(layer, off, n, k, v);
+          if (!s.ok()) return s;
+        }
+      }
+    }
+    absl::Status s = (*writer)->Finish();
+    if (s.ok()) Track(seq, len);
+    return s;
+  }
+
+  // The request of one layer for `rows`, whose new token sits at each row's current length.
+  StepArgs MakeStep(uint64_t id, int32_t layer, const std::vector<uint64_t>& rows) {
+    StepArgs a;
+    a.token_step_id = id;
+    a.layer = layer;
+    a.rows = rows;
+    a.want_lse = true;
+    for (uint64_t seq : rows) {
+      const int64_t pos = expected_[seq].len;
+      gen_->AppendQ(seq, layer, pos, &a.q);
+      gen_->AppendKv(seq, layer, pos, 1, &a.k, &a.v);
+    }
+    return a;
+  }
+
+  // Checks every row of a layer's result against the double reference (history + new token).
+  void CheckOutputs(const StepArgs& a, const StepResult& r, double* max_err) {
+    const ModelShape s = TestShape();
+    const size_t row_bytes = static_cast<size_t>(s.num_q_heads) * s.head_dim * 2;
+    ASSERT_EQ(r.out.size(), row_bytes * a.rows.size());
+    ASSERT_EQ(r.lse.size(), a.rows.size() * s.num_q_heads);
+    for (size_t i = 0; i < a.rows.size(); ++i) {
+      const History& h = expected_[a.rows[i]];
+      const int64_t pos = h.len;
+      std::vector<double> k = h.k[a.layer], v = h.v[a.layer];
+      for (int32_t kh = 0; kh < s.num_kv_heads; ++kh) {
+        for (int32_t d = 0; d < s.head_dim; ++d) {
+          k.push_back(gen_->Value(DataKind::kK, a.rows[i], a.layer, pos, kh, d));
+          v.push_back(gen_->Value(DataKind::kV, a.rows[i], a.layer, pos, kh, d));
+        }
+      }
+      std::vector<double> out, lse;
+      client::ReferenceDecode(s, gen_->Query(a.rows[i], a.layer, pos), k, v, pos + 1, &out, &lse);
+      const double err = client::MaxRelativeError(s, r.out.data() + i * row_bytes, out);
+      *max_err = std::max(*max_err, err);
+      EXPECT_LE(err, client::Tolerance(s))
+          << "row " << i << " (seq " << a.rows[i] << ") layer " << a.layer << " len " << pos + 1;
+      for (int32_t hq = 0; hq < s.num_q_heads; ++hq) {
+        EXPECT_NEAR(r.lse[i * s.num_q_heads + hq], lse[hq], 1e-3 * std::max(1.0, std::abs(lse[hq])));
+      }
+    }
+  }
+
+  // After every layer of a token step ran: each row's history gains its new token.
+  void Advance(const std::vector<uint64_t>& rows) {
+    const ModelShape s = TestShape();
+    for (uint64_t seq : rows) {
+      History& h = expected_[seq];
+      for (int32_t l = 0; l < s.num_layers; ++l) {
+        for (int32_t kh = 0; kh < s.num_kv_heads; ++kh) {
+          for (int32_t d = 0; d < s.head_dim; ++d) {
+            h.k[l].push_back(gen_->Value(DataKind::kK, seq, l, h.len, kh, d));
+            h.v[l].push_back(gen_->Value(DataKind::kV, seq, l, h.len, kh, d));
+          }
+        }
+      }
+      ++h.len;
+    }
+  }
+
+  std::unique_ptr<service::WorkerServer> server_;
+  std::unique_ptr<client::WorkerClient> client_;
+  std::unique_ptr<client::KvDataGen> gen_;
+  std::map<uint64_t, History> expected_;
+};
+
+TEST_F(WorkerIntegrationTest, WriteKvThenHundredTokenStepsMatchTheReference) {
+  StartWorker(/*num_pages=*/96);
+  const client::WorkerInfo info0 = Describe();
+  EXPECT_EQ(info0.shape.num_layers, 3);
+  EXPECT_EQ(info0.total_pages, 96);
+  EXPECT_EQ(info0.free_pages, 96);
+  EXPECT_TRUE(info0.serving);
+  auto healthy = client_->CheckHealth();
+  ASSERT_TRUE(healthy.ok()) << healthy.status();
+  EXPECT_TRUE(*healthy);
+  auto service_healthy = client_->CheckHealth("pkv.v1.PersistentKV");
+  ASSERT_TRUE(service_healthy.ok()) << service_healthy.status();
+  EXPECT_TRUE(*service_healthy);
+
+  // Prompts across page boundaries, in odd chunkings and layer orders.
+  ASSERT_TRUE(WritePrompt(101, 1, 1, {0, 1, 2}).ok());
+  ASSERT_TRUE(WritePrompt(102, 15, 7, {2, 1, 0}).ok());
+  ASSERT_TRUE(WritePrompt(103, 16, 16, {1, 0, 2}).ok());
+  ASSERT_TRUE(WritePrompt(104, 17, 5, {0, 2, 1}, /*rewrite=*/true).ok());
+  ASSERT_TRUE(WritePrompt(105, 45, 13, {2, 0, 1}).ok());
+  EXPECT_EQ(Describe().used_tokens, 1 + 15 + 16 + 17 + 45);
+
+  auto stream = client_->OpenStepStream();
+  ASSERT_TRUE(stream.ok()) << stream.status();
+  std::vector<uint64_t> rows = {101, 102, 103, 104, 105};
+  const uint64_t base_id = 5000;
+  double max_err = 0;
+  for (int step = 0; step < 100; ++step) {
+    const uint64_t id = base_id + step;
+    std::vector<uint64_t> open, free;
+    if (step == 40) {  // an `open` delta: a new empty sequence joins as a row
+      open.push_back(106);
+      expected_[106] = History{};
+      Track(106, 0);
+      rows.push_back(106);
+    }
+    if (step == 70) {  // a `free` delta: sequence 101 leaves
+      free.push_back(101);
+      rows.erase(rows.begin());
+    }
+    for (int32_t layer = 0; layer < 3; ++layer) {
+      StepArgs a = MakeStep(id, layer, rows);
+      if (layer == 0) {
+        a.open = open;
+        a.free = free;
+      }
+      // Mostly the stream; every 10th token step over unary Step.
+      absl::StatusOr<StepResult> r = step % 10 == 9 ? client_->Step(a) : (*stream)->Step(a);
+      ASSERT_TRUE(r.ok()) << "step " << step << " layer " << layer << ": " << r.status();
+      EXPECT_EQ(r->token_step_id, id);
+      EXPECT_EQ(r->layer, layer);
+      EXPECT_FALSE(r->replayed);
+      CheckOutputs(a, *r, &max_err);
+      if (::testing::Test::HasFailure()) return;
+    }
+    Advance(rows);
+  }
+  ASSERT_TRUE((*stream)->Finish().ok());
+  RecordProperty("max_rel_error", std::to_string(max_err));
+  const client::WorkerInfo info = Describe();
+  int64_t want_tokens = 0;
+  for (uint64_t seq : rows) want_tokens += expected_[seq].len;
+  EXPECT_EQ(info.used_tokens, want_tokens);
+  EXPECT_EQ(info.num_sequences, static_cast<int64_t>(rows.size()));
+  EXPECT_TRUE(server_->engine().CheckConsistency().ok());
+
+  auto free_after = client_->Release(rows);
+  ASSERT_TRUE(free_after.ok()) << free_after.status();
+  EXPECT_EQ(*free_after, 96);
+  const client::WorkerInfo end = Describe();
+  EXPECT_EQ(end.free_pages, end.total_pages);
+  EXPECT_EQ(end.num_sequences, 0);
+}
+
+TEST_F(WorkerIntegrationTest, MalformedRequestMidStreamGetsItsStatusAndTheStreamContinues) {
+  StartWorker(32);
+  ASSERT_TRUE(WritePrompt(7, 20, 8, {0, 1, 2}).ok());
+  ASSERT_TRUE(WritePrompt(8, 33, 33, {0, 1, 2}).ok());
+  auto stream = client_->OpenStepStream();
+  ASSERT_TRUE(stream.ok());
+  const std::vector<uint64_t> rows = {7, 8};
+  double max_err = 0;
+
+  StepArgs a0 = MakeStep(900, 0, rows);
+  auto r0 = (*stream)->Step(a0);
+  ASSERT_TRUE(r0.ok()) << r0.status();
+  CheckOutputs(a0, *r0, &max_err);
+  const uint64_t fingerprint = server_->engine().StateFingerprint();
+
+  StepArgs bad = MakeStep(900, 1, rows);
+  bad.q.resize(bad.q.size() - 64);  // truncated q
+  auto rb = (*stream)->Step(bad);
+  EXPECT_EQ(rb.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(rb.status().message().find("q.data"), std::string::npos) << rb.status();
+
+  StepArgs unknown = MakeStep(900, 1, rows);
+  unknown.rows = {7, 99};  // not the rows of layer 0 (and 99 does not exist)
+  auto ru = (*stream)->Step(unknown);
+  EXPECT_FALSE(ru.ok());
+  EXPECT_NE(ru.status().message().find("rows"), std::string::npos) << ru.status();
+  EXPECT_EQ(server_->engine().StateFingerprint(), fingerprint) << "a rejected request changed state";
+
+  for (int32_t layer = 1; layer < 3; ++layer) {
+    StepArgs a = MakeStep(900, layer, rows);
+    auto r = (*stream)->Step(a);
+    ASSERT_TRUE(r.ok()) << "the stream must continue after a bad message: " << r.status();
+    CheckOutputs(a, *r, &max_err);
+  }
+  EXPECT_TRUE((*stream)->Finish().ok());
+  ASSERT_TRUE(client_->Release(rows).ok());
+  EXPECT_TRUE(WaitAllFree());
+}
+
+TEST_F(WorkerIntegrationTest, CancelledOrIncompleteWriteKvLeavesNothingBehind) {
+  StartWorker(32);
+  {
+    auto writer = client_->BeginWriteKV(55, 100);
+    ASSERT_TRUE(writer.ok()) << writer.status();
+    std::string k, v;
+    gen_->AppendKv(55, 0, 0, 40, &k, &v);
+    ASSERT_TRUE((*writer)->WriteChunk(0, 0, 40, k, v).ok());
+    // Wait until the worker holds the prompt's pages, then cut the stream.
+    const absl::Time deadline = absl::Now() + absl::Seconds(5);
+    while (Describe().writing_sequences != 1 && absl::Now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    EXPECT_EQ(Describe().free_pages, 32 - 7);
+    (*writer)->Cancel();
+    EXPECT_FALSE((*writer)->Finish().ok());
+  }
+  EXPECT_TRUE(WaitAllFree()) << "a cancelled WriteKV must release its pages";
+
+  // A stream that ends with tokens missing is refused and leaves nothing either.
+  {
+    auto writer = client_->BeginWriteKV(56, 20);
+    ASSERT_TRUE(writer.ok());
+    std::string k, v;
+    gen_->AppendKv(56, 0, 0, 20, &k, &v);
+    ASSERT_TRUE((*writer)->WriteChunk(0, 0, 20, k, v).ok());
+    const absl::Status s = (*writer)->Finish();
+    EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition) << s;
+  }
+  EXPECT_TRUE(WaitAllFree());
+  // A malformed chunk ends the stream with INVALID_ARGUMENT naming the field.
+  {
+    auto writer = client_->BeginWriteKV(57, 20);
+    ASSERT_TRUE(writer.ok());
+    std::string k(10, '\0'), v(10, '\0');
+    (*writer)->WriteChunk(0, 0, 4, k, v).IgnoreError();
+    const absl::Status s = (*writer)->Finish();
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+    EXPECT_NE(s.message().find("chunk.k"), std::string::npos) << s;
+  }
+  EXPECT_TRUE(WaitAllFree());
+  // The ids are free for reuse.
+  ASSERT_TRUE(WritePrompt(55, 100, 64, {0, 1, 2}).ok());
+  ASSERT_TRUE(client_->Release(std::vector<uint64_t>{55}).ok());
+  EXPECT_TRUE(WaitAllFree());
+}
+
+TEST_F(WorkerIntegrationTest, CancelledStepStreamLeavesAResumableTokenStep) {
+  StartWorker(32);
+  ASSERT_TRUE(WritePrompt(1, 30, 30, {0, 1, 2}).ok());
+  const std::vector<uint64_t> rows = {1};
+  double max_err = 0;
+  {
+    auto idle = client_->OpenStepStream();  // cancelled before any message
+    ASSERT_TRUE(idle.ok());
+    (*idle)->Cancel();
+    EXPECT_FALSE((*idle)->Finish().ok());
+  }
+  {
+    auto stream = client_->OpenStepStream();
+    ASSERT_TRUE(stream.ok());
+    auto r = (*stream)->Step(MakeStep(77, 0, rows));
+    ASSERT_TRUE(r.ok()) << r.status();
+    (*stream)->Cancel();  // mid token step
+    EXPECT_FALSE((*stream)->Step(MakeStep(77, 1, rows)).ok());
+  }
+  EXPECT_TRUE(server_->engine().CheckConsistency().ok());
+  EXPECT_EQ(Describe().open_token_steps, 1);
+  // Another stream resumes the token step where it stopped.
+  auto stream = client_->OpenStepStream();
+  ASSERT_TRUE(stream.ok());
+  for (int32_t layer = 1; layer < 3; ++layer) {
+    StepArgs a = MakeStep(77, layer, rows);
+    auto r = (*stream)->Step(a);
+    ASSERT_TRUE(r.ok()) << r.status();
+    CheckOutputs(a, *r, &max_err);
+  }
+  EXPECT_EQ(Describe().open_token_steps, 0);
+  EXPECT_EQ(Describe().used_tokens, 31);
+  EXPECT_TRUE((*stream)->Finish().ok());
+  ASSERT_TRUE(client_->Release(rows).ok());
+  EXPECT_TRUE(WaitAllFree());
+}
+
+TEST_F(WorkerIntegrationTest, RetriedStepIdReturnsTheSameOutputsWithoutAppending) {
+  StartWorker(32);
+  ASSERT_TRUE(WritePrompt(11, 16, 16, {0, 1, 2}).ok());
+  ASSERT_TRUE(WritePrompt(12, 40, 16, {0, 1, 2}).ok());
+  const std::vector<uint64_t> rows = {11, 12};
+  std::vector<StepResult> first;
+  std::vector<StepArgs> args;
+  for (int32_t layer = 0; layer < 3; ++layer) {
+    args.push_back(MakeStep(300, layer, rows));
+    auto r = client_->Step(args.back());
+    ASSERT_TRUE(r.ok()) << r.status();
+    first.push_back(*r);
+  }
+  const client::WorkerInfo after_first = Describe();
+  EXPECT_EQ(after_first.used_tokens, 16 + 40 + 2);
+  // Retry every layer (layer 0 again too) on a stream and over unary.
+  auto stream = client_->OpenStepStream();
+  ASSERT_TRUE(stream.ok());
+  for (int32_t layer : {1, 0, 2}) {
+    auto r = layer == 1 ? client_->Step(args[layer]) : (*stream)->Step(args[layer]);
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_TRUE(r->replayed);
+    EXPECT_EQ(r->out, first[layer].out) << "layer " << layer;
+    EXPECT_EQ(r->lse, first[layer].lse);
+  }
+  const client::WorkerInfo after_retry = Describe();
+  EXPECT_EQ(after_retry.used_tokens, after_first.used_tokens) << "a retry must not append";
+  EXPECT_EQ(after_retry.free_pages, after_first.free_pages);
+  // The next token step appends exactly one token per row and is still exact.
+  Advance(rows);
+  double max_err = 0;
+  for (int32_t layer = 0; layer < 3; ++layer) {
+    StepArgs a = MakeStep(301, layer, rows);
+    auto r = (*stream)->Step(a);
+    ASSERT_TRUE(r.ok()) << r.status();
+    CheckOutputs(a, *r, &max_err);
+  }
+  EXPECT_EQ(Describe().used_tokens, 16 + 40 + 4);
+  EXPECT_TRUE((*stream)->Finish().ok());
+  ASSERT_TRUE(client_->Release(rows).ok());
+  EXPECT_TRUE(WaitAllFree());
+}
+
+TEST_F(WorkerIntegrationTest, FullPoolIsResourceExhaustedNamingFreePages) {
+  StartWorker(8);
+  const uint64_t fingerprint = server_->engine().StateFingerprint();
+  absl::Status s = WritePrompt(1, 9 * 16, 64, {0, 1, 2});
+  EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted) << s;
+  EXPECT_NE(s.message().find("8 free"), std::string::npos) << s;
+  EXPECT_TRUE(WaitAllFree());
+  EXPECT_EQ(server_->engine().StateFingerprint(), fingerprint);
+  // Fill the pool exactly; the next token then needs a page that is not there.
+  ASSERT_TRUE(WritePrompt(2, 8 * 16, 128, {0, 1, 2}).ok());
+  EXPECT_EQ(Describe().free_pages, 0);
+  const uint64_t full = server_->engine().StateFingerprint();
+  auto r = client_->Step(MakeStep(10, 0, {2}));
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kResourceExhausted) << r.status();
+  EXPECT_NE(r.status().message().find("0 free"), std::string::npos) << r.status();
+  EXPECT_EQ(server_->engine().StateFingerprint(), full);
+  ASSERT_TRUE(client_->Release(std::vector<uint64_t>{2}).ok());
+  EXPECT_TRUE(WaitAllFree());
+}
+
+TEST_F(WorkerIntegrationTest, FullWorkQueueIsResourceExhaustedAndAStreamSurvivesIt) {
+  StartWorker(16, /*executor_threads=*/1, /*executor_queue=*/1);
+  ASSERT_TRUE(WritePrompt(5, 10, 10, {0, 1, 2}).ok());
+  auto stream = client_->OpenStepStream();
+  ASSERT_TRUE(stream.ok());
+  // Occupy the only executor thread and its one queue slot.
+  std::mutex mu;
+  std::condition_variable cv;
+  bool release = false, started = false;
+  service::BoundedExecutor& executor = server_->executor_for_testing();
+  ASSERT_TRUE(executor.TrySubmit([&] {
+    std::unique_lock<std::mutex> lock(mu);
+    started = true;
+    cv.notify_all();
+    cv.wait(lock, [&] { return release; });
+  }));
+  {
+    std::unique_lock<std::mutex> lock(mu);
+    cv.wait(lock, [&] { return started; });
+  }
+  ASSERT_TRUE(executor.TrySubmit([] {}));
+  auto unary = client_->Step(MakeStep(40, 0, {5}));
+  EXPECT_EQ(unary.status().code(), absl::StatusCode::kResourceExhausted) << unary.status();
+  EXPECT_NE(unary.status().message().find("work queue"), std::string::npos) << unary.status();
+  auto streamed = (*stream)->Step(MakeStep(40, 0, {5}));
+  EXPECT_EQ(streamed.status().code(), absl::StatusCode::kResourceExhausted) << streamed.status();
+  EXPECT_EQ(WritePrompt(6, 4, 4, {0, 1, 2}).code(), absl::StatusCode::kResourceExhausted);
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    release = true;
+    cv.notify_all();
+  }
+  while (executor.queued() > 0 || executor.running() > 0) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  // Nothing ran, so the same token step now goes through on the same stream.
+  EXPECT_EQ(Describe().used_tokens, 10);
+  double max_err = 0;
+  for (int32_t layer = 0; layer < 3; ++layer) {
+    StepArgs a = MakeStep(40, layer, {5});
+    auto r = (*stream)->Step(a);
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_FALSE(r->replayed);
+    CheckOutputs(a, *r, &max_err);
+  }
+  EXPECT_TRUE((*stream)->Finish().ok());
+  ASSERT_TRUE(client_->Release(std::vector<uint64_t>{5}).ok());
+  EXPECT_TRUE(WaitAllFree());
+}
+
+TEST_F(WorkerIntegrationTest, DrainRefusesNewWorkAndReportsNotServing) {
+  StartWorker(16);
+  ASSERT_TRUE(WritePrompt(3, 10, 10, {0, 1, 2}).ok());
+  server_->BeginDrain();
+  auto healthy = client_->CheckHealth();
+  ASSERT_TRUE(healthy.ok()) << healthy.status();
+  EXPECT_FALSE(*healthy);
+  const client::WorkerInfo info = Describe();
+  EXPECT_FALSE(info.serving);
+  auto r = client_->Step(MakeStep(1, 0, {3}));
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kUnavailable) << r.status();
+  auto stream = client_->OpenStepStream();
+  ASSERT_TRUE(stream.ok());
+  EXPECT_EQ((*stream)->Step(MakeStep(1, 0, {3})).status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ(WritePrompt(4, 10, 10, {0, 1, 2}).code(), absl::StatusCode::kUnavailable);
+  // Release still frees memory while draining.
+  ASSERT_TRUE(client_->Release(std::vector<uint64_t>{3}).ok());
+  EXPECT_TRUE(WaitAllFree());
+}
+
+TEST_F(WorkerIntegrationTest, ReplayOfAShortWorkloadChecksOutAndFreesEverything) {
+  StartWorker(256);
+  std::vector<WorkloadRequest> requests = GenerateWorkload(WorkloadKind::kBimodal, 10, 7);
+  ScaleWorkload(requests, 0.01, 0, 12);
+  client::ReplayOptions options;
+  options.batch = 4;
+  options.check_fraction = 0.5;
+  options.chunk_tokens = 24;
+  options.verbose = false;
+  auto report = client::RunReplay(*client_, options, requests);
+  ASSERT_TRUE(report.ok()) << report.status();
+  EXPECT_EQ(report->requests_done, 10);
+  EXPECT_GT(report->outputs_checked, 20);
+  EXPECT_EQ(report->check_failures, 0) << report->first_failure;
+  EXPECT_LE(report->max_rel_error, client::Tolerance(TestShape()));
+  EXPECT_TRUE(WaitAllFree());
+}
+
+}  // namespace
+}  // namespace pkv
