@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "bench/device_utils.h"
+#include "bench/random_data.h"
 #include "common/log.h"
 #include "common/workload.h"
 #include "engine/cuda_backend.h"
@@ -44,24 +45,12 @@ struct Flags {
   int samples = 12;
 };
 
-std::vector<uint8_t> RandomBytes(size_t bytes, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> normal(0.f, 1.f);
-  std::vector<uint8_t> b(bytes);
-  for (size_t i = 0; i + 1 < bytes; i += 2) {
-    const uint16_t h = pkv::FloatToHalf(normal(rng));
-    b[i] = static_cast<uint8_t>(h & 0xFF);
-    b[i + 1] = static_cast<uint8_t>(h >> 8);
-  }
-  return b;
-}
-
 class Calibrator {
  public:
   Calibrator(Engine* e, pkv::ModelShape shape, int samples)
       : e_(e), shape_(shape), samples_(samples),
-        q_(RandomBytes(64 * shape.num_q_heads * shape.head_dim * 2, 1)),
-        kv_(RandomBytes(2 * 64 * shape.num_kv_heads * shape.head_dim * 2, 2)) {}
+        q_(pkv::bench::RandomNormalBytes(shape.dtype, 64 * shape.num_q_heads * shape.head_dim, 1)),
+        kv_(pkv::bench::RandomNormalBytes(shape.dtype, 2 * 64 * shape.num_kv_heads * shape.head_dim, 2)) {}
 
   // Median attention seconds of a layer-step over rows of `lens` with a pinned route.
   double Measure(const std::vector<int64_t>& lens, KernelId kernel, int32_t parameter) {

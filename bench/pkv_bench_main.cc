@@ -10,6 +10,7 @@
 //   --seed=20260622 --csv=PATH --md=PATH --commit=SHA
 #include <cstdio>
 #include <cstdlib>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -39,32 +40,54 @@ int Usage() {
   return 2;
 }
 
-#ifdef PKV_BENCH_WITH_CUDA
-int RunTrace(int argc, char** argv) {
-  pkv::bench::TraceBenchOptions o;
+// "pkv-bench sub --a=1 ...": the command line, recorded with the results.
+std::string CommandLine(int argc, char** argv) {
   std::string command = "pkv-bench";
   for (int i = 1; i < argc; ++i) command += std::string(" ") + argv[i];
-  o.command = command;
+  return command;
+}
+
+// Calls on_flag(name, value) for every --name=value after the subcommand. Returns 0, or 2 after
+// printing why when a flag is malformed or on_flag rejects it (unknown name, bad value).
+int ForEachFlag(int argc, char** argv, const std::function<bool(const std::string&, const std::string&)>& on_flag) {
   for (int i = 2; i < argc; ++i) {
-    std::string a = argv[i];
+    const std::string a = argv[i];
     const size_t eq = a.find('=');
     if (a.rfind("--", 0) != 0 || eq == std::string::npos) {
       std::fprintf(stderr, "bad flag '%s' (want --name=value)\n", a.c_str());
       return 2;
     }
-    const std::string k = a.substr(2, eq - 2), v = a.substr(eq + 1);
+    if (!on_flag(a.substr(2, eq - 2), a.substr(eq + 1))) {
+      std::fprintf(stderr, "unknown flag or bad value: %s\n", a.c_str());
+      return 2;
+    }
+  }
+  return 0;
+}
+
+// "fp16,bf16" -> dtypes; false on an unknown name.
+bool ParseDTypes(const std::string& v, std::vector<pkv::DType>* out) {
+  out->clear();
+  for (const auto& d : SplitCsv(v)) {
+    auto dt = pkv::ParseDType(d);
+    if (!dt.ok()) return false;
+    out->push_back(*dt);
+  }
+  return true;
+}
+
+#ifdef PKV_BENCH_WITH_CUDA
+int RunTrace(int argc, char** argv) {
+  pkv::bench::TraceBenchOptions o;
+  o.command = CommandLine(argc, argv);
+  const int rc = ForEachFlag(argc, argv, [&o](const std::string& k, const std::string& v) {
     if (k == "workloads") {
       o.workloads = SplitCsv(v);
     } else if (k == "seeds") {
       o.seeds.clear();
       for (const auto& x : SplitCsv(v)) o.seeds.push_back(std::strtoull(x.c_str(), nullptr, 10));
     } else if (k == "dtypes") {
-      o.dtypes.clear();
-      for (const auto& d : SplitCsv(v)) {
-        auto dt = pkv::ParseDType(d);
-        if (!dt.ok()) return Usage();
-        o.dtypes.push_back(*dt);
-      }
+      return ParseDTypes(v, &o.dtypes);
     } else if (k == "layers") {
       o.num_layers = std::atoi(v.c_str());
     } else if (k == "hq") {
@@ -92,10 +115,11 @@ int RunTrace(int argc, char** argv) {
     } else if (k == "commit") {
       o.commit = v;
     } else {
-      std::fprintf(stderr, "unknown flag --%s\n", k.c_str());
-      return 2;
+      return false;
     }
-  }
+    return true;
+  });
+  if (rc != 0) return rc;
   if (o.workloads.empty() || o.seeds.empty() || o.dtypes.empty()) return Usage();
   return pkv::bench::RunTraceBench(o);
 }
@@ -115,27 +139,10 @@ int main(int argc, char** argv) {
   return 2;
 #else
   pkv::bench::KernelBenchOptions o;
-  std::string command = "pkv-bench";
-  for (int i = 1; i < argc; ++i) command += std::string(" ") + argv[i];
-  o.command = command;
-  for (int i = 2; i < argc; ++i) {
-    std::string a = argv[i];
-    const size_t eq = a.find('=');
-    if (a.rfind("--", 0) != 0 || eq == std::string::npos) {
-      std::fprintf(stderr, "bad flag '%s' (want --name=value)\n", a.c_str());
-      return 2;
-    }
-    const std::string k = a.substr(2, eq - 2), v = a.substr(eq + 1);
+  o.command = CommandLine(argc, argv);
+  const int rc = ForEachFlag(argc, argv, [&o](const std::string& k, const std::string& v) {
     if (k == "dtypes") {
-      o.dtypes.clear();
-      for (const auto& d : SplitCsv(v)) {
-        auto dt = pkv::ParseDType(d);
-        if (!dt.ok()) {
-          std::fprintf(stderr, "bad dtype %s\n", d.c_str());
-          return 2;
-        }
-        o.dtypes.push_back(*dt);
-      }
+      return ParseDTypes(v, &o.dtypes);
     } else if (k == "hq") {
       o.num_q_heads = std::atoi(v.c_str());
     } else if (k == "hkv") {
@@ -174,10 +181,11 @@ int main(int argc, char** argv) {
     } else if (k == "commit") {
       o.commit = v;
     } else {
-      std::fprintf(stderr, "unknown flag --%s\n", k.c_str());
-      return 2;
+      return false;
     }
-  }
+    return true;
+  });
+  if (rc != 0) return rc;
   if (o.batches.empty() || o.dtypes.empty()) return Usage();
   return pkv::bench::RunKernelBench(o);
 #endif

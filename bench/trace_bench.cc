@@ -13,6 +13,7 @@
 #include <sstream>
 
 #include "bench/device_utils.h"
+#include "bench/random_data.h"
 #include "common/log.h"
 #include "common/workload.h"
 #include "engine/cuda_backend.h"
@@ -55,18 +56,6 @@ void MeanStd(const std::vector<double>& v, double* mean, double* sd) {
   double s = 0;
   for (double x : v) s += (x - *mean) * (x - *mean);
   *sd = v.size() > 1 ? std::sqrt(s / (v.size() - 1)) : 0;
-}
-
-std::vector<uint8_t> RandomBytes(DType dt, size_t elems, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> normal(0.f, 1.f);
-  std::vector<uint8_t> b(elems * 2);
-  for (size_t i = 0; i < elems; ++i) {
-    const uint16_t h = FromFloat(dt, normal(rng));
-    b[2 * i] = static_cast<uint8_t>(h & 0xFF);
-    b[2 * i + 1] = static_cast<uint8_t>(h >> 8);
-  }
-  return b;
 }
 
 // Streaming-read ceiling over `bytes` of the pool (median of 10, events).
@@ -246,8 +235,8 @@ int RunTraceBench(const TraceBenchOptions& o) {
     engine::Engine& e = **eng;
     KvTokensObserver observer;
     e.SetObserver(&observer);
-    const auto q = RandomBytes(dt, 64 * shape.num_q_heads * shape.head_dim, 1);
-    const auto kv = RandomBytes(dt, 2 * 64 * shape.num_kv_heads * shape.head_dim, 2);
+    const auto q = RandomNormalBytes(dt, 64 * shape.num_q_heads * shape.head_dim, 1);
+    const auto kv = RandomNormalBytes(dt, 2 * 64 * shape.num_kv_heads * shape.head_dim, 2);
     std::printf("# pkv-bench trace on %s, %s, layers=%d hq=%d hkv=%d d=%d page=%d, profile %s, "
                 "stream-read ceiling %.0f GB/s\n",
                 dev.name.c_str(), DTypeName(dt), shape.num_layers, shape.num_q_heads, shape.num_kv_heads,
