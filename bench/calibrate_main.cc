@@ -222,6 +222,34 @@ int main(int argc, char** argv) {
                 p.merge_gbps);
   }
 
+  // 6. How much of β a uniform split keeps on ragged rows: bimodal B8 of the calibration seed.
+  auto lens_of = [](pkv::WorkloadKind kind, int batch) {
+    std::vector<int64_t> lens;
+    for (const auto& r : pkv::GenerateWorkload(kind, batch, 20260622)) lens.push_back(r.input_tokens);
+    return lens;
+  };
+  {
+    const std::vector<int64_t> ragged = lens_of(pkv::WorkloadKind::kBimodal, 8);
+    const auto ss = ShapeOf(shape, ragged);
+    const pkv::scheduler::ArmCost c = pkv::scheduler::CostModel(p).BestOf(KernelId::kSequenceSplit, ss);
+    const double t = cal.Measure(ragged, KernelId::kSequenceSplit, c.num_splits) * 1e6;
+    const double stream_us = c.kv_bytes / (p.stream_read_gbps * 1e3);
+    const double other_us = c.us - stream_us;  // streaming dominates this step
+    p.split_stream_efficiency = std::clamp(stream_us / std::max(1e-3, t - other_us), 0.3, 1.0);
+    std::printf("  bimodal B8 split S=%d %.1f us (model %.1f us) -> split_stream_efficiency %.3f\n", c.num_splits, t,
+                c.us, p.split_stream_efficiency);
+  }
+  // 7. The work queue's fused merge tail: one long row (bucketed B1 of the calibration seed).
+  {
+    const std::vector<int64_t> row = lens_of(pkv::WorkloadKind::kBucketed, 1);
+    const auto ss = ShapeOf(shape, row);
+    const pkv::scheduler::ArmCost c = pkv::scheduler::CostModel(p).BestOf(KernelId::kWorkQueue, ss);
+    const double t = cal.Measure(row, KernelId::kWorkQueue, c.pages_per_task) * 1e6;
+    p.wq_merge_us = c.merge_bytes > 0 ? std::clamp(t - c.us, 0.0, 50.0) : 0.0;
+    std::printf("  bucketed B1 workqueue %d pages/task %.1f us (model %.1f us) -> wq_merge_us %.2f\n",
+                c.pages_per_task, t, c.us, p.wq_merge_us);
+  }
+
   // Check on mixed-length steps of the paper's workloads (calibration seed; the trace benchmark holds out 20260623-27).
   pkv::scheduler::CostModel model(p);
   std::printf("  check on mixed steps of the calibration seed 20260622: measured / predicted us per route\n");

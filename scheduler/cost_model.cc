@@ -30,8 +30,8 @@ int64_t CostModel::KvBytes(const StepShape& shape) {
   return pages * shape.model.num_kv_heads * PageHeadBytes(shape);
 }
 
-double CostModel::UnitsUs(int64_t total_bytes, int64_t max_unit_bytes, int64_t units) const {
-  const double stream_us = static_cast<double>(total_bytes) / (profile_.stream_read_gbps * 1e3);
+double CostModel::UnitsUs(int64_t total_bytes, int64_t max_unit_bytes, int64_t units, double efficiency) const {
+  const double stream_us = static_cast<double>(total_bytes) / (profile_.stream_read_gbps * efficiency * 1e3);
   const double longest_us = static_cast<double>(max_unit_bytes) / (profile_.cta_read_gbps * 1e3);
   const int64_t concurrency = static_cast<int64_t>(profile_.num_sms) * profile_.resident_ctas_per_sm;
   const int64_t waves = units == 0 ? 0 : (units + concurrency - 1) / concurrency;
@@ -63,7 +63,9 @@ ArmCost CostModel::SequenceSplit(const StepShape& s, int32_t num_splits) const {
   // Every (row, KV head, split) is a CTA, empty splits included (they exit early).
   c.units = static_cast<int64_t>(s.row_tokens.size()) * s.model.num_kv_heads * c.num_splits;
   c.merge_bytes = c.num_splits > 1 ? MergeBytes(s, c.units) : 0;
-  c.us = UnitsUs(c.kv_bytes, max_unit_pages * PageHeadBytes(s), c.units) + c.launches * profile_.launch_us +
+  c.us = UnitsUs(c.kv_bytes, max_unit_pages * PageHeadBytes(s), c.units,
+                 c.num_splits > 1 ? profile_.split_stream_efficiency : 1.0) +
+         c.launches * profile_.launch_us +
          static_cast<double>(c.merge_bytes) / (profile_.merge_gbps * 1e3);
   return c;
 }
@@ -85,7 +87,8 @@ ArmCost CostModel::WorkQueue(const StepShape& s, int32_t pages_per_task) const {
   }
   c.merge_bytes = MergeBytes(s, split_partials);
   c.us = UnitsUs(c.kv_bytes, max_unit_pages * PageHeadBytes(s), c.units) + profile_.launch_us +
-         static_cast<double>(c.merge_bytes) / (profile_.merge_gbps * 1e3);
+         static_cast<double>(c.merge_bytes) / (profile_.merge_gbps * 1e3) +
+         (split_partials > 0 ? profile_.wq_merge_us : 0.0);
   return c;
 }
 

@@ -6,6 +6,9 @@
 //   + ceil(units / (SMs × resident)) × task_us  per-unit fixed costs, per wave
 //   + launches × λ                              kernel launches
 //   + merge bytes / β_merge                     split partials written and read back
+// with two calibrated corrections: a uniform split streams at `split_stream_efficiency` × β when
+// S > 1 (ragged rows give unequal units), and the work queue's fused merge adds `wq_merge_us`
+// when some row is split (the last task of the row merges after all others).
 // Routes differ in their units: per-request has one per (row, KV head); sequence-split cuts every
 // row into S equal page ranges (uniform S, two launches); the work queue cuts rows into tasks of
 // at most `pages_per_task` pages (only non-empty tasks, one launch with the merge fused).
@@ -51,8 +54,9 @@ class CostModel {
   const CostProfile& profile() const { return profile_; }
 
  private:
-  // Cost of units whose byte sizes are `unit_bytes`.
-  double UnitsUs(int64_t total_bytes, int64_t max_unit_bytes, int64_t units) const;
+  // Cost of `units` units streaming `total_bytes` (the largest `max_unit_bytes`) at `efficiency`
+  // times the streaming bandwidth.
+  double UnitsUs(int64_t total_bytes, int64_t max_unit_bytes, int64_t units, double efficiency = 1.0) const;
 
   CostProfile profile_;
 };

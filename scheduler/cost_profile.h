@@ -12,9 +12,14 @@
 //     "resident_ctas_per_sm": 4,     // work units in flight per SM
 //     "launch_us": 4.0,              // λ: cost of one kernel launch in a step
 //     "merge_gbps": 1500.0,          // bandwidth of writing + reading split partials
-//     "task_us": 0.25                // fixed cost of one work unit (prologue, q load, epilogue)
+//     "task_us": 0.25,               // fixed cost of one work unit (prologue, q load, epilogue)
+//     "split_stream_efficiency": 0.8, // optional (1): share of β a uniform split reaches on
+//                                     // ragged rows (unequal units leave SMs idle in the tail)
+//     "wq_merge_us": 4.0             // optional (0): the work queue's fused merge, run by the
+//                                     // last task of a split row after all others finished
 //   }
-// Unknown keys are ignored (forward compatible); every listed number is required. The engine
+// Unknown keys are ignored (forward compatible); every listed number is required unless marked
+// optional. The engine
 // loads the profile at start-up; without one it uses DefaultCostProfile() and logs a warning.
 // Thread-safety: plain values and pure functions.
 #pragma once
@@ -40,6 +45,8 @@ struct CostProfile {
   double launch_us = 6.0;
   double merge_gbps = 1000.0;
   double task_us = 0.5;
+  double split_stream_efficiency = 1.0;
+  double wq_merge_us = 0.0;
 
   // OK when the profile was measured for `shape` (or is shape-agnostic).
   absl::Status Matches(const ModelShape& shape) const;

@@ -149,3 +149,31 @@ TEST(SchedulerTest, FixedParameterPinsSplitsAndTaskSize) {
 
 }  // namespace
 }  // namespace pkv::scheduler
+
+namespace pkv::scheduler {
+namespace {
+
+TEST(CostModelTest, CalibratedCorrectionsApplyOnlyWhereTheyBelong) {
+  CostProfile p = DefaultCostProfile();
+  p.split_stream_efficiency = 0.5;
+  p.wq_merge_us = 4.0;
+  CostModel base(DefaultCostProfile()), corrected(p);
+  StepShape s;
+  s.model.num_q_heads = 32;
+  s.model.num_kv_heads = 8;
+  s.row_tokens = {8192};
+  // Split S=64: the streaming term (13.42 µs, larger than the longest unit) doubles.
+  EXPECT_NEAR(corrected.SequenceSplit(s, 64).us - base.SequenceSplit(s, 64).us, 33554432.0 / 2.5e6, 1e-6);
+  // S=1 is per-request work: no correction.
+  EXPECT_NEAR(corrected.SequenceSplit(s, 1).us, base.SequenceSplit(s, 1).us, 1e-9);
+  // Work queue: +4 µs of fused merge when a row is split, nothing when no row is.
+  EXPECT_NEAR(corrected.WorkQueue(s, 8).us - base.WorkQueue(s, 8).us, 4.0, 1e-9);
+  EXPECT_NEAR(corrected.WorkQueue(s, 512).us, base.WorkQueue(s, 512).us, 1e-9);
+  auto back = ParseCostProfile(CostProfileToJson(p));
+  ASSERT_TRUE(back.ok());
+  EXPECT_DOUBLE_EQ(back->split_stream_efficiency, 0.5);
+  EXPECT_DOUBLE_EQ(back->wq_merge_us, 4.0);
+}
+
+}  // namespace
+}  // namespace pkv::scheduler
