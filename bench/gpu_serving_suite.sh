@@ -7,7 +7,8 @@
 # Environment: JOBS, BUILD_DIR (default build-gpu-serving), TRACE=full|quick|none (default full),
 #   SEEDS (default the held-out 20260623..27), LAYERS (default 32).
 # Abseil comes from ./.gpudeps (bench/make_gpu_deps.sh) when the machine has none. Device call:
-#   run(command="export OUT; bench/gpu_serving_suite.sh $(git rev-parse --short HEAD)", carry=[".gpudeps"])
+#   run(command="export OUT; bench/gpu_serving_suite.sh <commit>", carry=[".gpudeps"]) — pass the commit
+#   hash from here: the tree copied to the GPU machine has no .git.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
