@@ -1,5 +1,8 @@
 // bench/pkv_bench_main.cc — `pkv-bench <subcommand> [--flag=value ...]`. Subcommands:
 //   kernels   kernels/cuda routes on the grid and mixed workloads (needs PKV_WITH_CUDA)
+//   memory    reserved vs used KV of the paged pool and of a static baseline on a trace
+//             (bench/memory_bench.h; CPU only). Flags: --trace_csv --batch --requests
+//             --max_output --static_slot_tokens --page --layers --hkv --d --md --commit
 //   trace     the engine driven like a serving loop: every arm on the MISSION.md workloads
 //             (bench/trace_bench.h; needs PKV_WITH_CUDA)
 // Flags of `trace`: --workloads=bimodal:8,uniform:8,... --seeds=20260623,... --dtypes=fp16
@@ -14,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/memory_bench.h"
 #include "common/dtype.h"
 #ifdef PKV_BENCH_WITH_CUDA
 #include "bench/kernel_bench.h"
@@ -130,7 +134,29 @@ int RunTrace(int argc, char** argv) {
 int main(int argc, char** argv) {
   if (argc < 2) return Usage();
   const std::string sub = argv[1];
-  if (sub != "kernels" && sub != "trace") return Usage();
+  if (sub != "kernels" && sub != "trace" && sub != "memory") return Usage();
+  if (sub == "memory") {
+    pkv::bench::MemoryBenchOptions o;
+    o.command = CommandLine(argc, argv);
+    const int rc = ForEachFlag(argc, argv, [&o](const std::string& k, const std::string& v) {
+      if (k == "trace_csv") o.trace_csv = v;
+      else if (k == "batch") o.batch = std::atoi(v.c_str());
+      else if (k == "requests") o.num_requests = std::atoi(v.c_str());
+      else if (k == "max_output") o.max_output = std::atoll(v.c_str());
+      else if (k == "static_slot_tokens") o.static_slot_tokens = std::atoll(v.c_str());
+      else if (k == "page") o.page_size = std::atoi(v.c_str());
+      else if (k == "layers") o.num_layers = std::atoi(v.c_str());
+      else if (k == "hkv") o.num_kv_heads = std::atoi(v.c_str());
+      else if (k == "d") o.head_dim = std::atoi(v.c_str());
+      else if (k == "md") o.md_path = v;
+      else if (k == "commit") o.commit = v;
+      else return false;
+      return true;
+    });
+    if (rc != 0) return rc;
+    if (o.batch < 1) return Usage();
+    return pkv::bench::RunMemoryBench(o);
+  }
 #ifdef PKV_BENCH_WITH_CUDA
   if (sub == "trace") return RunTrace(argc, argv);
 #endif

@@ -197,7 +197,8 @@ absl::Status Engine::ValidateLayerZero(const StepInput& in) const {
   for (size_t i = 0; i < in.rows.size(); ++i) {
     const SeqId id = in.rows[i];
     if (Contains(in.open, id)) {
-      pages_needed += 1;  // an opened sequence is empty: its first token needs a page
+      // An opened sequence is empty: its first token needs a page (or its static slot).
+      pages_needed += std::max<int64_t>(1, pager_.PagesForTokens(options_.static_slot_tokens));
       continue;
     }
     auto it = seqs_.find(id);
@@ -249,7 +250,7 @@ absl::Status Engine::BeginTokenStep(const StepInput& in) {
   ts->outputs.resize(shape_.num_layers);
   for (SeqId id : in.free) ReleaseLocked(id);
   for (SeqId id : in.open) {
-    PKV_CHECK(pager_.Create(id, 0).ok()) << "validated open failed";
+    PKV_CHECK(pager_.Create(id, 0, options_.static_slot_tokens).ok()) << "validated open failed";
     seqs_[id] = SeqState{SeqPhase::kReady, 0};
   }
   std::vector<kvpool::PageCopy> copies;
@@ -448,7 +449,7 @@ absl::StatusOr<std::unique_ptr<PromptWrite>> Engine::BeginPrompt(SeqId seq, int6
   }
   std::lock_guard<std::mutex> lock(mu_);
   if (seqs_.contains(seq)) return absl::AlreadyExistsError(absl::StrCat("sequence_id: ", seq, " already exists"));
-  PKV_RETURN_IF_ERROR(pager_.Create(seq, num_tokens));
+  PKV_RETURN_IF_ERROR(pager_.Create(seq, num_tokens, options_.static_slot_tokens));
   seqs_[seq] = SeqState{SeqPhase::kWriting, 0};
   return std::unique_ptr<PromptWrite>(new PromptWrite(this, seq, num_tokens));
 }
@@ -457,7 +458,7 @@ absl::Status Engine::AdoptUnwrittenPromptForBenchmark(SeqId seq, int64_t num_tok
   if (num_tokens < 1) return absl::InvalidArgumentError("num_tokens: must be >= 1");
   std::lock_guard<std::mutex> lock(mu_);
   if (seqs_.contains(seq)) return absl::AlreadyExistsError(absl::StrCat("sequence_id: ", seq, " already exists"));
-  PKV_RETURN_IF_ERROR(pager_.Create(seq, num_tokens));
+  PKV_RETURN_IF_ERROR(pager_.Create(seq, num_tokens, options_.static_slot_tokens));
   seqs_[seq] = SeqState{SeqPhase::kReady, 0};
   return absl::OkStatus();
 }

@@ -42,6 +42,9 @@ struct EngineOptions {
   int32_t max_batch = 256;            // rows per step
   int32_t retained_token_steps = 2;   // completed token steps whose outputs are kept for retries
   uint64_t scatter_seed = 0;          // 0: ascending page order (see BlockPager::Options)
+  // Static baseline (comparisons only): > 0 reserves pages for this many tokens per sequence at
+  // creation, as a fixed-shape engine without a pager reserves max context per batch slot.
+  int64_t static_slot_tokens = 0;
 };
 
 // One layer of one token step, in domain terms. Spans point into the caller's request buffers

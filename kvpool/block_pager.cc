@@ -25,10 +25,12 @@ BlockPager::BlockPager(const Options& options)
 absl::StatusOr<int64_t> BlockPager::PagesToAppend(SeqId seq, int64_t tokens) const {
   const SequencePages* s = Find(seq);
   if (s == nullptr) return absl::NotFoundError(absl::StrCat("sequence ", seq, " not found"));
-  int64_t need = PagesForTokens(s->num_tokens + tokens) - static_cast<int64_t>(s->pages.size());
-  // A shared partial last page that receives tokens must be copied to a private page first.
-  if (tokens > 0 && s->num_tokens % page_size_ != 0 && refcount_[s->pages.back()] > 1) ++need;
-  return std::max<int64_t>(need, 0);
+  int64_t need = std::max<int64_t>(
+      PagesForTokens(s->num_tokens + tokens) - static_cast<int64_t>(s->pages.size()), 0);
+  // A shared partial page that receives tokens must be copied to a private page first.
+  const PageId partial = PartialPage(*s);
+  if (tokens > 0 && partial >= 0 && refcount_[partial] > 1) ++need;
+  return need;
 }
 
 int64_t BlockPager::PagesReleasedBy(std::span<const SeqId> seqs) const {
@@ -57,10 +59,11 @@ void BlockPager::Drop(PageId page) {
   if (--refcount_[page] == 0) free_.push_back(page);
 }
 
-absl::Status BlockPager::Create(SeqId seq, int64_t num_tokens) {
-  if (num_tokens < 0) return absl::InvalidArgumentError("num_tokens must be >= 0");
+absl::Status BlockPager::Create(SeqId seq, int64_t num_tokens, int64_t capacity_tokens) {
+  if (num_tokens < 0 || capacity_tokens < 0) return absl::InvalidArgumentError("num_tokens must be >= 0");
   if (seqs_.contains(seq)) return absl::AlreadyExistsError(absl::StrCat("sequence ", seq, " already exists"));
-  const int64_t need = PagesForTokens(num_tokens);
+  const int64_t capacity_pages = PagesForTokens(capacity_tokens);
+  const int64_t need = PagesHeld(num_tokens, capacity_pages);
   if (need > free_pages()) {
     return absl::ResourceExhaustedError(absl::StrCat("KV pool full: sequence ", seq, " needs ", need,
                                                      " pages, ", free_pages(), " free"));
@@ -69,6 +72,7 @@ absl::Status BlockPager::Create(SeqId seq, int64_t num_tokens) {
   s.pages.reserve(need);
   for (int64_t i = 0; i < need; ++i) s.pages.push_back(Take());
   s.num_tokens = num_tokens;
+  s.capacity_pages = capacity_pages;
   reserved_tokens_ += need * page_size_;
   used_tokens_ += num_tokens;
   return absl::OkStatus();
@@ -85,17 +89,17 @@ absl::Status BlockPager::Append(SeqId seq, int64_t tokens, std::vector<PageCopy>
     return absl::ResourceExhaustedError(absl::StrCat("KV pool full: sequence ", seq, " needs ", *need,
                                                      " pages, ", free_pages(), " free"));
   }
-  if (tokens > 0 && s.num_tokens % page_size_ != 0 && refcount_[s.pages.back()] > 1) {
+  if (const PageId shared = PartialPage(s); tokens > 0 && shared >= 0 && refcount_[shared] > 1) {
     PKV_CHECK(copies != nullptr) << "appending into a shared page needs a copy list";
-    const PageId shared = s.pages.back();
     const PageId mine = Take();
     copies->push_back(PageCopy{shared, mine});
     Drop(shared);
-    s.pages.back() = mine;
+    s.pages[s.num_tokens / page_size_] = mine;
   }
-  const int64_t grow = PagesForTokens(s.num_tokens + tokens) - static_cast<int64_t>(s.pages.size());
+  const int64_t grow =
+      std::max<int64_t>(PagesForTokens(s.num_tokens + tokens) - static_cast<int64_t>(s.pages.size()), 0);
   for (int64_t i = 0; i < grow; ++i) s.pages.push_back(Take());
-  reserved_tokens_ += std::max<int64_t>(grow, 0) * page_size_;
+  reserved_tokens_ += grow * page_size_;
   s.num_tokens += tokens;
   used_tokens_ += tokens;
   return absl::OkStatus();
@@ -109,7 +113,7 @@ absl::Status BlockPager::Truncate(SeqId seq, int64_t num_tokens) {
     return absl::InvalidArgumentError(absl::StrCat("cannot truncate sequence ", seq, " of ",
                                                    s.num_tokens, " tokens to ", num_tokens));
   }
-  const int64_t keep = PagesForTokens(num_tokens);
+  const int64_t keep = PagesHeld(num_tokens, s.capacity_pages);
   for (int64_t i = keep; i < static_cast<int64_t>(s.pages.size()); ++i) Drop(s.pages[i]);
   reserved_tokens_ -= (static_cast<int64_t>(s.pages.size()) - keep) * page_size_;
   s.pages.resize(keep);
@@ -160,7 +164,7 @@ absl::Status BlockPager::CheckConsistency() const {
   std::vector<int32_t> refs(refcount_.size(), 0);
   int64_t reserved = 0, used = 0;
   for (const auto& [id, s] : seqs_) {
-    if (static_cast<int64_t>(s.pages.size()) != PagesForTokens(s.num_tokens)) {
+    if (static_cast<int64_t>(s.pages.size()) != PagesHeld(s.num_tokens, s.capacity_pages)) {
       return absl::InternalError(absl::StrCat("sequence ", id, " has ", s.pages.size(),
                                               " pages for ", s.num_tokens, " tokens"));
     }

@@ -8,6 +8,7 @@
 // Thread-safety: not synchronised; the engine calls it under its own lock.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <span>
 #include <string>
@@ -26,6 +27,8 @@ using SeqId = uint64_t;
 struct SequencePages {
   std::vector<PageId> pages;
   int64_t num_tokens = 0;
+  // Pages held from creation whatever the length (a static reservation); 0 for paged growth.
+  int64_t capacity_pages = 0;
 };
 
 // A physical copy the caller must perform (copy-on-write of a shared partial page on Fork).
@@ -62,8 +65,10 @@ class BlockPager {
   // Pages that would return to the free list if all of `seqs` were released (each id once).
   int64_t PagesReleasedBy(std::span<const SeqId> seqs) const;
 
-  // Creates `seq` with room for `num_tokens` tokens. ALREADY_EXISTS, RESOURCE_EXHAUSTED.
-  [[nodiscard]] absl::Status Create(SeqId seq, int64_t num_tokens);
+  // Creates `seq` with room for `num_tokens` tokens. With `capacity_tokens` > 0 it holds pages for
+  // that many tokens from the start (what a fixed-shape engine without a pager reserves per slot;
+  // the static baseline), growing only past it. ALREADY_EXISTS, RESOURCE_EXHAUSTED.
+  [[nodiscard]] absl::Status Create(SeqId seq, int64_t num_tokens, int64_t capacity_tokens = 0);
   // Grows `seq` by `tokens`, allocating pages as needed. NOT_FOUND, RESOURCE_EXHAUSTED.
   // A shared (refcount > 1) partial last page is replaced by a private copy; the copy to make is
   // appended to `copies` (may be null only when no page is shared).
@@ -96,6 +101,15 @@ class BlockPager {
  private:
   PageId Take();
   void Drop(PageId page);
+  // Pages a sequence of `num_tokens` tokens holds.
+  int64_t PagesHeld(int64_t num_tokens, int64_t capacity_pages) const {
+    return std::max(PagesForTokens(num_tokens), capacity_pages);
+  }
+  // The partially filled page that receives the next token, or -1 when the next token opens a
+  // new page.
+  PageId PartialPage(const SequencePages& s) const {
+    return s.num_tokens % page_size_ == 0 ? -1 : s.pages[s.num_tokens / page_size_];
+  }
 
   int32_t page_size_;
   std::vector<PageId> free_;       // stack: back() is handed out next

@@ -165,3 +165,38 @@ TEST(BlockPagerTest, RandomOperationsKeepAccountingExact) {
 
 }  // namespace
 }  // namespace pkv::kvpool
+
+namespace pkv::kvpool {
+namespace {
+
+TEST(BlockPagerTest, StaticCapacityHoldsPagesFromCreation) {
+  BlockPager p(BlockPager::Options{16, 16, 3});
+  ASSERT_TRUE(p.Create(1, 5, 64).ok());  // 4 pages held for a 5-token prompt
+  EXPECT_EQ(p.Find(1)->pages.size(), 4u);
+  EXPECT_EQ(p.Stats().reserved_tokens, 64);
+  EXPECT_EQ(*p.PagesToAppend(1, 59), 0);
+  ASSERT_TRUE(p.Append(1, 59).ok());      // 64 tokens: still 4 pages
+  EXPECT_EQ(p.free_pages(), 12);
+  EXPECT_EQ(*p.PagesToAppend(1, 1), 1);   // the 65th token grows past the slot
+  ASSERT_TRUE(p.Append(1, 1).ok());
+  EXPECT_EQ(p.Find(1)->pages.size(), 5u);
+  ASSERT_TRUE(p.Truncate(1, 10).ok());    // back to the slot, never below it
+  EXPECT_EQ(p.Find(1)->pages.size(), 4u);
+  EXPECT_TRUE(p.CheckConsistency().ok());
+  // Copy-on-write still finds the partial page inside the slot.
+  ASSERT_TRUE(p.Fork(1, 2).ok());
+  std::vector<PageCopy> copies;
+  ASSERT_TRUE(p.Append(2, 1, &copies).ok());
+  ASSERT_EQ(copies.size(), 1u);
+  EXPECT_EQ(copies[0].src, p.Find(1)->pages[0]);
+  EXPECT_NE(p.Find(2)->pages[0], p.Find(1)->pages[0]);
+  EXPECT_TRUE(p.CheckConsistency().ok());
+  ASSERT_TRUE(p.Release(1).ok());
+  ASSERT_TRUE(p.Release(2).ok());
+  EXPECT_EQ(p.free_pages(), 16);
+  EXPECT_EQ(p.Create(3, 1, 17 * 16).code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_TRUE(p.CheckConsistency().ok());
+}
+
+}  // namespace
+}  // namespace pkv::kvpool
