@@ -70,6 +70,11 @@ absl::StatusOr<std::unique_ptr<engine::Engine>> BuildEngine(const EngineConfig& 
   engine::EngineOptions options;
   options.max_batch = config.max_batch;
   options.scatter_seed = config.scatter_seed;
+  options.static_slot_tokens = config.static_slot_tokens;
+  if (config.static_slot_tokens > 0) {
+    PKV_LOG(WARNING) << "static baseline mode: every sequence reserves " << config.static_slot_tokens
+                     << " tokens of pages at creation (for comparisons, not for serving)";
+  }
   PKV_LOG(INFO) << "engine: " << config.shape.DebugString() << " pages=" << pages << " ("
                 << pages * config.shape.page_bytes_all_layers() << " bytes) backend="
                 << backend->name() << " max_batch=" << config.max_batch

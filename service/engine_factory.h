@@ -29,6 +29,7 @@ struct EngineConfig {
   double gpu_memory_fraction = 0;
   std::string calibration_profile;   // cost-model profile JSON; empty: built-in defaults
   std::string fixed_kernel;          // empty: adaptive; else one route for every step
+  int64_t static_slot_tokens = 0;    // > 0: static baseline (see engine::EngineOptions)
 };
 
 // Pages the configuration asks for (INVALID_ARGUMENT when fewer than one).

@@ -67,6 +67,9 @@ ABSL_FLAG(std::string, tls_client_ca_file, "",
 ABSL_FLAG(std::string, health_listen, "",
           "host:port of a second, plaintext gRPC server that serves only grpc.health.v1 (same "
           "status as the gRPC port) for Kubernetes probes when that port uses TLS; empty: none.");
+ABSL_FLAG(int64_t, static_slot_tokens, 0,
+          "Static baseline for comparisons: > 0 makes every sequence reserve pages for this many tokens "
+          "at creation, like a fixed-shape engine without a pager (0: paged growth).");
 ABSL_FLAG(double, shutdown_grace_s, 10.0,
           "On SIGTERM/SIGINT, seconds in-flight RPCs get to finish before they are cancelled.");
 
@@ -102,6 +105,7 @@ int Run() {
   config.gpu_memory_fraction = absl::GetFlag(FLAGS_gpu_memory_fraction);
   config.calibration_profile = absl::GetFlag(FLAGS_calibration_profile);
   config.fixed_kernel = absl::GetFlag(FLAGS_fixed_kernel);
+  config.static_slot_tokens = absl::GetFlag(FLAGS_static_slot_tokens);
 
   auto engine = pkv::service::BuildEngine(config);
   if (!engine.ok()) {
