@@ -14,6 +14,7 @@
 #include "client/worker_client.h"
 #include "common/workload.h"
 #include "gtest/gtest.h"
+#include "tests/support/small_model.h"
 #include "service/engine_factory.h"
 #include "service/worker_server.h"
 
@@ -26,16 +27,7 @@ using client::StepResult;
 
 constexpr uint64_t kDataSeed = 20260622;
 
-ModelShape TestShape() {
-  ModelShape s;
-  s.num_layers = 3;
-  s.num_q_heads = 8;
-  s.num_kv_heads = 2;
-  s.head_dim = 64;
-  s.page_size = 16;
-  s.dtype = DType::kF16;
-  return s;
-}
+ModelShape TestShape() { return testing_support::SmallTestShape(); }
 
 // Expected history of one sequence: K and V per layer as doubles, [len, Hkv, d].
 struct History {

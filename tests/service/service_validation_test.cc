@@ -7,6 +7,7 @@
 
 #include "client/kv_data.h"
 #include "gtest/gtest.h"
+#include "tests/support/small_model.h"
 #include "service/engine_factory.h"
 #include "service/grpc_status.h"
 #include "service/handlers.h"
@@ -17,16 +18,7 @@ namespace {
 
 constexpr uint64_t kSeed = 424242;
 
-ModelShape SmallShape() {
-  ModelShape s;
-  s.num_layers = 3;
-  s.num_q_heads = 8;
-  s.num_kv_heads = 2;
-  s.head_dim = 64;
-  s.page_size = 16;
-  s.dtype = DType::kF16;
-  return s;
-}
+ModelShape SmallShape() { return testing_support::SmallTestShape(); }
 
 void SetTensor(v1::Tensor* t, v1::DType dtype, std::vector<int64_t> shape, std::string data) {
   t->set_dtype(dtype);
