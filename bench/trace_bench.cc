@@ -35,8 +35,6 @@ struct RunStats {
   double kv_bytes = 0;  // KV bytes the attention read (all layers)
   std::vector<double> step_attend_s;
   std::vector<double> step_wall_s;
-  int64_t layer_steps = 0;
-  int64_t launches = 0;
   std::map<std::string, int64_t> mix;  // kernel -> token steps
 };
 
@@ -143,7 +141,6 @@ absl::StatusOr<RunStats> RunOnce(engine::Engine& e, const ModelShape& shape, Wor
       st.wall_s += wall;
       st.step_attend_s.push_back(attend);
       st.step_wall_s.push_back(wall);
-      st.layer_steps += shape.num_layers;
       st.kv_bytes += static_cast<double>(observer.last_kv_tokens) * shape.kv_bytes_per_token_layer() * shape.num_layers;
       st.mix[KernelName(kernel)] += 1;
     }

@@ -68,6 +68,25 @@ DeviceKvArena::~DeviceKvArena() {
   if (stream_ != nullptr) cudaStreamDestroy(stream_);
 }
 
+// Copy-kernel parameters for `n` tokens of one layer staged in scratch_ as
+// [slots (slot_bytes)][K (n * row)][V (n * row)].
+cuda::AppendKvParams DeviceKvArena::ScratchParams(int32_t layer, int64_t n, int64_t slot_bytes,
+                                                  int64_t row) const {
+  cuda::AppendKvParams p;
+  p.arena = data_;
+  p.layer_stride = layer_bytes() / 2;
+  p.first_layer = layer;
+  p.num_layers = 1;
+  p.num_kv_heads = shape_.num_kv_heads;
+  p.page_size = shape_.page_size;
+  p.head_dim = shape_.head_dim;
+  p.num_tokens = static_cast<int32_t>(n);
+  p.slots = static_cast<const int32_t*>(scratch_);
+  p.k = static_cast<char*>(scratch_) + slot_bytes;
+  p.v = static_cast<char*>(scratch_) + slot_bytes + n * row;
+  return p;
+}
+
 absl::Status DeviceKvArena::CheckAccess(int32_t layer, std::span<const SlotAddr> slots) const {
   if (layer < 0 || layer >= shape_.num_layers) return absl::InvalidArgumentError(absl::StrCat("layer ", layer, " out of range"));
   for (const SlotAddr& s : slots) {
@@ -101,18 +120,7 @@ absl::Status DeviceKvArena::WriteTokens(int32_t layer, std::span<const SlotAddr>
     std::memcpy(st + slot_bytes, static_cast<const char*>(k) + t0 * row, n * row);
     std::memcpy(st + slot_bytes + n * row, static_cast<const char*>(v) + t0 * row, n * row);
     PKV_CUDA_RETURN(cudaMemcpyAsync(scratch_, st, slot_bytes + 2 * n * row, cudaMemcpyHostToDevice, stream_), "H2D");
-    cuda::AppendKvParams p;
-    p.arena = data_;
-    p.layer_stride = layer_bytes() / 2;
-    p.first_layer = layer;
-    p.num_layers = 1;
-    p.num_kv_heads = shape_.num_kv_heads;
-    p.page_size = shape_.page_size;
-    p.head_dim = shape_.head_dim;
-    p.num_tokens = static_cast<int32_t>(n);
-    p.slots = static_cast<const int32_t*>(scratch_);
-    p.k = static_cast<char*>(scratch_) + slot_bytes;
-    p.v = static_cast<char*>(scratch_) + slot_bytes + n * row;
+    const cuda::AppendKvParams p = ScratchParams(layer, n, slot_bytes, row);
     PKV_CUDA_RETURN(cuda::LaunchAppendKv(p, stream_), "append kernel");
     PKV_CUDA_RETURN(cudaStreamSynchronize(stream_), "append sync");  // staging is reused
   }
@@ -127,18 +135,7 @@ absl::Status DeviceKvArena::ReadTokens(int32_t layer, std::span<const SlotAddr> 
     const int64_t n = std::min<int64_t>(chunk, static_cast<int64_t>(slots.size()) - t0);
     const int64_t slot_bytes = (n * 8 + 15) / 16 * 16;
     PKV_CUDA_RETURN(cudaMemcpyAsync(scratch_, slots.data() + t0, n * 8, cudaMemcpyHostToDevice, stream_), "H2D");
-    cuda::AppendKvParams p;
-    p.arena = data_;
-    p.layer_stride = layer_bytes() / 2;
-    p.first_layer = layer;
-    p.num_layers = 1;
-    p.num_kv_heads = shape_.num_kv_heads;
-    p.page_size = shape_.page_size;
-    p.head_dim = shape_.head_dim;
-    p.num_tokens = static_cast<int32_t>(n);
-    p.slots = static_cast<const int32_t*>(scratch_);
-    p.k = static_cast<char*>(scratch_) + slot_bytes;
-    p.v = static_cast<char*>(scratch_) + slot_bytes + n * row;
+    const cuda::AppendKvParams p = ScratchParams(layer, n, slot_bytes, row);
     PKV_CUDA_RETURN(cuda::LaunchGatherKv(p, stream_), "gather kernel");
     PKV_CUDA_RETURN(cudaMemcpyAsync(static_cast<char*>(k) + t0 * row, p.k, n * row, cudaMemcpyDeviceToHost, stream_), "D2H");
     PKV_CUDA_RETURN(cudaMemcpyAsync(static_cast<char*>(v) + t0 * row, p.v, n * row, cudaMemcpyDeviceToHost, stream_), "D2H");

@@ -18,6 +18,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "kvpool/cuda/append_kv.h"
 #include "kvpool/kv_arena.h"
 
 namespace pkv::kvpool {
@@ -67,6 +68,7 @@ class DeviceKvArena final : public KvArena {
  private:
   DeviceKvArena(const ModelShape& shape, int64_t num_pages) : shape_(shape), num_pages_(num_pages) {}
   absl::Status CheckAccess(int32_t layer, std::span<const SlotAddr> slots) const;
+  cuda::AppendKvParams ScratchParams(int32_t layer, int64_t n, int64_t slot_bytes, int64_t row) const;
 
   ModelShape shape_;
   int64_t num_pages_;
