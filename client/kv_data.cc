@@ -37,9 +37,26 @@ const std::vector<double>& NormalQuantiles() {
   return table;
 }
 
-void AppendRaw(std::string* out, uint16_t raw) {
-  const char bytes[2] = {static_cast<char>(raw & 0xFF), static_cast<char>(raw >> 8)};
-  out->append(bytes, 2);
+// Appends `n` elements of the row with key `key` (elements 0..n-1 of its stream) as raw dtype
+// bits through `raw` (the quantile table): one SplitMix64 output per four elements, written
+// straight into the string's storage (little-endian, as on the wire).
+template <typename Table, typename Put>
+void ForEachRowElement(uint64_t key, int64_t n, const Table& table, Put put) {
+  int64_t i = 0;
+  for (uint64_t word_index = 1; i < n; ++word_index) {
+    const uint64_t word = Mix(key + word_index * kGamma);
+    for (int lane = 0; lane < 4 && i < n; ++lane, ++i) put(i, table[(word >> (16 * lane)) & 0xFFFFu]);
+  }
+}
+
+void AppendRawRow(std::string* out, uint64_t key, int64_t n, const std::vector<uint16_t>& raw) {
+  const size_t at = out->size();
+  out->resize(at + 2 * static_cast<size_t>(n));
+  char* dst = out->data() + at;
+  ForEachRowElement(key, n, raw, [dst](int64_t i, uint16_t bits) {
+    dst[2 * i] = static_cast<char>(bits & 0xFF);
+    dst[2 * i + 1] = static_cast<char>(bits >> 8);
+  });
 }
 
 }  // namespace
@@ -87,28 +104,24 @@ void KvDataGen::AppendKv(uint64_t seq, int32_t layer, int64_t token, int64_t n, 
   k->reserve(k->size() + 2 * n * row);
   v->reserve(v->size() + 2 * n * row);
   for (int64_t t = token; t < token + n; ++t) {
-    const uint64_t kkey = RowKey(DataKind::kK, seq, layer, t);
-    const uint64_t vkey = RowKey(DataKind::kV, seq, layer, t);
-    for (int64_t i = 0; i < row; ++i) {
-      AppendRaw(k, raw_[BitsAt(kkey, i)]);
-      AppendRaw(v, raw_[BitsAt(vkey, i)]);
-    }
+    AppendRawRow(k, RowKey(DataKind::kK, seq, layer, t), row, raw_);
+    AppendRawRow(v, RowKey(DataKind::kV, seq, layer, t), row, raw_);
   }
 }
 
 void KvDataGen::AppendQ(uint64_t seq, int32_t layer, int64_t token, std::string* q) const {
   const int64_t row = static_cast<int64_t>(shape_.num_q_heads) * shape_.head_dim;
-  const uint64_t key = RowKey(DataKind::kQ, seq, layer, token);
-  for (int64_t i = 0; i < row; ++i) AppendRaw(q, raw_[BitsAt(key, i)]);
+  AppendRawRow(q, RowKey(DataKind::kQ, seq, layer, token), row, raw_);
 }
 
 std::vector<double> KvDataGen::History(DataKind t, uint64_t seq, int32_t layer, int64_t len) const {
   const int64_t row = static_cast<int64_t>(shape_.num_kv_heads) * shape_.head_dim;
   std::vector<double> out;
   out.reserve(len * row);
+  out.resize(static_cast<size_t>(len) * row);
   for (int64_t tok = 0; tok < len; ++tok) {
-    const uint64_t key = RowKey(t, seq, layer, tok);
-    for (int64_t i = 0; i < row; ++i) out.push_back(value_[BitsAt(key, i)]);
+    double* dst = out.data() + static_cast<size_t>(tok) * row;
+    ForEachRowElement(RowKey(t, seq, layer, tok), row, value_, [dst](int64_t i, double x) { dst[i] = x; });
   }
   return out;
 }

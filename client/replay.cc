@@ -1,9 +1,13 @@
 #include "client/replay.h"
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
+#include <condition_variable>
 #include <cstdio>
+#include <deque>
+#include <mutex>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
@@ -27,6 +31,11 @@ struct Row {
   int64_t decoded = 0;      // token steps done
   int64_t target = 0;       // decode tokens wanted
   int64_t life_pages = 0;   // pages for prompt + all decode tokens
+  // Time between tokens: completion of this row's last measured token step, and the decode
+  // group's check stall total at that moment (stalls are left out).
+  bool has_last = false;
+  Clock::time_point last_token_at;
+  Clock::duration stall_at_last{};
 };
 
 // Deterministic sample of (token step, layer, row) for checking.
@@ -46,6 +55,146 @@ uint64_t FreshBase(uint64_t seed, uint64_t salt) {
   return (rng.Next() & 0x3FFFFFFFFFFFFFFFull) << 1 | 1ull << 62;
 }
 
+// RESOURCE_EXHAUSTED from the worker's work queue is backpressure: the same step may be resent.
+bool IsBackpressure(const absl::Status& s) {
+  return s.code() == absl::StatusCode::kResourceExhausted &&
+         s.message().find("work queue") != std::string_view::npos;
+}
+
+// One sampled output, checked off the decode path.
+struct CheckItem {
+  uint64_t data_id = 0;
+  int64_t token_step = 0;
+  int32_t layer = 0;
+  int64_t len = 0;          // history including the new token
+  std::string out;          // [Hq, d] dtype bytes
+  std::vector<float> lse;   // [Hq], empty when missing
+};
+
+// Checks outputs against the double-precision reference on its own threads. Push blocks while
+// `max_queued` items wait (the caller counts that as a stall).
+class Checker {
+ public:
+  Checker(const ModelShape& shape, const KvDataGen& gen, int threads, size_t max_queued)
+      : shape_(shape), gen_(gen), tolerance_(Tolerance(shape)), max_queued_(max_queued) {
+    for (int i = 0; i < threads; ++i) threads_.emplace_back([this] { Loop(); });
+  }
+  ~Checker() { Close(); }
+
+  // Returns the time spent waiting for room.
+  Clock::duration Push(CheckItem item) {
+    const Clock::time_point t0 = Clock::now();
+    std::unique_lock<std::mutex> lock(mu_);
+    room_.wait(lock, [&] { return queue_.size() < max_queued_; });
+    const Clock::duration waited = Clock::now() - t0;
+    queue_.push_back(std::move(item));
+    work_.notify_one();
+    return waited;
+  }
+
+  // Finishes every queued check and joins the threads.
+  void Close() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      closed_ = true;
+    }
+    work_.notify_all();
+    for (std::thread& t : threads_) t.join();
+    threads_.clear();
+  }
+
+  // Folds the results into `report` (after Close).
+  void Report(ReplayReport* report) const {
+    report->outputs_checked = checked_;
+    report->check_failures = failures_;
+    report->max_rel_error = max_rel_error_;
+    report->max_lse_error = max_lse_error_;
+    report->first_failure = first_failure_;
+  }
+
+  int64_t checked() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return checked_;
+  }
+
+ private:
+  void Loop() {
+    for (;;) {
+      CheckItem item;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        work_.wait(lock, [&] { return closed_ || !queue_.empty(); });
+        if (queue_.empty()) return;
+        item = std::move(queue_.front());
+        queue_.pop_front();
+        room_.notify_one();
+      }
+      Check(item);
+    }
+  }
+
+  void Check(const CheckItem& c) {
+    std::vector<double> out, lse;
+    ReferenceDecode(shape_, gen_.Query(c.data_id, c.layer, c.len - 1),
+                    gen_.History(DataKind::kK, c.data_id, c.layer, c.len),
+                    gen_.History(DataKind::kV, c.data_id, c.layer, c.len), c.len, &out, &lse);
+    const double err = MaxRelativeError(shape_, c.out.data(), out);
+    double lse_err = 0;
+    if (c.lse.size() == static_cast<size_t>(shape_.num_q_heads)) {
+      for (int32_t h = 0; h < shape_.num_q_heads; ++h) {
+        lse_err = std::max(lse_err, std::abs(c.lse[h] - lse[h]) / std::max(1.0, std::abs(lse[h])));
+      }
+    } else {
+      lse_err = INFINITY;  // asked for and missing
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    ++checked_;
+    max_rel_error_ = std::max(max_rel_error_, err);
+    max_lse_error_ = std::max(max_lse_error_, lse_err);
+    if (!(err <= tolerance_) || !(lse_err <= 1e-3)) {
+      ++failures_;
+      if (first_failure_.empty()) {
+        first_failure_ = absl::StrFormat(
+            "request %d token step %d layer %d length %d: rel error %.3g (tol %.3g), lse error %.3g",
+            c.data_id, c.token_step, c.layer, c.len, err, tolerance_, lse_err);
+      }
+    }
+  }
+
+  const ModelShape shape_;
+  const KvDataGen& gen_;
+  const double tolerance_;
+  const size_t max_queued_;
+  mutable std::mutex mu_;
+  std::condition_variable work_, room_;
+  std::deque<CheckItem> queue_;
+  bool closed_ = false;
+  int64_t checked_ = 0, failures_ = 0;
+  double max_rel_error_ = 0, max_lse_error_ = 0;
+  std::string first_failure_;
+  std::vector<std::thread> threads_;
+};
+
+// Total length of the union of [start, end) intervals.
+double UnionSeconds(std::vector<std::pair<Clock::time_point, Clock::time_point>> spans) {
+  std::sort(spans.begin(), spans.end());
+  double total = 0;
+  Clock::time_point cur_start{}, cur_end{};
+  bool open = false;
+  for (const auto& [s, e] : spans) {
+    if (!open || s > cur_end) {
+      if (open) total += Seconds(cur_end - cur_start);
+      cur_start = s;
+      cur_end = e;
+      open = true;
+    } else {
+      cur_end = std::max(cur_end, e);
+    }
+  }
+  if (open) total += Seconds(cur_end - cur_start);
+  return total;
+}
+
 }  // namespace
 
 double Percentile(std::vector<double> values, double pct) {
@@ -57,32 +206,104 @@ double Percentile(std::vector<double> values, double pct) {
   return values[lo] + (values[hi] - values[lo]) * (pos - static_cast<double>(lo));
 }
 
+WindowStats SlidingWindowThroughput(std::vector<std::pair<double, int64_t>> completions,
+                                    double begin_s, double end_s, double window_s) {
+  WindowStats stats;
+  if (window_s <= 0 || end_s - begin_s < window_s) return stats;
+  std::sort(completions.begin(), completions.end());
+  std::vector<double> rates;
+  const double stride = window_s / 100.0;
+  size_t lo = 0, hi = 0;
+  int64_t in_window = 0;
+  for (double t = begin_s; t + window_s <= end_s + 1e-12; t += stride) {
+    // Window (t, t + window_s]: a completion at exactly t belongs to the window before.
+    while (hi < completions.size() && completions[hi].first <= t + window_s) in_window += completions[hi++].second;
+    while (lo < hi && completions[lo].first <= t) in_window -= completions[lo++].second;
+    const double rate = static_cast<double>(in_window) / window_s;
+    if (rates.empty() || rate < stats.worst_tokens_per_s) {
+      stats.worst_tokens_per_s = rate;
+      stats.worst_start_s = t;
+    }
+    rates.push_back(rate);
+  }
+  stats.median_tokens_per_s = Percentile(rates, 50);
+  return stats;
+}
+
 double ReplayReport::DecodeTokensPerSecond() const {
   return decode_s > 0 ? static_cast<double>(measured_tokens) / decode_s : 0.0;
 }
 
 std::string ReplayReport::Format() const {
-  const double layer_max = layer_step_ms.empty()
-                               ? 0.0
-                               : *std::max_element(layer_step_ms.begin(), layer_step_ms.end());
+  auto max_of = [](const std::vector<double>& v) { return v.empty() ? 0.0 : *std::max_element(v.begin(), v.end()); };
+  constexpr double kMiB = 1024.0 * 1024.0;
   std::string s;
-  absl::StrAppendFormat(&s, "requests          %d/%d done, %d prompt tokens written in %.2f s\n",
+  absl::StrAppendFormat(&s, "requests          %d/%d done, %d prompt tokens written in %.2f s (WriteKV time, summed)\n",
                         requests_done, requests_total, prompt_tokens, prefill_s);
-  absl::StrAppendFormat(&s, "token steps       %d (%d layer steps, %d decode tokens, %d backpressure retries)\n",
-                        token_steps, layer_steps, decode_tokens, backpressure_retries);
+  absl::StrAppendFormat(&s, "token steps       %d (%d layer steps, %d decode tokens, %d backpressure retries, %d micro-batches)\n",
+                        token_steps, layer_steps, decode_tokens, backpressure_retries, micro_batches);
   absl::StrAppendFormat(&s, "decode tokens/s   %.1f (measured steps), %.1f overall in %.2f s\n",
                         DecodeTokensPerSecond(),
                         elapsed_s > 0 ? static_cast<double>(decode_tokens) / elapsed_s : 0.0, elapsed_s);
   absl::StrAppendFormat(&s, "layer step ms     p50 %.3f  p99 %.3f  max %.3f  (n=%d)\n",
-                        Percentile(layer_step_ms, 50), Percentile(layer_step_ms, 99), layer_max,
+                        Percentile(layer_step_ms, 50), Percentile(layer_step_ms, 99), max_of(layer_step_ms),
                         layer_step_ms.size());
-  absl::StrAppendFormat(&s, "token step ms     p50 %.3f  p99 %.3f  (n=%d)\n",
-                        Percentile(token_step_ms, 50), Percentile(token_step_ms, 99),
+  absl::StrAppendFormat(&s, "token step ms     p50 %.3f  p99 %.3f  max %.3f  (n=%d)\n",
+                        Percentile(token_step_ms, 50), Percentile(token_step_ms, 99), max_of(token_step_ms),
                         token_step_ms.size());
+  absl::StrAppendFormat(&s, "between tokens ms p50 %.3f  p99 %.3f  max %.3f  (n=%d)\n", Percentile(tbt_ms, 50),
+                        Percentile(tbt_ms, 99), max_of(tbt_ms), tbt_ms.size());
+  if (worst_window_tokens_per_s > 0 || median_window_tokens_per_s > 0) {
+    absl::StrAppendFormat(&s, "%.1f s windows     worst %.1f tokens/s (starting at %.2f s), median %.1f tokens/s\n",
+                          window_s, worst_window_tokens_per_s, worst_window_start_s, median_window_tokens_per_s);
+  } else {
+    absl::StrAppendFormat(&s, "%.1f s windows     none (measured phase shorter than one window)\n", window_s);
+  }
+  if (pool_samples > 0) {
+    absl::StrAppendFormat(&s,
+                          "KV pool           reserved mean %.1f MiB peak %.1f MiB; used mean %.1f MiB peak %.1f MiB; "
+                          "reserved/used %.3f (mean) (%d samples)\n",
+                          kv_reserved_mean_bytes / kMiB, kv_reserved_peak_bytes / kMiB, kv_used_mean_bytes / kMiB,
+                          kv_used_peak_bytes / kMiB,
+                          kv_used_mean_bytes > 0 ? kv_reserved_mean_bytes / kv_used_mean_bytes : 0.0, pool_samples);
+  }
+  absl::StrAppendFormat(&s, "client            %.3f ms to build one layer-step request (overlapped with the worker); "
+                        "%.2f s waiting for checks\n", client_gen_ms, check_stall_s);
   absl::StrAppendFormat(&s, "checked outputs   %d, max relative error %.3g, max lse error %.3g, failures %d\n",
                         outputs_checked, max_rel_error, max_lse_error, check_failures);
   if (!first_failure.empty()) absl::StrAppend(&s, "first failure     ", first_failure, "\n");
   return s;
+}
+
+std::string ReplayReport::ToJson() const {
+  auto max_of = [](const std::vector<double>& v) { return v.empty() ? 0.0 : *std::max_element(v.begin(), v.end()); };
+  auto dist = [&](const std::vector<double>& v) {
+    return absl::StrFormat(R"({"n": %d, "p50": %.6g, "p99": %.6g, "max": %.6g})", v.size(), Percentile(v, 50),
+                           Percentile(v, 99), max_of(v));
+  };
+  std::string failure = first_failure;
+  std::replace(failure.begin(), failure.end(), '"', '\'');
+  return absl::StrCat(
+      "{", absl::StrFormat(R"("requests_total": %d, "requests_done": %d, "prompt_tokens": %d, "prefill_s": %.6g, )",
+                           requests_total, requests_done, prompt_tokens, prefill_s),
+      absl::StrFormat(R"("token_steps": %d, "layer_steps": %d, "decode_tokens": %d, "backpressure_retries": %d, )",
+                      token_steps, layer_steps, decode_tokens, backpressure_retries),
+      absl::StrFormat(R"("micro_batches": %d, "elapsed_s": %.6g, "decode_s": %.6g, "measured_tokens": %d, )",
+                      micro_batches, elapsed_s, decode_s, measured_tokens),
+      absl::StrFormat(R"("decode_tokens_per_s": %.6g, )", DecodeTokensPerSecond()),
+      R"("layer_step_ms": )", dist(layer_step_ms), R"(, "token_step_ms": )", dist(token_step_ms),
+      R"(, "tbt_ms": )", dist(tbt_ms), ", ",
+      absl::StrFormat(R"("window_s": %.6g, "worst_window_tokens_per_s": %.6g, "worst_window_start_s": %.6g, )"
+                      R"("median_window_tokens_per_s": %.6g, )",
+                      window_s, worst_window_tokens_per_s, worst_window_start_s, median_window_tokens_per_s),
+      absl::StrFormat(R"("pool_samples": %d, "kv_reserved_mean_bytes": %.6g, "kv_reserved_peak_bytes": %.6g, )"
+                      R"("kv_used_mean_bytes": %.6g, "kv_used_peak_bytes": %.6g, )",
+                      pool_samples, kv_reserved_mean_bytes, kv_reserved_peak_bytes, kv_used_mean_bytes,
+                      kv_used_peak_bytes),
+      absl::StrFormat(R"("client_gen_ms": %.6g, "check_stall_s": %.6g, "outputs_checked": %d, "check_failures": %d, )"
+                      R"("max_rel_error": %.6g, "max_lse_error": %.6g, "first_failure": "%s"})",
+                      client_gen_ms, check_stall_s, outputs_checked, check_failures, max_rel_error,
+                      std::isfinite(max_lse_error) ? max_lse_error : 1e300, failure));
 }
 
 absl::StatusOr<ReplayReport> RunReplay(WorkerClient& client, const ReplayOptions& options,
@@ -91,216 +312,414 @@ absl::StatusOr<ReplayReport> RunReplay(WorkerClient& client, const ReplayOptions
   const ModelShape& shape = info.shape;
   const KvDataGen gen(shape, options.seed);
   const int32_t batch = std::max(1, std::min(options.batch, info.max_batch));
+  const int32_t groups = std::max(1, options.micro_batches);
+  const int32_t ahead = options.prefill_ahead > 0 ? options.prefill_ahead : batch * groups;
   const int64_t page = shape.page_size;
   auto life_pages = [&](const WorkloadRequest& r) {
     return (r.input_tokens + r.output_tokens + page - 1) / page;
   };
   // Pages the replay may plan with: what is free now (other tenants keep theirs).
   const int64_t budget = info.free_pages;
-  const double tolerance = Tolerance(shape);
+  const size_t row_bytes = static_cast<size_t>(shape.num_q_heads) * shape.head_dim * DTypeSize(shape.dtype);
 
   ReplayReport report;
   report.requests_total = static_cast<int64_t>(requests.size());
+  report.micro_batches = groups;
   const uint64_t seq_base = FreshBase(options.seed, 1);
   const uint64_t step_base = FreshBase(options.seed, 2);
+  const int hw = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  Checker checker(shape, gen, std::max(1, hw - groups - std::max(1, options.prefill_streams)), 64);
 
-  std::unique_ptr<StepStreamSession> stream;
-  if (options.use_stream) {
-    PKV_ASSIGN_OR_RETURN(stream, client.OpenStepStream());
-  }
-  auto send = [&](const StepArgs& args) -> absl::StatusOr<StepResult> {
-    for (int attempt = 0;; ++attempt) {
-      absl::StatusOr<StepResult> r = stream ? stream->Step(args) : client.Step(args);
-      // RESOURCE_EXHAUSTED from the work queue is backpressure: retry the same step id (safe).
-      if (r.ok() || r.status().code() != absl::StatusCode::kResourceExhausted ||
-          r.status().message().find("work queue") == std::string_view::npos || attempt >= 200) {
-        return r;
-      }
-      ++report.backpressure_retries;
-      std::this_thread::sleep_for(std::chrono::milliseconds(std::min(50, 1 << std::min(attempt, 6))));
-    }
+  // Shared by every thread, under mu.
+  std::mutex mu;
+  std::condition_variable cv;
+  std::deque<Row> ready;          // prompts written, waiting for a decode row
+  size_t next = 0;                // next request to prefill
+  int64_t reserved_pages = 0;     // life pages of admitted requests not yet freed on the worker
+  int32_t prefilling = 0;         // prompts being written
+  int32_t workers_left = std::max(1, options.prefill_streams) + groups;  // threads still running
+  bool stop = false;              // a failure or --max_steps: everyone winds down
+  absl::Status failure;
+  int64_t token_steps = 0;
+  std::vector<std::pair<Clock::time_point, Clock::time_point>> measured_spans;
+  std::vector<std::pair<Clock::time_point, int64_t>> measured_completions;
+  Clock::duration gen_time{};
+  int64_t gen_count = 0;
+  Clock::duration stall_time{};
+
+  auto fail = [&](absl::Status s) {  // under mu
+    if (failure.ok()) failure = std::move(s);
+    stop = true;
+    cv.notify_all();
   };
+  // Every request has been prefilled and handed to a decode group (or the run stops).
+  auto drained = [&] { return stop || (next >= requests.size() && prefilling == 0 && ready.empty()); };
 
   const Clock::time_point start = Clock::now();
-  Clock::time_point last_progress = start;
-  std::vector<Row> active;
-  int64_t reserved_pages = 0;
-  size_t next = 0;
-  absl::Status failure;
 
-  while (true) {
-    // Admission: fill free rows with arrived requests whose whole life fits the pool.
-    while (static_cast<int32_t>(active.size()) < batch && next < requests.size()) {
+  auto prefill_loop = [&] {
+    std::unique_lock<std::mutex> lock(mu);
+    for (;;) {
+      // Take the next request once it has arrived, fits the pool next to the admitted ones, and
+      // the ready queue has room.
+      if (stop || next >= requests.size()) break;
       const WorkloadRequest& r = requests[next];
-      if (options.honor_arrivals && Clock::now() < start + std::chrono::milliseconds(r.arrival_ms)) break;
       const int64_t need = life_pages(r);
       if (need > budget) {
-        failure = absl::InvalidArgumentError(absl::StrCat(
-            "request ", next, " needs ", need, " pages (", r.input_tokens, " prompt + ",
-            r.output_tokens, " decode tokens) but the pool has ", budget,
-            " free; shrink it with --context_scale/--max_context or give the worker more pages"));
+        fail(absl::InvalidArgumentError(absl::StrCat(
+            "request ", next, " needs ", need, " pages (", r.input_tokens, " prompt + ", r.output_tokens,
+            " decode tokens) but the pool has ", budget,
+            " free; shrink it with --context_scale/--max_context or give the worker more pages")));
         break;
       }
-      if (reserved_pages + need > budget) break;  // wait for active rows to finish
+      const Clock::time_point arrival = start + std::chrono::milliseconds(r.arrival_ms);
+      if (static_cast<int64_t>(ready.size()) + prefilling >= ahead || reserved_pages + need > budget) {
+        cv.wait(lock);
+        continue;
+      }
+      if (options.honor_arrivals && Clock::now() < arrival) {
+        cv.wait_until(lock, arrival);
+        continue;
+      }
+      const size_t index = next++;
+      reserved_pages += need;
+      ++prefilling;
+      lock.unlock();
       Row row;
-      row.seq = seq_base + next;
-      row.data_id = next;
+      row.seq = seq_base + index;
+      row.data_id = index;
       row.length = r.input_tokens;
       row.target = r.output_tokens;
       row.life_pages = need;
       const Clock::time_point t0 = Clock::now();
-      absl::Status s = client.WritePrompt(
-          row.seq, r.input_tokens, options.chunk_tokens,
-          [&](int32_t layer, int64_t off, int64_t n, std::string* k, std::string* v) {
-            gen.AppendKv(row.data_id, layer, off, n, k, v);
-          });
-      report.prefill_s += Seconds(Clock::now() - t0);
+      absl::Status s = client.WritePrompt(row.seq, r.input_tokens, options.chunk_tokens,
+                                          [&](int32_t layer, int64_t off, int64_t n, std::string* k, std::string* v) {
+                                            gen.AppendKv(row.data_id, layer, off, n, k, v);
+                                          });
+      const double took = Seconds(Clock::now() - t0);
+      lock.lock();
+      --prefilling;
       if (!s.ok()) {
-        failure = absl::Status(s.code(), absl::StrCat("WriteKV of request ", next, ": ", s.message()));
+        fail(absl::Status(s.code(), absl::StrCat("WriteKV of request ", index, ": ", s.message())));
         break;
       }
+      report.prefill_s += took;
       report.prompt_tokens += r.input_tokens;
-      reserved_pages += need;
-      active.push_back(row);
-      ++next;
+      ready.push_back(row);
+      cv.notify_all();
     }
-    if (!failure.ok()) break;
-    if (active.empty()) {
-      if (next >= requests.size()) break;
-      // Idle until the next arrival.
-      std::this_thread::sleep_until(start + std::chrono::milliseconds(requests[next].arrival_ms));
-      continue;
-    }
-    if (options.max_steps > 0 && report.token_steps >= options.max_steps) break;
+    --workers_left;
+    cv.notify_all();
+  };
 
-    // One token step: every layer in order.
-    const uint64_t step_id = step_base + static_cast<uint64_t>(report.token_steps);
-    const bool measured = report.token_steps >= options.warmup_steps;
-    const Clock::time_point step_t0 = Clock::now();
-    Clock::duration check_time{};  // client-side reference work, left out of the step time
-    for (int32_t layer = 0; layer < shape.num_layers && failure.ok(); ++layer) {
-      StepArgs args;
-      args.token_step_id = step_id;
-      args.layer = layer;
-      std::vector<size_t> checked;
-      for (size_t i = 0; i < active.size(); ++i) {
-        const Row& row = active[i];
-        args.rows.push_back(row.seq);
-        gen.AppendQ(row.data_id, layer, row.length, &args.q);
-        gen.AppendKv(row.data_id, layer, row.length, 1, &args.k, &args.v);
-        if (Sampled(options.seed, report.token_steps, layer, row.data_id, options.check_fraction)) {
-          checked.push_back(i);
+  auto decode_loop = [&] {
+    std::unique_ptr<StepStreamSession> stream;
+    if (options.use_stream) {
+      absl::StatusOr<std::unique_ptr<StepStreamSession>> opened = client.OpenStepStream();
+      if (!opened.ok()) {
+        std::lock_guard<std::mutex> lock(mu);
+        fail(opened.status());
+        return;
+      }
+      stream = *std::move(opened);
+    }
+    std::vector<Row> active;
+    std::vector<uint64_t> pending_free;  // finished rows, freed by the next token step's layer 0
+    int64_t pending_pages = 0;
+    int64_t group_steps = 0;
+    Clock::duration group_stall{};
+    absl::Status group_failure;
+
+    // Frees `pending_free` with a Release call (the group has no next token step to carry them).
+    auto release_pending = [&]() -> absl::Status {
+      if (pending_free.empty()) return absl::OkStatus();
+      absl::StatusOr<int64_t> freed = client.Release(pending_free);
+      if (!freed.ok()) return absl::Status(freed.status().code(), absl::StrCat("Release: ", freed.status().message()));
+      pending_free.clear();
+      std::lock_guard<std::mutex> lock(mu);
+      reserved_pages -= pending_pages;
+      pending_pages = 0;
+      cv.notify_all();
+      return absl::OkStatus();
+    };
+
+    for (;;) {
+      int64_t step_index = 0;
+      {
+        std::unique_lock<std::mutex> lock(mu);
+        while (static_cast<int32_t>(active.size()) < batch && !ready.empty() && !stop) {
+          active.push_back(ready.front());
+          ready.pop_front();
+          cv.notify_all();  // room in the ready queue
         }
+        if (stop) break;
+        if (active.empty()) {
+          if (drained()) break;
+          lock.unlock();
+          if (absl::Status s = release_pending(); !s.ok()) {
+            group_failure = s;
+            break;
+          }
+          lock.lock();
+          cv.wait(lock, [&] { return stop || !ready.empty() || drained(); });
+          continue;
+        }
+        if (options.max_steps > 0 && token_steps >= options.max_steps) {
+          stop = true;
+          cv.notify_all();
+          break;
+        }
+        step_index = token_steps++;
       }
-      args.want_lse = !checked.empty();
-      const Clock::time_point t0 = Clock::now();
-      absl::StatusOr<StepResult> result = send(args);
-      const double ms = Seconds(Clock::now() - t0) * 1e3;
-      if (!result.ok()) {
-        failure = absl::Status(result.status().code(),
-                               absl::StrCat("Step (token step ", report.token_steps, ", layer ",
-                                            layer, "): ", result.status().message()));
-        break;
-      }
-      ++report.layer_steps;
-      if (measured) report.layer_step_ms.push_back(ms);
-      const size_t row_bytes = static_cast<size_t>(shape.num_q_heads) * shape.head_dim * 2;
-      if (result->out.size() != row_bytes * active.size()) {
-        failure = absl::InternalError(absl::StrCat("Step returned ", result->out.size(),
-                                                   " output bytes, expected ", row_bytes * active.size()));
-        break;
-      }
-      const Clock::time_point check_t0 = Clock::now();
-      for (size_t i : checked) {
-        const Row& row = active[i];
-        const int64_t len = row.length + 1;  // history plus the new token
-        std::vector<double> out, lse;
-        ReferenceDecode(shape, gen.Query(row.data_id, layer, row.length),
-                        gen.History(DataKind::kK, row.data_id, layer, len),
-                        gen.History(DataKind::kV, row.data_id, layer, len), len, &out, &lse);
-        const double err = MaxRelativeError(shape, result->out.data() + i * row_bytes, out);
-        double lse_err = 0;
-        if (result->lse.size() == active.size() * shape.num_q_heads) {
-          for (int32_t h = 0; h < shape.num_q_heads; ++h) {
-            lse_err = std::max(lse_err, std::abs(result->lse[i * shape.num_q_heads + h] - lse[h]) /
-                                            std::max(1.0, std::abs(lse[h])));
+
+      // One token step: every layer in order, each after the previous one's answer.
+      const uint64_t step_id = step_base + static_cast<uint64_t>(step_index);
+      const bool measured = group_steps >= options.warmup_steps;
+      std::vector<std::vector<size_t>> checked(shape.num_layers);
+      auto build = [&](int32_t layer) {
+        StepArgs args;
+        args.token_step_id = step_id;
+        args.layer = layer;
+        if (layer == 0) args.free = pending_free;
+        const size_t b = active.size();
+        args.q.reserve(b * row_bytes);
+        for (size_t i = 0; i < b; ++i) {
+          const Row& row = active[i];
+          args.rows.push_back(row.seq);
+          gen.AppendQ(row.data_id, layer, row.length, &args.q);
+          gen.AppendKv(row.data_id, layer, row.length, 1, &args.k, &args.v);
+          if (Sampled(options.seed, step_index, layer, row.data_id, options.check_fraction)) {
+            checked[layer].push_back(i);
+          }
+        }
+        args.want_lse = !checked[layer].empty();
+        return args;
+      };
+      auto timed_build = [&](int32_t layer) {
+        const Clock::time_point t0 = Clock::now();
+        StepArgs args = build(layer);
+        std::lock_guard<std::mutex> lock(mu);
+        gen_time += Clock::now() - t0;
+        ++gen_count;
+        return args;
+      };
+
+      const Clock::time_point step_t0 = Clock::now();
+      const Clock::duration stall_before = group_stall;
+      std::vector<double> layer_ms;
+      int64_t retries = 0;
+      StepArgs args = timed_build(0);
+      for (int32_t layer = 0; layer < shape.num_layers; ++layer) {
+        const Clock::time_point t0 = Clock::now();
+        StepArgs next_args;
+        absl::StatusOr<StepResult> result;
+        if (stream) {
+          absl::Status sent = stream->Send(std::move(args));
+          if (sent.ok()) {
+            // Build the next layer's request while the worker runs this one.
+            if (layer + 1 < shape.num_layers) next_args = timed_build(layer + 1);
+            result = stream->Receive();
+          } else {
+            result = sent;
           }
         } else {
-          lse_err = INFINITY;  // asked for and missing
+          result = client.Step(args);
+          if (result.ok() && layer + 1 < shape.num_layers) next_args = timed_build(layer + 1);
         }
-        ++report.outputs_checked;
-        report.max_rel_error = std::max(report.max_rel_error, err);
-        report.max_lse_error = std::max(report.max_lse_error, lse_err);
-        if (!(err <= tolerance) || !(lse_err <= 1e-3)) {
-          ++report.check_failures;
-          if (report.first_failure.empty()) {
-            report.first_failure = absl::StrFormat(
-                "request %d token step %d layer %d length %d: rel error %.3g (tol %.3g), lse error %.3g",
-                row.data_id, report.token_steps, layer, len, err, tolerance, lse_err);
+        for (int attempt = 0; !result.ok() && IsBackpressure(result.status()) && attempt < 200; ++attempt) {
+          ++retries;
+          std::this_thread::sleep_for(std::chrono::milliseconds(std::min(50, 1 << std::min(attempt, 6))));
+          checked[layer].clear();
+          StepArgs again = build(layer);  // the same request (deterministic data)
+          if (!stream) {
+            result = client.Step(again);
+          } else if (absl::Status sent = stream->Send(std::move(again)); sent.ok()) {
+            result = stream->Receive();
+          } else {
+            result = sent;
+          }
+        }
+        const Clock::time_point t1 = Clock::now();
+        if (!result.ok()) {
+          group_failure = absl::Status(result.status().code(),
+                                       absl::StrCat("Step (token step ", step_index, ", layer ", layer,
+                                                    "): ", result.status().message()));
+          break;
+        }
+        if (result->out.size() != row_bytes * active.size()) {
+          group_failure = absl::InternalError(absl::StrCat("Step returned ", result->out.size(),
+                                                           " output bytes, expected ", row_bytes * active.size()));
+          break;
+        }
+        layer_ms.push_back(Seconds(t1 - t0) * 1e3);
+        if (layer == 0 && !pending_free.empty()) {
+          // The worker applied the frees with layer 0.
+          pending_free.clear();
+          std::lock_guard<std::mutex> lock(mu);
+          reserved_pages -= pending_pages;
+          pending_pages = 0;
+          cv.notify_all();
+        }
+        for (size_t i : checked[layer]) {
+          CheckItem item;
+          item.data_id = active[i].data_id;
+          item.token_step = step_index;
+          item.layer = layer;
+          item.len = active[i].length + 1;  // history plus the new token
+          item.out.assign(result->out.data() + i * row_bytes, row_bytes);
+          if (result->lse.size() == active.size() * shape.num_q_heads) {
+            item.lse.assign(result->lse.begin() + i * shape.num_q_heads,
+                            result->lse.begin() + (i + 1) * shape.num_q_heads);
+          }
+          group_stall += checker.Push(std::move(item));
+        }
+        args = std::move(next_args);
+      }
+      const Clock::time_point step_t1 = Clock::now();
+      {
+        std::lock_guard<std::mutex> lock(mu);
+        report.backpressure_retries += retries;
+        report.layer_steps += static_cast<int64_t>(layer_ms.size());
+        if (!group_failure.ok()) {
+          fail(group_failure);
+          break;
+        }
+        const Clock::duration stalled = group_stall - stall_before;
+        stall_time += stalled;
+        ++report.token_steps;
+        report.decode_tokens += static_cast<int64_t>(active.size());
+        if (measured) {
+          report.layer_step_ms.insert(report.layer_step_ms.end(), layer_ms.begin(), layer_ms.end());
+          report.token_step_ms.push_back(Seconds(step_t1 - step_t0 - stalled) * 1e3);
+          report.measured_tokens += static_cast<int64_t>(active.size());
+          measured_spans.emplace_back(step_t0, step_t1);
+          measured_completions.emplace_back(step_t1, static_cast<int64_t>(active.size()));
+          for (const Row& row : active) {
+            if (row.has_last) {
+              report.tbt_ms.push_back(Seconds(step_t1 - row.last_token_at - (group_stall - row.stall_at_last)) * 1e3);
+            }
           }
         }
       }
-      check_time += Clock::now() - check_t0;
-    }
-    if (!failure.ok()) break;
-    const double step_ms = Seconds(Clock::now() - step_t0 - check_time) * 1e3;
-    ++report.token_steps;
-    report.decode_tokens += static_cast<int64_t>(active.size());
-    if (measured) {
-      report.token_step_ms.push_back(step_ms);
-      report.decode_s += step_ms / 1e3;
-      report.measured_tokens += static_cast<int64_t>(active.size());
-    }
-    // Retire finished rows.
-    std::vector<uint64_t> finished;
-    std::vector<Row> still;
-    for (Row& row : active) {
-      ++row.length;
-      ++row.decoded;
-      if (row.decoded >= row.target) {
-        finished.push_back(row.seq);
-        reserved_pages -= row.life_pages;
-        ++report.requests_done;
-      } else {
-        still.push_back(row);
+      ++group_steps;
+      // Retire finished rows: their frees ride on this group's next token step.
+      std::vector<Row> still;
+      int64_t done = 0;
+      for (Row& row : active) {
+        ++row.length;
+        ++row.decoded;
+        row.has_last = measured;
+        row.last_token_at = step_t1;
+        row.stall_at_last = group_stall;
+        if (row.decoded >= row.target) {
+          pending_free.push_back(row.seq);
+          pending_pages += row.life_pages;
+          ++done;
+        } else {
+          still.push_back(row);
+        }
+      }
+      active.swap(still);
+      if (done > 0) {
+        std::lock_guard<std::mutex> lock(mu);
+        report.requests_done += done;
       }
     }
-    active.swap(still);
-    if (!finished.empty()) {
-      absl::StatusOr<int64_t> freed = client.Release(finished);
-      if (!freed.ok()) {
-        failure = absl::Status(freed.status().code(), absl::StrCat("Release: ", freed.status().message()));
-        break;
-      }
+
+    // Leave nothing behind: finished rows not yet freed, and rows cut by --max_steps or an error.
+    for (const Row& row : active) pending_free.push_back(row.seq);
+    absl::Status released = release_pending();
+    if (stream) {
+      absl::Status s = stream->Finish();
+      if (released.ok()) released = s;
     }
-    const Clock::time_point now = Clock::now();
-    if (options.verbose && options.progress_interval > absl::ZeroDuration() &&
-        now - last_progress >= absl::ToChronoNanoseconds(options.progress_interval)) {
-      last_progress = now;
-      std::fprintf(stderr,
-                   "[pkv-replay] %.1f s: %lld token steps, %lld decode tokens, %lld/%lld requests "
-                   "done, %zu active, %lld outputs checked\n",
-                   Seconds(now - start), static_cast<long long>(report.token_steps),
-                   static_cast<long long>(report.decode_tokens),
-                   static_cast<long long>(report.requests_done),
-                   static_cast<long long>(report.requests_total), active.size(),
-                   static_cast<long long>(report.outputs_checked));
+    std::lock_guard<std::mutex> lock(mu);
+    if (!group_failure.ok()) fail(group_failure);
+    if (!released.ok()) fail(released);
+    --workers_left;
+    cv.notify_all();
+  };
+
+  std::vector<std::thread> threads;
+  for (int i = 0; i < std::max(1, options.prefill_streams); ++i) threads.emplace_back(prefill_loop);
+  for (int32_t g = 0; g < groups; ++g) threads.emplace_back(decode_loop);
+
+  // This thread: pool samples and progress lines until the workers are done.
+  double reserved_sum = 0, used_sum = 0;
+  {
+    Clock::time_point last_progress = start;
+    Clock::time_point next_sample = start;
+    const int64_t token_bytes = info.page_bytes / std::max<int64_t>(1, page);
+    std::unique_lock<std::mutex> lock(mu);
+    for (;;) {
+      Clock::time_point wake = Clock::now() + std::chrono::milliseconds(100);
+      if (options.pool_sample_interval > absl::ZeroDuration()) wake = std::min(wake, next_sample);
+      cv.wait_until(lock, wake);
+      if (workers_left == 0) break;
+      const Clock::time_point now = Clock::now();
+      if (options.pool_sample_interval > absl::ZeroDuration() && now >= next_sample) {
+        next_sample = now + absl::ToChronoNanoseconds(options.pool_sample_interval);
+        lock.unlock();
+        absl::StatusOr<WorkerInfo> pool = client.Describe();
+        lock.lock();
+        if (pool.ok()) {
+          const double reserved = static_cast<double>(pool->used_pages) * static_cast<double>(pool->page_bytes);
+          const double used = static_cast<double>(pool->used_tokens) * static_cast<double>(token_bytes);
+          ++report.pool_samples;
+          reserved_sum += reserved;
+          used_sum += used;
+          report.kv_reserved_peak_bytes = std::max(report.kv_reserved_peak_bytes, reserved);
+          report.kv_used_peak_bytes = std::max(report.kv_used_peak_bytes, used);
+        }
+      }
+      if (options.verbose && options.progress_interval > absl::ZeroDuration() &&
+          now - last_progress >= absl::ToChronoNanoseconds(options.progress_interval)) {
+        last_progress = now;
+        std::fprintf(stderr,
+                     "[pkv-replay] %.1f s: %lld token steps, %lld decode tokens, %lld/%lld requests done, "
+                     "%zu prompts ready, %lld outputs checked\n",
+                     Seconds(now - start), static_cast<long long>(report.token_steps),
+                     static_cast<long long>(report.decode_tokens), static_cast<long long>(report.requests_done),
+                     static_cast<long long>(report.requests_total), ready.size(),
+                     static_cast<long long>(checker.checked()));
+      }
     }
   }
+  for (std::thread& t : threads) t.join();
 
-  // Leave nothing behind (rows cut by --max_steps, or after an error).
-  if (!active.empty()) {
-    std::vector<uint64_t> ids;
-    for (const Row& row : active) ids.push_back(row.seq);
-    absl::StatusOr<int64_t> freed = client.Release(ids);
+  // Prompts written but never decoded (a failure or --max_steps): release them.
+  std::vector<uint64_t> leftover;
+  for (const Row& row : ready) leftover.push_back(row.seq);
+  if (!leftover.empty()) {
+    absl::StatusOr<int64_t> freed = client.Release(leftover);
     if (!freed.ok() && failure.ok()) failure = freed.status();
   }
-  if (stream) {
-    absl::Status s = stream->Finish();
-    if (!s.ok() && failure.ok()) failure = s;
-  }
+  checker.Close();
+  checker.Report(&report);
   report.elapsed_s = Seconds(Clock::now() - start);
   if (!failure.ok()) return failure;
+
+  report.decode_s = UnionSeconds(measured_spans);
+  report.client_gen_ms = gen_count > 0 ? Seconds(gen_time) * 1e3 / static_cast<double>(gen_count) : 0.0;
+  report.check_stall_s = Seconds(stall_time);
+  if (report.pool_samples > 0) {
+    report.kv_reserved_mean_bytes = reserved_sum / static_cast<double>(report.pool_samples);
+    report.kv_used_mean_bytes = used_sum / static_cast<double>(report.pool_samples);
+  }
+  if (!measured_spans.empty()) {
+    Clock::time_point first = measured_spans.front().first, last = measured_spans.front().second;
+    for (const auto& [s, e] : measured_spans) {
+      first = std::min(first, s);
+      last = std::max(last, e);
+    }
+    std::vector<std::pair<double, int64_t>> completions;
+    for (const auto& [t, n] : measured_completions) completions.emplace_back(Seconds(t - start), n);
+    const WindowStats w =
+        SlidingWindowThroughput(std::move(completions), Seconds(first - start), Seconds(last - start), report.window_s);
+    report.worst_window_tokens_per_s = w.worst_tokens_per_s;
+    report.worst_window_start_s = w.worst_start_s;
+    report.median_window_tokens_per_s = w.median_tokens_per_s;
+  }
   return report;
 }
 

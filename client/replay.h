@@ -1,17 +1,26 @@
 // client/replay.h — the prefill/router tier in miniature: replays a workload against a worker.
 //
-// For each request it writes the prompt's K,V for every layer with WriteKV (the prefill side),
-// then decodes with continuous batching: at most `batch` active rows; each token step sends
-// every layer in order over one StepStream (layer l+1 after layer l's answer); each row appends
-// one token per token step; a finished row is released and replaced by the next request.
-// Admission keeps the pool from running dry mid-decode: a request is admitted only when the
-// pages for its whole life (prompt + decode tokens) fit next to those of the active rows.
-// A sample of outputs is checked against the client's own double-precision reference.
-// Thread-safety: RunReplay uses the client from the calling thread only.
-#pragma once
+// Three kinds of work run at once, as in a disaggregated deployment:
+//  - prefill: `prefill_streams` WriteKV streams write prompts (every layer's K,V) ahead of
+//    decode, in request order, no earlier than each request's arrival when asked to; a written
+//    prompt waits in a ready queue. Admission keeps the pool from running dry mid-decode: a
+//    request is prefilled only when the pages for its whole life (prompt + decode tokens) fit
+//    next to those of the prompts already admitted.
+//  - decode: `micro_batches` independent groups, each with its own StepStream and at most
+//    `batch` rows (continuous batching: a finished row is freed through the next token step's
+//    `free` delta and replaced from the ready queue). Each token step sends every layer in
+//    order, and layer l+1 is sent only after layer l's output came back (the real dependency of a
+//    model's layers); the next layer's q/K/V are generated while the worker runs the current
+//    one. Groups run concurrently, so their layer-steps interleave on the worker.
+//  - checks: a sample of outputs is checked against the client's own double-precision reference
+//    on a checker thread, off the decode path.
+// A monitor samples the worker's pool (Describe) for reserved versus used KV bytes.
+// Thread-safety: RunReplay is one call; it uses the client from several threads (WorkerClient
+// is thread-safe; each stream is used by one thread).#pragma once
 
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -22,7 +31,10 @@
 namespace pkv::client {
 
 struct ReplayOptions {
-  int32_t batch = 8;              // most active rows
+  int32_t batch = 8;              // most active rows of one micro-batch
+  int32_t micro_batches = 1;      // decode groups in flight at once (each its own StepStream)
+  int32_t prefill_streams = 2;    // WriteKV streams in flight at once
+  int32_t prefill_ahead = 0;      // prompts written ahead of decode (0: batch * micro_batches)
   uint64_t seed = 20260622;       // data seed (q, K, V) and check sampling
   double check_fraction = 0.01;   // share of (token step, layer, row) outputs checked
   int64_t max_steps = 0;          // stop after this many token steps (0: run the workload out)
@@ -31,6 +43,7 @@ struct ReplayOptions {
   bool honor_arrivals = false;    // admit a request no earlier than its arrival_ms
   bool use_stream = true;         // StepStream (true) or unary Step
   absl::Duration progress_interval = absl::Seconds(5);  // 0: no progress lines
+  absl::Duration pool_sample_interval = absl::Milliseconds(100);  // Describe polls; 0: none
   bool verbose = true;            // progress lines on stderr
 };
 
@@ -44,10 +57,22 @@ struct ReplayReport {
   int64_t backpressure_retries = 0;
   double elapsed_s = 0;            // whole run
   double prefill_s = 0;            // time in WriteKV
-  double decode_s = 0;             // time in measured token steps
+  double decode_s = 0;             // wall time with a measured token step in flight
   int64_t measured_tokens = 0;     // decode tokens of measured (post-warm-up) steps
-  std::vector<double> layer_step_ms;  // per measured layer step
-  std::vector<double> token_step_ms;  // per measured token step
+  int32_t micro_batches = 1;
+  std::vector<double> layer_step_ms;  // per measured layer step: send to answer
+  std::vector<double> token_step_ms;  // per measured token step: layer 0 sent to last answer
+  std::vector<double> tbt_ms;         // time between tokens: per row, between its consecutive
+                                      // measured token steps' completions
+  double client_gen_ms = 0;        // mean host time to build one layer-step's request
+  double window_s = 1.0;           // width of the throughput windows below
+  double worst_window_tokens_per_s = 0;   // fewest decode tokens in any window of the measured
+  double worst_window_start_s = 0;        // phase (0 when it is shorter than a window), per s
+  double median_window_tokens_per_s = 0;
+  int64_t pool_samples = 0;        // Describe samples of the pool
+  double kv_reserved_mean_bytes = 0, kv_reserved_peak_bytes = 0;  // pages held x page bytes
+  double kv_used_mean_bytes = 0, kv_used_peak_bytes = 0;          // tokens held x token bytes
+  double check_stall_s = 0;        // decode waited for a full check queue (left out of timings)
   int64_t outputs_checked = 0;     // (row, layer) outputs compared with the reference
   int64_t check_failures = 0;
   double max_rel_error = 0;
@@ -58,6 +83,8 @@ struct ReplayReport {
   double DecodeTokensPerSecond() const;
   // The summary pkv-replay prints.
   std::string Format() const;
+  // The same figures as one JSON object (for bench/results).
+  std::string ToJson() const;
 };
 
 // Replays `requests` against the worker behind `client`. Errors: the worker's status for a
@@ -68,5 +95,16 @@ absl::StatusOr<ReplayReport> RunReplay(WorkerClient& client, const ReplayOptions
 
 // Percentile (0..100) of `values` by linear interpolation between nearest ranks; 0 when empty.
 double Percentile(std::vector<double> values, double pct);
+
+// Decode throughput in windows of `window_s` sliding over [begin_s, end_s] in steps of
+// window_s / 100, from token completions (time in s, tokens): the worst and median window in
+// tokens per second, and where the worst one starts. All zero when end_s - begin_s < window_s.
+struct WindowStats {
+  double worst_tokens_per_s = 0;
+  double worst_start_s = 0;
+  double median_tokens_per_s = 0;
+};
+WindowStats SlidingWindowThroughput(std::vector<std::pair<double, int64_t>> completions,
+                                    double begin_s, double end_s, double window_s);
 
 }  // namespace pkv::client

@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <string>
+#include <utility>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
@@ -30,7 +31,16 @@ ABSL_FLAG(std::string, workload, "uniform",
 ABSL_FLAG(std::string, trace_csv, "",
           "CSV trace (arrival_ms,input_tokens,output_tokens[,block_hashes]) instead of --workload.");
 ABSL_FLAG(bool, honor_arrivals, false, "Admit trace requests no earlier than their arrival_ms.");
-ABSL_FLAG(int32_t, batch, 8, "Most active rows (continuous batching).");
+ABSL_FLAG(int32_t, batch, 8, "Most active rows of one micro-batch (continuous batching).");
+ABSL_FLAG(int32_t, micro_batches, 1,
+          "Decode micro-batches in flight at once, each on its own StepStream; their layer-steps "
+          "interleave on the worker (at most the worker's open token steps, 4 by default).");
+ABSL_FLAG(int32_t, prefill_streams, 2, "WriteKV streams writing prompts concurrently with decode.");
+ABSL_FLAG(int32_t, prefill_ahead, 0,
+          "Prompts written ahead of decode, waiting for a free row (0: batch * micro_batches).");
+ABSL_FLAG(double, pool_sample_ms, 100.0,
+          "Milliseconds between Describe samples of the worker's pool (reserved vs used KV; 0: none).");
+ABSL_FLAG(std::string, report_json, "", "Also write the report as JSON to this file.");
 ABSL_FLAG(int32_t, num_requests, 24, "Requests to replay (first N of a trace; 0 = whole trace).");
 ABSL_FLAG(uint64_t, seed, 20260622, "Seed of the workload, the q/K/V data and the check sample.");
 ABSL_FLAG(double, context_scale, 1.0, "Multiply prompt lengths by this (0, 1] (small CPU runs).");
@@ -101,6 +111,14 @@ int DescribeOnly() {
 
 int Run() {
   if (absl::GetFlag(FLAGS_describe_only)) return DescribeOnly();
+  for (const auto& [name, value] : {std::pair<const char*, int64_t>{"--batch", absl::GetFlag(FLAGS_batch)},
+                                    {"--micro_batches", absl::GetFlag(FLAGS_micro_batches)},
+                                    {"--prefill_streams", absl::GetFlag(FLAGS_prefill_streams)}}) {
+    if (value < 1) {
+      PKV_LOG(ERROR) << name << ": must be >= 1, got " << value;
+      return 2;
+    }
+  }
   std::vector<pkv::WorkloadRequest> requests;
   const std::string trace = absl::GetFlag(FLAGS_trace_csv);
   const int32_t num_requests = absl::GetFlag(FLAGS_num_requests);
@@ -143,13 +161,17 @@ int Run() {
               client_options.target.c_str(), info->shape.DebugString().c_str(),
               info->backend.c_str(), info->device.c_str(), static_cast<long long>(info->free_pages),
               static_cast<long long>(info->total_pages), info->max_batch);
-  std::printf("pkv-replay: workload %s, %zu requests, batch %d, seed %llu\n", source.c_str(),
-              requests.size(), absl::GetFlag(FLAGS_batch),
+  std::printf("pkv-replay: workload %s, %zu requests, batch %d x %d micro-batches, seed %llu\n",
+              source.c_str(), requests.size(), absl::GetFlag(FLAGS_batch), absl::GetFlag(FLAGS_micro_batches),
               static_cast<unsigned long long>(absl::GetFlag(FLAGS_seed)));
   std::fflush(stdout);
 
   pkv::client::ReplayOptions options;
   options.batch = absl::GetFlag(FLAGS_batch);
+  options.micro_batches = absl::GetFlag(FLAGS_micro_batches);
+  options.prefill_streams = absl::GetFlag(FLAGS_prefill_streams);
+  options.prefill_ahead = absl::GetFlag(FLAGS_prefill_ahead);
+  options.pool_sample_interval = absl::Milliseconds(absl::GetFlag(FLAGS_pool_sample_ms));
   options.seed = absl::GetFlag(FLAGS_seed);
   options.check_fraction = absl::GetFlag(FLAGS_check_fraction);
   options.max_steps = absl::GetFlag(FLAGS_max_steps);
@@ -165,6 +187,13 @@ int Run() {
   }
   std::printf("%s", report->Format().c_str());
   std::fflush(stdout);
+  if (const std::string path = absl::GetFlag(FLAGS_report_json); !path.empty()) {
+    std::FILE* f = std::fopen(path.c_str(), "w");
+    if (f == nullptr || std::fprintf(f, "%s\n", report->ToJson().c_str()) < 0 || std::fclose(f) != 0) {
+      PKV_LOG(ERROR) << "--report_json: cannot write " << path;
+      return 2;
+    }
+  }
   if (report->check_failures > 0) {
     PKV_LOG(ERROR) << report->check_failures << " output checks failed";
     return 1;

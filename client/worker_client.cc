@@ -70,7 +70,9 @@ void SetTensor(v1::Tensor* t, DType dtype, std::initializer_list<int64_t> shape,
   t->set_data(std::move(data));
 }
 
-v1::StepRequest ToRequest(const StepArgs& a, const ModelShape& shape) {
+// `a`'s tensors are copied, or moved when `a` is an rvalue.
+template <typename Args>
+v1::StepRequest ToRequest(Args&& a, const ModelShape& shape) {
   v1::StepRequest r;
   r.set_token_step_id(a.token_step_id);
   r.set_layer(a.layer);
@@ -78,9 +80,9 @@ v1::StepRequest ToRequest(const StepArgs& a, const ModelShape& shape) {
   r.mutable_open()->Add(a.open.begin(), a.open.end());
   r.mutable_free()->Add(a.free.begin(), a.free.end());
   const int64_t b = static_cast<int64_t>(a.rows.size());
-  SetTensor(r.mutable_q(), shape.dtype, {b, shape.num_q_heads, shape.head_dim}, a.q);
-  SetTensor(r.mutable_k(), shape.dtype, {b, shape.num_kv_heads, shape.head_dim}, a.k);
-  SetTensor(r.mutable_v(), shape.dtype, {b, shape.num_kv_heads, shape.head_dim}, a.v);
+  SetTensor(r.mutable_q(), shape.dtype, {b, shape.num_q_heads, shape.head_dim}, std::forward<Args>(a).q);
+  SetTensor(r.mutable_k(), shape.dtype, {b, shape.num_kv_heads, shape.head_dim}, std::forward<Args>(a).k);
+  SetTensor(r.mutable_v(), shape.dtype, {b, shape.num_kv_heads, shape.head_dim}, std::forward<Args>(a).v);
   r.set_want_lse(a.want_lse);
   return r;
 }
@@ -175,6 +177,17 @@ class GrpcStepStream final : public StepStreamSession {
   absl::StatusOr<StepResult> Step(const StepArgs& args) override {
     if (finished_) return absl::FailedPreconditionError("StepStream already finished");
     if (!stream_->Write(ToRequest(args, shape_))) return Ended();
+    return Receive();
+  }
+
+  absl::Status Send(StepArgs&& args) override {
+    if (finished_) return absl::FailedPreconditionError("StepStream already finished");
+    if (!stream_->Write(ToRequest(std::move(args), shape_))) return Ended();
+    return absl::OkStatus();
+  }
+
+  absl::StatusOr<StepResult> Receive() override {
+    if (finished_) return final_.ok() ? absl::FailedPreconditionError("StepStream already finished") : final_;
     v1::StepResponse response;
     if (!stream_->Read(&response)) return Ended();
     if (response.status().code() != 0) {

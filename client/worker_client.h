@@ -104,6 +104,11 @@ class StepStreamSession {
   // worker's status and the stream stays usable; UNAVAILABLE/CANCELLED etc. with the RPC status
   // when the stream itself ended.
   virtual absl::StatusOr<StepResult> Step(const StepArgs& args) = 0;
+  // The two halves of Step, so that a caller can prepare its next request while the worker runs
+  // this one: Send writes one request (its tensors are moved into the message); Receive waits for
+  // the oldest unanswered response. Responses come in request order.
+  virtual absl::Status Send(StepArgs&& args) = 0;
+  virtual absl::StatusOr<StepResult> Receive() = 0;
   // Half-closes and returns the stream's final status.
   virtual absl::Status Finish() = 0;
   // Cancels the stream.

@@ -99,5 +99,30 @@ TEST(ReplayTest, PercentileInterpolatesBetweenRanks) {
   EXPECT_DOUBLE_EQ(Percentile({0, 10}, 99), 9.9);
 }
 
+TEST(ReplayTest, SlidingWindowFindsTheWorstSecond) {
+  // 10 tokens every 0.1 s (off the 10 ms window grid) for 3 s, with no completions in (1.5, 2.0):
+  // the worst 1 s window, (0.91, 1.91], holds only 1.005 .. 1.405 (5 completions).
+  std::vector<std::pair<double, int64_t>> c;
+  for (int i = 1; i <= 30; ++i) {
+    const double t = 0.1 * i + 0.005;
+    if (t > 1.5 && t < 2.0) continue;
+    c.emplace_back(t, 10);
+  }
+  const WindowStats w = SlidingWindowThroughput(c, 0.0, 3.0, 1.0);
+  EXPECT_NEAR(w.worst_tokens_per_s, 50.0, 1e-9);
+  EXPECT_NEAR(w.worst_start_s, 0.91, 0.006);
+  EXPECT_NEAR(w.median_tokens_per_s, 80.0, 1e-9);
+  // Shorter than one window: nothing to report.
+  const WindowStats none = SlidingWindowThroughput(c, 0.0, 0.5, 1.0);
+  EXPECT_EQ(none.worst_tokens_per_s, 0.0);
+  EXPECT_EQ(none.median_tokens_per_s, 0.0);
+  // A steady stream: every window holds 10 completions of 10 tokens.
+  std::vector<std::pair<double, int64_t>> steady;
+  for (int i = 0; i < 50; ++i) steady.emplace_back(0.055 + 0.1 * i, 10);
+  const WindowStats s = SlidingWindowThroughput(steady, 0.0, 5.0, 1.0);
+  EXPECT_NEAR(s.worst_tokens_per_s, 100.0, 1e-9);
+  EXPECT_NEAR(s.median_tokens_per_s, 100.0, 1e-9);
+}
+
 }  // namespace
 }  // namespace pkv::client
