@@ -207,18 +207,35 @@ double Percentile(std::vector<double> values, double pct) {
 }
 
 WindowStats SlidingWindowThroughput(std::vector<std::pair<double, int64_t>> completions,
-                                    double begin_s, double end_s, double window_s) {
+                                    std::vector<std::pair<double, double>> busy, double begin_s,
+                                    double end_s, double window_s, double min_busy) {
   WindowStats stats;
   if (window_s <= 0 || end_s - begin_s < window_s) return stats;
   std::sort(completions.begin(), completions.end());
+  // Merge the busy intervals.
+  std::sort(busy.begin(), busy.end());
+  std::vector<std::pair<double, double>> merged;
+  for (const auto& [s, e] : busy) {
+    if (!merged.empty() && s <= merged.back().second) {
+      merged.back().second = std::max(merged.back().second, e);
+    } else {
+      merged.emplace_back(s, e);
+    }
+  }
   std::vector<double> rates;
   const double stride = window_s / 100.0;
-  size_t lo = 0, hi = 0;
+  size_t lo = 0, hi = 0, first_busy = 0;
   int64_t in_window = 0;
   for (double t = begin_s; t + window_s <= end_s + 1e-12; t += stride) {
     // Window (t, t + window_s]: a completion at exactly t belongs to the window before.
     while (hi < completions.size() && completions[hi].first <= t + window_s) in_window += completions[hi++].second;
     while (lo < hi && completions[lo].first <= t) in_window -= completions[lo++].second;
+    while (first_busy < merged.size() && merged[first_busy].second <= t) ++first_busy;
+    double covered = 0;
+    for (size_t i = first_busy; i < merged.size() && merged[i].first < t + window_s; ++i) {
+      covered += std::min(t + window_s, merged[i].second) - std::max(t, merged[i].first);
+    }
+    if (covered < min_busy * window_s) continue;
     const double rate = static_cast<double>(in_window) / window_s;
     if (rates.empty() || rate < stats.worst_tokens_per_s) {
       stats.worst_tokens_per_s = rate;
@@ -226,6 +243,7 @@ WindowStats SlidingWindowThroughput(std::vector<std::pair<double, int64_t>> comp
     }
     rates.push_back(rate);
   }
+  stats.windows = static_cast<int64_t>(rates.size());
   stats.median_tokens_per_s = Percentile(rates, 50);
   return stats;
 }
@@ -248,16 +266,20 @@ std::string ReplayReport::Format() const {
   absl::StrAppendFormat(&s, "layer step ms     p50 %.3f  p99 %.3f  max %.3f  (n=%d)\n",
                         Percentile(layer_step_ms, 50), Percentile(layer_step_ms, 99), max_of(layer_step_ms),
                         layer_step_ms.size());
+  absl::StrAppendFormat(&s, "  beyond attention p50 %.3f  p99 %.3f  max %.3f  (layer step minus the worker's attention device time)\n",
+                        Percentile(overhead_ms, 50), Percentile(overhead_ms, 99), max_of(overhead_ms));
   absl::StrAppendFormat(&s, "token step ms     p50 %.3f  p99 %.3f  max %.3f  (n=%d)\n",
                         Percentile(token_step_ms, 50), Percentile(token_step_ms, 99), max_of(token_step_ms),
                         token_step_ms.size());
   absl::StrAppendFormat(&s, "between tokens ms p50 %.3f  p99 %.3f  max %.3f  (n=%d)\n", Percentile(tbt_ms, 50),
                         Percentile(tbt_ms, 99), max_of(tbt_ms), tbt_ms.size());
-  if (worst_window_tokens_per_s > 0 || median_window_tokens_per_s > 0) {
-    absl::StrAppendFormat(&s, "%.1f s windows     worst %.1f tokens/s (starting at %.2f s), median %.1f tokens/s\n",
-                          window_s, worst_window_tokens_per_s, worst_window_start_s, median_window_tokens_per_s);
+  if (busy_windows > 0) {
+    absl::StrAppendFormat(&s, "%.1f s windows     worst %.1f tokens/s (starting at %.2f s), median %.1f tokens/s (%d busy windows)\n",
+                          window_s, worst_window_tokens_per_s, worst_window_start_s, median_window_tokens_per_s,
+                          busy_windows);
   } else {
-    absl::StrAppendFormat(&s, "%.1f s windows     none (measured phase shorter than one window)\n", window_s);
+    absl::StrAppendFormat(&s, "%.1f s windows     none (no %.1f s window with decode in flight 95%% of the time)\n",
+                          window_s, window_s);
   }
   if (pool_samples > 0) {
     absl::StrAppendFormat(&s,
@@ -291,11 +313,12 @@ std::string ReplayReport::ToJson() const {
       absl::StrFormat(R"("micro_batches": %d, "elapsed_s": %.6g, "decode_s": %.6g, "measured_tokens": %d, )",
                       micro_batches, elapsed_s, decode_s, measured_tokens),
       absl::StrFormat(R"("decode_tokens_per_s": %.6g, )", DecodeTokensPerSecond()),
-      R"("layer_step_ms": )", dist(layer_step_ms), R"(, "token_step_ms": )", dist(token_step_ms),
+      R"("layer_step_ms": )", dist(layer_step_ms), R"(, "overhead_ms": )", dist(overhead_ms), R"(, "token_step_ms": )", dist(token_step_ms),
       R"(, "tbt_ms": )", dist(tbt_ms), ", ",
       absl::StrFormat(R"("window_s": %.6g, "worst_window_tokens_per_s": %.6g, "worst_window_start_s": %.6g, )"
-                      R"("median_window_tokens_per_s": %.6g, )",
-                      window_s, worst_window_tokens_per_s, worst_window_start_s, median_window_tokens_per_s),
+                      R"("median_window_tokens_per_s": %.6g, "busy_windows": %d, )",
+                      window_s, worst_window_tokens_per_s, worst_window_start_s, median_window_tokens_per_s,
+                      busy_windows),
       absl::StrFormat(R"("pool_samples": %d, "kv_reserved_mean_bytes": %.6g, "kv_reserved_peak_bytes": %.6g, )"
                       R"("kv_used_mean_bytes": %.6g, "kv_used_peak_bytes": %.6g, )",
                       pool_samples, kv_reserved_mean_bytes, kv_reserved_peak_bytes, kv_used_mean_bytes,
@@ -506,7 +529,7 @@ absl::StatusOr<ReplayReport> RunReplay(WorkerClient& client, const ReplayOptions
 
       const Clock::time_point step_t0 = Clock::now();
       const Clock::duration stall_before = group_stall;
-      std::vector<double> layer_ms;
+      std::vector<double> layer_ms, overhead_ms;
       int64_t retries = 0;
       StepArgs args = timed_build(0);
       for (int32_t layer = 0; layer < shape.num_layers; ++layer) {
@@ -552,6 +575,7 @@ absl::StatusOr<ReplayReport> RunReplay(WorkerClient& client, const ReplayOptions
           break;
         }
         layer_ms.push_back(Seconds(t1 - t0) * 1e3);
+        overhead_ms.push_back(layer_ms.back() - result->attend_seconds * 1e3);
         if (layer == 0 && !pending_free.empty()) {
           // The worker applied the frees with layer 0.
           pending_free.clear();
@@ -590,6 +614,7 @@ absl::StatusOr<ReplayReport> RunReplay(WorkerClient& client, const ReplayOptions
         report.decode_tokens += static_cast<int64_t>(active.size());
         if (measured) {
           report.layer_step_ms.insert(report.layer_step_ms.end(), layer_ms.begin(), layer_ms.end());
+          report.overhead_ms.insert(report.overhead_ms.end(), overhead_ms.begin(), overhead_ms.end());
           report.token_step_ms.push_back(Seconds(step_t1 - step_t0 - stalled) * 1e3);
           report.measured_tokens += static_cast<int64_t>(active.size());
           measured_spans.emplace_back(step_t0, step_t1);
@@ -714,8 +739,11 @@ absl::StatusOr<ReplayReport> RunReplay(WorkerClient& client, const ReplayOptions
     }
     std::vector<std::pair<double, int64_t>> completions;
     for (const auto& [t, n] : measured_completions) completions.emplace_back(Seconds(t - start), n);
-    const WindowStats w =
-        SlidingWindowThroughput(std::move(completions), Seconds(first - start), Seconds(last - start), report.window_s);
+    std::vector<std::pair<double, double>> busy;
+    for (const auto& [s, e] : measured_spans) busy.emplace_back(Seconds(s - start), Seconds(e - start));
+    const WindowStats w = SlidingWindowThroughput(std::move(completions), std::move(busy), Seconds(first - start),
+                                                  Seconds(last - start), report.window_s);
+    report.busy_windows = w.windows;
     report.worst_window_tokens_per_s = w.worst_tokens_per_s;
     report.worst_window_start_s = w.worst_start_s;
     report.median_window_tokens_per_s = w.median_tokens_per_s;

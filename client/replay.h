@@ -61,14 +61,17 @@ struct ReplayReport {
   int64_t measured_tokens = 0;     // decode tokens of measured (post-warm-up) steps
   int32_t micro_batches = 1;
   std::vector<double> layer_step_ms;  // per measured layer step: send to answer
+  std::vector<double> overhead_ms;    // the same minus the attention's device time that the
+                                      // worker reports (host, RPC and transfer cost of a step)
   std::vector<double> token_step_ms;  // per measured token step: layer 0 sent to last answer
   std::vector<double> tbt_ms;         // time between tokens: per row, between its consecutive
                                       // measured token steps' completions
   double client_gen_ms = 0;        // mean host time to build one layer-step's request
   double window_s = 1.0;           // width of the throughput windows below
-  double worst_window_tokens_per_s = 0;   // fewest decode tokens in any window of the measured
-  double worst_window_start_s = 0;        // phase (0 when it is shorter than a window), per s
+  double worst_window_tokens_per_s = 0;   // fewest decode tokens in any busy window of the
+  double worst_window_start_s = 0;        // measured phase, per s (SlidingWindowThroughput)
   double median_window_tokens_per_s = 0;
+  int64_t busy_windows = 0;
   int64_t pool_samples = 0;        // Describe samples of the pool
   double kv_reserved_mean_bytes = 0, kv_reserved_peak_bytes = 0;  // pages held x page bytes
   double kv_used_mean_bytes = 0, kv_used_peak_bytes = 0;          // tokens held x token bytes
@@ -98,13 +101,18 @@ double Percentile(std::vector<double> values, double pct);
 
 // Decode throughput in windows of `window_s` sliding over [begin_s, end_s] in steps of
 // window_s / 100, from token completions (time in s, tokens): the worst and median window in
-// tokens per second, and where the worst one starts. All zero when end_s - begin_s < window_s.
+// tokens per second, and where the worst one starts. Only windows that `busy` (intervals in s
+// during which a decode step was in flight) covers for at least `min_busy` of their width count,
+// so that idle gaps between a trace's arrivals are not read as slow decode. All zero when no
+// window qualifies.
 struct WindowStats {
   double worst_tokens_per_s = 0;
   double worst_start_s = 0;
   double median_tokens_per_s = 0;
+  int64_t windows = 0;  // windows that counted
 };
 WindowStats SlidingWindowThroughput(std::vector<std::pair<double, int64_t>> completions,
-                                    double begin_s, double end_s, double window_s);
+                                    std::vector<std::pair<double, double>> busy, double begin_s,
+                                    double end_s, double window_s, double min_busy = 0.95);
 
 }  // namespace pkv::client

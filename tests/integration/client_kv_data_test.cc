@@ -108,20 +108,27 @@ TEST(ReplayTest, SlidingWindowFindsTheWorstSecond) {
     if (t > 1.5 && t < 2.0) continue;
     c.emplace_back(t, 10);
   }
-  const WindowStats w = SlidingWindowThroughput(c, 0.0, 3.0, 1.0);
+  const std::vector<std::pair<double, double>> always{{0.0, 5.0}};
+  const WindowStats w = SlidingWindowThroughput(c, always, 0.0, 3.0, 1.0);
   EXPECT_NEAR(w.worst_tokens_per_s, 50.0, 1e-9);
   EXPECT_NEAR(w.worst_start_s, 0.91, 0.006);
   EXPECT_NEAR(w.median_tokens_per_s, 80.0, 1e-9);
   // Shorter than one window: nothing to report.
-  const WindowStats none = SlidingWindowThroughput(c, 0.0, 0.5, 1.0);
+  const WindowStats none = SlidingWindowThroughput(c, always, 0.0, 0.5, 1.0);
   EXPECT_EQ(none.worst_tokens_per_s, 0.0);
   EXPECT_EQ(none.median_tokens_per_s, 0.0);
   // A steady stream: every window holds 10 completions of 10 tokens.
   std::vector<std::pair<double, int64_t>> steady;
   for (int i = 0; i < 50; ++i) steady.emplace_back(0.055 + 0.1 * i, 10);
-  const WindowStats s = SlidingWindowThroughput(steady, 0.0, 5.0, 1.0);
+  const WindowStats s = SlidingWindowThroughput(steady, always, 0.0, 5.0, 1.0);
   EXPECT_NEAR(s.worst_tokens_per_s, 100.0, 1e-9);
   EXPECT_NEAR(s.median_tokens_per_s, 100.0, 1e-9);
+  EXPECT_EQ(s.windows, 401);
+  // Idle time is not slow decode: with the worker busy only in [0, 1.5] and [2.0, 3.0], no window
+  // overlapping the idle gap by more than 5% counts, so the worst window is no longer the gap.
+  const WindowStats gap = SlidingWindowThroughput(c, {{0.0, 1.5}, {2.0, 3.0}}, 0.0, 3.0, 1.0);
+  EXPECT_GT(gap.windows, 0);
+  EXPECT_GE(gap.worst_tokens_per_s, 90.0);
 }
 
 }  // namespace
