@@ -46,9 +46,16 @@ ABSL_FLAG(int32_t, max_batch, 256, "Most rows one Step may carry.");
 ABSL_FLAG(uint64_t, scatter_seed, 0,
           "0: hand out pages in ascending order; otherwise a seeded random permutation.");
 ABSL_FLAG(int64_t, max_message_bytes, int64_t{64} << 20, "gRPC max request/response message size, in [1 MiB, 2 GiB).");
-ABSL_FLAG(int32_t, service_threads, 2, "Threads that run engine work for the RPCs.");
+ABSL_FLAG(int32_t, service_threads, 2,
+          "Threads that run decode steps (Step, StepStream), Describe and Release; token steps of "
+          "different micro-batches run on them concurrently.");
 ABSL_FLAG(int32_t, service_queue, 64,
           "Engine tasks that may wait for a service thread before new work gets RESOURCE_EXHAUSTED.");
+ABSL_FLAG(int32_t, ingest_threads, 2,
+          "Threads that write prompt KV (WriteKV); separate from --service_threads so that prefill "
+          "ingest never queues in front of decode steps.");
+ABSL_FLAG(int32_t, ingest_queue, 64,
+          "WriteKV tasks that may wait for an ingest thread before a new WriteKV gets RESOURCE_EXHAUSTED.");
 ABSL_FLAG(std::string, metrics_listen, "0.0.0.0:9400",
           "host:port of the Prometheus exposition (/metrics); empty disables it.");
 ABSL_FLAG(std::string, calibration_profile, "",
@@ -146,6 +153,8 @@ int Run() {
   options.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
   options.executor_threads = absl::GetFlag(FLAGS_service_threads);
   options.executor_queue = absl::GetFlag(FLAGS_service_queue);
+  options.ingest_threads = absl::GetFlag(FLAGS_ingest_threads);
+  options.ingest_queue = absl::GetFlag(FLAGS_ingest_queue);
   options.tls_cert_file = absl::GetFlag(FLAGS_tls_cert_file);
   options.tls_key_file = absl::GetFlag(FLAGS_tls_key_file);
   options.tls_client_ca_file = absl::GetFlag(FLAGS_tls_client_ca_file);

@@ -71,15 +71,19 @@ class RpcStats {
 
 class WorkerService final : public v1::PersistentKV::CallbackService {
  public:
-  WorkerService(engine::Engine& engine, BoundedExecutor& executor, ServiceLimits limits, WorkerMetrics* metrics)
-      : engine_(engine), executor_(executor), limits_(limits), stats_(metrics) {}
+  WorkerService(engine::Engine& engine, BoundedExecutor& executor, BoundedExecutor& ingest_executor,
+                ServiceLimits limits, WorkerMetrics* metrics)
+      : engine_(engine), executor_(executor), ingest_executor_(ingest_executor), limits_(limits), stats_(metrics) {}
 
   const RpcStats& stats() const { return stats_; }
 
   void SetDraining() { draining_.store(true); }
   bool draining() const { return draining_.load(); }
   engine::Engine& engine() { return engine_; }
+  // Decode steps, Describe and Release.
   BoundedExecutor& executor() { return executor_; }
+  // WriteKV.
+  BoundedExecutor& ingest_executor() { return ingest_executor_; }
 
   grpc::ServerUnaryReactor* Describe(grpc::CallbackServerContext* ctx, const v1::DescribeRequest*,
                                      v1::DescribeResponse* response) override {
@@ -142,6 +146,7 @@ class WorkerService final : public v1::PersistentKV::CallbackService {
 
   engine::Engine& engine_;
   BoundedExecutor& executor_;
+  BoundedExecutor& ingest_executor_;
   const ServiceLimits limits_;
   const RpcStats stats_;
   std::atomic<bool> draining_{false};
@@ -235,7 +240,7 @@ class WriteKvReactor final : public grpc::ServerReadReactor<v1::WriteKVRequest> 
   }
 
   void OnReadDone(bool ok) override {
-    BoundedExecutor& executor = service_->executor();
+    BoundedExecutor& executor = service_->ingest_executor();
     if (!ok) {
       if (cancelled_.load()) {
         Finish(grpc::Status::CANCELLED);  // OnDone aborts the prompt
@@ -291,7 +296,7 @@ class WriteKvReactor final : public grpc::ServerReadReactor<v1::WriteKVRequest> 
     if (session_->pending()) {
       PKV_LOG(INFO) << "WriteKV stream ended before commit: releasing its prompt";
       // The abort takes the engine lock: run it on the executor, not on this gRPC thread.
-      service_->executor().SubmitAlways([session = std::move(session_)] { session->Abort(); });
+      service_->ingest_executor().SubmitAlways([session = std::move(session_)] { session->Abort(); });
     }
     delete this;
   }
@@ -419,6 +424,7 @@ struct WorkerServer::Impl {
   // Declaration order is destruction order reversed: the server goes first, the engine last.
   std::unique_ptr<engine::Engine> engine;
   std::unique_ptr<BoundedExecutor> executor;
+  std::unique_ptr<BoundedExecutor> ingest_executor;
   std::unique_ptr<WorkerService> service;
   std::unique_ptr<grpc::Server> server;
   // Plaintext grpc.health.v1 only (options.health_listen_address); null when not asked for.
@@ -465,9 +471,10 @@ absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Start(
   impl->security_mode = security_mode;
   impl->engine = std::move(engine);
   impl->executor = std::make_unique<BoundedExecutor>(options.executor_threads, options.executor_queue);
+  impl->ingest_executor = std::make_unique<BoundedExecutor>(options.ingest_threads, options.ingest_queue);
   impl->service = std::make_unique<WorkerService>(
-      *impl->engine, *impl->executor, ServiceLimits{.max_message_bytes = options.max_message_bytes},
-      options.metrics);
+      *impl->engine, *impl->executor, *impl->ingest_executor,
+      ServiceLimits{.max_message_bytes = options.max_message_bytes}, options.metrics);
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
@@ -479,6 +486,7 @@ absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Start(
   impl->server = builder.BuildAndStart();
   if (impl->server == nullptr || impl->port == 0) {
     impl->executor->Shutdown();
+    impl->ingest_executor->Shutdown();
     return absl::UnavailableError(absl::StrCat(
         "cannot listen on ", options.listen_address,
         security_mode == "plaintext"
@@ -498,6 +506,7 @@ absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Start(
       impl->server->Shutdown(absl::ToChronoTime(absl::Now()));
       impl->server->Wait();
       impl->executor->Shutdown();
+      impl->ingest_executor->Shutdown();
       return absl::UnavailableError(
           absl::StrCat("--health_listen: cannot listen on ", options.health_listen_address));
     }
@@ -538,6 +547,8 @@ engine::Engine& WorkerServer::engine() { return *impl_->engine; }
 
 BoundedExecutor& WorkerServer::executor_for_testing() { return *impl_->executor; }
 
+BoundedExecutor& WorkerServer::ingest_executor_for_testing() { return *impl_->ingest_executor; }
+
 void WorkerServer::BeginDrain() {
   if (impl_->service->draining()) return;
   impl_->service->SetDraining();
@@ -561,6 +572,7 @@ void WorkerServer::Shutdown(absl::Duration grace) {
     impl_->health_server->Shutdown(absl::ToChronoTime(absl::Now()));
     impl_->health_server->Wait();
   }
+  impl_->ingest_executor->Shutdown();
   impl_->executor->Shutdown();
   const engine::EngineInfo info = impl_->engine->Info();
   PKV_LOG(INFO) << "server stopped: " << info.pager.free_pages << "/" << info.pager.total_pages

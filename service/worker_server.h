@@ -30,8 +30,12 @@ namespace pkv::service {
 struct ServerOptions {
   std::string listen_address = "0.0.0.0:50051";  // host:port; port 0 picks a free one
   int64_t max_message_bytes = 64LL << 20;         // gRPC max send/receive message size
-  int executor_threads = 2;                       // engine work threads
-  int executor_queue = 64;                        // tasks waiting before RESOURCE_EXHAUSTED
+  int executor_threads = 2;                       // threads for decode steps, Describe, Release
+  int executor_queue = 64;                        // their tasks waiting before RESOURCE_EXHAUSTED
+  // WriteKV (prefill ingest) runs on its own executor, so that prompt chunks never queue in
+  // front of decode steps.
+  int ingest_threads = 2;
+  int ingest_queue = 64;
   // RPC counters, in-flight gauges and queue rejections go here when set (not owned; must
   // outlive the server). Engine events are bound separately (service/metrics_observer.h).
   WorkerMetrics* metrics = nullptr;
@@ -73,8 +77,10 @@ class WorkerServer final {
   // The engine served (tests inspect its state).
   engine::Engine& engine();
 
-  // The executor that runs engine work (tests fill it to provoke backpressure).
+  // The executors that run engine work: steps and the rest, and WriteKV (tests fill them to
+  // provoke backpressure).
   BoundedExecutor& executor_for_testing();
+  BoundedExecutor& ingest_executor_for_testing();
 
   // Health NOT_SERVING (both servers); new work is refused with UNAVAILABLE; in-flight work continues.
   void BeginDrain();

@@ -37,7 +37,8 @@ struct History {
 
 class WorkerIntegrationTest : public ::testing::Test {
  protected:
-  void StartWorker(int64_t num_pages, int executor_threads = 2, int executor_queue = 64) {
+  void StartWorker(int64_t num_pages, int executor_threads = 2, int executor_queue = 64,
+                   int ingest_threads = 2, int ingest_queue = 64) {
     service::EngineConfig config;
     config.shape = TestShape();
     config.num_pages = num_pages;
@@ -52,6 +53,8 @@ class WorkerIntegrationTest : public ::testing::Test {
     options.max_message_bytes = 8 << 20;
     options.executor_threads = executor_threads;
     options.executor_queue = executor_queue;
+    options.ingest_threads = ingest_threads;
+    options.ingest_queue = ingest_queue;
     auto server = service::WorkerServer::Start(options, *std::move(engine));
     ASSERT_TRUE(server.ok()) << server.status();
     server_ = *std::move(server);
@@ -477,7 +480,8 @@ TEST_F(WorkerIntegrationTest, FullWorkQueueIsResourceExhaustedAndAStreamSurvives
   EXPECT_NE(unary.status().message().find("work queue"), std::string::npos) << unary.status();
   auto streamed = (*stream)->Step(MakeStep(40, 0, {5}));
   EXPECT_EQ(streamed.status().code(), absl::StatusCode::kResourceExhausted) << streamed.status();
-  EXPECT_EQ(WritePrompt(6, 4, 4, {0, 1, 2}).code(), absl::StatusCode::kResourceExhausted);
+  // Prefill ingest runs on its own executor: a full step queue does not hold WriteKV up.
+  EXPECT_TRUE(WritePrompt(6, 4, 4, {0, 1, 2}).ok());
   {
     std::lock_guard<std::mutex> lock(mu);
     release = true;
@@ -486,6 +490,7 @@ TEST_F(WorkerIntegrationTest, FullWorkQueueIsResourceExhaustedAndAStreamSurvives
   while (executor.queued() > 0 || executor.running() > 0) {
     std::this_thread::sleep_for(std::chrono::milliseconds(1));
   }
+  ASSERT_TRUE(client_->Release(std::vector<uint64_t>{6}).ok());
   // Nothing ran, so the same token step now goes through on the same stream.
   EXPECT_EQ(Describe().used_tokens, 10);
   double max_err = 0;
@@ -498,6 +503,48 @@ TEST_F(WorkerIntegrationTest, FullWorkQueueIsResourceExhaustedAndAStreamSurvives
   }
   EXPECT_TRUE((*stream)->Finish().ok());
   ASSERT_TRUE(client_->Release(std::vector<uint64_t>{5}).ok());
+  EXPECT_TRUE(WaitAllFree());
+}
+
+TEST_F(WorkerIntegrationTest, FullIngestQueueRefusesWriteKvButDecodeStepsGoOn) {
+  StartWorker(16, /*executor_threads=*/1, /*executor_queue=*/1, /*ingest_threads=*/1, /*ingest_queue=*/1);
+  ASSERT_TRUE(WritePrompt(5, 10, 10, {0, 1, 2}).ok());
+  // Occupy the only ingest thread and its one queue slot.
+  std::mutex mu;
+  std::condition_variable cv;
+  bool release = false, started = false;
+  service::BoundedExecutor& ingest = server_->ingest_executor_for_testing();
+  ASSERT_TRUE(ingest.TrySubmit([&] {
+    std::unique_lock<std::mutex> lock(mu);
+    started = true;
+    cv.notify_all();
+    cv.wait(lock, [&] { return release; });
+  }));
+  {
+    std::unique_lock<std::mutex> lock(mu);
+    cv.wait(lock, [&] { return started; });
+  }
+  ASSERT_TRUE(ingest.TrySubmit([] {}));
+  const absl::Status refused = WritePrompt(6, 4, 4, {0, 1, 2});
+  EXPECT_EQ(refused.code(), absl::StatusCode::kResourceExhausted) << refused;
+  // Decode is not behind the ingest queue: a whole token step of sequence 5 runs and checks out.
+  double max_err = 0;
+  for (int32_t layer = 0; layer < 3; ++layer) {
+    StepArgs a = MakeStep(41, layer, {5});
+    auto r = client_->Step(a);
+    ASSERT_TRUE(r.ok()) << r.status();
+    CheckOutputs(a, *r, &max_err);
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    release = true;
+    cv.notify_all();
+  }
+  while (ingest.queued() > 0 || ingest.running() > 0) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  // Once the queue has room, WriteKV is accepted again; the refused one left nothing behind.
+  EXPECT_EQ(Describe().num_sequences, 1);
+  ASSERT_TRUE(WritePrompt(6, 4, 4, {0, 1, 2}).ok());
+  ASSERT_TRUE(client_->Release(std::vector<uint64_t>{5, 6}).ok());
   EXPECT_TRUE(WaitAllFree());
 }
 
