@@ -220,7 +220,7 @@ TEST(FlashInferArmShapes, UnsupportedShapesAreUnimplemented) {
     EXPECT_EQ(FlashInferArm::CanImplement(o).code(), absl::StatusCode::kUnimplemented);
     o.num_q_heads = 32;
     EXPECT_TRUE(FlashInferArm::CanImplement(o).ok());
-    }
+  }
 }
 
 }  // namespace
