@@ -5,7 +5,9 @@
 # profile. Logs, the profile and CSV/markdown go to $OUT; a short summary is printed last.
 #   bench/gpu_serving_suite.sh [COMMIT]
 # Environment: JOBS, BUILD_DIR (default build-gpu-serving), TRACE=full|quick|none (default full),
-#   SEEDS (default the held-out 20260623..27), LAYERS (default 32).
+#   SEEDS (default the held-out 20260623..27), LAYERS (default 32), FI=0 (no FlashInfer).
+# With ./.fi (bench/fetch_flashinfer.sh; carry it too) it builds with -DPKV_WITH_FLASHINFER=ON,
+# runs flashinfer_arm_test, and the trace gets fi_decode / fi_prefill arms and adaptive/FI ratios.
 # Abseil comes from ./.gpudeps (bench/make_gpu_deps.sh) when the machine has none. Device call:
 #   run(command="export OUT; bench/gpu_serving_suite.sh <commit>", carry=[".gpudeps"]) — pass the commit
 #   hash from here: the tree copied to the GPU machine has no .git.
@@ -27,10 +29,16 @@ if [[ ! -d /usr/include/absl && -d "$ROOT/.gpudeps" ]]; then
   EXTRA+=("-DCMAKE_PREFIX_PATH=$ROOT/.gpudeps")
   export LD_LIBRARY_PATH="$ROOT/.gpudeps/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 fi
+FI_TARGETS=()
+if [[ "${FI:-1}" != 0 && -f "$ROOT/.fi/flashinfer/include/flashinfer/attention/decode.cuh" ]]; then
+  EXTRA+=("-DPKV_WITH_FLASHINFER=ON" "-DPKV_FLASHINFER_DIR=$ROOT/.fi")
+  FI_TARGETS+=(flashinfer_arm_test)
+  echo "FlashInfer: headers in .fi" | tee -a "$OUT/serving-build.log"
+fi
 start=$(date +%s)
 if ! { cmake -S . -B "$BUILD_DIR" -G Ninja -DPKV_WITH_SERVICE=OFF -DCMAKE_BUILD_TYPE=Release \
          -DCMAKE_CUDA_ARCHITECTURES=90a-real "${EXTRA[@]}" >>"$OUT/serving-build.log" 2>&1 &&
-       cmake --build "$BUILD_DIR" -j "$JOBS" --target engine_cuda_test engine_test pkv-calibrate pkv-bench \
+       cmake --build "$BUILD_DIR" -j "$JOBS" --target engine_cuda_test engine_test pkv-calibrate pkv-bench "${FI_TARGETS[@]}" \
          >>"$OUT/serving-build.log" 2>&1; }; then
   echo "build: FAILED after $(( $(date +%s) - start )) s"; tail -30 "$OUT/serving-build.log"; exit 1
 fi
@@ -41,6 +49,10 @@ timeout 300 "$BIN/engine_cuda_test" >"$OUT/engine_cuda_test.log" 2>&1
 TEST_RC=$?
 timeout 60 "$BIN/engine_test" >>"$OUT/engine_cuda_test.log" 2>&1 || TEST_RC=1
 grep -E "^\[  (PASSED|FAILED) |^\[==========\]|Failure|rel" "$OUT/engine_cuda_test.log" | tail -12
+if [[ -x "$BIN/flashinfer_arm_test" ]]; then
+  timeout 300 "$BIN/flashinfer_arm_test" >"$OUT/flashinfer_arm_test.log" 2>&1
+  echo "flashinfer_arm_test: rc=$?"; grep -E "^\[  (PASSED|FAILED) |Failure" "$OUT/flashinfer_arm_test.log" | tail -6
+fi
 
 PROFILE="$OUT/h100-hq32-hkv8-d128-p16-fp16.json"
 timeout 240 "$BIN/pkv-calibrate" --out="$PROFILE" 2>&1 | tee "$OUT/calibrate.log"

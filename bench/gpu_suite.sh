@@ -6,7 +6,12 @@
 # Environment: JOBS (build parallelism, default nproc), BUILD_DIR (default build-gpu-suite),
 #   TESTS=0 (skip tests), BENCH=full|quick|none (default full), G18=0 (skip the G=1 / G=8 runs),
 #   PKV_PREBUILT=DIR (a make-gpu-bundle.sh bundle to use when the build fails or is skipped),
-#   SKIP_BUILD=1, SANITIZE=1 (compute-sanitizer memcheck + racecheck on the shape sweep).
+#   SKIP_BUILD=1, SANITIZE=1 (compute-sanitizer memcheck + racecheck on the shape sweep),
+#   FI=0 (no FlashInfer even when ./.fi is there).
+# FlashInfer side by side: when ./.fi holds the headers (bench/fetch_flashinfer.sh, run where
+# there is internet) the build adds -DPKV_WITH_FLASHINFER=ON, runs flashinfer_arm_test and the
+# kernel tables get fi_decode / fi_prefill columns and ours/FI speed. Carry it:
+#   run(command="export OUT; bench/gpu_suite.sh <commit>", carry=[".gpudeps", ".fi"])
 # Abseil comes from ./.gpudeps when the machine has none (the GPU image has none): make it here
 # with bench/make_gpu_deps.sh and carry it. Example device call:
 #   run(command="export OUT; SANITIZE=1 bench/gpu_suite.sh $(git rev-parse --short HEAD)", carry=[".gpudeps"])
@@ -29,10 +34,16 @@ if [[ "${SKIP_BUILD:-0}" != 1 ]]; then
     EXTRA+=("-DCMAKE_PREFIX_PATH=$ROOT/.gpudeps")
     export LD_LIBRARY_PATH="$ROOT/.gpudeps/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   fi
+  FI_TARGETS=()
+  if [[ "${FI:-1}" != 0 && -f "$ROOT/.fi/flashinfer/include/flashinfer/attention/decode.cuh" ]]; then
+    EXTRA+=("-DPKV_WITH_FLASHINFER=ON" "-DPKV_FLASHINFER_DIR=$ROOT/.fi")
+    FI_TARGETS+=(flashinfer_arm_test)
+    echo "FlashInfer: headers in .fi ($(cat "$ROOT/.fi/VERSIONS" 2>/dev/null | tr '\n' ' '))" | tee -a "$OUT/build.log"
+  fi
   start=$(date +%s)
   if cmake -S . -B "$BUILD_DIR" -G Ninja -DPKV_WITH_SERVICE=OFF -DCMAKE_BUILD_TYPE=Release \
         -DCMAKE_CUDA_ARCHITECTURES=90a-real "${EXTRA[@]}" >>"$OUT/build.log" 2>&1 &&
-     cmake --build "$BUILD_DIR" -j "$JOBS" --target decode_attention_cuda_test pkv-bench \
+     cmake --build "$BUILD_DIR" -j "$JOBS" --target decode_attention_cuda_test pkv-bench "${FI_TARGETS[@]}" \
         $( [[ -f tests/kvpool_cuda/CMakeLists.txt ]] && echo device_kv_arena_test ) >>"$OUT/build.log" 2>&1; then
     BIN="$BUILD_DIR/bin"
     echo "build: OK in $(( $(date +%s) - start )) s" | tee -a "$OUT/build.log"
@@ -54,7 +65,7 @@ if [[ -z "$BIN" ]]; then
 fi
 
 if [[ "${TESTS:-1}" == 1 ]]; then
-  for t in decode_attention_cuda_test device_kv_arena_test; do
+  for t in decode_attention_cuda_test device_kv_arena_test flashinfer_arm_test; do
     [[ -x "$BIN/$t" ]] || continue
     echo "== $t" >>"$OUT/tests.log"
     timeout 400 "$BIN/$t" >>"$OUT/tests.log" 2>&1

@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <fstream>
 #include <map>
+#include <memory>
 #include <numeric>
 #include <random>
 #include <sstream>
@@ -14,6 +15,9 @@
 #include <vector>
 
 #include "bench/device_utils.h"
+#ifdef PKV_WITH_FLASHINFER
+#include "bench/flashinfer_arm.h"
+#endif
 #include "common/decode_types.h"
 #include "kernels/cuda/decode_attention_cuda.h"
 #include "kernels/cuda/work_plan.h"
@@ -145,6 +149,10 @@ class Bench {
   std::ofstream csv_;
   std::ostringstream table_;
   std::map<std::string, std::pair<double, double>> agg_;  // dtype|group -> (bytes, best us)
+  std::map<std::string, double> agg_fi_;                   // dtype|group -> FlashInfer best us (sum)
+#ifdef PKV_WITH_FLASHINFER
+  std::vector<std::unique_ptr<FlashInferArm>> fi_arms_;  // per dtype: fi_decode, fi_prefill (those that exist)
+#endif
   Ceilings start_{}, end_{};
   int runs_ = 50;
   double floor_us_ = 0;
@@ -298,6 +306,22 @@ void Bench::RunCase(DType dtype, const Case& c, int64_t case_seed) {
     configs.push_back(Config{KernelId::kWorkQueue, 1, waves * grid, kc::MergeMode::kSeparate});
   }
 
+  // Warm-up, a spin kernel to queue behind, then runs_ launches each between two events: median us.
+  auto time_launches = [&](const auto& launch) {
+    for (int i = 0; i < o_.warmup; ++i) launch(i);
+    BENCH_CUDA(Spin(2'000'000, stream_));  // let the timed launches queue up behind it
+    for (int i = 0; i < runs_; ++i) {
+      BENCH_CUDA(cudaEventRecord(ev_start_[i], stream_));
+      launch(i + o_.warmup);
+      BENCH_CUDA(cudaEventRecord(ev_stop_[i], stream_));
+    }
+    BENCH_CUDA(cudaStreamSynchronize(stream_));
+    BENCH_CUDA(cudaGetLastError());
+    std::vector<float> t(runs_);
+    for (int i = 0; i < runs_; ++i) BENCH_CUDA(cudaEventElapsedTime(&t[i], ev_start_[i], ev_stop_[i]));
+    return Median(t) * 1e3;
+  };
+
   std::vector<Result> results;
   for (const Config& cfg : configs) {
     DecodeParams p = base;
@@ -329,46 +353,78 @@ void Bench::RunCase(DType dtype, const Case& c, int64_t case_seed) {
           std::exit(1);
         }
       };
-      for (int i = 0; i < o_.warmup; ++i) launch(i);
-      BENCH_CUDA(Spin(2'000'000, stream_));  // let the timed launches queue up behind it
-      for (int i = 0; i < runs_; ++i) {
-        BENCH_CUDA(cudaEventRecord(ev_start_[i], stream_));
-        launch(i + o_.warmup);
-        BENCH_CUDA(cudaEventRecord(ev_stop_[i], stream_));
-      }
-      BENCH_CUDA(cudaStreamSynchronize(stream_));
-      BENCH_CUDA(cudaGetLastError());
-      std::vector<float> t(runs_);
-      for (int i = 0; i < runs_; ++i) BENCH_CUDA(cudaEventElapsedTime(&t[i], ev_start_[i], ev_stop_[i]));
-      results.push_back(Result{cfg.Label(), cfg.Family(), Median(t) * 1e3, kc::LaunchesPerCall(cfg.kernel, p, cfg.merge)});
+      results.push_back(Result{cfg.Label(), cfg.Family(), time_launches(launch), kc::LaunchesPerCall(cfg.kernel, p, cfg.merge)});
     }
     for (int32_t* m : d_tasks_mem) {
       if (m != nullptr) cudaFree(m);
     }
   }
+  // FlashInfer's paths on the same inputs and rotated page tables, timed the same way. Its planner
+  // runs once per case on the host page table (outside the timed region), as once per token step.
+  std::vector<Result> fi_results;
+#ifdef PKV_WITH_FLASHINFER
+  for (const auto& arm : fi_arms_) {
+    const absl::Status planned = arm->Plan(indptr, stream_);
+    if (!planned.ok()) {
+      std::fprintf(stderr, "%s plan failed: %s\n", FlashInferPathName(arm->options().path),
+                   std::string(planned.message()).c_str());
+      std::exit(1);
+    }
+    auto launch = [&](int i) {
+      DecodeParams pi = base;
+      pi.page_indices = d_indices + static_cast<int64_t>(i % copies) * total_pages;
+      const absl::Status st = arm->Run(pi, stream_);
+      if (!st.ok()) {
+        std::fprintf(stderr, "%s launch failed: %s\n", FlashInferPathName(arm->options().path),
+                     std::string(st.message()).c_str());
+        std::exit(1);
+      }
+    };
+    const std::string name = FlashInferPathName(arm->options().path);
+    fi_results.push_back(Result{name + (arm->planned_split_kv() ? "/split" : ""), name, time_launches(launch),
+                                arm->planned_split_kv() ? 2 : 1});
+  }
+#endif
   cudaFree(d_indptr);
   cudaFree(d_indices);
   cudaFree(d_last);
 
-  // Per family: best configuration. Overall: best of all.
+  // Per family: best configuration. Overall: best of ours (FlashInfer is reported beside it).
   std::map<std::string, Result> best_of;
-  for (const Result& r : results) {
-    auto it = best_of.find(r.family);
-    if (it == best_of.end() || r.median_us < it->second.median_us) best_of[r.family] = r;
+  for (const auto* rs : {&results, &fi_results}) {
+    for (const Result& r : *rs) {
+      auto it = best_of.find(r.family);
+      if (it == best_of.end() || r.median_us < it->second.median_us) best_of[r.family] = r;
+    }
   }
   const Result* best = nullptr;
   for (const Result& r : results) {
     if (best == nullptr || r.median_us < best->median_us) best = &r;
   }
+  const Result* fi_best = nullptr;
+  for (const Result& r : fi_results) {
+    if (fi_best == nullptr || r.median_us < fi_best->median_us) fi_best = &r;
+  }
+  // Speed ratio ours / FlashInfer (> 1: ours is faster); empty without FlashInfer.
+  std::string speedup;
+  if (fi_best != nullptr) {
+    char buf[32];
+    std::snprintf(buf, sizeof(buf), "%.3f", fi_best->median_us / best->median_us);
+    speedup = buf;
+  }
   const double stream_gbps = start_.stream_gbps;  // same-run ceilings (start; the end is printed too)
   const double d2d_gbps = start_.d2d_gbps;
   const std::string dt(DTypeName(dtype));
-  for (const Result& r : results) {
+  std::vector<const Result*> rows;
+  for (const Result& r : results) rows.push_back(&r);
+  for (const Result& r : fi_results) rows.push_back(&r);
+  for (const Result* rp : rows) {
+    const Result& r = *rp;
     const double gbps = kv_bytes / (r.median_us * 1e-6) / 1e9;
     csv_ << dt << ',' << c.name << ',' << c.group << ',' << B << ',' << tokens << ',' << static_cast<int64_t>(kv_bytes) << ','
          << r.family << ',' << r.label << ',' << r.launches << ',' << r.median_us << ',' << gbps << ','
          << 100.0 * gbps / stream_gbps << ',' << 100.0 * gbps / d2d_gbps << ',' << (best == &r ? 1 : 0) << ','
-         << copies << '\n';
+         << copies << ',' << speedup << '\n';
   }
   csv_.flush();
   auto us = [&](const char* fam) -> std::string {
@@ -384,6 +440,12 @@ void Bench::RunCase(DType dtype, const Case& c, int64_t case_seed) {
                 c.name.c_str(), kv_bytes / 1e6, us("per_request").c_str(), us("sequence_split").c_str(),
                 us("workqueue_fused").c_str(), us("workqueue_separate").c_str(), best->label.c_str(), best_gbps,
                 100.0 * best_gbps / stream_gbps, 100.0 * best_gbps / d2d_gbps);
+  if (fi_best != nullptr) {  // extra columns: fi_decode us | fi_prefill us | ours/FI speed
+    std::string l(line);
+    l.pop_back();  // '\n'
+    l += " " + us("fi_decode") + " | " + us("fi_prefill") + " | " + speedup + " |\n";
+    std::snprintf(line, sizeof(line), "%s", l.c_str());
+  }
   table_ << line;
   std::fputs(line, stdout);
   std::fflush(stdout);
@@ -391,6 +453,7 @@ void Bench::RunCase(DType dtype, const Case& c, int64_t case_seed) {
     auto& a = agg_[dt + "|" + c.group];
     a.first += kv_bytes;
     a.second += best->median_us;
+    if (fi_best != nullptr) agg_fi_[dt + "|" + c.group] += fi_best->median_us;
   }
 }
 
@@ -449,18 +512,44 @@ int Bench::Run() {
     csv_ << "# Hq=" << o_.num_q_heads << " Hkv=" << o_.num_kv_heads << " d=" << o_.head_dim << " page=" << o_.page_size
          << " stream_gbps=" << start_.stream_gbps << " d2d_gbps=" << start_.d2d_gbps << "\n";
     csv_ << "dtype,case,group,batch,tokens,kv_bytes,family,config,launches,median_us,gbps,pct_stream,pct_d2d,best,"
-            "kv_copies\n";
+            "kv_copies,speedup_vs_fi\n";
   }
-  const char* header =
+  std::string header =
       "| dtype | case | KV MB | per_request us | seq_split us | wq_fused us | wq_sep us | best | GB/s | % stream | % D2D |\n"
       "|---|---|---|---|---|---|---|---|---|---|---|\n";
+#ifdef PKV_WITH_FLASHINFER
+  header =
+      "| dtype | case | KV MB | per_request us | seq_split us | wq_fused us | wq_sep us | best | GB/s | % stream | % D2D "
+      "| fi_decode us | fi_prefill us | ours/FI speed |\n"
+      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+#endif
   table_ << header;
-  std::fputs(header, stdout);
+  std::fputs(header.c_str(), stdout);
 
   const std::vector<Case> cases = BuildCases();
   for (DType dt : o_.dtypes) {
     BENCH_CUDA(FillNormal(pool_, static_cast<size_t>(pool_pages_) * page_bytes_ / 2, dt == DType::kBF16, o_.seed, stream_));
     BENCH_CUDA(cudaStreamSynchronize(stream_));
+#ifdef PKV_WITH_FLASHINFER
+    fi_arms_.clear();
+    for (FlashInferPath path : {FlashInferPath::kDecode, FlashInferPath::kPrefill}) {
+      FlashInferArm::Options fo;
+      fo.path = path;
+      fo.dtype = dt;
+      fo.num_q_heads = o_.num_q_heads;
+      fo.num_kv_heads = o_.num_kv_heads;
+      fo.head_dim = o_.head_dim;
+      fo.page_size = o_.page_size;
+      fo.max_batch = std::max(64, *std::max_element(o_.batches.begin(), o_.batches.end()));
+      auto arm = FlashInferArm::Create(fo);
+      if (!arm.ok()) {  // e.g. a head_dim FlashInfer is not instantiated for: our columns only
+        std::printf("# %s: not run (%s)\n", FlashInferPathName(path), std::string(arm.status().message()).c_str());
+        continue;
+      }
+      std::printf("# %s %s: PDL %s\n", FlashInferPathName(path), DTypeName(dt), (*arm)->pdl() ? "on" : "off");
+      fi_arms_.push_back(std::move(*arm));
+    }
+#endif
     int64_t i = 0;
     for (const Case& c : cases) RunCase(dt, c, static_cast<int64_t>(o_.seed) + 31 * (++i));
   }
@@ -468,14 +557,22 @@ int Bench::Run() {
   std::printf("# ceilings (end): streaming read %.0f GB/s, D2D copy %.0f GB/s\n", end_.stream_gbps, end_.d2d_gbps);
 
   std::ostringstream agg;
-  agg << "\n| dtype | mixed workload (all steps) | KV MB | best us (sum) | GB/s | % stream |\n|---|---|---|---|---|---|\n";
+  const bool with_fi = !agg_fi_.empty();
+  agg << "\n| dtype | mixed workload (all steps) | KV MB | best us (sum) | GB/s | % stream |"
+      << (with_fi ? " FlashInfer best us (sum) | ours/FI speed |\n|---|---|---|---|---|---|---|---|\n" : "\n|---|---|---|---|---|---|\n");
   for (const auto& [key, v] : agg_) {
     const double gbps = v.first / (v.second * 1e-6) / 1e9;
     char line[256];
     const size_t bar = key.find('|');
-    std::snprintf(line, sizeof(line), "| %s | %s | %.1f | %.1f | %.0f | %.1f |\n", key.substr(0, bar).c_str(),
+    std::snprintf(line, sizeof(line), "| %s | %s | %.1f | %.1f | %.0f | %.1f |", key.substr(0, bar).c_str(),
                   key.substr(bar + 1).c_str(), v.first / 1e6, v.second, gbps, 100.0 * gbps / start_.stream_gbps);
     agg << line;
+    if (with_fi) {
+      const double fi_us = agg_fi_.count(key) ? agg_fi_.at(key) : 0.0;
+      std::snprintf(line, sizeof(line), " %.1f | %.3f |", fi_us, fi_us / v.second);
+      agg << line;
+    }
+    agg << '\n';
   }
   std::fputs(agg.str().c_str(), stdout);
   if (!o_.md_path.empty()) {

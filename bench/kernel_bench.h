@@ -6,7 +6,11 @@
 // fused and separate merge) with CUDA events: warm-up, >= `runs` timed launches queued behind a
 // spin kernel, KV rotated over several page-table copies so that the footprint exceeds L2. It
 // reports median us, KV bytes, GB/s and the share of a streaming-read ceiling and of a
-// device-to-device copy measured in the same run (start and end). Not thread-safe (one process).
+// device-to-device copy measured in the same run (start and end). Built with PKV_WITH_FLASHINFER,
+// each case also times FlashInfer's two paths (fi_decode, fi_prefill: bench/flashinfer_arm.h)
+// exactly the same way on the same inputs and rotated page tables (its planner once per case,
+// outside the timed region) and reports ours-best / FlashInfer-best speed (> 1: ours is faster)
+// in extra table columns and a last CSV field. Not thread-safe (one process).
 #pragma once
 
 #include <cstdint>

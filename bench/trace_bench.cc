@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <map>
 #include <optional>
@@ -19,6 +20,14 @@
 #include "engine/cuda_backend.h"
 #include "engine/engine.h"
 #include "scheduler/cost_profile.h"
+#ifdef PKV_WITH_FLASHINFER
+#include <cuda_runtime.h>
+
+#include <numeric>
+
+#include "bench/flashinfer_arm.h"
+#include "kvpool/cuda/append_kv.h"
+#endif
 
 namespace pkv::bench {
 namespace {
@@ -26,6 +35,7 @@ namespace {
 struct Arm {
   std::string name;
   std::optional<KernelId> fixed;
+  int flashinfer_path = -1;  // >= 0: a FlashInfer arm (FlashInferPath), driven outside the engine
 };
 
 struct RunStats {
@@ -163,6 +173,185 @@ absl::StatusOr<RunStats> RunOnce(engine::Engine& e, const ModelShape& shape, Wor
   return st;
 }
 
+#ifdef PKV_WITH_FLASHINFER
+// The same continuous-batching loop as RunOnce for a FlashInfer arm, which the engine cannot run:
+// rows get pages from a free list scattered like the engine's (seeded shuffle), over the
+// engine's own device arena while the engine holds no sequence (KV content is random either way).
+// Per token step, as the engine's CUDA backend does: the CSR page table and the new-token slots
+// are packed into pinned memory and uploaded with one copy, then FlashInfer's planner runs on the
+// host (charged to the step's wall time, outside the GPU timing). Per layer: one upload of q|k|v,
+// one append launch (kvpool/cuda/append_kv), FlashInfer's attention between two CUDA events (the
+// attention time), one download of out, one stream synchronisation.
+absl::StatusOr<RunStats> RunFlashInferOnce(FlashInferArm& arm, kvpool::KvArena& arena, const ModelShape& shape,
+                                           WorkloadKind kind, int batch, int num_requests, int warmup, int measured,
+                                           uint64_t seed, const std::vector<uint8_t>& q,
+                                           const std::vector<uint8_t>& kv) {
+  const std::vector<WorkloadRequest> reqs = GenerateWorkload(kind, num_requests, seed);
+  const int P = shape.page_size;
+  const int64_t num_pages = arena.num_pages();
+  std::vector<int32_t> free_pages(num_pages);
+  std::iota(free_pages.begin(), free_pages.end(), 0);
+  std::mt19937_64 rng(20260622);
+  std::shuffle(free_pages.begin(), free_pages.end(), rng);
+  struct Row {
+    std::vector<int32_t> pages;
+    int64_t len;
+    int64_t left;
+  };
+  std::vector<Row> active;
+  size_t next = 0;
+  const size_t q_bytes = static_cast<size_t>(64) * shape.num_q_heads * shape.head_dim * 2;
+  const size_t kv_row_bytes = static_cast<size_t>(shape.num_kv_heads) * shape.head_dim * 2;
+  // Device and pinned buffers, allocated once per run (never on the step path).
+  cudaStream_t stream = nullptr;
+  cudaEvent_t ev0 = nullptr, ev1 = nullptr;
+  int32_t* d_table = nullptr;  // [indptr B+1 | last B | slots 2B | indices]
+  void* d_qkv = nullptr;       // [q | k | v]
+  void* d_out = nullptr;
+  int32_t* h_table = nullptr;
+  uint8_t* h_qkv = nullptr;
+  uint8_t* h_out = nullptr;
+  const size_t table_ints = 4 * 65 + static_cast<size_t>(num_pages);
+  const size_t qkv_bytes = q_bytes + 2 * 64 * kv_row_bytes;
+  auto fail = [](cudaError_t e) { return absl::InternalError(cudaGetErrorString(e)); };
+  if (cudaError_t e = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking); e != cudaSuccess) return fail(e);
+  cudaEventCreate(&ev0);
+  cudaEventCreate(&ev1);
+  for (cudaError_t e : {cudaMalloc(reinterpret_cast<void**>(&d_table), table_ints * 4), cudaMalloc(&d_qkv, qkv_bytes),
+                        cudaMalloc(&d_out, q_bytes), cudaMallocHost(reinterpret_cast<void**>(&h_table), table_ints * 4),
+                        cudaMallocHost(reinterpret_cast<void**>(&h_qkv), qkv_bytes),
+                        cudaMallocHost(reinterpret_cast<void**>(&h_out), q_bytes)}) {
+    if (e != cudaSuccess) return fail(e);
+  }
+  RunStats st;
+  absl::Status status;
+  for (int step = 0; step < warmup + measured && (!active.empty() || next < reqs.size()) && status.ok(); ++step) {
+    // Admission, as RunOnce: a request waits while its prompt's pages (+1) are not free.
+    while (static_cast<int>(active.size()) < batch && next < reqs.size()) {
+      const int64_t need = (reqs[next].input_tokens + P - 1) / P + 1;
+      if (need > static_cast<int64_t>(free_pages.size())) {
+        if (!active.empty()) break;
+        status = absl::ResourceExhaustedError("flashinfer arm: pool too small for one request");
+        break;
+      }
+      Row r{{}, reqs[next].input_tokens, reqs[next].output_tokens};
+      for (int64_t i = 0; i < (r.len + P - 1) / P; ++i) {
+        r.pages.push_back(free_pages.back());
+        free_pages.pop_back();
+      }
+      active.push_back(std::move(r));
+      ++next;
+    }
+    if (!status.ok() || active.empty()) break;
+    const int B = static_cast<int>(active.size());
+    const auto t0 = std::chrono::steady_clock::now();
+    // Append one token slot per row (a new page when the last is full), then the CSR + slots.
+    int32_t* indptr = h_table;
+    int32_t* last = h_table + (B + 1);
+    int32_t* slots = last + B;
+    int32_t* indices = slots + 2 * B;
+    indptr[0] = 0;
+    int64_t kv_tokens = 0;
+    for (int b = 0; b < B; ++b) {
+      Row& r = active[b];
+      if (r.len % P == 0) {
+        if (free_pages.empty()) {
+          status = absl::ResourceExhaustedError("flashinfer arm: pool full");
+          break;
+        }
+        r.pages.push_back(free_pages.back());
+        free_pages.pop_back();
+      }
+      slots[2 * b] = r.pages.back();
+      slots[2 * b + 1] = static_cast<int32_t>(r.len % P);
+      ++r.len;
+      kv_tokens += r.len;
+      std::copy(r.pages.begin(), r.pages.end(), indices + indptr[b]);
+      indptr[b + 1] = indptr[b] + static_cast<int32_t>(r.pages.size());
+      last[b] = static_cast<int32_t>(r.len - static_cast<int64_t>(r.pages.size() - 1) * P);
+    }
+    if (!status.ok()) break;
+    const size_t ints = 4 * static_cast<size_t>(B) + 1 + indptr[B];
+    cudaMemcpyAsync(d_table, h_table, ints * 4, cudaMemcpyHostToDevice, stream);
+    if (status = arm.Plan(std::span<const int32_t>(indptr, B + 1), stream); !status.ok()) break;
+    kernels::DecodeParams p;
+    p.dtype = shape.dtype;
+    p.batch = B;
+    p.num_q_heads = shape.num_q_heads;
+    p.num_kv_heads = shape.num_kv_heads;
+    p.head_dim = shape.head_dim;
+    p.page_size = P;
+    p.sm_scale = 1.f / std::sqrt(static_cast<float>(shape.head_dim));
+    p.num_pages = num_pages;
+    p.page_indptr = d_table;
+    p.last_page_len = d_table + (B + 1);
+    p.page_indices = d_table + (B + 1) + 3 * B;
+    p.q = d_qkv;
+    p.out = d_out;
+    const size_t bq = static_cast<size_t>(B) * shape.num_q_heads * shape.head_dim * 2;
+    const size_t bkv = static_cast<size_t>(B) * kv_row_bytes;
+    kvpool::cuda::AppendKvParams ap;
+    ap.layer_stride = arena.num_pages() * arena.page_elems();
+    ap.num_kv_heads = shape.num_kv_heads;
+    ap.page_size = P;
+    ap.head_dim = shape.head_dim;
+    ap.num_tokens = B;
+    ap.slots = d_table + (B + 1) + B;
+    ap.k = static_cast<uint8_t*>(d_qkv) + bq;
+    ap.v = static_cast<uint8_t*>(d_qkv) + bq + bkv;
+    double attend = 0;
+    for (int layer = 0; layer < shape.num_layers && status.ok(); ++layer) {
+      std::memcpy(h_qkv, q.data(), bq);
+      std::memcpy(h_qkv + bq, kv.data(), bkv);
+      std::memcpy(h_qkv + bq + bkv, kv.data() + kv.size() / 2, bkv);
+      cudaMemcpyAsync(d_qkv, h_qkv, bq + 2 * bkv, cudaMemcpyHostToDevice, stream);
+      ap.arena = arena.layer_data(0);
+      ap.first_layer = layer;
+      if (cudaError_t e = kvpool::cuda::LaunchAppendKv(ap, stream); e != cudaSuccess) status = fail(e);
+      p.kv = arena.layer_data(layer);
+      cudaEventRecord(ev0, stream);
+      if (status.ok()) status = arm.Run(p, stream);
+      cudaEventRecord(ev1, stream);
+      cudaMemcpyAsync(h_out, d_out, bq, cudaMemcpyDeviceToHost, stream);
+      if (cudaError_t e = cudaStreamSynchronize(stream); e != cudaSuccess && status.ok()) status = fail(e);
+      float ms = 0;
+      cudaEventElapsedTime(&ms, ev0, ev1);
+      attend += ms * 1e-3;
+    }
+    const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (step >= warmup && status.ok()) {
+      st.tokens += B;
+      st.attend_s += attend;
+      st.wall_s += wall;
+      st.step_attend_s.push_back(attend);
+      st.step_wall_s.push_back(wall);
+      st.kv_bytes += static_cast<double>(kv_tokens) * shape.kv_bytes_per_token_layer() * shape.num_layers;
+      st.mix[FlashInferPathName(arm.options().path)] += 1;
+    }
+    for (auto it = active.begin(); it != active.end();) {
+      if (--it->left <= 0) {
+        free_pages.insert(free_pages.end(), it->pages.begin(), it->pages.end());
+        it = active.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+  cudaStreamSynchronize(stream);
+  cudaFree(d_table);
+  cudaFree(d_qkv);
+  cudaFree(d_out);
+  cudaFreeHost(h_table);
+  cudaFreeHost(h_qkv);
+  cudaFreeHost(h_out);
+  cudaEventDestroy(ev0);
+  cudaEventDestroy(ev1);
+  cudaStreamDestroy(stream);
+  if (!status.ok()) return status;
+  return st;
+}
+#endif
+
 }  // namespace
 
 int RunTraceBench(const TraceBenchOptions& o) {
@@ -188,10 +377,15 @@ int RunTraceBench(const TraceBenchOptions& o) {
            "p50_step_attend_ms,p99_step_attend_ms,p50_step_wall_ms,p99_step_wall_ms,kv_gbps,mix\n";
   }
   std::ostringstream md;
-  const std::vector<Arm> arms = {{"adaptive", std::nullopt},
-                                 {"per_request", KernelId::kPerRequest},
-                                 {"sequence_split", KernelId::kSequenceSplit},
-                                 {"workqueue", KernelId::kWorkQueue}};
+  std::vector<Arm> arms = {{"adaptive", std::nullopt},
+                           {"per_request", KernelId::kPerRequest},
+                           {"sequence_split", KernelId::kSequenceSplit},
+                           {"workqueue", KernelId::kWorkQueue}};
+#ifdef PKV_WITH_FLASHINFER
+  for (FlashInferPath path : {FlashInferPath::kDecode, FlashInferPath::kPrefill}) {
+    arms.push_back(Arm{FlashInferPathName(path), std::nullopt, static_cast<int>(path)});
+  }
+#endif
   for (DType dt : o.dtypes) {
     ModelShape shape;
     shape.num_layers = o.num_layers;
@@ -232,6 +426,26 @@ int RunTraceBench(const TraceBenchOptions& o) {
     engine::Engine& e = **eng;
     KvTokensObserver observer;
     e.SetObserver(&observer);
+#ifdef PKV_WITH_FLASHINFER
+    std::map<int, std::unique_ptr<FlashInferArm>> fi_arms;  // by FlashInferPath; a missing one is skipped
+    for (const Arm& arm : arms) {
+      if (arm.flashinfer_path < 0) continue;
+      FlashInferArm::Options fo;
+      fo.path = static_cast<FlashInferPath>(arm.flashinfer_path);
+      fo.dtype = dt;
+      fo.num_q_heads = shape.num_q_heads;
+      fo.num_kv_heads = shape.num_kv_heads;
+      fo.head_dim = shape.head_dim;
+      fo.page_size = shape.page_size;
+      fo.max_batch = 64;
+      auto fa = FlashInferArm::Create(fo);
+      if (!fa.ok()) {
+        std::printf("# %s: not run (%s)\n", arm.name.c_str(), std::string(fa.status().message()).c_str());
+        continue;
+      }
+      fi_arms[arm.flashinfer_path] = std::move(*fa);
+    }
+#endif
     const auto q = RandomNormalBytes(dt, 64 * shape.num_q_heads * shape.head_dim, 1);
     const auto kv = RandomNormalBytes(dt, 2 * 64 * shape.num_kv_heads * shape.head_dim, 2);
     std::printf("# pkv-bench trace on %s, %s, layers=%d hq=%d hkv=%d d=%d page=%d, profile %s, "
@@ -255,10 +469,19 @@ int RunTraceBench(const TraceBenchOptions& o) {
       std::map<std::string, std::map<std::string, int64_t>> mixes;
       for (uint64_t seed : o.seeds) {
         for (const Arm& arm : arms) {
-          scheduler::Scheduler::Options aso = so;
-          aso.fixed_kernel = arm.fixed;
-          if (auto s = e.SetScheduler(*scheduler::Scheduler::Create(aso)); !s.ok()) return 1;
-          auto st = RunOnce(e, shape, *kind, batch, nreq, o.warmup_steps, measured, seed, q, kv, observer);
+          absl::StatusOr<RunStats> st;
+          if (arm.flashinfer_path >= 0) {
+#ifdef PKV_WITH_FLASHINFER
+            if (!fi_arms.count(arm.flashinfer_path)) continue;
+            st = RunFlashInferOnce(*fi_arms[arm.flashinfer_path], arena, shape, *kind, batch, nreq, o.warmup_steps,
+                                   measured, seed, q, kv);
+#endif
+          } else {
+            scheduler::Scheduler::Options aso = so;
+            aso.fixed_kernel = arm.fixed;
+            if (auto s = e.SetScheduler(*scheduler::Scheduler::Create(aso)); !s.ok()) return 1;
+            st = RunOnce(e, shape, *kind, batch, nreq, o.warmup_steps, measured, seed, q, kv, observer);
+          }
           if (!st.ok()) {
             std::fprintf(stderr, "pkv-bench trace: %s %s seed %llu: %s\n", w.c_str(), arm.name.c_str(),
                          static_cast<unsigned long long>(seed), std::string(st.status().message()).c_str());
@@ -294,6 +517,7 @@ int RunTraceBench(const TraceBenchOptions& o) {
         }
       }
       for (const Arm& arm : arms) {
+        if (tps_attend[arm.name].empty()) continue;  // an arm that did not run
         double ma, sa, mw, sw, m50, s50, m99, s99, mr, sr;
         MeanStd(roof[arm.name], &mr, &sr);
         MeanStd(tps_attend[arm.name], &ma, &sa);
@@ -304,12 +528,39 @@ int RunTraceBench(const TraceBenchOptions& o) {
         for (const auto& [k, n] : mixes[arm.name]) mix += k + ":" + std::to_string(n) + " ";
         std::printf("%-12s B%-2d %-15s attn %9.0f ± %6.0f tok/s (%5.1f%% roof)  wall %9.0f ± %6.0f tok/s  step p50 %7.3f p99 %7.3f ms  %s%s\n",
                     w.substr(0, colon).c_str(), batch, arm.name.c_str(), ma, sa, mr, mw, sw, m50, m99,
-                    arm.fixed ? "" : ("vs best fixed (" + best_name + ") " + std::to_string(ma / best_fixed) + "  ").c_str(),
+                    arm.fixed || arm.flashinfer_path >= 0
+                        ? ""
+                        : ("vs best fixed (" + best_name + ") " + std::to_string(ma / best_fixed) + "  ").c_str(),
                     mix.c_str());
         char line[512];
         std::snprintf(line, sizeof(line), "| %s B%d | %s | %.0f ± %.0f | %.1f | %.0f ± %.0f | %.3f / %.3f | %s | %.3f |\n",
                       w.substr(0, colon).c_str(), batch, arm.name.c_str(), ma, sa, mr, mw, sw, m50, m99, mix.c_str(),
                       ma / best_fixed);
+        md << line;
+      }
+      // adaptive vs FlashInfer's best path (by mean attention tok/s), attention and wall.
+      double fi_best = 0, fi_wall = 0;
+      std::string fi_name;
+      for (const Arm& arm : arms) {
+        if (arm.flashinfer_path < 0 || tps_attend[arm.name].empty()) continue;
+        double m, sd, mw, sw;
+        MeanStd(tps_attend[arm.name], &m, &sd);
+        MeanStd(tps_wall[arm.name], &mw, &sw);
+        if (m > fi_best) {
+          fi_best = m;
+          fi_wall = mw;
+          fi_name = arm.name;
+        }
+      }
+      if (fi_best > 0) {
+        double ma, sa, mw, sw;
+        MeanStd(tps_attend["adaptive"], &ma, &sa);
+        MeanStd(tps_wall["adaptive"], &mw, &sw);
+        std::printf("%-12s B%-2d adaptive / flashinfer (%s): attention %.3f, wall %.3f\n", w.substr(0, colon).c_str(),
+                    batch, fi_name.c_str(), ma / fi_best, mw / fi_wall);
+        char line[256];
+        std::snprintf(line, sizeof(line), "| %s B%d | adaptive / flashinfer (%s) | %.3f (attention) | | %.3f (wall) | | | |\n",
+                      w.substr(0, colon).c_str(), batch, fi_name.c_str(), ma / fi_best, mw / fi_wall);
         md << line;
       }
       std::fflush(stdout);

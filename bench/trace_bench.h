@@ -9,7 +9,12 @@
 // time (CUDA events around each layer's kernels) and over wall time (host work, transfers and
 // synchronisation included), p50/p99 token-step times, launches per layer-step, the arm mix and
 // the share of a streaming-read ceiling measured in the same run; seeds are held out from the
-// calibration seed and reported as mean ± std. Not thread-safe (one process).
+// calibration seed and reported as mean ± std. Built with PKV_WITH_FLASHINFER, FlashInfer's two
+// paths (fi_decode, fi_prefill) run as arms too — the same workload loop driven outside the
+// engine (which has no FlashInfer backend) over the engine's device arena, with the engine
+// backend's per-layer pattern (upload q|k|v, append, attention between events, download out,
+// sync) and FlashInfer's planner once per token step (host wall time, outside the GPU timing) —
+// and adaptive / FlashInfer (best path) ratios are printed per workload. Not thread-safe.
 #pragma once
 
 #include <cstdint>
