@@ -35,19 +35,20 @@ class CudaBackend final : public ExecutionBackend {
       : arena_(std::move(arena)), options_(options) {}
 
   ~CudaBackend() override {
-    if (stream_ != nullptr) cudaStreamSynchronize(stream_);
     for (Slot& s : slots_) {
+      if (s.stream != nullptr) cudaStreamSynchronize(s.stream);
       cudaFreeHost(s.host);
       cudaFree(s.device);
+      cudaFreeHost(s.io_host);
+      cudaFree(s.io_device);
+      cudaFreeHost(s.out_host);
+      cudaFree(s.out_device);
+      cudaFree(s.workspace);
+      if (s.start != nullptr) cudaEventDestroy(s.start);
+      if (s.stop != nullptr) cudaEventDestroy(s.stop);
+      if (s.uploaded != nullptr) cudaEventDestroy(s.uploaded);
+      if (s.stream != nullptr) cudaStreamDestroy(s.stream);
     }
-    cudaFreeHost(io_host_);
-    cudaFree(io_device_);
-    cudaFreeHost(out_host_);
-    cudaFree(out_device_);
-    cudaFree(workspace_);
-    if (start_ != nullptr) cudaEventDestroy(start_);
-    if (stop_ != nullptr) cudaEventDestroy(stop_);
-    if (stream_ != nullptr) cudaStreamDestroy(stream_);
   }
 
   absl::Status Init() {
@@ -57,42 +58,46 @@ class CudaBackend final : public ExecutionBackend {
     info_.name = prop.name;
     info_.is_gpu = true;
     info_.num_sms = prop.multiProcessorCount;
-    PKV_CUDA_RETURN(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "stream");
-    PKV_CUDA_RETURN(cudaEventCreate(&start_), "event");
-    PKV_CUDA_RETURN(cudaEventCreate(&stop_), "event");
+    if (options_.max_open_token_steps < 1) return absl::InvalidArgumentError("max_open_token_steps must be >= 1");
 
     const int64_t b = options_.max_batch;
     indices_capacity_ = 2 * arena_->num_pages() + b;
     tasks_capacity_ = std::min<int64_t>(static_cast<int64_t>(s.num_kv_heads) * indices_capacity_, 1 << 20);
     descriptor_bytes_ = Align16((b + 1) * 4) + 4 * Align16(2 * b * 4) + Align16(indices_capacity_ * 4) +
                         Align16(tasks_capacity_ * sizeof(DecodeTask));
-    slots_.resize(options_.max_open_token_steps);
-    for (Slot& slot : slots_) {
-      PKV_CUDA_RETURN(cudaMallocHost(&slot.host, descriptor_bytes_), "pinned descriptor");
-      PKV_CUDA_RETURN(cudaMalloc(&slot.device, descriptor_bytes_), "device descriptor");
-    }
     const size_t el = DTypeSize(s.dtype);
     q_bytes_ = static_cast<size_t>(b) * s.num_q_heads * s.head_dim * el;
     kv_bytes_ = static_cast<size_t>(b) * s.num_kv_heads * s.head_dim * el;
     const size_t io = Align16(q_bytes_) + 2 * Align16(kv_bytes_);
-    PKV_CUDA_RETURN(cudaMallocHost(&io_host_, io), "pinned io");
-    PKV_CUDA_RETURN(cudaMalloc(&io_device_, io), "device io");
     out_bytes_ = Align16(q_bytes_) + static_cast<size_t>(b) * s.num_q_heads * sizeof(float);
-    PKV_CUDA_RETURN(cudaMallocHost(&out_host_, out_bytes_), "pinned out");
-    PKV_CUDA_RETURN(cudaMalloc(&out_device_, out_bytes_), "device out");
-
     kernels::DecodeParams ws = BaseParams(0);
     ws.batch = 1;
     ws.num_splits = options_.max_partial_slots;
     workspace_bytes_ = kernels::cuda::WorkspaceBytes(KernelId::kSequenceSplit, ws);
-    PKV_CUDA_RETURN(cudaMalloc(&workspace_, workspace_bytes_), "workspace");
-    // The fused-merge counters must start at zero; every launch leaves them at zero.
-    PKV_CUDA_RETURN(cudaMemset(workspace_, 0, workspace_bytes_), "workspace memset");
     grid_ = kernels::cuda::PersistentGridSize(ws);
+    // Everything a layer touches is per slot, so slots run concurrently on their own streams;
+    // only the arena's pages are shared (disjoint writes, see engine/backend.h).
+    slots_.resize(options_.max_open_token_steps);
+    for (Slot& slot : slots_) {
+      PKV_CUDA_RETURN(cudaStreamCreateWithFlags(&slot.stream, cudaStreamNonBlocking), "stream");
+      PKV_CUDA_RETURN(cudaEventCreate(&slot.start), "event");
+      PKV_CUDA_RETURN(cudaEventCreate(&slot.stop), "event");
+      PKV_CUDA_RETURN(cudaEventCreateWithFlags(&slot.uploaded, cudaEventDisableTiming), "event");
+      PKV_CUDA_RETURN(cudaMallocHost(&slot.host, descriptor_bytes_), "pinned descriptor");
+      PKV_CUDA_RETURN(cudaMalloc(&slot.device, descriptor_bytes_), "device descriptor");
+      PKV_CUDA_RETURN(cudaMallocHost(&slot.io_host, io), "pinned io");
+      PKV_CUDA_RETURN(cudaMalloc(&slot.io_device, io), "device io");
+      PKV_CUDA_RETURN(cudaMallocHost(&slot.out_host, out_bytes_), "pinned out");
+      PKV_CUDA_RETURN(cudaMalloc(&slot.out_device, out_bytes_), "device out");
+      PKV_CUDA_RETURN(cudaMalloc(&slot.workspace, workspace_bytes_), "workspace");
+      // The fused-merge counters must start at zero; every launch leaves them at zero.
+      PKV_CUDA_RETURN(cudaMemset(slot.workspace, 0, workspace_bytes_), "workspace memset");
+    }
     PKV_CUDA_RETURN(cudaDeviceSynchronize(), "init");
     PKV_LOG(INFO) << "cuda backend on " << info_.name << " (" << info_.num_sms << " SMs): "
                   << arena_->num_pages() << " pages (" << arena_->layer_bytes() * s.num_layers / (1 << 20)
-                  << " MiB KV), workspace " << workspace_bytes_ / (1 << 20) << " MiB, persistent grid " << grid_;
+                  << " MiB KV), " << slots_.size() << " descriptor slots with a stream and "
+                  << workspace_bytes_ / (1 << 20) << " MiB workspace each, persistent grid " << grid_;
     return absl::OkStatus();
   }
 
@@ -146,6 +151,9 @@ class CudaBackend final : public ExecutionBackend {
       slot.num_tasks = static_cast<int32_t>(work.tasks.size());
     }
 
+    // The slot's previous upload read slot.host; it finished unless that token step ran no layer
+    // (then this returns at once, as after every RunLayer, which waits for its stream).
+    PKV_CUDA_RETURN(cudaEventSynchronize(slot.uploaded), "descriptor reuse");
     // Pack the descriptor: [indptr | last | row_splits | partial_offset | slots | indices | tasks].
     char* h = static_cast<char*>(slot.host);
     size_t off = 0;
@@ -164,8 +172,9 @@ class CudaBackend final : public ExecutionBackend {
     slot.off_indices = put(table.indices.data(), table.indices.size() * 4);
     slot.off_tasks = put(work.tasks.data(), work.tasks.size() * sizeof(DecodeTask));
     slot.batch = b;
-    PKV_CUDA_RETURN(cudaMemcpyAsync(slot.device, slot.host, off, cudaMemcpyHostToDevice, stream_),
+    PKV_CUDA_RETURN(cudaMemcpyAsync(slot.device, slot.host, off, cudaMemcpyHostToDevice, slot.stream),
                     "descriptor upload");
+    PKV_CUDA_RETURN(cudaEventRecord(slot.uploaded, slot.stream), "event");
     kernels::DecodeParams p = SlotParams(slot, 0);
     if (b > 0) {
       if (absl::Status st = kernels::cuda::CanImplement(slot.kernel, p); !st.ok()) return st;
@@ -182,13 +191,13 @@ class CudaBackend final : public ExecutionBackend {
     const size_t el = DTypeSize(s.dtype);
     const size_t qb = static_cast<size_t>(slot.batch) * s.num_q_heads * s.head_dim * el;
     const size_t kvb = static_cast<size_t>(slot.batch) * s.num_kv_heads * s.head_dim * el;
-    char* io = static_cast<char*>(io_host_);
-    char* dio = static_cast<char*>(io_device_);
+    char* io = static_cast<char*>(slot.io_host);
+    char* dio = static_cast<char*>(slot.io_device);
     const size_t k_at = Align16(qb), v_at = k_at + Align16(kvb);
     std::memcpy(io, q, qb);
     std::memcpy(io + k_at, k, kvb);
     std::memcpy(io + v_at, v, kvb);
-    PKV_CUDA_RETURN(cudaMemcpyAsync(dio, io, v_at + kvb, cudaMemcpyHostToDevice, stream_), "q|k|v upload");
+    PKV_CUDA_RETURN(cudaMemcpyAsync(dio, io, v_at + kvb, cudaMemcpyHostToDevice, slot.stream), "q|k|v upload");
 
     kvpool::cuda::AppendKvParams ap;
     ap.arena = arena_->layer_data(0);
@@ -202,23 +211,26 @@ class CudaBackend final : public ExecutionBackend {
     ap.slots = reinterpret_cast<const int32_t*>(static_cast<char*>(slot.device) + slot.off_slots);
     ap.k = dio + k_at;
     ap.v = dio + v_at;
-    PKV_CUDA_RETURN(kvpool::cuda::LaunchAppendKv(ap, stream_), "append");
+    PKV_CUDA_RETURN(kvpool::cuda::LaunchAppendKv(ap, slot.stream), "append");
 
     kernels::DecodeParams p = SlotParams(slot, layer);
     p.q = dio;
-    char* dout = static_cast<char*>(out_device_);
+    char* dout = static_cast<char*>(slot.out_device);
     p.out = dout;
     p.lse = lse != nullptr ? reinterpret_cast<float*>(dout + Align16(qb)) : nullptr;
-    PKV_CUDA_RETURN(cudaEventRecord(start_, stream_), "event");
-    if (absl::Status st = kernels::cuda::Launch(slot.kernel, p, workspace_, stream_); !st.ok()) return st;
-    PKV_CUDA_RETURN(cudaEventRecord(stop_, stream_), "event");
+    PKV_CUDA_RETURN(cudaEventRecord(slot.start, slot.stream), "event");
+    if (absl::Status st = kernels::cuda::Launch(slot.kernel, p, slot.workspace, slot.stream); !st.ok()) return st;
+    PKV_CUDA_RETURN(cudaEventRecord(slot.stop, slot.stream), "event");
     const size_t down = lse != nullptr ? Align16(qb) + static_cast<size_t>(slot.batch) * s.num_q_heads * 4 : qb;
-    PKV_CUDA_RETURN(cudaMemcpyAsync(out_host_, dout, down, cudaMemcpyDeviceToHost, stream_), "out download");
-    PKV_CUDA_RETURN(cudaStreamSynchronize(stream_), "layer");
-    std::memcpy(out, out_host_, qb);
-    if (lse != nullptr) std::memcpy(lse, static_cast<char*>(out_host_) + Align16(qb), slot.batch * s.num_q_heads * 4);
+    PKV_CUDA_RETURN(cudaMemcpyAsync(slot.out_host, dout, down, cudaMemcpyDeviceToHost, slot.stream), "out download");
+    // Waits for this slot's stream only; other slots' layers keep running.
+    PKV_CUDA_RETURN(cudaStreamSynchronize(slot.stream), "layer");
+    std::memcpy(out, slot.out_host, qb);
+    if (lse != nullptr) {
+      std::memcpy(lse, static_cast<char*>(slot.out_host) + Align16(qb), slot.batch * s.num_q_heads * 4);
+    }
     float ms = 0;
-    PKV_CUDA_RETURN(cudaEventElapsedTime(&ms, start_, stop_), "elapsed");
+    PKV_CUDA_RETURN(cudaEventElapsedTime(&ms, slot.start, slot.stop), "elapsed");
     if (attend_seconds != nullptr) *attend_seconds = ms * 1e-3;
     return absl::OkStatus();
   }
@@ -229,10 +241,20 @@ class CudaBackend final : public ExecutionBackend {
   }
 
  private:
+  // One descriptor slot: everything a layer-step touches besides the arena's pages, so layers
+  // of different slots run concurrently (the engine calls RunLayer of one slot at a time).
   struct Slot {
     bool used = false;
-    void* host = nullptr;    // pinned descriptor
-    void* device = nullptr;  // its device twin
+    cudaStream_t stream = nullptr;
+    cudaEvent_t start = nullptr, stop = nullptr;  // bracket the attention launch(es)
+    cudaEvent_t uploaded = nullptr;               // the descriptor upload read `host`
+    void* host = nullptr;        // pinned descriptor
+    void* device = nullptr;      // its device twin
+    void* io_host = nullptr;     // pinned q | k | v  [B, Hq, d] | [B, Hkv, d] | [B, Hkv, d]
+    void* io_device = nullptr;   // its device twin
+    void* out_host = nullptr;    // pinned out | lse  [B, Hq, d] | [B, Hq] fp32
+    void* out_device = nullptr;  // its device twin
+    void* workspace = nullptr;   // partial states + fused-merge counters (zeroed once)
     KernelId kernel = KernelId::kPerRequest;
     int32_t batch = 0;
     int32_t num_splits = 1;
@@ -260,8 +282,8 @@ class CudaBackend final : public ExecutionBackend {
     kernels::DecodeParams p = BaseParams(layer);
     char* d = static_cast<char*>(slot.device);
     p.batch = slot.batch;
-    p.q = io_device_;
-    p.out = out_device_;
+    p.q = slot.io_device;
+    p.out = slot.out_device;
     p.page_indptr = reinterpret_cast<const int32_t*>(d + slot.off_indptr);
     p.page_indices = reinterpret_cast<const int32_t*>(d + slot.off_indices);
     p.last_page_len = reinterpret_cast<const int32_t*>(d + slot.off_last);
@@ -279,17 +301,10 @@ class CudaBackend final : public ExecutionBackend {
   std::unique_ptr<kvpool::DeviceKvArena> arena_;
   CudaBackendOptions options_;
   scheduler::DeviceInfo info_;
-  cudaStream_t stream_ = nullptr;
-  cudaEvent_t start_ = nullptr, stop_ = nullptr;
   std::vector<Slot> slots_;
   int64_t indices_capacity_ = 0, tasks_capacity_ = 0;
   size_t descriptor_bytes_ = 0;
-  void* io_host_ = nullptr;
-  void* io_device_ = nullptr;
-  void* out_host_ = nullptr;
-  void* out_device_ = nullptr;
   size_t q_bytes_ = 0, kv_bytes_ = 0, out_bytes_ = 0;
-  void* workspace_ = nullptr;
   size_t workspace_bytes_ = 0;
   int grid_ = 0;
 };
