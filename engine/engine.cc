@@ -69,7 +69,8 @@ absl::Status PromptWrite::Write(int32_t layer, int64_t token_offset, int64_t n,
   PKV_CHECK(pages != nullptr) << "prompt sequence " << seq_ << " vanished";
   std::vector<kvpool::SlotAddr> slots(n);
   for (int64_t t = 0; t < n; ++t) slots[t] = engine_->pager_.Locate(*pages, token_offset + t);
-  PKV_RETURN_IF_ERROR(engine_->backend_->arena().WriteTokens(layer, slots, k.data(), v.data()));
+  // Staged: on the device the chunk joins a merged copy + scatter; Commit flushes it.
+  PKV_RETURN_IF_ERROR(engine_->backend_->arena().StageTokens(layer, slots, k.data(), v.data()));
   for (int64_t t = token_offset; t < token_offset + n; ++t) {
     if (!written_[layer][t]) {
       written_[layer][t] = true;
@@ -92,6 +93,12 @@ absl::Status PromptWrite::Commit() {
     }
   }
   std::lock_guard<std::mutex> lock(engine_->mu_);
+  // The sequence's bytes are in the pages (device: copied, scattered, stream synchronised)
+  // before it is steppable, so its first step reads them on any stream. On a failed flush it
+  // stays unwritten and is released with this PromptWrite.
+  if (absl::Status flushed = engine_->backend_->arena().FlushStaged(); !flushed.ok()) {
+    return absl::InternalError(absl::StrCat("sequence ", seq_, ": prompt ingest failed: ", flushed.message()));
+  }
   engine_->seqs_[seq_].phase = Engine::SeqPhase::kReady;
   done_ = true;
   engine_->observer_->OnPromptCommitted(
@@ -103,6 +110,11 @@ void PromptWrite::Abort() {
   if (done_) return;
   done_ = true;
   std::lock_guard<std::mutex> lock(engine_->mu_);
+  // Staged bytes of this prompt must land (or be dropped) before its pages can go to another
+  // sequence; the flush waits for the ingest stream either way.
+  if (absl::Status flushed = engine_->backend_->arena().FlushStaged(); !flushed.ok()) {
+    PKV_LOG(WARNING) << "sequence " << seq_ << ": prompt ingest flush on abort: " << flushed;
+  }
   engine_->ReleaseLocked(seq_);
 }
 

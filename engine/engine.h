@@ -102,10 +102,13 @@ class PromptWrite {
 
   // Writes K,V of tokens [token_offset, token_offset + n) of one layer; `k` and `v` are
   // [n, Hkv, d] model-dtype bytes. Chunks may come in any order; rewriting a token is allowed.
+  // The bytes are staged (KvArena::StageTokens): on the device they join a merged copy of many
+  // chunks (of any prompts) and are on the device once Commit returns.
   [[nodiscard]] absl::Status Write(int32_t layer, int64_t token_offset, int64_t n,
                                    std::span<const uint8_t> k, std::span<const uint8_t> v);
   // FAILED_PRECONDITION (naming the first missing layer/token) unless every token of every layer
-  // was written; on success the sequence is steppable.
+  // was written; INTERNAL when the staged bytes could not be flushed. On success the prompt's
+  // bytes are in the arena (device: copied and synchronised) and the sequence is steppable.
   [[nodiscard]] absl::Status Commit();
   // Releases the sequence now (also done by the destructor when not committed).
   void Abort();
