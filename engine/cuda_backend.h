@@ -14,11 +14,23 @@
 #pragma once
 
 #include <cstdint>
+#include <string_view>
 
 #include "absl/status/statusor.h"
 #include "engine/backend.h"
 
 namespace pkv::engine {
+
+// How RunLayer submits a layer's work. kGraph: per descriptor slot, the layer's launch sequence
+// (q|k|v upload, append, attention launch(es), out download) is captured into a CUDA graph once
+// per (batch-size bucket, kernel arm) and instantiated once; a token step's first layer updates
+// the executable graph to that step (cudaGraphExecUpdate from a fresh capture) and every later
+// layer only patches the layer-dependent kernel arguments (cudaGraphExecKernelNodeSetParams)
+// and replays it. Any capture or update failure logs one warning and turns that slot to kEager.
+enum class LaunchMode { kEager, kGraph };
+
+// "eager" or "graph"; INVALID_ARGUMENT naming `launch_mode` otherwise.
+absl::StatusOr<LaunchMode> ParseLaunchMode(std::string_view name);
 
 struct CudaBackendOptions {
   int64_t num_pages = 0;               // > 0: exactly this many pages
@@ -26,6 +38,7 @@ struct CudaBackendOptions {
   int32_t max_batch = 256;             // rows per step
   int32_t max_open_token_steps = 4;    // descriptor slots (each has its stream and workspace)
   int32_t max_partial_slots = 4096;    // (row, split) partial states the workspace holds
+  LaunchMode launch_mode = LaunchMode::kEager;
 };
 
 // True when the CUDA runtime sees at least one device (false without a driver).
