@@ -20,6 +20,7 @@
 #include "bench/memory_bench.h"
 #include "common/dtype.h"
 #ifdef PKV_BENCH_WITH_CUDA
+#include "bench/ingest_bench.h"
 #include "bench/kernel_bench.h"
 #include "bench/trace_bench.h"
 #endif
@@ -134,7 +135,7 @@ int RunTrace(int argc, char** argv) {
 int main(int argc, char** argv) {
   if (argc < 2) return Usage();
   const std::string sub = argv[1];
-  if (sub != "kernels" && sub != "trace" && sub != "memory") return Usage();
+  if (sub != "kernels" && sub != "trace" && sub != "memory" && sub != "ingest") return Usage();
   if (sub == "memory") {
     pkv::bench::MemoryBenchOptions o;
     o.command = CommandLine(argc, argv);
@@ -159,6 +160,7 @@ int main(int argc, char** argv) {
   }
 #ifdef PKV_BENCH_WITH_CUDA
   if (sub == "trace") return RunTrace(argc, argv);
+  if (sub == "ingest") return pkv::bench::RunIngestBenchFromFlags(argc, argv, CommandLine(argc, argv));
 #endif
 #ifndef PKV_BENCH_WITH_CUDA
   std::fprintf(stderr, "pkv-bench kernels needs a build with PKV_WITH_CUDA=ON\n");

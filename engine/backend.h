@@ -7,8 +7,14 @@
 // with that slot: append the layer's new K,V into the slots, run attention with the plan. Several
 // token steps may be open at once (micro-batches interleaving their layers), up to
 // max_open_token_steps(). The CPU backend runs kernels/reference; the CUDA backend
-// (PKV_WITH_CUDA, engine/cuda_backend.h) runs kernels/cuda on its stream.
-// Thread-safety: the engine serialises calls into one backend.
+// (PKV_WITH_CUDA, engine/cuda_backend.h) runs kernels/cuda, one stream per descriptor slot.
+// Thread-safety: the engine serialises BeginTokenStep, EndTokenStep, arena() mutations and every
+// other call under its lock. RunLayer is called WITHOUT that lock and may run concurrently with
+// RunLayer of *different* slots and with BeginTokenStep/EndTokenStep of other slots and arena
+// writes (prompt ingest, copy-on-write) into pages no open token step reads; never twice at once
+// for the same slot, and never concurrently with EndTokenStep of its own slot. The rows of
+// different open token steps are disjoint and their new-token slots lie in pages owned by them
+// alone (copy-on-write ran at BeginTokenStep), so concurrent RunLayers write disjoint memory.
 #pragma once
 
 #include <cstdint>
@@ -52,7 +58,7 @@ class ExecutionBackend {
       const scheduler::StepPlan& plan, const PageTableCsr& table,
       std::span<const kvpool::SlotAddr> new_slots) = 0;
 
-  // One layer of an open token step: writes `k`, `v` [B, Hkv, d] into the rows' new-token slots,
+  // One layer of an open token step (concurrency: see the file comment): writes `k`, `v` [B, Hkv, d] into the rows' new-token slots,
   // then runs attention of `q` [B, Hq, d] into `out` [B, Hq, d] (host buffers, model dtype) and
   // `lse` [B, Hq] when not null. `attend_seconds` receives the attention's device time.
   [[nodiscard]] virtual absl::Status RunLayer(int32_t slot, int32_t layer, const void* q,

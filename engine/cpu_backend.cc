@@ -1,4 +1,9 @@
 // The CPU backend: a host KV arena and kernels/reference, the executable specification.
+// Concurrent RunLayer of different slots is safe: each reads only its own Slot (written by
+// BeginTokenStep before the slot is handed out, under the engine lock), writes only its rows'
+// new-token slots (disjoint from other open token steps) and its caller's out/lse, and
+// kernels::reference::Launch is reentrant (it touches only its params' buffers and joins the
+// threads it starts).
 #include <algorithm>
 #include <chrono>
 #include <cmath>

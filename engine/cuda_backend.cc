@@ -3,8 +3,10 @@
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -35,19 +37,25 @@ class CudaBackend final : public ExecutionBackend {
       : arena_(std::move(arena)), options_(options) {}
 
   ~CudaBackend() override {
-    if (stream_ != nullptr) cudaStreamSynchronize(stream_);
     for (Slot& s : slots_) {
+      if (s.stream != nullptr) cudaStreamSynchronize(s.stream);
       cudaFreeHost(s.host);
       cudaFree(s.device);
+      cudaFreeHost(s.io_host);
+      cudaFree(s.io_device);
+      cudaFreeHost(s.out_host);
+      cudaFree(s.out_device);
+      cudaFree(s.workspace);
+      if (s.start != nullptr) cudaEventDestroy(s.start);
+      if (s.stop != nullptr) cudaEventDestroy(s.stop);
+      if (s.uploaded != nullptr) cudaEventDestroy(s.uploaded);
+      for (GraphEntry& g : s.graphs) {
+        if (g.exec != nullptr) cudaGraphExecDestroy(g.exec);
+        if (g.graph != nullptr) cudaGraphDestroy(g.graph);
+      }
+      if (s.step_capture != nullptr) cudaGraphDestroy(s.step_capture);
+      if (s.stream != nullptr) cudaStreamDestroy(s.stream);
     }
-    cudaFreeHost(io_host_);
-    cudaFree(io_device_);
-    cudaFreeHost(out_host_);
-    cudaFree(out_device_);
-    cudaFree(workspace_);
-    if (start_ != nullptr) cudaEventDestroy(start_);
-    if (stop_ != nullptr) cudaEventDestroy(stop_);
-    if (stream_ != nullptr) cudaStreamDestroy(stream_);
   }
 
   absl::Status Init() {
@@ -57,42 +65,50 @@ class CudaBackend final : public ExecutionBackend {
     info_.name = prop.name;
     info_.is_gpu = true;
     info_.num_sms = prop.multiProcessorCount;
-    PKV_CUDA_RETURN(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "stream");
-    PKV_CUDA_RETURN(cudaEventCreate(&start_), "event");
-    PKV_CUDA_RETURN(cudaEventCreate(&stop_), "event");
+    if (options_.max_open_token_steps < 1) return absl::InvalidArgumentError("max_open_token_steps must be >= 1");
 
     const int64_t b = options_.max_batch;
     indices_capacity_ = 2 * arena_->num_pages() + b;
     tasks_capacity_ = std::min<int64_t>(static_cast<int64_t>(s.num_kv_heads) * indices_capacity_, 1 << 20);
     descriptor_bytes_ = Align16((b + 1) * 4) + 4 * Align16(2 * b * 4) + Align16(indices_capacity_ * 4) +
                         Align16(tasks_capacity_ * sizeof(DecodeTask));
-    slots_.resize(options_.max_open_token_steps);
-    for (Slot& slot : slots_) {
-      PKV_CUDA_RETURN(cudaMallocHost(&slot.host, descriptor_bytes_), "pinned descriptor");
-      PKV_CUDA_RETURN(cudaMalloc(&slot.device, descriptor_bytes_), "device descriptor");
-    }
     const size_t el = DTypeSize(s.dtype);
     q_bytes_ = static_cast<size_t>(b) * s.num_q_heads * s.head_dim * el;
     kv_bytes_ = static_cast<size_t>(b) * s.num_kv_heads * s.head_dim * el;
     const size_t io = Align16(q_bytes_) + 2 * Align16(kv_bytes_);
-    PKV_CUDA_RETURN(cudaMallocHost(&io_host_, io), "pinned io");
-    PKV_CUDA_RETURN(cudaMalloc(&io_device_, io), "device io");
     out_bytes_ = Align16(q_bytes_) + static_cast<size_t>(b) * s.num_q_heads * sizeof(float);
-    PKV_CUDA_RETURN(cudaMallocHost(&out_host_, out_bytes_), "pinned out");
-    PKV_CUDA_RETURN(cudaMalloc(&out_device_, out_bytes_), "device out");
-
     kernels::DecodeParams ws = BaseParams(0);
     ws.batch = 1;
     ws.num_splits = options_.max_partial_slots;
     workspace_bytes_ = kernels::cuda::WorkspaceBytes(KernelId::kSequenceSplit, ws);
-    PKV_CUDA_RETURN(cudaMalloc(&workspace_, workspace_bytes_), "workspace");
-    // The fused-merge counters must start at zero; every launch leaves them at zero.
-    PKV_CUDA_RETURN(cudaMemset(workspace_, 0, workspace_bytes_), "workspace memset");
     grid_ = kernels::cuda::PersistentGridSize(ws);
+    // Everything a layer touches is per slot, so slots run concurrently on their own streams;
+    // only the arena's pages are shared (disjoint writes, see engine/backend.h).
+    slots_.resize(options_.max_open_token_steps);
+    for (Slot& slot : slots_) {
+      PKV_CUDA_RETURN(cudaStreamCreateWithFlags(&slot.stream, cudaStreamNonBlocking), "stream");
+      PKV_CUDA_RETURN(cudaEventCreate(&slot.start), "event");
+      PKV_CUDA_RETURN(cudaEventCreate(&slot.stop), "event");
+      PKV_CUDA_RETURN(cudaEventCreateWithFlags(&slot.uploaded, cudaEventDisableTiming), "event");
+      PKV_CUDA_RETURN(cudaMallocHost(&slot.host, descriptor_bytes_), "pinned descriptor");
+      PKV_CUDA_RETURN(cudaMalloc(&slot.device, descriptor_bytes_), "device descriptor");
+      PKV_CUDA_RETURN(cudaMallocHost(&slot.io_host, io), "pinned io");
+      PKV_CUDA_RETURN(cudaMalloc(&slot.io_device, io), "device io");
+      PKV_CUDA_RETURN(cudaMallocHost(&slot.out_host, out_bytes_), "pinned out");
+      PKV_CUDA_RETURN(cudaMalloc(&slot.out_device, out_bytes_), "device out");
+      PKV_CUDA_RETURN(cudaMalloc(&slot.workspace, workspace_bytes_), "workspace");
+      // The fused-merge counters must start at zero; every launch leaves them at zero.
+      PKV_CUDA_RETURN(cudaMemset(slot.workspace, 0, workspace_bytes_), "workspace memset");
+      // Graph mode: one executable per (batch bucket, arm, lse) at most; reserved so the step
+      // path never grows the vector.
+      slot.graphs.reserve(kMaxGraphsPerSlot);
+    }
     PKV_CUDA_RETURN(cudaDeviceSynchronize(), "init");
     PKV_LOG(INFO) << "cuda backend on " << info_.name << " (" << info_.num_sms << " SMs): "
                   << arena_->num_pages() << " pages (" << arena_->layer_bytes() * s.num_layers / (1 << 20)
-                  << " MiB KV), workspace " << workspace_bytes_ / (1 << 20) << " MiB, persistent grid " << grid_;
+                  << " MiB KV), " << slots_.size() << " descriptor slots with a stream and "
+                  << workspace_bytes_ / (1 << 20) << " MiB workspace each, persistent grid " << grid_ << ", "
+                  << (options_.launch_mode == LaunchMode::kGraph ? "CUDA graph replay" : "eager launches");
     return absl::OkStatus();
   }
 
@@ -146,6 +162,9 @@ class CudaBackend final : public ExecutionBackend {
       slot.num_tasks = static_cast<int32_t>(work.tasks.size());
     }
 
+    // The slot's previous upload read slot.host; it finished unless that token step ran no layer
+    // (then this returns at once, as after every RunLayer, which waits for its stream).
+    PKV_CUDA_RETURN(cudaEventSynchronize(slot.uploaded), "descriptor reuse");
     // Pack the descriptor: [indptr | last | row_splits | partial_offset | slots | indices | tasks].
     char* h = static_cast<char*>(slot.host);
     size_t off = 0;
@@ -164,8 +183,9 @@ class CudaBackend final : public ExecutionBackend {
     slot.off_indices = put(table.indices.data(), table.indices.size() * 4);
     slot.off_tasks = put(work.tasks.data(), work.tasks.size() * sizeof(DecodeTask));
     slot.batch = b;
-    PKV_CUDA_RETURN(cudaMemcpyAsync(slot.device, slot.host, off, cudaMemcpyHostToDevice, stream_),
+    PKV_CUDA_RETURN(cudaMemcpyAsync(slot.device, slot.host, off, cudaMemcpyHostToDevice, slot.stream),
                     "descriptor upload");
+    PKV_CUDA_RETURN(cudaEventRecord(slot.uploaded, slot.stream), "event");
     kernels::DecodeParams p = SlotParams(slot, 0);
     if (b > 0) {
       if (absl::Status st = kernels::cuda::CanImplement(slot.kernel, p); !st.ok()) return st;
@@ -182,43 +202,35 @@ class CudaBackend final : public ExecutionBackend {
     const size_t el = DTypeSize(s.dtype);
     const size_t qb = static_cast<size_t>(slot.batch) * s.num_q_heads * s.head_dim * el;
     const size_t kvb = static_cast<size_t>(slot.batch) * s.num_kv_heads * s.head_dim * el;
-    char* io = static_cast<char*>(io_host_);
-    char* dio = static_cast<char*>(io_device_);
+    char* io = static_cast<char*>(slot.io_host);
     const size_t k_at = Align16(qb), v_at = k_at + Align16(kvb);
     std::memcpy(io, q, qb);
     std::memcpy(io + k_at, k, kvb);
     std::memcpy(io + v_at, v, kvb);
-    PKV_CUDA_RETURN(cudaMemcpyAsync(dio, io, v_at + kvb, cudaMemcpyHostToDevice, stream_), "q|k|v upload");
-
-    kvpool::cuda::AppendKvParams ap;
-    ap.arena = arena_->layer_data(0);
-    ap.layer_stride = arena_->num_pages() * arena_->page_elems();
-    ap.num_layers = 1;
-    ap.first_layer = layer;
-    ap.num_kv_heads = s.num_kv_heads;
-    ap.page_size = s.page_size;
-    ap.head_dim = s.head_dim;
-    ap.num_tokens = slot.batch;
-    ap.slots = reinterpret_cast<const int32_t*>(static_cast<char*>(slot.device) + slot.off_slots);
-    ap.k = dio + k_at;
-    ap.v = dio + v_at;
-    PKV_CUDA_RETURN(kvpool::cuda::LaunchAppendKv(ap, stream_), "append");
-
-    kernels::DecodeParams p = SlotParams(slot, layer);
-    p.q = dio;
-    char* dout = static_cast<char*>(out_device_);
-    p.out = dout;
-    p.lse = lse != nullptr ? reinterpret_cast<float*>(dout + Align16(qb)) : nullptr;
-    PKV_CUDA_RETURN(cudaEventRecord(start_, stream_), "event");
-    if (absl::Status st = kernels::cuda::Launch(slot.kernel, p, workspace_, stream_); !st.ok()) return st;
-    PKV_CUDA_RETURN(cudaEventRecord(stop_, stream_), "event");
-    const size_t down = lse != nullptr ? Align16(qb) + static_cast<size_t>(slot.batch) * s.num_q_heads * 4 : qb;
-    PKV_CUDA_RETURN(cudaMemcpyAsync(out_host_, dout, down, cudaMemcpyDeviceToHost, stream_), "out download");
-    PKV_CUDA_RETURN(cudaStreamSynchronize(stream_), "layer");
-    std::memcpy(out, out_host_, qb);
-    if (lse != nullptr) std::memcpy(lse, static_cast<char*>(out_host_) + Align16(qb), slot.batch * s.num_q_heads * 4);
+    bool done = false;
+    if (options_.launch_mode == LaunchMode::kGraph && !slot.graph_off) {
+      if (absl::Status st = RunLayerGraph(id, slot, layer, lse != nullptr); st.ok()) {
+        done = true;
+      } else {
+        // Once per slot: this slot runs eagerly from now on.
+        PKV_LOG(WARNING) << "cuda backend slot " << id << ": CUDA graph replay failed (" << st
+                         << "); falling back to eager launches";
+        slot.graph_off = true;
+        (void)cudaGetLastError();
+      }
+    }
+    if (!done) {
+      if (absl::Status st = EnqueueLayer(slot, layer, lse != nullptr, /*capturing=*/false); !st.ok()) return st;
+      ++slot.eager_launches;
+    }
+    // Waits for this slot's stream only; other slots' layers keep running.
+    PKV_CUDA_RETURN(cudaStreamSynchronize(slot.stream), "layer");
+    std::memcpy(out, slot.out_host, qb);
+    if (lse != nullptr) {
+      std::memcpy(lse, static_cast<char*>(slot.out_host) + Align16(qb), slot.batch * s.num_q_heads * 4);
+    }
     float ms = 0;
-    PKV_CUDA_RETURN(cudaEventElapsedTime(&ms, start_, stop_), "elapsed");
+    PKV_CUDA_RETURN(cudaEventElapsedTime(&ms, slot.start, slot.stop), "elapsed");
     if (attend_seconds != nullptr) *attend_seconds = ms * 1e-3;
     return absl::OkStatus();
   }
@@ -226,13 +238,56 @@ class CudaBackend final : public ExecutionBackend {
   void EndTokenStep(int32_t id) override {
     PKV_CHECK(id >= 0 && id < static_cast<int32_t>(slots_.size()) && slots_[id].used) << "bad slot " << id;
     slots_[id].used = false;
+    slots_[id].step_graph = -1;  // the next token step updates its graph first
   }
 
  private:
+  // Most nodes of a layer's captured chain: upload, append, start event, <= 2 attention
+  // launches, stop event, download.
+  static constexpr int kMaxChain = 8;
+  static constexpr size_t kMaxGraphsPerSlot = 64;
+  static constexpr int kMaxKernelNodes = 3;  // append + <= 2 attention launches
+  struct GraphEntry {
+    int32_t bucket = -1;  // batch-size bucket (next power of two)
+    KernelId kernel = KernelId::kPerRequest;
+    int32_t chain_len = 0;
+    bool lse = false;
+    cudaGraph_t graph = nullptr;  // instantiated from; its nodes address the exec's nodes
+    cudaGraphExec_t exec = nullptr;
+    std::array<cudaGraphNode_t, kMaxChain> chain{};
+  };
+  // A kernel node of the current token step's capture whose arguments change per layer.
+  struct StepKernel {
+    int32_t chain_index = 0;
+    int32_t arity = 0;
+    cudaKernelNodeParams params{};  // from the step's capture (its argument pointers stay valid)
+  };
+
+  // One descriptor slot: everything a layer-step touches besides the arena's pages, so layers
+  // of different slots run concurrently (the engine calls RunLayer of one slot at a time).
   struct Slot {
     bool used = false;
-    void* host = nullptr;    // pinned descriptor
-    void* device = nullptr;  // its device twin
+    cudaStream_t stream = nullptr;
+    cudaEvent_t start = nullptr, stop = nullptr;  // bracket the attention launch(es)
+    cudaEvent_t uploaded = nullptr;               // the descriptor upload read `host`
+    void* host = nullptr;        // pinned descriptor
+    void* device = nullptr;      // its device twin
+    void* io_host = nullptr;     // pinned q | k | v  [B, Hq, d] | [B, Hkv, d] | [B, Hkv, d]
+    void* io_device = nullptr;   // its device twin
+    void* out_host = nullptr;    // pinned out | lse  [B, Hq, d] | [B, Hq] fp32
+    void* out_device = nullptr;  // its device twin
+    void* workspace = nullptr;   // partial states + fused-merge counters (zeroed once)
+    // Graph replay (LaunchMode::kGraph): executable graphs of this slot, the entry and capture of
+    // the open token step, and argument storage for the per-layer patches.
+    std::vector<GraphEntry> graphs;  // capacity reserved at Create
+    int32_t step_graph = -1;         // entry of the open token step; -1: not updated yet
+    cudaGraph_t step_capture = nullptr;  // capture of this step when the entry was only updated
+    std::array<StepKernel, kMaxKernelNodes> step_kernels{};
+    int32_t num_step_kernels = 0;
+    kvpool::cuda::AppendKvParams graph_append{};
+    kernels::DecodeParams graph_decode{};
+    bool graph_off = false;          // a graph failed: eager from now on
+    int64_t graph_launches = 0, eager_launches = 0, graph_instantiations = 0;
     KernelId kernel = KernelId::kPerRequest;
     int32_t batch = 0;
     int32_t num_splits = 1;
@@ -260,8 +315,8 @@ class CudaBackend final : public ExecutionBackend {
     kernels::DecodeParams p = BaseParams(layer);
     char* d = static_cast<char*>(slot.device);
     p.batch = slot.batch;
-    p.q = io_device_;
-    p.out = out_device_;
+    p.q = slot.io_device;
+    p.out = slot.out_device;
     p.page_indptr = reinterpret_cast<const int32_t*>(d + slot.off_indptr);
     p.page_indices = reinterpret_cast<const int32_t*>(d + slot.off_indices);
     p.last_page_len = reinterpret_cast<const int32_t*>(d + slot.off_last);
@@ -276,25 +331,218 @@ class CudaBackend final : public ExecutionBackend {
     return p;
   }
 
+  // Enqueues one layer on the slot's stream: q|k|v upload (already in slot.io_host), append,
+  // attention between the timing events, out (and lse) download. `capturing`: the stream is
+  // being captured, so the timing events become event-record nodes.
+  absl::Status EnqueueLayer(Slot& slot, int32_t layer, bool has_lse, bool capturing) {
+    const ModelShape& s = arena_->shape();
+    const size_t el = DTypeSize(s.dtype);
+    const size_t qb = static_cast<size_t>(slot.batch) * s.num_q_heads * s.head_dim * el;
+    const size_t kvb = static_cast<size_t>(slot.batch) * s.num_kv_heads * s.head_dim * el;
+    char* dio = static_cast<char*>(slot.io_device);
+    const size_t k_at = Align16(qb), v_at = k_at + Align16(kvb);
+    PKV_CUDA_RETURN(cudaMemcpyAsync(dio, slot.io_host, v_at + kvb, cudaMemcpyHostToDevice, slot.stream),
+                    "q|k|v upload");
+    const kvpool::cuda::AppendKvParams ap = AppendParams(slot, layer);
+    PKV_CUDA_RETURN(kvpool::cuda::LaunchAppendKv(ap, slot.stream), "append");
+    const kernels::DecodeParams p = LayerParams(slot, layer, has_lse);
+    const unsigned flags = capturing ? cudaEventRecordExternal : cudaEventRecordDefault;
+    PKV_CUDA_RETURN(cudaEventRecordWithFlags(slot.start, slot.stream, flags), "event");
+    if (absl::Status st = kernels::cuda::Launch(slot.kernel, p, slot.workspace, slot.stream); !st.ok()) return st;
+    PKV_CUDA_RETURN(cudaEventRecordWithFlags(slot.stop, slot.stream, flags), "event");
+    const size_t down = has_lse ? Align16(qb) + static_cast<size_t>(slot.batch) * s.num_q_heads * 4 : qb;
+    PKV_CUDA_RETURN(cudaMemcpyAsync(slot.out_host, slot.out_device, down, cudaMemcpyDeviceToHost, slot.stream),
+                    "out download");
+    return absl::OkStatus();
+  }
+
+  kvpool::cuda::AppendKvParams AppendParams(const Slot& slot, int32_t layer) {
+    const ModelShape& s = arena_->shape();
+    const size_t el = DTypeSize(s.dtype);
+    const size_t qb = static_cast<size_t>(slot.batch) * s.num_q_heads * s.head_dim * el;
+    const size_t kvb = static_cast<size_t>(slot.batch) * s.num_kv_heads * s.head_dim * el;
+    char* dio = static_cast<char*>(slot.io_device);
+    kvpool::cuda::AppendKvParams ap;
+    ap.arena = arena_->layer_data(0);
+    ap.layer_stride = arena_->num_pages() * arena_->page_elems();
+    ap.num_layers = 1;
+    ap.first_layer = layer;
+    ap.num_kv_heads = s.num_kv_heads;
+    ap.page_size = s.page_size;
+    ap.head_dim = s.head_dim;
+    ap.num_tokens = slot.batch;
+    ap.slots = reinterpret_cast<const int32_t*>(static_cast<char*>(slot.device) + slot.off_slots);
+    ap.k = dio + Align16(qb);
+    ap.v = dio + Align16(qb) + Align16(kvb);
+    return ap;
+  }
+
+  kernels::DecodeParams LayerParams(const Slot& slot, int32_t layer, bool has_lse) const {
+    const ModelShape& s = arena_->shape();
+    const size_t qb = static_cast<size_t>(slot.batch) * s.num_q_heads * s.head_dim * DTypeSize(s.dtype);
+    kernels::DecodeParams p = SlotParams(slot, layer);
+    char* dout = static_cast<char*>(slot.out_device);
+    p.q = slot.io_device;
+    p.out = dout;
+    p.lse = has_lse ? reinterpret_cast<float*>(dout + Align16(qb)) : nullptr;
+    return p;
+  }
+
+  static int32_t BatchBucket(int32_t b) {
+    int32_t bucket = 1;
+    while (bucket < b) bucket *= 2;
+    return bucket;
+  }
+
+  // Walks a captured graph's single chain (stream capture of one stream is linear).
+  static absl::Status Chain(cudaGraph_t graph, std::array<cudaGraphNode_t, kMaxChain>& chain, int32_t* len) {
+    size_t n = 1;
+    cudaGraphNode_t node = nullptr;
+    PKV_CUDA_RETURN(cudaGraphGetRootNodes(graph, &node, &n), "graph roots");
+    if (n != 1) return absl::InternalError("cuda backend: captured layer is not one chain");
+    *len = 0;
+    while (node != nullptr) {
+      if (*len >= kMaxChain) return absl::InternalError("cuda backend: captured layer has too many nodes");
+      chain[(*len)++] = node;
+      size_t deps = 1;
+      cudaGraphNode_t next = nullptr;
+      PKV_CUDA_RETURN(cudaGraphNodeGetDependentNodes(node, &next, nullptr, &deps), "graph dependents");
+      if (deps > 1) return absl::InternalError("cuda backend: captured layer branches");
+      node = deps == 1 ? next : nullptr;
+    }
+    return absl::OkStatus();
+  }
+
+  // LaunchMode::kGraph: a token step's first layer captures its launch sequence and updates (or
+  // instantiates, the first time for its bucket and arm) the slot's executable graph; later
+  // layers patch the layer's arguments into the kernel nodes. Then one graph launch.
+  absl::Status RunLayerGraph(int32_t id, Slot& slot, int32_t layer, bool has_lse) {
+    if (slot.step_graph >= 0 && slot.graphs[slot.step_graph].lse != has_lse) slot.step_graph = -1;
+    if (slot.step_graph < 0) {
+      if (slot.step_capture != nullptr) {
+        cudaGraphDestroy(slot.step_capture);
+        slot.step_capture = nullptr;
+      }
+      PKV_CUDA_RETURN(cudaStreamBeginCapture(slot.stream, cudaStreamCaptureModeThreadLocal), "begin capture");
+      const absl::Status enq = EnqueueLayer(slot, layer, has_lse, /*capturing=*/true);
+      cudaGraph_t captured = nullptr;
+      const cudaError_t end = cudaStreamEndCapture(slot.stream, &captured);
+      if (!enq.ok() || end != cudaSuccess) {
+        if (captured != nullptr) cudaGraphDestroy(captured);
+        return enq.ok() ? CudaStatus(end, "end capture") : enq;
+      }
+      std::array<cudaGraphNode_t, kMaxChain> chain{};
+      int32_t len = 0;
+      if (absl::Status st = Chain(captured, chain, &len); !st.ok()) {
+        cudaGraphDestroy(captured);
+        return st;
+      }
+      const int32_t bucket = BatchBucket(slot.batch);
+      int32_t entry = -1;
+      for (int32_t i = 0; i < static_cast<int32_t>(slot.graphs.size()); ++i) {
+        const GraphEntry& g = slot.graphs[i];
+        if (g.bucket == bucket && g.kernel == slot.kernel && g.chain_len == len && g.lse == has_lse) entry = i;
+      }
+      if (entry < 0) {
+        if (slot.graphs.size() == slot.graphs.capacity()) {
+          cudaGraphDestroy(captured);
+          return absl::ResourceExhaustedError("cuda backend: graph cache of the slot is full");
+        }
+        GraphEntry g;
+        g.bucket = bucket;
+        g.kernel = slot.kernel;
+        g.chain_len = len;
+        g.lse = has_lse;
+        g.graph = captured;
+        g.chain = chain;
+        if (cudaError_t e = cudaGraphInstantiate(&g.exec, captured, 0); e != cudaSuccess) {
+          cudaGraphDestroy(captured);
+          return CudaStatus(e, "graph instantiate");
+        }
+        slot.graphs.push_back(g);
+        ++slot.graph_instantiations;
+        entry = static_cast<int32_t>(slot.graphs.size()) - 1;
+        PKV_LOG(INFO) << "cuda backend slot " << id << ": captured a CUDA graph for " << KernelName(slot.kernel)
+                      << " batch bucket " << bucket << " (" << len << " nodes)";
+      } else {
+        GraphEntry& g = slot.graphs[entry];
+        cudaGraphExecUpdateResultInfo info{};
+        if (cudaGraphExecUpdate(g.exec, captured, &info) == cudaSuccess) {
+          slot.step_capture = captured;  // keeps the argument storage read below alive
+        } else {
+          // Not updatable (e.g. the route switched kernel template between steps): instantiate
+          // this step's capture in its place.
+          (void)cudaGetLastError();
+          cudaGraphExecDestroy(g.exec);
+          cudaGraphDestroy(g.graph);
+          g.exec = nullptr;
+          g.graph = captured;
+          g.chain = chain;
+          if (cudaError_t e = cudaGraphInstantiate(&g.exec, captured, 0); e != cudaSuccess) {
+            cudaGraphDestroy(captured);
+            g.graph = nullptr;
+            g.bucket = -1;  // unusable entry
+            return CudaStatus(e, "graph instantiate");
+          }
+          ++slot.graph_instantiations;
+        }
+      }
+      // The kernel nodes whose arguments depend on the layer: the append (first kernel) and the
+      // attention launch(es). Arguments are (DecodeParams) for kPerRequest and (DecodeParams,
+      // Workspace) for the other routes and the merge (kernels/cuda/internal/route_kernels.cuh).
+      slot.num_step_kernels = 0;
+      for (int32_t i = 0; i < len; ++i) {
+        cudaGraphNodeType type;
+        PKV_CUDA_RETURN(cudaGraphNodeGetType(chain[i], &type), "node type");
+        if (type != cudaGraphNodeTypeKernel) continue;
+        if (slot.num_step_kernels >= kMaxKernelNodes) return absl::InternalError("cuda backend: too many kernels");
+        StepKernel& k = slot.step_kernels[slot.num_step_kernels];
+        k.chain_index = i;
+        k.arity = slot.num_step_kernels == 0 ? 1 : (slot.kernel == KernelId::kPerRequest ? 1 : 2);
+        PKV_CUDA_RETURN(cudaGraphKernelNodeGetParams(chain[i], &k.params), "kernel node params");
+        ++slot.num_step_kernels;
+      }
+      if (slot.num_step_kernels < 2) return absl::InternalError("cuda backend: captured layer lacks its kernels");
+      slot.step_graph = entry;
+    } else {
+      const GraphEntry& g = slot.graphs[slot.step_graph];
+      slot.graph_append = AppendParams(slot, layer);
+      slot.graph_decode = LayerParams(slot, layer, has_lse);
+      for (int32_t k = 0; k < slot.num_step_kernels; ++k) {
+        const StepKernel& sk = slot.step_kernels[k];
+        void* args[2] = {nullptr, nullptr};
+        args[0] = k == 0 ? static_cast<void*>(&slot.graph_append) : static_cast<void*>(&slot.graph_decode);
+        if (sk.arity == 2) args[1] = sk.params.kernelParams[1];
+        cudaKernelNodeParams params = sk.params;
+        params.kernelParams = args;
+        params.extra = nullptr;
+        PKV_CUDA_RETURN(cudaGraphExecKernelNodeSetParams(g.exec, g.chain[sk.chain_index], &params),
+                        "kernel node update");
+      }
+    }
+    PKV_CUDA_RETURN(cudaGraphLaunch(slot.graphs[slot.step_graph].exec, slot.stream), "graph launch");
+    ++slot.graph_launches;
+    return absl::OkStatus();
+  }
+
   std::unique_ptr<kvpool::DeviceKvArena> arena_;
   CudaBackendOptions options_;
   scheduler::DeviceInfo info_;
-  cudaStream_t stream_ = nullptr;
-  cudaEvent_t start_ = nullptr, stop_ = nullptr;
   std::vector<Slot> slots_;
   int64_t indices_capacity_ = 0, tasks_capacity_ = 0;
   size_t descriptor_bytes_ = 0;
-  void* io_host_ = nullptr;
-  void* io_device_ = nullptr;
-  void* out_host_ = nullptr;
-  void* out_device_ = nullptr;
   size_t q_bytes_ = 0, kv_bytes_ = 0, out_bytes_ = 0;
-  void* workspace_ = nullptr;
   size_t workspace_bytes_ = 0;
   int grid_ = 0;
 };
 
 }  // namespace
+
+absl::StatusOr<LaunchMode> ParseLaunchMode(std::string_view name) {
+  if (name == "eager") return LaunchMode::kEager;
+  if (name == "graph") return LaunchMode::kGraph;
+  return absl::InvalidArgumentError(absl::StrCat("launch_mode: '", std::string(name), "' is not eager or graph"));
+}
 
 bool CudaDeviceAvailable() {
   int n = 0;

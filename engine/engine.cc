@@ -69,7 +69,8 @@ absl::Status PromptWrite::Write(int32_t layer, int64_t token_offset, int64_t n,
   PKV_CHECK(pages != nullptr) << "prompt sequence " << seq_ << " vanished";
   std::vector<kvpool::SlotAddr> slots(n);
   for (int64_t t = 0; t < n; ++t) slots[t] = engine_->pager_.Locate(*pages, token_offset + t);
-  PKV_RETURN_IF_ERROR(engine_->backend_->arena().WriteTokens(layer, slots, k.data(), v.data()));
+  // Staged: on the device the chunk joins a merged copy + scatter; Commit flushes it.
+  PKV_RETURN_IF_ERROR(engine_->backend_->arena().StageTokens(layer, slots, k.data(), v.data()));
   for (int64_t t = token_offset; t < token_offset + n; ++t) {
     if (!written_[layer][t]) {
       written_[layer][t] = true;
@@ -92,6 +93,12 @@ absl::Status PromptWrite::Commit() {
     }
   }
   std::lock_guard<std::mutex> lock(engine_->mu_);
+  // The sequence's bytes are in the pages (device: copied, scattered, stream synchronised)
+  // before it is steppable, so its first step reads them on any stream. On a failed flush it
+  // stays unwritten and is released with this PromptWrite.
+  if (absl::Status flushed = engine_->backend_->arena().FlushStaged(); !flushed.ok()) {
+    return absl::InternalError(absl::StrCat("sequence ", seq_, ": prompt ingest failed: ", flushed.message()));
+  }
   engine_->seqs_[seq_].phase = Engine::SeqPhase::kReady;
   done_ = true;
   engine_->observer_->OnPromptCommitted(
@@ -103,6 +110,11 @@ void PromptWrite::Abort() {
   if (done_) return;
   done_ = true;
   std::lock_guard<std::mutex> lock(engine_->mu_);
+  // Staged bytes of this prompt must land (or be dropped) before its pages can go to another
+  // sequence; the flush waits for the ingest stream either way.
+  if (absl::Status flushed = engine_->backend_->arena().FlushStaged(); !flushed.ok()) {
+    PKV_LOG(WARNING) << "sequence " << seq_ << ": prompt ingest flush on abort: " << flushed;
+  }
   engine_->ReleaseLocked(seq_);
 }
 
@@ -133,7 +145,11 @@ Engine::Engine(const EngineOptions& options, ExecutionBackendPtr backend, schedu
       pager_(kvpool::BlockPager::Options{backend_->arena().num_pages(), shape_.page_size,
                                          options.scatter_seed}) {}
 
-Engine::~Engine() = default;
+Engine::~Engine() {
+  // Callers stop stepping first; a layer still running would use the backend being destroyed.
+  std::unique_lock<std::mutex> lock(mu_);
+  layer_finished_.wait(lock, [&] { return layers_in_flight_ == 0; });
+}
 
 absl::Status Engine::ValidateTensors(const StepInput& in) const {
   const size_t b = in.rows.size();
@@ -306,18 +322,31 @@ absl::Status Engine::BeginTokenStep(const StepInput& in) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<StepOutput> Engine::RunLayer(TokenStep& ts, const StepInput& in,
-                                            std::chrono::steady_clock::time_point started) {
-  StepOutput result;
+absl::StatusOr<StepOutput> Engine::RunLayer(std::unique_lock<std::mutex>& lock, TokenStep& ts,
+                                            const StepInput& in, std::chrono::steady_clock::time_point started) {
   const size_t b = ts.rows.size();
+  const int32_t slot = ts.backend_slot;
+  StepOutput result;
+  result.kernel = ts.plan.kernel;
+  ts.running_layer = in.layer;
+  ++layers_in_flight_;
+  lock.unlock();
+  // Without the lock: `ts` stays alive and keeps its slot (a token step with a running layer is
+  // neither completed nor aborted, see Release); only this thread touches the slot's buffers
+  // (one running layer per token step).
   result.out.resize(b * shape_.num_q_heads * shape_.head_dim * DTypeSize(shape_.dtype));
   if (in.want_lse) result.lse.resize(b * shape_.num_q_heads);
-  result.kernel = ts.plan.kernel;
+  absl::Status run = absl::OkStatus();
   if (b > 0) {
-    PKV_RETURN_IF_ERROR(backend_->RunLayer(ts.backend_slot, in.layer, in.q.data(), in.k.data(), in.v.data(),
-                                           result.out.data(), in.want_lse ? result.lse.data() : nullptr,
-                                           &result.attend_seconds));
+    run = backend_->RunLayer(slot, in.layer, in.q.data(), in.k.data(), in.v.data(), result.out.data(),
+                             in.want_lse ? result.lse.data() : nullptr, &result.attend_seconds);
   }
+  lock.lock();
+  ts.running_layer = -1;
+  --layers_in_flight_;
+  layer_finished_.notify_all();
+  // A failed layer stays not done: a retry of (token_step_id, layer) runs it again.
+  if (!run.ok()) return run;
   ts.layer_done[in.layer] = true;
   ++ts.layers_done;
   ts.outputs[in.layer] = result;
@@ -380,6 +409,12 @@ void Engine::ReleaseLocked(SeqId seq) {
   if (it == seqs_.end()) return;
   if (it->second.open_token_step != 0) {
     const uint64_t step = it->second.open_token_step;
+    // Invariant: Release waited for the step's running layer; `free` and prompt aborts only
+    // release sequences outside open token steps. Freeing pages under a running append would
+    // let it write into a page another sequence gets next.
+    auto open = open_steps_.find(step);
+    PKV_CHECK(open == open_steps_.end() || open->second->running_layer < 0)
+        << "releasing sequence " << seq << " while token step " << step << " has a running layer";
     it->second.open_token_step = 0;
     AbortTokenStep(step);
   }
@@ -403,7 +438,9 @@ absl::StatusOr<StepOutput> Engine::Step(const StepInput& in) {
   }
   PKV_RETURN_IF_ERROR(ValidateTensors(in));
 
-  std::lock_guard<std::mutex> lock(mu_);
+  std::unique_lock<std::mutex> lock(mu_);
+  // A Release waiting on this token step's running layer goes first (then the step is aborted).
+  layer_finished_.wait(lock, [&] { return !release_waiting_.contains(in.token_step_id); });
   // A retried (token_step_id, layer) returns its first outputs.
   TokenStep* ts = nullptr;
   if (auto it = open_steps_.find(in.token_step_id); it != open_steps_.end()) ts = it->second.get();
@@ -424,6 +461,16 @@ absl::StatusOr<StepOutput> Engine::Step(const StepInput& in) {
     if (!in.want_lse) replay.lse.clear();
     return replay;
   }
+  if (ts != nullptr && ts->running_layer >= 0) {
+    // One layer of a token step at a time: its descriptor slot's buffers belong to that call.
+    if (ts->running_layer == in.layer) {
+      return absl::FailedPreconditionError(absl::StrCat("token_step_id: ", in.token_step_id, " layer ", in.layer,
+                                                        " is running; retry after it answers"));
+    }
+    return absl::FailedPreconditionError(absl::StrCat("token_step_id: ", in.token_step_id, " layer ",
+                                                      ts->running_layer, " is running; send layer ", in.layer,
+                                                      " after it answers"));
+  }
   if (in.layer == 0) {
     if (ts != nullptr) {
       return absl::FailedPreconditionError(absl::StrCat("token_step_id: ", in.token_step_id, " already exists"));
@@ -438,7 +485,8 @@ absl::StatusOr<StepOutput> Engine::Step(const StepInput& in) {
     }
     PKV_RETURN_IF_ERROR(ValidateLaterLayer(in, *ts));
   }
-  absl::StatusOr<StepOutput> out = RunLayer(*ts, in, started);
+  absl::StatusOr<StepOutput> out = RunLayer(lock, *ts, in, started);
+  // Still open: nothing completes or aborts a token step while its layer runs.
   if (out.ok() && ts->layers_done == shape_.num_layers) CompleteTokenStep(ts->id);
   return out;
 }
@@ -477,22 +525,40 @@ absl::Status Engine::SetScheduler(scheduler::Scheduler scheduler) {
 }
 
 absl::Status Engine::Release(std::span<const SeqId> seqs) {
-  std::lock_guard<std::mutex> lock(mu_);
-  absl::flat_hash_set<SeqId> seen;
-  for (size_t i = 0; i < seqs.size(); ++i) {
-    if (!seen.insert(seqs[i]).second) {
-      return absl::InvalidArgumentError(absl::StrCat("sequence_ids[", i, "]: sequence ", seqs[i], " listed twice"));
+  std::unique_lock<std::mutex> lock(mu_);
+  for (;;) {
+    absl::flat_hash_set<SeqId> seen;
+    uint64_t busy = 0;  // an open token step of one of `seqs` whose layer is running
+    for (size_t i = 0; i < seqs.size(); ++i) {
+      if (!seen.insert(seqs[i]).second) {
+        return absl::InvalidArgumentError(absl::StrCat("sequence_ids[", i, "]: sequence ", seqs[i], " listed twice"));
+      }
+      auto it = seqs_.find(seqs[i]);
+      if (it == seqs_.end()) {
+        return absl::NotFoundError(absl::StrCat("sequence_ids[", i, "]: sequence ", seqs[i], " not found"));
+      }
+      if (it->second.phase == SeqPhase::kWriting) {
+        return absl::FailedPreconditionError(
+            absl::StrCat("sequence_ids[", i, "]: sequence ", seqs[i], " prompt is still being written"));
+      }
+      if (const uint64_t step = it->second.open_token_step; step != 0 && busy == 0) {
+        auto open = open_steps_.find(step);
+        if (open != open_steps_.end() && open->second->running_layer >= 0) busy = step;
+      }
     }
-    auto it = seqs_.find(seqs[i]);
-    if (it == seqs_.end()) {
-      return absl::NotFoundError(absl::StrCat("sequence_ids[", i, "]: sequence ", seqs[i], " not found"));
-    }
-    if (it->second.phase == SeqPhase::kWriting) {
-      return absl::FailedPreconditionError(
-          absl::StrCat("sequence_ids[", i, "]: sequence ", seqs[i], " prompt is still being written"));
-    }
+    if (busy == 0) break;
+    // Wait (lock released) for the running layer, then validate again: the state may have
+    // changed meanwhile. Steps of `busy` wait for this release, so the wait ends.
+    ++release_waiting_[busy];
+    layer_finished_.wait(lock, [&] {
+      auto open = open_steps_.find(busy);
+      return open == open_steps_.end() || open->second->running_layer < 0;
+    });
+    if (--release_waiting_[busy] == 0) release_waiting_.erase(busy);
+    layer_finished_.notify_all();
   }
   for (SeqId id : seqs) ReleaseLocked(id);
+  layer_finished_.notify_all();
   return absl::OkStatus();
 }
 
@@ -523,6 +589,12 @@ absl::Status Engine::CheckConsistency() const {
   if (static_cast<int64_t>(seqs_.size()) != pager_.Stats().num_sequences) {
     return absl::InternalError("engine and pager sequence counts differ");
   }
+  int32_t running = 0;
+  for (const auto& [id, ts] : open_steps_) running += ts->running_layer >= 0 ? 1 : 0;
+  if (running != layers_in_flight_) {
+    return absl::InternalError(absl::StrCat(running, " token steps have a running layer, ", layers_in_flight_,
+                                            " layers in flight"));
+  }
   for (const auto& [id, s] : seqs_) {
     if (!pager_.Contains(id)) return absl::InternalError(absl::StrCat("sequence ", id, " missing in pager"));
     if (s.open_token_step != 0 && !open_steps_.contains(s.open_token_step)) {
@@ -533,7 +605,8 @@ absl::Status Engine::CheckConsistency() const {
 }
 
 uint64_t Engine::StateFingerprint() const {
-  std::lock_guard<std::mutex> lock(mu_);
+  std::unique_lock<std::mutex> lock(mu_);
+  layer_finished_.wait(lock, [&] { return layers_in_flight_ == 0; });
   std::vector<SeqId> ids;
   ids.reserve(seqs_.size());
   for (const auto& [id, s] : seqs_) ids.push_back(id);

@@ -13,10 +13,17 @@
 // and name the offending field. A retried (token_step_id, layer) returns the outputs of its first
 // execution without appending again, for the token steps still held (Options).
 //
-// Thread-safety: all public methods are thread-safe (one internal mutex; a step runs under it).
+// Thread-safety: all public methods are thread-safe. One internal mutex guards every state
+// change (validation, deltas, page tables, retry cache, completion); the backend's RunLayer of a
+// layer-step runs WITHOUT it, so layer-steps of different open token steps (micro-batches)
+// overlap on the device. While a layer of a token step runs: a second request for the same
+// (token_step_id, layer) or for another layer of that token step gets FAILED_PRECONDITION
+// ("is running"); a Release of one of its rows waits for the layer to finish before it frees
+// anything (pages and descriptor slot are never freed under running work).
 #pragma once
 
 #include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <deque>
 #include <memory>
@@ -95,10 +102,13 @@ class PromptWrite {
 
   // Writes K,V of tokens [token_offset, token_offset + n) of one layer; `k` and `v` are
   // [n, Hkv, d] model-dtype bytes. Chunks may come in any order; rewriting a token is allowed.
+  // The bytes are staged (KvArena::StageTokens): on the device they join a merged copy of many
+  // chunks (of any prompts) and are on the device once Commit returns.
   [[nodiscard]] absl::Status Write(int32_t layer, int64_t token_offset, int64_t n,
                                    std::span<const uint8_t> k, std::span<const uint8_t> v);
   // FAILED_PRECONDITION (naming the first missing layer/token) unless every token of every layer
-  // was written; on success the sequence is steppable.
+  // was written; INTERNAL when the staged bytes could not be flushed. On success the prompt's
+  // bytes are in the arena (device: copied and synchronised) and the sequence is steppable.
   [[nodiscard]] absl::Status Commit();
   // Releases the sequence now (also done by the destructor when not committed).
   void Abort();
@@ -147,6 +157,7 @@ class Engine {
 
   // Releases sequences (all-or-nothing): NOT_FOUND if any is unknown, FAILED_PRECONDITION if a
   // prompt is still being written. A released sequence drops out of any open token step.
+  // Waits for running layers of the token steps of `seqs` to finish before it frees anything.
   absl::Status Release(std::span<const SeqId> seqs);
 
   EngineInfo Info() const;
@@ -160,7 +171,8 @@ class Engine {
   absl::Status CheckConsistency() const;
 
   // A hash of every page table, sequence state, open token step and (for a host arena) every KV
-  // byte: tests compare it before and after a rejected request to prove nothing changed.
+  // byte: tests compare it before and after a rejected request to prove nothing changed. Waits
+  // until no layer-step is running (their appends write KV bytes).
   uint64_t StateFingerprint() const;
 
  private:
@@ -180,6 +192,10 @@ class Engine {
     int32_t backend_slot = -1;  // descriptor slot of the backend while open
     std::vector<bool> layer_done;
     int32_t layers_done = 0;
+    // The layer whose backend RunLayer is running without the engine lock, or -1. While >= 0 the
+    // token step is neither completed nor aborted (so the TokenStep object and its backend slot
+    // stay valid for the running call).
+    int32_t running_layer = -1;
     std::vector<StepOutput> outputs;  // [num_layers] kept for retries
   };
 
@@ -191,7 +207,8 @@ class Engine {
   // Applies the deltas and commits the step to the backend. Fails only on a backend (device)
   // fault, after undoing the appends and opens (frees stay applied).
   absl::Status BeginTokenStep(const StepInput& in);
-  absl::StatusOr<StepOutput> RunLayer(TokenStep& ts, const StepInput& in,
+  // Runs the backend layer of `ts` with `lock` released, then records the outputs under it.
+  absl::StatusOr<StepOutput> RunLayer(std::unique_lock<std::mutex>& lock, TokenStep& ts, const StepInput& in,
                                       std::chrono::steady_clock::time_point started);
   void CompleteTokenStep(uint64_t id);
   // Drops an open token step: its rows lose the token it appended and are unlocked.
@@ -205,6 +222,11 @@ class Engine {
   scheduler::Scheduler scheduler_;
 
   mutable std::mutex mu_;
+  // Signalled whenever a running layer finishes and whenever a waiting Release is done.
+  mutable std::condition_variable layer_finished_;
+  int32_t layers_in_flight_ = 0;  // backend RunLayer calls running without mu_
+  // Token steps (by id) a Release is waiting on; Step waits for these releases to go first.
+  absl::flat_hash_map<uint64_t, int32_t> release_waiting_;
   kvpool::BlockPager pager_;
   absl::flat_hash_map<SeqId, SeqState> seqs_;
   absl::flat_hash_map<uint64_t, std::unique_ptr<TokenStep>> open_steps_;

@@ -38,6 +38,21 @@ class KvArena {
   // buffers [slots.size(), num_kv_heads, head_dim] of the model dtype.
   [[nodiscard]] virtual absl::Status WriteTokens(int32_t layer, std::span<const SlotAddr> slots,
                                                  const void* k, const void* v) = 0;
+  // Prompt ingest (WriteKV): queues K,V of tokens like WriteTokens, but the arena may hold them
+  // in a staging buffer and apply them at a later StageTokens or at FlushStaged (the device arena
+  // packs chunks of every sequence into one buffer and flushes it with one copy and one scatter
+  // launch, kvpool/ingest_staging.h). Until FlushStaged returns OK nothing may rely on the
+  // bytes being in the pages. After a failed flush the arena refuses staging (the error is
+  // sticky), so no prompt whose bytes may be missing can complete. The host arena copies at once.
+  [[nodiscard]] virtual absl::Status StageTokens(int32_t layer, std::span<const SlotAddr> slots, const void* k,
+                                                 const void* v) {
+    return WriteTokens(layer, slots, k, v);
+  }
+  // Applies everything staged and returns when it is in the arena's memory (on the device:
+  // copied, scattered and the ingest stream synchronised). Also the point where a page that had
+  // staged bytes may be freed: callers flush before releasing a prompt being written.
+  [[nodiscard]] virtual absl::Status FlushStaged() { return absl::OkStatus(); }
+
   // The inverse of WriteTokens (tests and debugging).
   [[nodiscard]] virtual absl::Status ReadTokens(int32_t layer, std::span<const SlotAddr> slots,
                                                 void* k, void* v) const = 0;

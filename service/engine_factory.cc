@@ -35,6 +35,10 @@ absl::StatusOr<std::unique_ptr<engine::Engine>> BuildEngine(const EngineConfig& 
     return absl::InvalidArgumentError(
         absl::StrCat("backend must be auto, cpu or cuda, got '", config.backend, "'"));
   }
+  if (config.launch_mode != "eager" && config.launch_mode != "graph") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("launch_mode must be eager or graph, got '", config.launch_mode, "'"));
+  }
   bool use_cuda = config.backend == "cuda";
 #ifdef PKV_HAVE_CUDA
   if (config.backend == "auto") use_cuda = engine::CudaDeviceAvailable();
@@ -46,11 +50,13 @@ absl::StatusOr<std::unique_ptr<engine::Engine>> BuildEngine(const EngineConfig& 
     co.num_pages = config.gpu_memory_fraction > 0 && config.num_pages <= 0 ? 0 : pages;
     co.free_memory_fraction = config.gpu_memory_fraction;
     co.max_batch = config.max_batch;
+    PKV_ASSIGN_OR_RETURN(co.launch_mode, engine::ParseLaunchMode(config.launch_mode));
     PKV_ASSIGN_OR_RETURN(backend, engine::CreateCudaBackend(config.shape, co));
 #else
     return absl::FailedPreconditionError("backend=cuda: this build has no CUDA backend (PKV_WITH_CUDA=OFF)");
 #endif
   } else {
+    if (config.launch_mode == "graph") PKV_LOG(WARNING) << "launch_mode=graph is ignored by the cpu backend";
     PKV_ASSIGN_OR_RETURN(backend, engine::CreateCpuBackend(config.shape, pages, config.cpu_threads));
   }
   scheduler::Scheduler::Options sched_options;

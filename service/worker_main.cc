@@ -66,6 +66,11 @@ ABSL_FLAG(std::string, fixed_kernel, "",
 ABSL_FLAG(double, gpu_memory_fraction, 0.85,
           "CUDA backend: KV pool = this share of free device memory when --num_pages is 0 "
           "(0: size it by --kv_pool_bytes). Ignored by the CPU backend.");
+ABSL_FLAG(std::string, launch_mode, "eager",
+          "CUDA backend: how a layer's work is submitted: eager (one launch per operation) or graph "
+          "(replay a per-slot CUDA graph captured once per batch bucket and kernel, updated per "
+          "layer; falls back to eager with a warning if capture or update fails). Ignored by the "
+          "CPU backend.");
 ABSL_FLAG(std::string, tls_cert_file, "",
           "PEM certificate chain of the gRPC port; with --tls_key_file serves TLS (empty: plaintext).");
 ABSL_FLAG(std::string, tls_key_file, "", "PEM private key of --tls_cert_file.");
@@ -113,6 +118,7 @@ int Run() {
   config.calibration_profile = absl::GetFlag(FLAGS_calibration_profile);
   config.fixed_kernel = absl::GetFlag(FLAGS_fixed_kernel);
   config.static_slot_tokens = absl::GetFlag(FLAGS_static_slot_tokens);
+  config.launch_mode = absl::GetFlag(FLAGS_launch_mode);
 
   auto engine = pkv::service::BuildEngine(config);
   if (!engine.ok()) {

@@ -28,7 +28,39 @@ __global__ void AppendKvKernel(const __grid_constant__ AppendKvParams p) {
   }
 }
 
+// Mirrors kvpool::ScatterRun (static_assert'ed to 32 bytes there).
+struct Run {
+  int32_t layer, page, slot, count;
+  int64_t k_offset, v_offset;
+};
+
+// Block = one run: pieces ordered (kv, head, token, 16-byte column) so consecutive threads write
+// consecutive bytes of a page's [P, d] tile.
+__global__ void ScatterRunsKernel(const __grid_constant__ ScatterRunsParams p) {
+  const Run r = static_cast<const Run*>(p.runs)[blockIdx.x];
+  const int pieces = p.head_dim / 8;
+  const int per_head = r.count * pieces;
+  const int total = 2 * p.num_kv_heads * per_head;
+  auto* layer = static_cast<uint4*>(p.arena) + (static_cast<int64_t>(r.layer) * p.layer_stride) / 8;
+  const char* data = static_cast<const char*>(p.data);
+  for (int i = threadIdx.x; i < total; i += blockDim.x) {
+    const int kvh = i / per_head, rem = i % per_head, t = rem / pieces, c = rem % pieces;
+    const int kv = kvh / p.num_kv_heads, h = kvh % p.num_kv_heads;
+    const uint4* src = reinterpret_cast<const uint4*>(data + (kv == 0 ? r.k_offset : r.v_offset)) +
+                       (static_cast<int64_t>(t) * p.num_kv_heads + h) * pieces + c;
+    const int64_t dst = ((((static_cast<int64_t>(r.page) * 2 + kv) * p.num_kv_heads + h) * p.page_size + r.slot + t) *
+                         p.head_dim) / 8 + c;
+    layer[dst] = *src;
+  }
+}
+
 }  // namespace
+
+cudaError_t LaunchScatterRuns(const ScatterRunsParams& p, cudaStream_t stream) {
+  if (p.num_runs == 0) return cudaSuccess;
+  ScatterRunsKernel<<<p.num_runs, 256, 0, stream>>>(p);
+  return cudaGetLastError();
+}
 
 cudaError_t LaunchAppendKv(const AppendKvParams& p, cudaStream_t stream) {
   if (p.num_tokens == 0 || p.num_layers == 0) return cudaSuccess;

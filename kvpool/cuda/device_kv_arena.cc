@@ -6,6 +6,7 @@
 #include <string>
 
 #include "absl/strings/str_cat.h"
+#include "common/log.h"
 #include "kvpool/cuda/append_kv.h"
 
 namespace pkv::kvpool {
@@ -51,6 +52,15 @@ absl::StatusOr<std::unique_ptr<DeviceKvArena>> DeviceKvArena::Create(const Model
     PKV_CUDA_RETURN(cudaHostAlloc(&a->staging_[i], o.staging_bytes, cudaHostAllocDefault), "cudaHostAlloc");
     PKV_CUDA_RETURN(cudaEventCreateWithFlags(&a->staged_[i], cudaEventDisableTiming), "cudaEventCreate");
   }
+  if (o.ingest_bytes < IngestPacker::MinCapacity(shape)) {
+    return absl::InvalidArgumentError("ingest_bytes: holds no token");
+  }
+  for (int i = 0; i < 2; ++i) {
+    PKV_CUDA_RETURN(cudaHostAlloc(&a->ingest_host_[i], o.ingest_bytes, cudaHostAllocDefault), "cudaHostAlloc ingest");
+    PKV_CUDA_RETURN(cudaMalloc(&a->ingest_device_[i], o.ingest_bytes), "cudaMalloc ingest");
+    PKV_CUDA_RETURN(cudaEventCreateWithFlags(&a->ingest_done_[i], cudaEventDisableTiming), "cudaEventCreate");
+  }
+  a->packer_ = std::make_unique<IngestPacker>(shape, o.ingest_bytes);
   a->scratch_bytes_ = o.staging_bytes;
   PKV_CUDA_RETURN(cudaMalloc(&a->scratch_, static_cast<size_t>(a->scratch_bytes_)), "cudaMalloc scratch");
   PKV_CUDA_RETURN(cudaStreamSynchronize(a->stream_), "cudaStreamSynchronize");
@@ -62,6 +72,9 @@ DeviceKvArena::~DeviceKvArena() {
   for (int i = 0; i < 2; ++i) {
     if (staging_[i] != nullptr) cudaFreeHost(staging_[i]);
     if (staged_[i] != nullptr) cudaEventDestroy(staged_[i]);
+    if (ingest_host_[i] != nullptr) cudaFreeHost(ingest_host_[i]);
+    if (ingest_device_[i] != nullptr) cudaFree(ingest_device_[i]);
+    if (ingest_done_[i] != nullptr) cudaEventDestroy(ingest_done_[i]);
   }
   if (scratch_ != nullptr) cudaFree(scratch_);
   if (data_ != nullptr) cudaFree(data_);
@@ -156,6 +169,81 @@ absl::Status DeviceKvArena::CopyPage(PageId src, PageId dst) {
                   "CopyPage");
   PKV_CUDA_RETURN(cudaStreamSynchronize(stream_), "CopyPage sync");
   return absl::OkStatus();
+}
+
+absl::Status DeviceKvArena::FlushIngestBuffer() {
+  if (packer_->empty()) return absl::OkStatus();
+  const int cur = ingest_cur_;
+  size_t runs_at = 0;
+  const size_t bytes = packer_->Finish(ingest_host_[cur], &runs_at);
+  cuda::ScatterRunsParams p;
+  p.arena = data_;
+  p.layer_stride = layer_bytes() / 2;
+  p.num_kv_heads = shape_.num_kv_heads;
+  p.page_size = shape_.page_size;
+  p.head_dim = shape_.head_dim;
+  p.num_runs = static_cast<int32_t>(packer_->num_runs());
+  p.runs = static_cast<char*>(ingest_device_[cur]) + runs_at;
+  p.data = ingest_device_[cur];
+  const int64_t kv_bytes = 2 * packer_->num_tokens() * packer_->row_bytes();
+  packer_->Reset();
+  absl::Status st = CudaStatus(cudaMemcpyAsync(ingest_device_[cur], ingest_host_[cur], bytes,
+                                               cudaMemcpyHostToDevice, stream_), "ingest H2D");
+  if (st.ok()) st = CudaStatus(cuda::LaunchScatterRuns(p, stream_), "ingest scatter");
+  if (st.ok()) st = CudaStatus(cudaEventRecord(ingest_done_[cur], stream_), "ingest event");
+  ingest_cur_ ^= 1;
+  // The other buffer's last flush must be done (copy read it, scatter read its twin) before
+  // packing into it again.
+  if (st.ok()) st = CudaStatus(cudaEventSynchronize(ingest_done_[ingest_cur_]), "ingest wait");
+  if (!st.ok()) {
+    ingest_error_ = absl::InternalError(absl::StrCat("merged prompt ingest failed (the arena refuses further "
+                                                     "staging): ", st.message()));
+    return ingest_error_;
+  }
+  staged_stats_.bytes += kv_bytes;
+  ++staged_stats_.copies;
+  return absl::OkStatus();
+}
+
+absl::Status DeviceKvArena::StageTokens(int32_t layer, std::span<const SlotAddr> slots, const void* k,
+                                        const void* v) {
+  if (!ingest_error_.ok()) return ingest_error_;
+  if (absl::Status s = CheckAccess(layer, slots); !s.ok()) return s;
+  const auto t0 = std::chrono::steady_clock::now();
+  const int64_t row = packer_->row_bytes();
+  const int64_t n = static_cast<int64_t>(slots.size());
+  for (int64_t done = 0; done < n;) {
+    const int64_t packed = packer_->Pack(ingest_host_[ingest_cur_], layer, slots.subspan(done),
+                                         static_cast<const char*>(k) + done * row,
+                                         static_cast<const char*>(v) + done * row);
+    PKV_CHECK(packed > 0 || !packer_->empty()) << "empty ingest buffer holds no token";
+    done += packed;
+    if (done < n) {
+      // Invariant: an empty buffer holds a token (checked at Create), so a full one made progress
+      // possible again after the flush.
+      if (absl::Status s = FlushIngestBuffer(); !s.ok()) return s;
+    }
+  }
+  staged_stats_.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return absl::OkStatus();
+}
+
+absl::Status DeviceKvArena::FlushStaged() {
+  const auto t0 = std::chrono::steady_clock::now();
+  absl::Status st = ingest_error_;
+  if (st.ok()) {
+    st = FlushIngestBuffer();
+  } else {
+    packer_->Reset();  // what is staged cannot be trusted; nothing staged can commit
+  }
+  // Wait even after an error: the caller may free pages the in-flight scatter writes.
+  const absl::Status sync = CudaStatus(cudaStreamSynchronize(stream_), "ingest sync");
+  if (st.ok() && !sync.ok()) {
+    ingest_error_ = absl::InternalError(absl::StrCat("merged prompt ingest failed: ", sync.message()));
+    st = ingest_error_;
+  }
+  staged_stats_.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return st;
 }
 
 absl::StatusOr<IngestStats> DeviceKvArena::IngestPages(std::span<const PageId> pages, const void* host_pages) {

@@ -6,8 +6,14 @@
 // on the engine's stream; WriteTokens/ReadTokens/CopyPage are synchronous helpers on the arena's
 // own stream (tests, copy-on-write). IngestPages writes prompt KV that arrives page-formatted
 // through double-buffered pinned staging, one cudaMemcpyAsync per run of consecutive physical
-// pages per layer, and reports its bandwidth.
-// Thread-safety: not synchronised; the engine serialises calls (like every KvArena).
+// pages per layer, and reports its bandwidth. StageTokens/FlushStaged are the merged WriteKV path:
+// chunks of any sequences are packed (kvpool/ingest_staging.h) into one of two pinned ingest
+// buffers; a full buffer is flushed as one host->device copy of [K,V rows | run table] plus one
+// scatter launch on the arena's stream while the other buffer fills; FlushStaged flushes and
+// synchronises that stream.
+// Thread-safety: not synchronised; the engine serialises calls (like every KvArena). The stream is
+// the arena's own: decode layers on the backend's streams only touch pages of steppable
+// sequences, whose ingest FlushStaged completed before they became steppable.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -19,6 +25,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "kvpool/cuda/append_kv.h"
+#include "kvpool/ingest_staging.h"
 #include "kvpool/kv_arena.h"
 
 namespace pkv::kvpool {
@@ -36,6 +43,7 @@ class DeviceKvArena final : public KvArena {
     int64_t num_pages = 0;            // > 0: exactly this many pages
     double free_memory_fraction = 0;  // else: this share of the free device memory (0, 1]
     int64_t staging_bytes = 64 << 20; // each of the two pinned staging buffers
+    int64_t ingest_bytes = 64 << 20;  // each of the two pinned (and device) merged-ingest buffers
   };
 
   // RESOURCE_EXHAUSTED when the memory is not there, INVALID_ARGUMENT for a bad shape/option,
@@ -51,6 +59,8 @@ class DeviceKvArena final : public KvArena {
   absl::Status WriteTokens(int32_t layer, std::span<const SlotAddr> slots, const void* k, const void* v) override;
   absl::Status ReadTokens(int32_t layer, std::span<const SlotAddr> slots, void* k, void* v) const override;
   absl::Status CopyPage(PageId src, PageId dst) override;
+  absl::Status StageTokens(int32_t layer, std::span<const SlotAddr> slots, const void* k, const void* v) override;
+  absl::Status FlushStaged() override;
   void* layer_data(int32_t layer) override { return static_cast<char*>(data_) + layer * layer_bytes(); }
   const void* layer_data(int32_t layer) const override {
     return static_cast<const char*>(data_) + layer * layer_bytes();
@@ -62,6 +72,10 @@ class DeviceKvArena final : public KvArena {
   // sources are copied directly (bounded by PCIe).
   [[nodiscard]] absl::StatusOr<IngestStats> IngestPages(std::span<const PageId> pages, const void* host_pages);
 
+  // Totals of the merged ingest since creation: bytes of K,V staged, copies (= scatter launches)
+  // issued, and seconds spent inside StageTokens/FlushStaged (packing, flushing, waiting).
+  IngestStats staged_stats() const { return staged_stats_; }
+
   int64_t layer_bytes() const { return num_pages_ * page_elems() * 2; }
   cudaStream_t stream() const { return stream_; }
 
@@ -69,6 +83,9 @@ class DeviceKvArena final : public KvArena {
   DeviceKvArena(const ModelShape& shape, int64_t num_pages) : shape_(shape), num_pages_(num_pages) {}
   absl::Status CheckAccess(int32_t layer, std::span<const SlotAddr> slots) const;
   cuda::AppendKvParams ScratchParams(int32_t layer, int64_t n, int64_t slot_bytes, int64_t row) const;
+  // Issues the current ingest buffer (copy + scatter, async) and switches to the other one once
+  // its previous flush finished. Sets the sticky ingest_error_ on failure.
+  absl::Status FlushIngestBuffer();
 
   ModelShape shape_;
   int64_t num_pages_;
@@ -79,6 +96,15 @@ class DeviceKvArena final : public KvArena {
   int64_t staging_bytes_ = 0;
   void* scratch_ = nullptr;                // device: slots + K + V of WriteTokens/ReadTokens
   int64_t scratch_bytes_ = 0;
+  // Merged ingest: two pinned buffers, their device twins, "flush done" events, the packer of the
+  // current one.
+  void* ingest_host_[2] = {nullptr, nullptr};
+  void* ingest_device_[2] = {nullptr, nullptr};
+  cudaEvent_t ingest_done_[2] = {nullptr, nullptr};
+  int ingest_cur_ = 0;
+  std::unique_ptr<IngestPacker> packer_;
+  absl::Status ingest_error_;
+  IngestStats staged_stats_;
 };
 
 }  // namespace pkv::kvpool

@@ -2,8 +2,13 @@
 // validation (each bad request gets its code and leaves the state fingerprint unchanged).
 #include "engine/engine.h"
 
+#include <atomic>
+#include <chrono>
 #include <cmath>
+#include <condition_variable>
+#include <mutex>
 #include <random>
+#include <thread>
 
 #include "gtest/gtest.h"
 
@@ -354,6 +359,359 @@ TEST(EngineObserverTest, ReportsPlansLayersCompletionsAndPrompts) {
   ASSERT_TRUE(e->Release(one).ok());
   EXPECT_EQ(obs.aborted_rows, 1);
   e->SetObserver(nullptr);
+}
+
+}  // namespace
+}  // namespace pkv::engine
+
+// ---------------------------------------------------------------------------------------------
+// Pipelined layer-steps: backend RunLayer runs without the engine lock.
+
+namespace pkv::engine {
+namespace {
+
+// Wraps the CPU backend: counts RunLayer calls running at once and, when `gate_layer` >= 0, holds
+// RunLayer of that layer until Open() (so a test can act while a layer is in flight).
+class GatedBackend final : public ExecutionBackend {
+ public:
+  explicit GatedBackend(ExecutionBackendPtr inner, std::chrono::microseconds delay = {})
+      : inner_(std::move(inner)), delay_(delay) {}
+
+  const char* name() const override { return inner_->name(); }
+  kvpool::KvArena& arena() override { return inner_->arena(); }
+  scheduler::DeviceInfo device_info() const override { return inner_->device_info(); }
+  std::vector<KernelId> kernels() const override { return inner_->kernels(); }
+  int32_t max_open_token_steps() const override { return inner_->max_open_token_steps(); }
+  absl::StatusOr<int32_t> BeginTokenStep(const scheduler::StepPlan& plan, const PageTableCsr& table,
+                                         std::span<const kvpool::SlotAddr> new_slots) override {
+    return inner_->BeginTokenStep(plan, table, new_slots);
+  }
+  void EndTokenStep(int32_t slot) override { inner_->EndTokenStep(slot); }
+
+  absl::Status RunLayer(int32_t slot, int32_t layer, const void* q, const void* k, const void* v, void* out,
+                        float* lse, double* attend_seconds) override {
+    const int now = ++running_;
+    for (int m = max_running_.load(); now > m && !max_running_.compare_exchange_weak(m, now);) {
+    }
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      if (layer == gate_layer_) {
+        ++gated_;
+        cv_.notify_all();
+        cv_.wait(lock, [&] { return open_; });
+      }
+    }
+    if (delay_.count() > 0) std::this_thread::sleep_for(delay_);
+    absl::Status s = inner_->RunLayer(slot, layer, q, k, v, out, lse, attend_seconds);
+    --running_;
+    return s;
+  }
+
+  void Gate(int layer) {
+    std::lock_guard<std::mutex> lock(mu_);
+    gate_layer_ = layer;
+    open_ = false;
+  }
+  // Waits until `n` calls are held at the gate.
+  void AwaitGated(int n) {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [&] { return gated_ >= n; });
+  }
+  void Open() {
+    std::lock_guard<std::mutex> lock(mu_);
+    open_ = true;
+    gate_layer_ = -1;
+    cv_.notify_all();
+  }
+  int max_running() const { return max_running_.load(); }
+
+ private:
+  ExecutionBackendPtr inner_;
+  std::chrono::microseconds delay_;
+  std::atomic<int> running_{0}, max_running_{0};
+  std::mutex mu_;
+  std::condition_variable cv_;
+  int gate_layer_ = -1;
+  int gated_ = 0;
+  bool open_ = true;
+};
+
+struct GatedEngine {
+  GatedBackend* backend = nullptr;  // owned by engine
+  std::unique_ptr<Engine> engine;
+};
+
+GatedEngine MakeGatedEngine(int64_t pages, std::chrono::microseconds delay = {}, int max_batch = 8) {
+  auto cpu = CreateCpuBackend(SmallShape(), pages, 1);
+  EXPECT_TRUE(cpu.ok());
+  auto gated = std::make_unique<GatedBackend>(std::move(*cpu), delay);
+  GatedEngine g;
+  g.backend = gated.get();
+  auto sched = scheduler::Scheduler::Create(scheduler::Scheduler::Options{});
+  EXPECT_TRUE(sched.ok());
+  EngineOptions opts;
+  opts.max_batch = max_batch;
+  opts.scatter_seed = 99;
+  auto engine = Engine::Create(opts, std::move(gated), std::move(*sched));
+  EXPECT_TRUE(engine.ok()) << engine.status();
+  g.engine = std::move(*engine);
+  return g;
+}
+
+float HalfAt(std::span<const uint8_t> b, size_t i) {
+  return HalfToFloat(static_cast<uint16_t>(b[2 * i] | (b[2 * i + 1] << 8)));
+}
+
+// Relative L2 error of row `r` of `out` against a double-precision attention over the row's K,V
+// history of one layer (`k_hist`, `v_hist`: [n, Hkv, d] fp16 bytes).
+double RowRelError(const ModelShape& s, std::span<const uint8_t> q, size_t r, const std::vector<uint8_t>& k_hist,
+                   const std::vector<uint8_t>& v_hist, std::span<const uint8_t> out) {
+  const size_t tok = static_cast<size_t>(s.num_kv_heads) * s.head_dim;
+  const size_t n = k_hist.size() / (tok * 2);
+  double err2 = 0, ref2 = 0;
+  for (int h = 0; h < s.num_q_heads; ++h) {
+    const size_t qo = (r * s.num_q_heads + h) * s.head_dim;
+    const int kvh = h / s.group_size();
+    std::vector<double> sc(n);
+    double mx = -INFINITY;
+    for (size_t t = 0; t < n; ++t) {
+      double dot = 0;
+      for (int i = 0; i < s.head_dim; ++i) dot += double(HalfAt(q, qo + i)) * HalfAt(k_hist, t * tok + kvh * s.head_dim + i);
+      sc[t] = dot / std::sqrt(double(s.head_dim));
+      mx = std::max(mx, sc[t]);
+    }
+    double sum = 0;
+    for (double x : sc) sum += std::exp(x - mx);
+    for (int i = 0; i < s.head_dim; ++i) {
+      double acc = 0;
+      for (size_t t = 0; t < n; ++t) acc += std::exp(sc[t] - mx) / sum * HalfAt(v_hist, t * tok + kvh * s.head_dim + i);
+      const double got = HalfAt(out, qo + i);
+      err2 += (got - acc) * (got - acc);
+      ref2 += acc * acc;
+    }
+  }
+  return std::sqrt(err2 / ref2);
+}
+
+std::span<const uint8_t> Bytes(const std::string& s) {
+  return {reinterpret_cast<const uint8_t*>(s.data()), s.size()};
+}
+
+TEST(EnginePipelineTest, MicroBatchesOnSeveralThreadsOverlapAndMatchTheReference) {
+  constexpr int kThreads = 4, kRowsPerThread = 2, kSteps = 4;
+  GatedEngine g = MakeGatedEngine(128, std::chrono::microseconds(2000));
+  Engine& e = *g.engine;
+  const ModelShape s = e.shape();
+  const size_t tok = static_cast<size_t>(s.num_kv_heads) * s.head_dim;
+  // hist[thread][row][layer]: K and V history of each row.
+  using Hist = std::vector<std::vector<std::vector<uint8_t>>>;
+  std::vector<Hist> k_hist(kThreads, Hist(kRowsPerThread, std::vector<std::vector<uint8_t>>(s.num_layers)));
+  std::vector<Hist> v_hist = k_hist;
+  std::mt19937_64 rng(11);
+  for (int t = 0; t < kThreads; ++t) {
+    for (int r = 0; r < kRowsPerThread; ++r) WritePrompt(e, 100 * t + r + 1, 5 + 3 * t + r, rng, &k_hist[t][r], &v_hist[t][r]);
+  }
+  std::vector<std::thread> threads;
+  std::atomic<int> worst_failures{0};
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      std::mt19937_64 trng(1000 + t);
+      std::vector<SeqId> rows;
+      for (int r = 0; r < kRowsPerThread; ++r) rows.push_back(100 * t + r + 1);
+      for (int step = 1; step <= kSteps; ++step) {
+        for (int layer = 0; layer < s.num_layers; ++layer) {
+          StepInput in = MakeStep(s, 1000 * (t + 1) + step, layer, rows, trng);
+          auto out = e.Step(in);
+          ASSERT_TRUE(out.ok()) << out.status();
+          for (int r = 0; r < kRowsPerThread; ++r) {
+            auto& kh = k_hist[t][r][layer];
+            auto& vh = v_hist[t][r][layer];
+            kh.insert(kh.end(), in.k.begin() + r * tok * 2, in.k.begin() + (r + 1) * tok * 2);
+            vh.insert(vh.end(), in.v.begin() + r * tok * 2, in.v.begin() + (r + 1) * tok * 2);
+            const double err = RowRelError(s, in.q, r, kh, vh, Bytes(out->out));
+            if (!(err < 2e-3)) ++worst_failures;
+            EXPECT_LT(err, 2e-3) << "thread " << t << " step " << step << " layer " << layer << " row " << r;
+          }
+        }
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  EXPECT_EQ(worst_failures.load(), 0);
+  // Layer-steps of different micro-batches ran at the same time (under the old design, the
+  // engine lock held across RunLayer kept this at 1).
+  EXPECT_GE(g.backend->max_running(), 2);
+  EXPECT_TRUE(e.CheckConsistency().ok());
+  const EngineInfo info = e.Info();
+  EXPECT_EQ(info.open_token_steps, 0);
+  int64_t tokens = 0;
+  for (int t = 0; t < kThreads; ++t) {
+    for (int r = 0; r < kRowsPerThread; ++r) tokens += 5 + 3 * t + r + kSteps;
+  }
+  EXPECT_EQ(info.pager.used_tokens, tokens);
+  std::vector<SeqId> all;
+  for (int t = 0; t < kThreads; ++t) {
+    for (int r = 0; r < kRowsPerThread; ++r) all.push_back(100 * t + r + 1);
+  }
+  ASSERT_TRUE(e.Release(all).ok());
+  EXPECT_EQ(e.Info().pager.free_pages, 128);
+  EXPECT_TRUE(e.CheckConsistency().ok());
+}
+
+TEST(EnginePipelineTest, RequestsForARunningTokenStepAreRefused) {
+  GatedEngine g = MakeGatedEngine(32);
+  Engine& e = *g.engine;
+  const ModelShape s = e.shape();
+  std::mt19937_64 rng(12);
+  WritePrompt(e, 1, 6, rng);
+  WritePrompt(e, 2, 3, rng);
+  ASSERT_TRUE(e.Step(MakeStep(s, 7, 0, {1}, rng)).ok());
+  g.backend->Gate(1);
+  StepInput l1 = MakeStep(s, 7, 1, {1}, rng);
+  absl::StatusOr<StepOutput> first;
+  std::thread runner([&] { first = e.Step(l1); });
+  g.backend->AwaitGated(1);
+  // The same (token_step_id, layer) again, and another layer of it: refused, nothing changes.
+  auto again = e.Step(l1);
+  EXPECT_EQ(again.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(again.status().message().find("layer 1 is running"), std::string_view::npos) << again.status();
+  auto other = e.Step(MakeStep(s, 7, 2, {1}, rng));
+  EXPECT_EQ(other.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(other.status().message().find("send layer 2 after it answers"), std::string_view::npos) << other.status();
+  // Other micro-batches and the rest of the engine are not blocked by the running layer.
+  ASSERT_TRUE(e.Step(MakeStep(s, 8, 0, {2}, rng)).ok());
+  EXPECT_EQ(e.Info().open_token_steps, 2);
+  EXPECT_TRUE(e.CheckConsistency().ok());
+  g.backend->Open();
+  runner.join();
+  ASSERT_TRUE(first.ok()) << first.status();
+  // Now it answers from the retry cache with the first execution's bytes.
+  auto replay = e.Step(l1);
+  ASSERT_TRUE(replay.ok());
+  EXPECT_TRUE(replay->replayed);
+  EXPECT_EQ(replay->out, first->out);
+}
+
+TEST(EnginePipelineTest, ReleaseWaitsForTheRunningLayerThenAbortsExactly) {
+  GatedEngine g = MakeGatedEngine(32);
+  Engine& e = *g.engine;
+  const ModelShape s = e.shape();
+  std::mt19937_64 rng(13);
+  WritePrompt(e, 1, 4, rng);  // full page: the step's append takes a new page
+  WritePrompt(e, 2, 5, rng);
+  const int64_t free_before = e.Info().pager.free_pages;
+  ASSERT_TRUE(e.Step(MakeStep(s, 3, 0, {1, 2}, rng)).ok());
+  EXPECT_EQ(e.Info().pager.free_pages, free_before - 1);
+  g.backend->Gate(1);
+  absl::StatusOr<StepOutput> running;
+  std::thread runner([&] { running = e.Step(MakeStep(s, 3, 1, {1, 2}, rng)); });
+  g.backend->AwaitGated(1);
+  std::atomic<bool> released{false};
+  absl::Status release_status;
+  std::thread releaser([&] {
+    const SeqId one[] = {1};
+    release_status = e.Release(one);
+    released = true;
+  });
+  // The release must not free pages under the running append.
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  EXPECT_FALSE(released.load());
+  EXPECT_EQ(e.Info().pager.free_pages, free_before - 1);
+  EXPECT_EQ(e.Info().open_token_steps, 1);
+  EXPECT_TRUE(e.CheckConsistency().ok());
+  g.backend->Open();
+  runner.join();
+  releaser.join();
+  EXPECT_TRUE(running.ok()) << running.status();
+  EXPECT_TRUE(release_status.ok()) << release_status;
+  // Aborted: row 2 lost its appended token, row 1's pages are all back.
+  EXPECT_EQ(e.Info().open_token_steps, 0);
+  EXPECT_EQ(e.Info().pager.used_tokens, 5);
+  EXPECT_EQ(e.Step(MakeStep(s, 3, 2, {1, 2}, rng)).status().code(), absl::StatusCode::kFailedPrecondition);
+  const SeqId two[] = {2};
+  ASSERT_TRUE(e.Release(two).ok());
+  EXPECT_EQ(e.Info().pager.free_pages, 32);
+  EXPECT_TRUE(e.CheckConsistency().ok());
+}
+
+// Several threads stepping their micro-batches while another releases random sequences: every
+// error is one of the documented ones, and after releasing everything the pool is all free.
+TEST(EnginePipelineTest, ReleasesRacingWithInFlightLayersKeepAccountingExact) {
+  constexpr int kThreads = 3;
+  constexpr int64_t kPages = 96;
+  GatedEngine g = MakeGatedEngine(kPages, std::chrono::microseconds(300));
+  Engine& e = *g.engine;
+  const ModelShape s = e.shape();
+  std::atomic<SeqId> next_id{1};
+  std::atomic<bool> stop{false};
+  std::atomic<int> completed{0}, aborted{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      std::mt19937_64 trng(2000 + t);
+      std::vector<SeqId> rows;
+      uint64_t step_id = 1'000'000ULL * (t + 1);
+      for (int iter = 0; iter < 12; ++iter) {
+        while (rows.size() < 2) {
+          const SeqId id = next_id++;
+          WritePrompt(e, id, 1 + static_cast<int64_t>(trng() % 7), trng);
+          rows.push_back(id);
+        }
+        ++step_id;
+        bool ok = true;
+        for (int layer = 0; layer < s.num_layers && ok; ++layer) {
+          auto out = e.Step(MakeStep(s, step_id, layer, rows, trng));
+          if (!out.ok()) {
+            const auto c = out.status().code();
+            EXPECT_TRUE(c == absl::StatusCode::kNotFound || c == absl::StatusCode::kFailedPrecondition) << out.status();
+            ok = false;
+          }
+        }
+        if (ok) {
+          ++completed;
+        } else {
+          ++aborted;
+          // Drop whatever of the rows is left (the other thread may have released them).
+          for (SeqId id : rows) {
+            const SeqId one[] = {id};
+            const absl::Status st = e.Release(one);
+            EXPECT_TRUE(st.ok() || st.code() == absl::StatusCode::kNotFound) << st;
+          }
+          rows.clear();
+        }
+      }
+      if (!rows.empty()) {
+        for (SeqId id : rows) {
+          const SeqId one[] = {id};
+          const absl::Status st = e.Release(one);
+          EXPECT_TRUE(st.ok() || st.code() == absl::StatusCode::kNotFound) << st;
+        }
+      }
+    });
+  }
+  std::thread chaos([&] {
+    std::mt19937_64 crng(77);
+    while (!stop.load()) {
+      const SeqId hi = next_id.load();
+      const SeqId id = 1 + static_cast<SeqId>(crng() % static_cast<uint64_t>(hi));
+      const SeqId one[] = {id};
+      const absl::Status st = e.Release(one);
+      EXPECT_TRUE(st.ok() || st.code() == absl::StatusCode::kNotFound ||
+                  st.code() == absl::StatusCode::kFailedPrecondition)  // prompt being written
+          << st;
+      EXPECT_TRUE(e.CheckConsistency().ok());
+      std::this_thread::sleep_for(std::chrono::microseconds(1500));
+    }
+  });
+  for (auto& th : threads) th.join();
+  stop = true;
+  chaos.join();
+  EXPECT_GT(completed.load(), 0);
+  EXPECT_TRUE(e.CheckConsistency().ok());
+  const EngineInfo info = e.Info();
+  EXPECT_EQ(info.open_token_steps, 0);
+  EXPECT_EQ(info.pager.num_sequences, 0);
+  EXPECT_EQ(info.pager.free_pages, kPages);
 }
 
 }  // namespace

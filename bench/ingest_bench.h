@@ -1,0 +1,41 @@
+// bench/ingest_bench.h — `pkv-bench ingest`: WriteKV prompt ingest bandwidth on the GPU.
+//
+// Drives engine::Engine on the CUDA backend the way the WriteKV service path does: `num_prompts`
+// prompts (lengths spread evenly over [min_tokens, max_tokens]) are begun together, then their
+// K,V arrive as `chunk_tokens`-token chunks, for each layer in turn, interleaved across the
+// prompts (chunk 0 of every prompt, chunk 1 of every prompt, ...), from pageable host buffers
+// like gRPC messages; every prompt is committed at the end (Commit returns once its bytes are on
+// the device). Reports the staged-ingest GB/s (K+V bytes over the wall time from the first
+// BeginPrompt to the last Commit) next to a plain cudaMemcpy of the same number of bytes from
+// pinned memory in large copies, measured in the same run, and the copies the merged path issued.
+// Fails (exit 1, message) without a CUDA device. Not thread-safe (one process).
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace pkv::bench {
+
+struct IngestBenchOptions {
+  int num_prompts = 8;
+  int64_t min_tokens = 4096;
+  int64_t max_tokens = 32768;
+  int chunk_tokens = 256;
+  int num_layers = 32;
+  int num_kv_heads = 8;
+  int head_dim = 128;
+  int page_size = 16;
+  int repeats = 2;             // measured rounds (each writes every prompt once); a warm-up precedes
+  std::string md_path;         // also append the result as markdown here
+  std::string commit = "unknown";
+  std::string command;
+};
+
+int RunIngestBench(const IngestBenchOptions& options);
+
+// `pkv-bench ingest --flag=value ...` (argv[1] is "ingest"). Flags: --prompts --min_tokens
+// --max_tokens --chunk_tokens --layers --hkv --d --page --repeats --md --commit. Returns the exit
+// code (2 on a bad flag).
+int RunIngestBenchFromFlags(int argc, char** argv, const std::string& command);
+
+}  // namespace pkv::bench

@@ -1,0 +1,104 @@
+#include "kvpool/ingest_staging.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "common/dtype.h"
+#include "common/log.h"
+
+namespace pkv::kvpool {
+namespace {
+
+size_t Align16(size_t n) { return (n + 15) / 16 * 16; }
+
+}  // namespace
+
+int64_t IngestPacker::MinCapacity(const ModelShape& shape) {
+  const int64_t row = static_cast<int64_t>(shape.num_kv_heads) * shape.head_dim * DTypeSize(shape.dtype);
+  return static_cast<int64_t>(Align16(2 * row) + sizeof(ScatterRun));
+}
+
+IngestPacker::IngestPacker(const ModelShape& shape, int64_t capacity_bytes)
+    : shape_(shape),
+      capacity_(capacity_bytes),
+      row_bytes_(static_cast<int64_t>(shape.num_kv_heads) * shape.head_dim * DTypeSize(shape.dtype)) {
+  PKV_CHECK(capacity_bytes >= MinCapacity(shape)) << "staging buffer holds no token";
+  // At most one run per token: reserve once so Pack never allocates.
+  runs_.reserve(static_cast<size_t>(capacity_bytes / (2 * row_bytes_) + 1));
+}
+
+size_t IngestPacker::Need(int64_t data_bytes, int64_t runs) const {
+  return Align16(static_cast<size_t>(data_bytes)) + static_cast<size_t>(runs) * sizeof(ScatterRun);
+}
+
+int64_t IngestPacker::Pack(void* buffer, int32_t layer, std::span<const SlotAddr> slots, const void* k,
+                           const void* v) {
+  const int64_t n_all = static_cast<int64_t>(slots.size());
+  // Most tokens that fit, counting one run per token at worst, then the real run count.
+  int64_t n = 0;
+  {
+    int64_t lo = 0, hi = n_all;
+    while (lo < hi) {
+      const int64_t mid = (lo + hi + 1) / 2;
+      if (Need(Align16(data_bytes_) + 2 * Align16(mid * row_bytes_), num_runs() + mid) <=
+          static_cast<size_t>(capacity_)) {
+        lo = mid;
+      } else {
+        hi = mid - 1;
+      }
+    }
+    n = lo;
+  }
+  if (n == 0) return 0;
+  char* base = static_cast<char*>(buffer);
+  const int64_t k_at = static_cast<int64_t>(Align16(data_bytes_));
+  const int64_t v_at = k_at + static_cast<int64_t>(Align16(n * row_bytes_));
+  std::memcpy(base + k_at, k, n * row_bytes_);
+  std::memcpy(base + v_at, v, n * row_bytes_);
+  for (int64_t t = 0; t < n;) {
+    int64_t e = t + 1;
+    while (e < n && slots[e].page == slots[t].page && slots[e].slot == slots[t].slot + (e - t)) ++e;
+    runs_.push_back(ScatterRun{layer, slots[t].page, slots[t].slot, static_cast<int32_t>(e - t),
+                               k_at + t * row_bytes_, v_at + t * row_bytes_});
+    t = e;
+  }
+  data_bytes_ = v_at + static_cast<int64_t>(Align16(n * row_bytes_));
+  tokens_ += n;
+  return n;
+}
+
+size_t IngestPacker::Finish(void* buffer, size_t* runs_offset) {
+  const size_t at = Align16(static_cast<size_t>(data_bytes_));
+  PKV_CHECK(Need(data_bytes_, num_runs()) <= static_cast<size_t>(capacity_)) << "packer overflow";
+  std::memcpy(static_cast<char*>(buffer) + at, runs_.data(), runs_.size() * sizeof(ScatterRun));
+  *runs_offset = at;
+  return at + runs_.size() * sizeof(ScatterRun);
+}
+
+void IngestPacker::Reset() {
+  runs_.clear();
+  data_bytes_ = 0;
+  tokens_ = 0;
+}
+
+void ScatterRunsOnHost(const ModelShape& s, void* layer0, int64_t layer_stride_bytes, const void* staged,
+                       std::span<const ScatterRun> runs) {
+  const int64_t el = DTypeSize(s.dtype);
+  const int64_t row = static_cast<int64_t>(s.head_dim) * el;  // one head of one token
+  const int64_t page_bytes = 2LL * s.num_kv_heads * s.page_size * row;
+  const auto* src = static_cast<const char*>(staged);
+  for (const ScatterRun& r : runs) {
+    char* page = static_cast<char*>(layer0) + r.layer * layer_stride_bytes + r.page * page_bytes;
+    for (int kv = 0; kv < 2; ++kv) {
+      const int64_t from = kv == 0 ? r.k_offset : r.v_offset;
+      for (int h = 0; h < s.num_kv_heads; ++h) {
+        for (int t = 0; t < r.count; ++t) {
+          std::memcpy(page + ((kv * s.num_kv_heads + h) * s.page_size + r.slot + t) * row,
+                      src + from + (static_cast<int64_t>(t) * s.num_kv_heads + h) * row, row);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace pkv::kvpool

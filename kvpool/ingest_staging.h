@@ -1,0 +1,76 @@
+// kvpool/ingest_staging.h — packing prompt KV chunks for a merged host->device ingest.
+//
+// WriteKV delivers prompt K,V in chunks ([n, Hkv, d] per layer, of one or many sequences). The
+// device arena does not copy each chunk on its own: IngestPacker appends every chunk to one
+// staging buffer as [K rows | V rows] and describes where the tokens go as ScatterRuns — one
+// run per maximal stretch of consecutive slots of one page of one layer — so a flush is one
+// host->device copy of [data | run table] and one scatter launch (kvpool/cuda/append_kv.h). The
+// packer is plain host code (tested on the CPU against KvArena::WriteTokens with
+// ScatterRunsOnHost, the host model of the scatter kernel).
+// Thread-safety: not synchronised; its owner (the arena, under the engine lock) serialises calls.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "common/model_shape.h"
+#include "kvpool/kv_arena.h"
+
+namespace pkv::kvpool {
+
+// `count` tokens of one layer going to slots [slot, slot + count) of page `page`; their K rows
+// ([count, Hkv, d] model dtype) start at byte `k_offset` of the staged data, their V rows at
+// `v_offset`.
+struct ScatterRun {
+  int32_t layer = 0;
+  int32_t page = 0;
+  int32_t slot = 0;
+  int32_t count = 0;
+  int64_t k_offset = 0;
+  int64_t v_offset = 0;
+};
+static_assert(sizeof(ScatterRun) == 32, "the scatter kernel reads 32-byte runs");
+
+class IngestPacker {
+ public:
+  // `capacity_bytes`: the staging buffer (data and run table together); must hold one token.
+  IngestPacker(const ModelShape& shape, int64_t capacity_bytes);
+
+  // Bytes of one token's K (or V) row: Hkv * d * dtype size.
+  int64_t row_bytes() const { return row_bytes_; }
+  // Smallest capacity that holds one token.
+  static int64_t MinCapacity(const ModelShape& shape);
+
+  // Appends as many leading tokens of the chunk as fit to `buffer` (the staging buffer of
+  // capacity_bytes) and returns how many (0 when the buffer is full). `k`, `v`: [n, Hkv, d].
+  int64_t Pack(void* buffer, int32_t layer, std::span<const SlotAddr> slots, const void* k, const void* v);
+  // Writes the run table after the data (16-byte aligned) and returns the bytes to copy
+  // ([data | runs]); `runs_offset` receives where the table starts.
+  size_t Finish(void* buffer, size_t* runs_offset);
+  void Reset();
+
+  bool empty() const { return runs_.empty(); }
+  int64_t num_runs() const { return static_cast<int64_t>(runs_.size()); }
+  int64_t num_tokens() const { return tokens_; }
+  int64_t data_bytes() const { return data_bytes_; }
+  std::span<const ScatterRun> runs() const { return runs_; }
+
+ private:
+  size_t Need(int64_t data_bytes, int64_t runs) const;
+
+  ModelShape shape_;
+  int64_t capacity_;
+  int64_t row_bytes_;
+  std::vector<ScatterRun> runs_;  // capacity reserved once
+  int64_t data_bytes_ = 0;
+  int64_t tokens_ = 0;
+};
+
+// Host model of the scatter kernel: applies `runs` with data from `staged` to the arena memory
+// `layer0` ([layers][pages][2][Hkv][P][d], `layer_stride_bytes` between layers).
+void ScatterRunsOnHost(const ModelShape& shape, void* layer0, int64_t layer_stride_bytes, const void* staged,
+                       std::span<const ScatterRun> runs);
+
+}  // namespace pkv::kvpool

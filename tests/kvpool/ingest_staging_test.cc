@@ -1,0 +1,144 @@
+// IngestPacker: packing WriteKV chunks of several sequences into one staging buffer, replayed with
+// ScatterRunsOnHost (the host model of the scatter kernel), gives the same pool bytes as
+// WriteTokens chunk by chunk — with the buffer big enough for everything and with one so small
+// that chunks are split across flushes. Runs coalesce consecutive slots of a page.
+#include "kvpool/ingest_staging.h"
+
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "gtest/gtest.h"
+
+namespace pkv::kvpool {
+namespace {
+
+ModelShape Shape() {
+  ModelShape s;
+  s.num_layers = 3;
+  s.num_q_heads = 4;
+  s.num_kv_heads = 2;
+  s.head_dim = 64;
+  s.page_size = 8;
+  return s;
+}
+
+struct Chunk {
+  int32_t layer;
+  std::vector<SlotAddr> slots;
+  std::vector<uint16_t> k, v;
+};
+
+// Three "sequences" with scattered physical pages, written in 5-token chunks interleaved across
+// sequences and layers (the WriteKV pattern).
+std::vector<Chunk> MakeChunks(const ModelShape& s, std::mt19937_64& rng) {
+  const std::vector<std::vector<PageId>> pages = {{3, 4, 9}, {0, 7}, {12, 5, 6, 1}};
+  const std::vector<int64_t> tokens = {21, 13, 30};
+  std::vector<Chunk> chunks;
+  const size_t tok = static_cast<size_t>(s.num_kv_heads) * s.head_dim;
+  for (int32_t layer = 0; layer < s.num_layers; ++layer) {
+    for (int64_t t0 = 0; t0 < 30; t0 += 5) {
+      for (size_t q = 0; q < pages.size(); ++q) {
+        if (t0 >= tokens[q]) continue;
+        Chunk c;
+        c.layer = layer;
+        for (int64_t t = t0; t < std::min<int64_t>(t0 + 5, tokens[q]); ++t) {
+          c.slots.push_back(SlotAddr{pages[q][t / s.page_size], static_cast<int32_t>(t % s.page_size)});
+        }
+        c.k.resize(c.slots.size() * tok);
+        c.v.resize(c.slots.size() * tok);
+        for (auto& x : c.k) x = static_cast<uint16_t>(rng());
+        for (auto& x : c.v) x = static_cast<uint16_t>(rng());
+        chunks.push_back(std::move(c));
+      }
+    }
+  }
+  return chunks;
+}
+
+// Packs every chunk, flushing (scatter on the host) whenever the buffer is full; returns flushes.
+int PackAndScatter(const ModelShape& s, int64_t capacity, const std::vector<Chunk>& chunks, HostKvArena& arena,
+                   int64_t* runs_total) {
+  IngestPacker packer(s, capacity);
+  std::vector<uint8_t> buffer(capacity);
+  const int64_t stride = arena.num_pages() * arena.page_elems() * 2;
+  int flushes = 0;
+  auto flush = [&] {
+    size_t runs_at = 0;
+    const size_t bytes = packer.Finish(buffer.data(), &runs_at);
+    EXPECT_LE(bytes, static_cast<size_t>(capacity));
+    // The run table travels with the data: read it back from the buffer as the kernel would.
+    std::vector<ScatterRun> runs(packer.num_runs());
+    std::memcpy(runs.data(), buffer.data() + runs_at, runs.size() * sizeof(ScatterRun));
+    ScatterRunsOnHost(s, arena.layer_data(0), stride, buffer.data(), runs);
+    *runs_total += packer.num_runs();
+    packer.Reset();
+    ++flushes;
+  };
+  for (const Chunk& c : chunks) {
+    const int64_t row = packer.row_bytes();
+    for (size_t done = 0; done < c.slots.size();) {
+      const int64_t n = packer.Pack(buffer.data(), c.layer, std::span(c.slots).subspan(done),
+                                    reinterpret_cast<const char*>(c.k.data()) + done * row,
+                                    reinterpret_cast<const char*>(c.v.data()) + done * row);
+      if (n == 0) {
+        EXPECT_FALSE(packer.empty());
+        flush();
+      }
+      done += n;
+    }
+  }
+  if (!packer.empty()) flush();
+  return flushes;
+}
+
+TEST(IngestPackerTest, MergedScatterEqualsChunkByChunkWrites) {
+  const ModelShape s = Shape();
+  std::mt19937_64 rng(31);
+  const auto chunks = MakeChunks(s, rng);
+  auto want = HostKvArena::Create(s, 16);
+  ASSERT_TRUE(want.ok());
+  for (const Chunk& c : chunks) ASSERT_TRUE((*want)->WriteTokens(c.layer, c.slots, c.k.data(), c.v.data()).ok());
+  const size_t bytes = static_cast<size_t>((*want)->num_pages() * (*want)->page_elems() * 2);
+
+  for (int64_t capacity : {int64_t{1} << 22, IngestPacker::MinCapacity(s), int64_t{7000}}) {
+    auto got = HostKvArena::Create(s, 16);
+    ASSERT_TRUE(got.ok());
+    int64_t runs = 0;
+    const int flushes = PackAndScatter(s, capacity, chunks, **got, &runs);
+    for (int32_t layer = 0; layer < s.num_layers; ++layer) {
+      EXPECT_EQ(std::memcmp((*got)->layer_data(layer), (*want)->layer_data(layer), bytes), 0)
+          << "capacity " << capacity << " layer " << layer;
+    }
+    if (capacity == (int64_t{1} << 22)) {
+      EXPECT_EQ(flushes, 1);  // everything in one copy + one scatter
+      // A 5-token chunk is one run unless it crosses a page boundary (then two).
+      int64_t want_runs = 0;
+      for (const Chunk& c : chunks) {
+        want_runs += 1;
+        for (size_t t = 1; t < c.slots.size(); ++t) want_runs += c.slots[t].page != c.slots[t - 1].page ? 1 : 0;
+      }
+      EXPECT_EQ(runs, want_runs);
+    } else {
+      EXPECT_GT(flushes, 1) << "capacity " << capacity;
+    }
+  }
+}
+
+TEST(IngestPackerTest, FullBufferTakesNothingAndResetEmptiesIt) {
+  const ModelShape s = Shape();
+  const int64_t capacity = IngestPacker::MinCapacity(s);
+  IngestPacker packer(s, capacity);
+  std::vector<uint8_t> buffer(capacity);
+  const std::vector<SlotAddr> slots = {{0, 0}, {0, 1}};
+  std::vector<uint16_t> k(2 * s.num_kv_heads * s.head_dim), v(k.size());
+  EXPECT_EQ(packer.Pack(buffer.data(), 0, slots, k.data(), v.data()), 1);
+  EXPECT_EQ(packer.Pack(buffer.data(), 0, std::span(slots).subspan(1), k.data(), v.data()), 0);
+  EXPECT_EQ(packer.num_tokens(), 1);
+  packer.Reset();
+  EXPECT_TRUE(packer.empty());
+  EXPECT_EQ(packer.Pack(buffer.data(), 0, std::span(slots).subspan(1), k.data(), v.data()), 1);
+}
+
+}  // namespace
+}  // namespace pkv::kvpool
