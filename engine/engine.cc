@@ -63,13 +63,18 @@ absl::Status PromptWrite::Write(int32_t layer, int64_t token_offset, int64_t n,
   if (v.size() != want) {
     return absl::InvalidArgumentError(absl::StrCat("v: ", v.size(), " bytes, want ", want));
   }
-  std::lock_guard<std::mutex> lock(engine_->mu_);
-  const kvpool::SequencePages* pages = engine_->pager_.Find(seq_);
-  // Invariant: a sequence being written cannot be released (Release refuses it).
-  PKV_CHECK(pages != nullptr) << "prompt sequence " << seq_ << " vanished";
   std::vector<kvpool::SlotAddr> slots(n);
-  for (int64_t t = 0; t < n; ++t) slots[t] = engine_->pager_.Locate(*pages, token_offset + t);
-  // Staged: on the device the chunk joins a merged copy + scatter; Commit flushes it.
+  {
+    std::lock_guard<std::mutex> lock(engine_->mu_);
+    const kvpool::SequencePages* pages = engine_->pager_.Find(seq_);
+    // Invariant: a sequence being written cannot be released (Release refuses it).
+    PKV_CHECK(pages != nullptr) << "prompt sequence " << seq_ << " vanished";
+    for (int64_t t = 0; t < n; ++t) slots[t] = engine_->pager_.Locate(*pages, token_offset + t);
+  }
+  // Staged without the engine lock (decode steps never wait for prompt bytes): the slots are
+  // this prompt's own pages, which nothing else reads or writes until Commit or Abort, and this
+  // PromptWrite is used by one thread. On the device the chunk joins a merged copy + scatter;
+  // Commit flushes it.
   PKV_RETURN_IF_ERROR(engine_->backend_->arena().StageTokens(layer, slots, k.data(), v.data()));
   for (int64_t t = token_offset; t < token_offset + n; ++t) {
     if (!written_[layer][t]) {
@@ -92,13 +97,14 @@ absl::Status PromptWrite::Commit() {
           num_tokens_, " tokens (first missing token ", first, ")"));
     }
   }
-  std::lock_guard<std::mutex> lock(engine_->mu_);
   // The sequence's bytes are in the pages (device: copied, scattered, stream synchronised)
   // before it is steppable, so its first step reads them on any stream. On a failed flush it
-  // stays unwritten and is released with this PromptWrite.
+  // stays unwritten and is released with this PromptWrite. The flush waits without the engine
+  // lock.
   if (absl::Status flushed = engine_->backend_->arena().FlushStaged(); !flushed.ok()) {
     return absl::InternalError(absl::StrCat("sequence ", seq_, ": prompt ingest failed: ", flushed.message()));
   }
+  std::lock_guard<std::mutex> lock(engine_->mu_);
   engine_->seqs_[seq_].phase = Engine::SeqPhase::kReady;
   done_ = true;
   engine_->observer_->OnPromptCommitted(
@@ -109,12 +115,12 @@ absl::Status PromptWrite::Commit() {
 void PromptWrite::Abort() {
   if (done_) return;
   done_ = true;
-  std::lock_guard<std::mutex> lock(engine_->mu_);
   // Staged bytes of this prompt must land (or be dropped) before its pages can go to another
-  // sequence; the flush waits for the ingest stream either way.
+  // sequence; the flush waits for the ingest stream either way (without the engine lock).
   if (absl::Status flushed = engine_->backend_->arena().FlushStaged(); !flushed.ok()) {
     PKV_LOG(WARNING) << "sequence " << seq_ << ": prompt ingest flush on abort: " << flushed;
   }
+  std::lock_guard<std::mutex> lock(engine_->mu_);
   engine_->ReleaseLocked(seq_);
 }
 

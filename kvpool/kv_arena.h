@@ -4,7 +4,7 @@
 //   [num_layers][num_pages][2 (K, V)][num_kv_heads][page_size][head_dim]  (model dtype)
 // so one layer's pages are one contiguous array that kernels index with a page table. Page ids
 // are shared by all layers. The arena only stores bytes; which page belongs to whom is the
-// BlockPager's business. Thread-safety: not synchronised; the engine serialises access.
+// BlockPager's business. Thread-safety: not synchronised; the engine serialises access (except StageTokens/FlushStaged, below).
 #pragma once
 
 #include <cstdint>
@@ -44,6 +44,10 @@ class KvArena {
   // launch, kvpool/ingest_staging.h). Until FlushStaged returns OK nothing may rely on the
   // bytes being in the pages. After a failed flush the arena refuses staging (the error is
   // sticky), so no prompt whose bytes may be missing can complete. The host arena copies at once.
+  // Unlike the rest of the arena, StageTokens and FlushStaged may be called without the engine
+  // lock and from several threads at once (each implementation serialises them itself), as long
+  // as the slots belong to prompts being written, which nothing else reads or writes: so prompt
+  // ingest never holds the engine lock while decode steps wait for it.
   [[nodiscard]] virtual absl::Status StageTokens(int32_t layer, std::span<const SlotAddr> slots, const void* k,
                                                  const void* v) {
     return WriteTokens(layer, slots, k, v);

@@ -207,6 +207,7 @@ absl::Status DeviceKvArena::FlushIngestBuffer() {
 
 absl::Status DeviceKvArena::StageTokens(int32_t layer, std::span<const SlotAddr> slots, const void* k,
                                         const void* v) {
+  std::lock_guard<std::mutex> lock(ingest_mu_);
   if (!ingest_error_.ok()) return ingest_error_;
   if (absl::Status s = CheckAccess(layer, slots); !s.ok()) return s;
   const auto t0 = std::chrono::steady_clock::now();
@@ -229,6 +230,7 @@ absl::Status DeviceKvArena::StageTokens(int32_t layer, std::span<const SlotAddr>
 }
 
 absl::Status DeviceKvArena::FlushStaged() {
+  std::lock_guard<std::mutex> lock(ingest_mu_);
   const auto t0 = std::chrono::steady_clock::now();
   absl::Status st = ingest_error_;
   if (st.ok()) {

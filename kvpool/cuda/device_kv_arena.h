@@ -11,12 +11,16 @@
 // buffers; a full buffer is flushed as one host->device copy of [K,V rows | run table] plus one
 // scatter launch on the arena's stream while the other buffer fills; FlushStaged flushes and
 // synchronises that stream.
-// Thread-safety: not synchronised; the engine serialises calls (like every KvArena). The stream is
+// Thread-safety: StageTokens, FlushStaged and staged_stats may be called from several threads at
+// once, without the engine lock (their own mutex serialises them); everything else is serialised
+// by the engine, like every KvArena. The stream is
 // the arena's own: decode layers on the backend's streams only touch pages of steppable
 // sequences, whose ingest FlushStaged completed before they became steppable.
 #pragma once
 
 #include <cuda_runtime_api.h>
+
+#include <mutex>
 
 #include <cstdint>
 #include <memory>
@@ -74,7 +78,10 @@ class DeviceKvArena final : public KvArena {
 
   // Totals of the merged ingest since creation: bytes of K,V staged, copies (= scatter launches)
   // issued, and seconds spent inside StageTokens/FlushStaged (packing, flushing, waiting).
-  IngestStats staged_stats() const { return staged_stats_; }
+  IngestStats staged_stats() const {
+    std::lock_guard<std::mutex> lock(ingest_mu_);
+    return staged_stats_;
+  }
 
   int64_t layer_bytes() const { return num_pages_ * page_elems() * 2; }
   cudaStream_t stream() const { return stream_; }
@@ -101,6 +108,7 @@ class DeviceKvArena final : public KvArena {
   void* ingest_host_[2] = {nullptr, nullptr};
   void* ingest_device_[2] = {nullptr, nullptr};
   cudaEvent_t ingest_done_[2] = {nullptr, nullptr};
+  mutable std::mutex ingest_mu_;  // guards the merged-ingest members below and staged_stats_
   int ingest_cur_ = 0;
   std::unique_ptr<IngestPacker> packer_;
   absl::Status ingest_error_;
