@@ -11,8 +11,11 @@ PACKAGES=(build-essential cmake ninja-build pkg-config
           libabsl-dev prometheus-cpp-dev libcivetweb-dev
           libgtest-dev libgmock-dev libbenchmark-dev
           openssl     # the TLS tests make throwaway certificates with it
-          prometheus) # prometheus + promtool: tests/observability checks the dashboard and alerts
+          prometheus  # prometheus + promtool: tests/observability checks the dashboard and alerts
+          unzip)      # bench/fetch_flashinfer.sh unpacks the FlashInfer and CCCL header wheels
 missing=()
+# bench/fetch_flashinfer.sh downloads wheels with pip: Debian's pip when python3 has none.
+python3 -m pip --version >/dev/null 2>&1 || PACKAGES+=(python3-pip)
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done

@@ -4,8 +4,10 @@
 #                      tests; GPU tests (label gpu) skip themselves without a device.
 #   2. build-cpu/      PKV_WITH_CUDA=OFF (a machine without nvcc: the CPU-only worker): all tests.
 #   3. build-gpu-core/ PKV_WITH_SERVICE=OFF with CUDA (how the GPU machine builds the kernels,
-#                      pool, scheduler, engine and benchmarks without gRPC): its tests. Skipped
-#                      when nvcc is absent (then mode 1 already is a CPU build).
+#                      pool, scheduler, engine and benchmarks without gRPC), with the FlashInfer
+#                      side-by-side arm (PKV_WITH_FLASHINFER=ON, headers fetched from PyPI by
+#                      bench/fetch_flashinfer.sh into .fi): its tests. Skipped when nvcc is absent
+#                      (then mode 1 already is a CPU build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 JOBS="${PKV_JOBS:-$(nproc)}"
@@ -20,8 +22,9 @@ cmake --build build-cpu -j "$JOBS"
 (cd build-cpu && ctest --output-on-failure -j "$JOBS" --timeout 900)
 
 if command -v nvcc >/dev/null 2>&1 || [ -x /usr/local/cuda/bin/nvcc ]; then
-  echo "test: core build with CUDA, no service (PKV_WITH_SERVICE=OFF)"
-  cmake -S . -B build-gpu-core "${CMAKE_ARGS[@]}" -DPKV_WITH_SERVICE=OFF
+  echo "test: core build with CUDA and the FlashInfer arm, no service (PKV_WITH_SERVICE=OFF)"
+  [ -f .fi/VERSIONS ] || bench/fetch_flashinfer.sh .fi
+  cmake -S . -B build-gpu-core "${CMAKE_ARGS[@]}" -DPKV_WITH_SERVICE=OFF -DPKV_WITH_FLASHINFER=ON
   cmake --build build-gpu-core -j "$JOBS"
   (cd build-gpu-core && ctest --output-on-failure -j "$JOBS" --timeout 900)
 fi
