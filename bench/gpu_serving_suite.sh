@@ -5,7 +5,8 @@
 # profile. Logs, the profile and CSV/markdown go to $OUT; a short summary is printed last.
 #   bench/gpu_serving_suite.sh [COMMIT]
 # Environment: JOBS, BUILD_DIR (default build-gpu-serving), TRACE=full|quick|none (default full),
-#   SEEDS (default the held-out 20260623..27), LAYERS (default 32), FI=0 (no FlashInfer).
+#   SEEDS (default the held-out 20260623..27), LAYERS (default 32), FI=0 (no FlashInfer),
+#   EXTRAS=0 (skip `pkv-bench ingest` and the eager-vs-graph trace pair that follow the trace).
 # With ./.fi (bench/fetch_flashinfer.sh; carry it too) it builds with -DPKV_WITH_FLASHINFER=ON,
 # runs flashinfer_arm_test, and the trace gets fi_decode / fi_prefill arms and adaptive/FI ratios.
 # Abseil comes from ./.gpudeps (bench/make_gpu_deps.sh) when the machine has none. Device call:
@@ -66,5 +67,16 @@ if [[ "$TRACE" != none ]]; then
   timeout 420 "$BIN/pkv-bench" trace "${ARGS[@]}" --csv="$OUT/trace.csv" --md="$OUT/trace.md" \
     --commit="$COMMIT" 2>"$OUT/trace.err" | tee "$OUT/trace.log"
   tail -5 "$OUT/trace.err"
+fi
+if [[ "${EXTRAS:-1}" != 0 ]]; then
+  # Merged-staged WriteKV ingest against a plain pinned cudaMemcpy of the same bytes.
+  timeout 120 "$BIN/pkv-bench" ingest --md="$OUT/ingest.md" --commit="$COMMIT" 2>&1 | tee "$OUT/ingest.log" | tail -8
+  # CUDA-graph replay against eager launches on the same workloads (one seed).
+  GARGS=(--workloads=bimodal:8,bucketed:1 --seeds=20260623 --layers="$LAYERS")
+  [[ -n "$PROFILE" ]] && GARGS+=(--profile="$PROFILE")
+  for mode in eager graph; do
+    timeout 240 "$BIN/pkv-bench" trace "${GARGS[@]}" --launch-mode=$mode --csv="$OUT/trace-$mode.csv" \
+      --md="$OUT/trace-$mode.md" --commit="$COMMIT" 2>"$OUT/trace-$mode.err" | tail -12 | sed "s/^/[$mode] /"
+  done
 fi
 echo "== engine_cuda_test rc=$TEST_RC; profile ${PROFILE:-none}"

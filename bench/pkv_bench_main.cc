@@ -7,6 +7,7 @@
 //             (bench/trace_bench.h; needs PKV_WITH_CUDA)
 // Flags of `trace`: --workloads=bimodal:8,uniform:8,... --seeds=20260623,... --dtypes=fp16
 //   --layers=32 --hq --hkv --d --page --warmup-steps=3 --steps=0 --requests=0 --profile=PATH
+//   --launch-mode=eager|graph
 //   --pool-fraction=0.85 --csv=PATH --md=PATH --commit=SHA
 // Flags of `kernels`: --dtypes=fp16,bf16 --hq=32 --hkv=8 --d=128 --page=16 --batches=1,2,...
 //   --contexts=512,... --grid=1 --mixed=1 --mixed-steps=3 --runs=50 --warmup=5 --max-kv-gib=8
@@ -41,7 +42,7 @@ std::vector<std::string> SplitCsv(const std::string& s) {
 }
 
 int Usage() {
-  std::fprintf(stderr, "usage: pkv-bench kernels|trace [--flag=value ...] (see bench/pkv_bench_main.cc)\n");
+  std::fprintf(stderr, "usage: pkv-bench kernels|trace|memory|ingest [--flag=value ...] (flags of each: the comment at the top of bench/pkv_bench_main.cc)\n");
   return 2;
 }
 
@@ -111,6 +112,8 @@ int RunTrace(int argc, char** argv) {
       o.num_requests = std::atoi(v.c_str());
     } else if (k == "profile") {
       o.profile_path = v;
+    } else if (k == "launch-mode") {
+      o.launch_mode = v;
     } else if (k == "pool-fraction") {
       o.pool_fraction = std::atof(v.c_str());
     } else if (k == "csv") {

@@ -397,6 +397,12 @@ int RunTraceBench(const TraceBenchOptions& o) {
     engine::CudaBackendOptions bo;
     bo.free_memory_fraction = o.pool_fraction;
     bo.max_batch = 64;
+    absl::StatusOr<engine::LaunchMode> mode = engine::ParseLaunchMode(o.launch_mode);
+    if (!mode.ok()) {
+      std::fprintf(stderr, "pkv-bench trace: --launch-mode: %s\n", std::string(mode.status().message()).c_str());
+      return 2;
+    }
+    bo.launch_mode = *mode;
     auto backend = engine::CreateCudaBackend(shape, bo);
     if (!backend.ok()) {
       std::fprintf(stderr, "pkv-bench trace: %s\n", std::string(backend.status().message()).c_str());
