@@ -213,34 +213,4 @@ int RunIngestBench(const IngestBenchOptions& o) {
   return 0;
 }
 
-int RunIngestBenchFromFlags(int argc, char** argv, const std::string& command) {
-  IngestBenchOptions o;
-  o.command = command;
-  for (int i = 2; i < argc; ++i) {
-    const std::string a = argv[i];
-    const size_t eq = a.find('=');
-    if (a.rfind("--", 0) != 0 || eq == std::string::npos) {
-      std::fprintf(stderr, "bad flag '%s' (want --name=value)\n", a.c_str());
-      return 2;
-    }
-    const std::string k = a.substr(2, eq - 2), v = a.substr(eq + 1);
-    if (k == "prompts") o.num_prompts = std::atoi(v.c_str());
-    else if (k == "min_tokens") o.min_tokens = std::atoll(v.c_str());
-    else if (k == "max_tokens") o.max_tokens = std::atoll(v.c_str());
-    else if (k == "chunk_tokens") o.chunk_tokens = std::atoi(v.c_str());
-    else if (k == "layers") o.num_layers = std::atoi(v.c_str());
-    else if (k == "hkv") o.num_kv_heads = std::atoi(v.c_str());
-    else if (k == "d") o.head_dim = std::atoi(v.c_str());
-    else if (k == "page") o.page_size = std::atoi(v.c_str());
-    else if (k == "repeats") o.repeats = std::atoi(v.c_str());
-    else if (k == "md") o.md_path = v;
-    else if (k == "commit") o.commit = v;
-    else {
-      std::fprintf(stderr, "unknown flag: %s\n", a.c_str());
-      return 2;
-    }
-  }
-  return RunIngestBench(o);
-}
-
 }  // namespace pkv::bench

@@ -31,11 +31,8 @@ struct IngestBenchOptions {
   std::string command;
 };
 
+// Runs the benchmark; returns a process exit code. Flags (bench/pkv_bench_main.cc): --prompts
+// --min_tokens --max_tokens --chunk_tokens --layers --hkv --d --page --repeats --md --commit.
 int RunIngestBench(const IngestBenchOptions& options);
-
-// `pkv-bench ingest --flag=value ...` (argv[1] is "ingest"). Flags: --prompts --min_tokens
-// --max_tokens --chunk_tokens --layers --hkv --d --page --repeats --md --commit. Returns the exit
-// code (2 on a bad flag).
-int RunIngestBenchFromFlags(int argc, char** argv, const std::string& command);
 
 }  // namespace pkv::bench

@@ -163,10 +163,30 @@ int main(int argc, char** argv) {
   }
 #ifdef PKV_BENCH_WITH_CUDA
   if (sub == "trace") return RunTrace(argc, argv);
-  if (sub == "ingest") return pkv::bench::RunIngestBenchFromFlags(argc, argv, CommandLine(argc, argv));
+  if (sub == "ingest") {
+    pkv::bench::IngestBenchOptions o;
+    o.command = CommandLine(argc, argv);
+    const int rc = ForEachFlag(argc, argv, [&o](const std::string& k, const std::string& v) {
+      if (k == "prompts") o.num_prompts = std::atoi(v.c_str());
+      else if (k == "min_tokens") o.min_tokens = std::atoll(v.c_str());
+      else if (k == "max_tokens") o.max_tokens = std::atoll(v.c_str());
+      else if (k == "chunk_tokens") o.chunk_tokens = std::atoi(v.c_str());
+      else if (k == "layers") o.num_layers = std::atoi(v.c_str());
+      else if (k == "hkv") o.num_kv_heads = std::atoi(v.c_str());
+      else if (k == "d") o.head_dim = std::atoi(v.c_str());
+      else if (k == "page") o.page_size = std::atoi(v.c_str());
+      else if (k == "repeats") o.repeats = std::atoi(v.c_str());
+      else if (k == "md") o.md_path = v;
+      else if (k == "commit") o.commit = v;
+      else return false;
+      return true;
+    });
+    if (rc != 0) return rc;
+    return pkv::bench::RunIngestBench(o);
+  }
 #endif
 #ifndef PKV_BENCH_WITH_CUDA
-  std::fprintf(stderr, "pkv-bench kernels needs a build with PKV_WITH_CUDA=ON\n");
+  std::fprintf(stderr, "pkv-bench %s needs a build with PKV_WITH_CUDA=ON\n", sub.c_str());
   return 2;
 #else
   pkv::bench::KernelBenchOptions o;

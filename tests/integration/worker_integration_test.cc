@@ -35,6 +35,45 @@ struct History {
   std::vector<std::vector<double>> k, v;  // [layer]
 };
 
+// Occupies an executor's only thread (and, with fill_queue, its one queue slot) until Release.
+class ExecutorBlocker {
+ public:
+  explicit ExecutorBlocker(service::BoundedExecutor& executor) : executor_(executor) {}
+  ~ExecutorBlocker() { Release(); }
+  // Returns false when the executor refused the tasks.
+  bool Block(bool fill_queue) {
+    const bool submitted = executor_.TrySubmit([this] {
+      std::unique_lock<std::mutex> lock(mu_);
+      started_ = true;
+      cv_.notify_all();
+      cv_.wait(lock, [&] { return released_; });
+    });
+    if (!submitted) return false;
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [&] { return started_; });
+    lock.unlock();
+    return !fill_queue || executor_.TrySubmit([] {});
+  }
+  // Lets the blocked task finish and waits until the executor is idle.
+  void Release() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (released_) return;
+      released_ = true;
+      cv_.notify_all();
+    }
+    while (executor_.queued() > 0 || executor_.running() > 0) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+  }
+
+ private:
+  service::BoundedExecutor& executor_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool started_ = false, released_ = false;
+};
+
 class WorkerIntegrationTest : public ::testing::Test {
  protected:
   void StartWorker(int64_t num_pages, int executor_threads = 2, int executor_queue = 64,
@@ -460,21 +499,8 @@ TEST_F(WorkerIntegrationTest, FullWorkQueueIsResourceExhaustedAndAStreamSurvives
   auto stream = client_->OpenStepStream();
   ASSERT_TRUE(stream.ok());
   // Occupy the only executor thread and its one queue slot.
-  std::mutex mu;
-  std::condition_variable cv;
-  bool release = false, started = false;
-  service::BoundedExecutor& executor = server_->executor_for_testing();
-  ASSERT_TRUE(executor.TrySubmit([&] {
-    std::unique_lock<std::mutex> lock(mu);
-    started = true;
-    cv.notify_all();
-    cv.wait(lock, [&] { return release; });
-  }));
-  {
-    std::unique_lock<std::mutex> lock(mu);
-    cv.wait(lock, [&] { return started; });
-  }
-  ASSERT_TRUE(executor.TrySubmit([] {}));
+  ExecutorBlocker blocker(server_->executor_for_testing());
+  ASSERT_TRUE(blocker.Block(/*fill_queue=*/true));
   auto unary = client_->Step(MakeStep(40, 0, {5}));
   EXPECT_EQ(unary.status().code(), absl::StatusCode::kResourceExhausted) << unary.status();
   EXPECT_NE(unary.status().message().find("work queue"), std::string::npos) << unary.status();
@@ -482,14 +508,7 @@ TEST_F(WorkerIntegrationTest, FullWorkQueueIsResourceExhaustedAndAStreamSurvives
   EXPECT_EQ(streamed.status().code(), absl::StatusCode::kResourceExhausted) << streamed.status();
   // Prefill ingest runs on its own executor: a full step queue does not hold WriteKV up.
   EXPECT_TRUE(WritePrompt(6, 4, 4, {0, 1, 2}).ok());
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    release = true;
-    cv.notify_all();
-  }
-  while (executor.queued() > 0 || executor.running() > 0) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  }
+  blocker.Release();
   ASSERT_TRUE(client_->Release(std::vector<uint64_t>{6}).ok());
   // Nothing ran, so the same token step now goes through on the same stream.
   EXPECT_EQ(Describe().used_tokens, 10);
@@ -510,21 +529,8 @@ TEST_F(WorkerIntegrationTest, FullIngestQueueRefusesWriteKvButDecodeStepsGoOn) {
   StartWorker(16, /*executor_threads=*/1, /*executor_queue=*/1, /*ingest_threads=*/1, /*ingest_queue=*/1);
   ASSERT_TRUE(WritePrompt(5, 10, 10, {0, 1, 2}).ok());
   // Occupy the only ingest thread and its one queue slot.
-  std::mutex mu;
-  std::condition_variable cv;
-  bool release = false, started = false;
-  service::BoundedExecutor& ingest = server_->ingest_executor_for_testing();
-  ASSERT_TRUE(ingest.TrySubmit([&] {
-    std::unique_lock<std::mutex> lock(mu);
-    started = true;
-    cv.notify_all();
-    cv.wait(lock, [&] { return release; });
-  }));
-  {
-    std::unique_lock<std::mutex> lock(mu);
-    cv.wait(lock, [&] { return started; });
-  }
-  ASSERT_TRUE(ingest.TrySubmit([] {}));
+  ExecutorBlocker blocker(server_->ingest_executor_for_testing());
+  ASSERT_TRUE(blocker.Block(/*fill_queue=*/true));
   const absl::Status refused = WritePrompt(6, 4, 4, {0, 1, 2});
   EXPECT_EQ(refused.code(), absl::StatusCode::kResourceExhausted) << refused;
   // Decode is not behind the ingest queue: a whole token step of sequence 5 runs and checks out.
@@ -535,12 +541,7 @@ TEST_F(WorkerIntegrationTest, FullIngestQueueRefusesWriteKvButDecodeStepsGoOn) {
     ASSERT_TRUE(r.ok()) << r.status();
     CheckOutputs(a, *r, &max_err);
   }
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    release = true;
-    cv.notify_all();
-  }
-  while (ingest.queued() > 0 || ingest.running() > 0) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  blocker.Release();
   // Once the queue has room, WriteKV is accepted again; the refused one left nothing behind.
   EXPECT_EQ(Describe().num_sequences, 1);
   ASSERT_TRUE(WritePrompt(6, 4, 4, {0, 1, 2}).ok());
