@@ -37,7 +37,7 @@ if [ "$SMOKE" = 1 ]; then
   printf '#!/usr/bin/env bash\nname="$1"; shift; exec "%s/build/bin/$name" "$@"\n' "$ROOT" >"$B/run"
 fi
 chmod +x "$B/run" "$B"/bin/* 2>/dev/null
-PROFILE=scheduler/profiles/h100-hq32-hkv8-d128-p16-fp16.json
+PROFILE="${PROFILE:-scheduler/profiles/h100-hq32-hkv8-d128-p16-fp16.json}"  # PROFILE=path: another GPU's profile
 MODEL=(--num_layers=32 --num_q_heads=32 --num_kv_heads=8 --head_dim=128 --page_size=16 --dtype=fp16)
 if [ "$SMOKE" = 1 ]; then MODEL=(--num_layers=2 --num_q_heads=8 --num_kv_heads=2 --head_dim=64 --page_size=16 --dtype=fp16); PROFILE=""; fi
 { nvidia-smi 2>/dev/null --query-gpu=name,memory.total,driver_version --format=csv; echo "commit $COMMIT"; } | tee "$WORK/e2e.log"

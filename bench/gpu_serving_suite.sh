@@ -6,7 +6,11 @@
 #   bench/gpu_serving_suite.sh [COMMIT]
 # Environment: JOBS, BUILD_DIR (default build-gpu-serving), TRACE=full|quick|none (default full),
 #   SEEDS (default the held-out 20260623..27), LAYERS (default 32), FI=0 (no FlashInfer),
-#   EXTRAS=0 (skip `pkv-bench ingest` and the eager-vs-graph trace pair that follow the trace).
+#   EXTRAS=0 (skip `pkv-bench ingest` and the eager-vs-graph trace pair that follow the trace),
+#   PROFILE_IN=path (use this calibration profile instead of running pkv-calibrate).
+# One call may not hold everything within the device's 10-minute limit: e.g. first
+#   TRACE=quick (build, tests, calibration, one-seed trace, extras), commit the profile it writes
+#   to scheduler/profiles/, then TRACE=full EXTRAS=0 PROFILE_IN=scheduler/profiles/<it>.json.
 # With ./.fi (bench/fetch_flashinfer.sh; carry it too) it builds with -DPKV_WITH_FLASHINFER=ON,
 # runs flashinfer_arm_test, and the trace gets fi_decode / fi_prefill arms and adaptive/FI ratios.
 # Abseil comes from ./.gpudeps (bench/make_gpu_deps.sh) when the machine has none. Device call:
@@ -55,9 +59,15 @@ if [[ -x "$BIN/flashinfer_arm_test" ]]; then
   echo "flashinfer_arm_test: rc=$?"; grep -E "^\[  (PASSED|FAILED) |Failure" "$OUT/flashinfer_arm_test.log" | tail -6
 fi
 
-PROFILE="$OUT/h100-hq32-hkv8-d128-p16-fp16.json"
-timeout 240 "$BIN/pkv-calibrate" --out="$PROFILE" 2>&1 | tee "$OUT/calibrate.log"
-[[ -f "$PROFILE" ]] || PROFILE=""
+if [[ -n "${PROFILE_IN:-}" ]]; then
+  PROFILE="$PROFILE_IN"  # a profile calibrated in an earlier call (committed or carried)
+  echo "profile: $PROFILE (PROFILE_IN; no calibration in this call)"
+else
+  GPU_TAG=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr 'A-Z' 'a-z' | sed 's/nvidia //; s/[^a-z0-9]\+/-/g; s/-$//')
+  PROFILE="$OUT/${GPU_TAG:-gpu}-hq32-hkv8-d128-p16-fp16.json"
+  timeout 240 "$BIN/pkv-calibrate" --out="$PROFILE" 2>&1 | tee "$OUT/calibrate.log"
+  [[ -f "$PROFILE" ]] || PROFILE=""
+fi
 
 if [[ "$TRACE" != none ]]; then
   WL="bimodal:8,uniform:8,zipf:8,bimodal:4,bucketed:1"
