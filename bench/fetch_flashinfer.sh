@@ -14,6 +14,8 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DIR="${1:-$ROOT/.fi}"
+mkdir -p "$DIR"
+DIR="$(cd "$DIR" && pwd)"  # absolute: the CCCL copy below runs from another folder
 FLASHINFER_VERSION=0.7.4
 CCCL_VERSION=13.3.5.0.6
 NVCC="${NVCC:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}"
@@ -55,7 +57,9 @@ if [[ -x "$NVCC" ]]; then
   done
   (cd "$CCCL_ALL" && grep -o "^$CCCL_ALL/.*" "$TMP/deps" | sed "s|^$CCCL_ALL/||" | sort -u |
     while read -r f; do mkdir -p "$DIR/cccl/include/$(dirname "$f")" && cp "$f" "$DIR/cccl/include/$f"; done)
-  echo "cccl: kept $(find "$DIR/cccl/include" -type f | wc -l) files (include closure via $NVCC -M)"
+  kept=$(find "$DIR/cccl/include" -type f | wc -l)
+  echo "cccl: kept $kept files (include closure via $NVCC -M)"
+  [[ "$kept" -gt 0 ]] || { echo "fetch_flashinfer: no CCCL header kept: the include closure is empty" >&2; exit 1; }
 else
   echo "no nvcc: keeping all of CCCL's cuda/ and nv/ (larger)"
   cp -r "$CCCL_ALL/cuda" "$CCCL_ALL/nv" "$DIR/cccl/include/"

@@ -23,7 +23,7 @@ cmake --build build-cpu -j "$JOBS"
 
 if command -v nvcc >/dev/null 2>&1 || [ -x /usr/local/cuda/bin/nvcc ]; then
   echo "test: core build with CUDA and the FlashInfer arm, no service (PKV_WITH_SERVICE=OFF)"
-  [ -f .fi/VERSIONS ] || bench/fetch_flashinfer.sh .fi
+  [ -f .fi/VERSIONS ] || bench/fetch_flashinfer.sh
   cmake -S . -B build-gpu-core "${CMAKE_ARGS[@]}" -DPKV_WITH_SERVICE=OFF -DPKV_WITH_FLASHINFER=ON
   cmake --build build-gpu-core -j "$JOBS"
   (cd build-gpu-core && ctest --output-on-failure -j "$JOBS" --timeout 900)
