@@ -268,6 +268,9 @@ std::string ReplayReport::Format() const {
                         layer_step_ms.size());
   absl::StrAppendFormat(&s, "  beyond attention p50 %.3f  p99 %.3f  max %.3f  (layer step minus the worker's attention device time)\n",
                         Percentile(overhead_ms, 50), Percentile(overhead_ms, 99), max_of(overhead_ms));
+  absl::StrAppendFormat(&s, "  in the worker    p50 %.3f  p99 %.3f  max %.3f  (of which waiting for an engine thread p50 %.3f  p99 %.3f)\n",
+                        Percentile(server_ms, 50), Percentile(server_ms, 99), max_of(server_ms),
+                        Percentile(queue_ms, 50), Percentile(queue_ms, 99));
   absl::StrAppendFormat(&s, "token step ms     p50 %.3f  p99 %.3f  max %.3f  (n=%d)\n",
                         Percentile(token_step_ms, 50), Percentile(token_step_ms, 99), max_of(token_step_ms),
                         token_step_ms.size());
@@ -313,7 +316,7 @@ std::string ReplayReport::ToJson() const {
       absl::StrFormat(R"("micro_batches": %d, "elapsed_s": %.6g, "decode_s": %.6g, "measured_tokens": %d, )",
                       micro_batches, elapsed_s, decode_s, measured_tokens),
       absl::StrFormat(R"("decode_tokens_per_s": %.6g, )", DecodeTokensPerSecond()),
-      R"("layer_step_ms": )", dist(layer_step_ms), R"(, "overhead_ms": )", dist(overhead_ms), R"(, "token_step_ms": )", dist(token_step_ms),
+      R"("layer_step_ms": )", dist(layer_step_ms), R"(, "overhead_ms": )", dist(overhead_ms), R"(, "server_ms": )", dist(server_ms), R"(, "queue_ms": )", dist(queue_ms), R"(, "token_step_ms": )", dist(token_step_ms),
       R"(, "tbt_ms": )", dist(tbt_ms), ", ",
       absl::StrFormat(R"("window_s": %.6g, "worst_window_tokens_per_s": %.6g, "worst_window_start_s": %.6g, )"
                       R"("median_window_tokens_per_s": %.6g, "busy_windows": %d, )",
@@ -529,7 +532,7 @@ absl::StatusOr<ReplayReport> RunReplay(WorkerClient& client, const ReplayOptions
 
       const Clock::time_point step_t0 = Clock::now();
       const Clock::duration stall_before = group_stall;
-      std::vector<double> layer_ms, overhead_ms;
+      std::vector<double> layer_ms, overhead_ms, server_ms, queue_ms;
       int64_t retries = 0;
       StepArgs args = timed_build(0);
       for (int32_t layer = 0; layer < shape.num_layers; ++layer) {
@@ -576,6 +579,8 @@ absl::StatusOr<ReplayReport> RunReplay(WorkerClient& client, const ReplayOptions
         }
         layer_ms.push_back(Seconds(t1 - t0) * 1e3);
         overhead_ms.push_back(layer_ms.back() - result->attend_seconds * 1e3);
+        server_ms.push_back(result->server_seconds * 1e3);
+        queue_ms.push_back(result->queue_seconds * 1e3);
         if (layer == 0 && !pending_free.empty()) {
           // The worker applied the frees with layer 0.
           pending_free.clear();
@@ -615,6 +620,8 @@ absl::StatusOr<ReplayReport> RunReplay(WorkerClient& client, const ReplayOptions
         if (measured) {
           report.layer_step_ms.insert(report.layer_step_ms.end(), layer_ms.begin(), layer_ms.end());
           report.overhead_ms.insert(report.overhead_ms.end(), overhead_ms.begin(), overhead_ms.end());
+          report.server_ms.insert(report.server_ms.end(), server_ms.begin(), server_ms.end());
+          report.queue_ms.insert(report.queue_ms.end(), queue_ms.begin(), queue_ms.end());
           report.token_step_ms.push_back(Seconds(step_t1 - step_t0 - stalled) * 1e3);
           report.measured_tokens += static_cast<int64_t>(active.size());
           measured_spans.emplace_back(step_t0, step_t1);

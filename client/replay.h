@@ -63,6 +63,8 @@ struct ReplayReport {
   std::vector<double> layer_step_ms;  // per measured layer step: send to answer
   std::vector<double> overhead_ms;    // the same minus the attention's device time that the
                                       // worker reports (host, RPC and transfer cost of a step)
+  std::vector<double> server_ms;      // per measured layer step: time the worker held it
+  std::vector<double> queue_ms;       // of which waiting for an engine thread
   std::vector<double> token_step_ms;  // per measured token step: layer 0 sent to last answer
   std::vector<double> tbt_ms;         // time between tokens: per row, between its consecutive
                                       // measured token steps' completions

@@ -98,6 +98,8 @@ StepResult FromResponse(v1::StepResponse&& r) {
   out.kernel = r.kernel();
   out.replayed = r.replayed();
   out.attend_seconds = r.attend_seconds();
+  out.server_seconds = r.server_seconds();
+  out.queue_seconds = r.queue_seconds();
   return out;
 }
 

@@ -64,6 +64,8 @@ struct StepResult {
   std::string kernel;
   bool replayed = false;
   double attend_seconds = 0.0;
+  double server_seconds = 0.0;  // the worker held the request this long (see worker.proto)
+  double queue_seconds = 0.0;   // of which waiting for an engine thread
 };
 
 struct ClientOptions {

@@ -10,6 +10,7 @@
 #include "service/worker_server.h"
 
 #include <atomic>
+#include <chrono>
 #include <cerrno>
 #include <cstring>
 #include <fstream>
@@ -40,6 +41,15 @@ constexpr char kServiceName[] = "pkv.v1.PersistentKV";
 
 absl::Status DrainingError() {
   return absl::UnavailableError("the worker is draining (shutting down) and takes no new work");
+}
+
+// StepResponse timing: the worker held the request from `received` (read on the API thread) to
+// now; it waited for an engine thread until `started`.
+void SetServerTimes(std::chrono::steady_clock::time_point received, std::chrono::steady_clock::time_point started,
+                    v1::StepResponse* response) {
+  const auto now = std::chrono::steady_clock::now();
+  response->set_server_seconds(std::chrono::duration<double>(now - received).count());
+  response->set_queue_seconds(std::chrono::duration<double>(std::max(started, received) - received).count());
 }
 
 absl::Status BusyError(const BoundedExecutor& executor) {
@@ -96,8 +106,13 @@ class WorkerService final : public v1::PersistentKV::CallbackService {
 
   grpc::ServerUnaryReactor* Step(grpc::CallbackServerContext* ctx, const v1::StepRequest* request,
                                  v1::StepResponse* response) override {
-    return RunUnary(ctx, RpcMethod::kStep, /*refuse_when_draining=*/true,
-                    [this, request, response] { return RunStep(engine_, *request, response); });
+    const auto received = std::chrono::steady_clock::now();
+    return RunUnary(ctx, RpcMethod::kStep, /*refuse_when_draining=*/true, [this, request, response, received] {
+      const auto started = std::chrono::steady_clock::now();
+      absl::Status status = RunStep(engine_, *request, response);
+      SetServerTimes(received, started, response);
+      return status;
+    });
   }
 
   grpc::ServerUnaryReactor* Release(grpc::CallbackServerContext* ctx,
@@ -175,6 +190,7 @@ class StepStreamReactor final : public grpc::ServerBidiReactor<v1::StepRequest, 
       return;
     }
     response_.Clear();
+    received_ = std::chrono::steady_clock::now();
     if (!service_->executor().TrySubmit([this] { Process(); })) {
       service_->stats().Rejected();
       Answer(BusyError(service_->executor()));
@@ -198,6 +214,7 @@ class StepStreamReactor final : public grpc::ServerBidiReactor<v1::StepRequest, 
  private:
   // Executor thread: the engine work for request_.
   void Process() {
+    started_ = std::chrono::steady_clock::now();
     if (cancelled_.load()) {
       Answer(absl::CancelledError("StepStream was cancelled"));
       return;
@@ -211,6 +228,9 @@ class StepStreamReactor final : public grpc::ServerBidiReactor<v1::StepRequest, 
     response_.set_token_step_id(request_.token_step_id());
     response_.set_layer(request_.layer());
     ToRequestStatus(status, response_.mutable_status());
+    // A request refused before it reached an engine thread (queue full) has a stale started_,
+    // older than received_: SetServerTimes counts no queueing for it.
+    SetServerTimes(received_, started_, &response_);
     service_->stats().Count(RpcMethod::kStepStream, ToGrpcStatus(status));
     StartWrite(&response_);
   }
@@ -218,6 +238,7 @@ class StepStreamReactor final : public grpc::ServerBidiReactor<v1::StepRequest, 
   WorkerService* const service_;
   v1::StepRequest request_;
   v1::StepResponse response_;
+  std::chrono::steady_clock::time_point received_, started_;  // request read; engine thread began
   std::atomic<bool> cancelled_{false};
 };
 

@@ -614,6 +614,15 @@ TEST_F(WorkerIntegrationTest, ReplayWithInterleavedMicroBatchesAndConcurrentPref
   EXPECT_GT(report->pool_samples, 0);
   EXPECT_GE(report->kv_reserved_peak_bytes, report->kv_used_peak_bytes);
   EXPECT_GT(report->decode_s, 0.0);
+  // The worker's own share of each layer-step: positive, within the client's round trip, and
+  // the engine-thread wait within it.
+  ASSERT_EQ(report->server_ms.size(), report->layer_step_ms.size());
+  ASSERT_EQ(report->queue_ms.size(), report->layer_step_ms.size());
+  for (size_t i = 0; i < report->server_ms.size(); ++i) {
+    EXPECT_GT(report->server_ms[i], 0.0);
+    EXPECT_LE(report->server_ms[i], report->layer_step_ms[i]);
+    EXPECT_LE(report->queue_ms[i], report->server_ms[i]);
+  }
   // Finished rows were freed by the next token step's `free` delta or by Release: nothing is left.
   EXPECT_TRUE(WaitAllFree());
 }
