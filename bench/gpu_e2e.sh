@@ -101,7 +101,8 @@ run_replay mooncake_conv "$P1" "$LIM" --trace_csv=data/traces/mooncake_fast25_co
 scrape "$M1" paged
 kill -TERM "$W1"; wait "$W1"; echo "worker paged exit $?" | tee -a "$WORK/e2e.log"
 
-if "$B/run" pkv-worker --help 2>&1 | grep -q -- '--launch_mode'; then
+WORKER_HELP=$("$B/run" pkv-worker --help 2>&1 || true)  # --help exits 1
+if grep -q -- '--launch_mode' <<<"$WORKER_HELP"; then
   start_worker graph "${POOL[@]}" --launch_mode=graph || exit 1
   run_replay bimodal_b8_graph "$PORT" "$LIM" "${BIMODAL[@]}" --batch=8
   scrape "$MPORT" graph
@@ -128,16 +129,17 @@ for name in ["bimodal_b8", "bimodal_b4x2", "bimodal_b8_graph", "azure_conv", "az
         continue
     r = json.load(open(p))
     mib = 1024 * 1024
-    rows.append("| %s | %d/%d | %.0f | %.3f / %.3f | %.3f / %.3f | %.2f / %.2f / %.2f | %.0f | %.0f / %.0f | %.0f | %d / %d |" % (
+    rows.append("| %s | %d/%d | %.0f | %.3f / %.3f | %.3f / %.3f | %.3f / %.3f | %.2f / %.2f / %.2f | %.0f | %.0f / %.0f | %.0f | %d / %d |" % (
         name, r["requests_done"], r["requests_total"], r["decode_tokens_per_s"],
         r["layer_step_ms"]["p50"], r["layer_step_ms"]["p99"], r["overhead_ms"]["p50"], r["overhead_ms"]["p99"],
+        r["layer_step_ms"]["p50"] - r["server_ms"]["p50"], r["queue_ms"]["p99"],
         r["tbt_ms"]["p50"], r["tbt_ms"]["p99"], r["tbt_ms"]["max"], r["worst_window_tokens_per_s"],
         r["kv_reserved_mean_bytes"] / mib, r["kv_reserved_peak_bytes"] / mib, r["kv_used_mean_bytes"] / mib,
         r["outputs_checked"], r["check_failures"]))
 print("commit %s; 32 layers, Hq 32, Hkv 8, d 128, page 16, fp16, loopback gRPC" % commit)
 print()
-print("| run | done | decode tok/s | layer step ms p50 / p99 | beyond attention ms p50 / p99 | between tokens ms p50 / p99 / max | worst 1 s window tok/s | KV reserved MiB mean / peak | KV used MiB mean | checked / failed |")
-print("|---|---|---|---|---|---|---|---|---|---|")
+print("| run | done | decode tok/s | layer step ms p50 / p99 | beyond attention ms p50 / p99 | transport+client ms p50 / engine-thread wait ms p99 | between tokens ms p50 / p99 / max | worst 1 s window tok/s | KV reserved MiB mean / peak | KV used MiB mean | checked / failed |")
+print("|---|---|---|---|---|---|---|---|---|---|---|")
 print("\n".join(rows))
 PY
 tar czf "$OUT/e2e.tgz" -C "$WORK" .
