@@ -4,7 +4,7 @@
 # the engine), pkv-calibrate (fits the cost-model profile), then `pkv-bench trace` with that
 # profile. Logs, the profile and CSV/markdown go to $OUT; a short summary is printed last.
 #   bench/gpu_serving_suite.sh [COMMIT]
-# Environment: JOBS, BUILD_DIR (default build-gpu-serving), TRACE=full|quick|none (default full),
+# Environment: JOBS, BUILD_DIR (default build-gpu, shared with gpu_suite.sh), TRACE=full|quick|none (default full),
 #   SEEDS (default the held-out 20260623..27), LAYERS (default 32), FI=0 (no FlashInfer),
 #   EXTRAS=0 (skip `pkv-bench ingest` and the eager-vs-graph trace pair that follow the trace),
 #   PROFILE_IN=path (use this calibration profile instead of running pkv-calibrate).
@@ -22,7 +22,7 @@ cd "$ROOT"
 OUT="${OUT:-$ROOT/gpu-out}"
 mkdir -p "$OUT"
 COMMIT="${1:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
-BUILD_DIR="${BUILD_DIR:-build-gpu-serving}"
+BUILD_DIR="${BUILD_DIR:-build-gpu}"  # shared with gpu_suite.sh: a warm machine reuses it
 JOBS="${JOBS:-$(nproc)}"
 TRACE="${TRACE:-full}"
 SEEDS="${SEEDS:-20260623,20260624,20260625,20260626,20260627}"

@@ -3,7 +3,7 @@
 # benchmark. Logs and CSVs go to $OUT (default ./gpu-out); a short table is printed last.
 #
 #   bench/gpu_suite.sh [COMMIT]
-# Environment: JOBS (build parallelism, default nproc), BUILD_DIR (default build-gpu-suite),
+# Environment: JOBS (build parallelism, default nproc), BUILD_DIR (default build-gpu, shared with gpu_serving_suite.sh),
 #   TESTS=0 (skip tests), BENCH=full|quick|none (default full), G18=0 (skip the G=1 / G=8 runs),
 #   PKV_PREBUILT=DIR (a make-gpu-bundle.sh bundle to use when the build fails or is skipped),
 #   SKIP_BUILD=1, SANITIZE=1 (compute-sanitizer memcheck + racecheck on the shape sweep),
@@ -21,7 +21,7 @@ cd "$ROOT"
 OUT="${OUT:-$ROOT/gpu-out}"
 mkdir -p "$OUT"
 COMMIT="${1:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
-BUILD_DIR="${BUILD_DIR:-build-gpu-suite}"
+BUILD_DIR="${BUILD_DIR:-build-gpu}"  # shared with gpu_serving_suite.sh: a warm machine reuses it
 JOBS="${JOBS:-$(nproc)}"
 BENCH="${BENCH:-full}"
 
