@@ -8,7 +8,10 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
+#include <fstream>
+#include <iterator>
 #include <string>
 #include <thread>
 #include <vector>
@@ -143,6 +146,33 @@ TEST(WorkerProcessTest, ReplayAgainstTheWorkerBinaryThenSigtermExitsZero) {
 
   // A request that can never fit the pool is a clear error, not a hang.
   status = RunReplay({target, "--workload=homogeneous", "--num_requests=1"}, &out);
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 2);
+
+  // Two interleaved micro-batches and the Mooncake slice (with its block_hashes column), with a
+  // JSON report; then a bad --micro_batches is refused before anything runs.
+  const std::string json = ::testing::TempDir() + "/pkv_replay_report.json";
+  std::remove(json.c_str());
+  status = RunReplay({target, "--trace_csv=" PKV_TRACES_DIR "/mooncake_fast25_conversation_head.csv",
+                      "--num_requests=6", "--batch=2", "--micro_batches=2", "--context_scale=0.005",
+                      "--max_output=6", "--check_fraction=0.2", "--report_json=" + json},
+                     &out);
+  ASSERT_TRUE(WIFEXITED(status)) << out;
+  EXPECT_EQ(WEXITSTATUS(status), 0) << out;
+  EXPECT_NE(out.find("6/6 done"), std::string::npos) << out;
+  EXPECT_NE(out.find("2 micro-batches"), std::string::npos) << out;
+  EXPECT_NE(out.find("between tokens ms"), std::string::npos) << out;
+  {
+    std::ifstream in(json);
+    const std::string report((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    ASSERT_FALSE(report.empty()) << "no " << json;
+    EXPECT_EQ(report.front(), '{') << report;
+    for (const char* key : {"\"requests_done\": 6", "\"micro_batches\": 2", "\"tbt_ms\"", "\"server_ms\"",
+                            "\"kv_reserved_peak_bytes\"", "\"check_failures\": 0"}) {
+      EXPECT_NE(report.find(key), std::string::npos) << key << " missing in " << report;
+    }
+  }
+  status = RunReplay({target, "--micro_batches=0"}, &out);
   ASSERT_TRUE(WIFEXITED(status));
   EXPECT_EQ(WEXITSTATUS(status), 2);
 
