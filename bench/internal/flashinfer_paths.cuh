@@ -71,6 +71,29 @@ flashinfer::paged_kv_t<T, int32_t> PagedKv(const Problem& p) {
       const_cast<int32_t*>(p.page_indices), const_cast<int32_t*>(p.page_indptr), const_cast<int32_t*>(p.last_page_len));
 }
 
+// The fields both paths' params structs share: tensors, strides, the default variant's scalars
+// and the plan's work arrays in the int workspace.
+template <typename T, typename Info, typename Params>
+void SetSharedParams(const Problem& p, const Workspace& ws, const Info& info, Params* params) {
+  params->q = static_cast<T*>(const_cast<void*>(p.q));
+  params->paged_kv = PagedKv<T>(p);
+  params->o = static_cast<T*>(p.out);
+  params->lse = p.lse;
+  params->num_qo_heads = p.num_q_heads;
+  params->q_stride_n = p.num_q_heads * kHeadDim;
+  params->q_stride_h = kHeadDim;
+  params->window_left = -1;
+  params->logits_soft_cap = 0.f;
+  params->sm_scale = p.sm_scale;
+  params->rope_rcp_scale = 1.f;
+  params->rope_rcp_theta = 1e-4f;
+  params->request_indices = flashinfer::GetPtrFromBaseOffset<int32_t>(ws.int_buf, info.request_indices_offset);
+  params->kv_tile_indices = flashinfer::GetPtrFromBaseOffset<int32_t>(ws.int_buf, info.kv_tile_indices_offset);
+  params->o_indptr = flashinfer::GetPtrFromBaseOffset<int32_t>(ws.int_buf, info.o_indptr_offset);
+  params->kv_chunk_size_ptr = flashinfer::GetPtrFromBaseOffset<int32_t>(ws.int_buf, info.kv_chunk_size_ptr_offset);
+  params->padded_batch_size = static_cast<uint32_t>(info.padded_batch_size);
+}
+
 template <typename T>
 std::string DecodePlan(const Workspace& ws, const PlanInput& in, PlanInfo* plan, void* stream) {
   try {
@@ -99,23 +122,7 @@ std::string DecodeRun(const Workspace& ws, const PlanInfo& plan, const Problem& 
     flashinfer::DecodePlanInfo info;
     info.FromVector(LoadPlan(plan));
     DecodeParamsT<T> params;
-    params.q = static_cast<T*>(const_cast<void*>(p.q));
-    params.paged_kv = PagedKv<T>(p);
-    params.o = static_cast<T*>(p.out);
-    params.lse = p.lse;
-    params.num_qo_heads = p.num_q_heads;
-    params.q_stride_n = p.num_q_heads * kHeadDim;
-    params.q_stride_h = kHeadDim;
-    params.window_left = -1;
-    params.logits_soft_cap = 0.f;
-    params.sm_scale = p.sm_scale;
-    params.rope_rcp_scale = 1.f;
-    params.rope_rcp_theta = 1e-4f;
-    params.request_indices = flashinfer::GetPtrFromBaseOffset<int32_t>(ws.int_buf, info.request_indices_offset);
-    params.kv_tile_indices = flashinfer::GetPtrFromBaseOffset<int32_t>(ws.int_buf, info.kv_tile_indices_offset);
-    params.o_indptr = flashinfer::GetPtrFromBaseOffset<int32_t>(ws.int_buf, info.o_indptr_offset);
-    params.kv_chunk_size_ptr = flashinfer::GetPtrFromBaseOffset<int32_t>(ws.int_buf, info.kv_chunk_size_ptr_offset);
-    params.padded_batch_size = static_cast<uint32_t>(info.padded_batch_size);
+    SetSharedParams<T>(p, ws, info, &params);
     T* tmp_v = nullptr;
     float* tmp_s = nullptr;
     if (info.split_kv) {
@@ -159,26 +166,10 @@ std::string PrefillRun(const Workspace& ws, const PlanInfo& plan, const Problem&
     flashinfer::PrefillPlanInfo info;
     info.FromVector(LoadPlan(plan));
     PrefillParamsT<T> params;
-    params.q = static_cast<T*>(const_cast<void*>(p.q));
-    params.paged_kv = PagedKv<T>(p);
+    SetSharedParams<T>(p, ws, info, &params);
     params.q_indptr = const_cast<int32_t*>(p.qo_indptr);
-    params.o = static_cast<T*>(p.out);
-    params.lse = p.lse;
     params.group_size = flashinfer::uint_fastdiv(p.num_q_heads / p.num_kv_heads);
-    params.num_qo_heads = p.num_q_heads;
-    params.q_stride_n = p.num_q_heads * kHeadDim;
-    params.q_stride_h = kHeadDim;
-    params.window_left = -1;
-    params.logits_soft_cap = 0.f;
-    params.sm_scale = p.sm_scale;
-    params.rope_rcp_scale = 1.f;
-    params.rope_rcp_theta = 1e-4f;
-    params.request_indices = flashinfer::GetPtrFromBaseOffset<int32_t>(ws.int_buf, info.request_indices_offset);
     params.qo_tile_indices = flashinfer::GetPtrFromBaseOffset<int32_t>(ws.int_buf, info.qo_tile_indices_offset);
-    params.kv_tile_indices = flashinfer::GetPtrFromBaseOffset<int32_t>(ws.int_buf, info.kv_tile_indices_offset);
-    params.o_indptr = flashinfer::GetPtrFromBaseOffset<int32_t>(ws.int_buf, info.o_indptr_offset);
-    params.kv_chunk_size_ptr = flashinfer::GetPtrFromBaseOffset<int32_t>(ws.int_buf, info.kv_chunk_size_ptr_offset);
-    params.padded_batch_size = static_cast<uint32_t>(info.padded_batch_size);
     params.max_total_num_rows = static_cast<uint32_t>(info.total_num_rows);
     params.total_num_rows = nullptr;    // no CUDA graph
     params.block_valid_mask = nullptr;  // no CUDA graph
