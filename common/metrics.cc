@@ -125,14 +125,15 @@ WorkerMetrics::WorkerMetrics(const BuildInfo& build) : registry_(std::make_share
                   .Add({});
   auto& graphs = BuildCounter()
                      .Name("pkv_cuda_graph_launches_total")
-                     .Help("Layer-steps by CUDA-graph outcome (hit: replayed a captured graph; miss: "
-                           "captured or ran eagerly).")
+                     .Help("Layer-steps by CUDA-graph outcome (hit: replayed a captured graph, per-layer "
+                           "arguments patched; miss: ran eagerly, or captured and updated the graph).")
                      .Register(r);
   graph_hits_ = &graphs.Add({{"result", "hit"}});
   graph_misses_ = &graphs.Add({{"result", "miss"}});
   graph_padding_rows_ = &BuildCounter()
                              .Name("pkv_cuda_graph_padding_rows_total")
-                             .Help("Rows of padding added to reach a captured batch-size bucket.")
+                             .Help("Rows of padding added to reach a captured batch-size bucket (0: graphs "
+                                   "are updated to the batch, not padded).")
                              .Register(r)
                              .Add({});
   ingest_bytes_ = &BuildCounter()

@@ -31,6 +31,12 @@
 
 namespace pkv::engine {
 
+// What a backend reports about one layer it ran.
+struct LayerRunInfo {
+  double attend_seconds = 0;  // the attention's device time
+  bool graph_replay = false;  // replayed a captured CUDA graph (no capture, no eager launches)
+};
+
 // One token step's page table in CSR form (host memory), shared by all of its layers.
 struct PageTableCsr {
   std::vector<int32_t> indptr;         // [B + 1]
@@ -58,12 +64,13 @@ class ExecutionBackend {
       const scheduler::StepPlan& plan, const PageTableCsr& table,
       std::span<const kvpool::SlotAddr> new_slots) = 0;
 
-  // One layer of an open token step (concurrency: see the file comment): writes `k`, `v` [B, Hkv, d] into the rows' new-token slots,
-  // then runs attention of `q` [B, Hq, d] into `out` [B, Hq, d] (host buffers, model dtype) and
-  // `lse` [B, Hq] when not null. `attend_seconds` receives the attention's device time.
+  // One layer of an open token step (concurrency: see the file comment): writes `k`, `v`
+  // [B, Hkv, d] into the rows' new-token slots, then runs attention of `q` [B, Hq, d] into `out`
+  // [B, Hq, d] (host buffers, model dtype) and `lse` [B, Hq] when not null. `info` (not null)
+  // receives the attention's device time and how the layer was launched.
   [[nodiscard]] virtual absl::Status RunLayer(int32_t slot, int32_t layer, const void* q,
                                               const void* k, const void* v, void* out, float* lse,
-                                              double* attend_seconds) = 0;
+                                              LayerRunInfo* info) = 0;
 
   // Frees the descriptor slot of a completed or aborted token step.
   virtual void EndTokenStep(int32_t slot) = 0;

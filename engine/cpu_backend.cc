@@ -53,7 +53,7 @@ class CpuBackend final : public ExecutionBackend {
   }
 
   absl::Status RunLayer(int32_t slot, int32_t layer, const void* q, const void* k, const void* v,
-                        void* out, float* lse, double* attend_seconds) override {
+                        void* out, float* lse, LayerRunInfo* info) override {
     PKV_CHECK(slot >= 0 && slot < kSlots && slots_[slot].used) << "bad descriptor slot " << slot;
     const Slot& d = slots_[slot];
     if (!d.new_slots.empty()) {
@@ -78,9 +78,8 @@ class CpuBackend final : public ExecutionBackend {
     p.lse = lse;
     const auto t0 = std::chrono::steady_clock::now();
     absl::Status st = kernels::reference::Launch(p, nullptr, nullptr, num_threads_);
-    if (attend_seconds != nullptr) {
-      *attend_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    }
+    info->attend_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    info->graph_replay = false;
     return st;
   }
 

@@ -195,7 +195,7 @@ class CudaBackend final : public ExecutionBackend {
   }
 
   absl::Status RunLayer(int32_t id, int32_t layer, const void* q, const void* k, const void* v, void* out,
-                        float* lse, double* attend_seconds) override {
+                        float* lse, LayerRunInfo* info) override {
     PKV_CHECK(id >= 0 && id < static_cast<int32_t>(slots_.size()) && slots_[id].used) << "bad slot " << id;
     Slot& slot = slots_[id];
     const ModelShape& s = arena_->shape();
@@ -208,14 +208,16 @@ class CudaBackend final : public ExecutionBackend {
     std::memcpy(io + k_at, k, kvb);
     std::memcpy(io + v_at, v, kvb);
     bool done = false;
+    info->graph_replay = false;
     if (options_.launch_mode == LaunchMode::kGraph && !slot.graph_off) {
-      if (absl::Status st = RunLayerGraph(id, slot, layer, lse != nullptr); st.ok()) {
+      if (absl::Status st = RunLayerGraph(id, slot, layer, lse != nullptr, &info->graph_replay); st.ok()) {
         done = true;
       } else {
         // Once per slot: this slot runs eagerly from now on.
         PKV_LOG(WARNING) << "cuda backend slot " << id << ": CUDA graph replay failed (" << st
                          << "); falling back to eager launches";
         slot.graph_off = true;
+        info->graph_replay = false;
         (void)cudaGetLastError();
       }
     }
@@ -231,7 +233,7 @@ class CudaBackend final : public ExecutionBackend {
     }
     float ms = 0;
     PKV_CUDA_RETURN(cudaEventElapsedTime(&ms, slot.start, slot.stop), "elapsed");
-    if (attend_seconds != nullptr) *attend_seconds = ms * 1e-3;
+    info->attend_seconds = ms * 1e-3;
     return absl::OkStatus();
   }
 
@@ -415,8 +417,10 @@ class CudaBackend final : public ExecutionBackend {
 
   // LaunchMode::kGraph: a token step's first layer captures its launch sequence and updates (or
   // instantiates, the first time for its bucket and arm) the slot's executable graph; later
-  // layers patch the layer's arguments into the kernel nodes. Then one graph launch.
-  absl::Status RunLayerGraph(int32_t id, Slot& slot, int32_t layer, bool has_lse) {
+  // layers patch the layer's arguments into the kernel nodes. Then one graph launch. `*replayed`:
+  // the layer only patched and launched (no capture).
+  absl::Status RunLayerGraph(int32_t id, Slot& slot, int32_t layer, bool has_lse, bool* replayed) {
+    *replayed = false;
     if (slot.step_graph >= 0 && slot.graphs[slot.step_graph].lse != has_lse) slot.step_graph = -1;
     if (slot.step_graph < 0) {
       if (slot.step_capture != nullptr) {
@@ -505,6 +509,7 @@ class CudaBackend final : public ExecutionBackend {
       if (slot.num_step_kernels < 2) return absl::InternalError("cuda backend: captured layer lacks its kernels");
       slot.step_graph = entry;
     } else {
+      *replayed = true;
       const GraphEntry& g = slot.graphs[slot.step_graph];
       slot.graph_append = AppendParams(slot, layer);
       slot.graph_decode = LayerParams(slot, layer, has_lse);

@@ -343,9 +343,11 @@ absl::StatusOr<StepOutput> Engine::RunLayer(std::unique_lock<std::mutex>& lock, 
   result.out.resize(b * shape_.num_q_heads * shape_.head_dim * DTypeSize(shape_.dtype));
   if (in.want_lse) result.lse.resize(b * shape_.num_q_heads);
   absl::Status run = absl::OkStatus();
+  LayerRunInfo info;
   if (b > 0) {
     run = backend_->RunLayer(slot, in.layer, in.q.data(), in.k.data(), in.v.data(), result.out.data(),
-                             in.want_lse ? result.lse.data() : nullptr, &result.attend_seconds);
+                             in.want_lse ? result.lse.data() : nullptr, &info);
+    result.attend_seconds = info.attend_seconds;
   }
   lock.lock();
   ts.running_layer = -1;
@@ -363,6 +365,7 @@ absl::StatusOr<StepOutput> Engine::RunLayer(std::unique_lock<std::mutex>& lock, 
   event.attend_seconds = result.attend_seconds;
   event.predicted_seconds = ts.plan.predicted_us * 1e-6;
   event.launches = ts.plan.launches_per_layer;
+  event.graph_replay = info.graph_replay;
   event.step_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
   observer_->OnLayerStep(event);
   return result;

@@ -389,7 +389,7 @@ class GatedBackend final : public ExecutionBackend {
   void EndTokenStep(int32_t slot) override { inner_->EndTokenStep(slot); }
 
   absl::Status RunLayer(int32_t slot, int32_t layer, const void* q, const void* k, const void* v, void* out,
-                        float* lse, double* attend_seconds) override {
+                        float* lse, LayerRunInfo* info) override {
     const int now = ++running_;
     for (int m = max_running_.load(); now > m && !max_running_.compare_exchange_weak(m, now);) {
     }
@@ -402,7 +402,7 @@ class GatedBackend final : public ExecutionBackend {
       }
     }
     if (delay_.count() > 0) std::this_thread::sleep_for(delay_);
-    absl::Status s = inner_->RunLayer(slot, layer, q, k, v, out, lse, attend_seconds);
+    absl::Status s = inner_->RunLayer(slot, layer, q, k, v, out, lse, info);
     --running_;
     return s;
   }
