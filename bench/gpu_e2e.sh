@@ -17,7 +17,9 @@
 #                     (--static_slot_tokens=8192: max context reserved per sequence)
 #   mooncake_conv     Mooncake conversation slice with its arrival times (prompts scaled 1/4)
 # Everything lands in $OUT/e2e.tgz (logs, JSON reports, worker metrics); a table is printed last.
-# QUICK=1 shortens every run. SMOKE=1 checks the script itself on a machine without a GPU: CPU
+# RUNS="name ..." runs only those (one device call may not hold all six within its 10 minutes:
+# e.g. RUNS="bimodal_b8 bimodal_b4x2 bimodal_b8_graph", then the three trace runs). QUICK=1
+# shortens every run. SMOKE=1 checks the script itself on a machine without a GPU: CPU
 # backend, 2 layers, prompts scaled to 1/64, binaries from build/bin (implies QUICK=1).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -81,28 +83,32 @@ print(urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics", timeout=
 PY
 }
 
+# want NAME: NAME is among $RUNS (all when RUNS is empty).
+want() { [ -z "${RUNS:-}" ] || [[ " $RUNS " == *" $1 "* ]]; }
 N24=24; NAZ=200; NMC=80; LIM=240
 if [ "$QUICK" = 1 ]; then N24=8; NAZ=24; NMC=8; LIM=120; fi
 
 POOL=(--gpu_memory_fraction=0.5)
 [ "$SMOKE" = 1 ] && POOL=(--num_pages=8192)
-start_worker paged "${POOL[@]}" || exit 1
-P1=$PORT; M1=$MPORT; W1=${PIDS[-1]}
 BIMODAL=(--workload=bimodal --num_requests=$N24 --seed=20260623 --check_fraction=0.002 --prefill_streams=8
          --chunk_tokens=1024 --warmup_steps=3)
-run_replay bimodal_b8 "$P1" "$LIM" "${BIMODAL[@]}" --batch=8
-run_replay bimodal_b4x2 "$P1" "$LIM" "${BIMODAL[@]}" --batch=4 --micro_batches=2
-run_replay azure_conv "$P1" "$LIM" --trace_csv=data/traces/azure_llm_2023_conv_head.csv --honor_arrivals=true \
-  --num_requests=$NAZ --batch=32 --seed=20260624 --check_fraction=0.002 --prefill_streams=8 --chunk_tokens=1024 \
-  --pool_sample_ms=50
-run_replay mooncake_conv "$P1" "$LIM" --trace_csv=data/traces/mooncake_fast25_conversation_head.csv \
-  --honor_arrivals=true --num_requests=$NMC --context_scale=0.25 --max_output=256 --batch=32 --seed=20260625 \
-  --check_fraction=0.002 --prefill_streams=8 --chunk_tokens=1024 --pool_sample_ms=50
-scrape "$M1" paged
-kill -TERM "$W1"; wait "$W1"; echo "worker paged exit $?" | tee -a "$WORK/e2e.log"
+if want bimodal_b8 || want bimodal_b4x2 || want azure_conv || want mooncake_conv; then
+  start_worker paged "${POOL[@]}" || exit 1
+  P1=$PORT; M1=$MPORT; W1=${PIDS[-1]}
+  want bimodal_b8 && run_replay bimodal_b8 "$P1" "$LIM" "${BIMODAL[@]}" --batch=8
+  want bimodal_b4x2 && run_replay bimodal_b4x2 "$P1" "$LIM" "${BIMODAL[@]}" --batch=4 --micro_batches=2
+  want azure_conv && run_replay azure_conv "$P1" "$LIM" --trace_csv=data/traces/azure_llm_2023_conv_head.csv \
+    --honor_arrivals=true --num_requests=$NAZ --batch=32 --seed=20260624 --check_fraction=0.002 --prefill_streams=8 \
+    --chunk_tokens=1024 --pool_sample_ms=50
+  want mooncake_conv && run_replay mooncake_conv "$P1" "$LIM" --trace_csv=data/traces/mooncake_fast25_conversation_head.csv \
+    --honor_arrivals=true --num_requests=$NMC --context_scale=0.25 --max_output=256 --batch=32 --seed=20260625 \
+    --check_fraction=0.002 --prefill_streams=8 --chunk_tokens=1024 --pool_sample_ms=50
+  scrape "$M1" paged
+  kill -TERM "$W1"; wait "$W1"; echo "worker paged exit $?" | tee -a "$WORK/e2e.log"
+fi
 
 WORKER_HELP=$("$B/run" pkv-worker --help 2>&1 || true)  # --help exits 1
-if grep -q -- '--launch_mode' <<<"$WORKER_HELP"; then
+if want bimodal_b8_graph && grep -q -- '--launch_mode' <<<"$WORKER_HELP"; then
   start_worker graph "${POOL[@]}" --launch_mode=graph || exit 1
   run_replay bimodal_b8_graph "$PORT" "$LIM" "${BIMODAL[@]}" --batch=8
   scrape "$MPORT" graph
@@ -111,12 +117,14 @@ fi
 
 # Static baseline: every sequence reserves 8192 tokens (max context) at creation; 24576 pages
 # (48 GiB) hold the 32 rows plus 8 prompts written ahead.
-start_worker static --num_pages=24576 --static_slot_tokens=8192 || exit 1
-run_replay azure_conv_static "$PORT" "$LIM" --trace_csv=data/traces/azure_llm_2023_conv_head.csv \
-  --honor_arrivals=true --num_requests=$NAZ --batch=32 --seed=20260624 --check_fraction=0.002 --prefill_streams=8 \
-  --prefill_ahead=8 --chunk_tokens=1024 --pool_sample_ms=50
-scrape "$MPORT" static
-kill -TERM "${PIDS[-1]}"; wait "${PIDS[-1]}"; echo "worker static exit $?" | tee -a "$WORK/e2e.log"
+if want azure_conv_static; then
+  start_worker static --num_pages=24576 --static_slot_tokens=8192 || exit 1
+  run_replay azure_conv_static "$PORT" "$LIM" --trace_csv=data/traces/azure_llm_2023_conv_head.csv \
+    --honor_arrivals=true --num_requests=$NAZ --batch=32 --seed=20260624 --check_fraction=0.002 --prefill_streams=8 \
+    --prefill_ahead=8 --chunk_tokens=1024 --pool_sample_ms=50
+  scrape "$MPORT" static
+  kill -TERM "${PIDS[-1]}"; wait "${PIDS[-1]}"; echo "worker static exit $?" | tee -a "$WORK/e2e.log"
+fi
 trap - EXIT
 
 python3 - "$WORK" "$COMMIT" <<'PY' | tee "$WORK/summary.md"
