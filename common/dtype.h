@@ -98,4 +98,28 @@ inline uint16_t FromFloat(DType dtype, float f) {
   return dtype == DType::kF16 ? FloatToHalf(f) : FloatToBFloat16(f);
 }
 
+// Index of the first NaN or infinity among the 2-byte little-endian elements of `bytes` (an odd
+// trailing byte is ignored), or -1 when every element is finite. Blocks are scanned with a
+// branch-free OR so the common all-finite case vectorises; only a block with a hit is searched.
+inline int64_t FirstNonFinite(DType dtype, const uint8_t* bytes, size_t size) {
+  // All exponent bits set: infinity or NaN.
+  const uint16_t mask = dtype == DType::kF16 ? 0x7C00u : 0x7F80u;
+  const size_t n = size / 2;
+  constexpr size_t kBlock = 256;
+  for (size_t begin = 0; begin < n; begin += kBlock) {
+    const size_t end = begin + kBlock < n ? begin + kBlock : n;
+    uint32_t hit = 0;
+    for (size_t i = begin; i < end; ++i) {
+      const uint16_t x = static_cast<uint16_t>(bytes[2 * i] | (bytes[2 * i + 1] << 8));
+      hit |= static_cast<uint32_t>((x & mask) == mask);
+    }
+    if (hit == 0) continue;
+    for (size_t i = begin; i < end; ++i) {
+      const uint16_t x = static_cast<uint16_t>(bytes[2 * i] | (bytes[2 * i + 1] << 8));
+      if ((x & mask) == mask) return static_cast<int64_t>(i);
+    }
+  }
+  return -1;
+}
+
 }  // namespace pkv

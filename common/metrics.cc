@@ -201,6 +201,26 @@ WorkerMetrics::WorkerMetrics(const BuildInfo& build) : registry_(std::make_share
                            .Help("Requests refused with RESOURCE_EXHAUSTED because the step queue was full.")
                            .Register(r)
                            .Add({});
+  auto& malformed = BuildCounter()
+                        .Name("pkv_malformed_messages_total")
+                        .Help("Request messages that could not be parsed (answered INVALID_ARGUMENT), by method.")
+                        .Register(r);
+  for (int m = 0; m < kNumRpcMethods; ++m) {
+    malformed_[m] = &malformed.Add({{"method", RpcMethodName(static_cast<RpcMethod>(m))}});
+  }
+  auto& reclaimed = BuildCounter()
+                        .Name("pkv_reclaimed_total")
+                        .Help("Resources a dead or stalled router left behind, taken back by a lease: open token "
+                              "steps aborted, WriteKV prompts cancelled, idle sequences released.")
+                        .Register(r);
+  reclaimed_[0] = &reclaimed.Add({{"kind", "token_step"}});
+  reclaimed_[1] = &reclaimed.Add({{"kind", "prompt"}});
+  reclaimed_[2] = &reclaimed.Add({{"kind", "sequence"}});
+  reclaimed_pages_ = &BuildCounter()
+                          .Name("pkv_reclaimed_pages_total")
+                          .Help("KV pages returned to the free list by leases (idle sequences and cancelled prompts).")
+                          .Register(r)
+                          .Add({});
 }
 
 }  // namespace pkv

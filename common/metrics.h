@@ -93,6 +93,13 @@ class WorkerMetrics {
   }
   prometheus::Gauge& inflight_streams(RpcMethod m) { return *inflight_[static_cast<int>(m)]; }
   prometheus::Counter& queue_rejections() { return *queue_rejections_; }
+  // Messages that could not be parsed as the method's request type (answered INVALID_ARGUMENT).
+  prometheus::Counter& malformed(RpcMethod m) { return *malformed_[static_cast<int>(m)]; }
+
+  // --- leases: what a dead or stalled router left behind and the worker took back ---
+  enum class Reclaim : uint8_t { kTokenStep = 0, kPrompt, kSequence };
+  prometheus::Counter& reclaimed(Reclaim kind) { return *reclaimed_[static_cast<int>(kind)]; }
+  prometheus::Counter& reclaimed_pages() { return *reclaimed_pages_; }
 
  private:
   std::shared_ptr<prometheus::Registry> registry_;
@@ -125,6 +132,9 @@ class WorkerMetrics {
   std::array<std::array<prometheus::Counter*, kNumStatusCodes>, kNumRpcMethods> rpc_{};
   std::array<prometheus::Gauge*, kNumRpcMethods> inflight_{};
   prometheus::Counter* queue_rejections_ = nullptr;
+  std::array<prometheus::Counter*, kNumRpcMethods> malformed_{};
+  std::array<prometheus::Counter*, 3> reclaimed_{};
+  prometheus::Counter* reclaimed_pages_ = nullptr;
 };
 
 }  // namespace pkv

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 
 #include "absl/container/flat_hash_set.h"
 #include "absl/hash/hash.h"
@@ -63,6 +64,10 @@ absl::Status PromptWrite::Write(int32_t layer, int64_t token_offset, int64_t n,
   if (v.size() != want) {
     return absl::InvalidArgumentError(absl::StrCat("v: ", v.size(), " bytes, want ", want));
   }
+  if (engine_->limits_.check_finite) {
+    PKV_RETURN_IF_ERROR(engine_->CheckFinite("k", k, s.num_kv_heads));
+    PKV_RETURN_IF_ERROR(engine_->CheckFinite("v", v, s.num_kv_heads));
+  }
   std::vector<kvpool::SlotAddr> slots(n);
   {
     std::lock_guard<std::mutex> lock(engine_->mu_);
@@ -105,7 +110,9 @@ absl::Status PromptWrite::Commit() {
     return absl::InternalError(absl::StrCat("sequence ", seq_, ": prompt ingest failed: ", flushed.message()));
   }
   std::lock_guard<std::mutex> lock(engine_->mu_);
-  engine_->seqs_[seq_].phase = Engine::SeqPhase::kReady;
+  Engine::SeqState& state = engine_->seqs_[seq_];
+  state.phase = Engine::SeqPhase::kReady;
+  state.last_used = Engine::Clock::now();
   done_ = true;
   engine_->observer_->OnPromptCommitted(
       bytes_written_, std::chrono::duration<double>(std::chrono::steady_clock::now() - started_).count());
@@ -149,7 +156,20 @@ Engine::Engine(const EngineOptions& options, ExecutionBackendPtr backend, schedu
       backend_(std::move(backend)),
       scheduler_(std::move(scheduler)),
       pager_(kvpool::BlockPager::Options{backend_->arena().num_pages(), shape_.page_size,
-                                         options.scatter_seed}) {}
+                                         options.scatter_seed}) {
+  limits_.max_batch = options.max_batch;
+  limits_.max_open_token_steps = backend_->max_open_token_steps();
+  limits_.retry_window_token_steps = std::max(options.retained_token_steps, 0);
+  const int64_t pool_tokens = backend_->arena().num_pages() * shape_.page_size;
+  limits_.max_prompt_tokens =
+      options.max_prompt_tokens > 0 ? std::min(options.max_prompt_tokens, pool_tokens) : pool_tokens;
+  limits_.max_sequences = options.max_sequences > 0 ? options.max_sequences : 65536;
+  limits_.max_open_per_step = options.max_open_per_step > 0 ? options.max_open_per_step : options.max_batch;
+  limits_.max_free_per_step = options.max_free_per_step > 0 ? options.max_free_per_step : 4096;
+  limits_.token_step_idle_seconds = std::max(options.token_step_idle_seconds, 0.0);
+  limits_.sequence_idle_seconds = std::max(options.sequence_idle_seconds, 0.0);
+  limits_.check_finite = options.check_finite;
+}
 
 Engine::~Engine() {
   // Callers stop stepping first; a layer still running would use the backend being destroyed.
@@ -175,14 +195,57 @@ absl::Status Engine::ValidateTensors(const StepInput& in) const {
   if (in.v.size() != kv_want) {
     return absl::InvalidArgumentError(absl::StrCat("v: ", in.v.size(), " bytes, want ", kv_want));
   }
+  if (limits_.check_finite) {
+    PKV_RETURN_IF_ERROR(CheckFinite("q", in.q, shape_.num_q_heads));
+    PKV_RETURN_IF_ERROR(CheckFinite("k", in.k, shape_.num_kv_heads));
+    PKV_RETURN_IF_ERROR(CheckFinite("v", in.v, shape_.num_kv_heads));
+  }
   return absl::OkStatus();
 }
 
+absl::Status Engine::CheckFinite(absl::string_view field, std::span<const uint8_t> data, int32_t heads) const {
+  const int64_t i = FirstNonFinite(shape_.dtype, data.data(), data.size());
+  if (i < 0) return absl::OkStatus();
+  const int64_t d = shape_.head_dim;
+  const float value = ToFloat(shape_.dtype, static_cast<uint16_t>(data[2 * i] | (data[2 * i + 1] << 8)));
+  return absl::InvalidArgumentError(absl::StrCat(field, ": element [", i / (heads * d), ", ", (i / d) % heads, ", ",
+                                                 i % d, "] is ", std::isnan(value) ? "NaN" : "infinite",
+                                                 " (q, k and v must be finite)"));
+}
+
+absl::Status Engine::ValidateListSizes(size_t rows, size_t open, size_t free) const {
+  if (rows > static_cast<size_t>(limits_.max_batch)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("rows: ", rows, " rows exceed max_batch ", limits_.max_batch));
+  }
+  if (open > static_cast<size_t>(limits_.max_open_per_step)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("open: ", open, " ids exceed the limit of ", limits_.max_open_per_step, " per token step"));
+  }
+  if (free > static_cast<size_t>(limits_.max_free_per_step)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("free: ", free, " ids exceed the limit of ", limits_.max_free_per_step, " per token step"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Engine::CheckOwner(const SeqState& s, const std::string& owner, absl::string_view field, size_t index,
+                                SeqId id) const {
+  if (s.owner == owner) return absl::OkStatus();
+  return absl::PermissionDeniedError(absl::StrCat(field, "[", index, "]: sequence ", id,
+                                                  " belongs to another router"));
+}
+
 absl::Status Engine::ValidateLayerZero(const StepInput& in) const {
-  if (static_cast<int32_t>(open_steps_.size()) >= backend_->max_open_token_steps()) {
+  if (stopped_ && (!in.rows.empty() || !in.open.empty())) {
+    return absl::UnavailableError(
+        "token_step_id: the worker is draining (shutting down): no new token steps; open ones may finish");
+  }
+  if (!in.rows.empty() && static_cast<int32_t>(open_steps_.size()) >= backend_->max_open_token_steps()) {
     return absl::ResourceExhaustedError(absl::StrCat(
-        "token_step_id: ", open_steps_.size(), " token steps are open (the most the ", backend_->name(),
-        " backend keeps); finish their layers before opening another"));
+        "token_step_id: open token steps full: ", open_steps_.size(), " are open (the most the ", backend_->name(),
+        " backend keeps); finish their layers before opening another (an idle one is aborted after ",
+        limits_.token_step_idle_seconds, " s)"));
   }
   if (int64_t i = FirstDuplicate(in.free); i >= 0) {
     return absl::InvalidArgumentError(absl::StrCat("free[", i, "]: sequence ", in.free[i], " listed twice"));
@@ -194,6 +257,7 @@ absl::Status Engine::ValidateLayerZero(const StepInput& in) const {
     const SeqId id = in.free[i];
     auto it = seqs_.find(id);
     if (it == seqs_.end()) return absl::NotFoundError(absl::StrCat("free[", i, "]: sequence ", id, " not found"));
+    PKV_RETURN_IF_ERROR(CheckOwner(it->second, in.owner, "free", i, id));
     if (it->second.phase == SeqPhase::kWriting) {
       return absl::FailedPreconditionError(
           absl::StrCat("free[", i, "]: sequence ", id, " prompt is still being written"));
@@ -215,6 +279,14 @@ absl::Status Engine::ValidateLayerZero(const StepInput& in) const {
       return absl::AlreadyExistsError(absl::StrCat("open[", i, "]: sequence ", id, " already exists"));
     }
   }
+  if (!in.open.empty()) {
+    const int64_t after = static_cast<int64_t>(seqs_.size() - in.free.size() + in.open.size());
+    if (after > limits_.max_sequences) {
+      return absl::ResourceExhaustedError(absl::StrCat("open: sequences full: ", in.open.size(),
+                                                       " new sequences would make ", after, ", over the limit of ",
+                                                       limits_.max_sequences));
+    }
+  }
   int64_t pages_needed = 0;
   for (size_t i = 0; i < in.rows.size(); ++i) {
     const SeqId id = in.rows[i];
@@ -225,6 +297,7 @@ absl::Status Engine::ValidateLayerZero(const StepInput& in) const {
     }
     auto it = seqs_.find(id);
     if (it == seqs_.end()) return absl::NotFoundError(absl::StrCat("rows[", i, "]: sequence ", id, " not found"));
+    PKV_RETURN_IF_ERROR(CheckOwner(it->second, in.owner, "rows", i, id));
     if (it->second.phase == SeqPhase::kWriting) {
       return absl::FailedPreconditionError(
           absl::StrCat("rows[", i, "]: sequence ", id, " prompt is still being written (WriteKV not complete)"));
@@ -248,6 +321,10 @@ absl::Status Engine::ValidateLayerZero(const StepInput& in) const {
 }
 
 absl::Status Engine::ValidateLaterLayer(const StepInput& in, const TokenStep& ts) const {
+  if (ts.owner != in.owner) {
+    return absl::PermissionDeniedError(
+        absl::StrCat("token_step_id: token step ", ts.id, " belongs to another router"));
+  }
   if (!in.open.empty() || !in.free.empty()) {
     return absl::InvalidArgumentError(absl::StrCat(in.open.empty() ? "free" : "open",
                                                    ": deltas are only allowed in layer 0 of a token step"));
@@ -255,6 +332,10 @@ absl::Status Engine::ValidateLaterLayer(const StepInput& in, const TokenStep& ts
   if (in.rows != ts.rows) {
     return absl::InvalidArgumentError(
         absl::StrCat("rows: differ from layer 0 of token step ", ts.id, " (same rows, same order)"));
+  }
+  if (!ts.layer_done[in.layer - 1]) {
+    return absl::FailedPreconditionError(absl::StrCat("layer: layer ", in.layer - 1, " of token step ", ts.id,
+                                                      " has not run; layers run in order"));
   }
   for (size_t i = 0; i < ts.rows.size(); ++i) {
     if (!seqs_.contains(ts.rows[i])) {
@@ -267,13 +348,30 @@ absl::Status Engine::ValidateLaterLayer(const StepInput& in, const TokenStep& ts
 absl::Status Engine::BeginTokenStep(const StepInput& in) {
   auto ts = std::make_unique<TokenStep>();
   ts->id = in.token_step_id;
+  ts->owner = in.owner;
+  ts->last_activity = Clock::now();
   ts->rows = in.rows;
   ts->layer_done.assign(shape_.num_layers, false);
   ts->outputs.resize(shape_.num_layers);
   for (SeqId id : in.free) ReleaseLocked(id);
   for (SeqId id : in.open) {
     PKV_CHECK(pager_.Create(id, 0, options_.static_slot_tokens).ok()) << "validated open failed";
-    seqs_[id] = SeqState{SeqPhase::kReady, 0};
+    seqs_[id] = SeqState{SeqPhase::kReady, 0, in.owner, ts->last_activity};
+  }
+  if (in.rows.empty()) {
+    // Only deltas: nothing to attend, no backend slot. The token step is complete at once; its
+    // later layers are answered (empty) from the retry window.
+    for (int32_t l = 0; l < shape_.num_layers; ++l) {
+      ts->layer_done[l] = true;
+      ts->outputs[l].kernel = KernelId::kReference;
+    }
+    ts->layers_done = shape_.num_layers;
+    retained_.push_back(std::move(ts));
+    while (static_cast<int32_t>(retained_.size()) > std::max(limits_.retry_window_token_steps, 1)) {
+      Remember(retained_.front()->id);
+      retained_.pop_front();
+    }
+    return absl::OkStatus();
   }
   std::vector<kvpool::PageCopy> copies;
   scheduler::StepShape shape;
@@ -284,12 +382,16 @@ absl::Status Engine::BeginTokenStep(const StepInput& in) {
     PKV_CHECK(pager_.Append(id, 1, &copies).ok()) << "validated append failed";
     const kvpool::SequencePages* pages = pager_.Find(id);
     ts->new_slots.push_back(pager_.Locate(*pages, pages->num_tokens - 1));
-    ts->table.indices.insert(ts->table.indices.end(), pages->pages.begin(), pages->pages.end());
+    // Only the pages that hold tokens: a static-baseline sequence holds more than it fills.
+    ts->table.indices.insert(ts->table.indices.end(), pages->pages.begin(),
+                             pages->pages.begin() + pager_.PagesForTokens(pages->num_tokens));
     ts->table.indptr.push_back(static_cast<int32_t>(ts->table.indices.size()));
     ts->table.last_page_len.push_back(
         static_cast<int32_t>((pages->num_tokens - 1) % shape_.page_size + 1));
     shape.row_tokens.push_back(pages->num_tokens);
-    seqs_[id].open_token_step = ts->id;
+    SeqState& state = seqs_[id];
+    state.open_token_step = ts->id;
+    state.last_used = ts->last_activity;
   }
   for (const kvpool::PageCopy& c : copies) {
     // Invariant: the pager only returns in-range pages.
@@ -335,6 +437,7 @@ absl::StatusOr<StepOutput> Engine::RunLayer(std::unique_lock<std::mutex>& lock, 
   StepOutput result;
   result.kernel = ts.plan.kernel;
   ts.running_layer = in.layer;
+  ts.last_activity = Clock::now();
   ++layers_in_flight_;
   lock.unlock();
   // Without the lock: `ts` stays alive and keeps its slot (a token step with a running layer is
@@ -351,6 +454,7 @@ absl::StatusOr<StepOutput> Engine::RunLayer(std::unique_lock<std::mutex>& lock, 
   }
   lock.lock();
   ts.running_layer = -1;
+  ts.last_activity = Clock::now();
   --layers_in_flight_;
   layer_finished_.notify_all();
   // A failed layer stays not done: a retry of (token_step_id, layer) runs it again.
@@ -378,14 +482,29 @@ void Engine::CompleteTokenStep(uint64_t id) {
   open_steps_.erase(it);
   for (SeqId row : ts->rows) {
     auto s = seqs_.find(row);
-    if (s != seqs_.end() && s->second.open_token_step == id) s->second.open_token_step = 0;
+    if (s != seqs_.end() && s->second.open_token_step == id) {
+      s->second.open_token_step = 0;
+      s->second.last_used = Clock::now();
+    }
   }
   observer_->OnTokenStepCompleted(static_cast<int32_t>(ts->rows.size()));
   backend_->EndTokenStep(ts->backend_slot);
   ts->backend_slot = -1;
   ts->table = PageTableCsr{};  // only outputs are needed for retries
   retained_.push_back(std::move(ts));
-  while (static_cast<int32_t>(retained_.size()) > options_.retained_token_steps) retained_.pop_front();
+  while (static_cast<int32_t>(retained_.size()) > limits_.retry_window_token_steps) {
+    Remember(retained_.front()->id);
+    retained_.pop_front();
+  }
+}
+
+void Engine::Remember(uint64_t id) {
+  if (options_.remembered_token_step_ids <= 0) return;
+  if (remembered_.insert(id).second) remembered_order_.push_back(id);
+  while (static_cast<int32_t>(remembered_order_.size()) > options_.remembered_token_step_ids) {
+    remembered_.erase(remembered_order_.front());
+    remembered_order_.pop_front();
+  }
 }
 
 void Engine::AbortTokenStep(uint64_t id) {
@@ -400,7 +519,7 @@ void Engine::AbortTokenStep(uint64_t id) {
     PKV_CHECK(pager_.Truncate(row, pages->num_tokens - 1).ok()) << "truncate failed";
   }
   PKV_LOG(WARNING) << "token step " << id << " aborted after " << it->second->layers_done << " of "
-                   << shape_.num_layers << " layers (a row was released)";
+                   << shape_.num_layers << " layers";
   observer_->OnTokenStepAborted(static_cast<int32_t>(it->second->rows.size()));
   backend_->EndTokenStep(it->second->backend_slot);
   open_steps_.erase(it);
@@ -438,10 +557,7 @@ absl::StatusOr<StepOutput> Engine::Step(const StepInput& in) {
     return absl::InvalidArgumentError(
         absl::StrCat("layer: ", in.layer, " out of range [0, ", shape_.num_layers, ")"));
   }
-  if (static_cast<int64_t>(in.rows.size()) > options_.max_batch) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("rows: ", in.rows.size(), " rows exceed max_batch ", options_.max_batch));
-  }
+  PKV_RETURN_IF_ERROR(ValidateListSizes(in.rows.size(), in.open.size(), in.free.size()));
   if (int64_t i = FirstDuplicate(in.rows); i >= 0) {
     return absl::InvalidArgumentError(absl::StrCat("rows[", i, "]: sequence ", in.rows[i], " listed twice"));
   }
@@ -454,13 +570,18 @@ absl::StatusOr<StepOutput> Engine::Step(const StepInput& in) {
   TokenStep* ts = nullptr;
   if (auto it = open_steps_.find(in.token_step_id); it != open_steps_.end()) ts = it->second.get();
   if (ts == nullptr) ts = FindRetained(in.token_step_id);
+  if (ts != nullptr && ts->owner != in.owner) {
+    return absl::PermissionDeniedError(
+        absl::StrCat("token_step_id: token step ", in.token_step_id, " belongs to another router"));
+  }
   if (ts != nullptr && ts->layer_done[in.layer]) {
     if (in.rows != ts->rows) {
       return absl::InvalidArgumentError(absl::StrCat(
           "token_step_id: ", in.token_step_id, " layer ", in.layer, " already ran with different rows"));
     }
     StepOutput replay = ts->outputs[in.layer];
-    replay.replayed = true;
+    // A token step without rows completed at layer 0; its later layers are not replays.
+    replay.replayed = !ts->rows.empty() || in.layer == 0;
     LayerStepEvent event;
     event.kernel = replay.kernel;
     event.rows = static_cast<int32_t>(ts->rows.size());
@@ -480,17 +601,28 @@ absl::StatusOr<StepOutput> Engine::Step(const StepInput& in) {
                                                       ts->running_layer, " is running; send layer ", in.layer,
                                                       " after it answers"));
   }
+  if (ts == nullptr && remembered_.contains(in.token_step_id)) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "token_step_id: token step ", in.token_step_id, " already completed and its outputs left the retry window (the ",
+        limits_.retry_window_token_steps, " most recent token steps); nothing was appended"));
+  }
   if (in.layer == 0) {
     if (ts != nullptr) {
       return absl::FailedPreconditionError(absl::StrCat("token_step_id: ", in.token_step_id, " already exists"));
     }
     PKV_RETURN_IF_ERROR(ValidateLayerZero(in));
     PKV_RETURN_IF_ERROR(BeginTokenStep(in));
+    if (in.rows.empty()) {
+      StepOutput empty;
+      empty.kernel = KernelId::kReference;
+      return empty;
+    }
     ts = open_steps_[in.token_step_id].get();
   } else {
     if (ts == nullptr || !open_steps_.contains(in.token_step_id)) {
       return absl::FailedPreconditionError(absl::StrCat(
-          "token_step_id: ", in.token_step_id, " has not begun (send layer 0 first) or was aborted"));
+          "token_step_id: ", in.token_step_id,
+          " has not begun (send layer 0 first) or was aborted (a row was released, or it sat idle past the lease)"));
     }
     PKV_RETURN_IF_ERROR(ValidateLaterLayer(in, *ts));
   }
@@ -500,14 +632,28 @@ absl::StatusOr<StepOutput> Engine::Step(const StepInput& in) {
   return out;
 }
 
-absl::StatusOr<std::unique_ptr<PromptWrite>> Engine::BeginPrompt(SeqId seq, int64_t num_tokens) {
+absl::StatusOr<std::unique_ptr<PromptWrite>> Engine::BeginPrompt(SeqId seq, int64_t num_tokens,
+                                                                  const std::string& owner) {
   if (num_tokens < 1) {
     return absl::InvalidArgumentError(absl::StrCat("num_tokens: must be >= 1, got ", num_tokens));
   }
+  // A prompt larger than the whole pool is refused by the pager below (RESOURCE_EXHAUSTED naming
+  // the pages); an operator's tighter cap is a request error.
+  if (options_.max_prompt_tokens > 0 && num_tokens > limits_.max_prompt_tokens) {
+    return absl::InvalidArgumentError(absl::StrCat("num_tokens: ", num_tokens, " exceeds the limit of ",
+                                                   limits_.max_prompt_tokens, " tokens per prompt"));
+  }
   std::lock_guard<std::mutex> lock(mu_);
+  if (stopped_) {
+    return absl::UnavailableError("sequence_id: the worker is draining (shutting down) and takes no new prompts");
+  }
   if (seqs_.contains(seq)) return absl::AlreadyExistsError(absl::StrCat("sequence_id: ", seq, " already exists"));
+  if (static_cast<int64_t>(seqs_.size()) >= limits_.max_sequences) {
+    return absl::ResourceExhaustedError(absl::StrCat("sequence_id: sequences full: ", seqs_.size(),
+                                                     " held, the limit is ", limits_.max_sequences));
+  }
   PKV_RETURN_IF_ERROR(pager_.Create(seq, num_tokens, options_.static_slot_tokens));
-  seqs_[seq] = SeqState{SeqPhase::kWriting, 0};
+  seqs_[seq] = SeqState{SeqPhase::kWriting, 0, owner, Clock::now()};
   return std::unique_ptr<PromptWrite>(new PromptWrite(this, seq, num_tokens));
 }
 
@@ -516,7 +662,7 @@ absl::Status Engine::AdoptUnwrittenPromptForBenchmark(SeqId seq, int64_t num_tok
   std::lock_guard<std::mutex> lock(mu_);
   if (seqs_.contains(seq)) return absl::AlreadyExistsError(absl::StrCat("sequence_id: ", seq, " already exists"));
   PKV_RETURN_IF_ERROR(pager_.Create(seq, num_tokens, options_.static_slot_tokens));
-  seqs_[seq] = SeqState{SeqPhase::kReady, 0};
+  seqs_[seq] = SeqState{SeqPhase::kReady, 0, "", Clock::now()};
   return absl::OkStatus();
 }
 
@@ -533,7 +679,7 @@ absl::Status Engine::SetScheduler(scheduler::Scheduler scheduler) {
   return absl::OkStatus();
 }
 
-absl::Status Engine::Release(std::span<const SeqId> seqs) {
+absl::Status Engine::Release(std::span<const SeqId> seqs, const std::string& owner) {
   std::unique_lock<std::mutex> lock(mu_);
   for (;;) {
     absl::flat_hash_set<SeqId> seen;
@@ -546,9 +692,11 @@ absl::Status Engine::Release(std::span<const SeqId> seqs) {
       if (it == seqs_.end()) {
         return absl::NotFoundError(absl::StrCat("sequence_ids[", i, "]: sequence ", seqs[i], " not found"));
       }
+      PKV_RETURN_IF_ERROR(CheckOwner(it->second, owner, "sequence_ids", i, seqs[i]));
       if (it->second.phase == SeqPhase::kWriting) {
-        return absl::FailedPreconditionError(
-            absl::StrCat("sequence_ids[", i, "]: sequence ", seqs[i], " prompt is still being written"));
+        return absl::FailedPreconditionError(absl::StrCat(
+            "sequence_ids[", i, "]: sequence ", seqs[i],
+            " prompt is still being written; cancel its WriteKV stream instead (that releases it)"));
       }
       if (const uint64_t step = it->second.open_token_step; step != 0 && busy == 0) {
         auto open = open_steps_.find(step);
@@ -576,13 +724,59 @@ void Engine::SetObserver(StepObserver* observer) {
   observer_ = observer != nullptr ? observer : &default_observer_;
 }
 
+void Engine::StopNewWork() {
+  std::lock_guard<std::mutex> lock(mu_);
+  stopped_ = true;
+}
+
+Reclaimed Engine::ReclaimIdle(Clock::time_point now) {
+  Reclaimed out;
+  std::lock_guard<std::mutex> lock(mu_);
+  if (limits_.token_step_idle_seconds > 0) {
+    const auto ttl = std::chrono::duration<double>(limits_.token_step_idle_seconds);
+    std::vector<uint64_t> idle;
+    for (const auto& [id, ts] : open_steps_) {
+      if (ts->running_layer < 0 && !release_waiting_.contains(id) && now - ts->last_activity > ttl) idle.push_back(id);
+    }
+    std::sort(idle.begin(), idle.end());
+    for (uint64_t id : idle) {
+      const TokenStep& ts = *open_steps_.at(id);
+      out.token_steps.push_back({id, ts.owner, ts.layers_done, static_cast<int32_t>(ts.rows.size())});
+      AbortTokenStep(id);
+    }
+  }
+  if (limits_.sequence_idle_seconds > 0) {
+    const auto ttl = std::chrono::duration<double>(limits_.sequence_idle_seconds);
+    std::vector<SeqId> idle;
+    for (const auto& [id, s] : seqs_) {
+      if (s.phase == SeqPhase::kReady && s.open_token_step == 0 && now - s.last_used > ttl) idle.push_back(id);
+    }
+    std::sort(idle.begin(), idle.end());
+    for (SeqId id : idle) {
+      const SeqId one[] = {id};
+      out.sequences.push_back({id, seqs_.at(id).owner, pager_.PagesReleasedBy(one)});
+      ReleaseLocked(id);
+    }
+  }
+  if (!out.token_steps.empty() || !out.sequences.empty()) layer_finished_.notify_all();
+  return out;
+}
+
 EngineInfo Engine::Info() const {
   std::lock_guard<std::mutex> lock(mu_);
   EngineInfo info;
   info.shape = shape_;
+  info.limits = limits_;
+  const auto now = Clock::now();
+  for (const auto& [id, ts] : open_steps_) {
+    info.open_steps.push_back({id, ts->owner, static_cast<int32_t>(ts->rows.size()), ts->layers_done,
+                               std::chrono::duration<double>(now - ts->last_activity).count()});
+  }
+  std::sort(info.open_steps.begin(), info.open_steps.end(),
+            [](const OpenTokenStepInfo& a, const OpenTokenStepInfo& b) { return a.token_step_id < b.token_step_id; });
   info.backend = std::string(backend_->name());
   info.device = backend_->device_info().name;
-  info.max_batch = options_.max_batch;
+  info.max_batch = limits_.max_batch;
   info.pager = pager_.Stats();
   for (const auto& [id, s] : seqs_) {
     if (s.phase == SeqPhase::kWriting) ++info.writing_sequences;

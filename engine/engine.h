@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "common/model_shape.h"
@@ -47,16 +48,67 @@ using kvpool::SeqId;
 
 struct EngineOptions {
   int32_t max_batch = 256;            // rows per step
-  int32_t retained_token_steps = 2;   // completed token steps whose outputs are kept for retries
+  // Retry window: completed token steps whose outputs are kept, so a lost answer of any of their
+  // layers can be asked for again (same token_step_id, layer and rows) and is replayed.
+  int32_t retained_token_steps = 32;
+  // Ids of this many completed token steps are remembered past the retry window: a layer 0
+  // resent after its outputs were dropped is refused (FAILED_PRECONDITION) instead of appending
+  // its token a second time.
+  int32_t remembered_token_step_ids = 65536;
   uint64_t scatter_seed = 0;          // 0: ascending page order (see BlockPager::Options)
   // Static baseline (comparisons only): > 0 reserves pages for this many tokens per sequence at
   // creation, as a fixed-shape engine without a pager reserves max context per batch slot.
   int64_t static_slot_tokens = 0;
+  // Limits, each enforced before anything is allocated. 0 picks the default named.
+  int64_t max_prompt_tokens = 0;      // tokens of one WriteKV prompt; 0: the pool's token capacity
+  int64_t max_sequences = 0;          // sequences held at once; 0: 65536
+  int32_t max_open_per_step = 0;      // `open` ids of one token step; 0: max_batch
+  int32_t max_free_per_step = 0;      // `free` ids of one token step; 0: 4096
+  // Refuse NaN / infinity in q, k, v and prompt K,V (INVALID_ARGUMENT naming the tensor).
+  bool check_finite = true;
+  // Leases, enforced by ReclaimIdle (the worker calls it about once a second). 0 disables.
+  double token_step_idle_seconds = 30;  // an open token step with no layer for this long is aborted
+  double sequence_idle_seconds = 0;     // a steppable sequence untouched this long is released
+};
+
+// The limits actually in force (EngineOptions with defaults resolved).
+struct EngineLimits {
+  int32_t max_batch = 0;
+  int32_t max_open_token_steps = 0;  // the backend's descriptor slots
+  int32_t retry_window_token_steps = 0;
+  int64_t max_prompt_tokens = 0;
+  int64_t max_sequences = 0;
+  int32_t max_open_per_step = 0;
+  int32_t max_free_per_step = 0;
+  double token_step_idle_seconds = 0;
+  double sequence_idle_seconds = 0;
+  bool check_finite = true;
+};
+
+// What ReclaimIdle took back, for logs and metrics.
+struct Reclaimed {
+  struct Step {
+    uint64_t token_step_id;
+    std::string owner;
+    int32_t layers_done;
+    int32_t rows;
+  };
+  struct Sequence {
+    SeqId id;
+    std::string owner;
+    int64_t pages;  // pages that went back to the free list
+  };
+  std::vector<Step> token_steps;
+  std::vector<Sequence> sequences;
 };
 
 // One layer of one token step, in domain terms. Spans point into the caller's request buffers
 // and must stay valid for the call.
 struct StepInput {
+  // The router that sends the request (the client certificate's identity under mutual TLS, else
+  // the router id it declares; empty: anonymous). Sequences and token steps belong to the router
+  // that created them; another router gets PERMISSION_DENIED.
+  std::string owner;
   uint64_t token_step_id = 0;  // nonzero; shared by all layers of the token step
   int32_t layer = 0;           // 0 opens the token step and carries the deltas
   std::vector<SeqId> rows;     // batch rows, in order (unique)
@@ -77,8 +129,18 @@ struct StepOutput {
 };
 
 // What the worker serves, for Describe and readiness.
+struct OpenTokenStepInfo {
+  uint64_t token_step_id = 0;
+  std::string owner;
+  int32_t rows = 0;
+  int32_t layers_done = 0;
+  double idle_seconds = 0;  // since its last layer began or finished
+};
+
 struct EngineInfo {
   ModelShape shape;
+  EngineLimits limits;
+  std::vector<OpenTokenStepInfo> open_steps;
   std::string backend;
   std::string device;
   int32_t max_batch = 0;
@@ -142,9 +204,11 @@ class Engine {
   // One layer of a token step (see the file comment).
   absl::StatusOr<StepOutput> Step(const StepInput& input);
 
-  // Starts writing a prompt of `num_tokens` tokens (>= 1) for a new sequence.
-  // ALREADY_EXISTS, INVALID_ARGUMENT, RESOURCE_EXHAUSTED (free pages in the message).
-  absl::StatusOr<std::unique_ptr<PromptWrite>> BeginPrompt(SeqId seq, int64_t num_tokens);
+  // Starts writing a prompt of `num_tokens` tokens (1 .. max_prompt_tokens) for a new sequence
+  // owned by `owner`. ALREADY_EXISTS, INVALID_ARGUMENT, RESOURCE_EXHAUSTED (free pages, or the
+  // sequence limit, in the message), UNAVAILABLE while draining.
+  absl::StatusOr<std::unique_ptr<PromptWrite>> BeginPrompt(SeqId seq, int64_t num_tokens,
+                                                           const std::string& owner = "");
 
   // Benchmarks only: creates a steppable sequence of `num_tokens` tokens whose prompt K,V is
   // whatever its pages hold (the benchmark fills the whole pool with random data once). Same
@@ -158,7 +222,22 @@ class Engine {
   // Releases sequences (all-or-nothing): NOT_FOUND if any is unknown, FAILED_PRECONDITION if a
   // prompt is still being written. A released sequence drops out of any open token step.
   // Waits for running layers of the token steps of `seqs` to finish before it frees anything.
-  absl::Status Release(std::span<const SeqId> seqs);
+  // PERMISSION_DENIED when one of `seqs` belongs to another router than `owner`.
+  absl::Status Release(std::span<const SeqId> seqs, const std::string& owner = "");
+
+  // The list sizes of one StepRequest against the limits (INVALID_ARGUMENT naming the list).
+  // Step checks them too; the service calls it before copying the lists out of a request.
+  absl::Status ValidateListSizes(size_t rows, size_t open, size_t free) const;
+
+  // Aborts open token steps and releases sequences idle past their lease (EngineOptions) at
+  // `now`. Never touches a token step whose layer is running or a prompt being written.
+  Reclaimed ReclaimIdle(std::chrono::steady_clock::time_point now);
+
+  // Draining: layer 0 of a new token step, `open` and new prompts get UNAVAILABLE; later layers
+  // of open token steps, Release and `free` still run, so open token steps can finish.
+  void StopNewWork();
+
+  const EngineLimits& limits() const { return limits_; }
 
   EngineInfo Info() const;
 
@@ -178,13 +257,18 @@ class Engine {
  private:
   friend class PromptWrite;
 
+  using Clock = std::chrono::steady_clock;
   enum class SeqPhase { kWriting, kReady };
   struct SeqState {
     SeqPhase phase = SeqPhase::kReady;
     uint64_t open_token_step = 0;  // 0: none
+    std::string owner;
+    Clock::time_point last_used;  // created, or last in a token step
   };
   struct TokenStep {
     uint64_t id = 0;
+    std::string owner;
+    Clock::time_point last_activity;
     std::vector<SeqId> rows;
     std::vector<kvpool::SlotAddr> new_slots;  // [B] slot of each row's new token
     PageTableCsr table;
@@ -202,6 +286,8 @@ class Engine {
   Engine(const EngineOptions& options, ExecutionBackendPtr backend, scheduler::Scheduler scheduler);
 
   absl::Status ValidateTensors(const StepInput& in) const;
+  // INVALID_ARGUMENT naming `field` and the [row, head, dim] of its first NaN or infinity.
+  absl::Status CheckFinite(absl::string_view field, std::span<const uint8_t> data, int32_t heads) const;
   absl::Status ValidateLayerZero(const StepInput& in) const;
   absl::Status ValidateLaterLayer(const StepInput& in, const TokenStep& ts) const;
   // Applies the deltas and commits the step to the backend. Fails only on a backend (device)
@@ -215,9 +301,15 @@ class Engine {
   void AbortTokenStep(uint64_t id);
   TokenStep* FindRetained(uint64_t id);
   void ReleaseLocked(SeqId seq);
+  // A completed token step leaves the retry window: its id is remembered a while longer.
+  void Remember(uint64_t id);
+  // PERMISSION_DENIED naming `field` when sequence `id` belongs to another router.
+  absl::Status CheckOwner(const SeqState& s, const std::string& owner, absl::string_view field, size_t index,
+                          SeqId id) const;
 
   const EngineOptions options_;
   const ModelShape shape_;
+  EngineLimits limits_;
   ExecutionBackendPtr backend_;
   scheduler::Scheduler scheduler_;
 
@@ -231,6 +323,11 @@ class Engine {
   absl::flat_hash_map<SeqId, SeqState> seqs_;
   absl::flat_hash_map<uint64_t, std::unique_ptr<TokenStep>> open_steps_;
   std::deque<std::unique_ptr<TokenStep>> retained_;  // completed, newest last
+  // Ids of completed token steps that left retained_ (oldest first), bounded by
+  // remembered_token_step_ids.
+  std::deque<uint64_t> remembered_order_;
+  absl::flat_hash_set<uint64_t> remembered_;
+  bool stopped_ = false;  // StopNewWork
   StepObserver default_observer_;
   StepObserver* observer_ = &default_observer_;
 };

@@ -59,7 +59,10 @@ class BlockPager {
   explicit BlockPager(const Options& options);
 
   // Pages needed to hold `tokens` tokens.
-  int64_t PagesForTokens(int64_t tokens) const { return (tokens + page_size_ - 1) / page_size_; }
+  // Overflow-free for every tokens >= 0 (INT64_MAX included).
+  int64_t PagesForTokens(int64_t tokens) const {
+    return tokens / page_size_ + (tokens % page_size_ != 0 ? 1 : 0);
+  }
   // New pages `seq` needs to grow by `tokens` (NOT_FOUND for an unknown sequence).
   absl::StatusOr<int64_t> PagesToAppend(SeqId seq, int64_t tokens) const;
   // Pages that would return to the free list if all of `seqs` were released (each id once).

@@ -77,6 +77,18 @@ absl::StatusOr<std::unique_ptr<engine::Engine>> BuildEngine(const EngineConfig& 
   options.max_batch = config.max_batch;
   options.scatter_seed = config.scatter_seed;
   options.static_slot_tokens = config.static_slot_tokens;
+  if (config.retry_window < 1) return absl::InvalidArgumentError("--retry_window must be >= 1");
+  if (config.max_prompt_tokens < 0) return absl::InvalidArgumentError("--max_prompt_tokens must be >= 0");
+  if (config.max_sequences < 0) return absl::InvalidArgumentError("--max_sequences must be >= 0");
+  if (config.token_step_idle_seconds < 0 || config.sequence_idle_seconds < 0) {
+    return absl::InvalidArgumentError("--token_step_idle_s and --sequence_idle_s must be >= 0");
+  }
+  options.retained_token_steps = config.retry_window;
+  options.max_prompt_tokens = config.max_prompt_tokens;
+  options.max_sequences = config.max_sequences;
+  options.check_finite = config.check_finite;
+  options.token_step_idle_seconds = config.token_step_idle_seconds;
+  options.sequence_idle_seconds = config.sequence_idle_seconds;
   if (config.static_slot_tokens > 0) {
     PKV_LOG(WARNING) << "static baseline mode: every sequence reserves " << config.static_slot_tokens
                      << " tokens of pages at creation (for comparisons, not for serving)";

@@ -31,6 +31,13 @@ struct EngineConfig {
   std::string fixed_kernel;          // empty: adaptive; else one route for every step
   int64_t static_slot_tokens = 0;    // > 0: static baseline (see engine::EngineOptions)
   std::string launch_mode = "eager";  // CUDA backend: "eager" or "graph" (engine::LaunchMode)
+  // Limits and leases (engine::EngineOptions has the meaning and the defaults of each).
+  int32_t retry_window = 32;
+  int64_t max_prompt_tokens = 0;
+  int64_t max_sequences = 0;
+  bool check_finite = true;
+  double token_step_idle_seconds = 30;
+  double sequence_idle_seconds = 0;
 };
 
 // Pages the configuration asks for (INVALID_ARGUMENT when fewer than one).

@@ -17,24 +17,31 @@ std::span<const uint8_t> Bytes(const std::string& data) {
 }  // namespace
 
 void RunDescribe(const engine::Engine& engine, const ServiceLimits& limits, bool serving,
-                 v1::DescribeResponse* response) {
-  FillDescribe(engine.Info(), limits, serving, response);
+                 v1::DescribeResponse* response, const CallContext& call) {
+  FillDescribe(engine.Info(), limits, serving, call, response);
 }
 
 absl::Status RunStep(engine::Engine& engine, const v1::StepRequest& request,
-                     v1::StepResponse* response) {
-  PKV_ASSIGN_OR_RETURN(const engine::StepInput input, ToStepInput(request, engine.shape()));
+                     v1::StepResponse* response, const CallContext& call) {
+  PKV_RETURN_IF_ERROR(CheckIncarnation(request.expected_incarnation(), call));
+  // List sizes first: nothing is copied out of an oversized request.
+  PKV_RETURN_IF_ERROR(engine.ValidateListSizes(request.rows_size(), request.open_size(), request.free_size()));
+  PKV_ASSIGN_OR_RETURN(engine::StepInput input, ToStepInput(request, engine.shape()));
+  input.owner = call.router;
   PKV_ASSIGN_OR_RETURN(engine::StepOutput output, engine.Step(input));
   ToStepResponse(std::move(output), request, engine.shape(), response);
+  response->set_incarnation(call.incarnation);
   return absl::OkStatus();
 }
 
 absl::Status RunRelease(engine::Engine& engine, const v1::ReleaseRequest& request,
-                        v1::ReleaseResponse* response) {
+                        v1::ReleaseResponse* response, const CallContext& call) {
+  PKV_RETURN_IF_ERROR(CheckIncarnation(request.expected_incarnation(), call));
   const std::vector<engine::SeqId> ids(request.sequence_ids().begin(), request.sequence_ids().end());
-  PKV_RETURN_IF_ERROR(engine.Release(ids));
+  PKV_RETURN_IF_ERROR(engine.Release(ids, call.router));
   response->set_released(static_cast<int64_t>(ids.size()));
   response->set_free_pages(engine.Info().pager.free_pages);
+  response->set_incarnation(call.incarnation);
   return absl::OkStatus();
 }
 
@@ -45,11 +52,8 @@ absl::Status PromptSession::OnMessage(const v1::WriteKVRequest& request) {
         return absl::InvalidArgumentError("header: a WriteKV stream carries exactly one header, first");
       }
       const v1::WriteKVHeader& h = request.header();
-      if (h.num_tokens() < 1) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("header.num_tokens must be >= 1, got ", h.num_tokens()));
-      }
-      PKV_ASSIGN_OR_RETURN(write_, engine_.BeginPrompt(h.sequence_id(), h.num_tokens()));
+      PKV_RETURN_IF_ERROR(CheckIncarnation(h.expected_incarnation(), call_));
+      PKV_ASSIGN_OR_RETURN(write_, engine_.BeginPrompt(h.sequence_id(), h.num_tokens(), call_.router));
       return absl::OkStatus();
     }
     case v1::WriteKVRequest::kChunk: {
@@ -79,6 +83,7 @@ absl::Status PromptSession::Commit(v1::WriteKVResponse* response) {
   response->set_num_tokens(write_->num_tokens());
   response->set_bytes_written(write_->bytes_written());
   response->set_num_chunks(num_chunks_);
+  response->set_incarnation(call_.incarnation);
   return absl::OkStatus();
 }
 

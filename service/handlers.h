@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <utility>
 
 #include "absl/status/status.h"
 #include "engine/engine.h"
@@ -20,21 +21,23 @@ namespace pkv::service {
 
 // Describe: the engine's shape, pool and limits.
 void RunDescribe(const engine::Engine& engine, const ServiceLimits& limits, bool serving,
-                 v1::DescribeResponse* response);
+                 v1::DescribeResponse* response, const CallContext& call = {});
 
-// Step: proto checks, then engine::Engine::Step; fills `response` only on success.
+// Step: proto checks, then engine::Engine::Step as `call.router`; fills `response` only on
+// success.
 absl::Status RunStep(engine::Engine& engine, const v1::StepRequest& request,
-                     v1::StepResponse* response);
+                     v1::StepResponse* response, const CallContext& call = {});
 
 // Release: frees all of request.sequence_ids or none.
 absl::Status RunRelease(engine::Engine& engine, const v1::ReleaseRequest& request,
-                        v1::ReleaseResponse* response);
+                        v1::ReleaseResponse* response, const CallContext& call = {});
 
 // The state of one WriteKV stream: the header begins a prompt (pages allocated), chunks write
 // it, Commit makes it steppable. Destroying an uncommitted session releases the sequence.
 class PromptSession final {
  public:
-  explicit PromptSession(engine::Engine& engine) : engine_(engine) {}
+  explicit PromptSession(engine::Engine& engine, CallContext call = {})
+      : engine_(engine), call_(std::move(call)) {}
   PromptSession(const PromptSession&) = delete;
   PromptSession& operator=(const PromptSession&) = delete;
 
@@ -49,9 +52,13 @@ class PromptSession final {
 
   // Whether a prompt was begun and is neither committed nor aborted.
   bool pending() const { return write_ != nullptr && !committed_; }
+  // The sequence of the header (0 before it).
+  uint64_t sequence_id() const { return write_ != nullptr ? write_->seq() : 0; }
+  const CallContext& call() const { return call_; }
 
  private:
   engine::Engine& engine_;
+  const CallContext call_;
   std::unique_ptr<engine::PromptWrite> write_;
   bool committed_ = false;
   int64_t num_chunks_ = 0;

@@ -51,8 +51,15 @@ absl::StatusOr<DType> FromProtoDType(int dtype, absl::string_view field) {
   }
 }
 
+absl::Status CheckIncarnation(uint64_t expected, const CallContext& call) {
+  if (expected == 0 || call.incarnation == 0 || expected == call.incarnation) return absl::OkStatus();
+  return absl::FailedPreconditionError(absl::StrCat(
+      "expected_incarnation: ", expected, " but this worker is incarnation ", call.incarnation,
+      ": the worker restarted and holds none of the sequences of the incarnation expected"));
+}
+
 void FillDescribe(const engine::EngineInfo& info, const ServiceLimits& limits, bool serving,
-                  v1::DescribeResponse* out) {
+                  const CallContext& call, v1::DescribeResponse* out) {
   v1::ModelShape* m = out->mutable_model();
   m->set_num_layers(info.shape.num_layers);
   m->set_num_q_heads(info.shape.num_q_heads);
@@ -70,8 +77,29 @@ void FillDescribe(const engine::EngineInfo& info, const ServiceLimits& limits, b
   p->set_used_tokens(info.pager.used_tokens);
   out->set_backend(info.backend);
   out->set_device(info.device);
-  out->mutable_limits()->set_max_batch(info.max_batch);
-  out->mutable_limits()->set_max_message_bytes(limits.max_message_bytes);
+  v1::Limits* l = out->mutable_limits();
+  l->set_max_batch(info.limits.max_batch);
+  l->set_max_message_bytes(limits.max_message_bytes);
+  l->set_max_open_token_steps(info.limits.max_open_token_steps);
+  l->set_retry_window_token_steps(info.limits.retry_window_token_steps);
+  l->set_max_prompt_tokens(info.limits.max_prompt_tokens);
+  l->set_max_sequences(info.limits.max_sequences);
+  l->set_max_open_per_step(info.limits.max_open_per_step);
+  l->set_max_free_per_step(info.limits.max_free_per_step);
+  l->set_token_step_idle_seconds(info.limits.token_step_idle_seconds);
+  l->set_prompt_idle_seconds(limits.prompt_idle_seconds);
+  l->set_sequence_idle_seconds(info.limits.sequence_idle_seconds);
+  l->set_check_finite(info.limits.check_finite);
+  out->set_incarnation(call.incarnation);
+  out->set_router(call.router);
+  for (const engine::OpenTokenStepInfo& o : info.open_steps) {
+    v1::OpenTokenStep* step = out->add_open_steps();
+    step->set_token_step_id(o.token_step_id);
+    step->set_router(o.owner);
+    step->set_rows(o.rows);
+    step->set_layers_done(o.layers_done);
+    step->set_idle_seconds(o.idle_seconds);
+  }
   out->set_active_sequences(info.active_sequences);
   out->set_writing_sequences(info.writing_sequences);
   out->set_open_token_steps(info.open_token_steps);

@@ -23,7 +23,18 @@ namespace pkv::service {
 // Service-level limits reported by Describe.
 struct ServiceLimits {
   int64_t max_message_bytes = 64LL << 20;
+  double prompt_idle_seconds = 0;  // WriteKV streams idle this long are cancelled (0: never)
 };
+
+// Who is calling and which worker answers: the router identity (see worker.proto, Routers) and
+// the worker's incarnation (0 in tests that run no server: then nothing is checked or echoed).
+struct CallContext {
+  std::string router;
+  uint64_t incarnation = 0;
+};
+
+// FAILED_PRECONDITION when the request expects another incarnation than the worker's.
+absl::Status CheckIncarnation(uint64_t expected, const CallContext& call);
 
 // Model dtype -> wire dtype.
 v1::DType ToProtoDType(DType dtype);
@@ -32,7 +43,7 @@ absl::StatusOr<DType> FromProtoDType(int dtype, absl::string_view field);
 
 // Fills a DescribeResponse from the engine's state.
 void FillDescribe(const engine::EngineInfo& info, const ServiceLimits& limits, bool serving,
-                  v1::DescribeResponse* out);
+                  const CallContext& call, v1::DescribeResponse* out);
 
 // OK when `tensor` has dtype `dtype`, exactly `shape` and prod(shape) * 2 bytes of data;
 // otherwise INVALID_ARGUMENT naming `field` (e.g. "q.shape", "k.data").

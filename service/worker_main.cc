@@ -4,8 +4,9 @@
 // --tls_client_ca_file); --health_listen adds a plaintext grpc.health.v1-only port for probes.
 // Starts the engine for one model shape, serves it, prints
 //   pkv-worker listening on HOST:PORT
-// on stdout once ready, and on SIGTERM/SIGINT drains (health NOT_SERVING, new work refused with
-// UNAVAILABLE), lets in-flight work finish within --shutdown_grace_s, stops and exits 0.
+// on stdout once ready, and on SIGTERM/SIGINT drains (health NOT_SERVING, new token steps and
+// prompts refused with UNAVAILABLE), lets open token steps and prompts finish within
+// --shutdown_grace_s, stops and exits 0.
 #include <pthread.h>
 #include <signal.h>
 
@@ -83,7 +84,34 @@ ABSL_FLAG(int64_t, static_slot_tokens, 0,
           "Static baseline for comparisons: > 0 makes every sequence reserve pages for this many tokens "
           "at creation, like a fixed-shape engine without a pager (0: paged growth).");
 ABSL_FLAG(double, shutdown_grace_s, 10.0,
-          "On SIGTERM/SIGINT, seconds in-flight RPCs get to finish before they are cancelled.");
+          "On SIGTERM/SIGINT: health turns NOT_SERVING and new token steps and prompts get UNAVAILABLE "
+          "at once; the API port stays open up to this many seconds while open token steps and prompts "
+          "being written finish (later layers, Describe and Release still run), then what remains is "
+          "cancelled and the worker exits 0.");
+ABSL_FLAG(int32_t, retry_window, 32,
+          "Completed token steps (worker-wide) whose outputs are kept, so that a lost answer of any of "
+          "their layers can be asked for again; older ids are remembered a while longer and a resent "
+          "one gets FAILED_PRECONDITION instead of appending twice.");
+ABSL_FLAG(int64_t, max_prompt_tokens, 0,
+          "Most tokens one WriteKV prompt may hold (checked before any page is reserved); 0: the pool's "
+          "token capacity.");
+ABSL_FLAG(int64_t, max_sequences, 0, "Most sequences held at once (steppable or being written); 0: 65536.");
+ABSL_FLAG(bool, check_finite, true,
+          "Refuse NaN or infinity in q, k, v and prompt K,V with INVALID_ARGUMENT naming the tensor and "
+          "element (a non-finite K or V would poison every later output of its sequence).");
+ABSL_FLAG(double, token_step_idle_s, 30,
+          "Lease of an open token step: aborted (its rows lose the token it appended) when no layer of it "
+          "began or finished for this many seconds; 0: never.");
+ABSL_FLAG(double, prompt_idle_s, 60,
+          "Lease of a WriteKV stream: cancelled (its sequence and pages released) when no message came for "
+          "this many seconds; 0: never.");
+ABSL_FLAG(double, sequence_idle_s, 0,
+          "Lease of a sequence: released when it was in no token step for this many seconds; 0: never "
+          "(routers free their sequences with Release or `free`).");
+ABSL_FLAG(double, keepalive_s, 30,
+          "HTTP/2 keepalive: ping every connection this often; one that does not answer within "
+          "--keepalive_timeout_s is dropped (its streams are cancelled). 0: no pings.");
+ABSL_FLAG(double, keepalive_timeout_s, 10, "Seconds a keepalive ping may go unanswered.");
 
 namespace {
 
@@ -119,6 +147,12 @@ int Run() {
   config.fixed_kernel = absl::GetFlag(FLAGS_fixed_kernel);
   config.static_slot_tokens = absl::GetFlag(FLAGS_static_slot_tokens);
   config.launch_mode = absl::GetFlag(FLAGS_launch_mode);
+  config.retry_window = absl::GetFlag(FLAGS_retry_window);
+  config.max_prompt_tokens = absl::GetFlag(FLAGS_max_prompt_tokens);
+  config.max_sequences = absl::GetFlag(FLAGS_max_sequences);
+  config.check_finite = absl::GetFlag(FLAGS_check_finite);
+  config.token_step_idle_seconds = absl::GetFlag(FLAGS_token_step_idle_s);
+  config.sequence_idle_seconds = absl::GetFlag(FLAGS_sequence_idle_s);
 
   auto engine = pkv::service::BuildEngine(config);
   if (!engine.ok()) {
@@ -165,6 +199,9 @@ int Run() {
   options.tls_key_file = absl::GetFlag(FLAGS_tls_key_file);
   options.tls_client_ca_file = absl::GetFlag(FLAGS_tls_client_ca_file);
   options.health_listen_address = absl::GetFlag(FLAGS_health_listen);
+  options.prompt_idle_seconds = absl::GetFlag(FLAGS_prompt_idle_s);
+  options.keepalive_seconds = absl::GetFlag(FLAGS_keepalive_s);
+  options.keepalive_timeout_seconds = absl::GetFlag(FLAGS_keepalive_timeout_s);
   auto server = pkv::service::WorkerServer::Start(options, *std::move(engine));
   if (!server.ok()) {
     PKV_LOG(ERROR) << "cannot start the server: " << server.status();

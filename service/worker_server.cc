@@ -10,6 +10,9 @@
 #include "service/worker_server.h"
 
 #include <atomic>
+#include <condition_variable>
+#include <random>
+#include <thread>
 #include <chrono>
 #include <cerrno>
 #include <cstring>
@@ -19,7 +22,9 @@
 #include <utility>
 #include <vector>
 
+#include "absl/container/flat_hash_set.h"
 #include "absl/strings/match.h"
+#include "common/status_macros.h"
 #include "absl/strings/str_cat.h"
 #include "common/log.h"
 #include "common/metrics.h"
@@ -58,6 +63,45 @@ absl::Status BusyError(const BoundedExecutor& executor) {
       " tasks waiting); retry later (a retried Step with the same token_step_id is safe)"));
 }
 
+// Request metadata key a router names itself with when the API port is not mutual TLS.
+constexpr char kRouterIdKey[] = "x-pkv-router-id";
+constexpr size_t kMaxRouterIdBytes = 256;
+
+// The router a call comes from (see worker.proto, Routers): the verified client certificate's
+// identity under mutual TLS, else the declared x-pkv-router-id, else "" (anonymous).
+absl::StatusOr<std::string> RouterOf(const grpc::CallbackServerContext* ctx) {
+  std::shared_ptr<const grpc::AuthContext> auth = ctx->auth_context();
+  if (auth != nullptr && auth->IsPeerAuthenticated()) {
+    const std::vector<grpc::string_ref> identity = auth->GetPeerIdentity();
+    if (!identity.empty()) return std::string(identity.front().data(), identity.front().size());
+  }
+  const auto& metadata = ctx->client_metadata();
+  auto it = metadata.find(kRouterIdKey);
+  if (it == metadata.end()) return std::string();
+  if (it->second.size() > kMaxRouterIdBytes) {
+    return absl::InvalidArgumentError(absl::StrCat("metadata ", kRouterIdKey, ": ", it->second.size(),
+                                                   " bytes, the most is ", kMaxRouterIdBytes));
+  }
+  return std::string(it->second.data(), it->second.size());
+}
+
+// Parses a raw request; INVALID_ARGUMENT (counted) when the bytes are not a `Message`.
+template <typename Message>
+absl::Status ParseRequest(const grpc::ByteBuffer& raw, Message* message, RpcMethod method, WorkerMetrics* metrics) {
+  grpc::ByteBuffer shallow(raw);  // shares the slices; parsing consumes the copy
+  if (grpc::SerializationTraits<Message>::Deserialize(&shallow, message).ok()) return absl::OkStatus();
+  if (metrics != nullptr) metrics->malformed(method).Increment();
+  return absl::InvalidArgumentError(absl::StrCat("request: cannot parse the message as ",
+                                                 Message::descriptor()->full_name()));
+}
+
+template <typename Message>
+void SerializeResponse(const Message& message, grpc::ByteBuffer* out) {
+  bool own = false;
+  const grpc::Status s = grpc::SerializationTraits<Message>::Serialize(message, out, &own);
+  PKV_CHECK(s.ok()) << "serializing " << Message::descriptor()->full_name() << ": " << s.error_message();
+}
+
 // Counts finished RPCs (StepStream: messages) and in-flight calls when metrics are enabled.
 class RpcStats {
  public:
@@ -74,66 +118,161 @@ class RpcStats {
   void Rejected() const {
     if (m_ != nullptr) m_->queue_rejections().Increment();
   }
+  WorkerMetrics* metrics() const { return m_; }
 
  private:
   WorkerMetrics* m_;
 };
 
-class WorkerService final : public v1::PersistentKV::CallbackService {
+class WriteKvReactor;
+
+// The live WriteKV streams, for the prompt lease: a stream that sends nothing for
+// prompt_idle_seconds is cancelled (its prompt is then released like any cut stream).
+class WriteKvRegistry {
+ public:
+  // One stream's handle. `mu` is recursive: cancelling may run the stream's callbacks inline.
+  struct Entry {
+    std::recursive_mutex mu;
+    grpc::CallbackServerContext* ctx = nullptr;  // null once the stream is done
+    std::atomic<int64_t> last_activity_ns{0};
+    std::atomic<uint64_t> sequence_id{0};
+    std::string router;
+    bool expired = false;
+  };
+  std::shared_ptr<Entry> Add(grpc::CallbackServerContext* ctx, std::string router) {
+    auto e = std::make_shared<Entry>();
+    e->ctx = ctx;
+    e->router = std::move(router);
+    Touch(*e);
+    std::lock_guard<std::mutex> lock(mu_);
+    live_.insert(e);
+    return e;
+  }
+  void Remove(const std::shared_ptr<Entry>& e) {
+    {
+      std::lock_guard<std::recursive_mutex> lock(e->mu);
+      e->ctx = nullptr;
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    live_.erase(e);
+  }
+  static void Touch(Entry& e) {
+    e.last_activity_ns.store(std::chrono::steady_clock::now().time_since_epoch().count());
+  }
+  // Cancels streams idle longer than `idle`; calls `reclaimed(entry)` for each.
+  template <typename Fn>
+  void CancelIdle(std::chrono::duration<double> idle, Fn reclaimed) {
+    std::vector<std::shared_ptr<Entry>> entries;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      entries.assign(live_.begin(), live_.end());
+    }
+    const int64_t now = std::chrono::steady_clock::now().time_since_epoch().count();
+    const int64_t limit = std::chrono::duration_cast<std::chrono::nanoseconds>(idle).count();
+    for (const auto& e : entries) {
+      std::lock_guard<std::recursive_mutex> lock(e->mu);
+      if (e->ctx == nullptr || e->expired || now - e->last_activity_ns.load() <= limit) continue;
+      e->expired = true;
+      reclaimed(*e);
+      e->ctx->TryCancel();
+    }
+  }
+
+ private:
+  std::mutex mu_;
+  absl::flat_hash_set<std::shared_ptr<Entry>> live_;
+};
+
+using RawService = v1::PersistentKV::WithRawCallbackMethod_Describe<
+    v1::PersistentKV::WithRawCallbackMethod_Step<v1::PersistentKV::WithRawCallbackMethod_StepStream<
+        v1::PersistentKV::WithRawCallbackMethod_WriteKV<v1::PersistentKV::WithRawCallbackMethod_Release<
+            v1::PersistentKV::Service>>>>>;
+
+// API v1 on raw byte buffers: every request is parsed by the worker itself, so a message that is
+// not a valid request gets INVALID_ARGUMENT (and a response on StepStream) rather than gRPC's
+// generic failure.
+class WorkerService final : public RawService {
  public:
   WorkerService(engine::Engine& engine, BoundedExecutor& executor, BoundedExecutor& ingest_executor,
-                ServiceLimits limits, WorkerMetrics* metrics)
-      : engine_(engine), executor_(executor), ingest_executor_(ingest_executor), limits_(limits), stats_(metrics) {}
+                ServiceLimits limits, WorkerMetrics* metrics, uint64_t incarnation)
+      : engine_(engine),
+        executor_(executor),
+        ingest_executor_(ingest_executor),
+        limits_(limits),
+        stats_(metrics),
+        incarnation_(incarnation) {}
 
   const RpcStats& stats() const { return stats_; }
 
   void SetDraining() { draining_.store(true); }
   bool draining() const { return draining_.load(); }
   engine::Engine& engine() { return engine_; }
+  uint64_t incarnation() const { return incarnation_; }
+  const ServiceLimits& limits() const { return limits_; }
+  WriteKvRegistry& writes() { return writes_; }
   // Decode steps, Describe and Release.
   BoundedExecutor& executor() { return executor_; }
   // WriteKV.
   BoundedExecutor& ingest_executor() { return ingest_executor_; }
 
-  grpc::ServerUnaryReactor* Describe(grpc::CallbackServerContext* ctx, const v1::DescribeRequest*,
-                                     v1::DescribeResponse* response) override {
+  grpc::ServerUnaryReactor* Describe(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* request,
+                                     grpc::ByteBuffer* response) override {
     // Describe stays available while draining: it reports serving = false.
-    return RunUnary(ctx, RpcMethod::kDescribe, /*refuse_when_draining=*/false, [this, response] {
-      RunDescribe(engine_, limits_, !draining(), response);
+    return RunUnary(ctx, RpcMethod::kDescribe, [this, request, response](const CallContext& call) {
+      v1::DescribeRequest in;
+      PKV_RETURN_IF_ERROR(ParseRequest(*request, &in, RpcMethod::kDescribe, stats_.metrics()));
+      v1::DescribeResponse out;
+      RunDescribe(engine_, limits_, !draining(), &out, call);
+      SerializeResponse(out, response);
       return absl::OkStatus();
     });
   }
 
-  grpc::ServerUnaryReactor* Step(grpc::CallbackServerContext* ctx, const v1::StepRequest* request,
-                                 v1::StepResponse* response) override {
+  grpc::ServerUnaryReactor* Step(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* request,
+                                 grpc::ByteBuffer* response) override {
+    // While draining, the engine refuses new token steps and runs the later layers of open ones.
     const auto received = std::chrono::steady_clock::now();
-    return RunUnary(ctx, RpcMethod::kStep, /*refuse_when_draining=*/true, [this, request, response, received] {
+    return RunUnary(ctx, RpcMethod::kStep, [this, request, response, received](const CallContext& call) {
       const auto started = std::chrono::steady_clock::now();
-      absl::Status status = RunStep(engine_, *request, response);
-      SetServerTimes(received, started, response);
-      return status;
+      v1::StepRequest in;
+      PKV_RETURN_IF_ERROR(ParseRequest(*request, &in, RpcMethod::kStep, stats_.metrics()));
+      v1::StepResponse out;
+      PKV_RETURN_IF_ERROR(RunStep(engine_, in, &out, call));
+      SetServerTimes(received, started, &out);
+      SerializeResponse(out, response);
+      return absl::OkStatus();
     });
   }
 
-  grpc::ServerUnaryReactor* Release(grpc::CallbackServerContext* ctx,
-                                    const v1::ReleaseRequest* request,
-                                    v1::ReleaseResponse* response) override {
+  grpc::ServerUnaryReactor* Release(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* request,
+                                    grpc::ByteBuffer* response) override {
     // Release frees memory: allowed while draining.
-    return RunUnary(ctx, RpcMethod::kRelease, /*refuse_when_draining=*/false,
-                    [this, request, response] { return RunRelease(engine_, *request, response); });
+    return RunUnary(ctx, RpcMethod::kRelease, [this, request, response](const CallContext& call) {
+      v1::ReleaseRequest in;
+      PKV_RETURN_IF_ERROR(ParseRequest(*request, &in, RpcMethod::kRelease, stats_.metrics()));
+      v1::ReleaseResponse out;
+      PKV_RETURN_IF_ERROR(RunRelease(engine_, in, &out, call));
+      SerializeResponse(out, response);
+      return absl::OkStatus();
+    });
   }
 
-  grpc::ServerBidiReactor<v1::StepRequest, v1::StepResponse>* StepStream(
-      grpc::CallbackServerContext* ctx) override;
+  grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* StepStream(grpc::CallbackServerContext* ctx) override;
 
-  grpc::ServerReadReactor<v1::WriteKVRequest>* WriteKV(grpc::CallbackServerContext* ctx,
-                                                       v1::WriteKVResponse* response) override;
+  grpc::ServerReadReactor<grpc::ByteBuffer>* WriteKV(grpc::CallbackServerContext* ctx,
+                                                     grpc::ByteBuffer* response) override;
+
+  // The call's router and this worker's incarnation; INVALID_ARGUMENT for a bad router id.
+  absl::StatusOr<CallContext> CallOf(const grpc::CallbackServerContext* ctx) const {
+    absl::StatusOr<std::string> router = RouterOf(ctx);
+    if (!router.ok()) return router.status();
+    return CallContext{*std::move(router), incarnation_};
+  }
 
  private:
-  // Runs `work` (returning absl::Status) on the executor and finishes the call with its status.
+  // Runs `work(call)` (returning absl::Status) on the executor and finishes the call with it.
   template <typename Work>
-  grpc::ServerUnaryReactor* RunUnary(grpc::CallbackServerContext* ctx, RpcMethod method,
-                                     bool refuse_when_draining, Work work) {
+  grpc::ServerUnaryReactor* RunUnary(grpc::CallbackServerContext* ctx, RpcMethod method, Work work) {
     grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
     stats_.Begin(method);
     auto finish = [this, reactor, method](const grpc::Status& status) {
@@ -141,17 +280,19 @@ class WorkerService final : public v1::PersistentKV::CallbackService {
       stats_.End(method);
       reactor->Finish(status);
     };
-    if (refuse_when_draining && draining()) {
-      finish(ToGrpcStatus(DrainingError()));
+    absl::StatusOr<CallContext> call = CallOf(ctx);
+    if (!call.ok()) {
+      finish(ToGrpcStatus(call.status()));
       return reactor;
     }
-    const bool queued = executor_.TrySubmit([ctx, finish, work = std::move(work)]() mutable {
-      if (ctx->IsCancelled()) {  // the caller is gone: skip the engine work
-        finish(grpc::Status::CANCELLED);
-        return;
-      }
-      finish(ToGrpcStatus(work()));
-    });
+    const bool queued =
+        executor_.TrySubmit([ctx, finish, call = *std::move(call), work = std::move(work)]() mutable {
+          if (ctx->IsCancelled()) {  // the caller is gone: skip the engine work
+            finish(grpc::Status::CANCELLED);
+            return;
+          }
+          finish(ToGrpcStatus(work(call)));
+        });
     if (!queued) {
       stats_.Rejected();
       finish(ToGrpcStatus(BusyError(executor_)));
@@ -164,20 +305,24 @@ class WorkerService final : public v1::PersistentKV::CallbackService {
   BoundedExecutor& ingest_executor_;
   const ServiceLimits limits_;
   const RpcStats stats_;
+  const uint64_t incarnation_;
   std::atomic<bool> draining_{false};
+  WriteKvRegistry writes_;
 };
 
-// StepStream: one StepResponse per StepRequest, in order; per-message errors in
-// StepResponse.status.
-class StepStreamReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::StepResponse> {
+// StepStream: one StepResponse per StepRequest, in order; per-message errors (a message that
+// cannot be parsed included) in StepResponse.status.
+class StepStreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
  public:
-  explicit StepStreamReactor(WorkerService* service) : service_(service) {
+  StepStreamReactor(WorkerService* service, grpc::CallbackServerContext* ctx) : service_(service) {
     service_->stats().Begin(RpcMethod::kStepStream);
-    if (service_->draining()) {
-      Finish(ToGrpcStatus(DrainingError()));
+    absl::StatusOr<CallContext> call = service_->CallOf(ctx);
+    if (!call.ok()) {
+      Finish(ToGrpcStatus(call.status()));
       return;
     }
-    StartRead(&request_);
+    call_ = *std::move(call);
+    StartRead(&raw_request_);
   }
 
   void OnReadDone(bool ok) override {
@@ -185,15 +330,12 @@ class StepStreamReactor final : public grpc::ServerBidiReactor<v1::StepRequest, 
       Finish(cancelled_.load() ? grpc::Status::CANCELLED : grpc::Status::OK);
       return;
     }
-    if (service_->draining()) {
-      Finish(ToGrpcStatus(DrainingError()));
-      return;
-    }
-    response_.Clear();
     received_ = std::chrono::steady_clock::now();
     if (!service_->executor().TrySubmit([this] { Process(); })) {
       service_->stats().Rejected();
-      Answer(BusyError(service_->executor()));
+      // Rare: parse here so that the refusal echoes the request's ids.
+      absl::Status parsed = Parse();
+      Answer(parsed.ok() ? BusyError(service_->executor()) : parsed);
     }
   }
 
@@ -202,7 +344,7 @@ class StepStreamReactor final : public grpc::ServerBidiReactor<v1::StepRequest, 
       Finish(grpc::Status(grpc::StatusCode::CANCELLED, "StepStream: the response could not be sent"));
       return;
     }
-    StartRead(&request_);
+    StartRead(&raw_request_);
   }
 
   void OnCancel() override { cancelled_.store(true); }
@@ -212,81 +354,110 @@ class StepStreamReactor final : public grpc::ServerBidiReactor<v1::StepRequest, 
   }
 
  private:
-  // Executor thread: the engine work for request_.
+  absl::Status Parse() {
+    request_.Clear();
+    return ParseRequest(raw_request_, &request_, RpcMethod::kStepStream, service_->stats().metrics());
+  }
+
+  // Executor thread: the engine work for the request read.
   void Process() {
     started_ = std::chrono::steady_clock::now();
+    absl::Status parsed = Parse();
+    if (!parsed.ok()) {
+      Answer(parsed);
+      return;
+    }
     if (cancelled_.load()) {
       Answer(absl::CancelledError("StepStream was cancelled"));
       return;
     }
-    Answer(RunStep(service_->engine(), request_, &response_));
+    response_.Clear();
+    Answer(RunStep(service_->engine(), request_, &response_, call_));
   }
 
-  // Writes response_ with `status` (echoing the request's ids).
+  // Writes response_ with `status` (echoing the request's ids; 0 for an unparsable request).
   void Answer(const absl::Status& status) {
     if (!status.ok()) response_.Clear();
     response_.set_token_step_id(request_.token_step_id());
     response_.set_layer(request_.layer());
+    response_.set_incarnation(call_.incarnation);
     ToRequestStatus(status, response_.mutable_status());
     // A request refused before it reached an engine thread (queue full) has a stale started_,
     // older than received_: SetServerTimes counts no queueing for it.
     SetServerTimes(received_, started_, &response_);
     service_->stats().Count(RpcMethod::kStepStream, ToGrpcStatus(status));
-    StartWrite(&response_);
+    raw_response_.Clear();
+    SerializeResponse(response_, &raw_response_);
+    StartWrite(&raw_response_);
   }
 
   WorkerService* const service_;
+  CallContext call_;
+  grpc::ByteBuffer raw_request_, raw_response_;
   v1::StepRequest request_;
   v1::StepResponse response_;
   std::chrono::steady_clock::time_point received_, started_;  // request read; engine thread began
   std::atomic<bool> cancelled_{false};
 };
 
-// WriteKV: header, chunks, then Commit on the client's half-close. Any error or a cancellation
-// finishes the stream and releases the prompt.
-class WriteKvReactor final : public grpc::ServerReadReactor<v1::WriteKVRequest> {
+// WriteKV: header, chunks, then Commit on the client's half-close. Any error, a cancellation or
+// the prompt lease (no message for prompt_idle_seconds) finishes the stream and releases the
+// prompt.
+class WriteKvReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer> {
  public:
-  WriteKvReactor(WorkerService* service, grpc::CallbackServerContext* ctx,
-                 v1::WriteKVResponse* response)
-      : service_(service),
-        ctx_(ctx),
-        response_(response),
-        session_(std::make_unique<PromptSession>(service->engine())) {
+  WriteKvReactor(WorkerService* service, grpc::CallbackServerContext* ctx, grpc::ByteBuffer* response)
+      : service_(service), ctx_(ctx), response_(response) {
     service_->stats().Begin(RpcMethod::kWriteKV);
     if (service_->draining()) {
       Finish(ToGrpcStatus(DrainingError()));
       return;
     }
-    StartRead(&request_);
+    absl::StatusOr<CallContext> call = service_->CallOf(ctx);
+    if (!call.ok()) {
+      Finish(ToGrpcStatus(call.status()));
+      return;
+    }
+    session_ = std::make_unique<PromptSession>(service->engine(), *call);
+    entry_ = service_->writes().Add(ctx, call->router);
+    StartRead(&raw_request_);
   }
 
   void OnReadDone(bool ok) override {
     BoundedExecutor& executor = service_->ingest_executor();
+    WriteKvRegistry::Touch(*entry_);
     if (!ok) {
-      if (cancelled_.load()) {
-        Finish(grpc::Status::CANCELLED);  // OnDone aborts the prompt
+      if (Cancelled()) {
+        Finish(grpc::Status(grpc::StatusCode::CANCELLED,
+                            entry_->expired ? absl::StrCat("WriteKV: no message for ", service_->limits().prompt_idle_seconds,
+                                                           " s (the prompt lease): the prompt was released")
+                                            : "WriteKV was cancelled"));  // OnDone aborts the prompt
         return;
       }
       // The client half-closed: commit. This stream already holds an admission. A read that
       // failed because the call was cut may be reported before OnCancel: ask the context too,
       // so a cut stream is never committed.
       executor.SubmitAlways([this] {
-        absl::Status status = Cancelled() ? absl::CancelledError("WriteKV was cancelled")
-                                          : session_->Commit(response_);
-        if (!status.ok()) session_->Abort();
+        v1::WriteKVResponse out;
+        absl::Status status =
+            Cancelled() ? absl::CancelledError("WriteKV was cancelled") : session_->Commit(&out);
+        if (status.ok()) {
+          SerializeResponse(out, response_);
+        } else {
+          session_->Abort();
+        }
         Finish(ToGrpcStatus(status));
       });
       return;
     }
     auto task = [this] {
-      absl::Status status =
-          Cancelled() ? absl::CancelledError("WriteKV was cancelled") : session_->OnMessage(request_);
+      absl::Status status = Cancelled() ? absl::CancelledError("WriteKV was cancelled") : Handle();
       if (!status.ok()) {
         session_->Abort();
         Finish(ToGrpcStatus(status));
         return;
       }
-      StartRead(&request_);
+      WriteKvRegistry::Touch(*entry_);
+      StartRead(&raw_request_);
     };
     if (!admitted_) {
       // The first message asks for new work: bounded admission and drain check.
@@ -309,13 +480,14 @@ class WriteKvReactor final : public grpc::ServerReadReactor<v1::WriteKVRequest> 
   // Every WriteKV ends here: count it once with its final status.
   void Finish(const grpc::Status& status) {
     service_->stats().Count(RpcMethod::kWriteKV, status);
-    grpc::ServerReadReactor<v1::WriteKVRequest>::Finish(status);
+    grpc::ServerReadReactor<grpc::ByteBuffer>::Finish(status);
   }
 
   void OnDone() override {
     service_->stats().End(RpcMethod::kWriteKV);
-    if (session_->pending()) {
-      PKV_LOG(INFO) << "WriteKV stream ended before commit: releasing its prompt";
+    if (entry_ != nullptr) service_->writes().Remove(entry_);
+    if (session_ != nullptr && session_->pending()) {
+      PKV_LOG(INFO) << "WriteKV stream of sequence " << session_->sequence_id() << " ended before commit: releasing its prompt";
       // The abort takes the engine lock: run it on the executor, not on this gRPC thread.
       service_->ingest_executor().SubmitAlways([session = std::move(session_)] { session->Abort(); });
     }
@@ -325,22 +497,32 @@ class WriteKvReactor final : public grpc::ServerReadReactor<v1::WriteKVRequest> 
  private:
   bool Cancelled() const { return cancelled_.load() || ctx_->IsCancelled(); }
 
+  absl::Status Handle() {
+    request_.Clear();
+    PKV_RETURN_IF_ERROR(ParseRequest(raw_request_, &request_, RpcMethod::kWriteKV, service_->stats().metrics()));
+    PKV_RETURN_IF_ERROR(session_->OnMessage(request_));
+    entry_->sequence_id.store(session_->sequence_id());
+    return absl::OkStatus();
+  }
+
   WorkerService* const service_;
   grpc::CallbackServerContext* const ctx_;
-  v1::WriteKVResponse* const response_;
+  grpc::ByteBuffer* const response_;
   std::unique_ptr<PromptSession> session_;
+  std::shared_ptr<WriteKvRegistry::Entry> entry_;
+  grpc::ByteBuffer raw_request_;
   v1::WriteKVRequest request_;
   bool admitted_ = false;  // gRPC threads only (one read in flight)
   std::atomic<bool> cancelled_{false};
 };
 
-grpc::ServerBidiReactor<v1::StepRequest, v1::StepResponse>* WorkerService::StepStream(
-    grpc::CallbackServerContext*) {
-  return new StepStreamReactor(this);
+grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* WorkerService::StepStream(
+    grpc::CallbackServerContext* ctx) {
+  return new StepStreamReactor(this, ctx);
 }
 
-grpc::ServerReadReactor<v1::WriteKVRequest>* WorkerService::WriteKV(grpc::CallbackServerContext* ctx,
-                                                                  v1::WriteKVResponse* response) {
+grpc::ServerReadReactor<grpc::ByteBuffer>* WorkerService::WriteKV(grpc::CallbackServerContext* ctx,
+                                                                  grpc::ByteBuffer* response) {
   return new WriteKvReactor(this, ctx, response);
 }
 
@@ -456,6 +638,77 @@ struct WorkerServer::Impl {
   std::string security_mode;
   std::mutex shutdown_mu;
   bool shut_down = false;
+  uint64_t incarnation = 0;
+  // The lease sweeper: every half second, aborts idle token steps, cancels idle WriteKV streams,
+  // releases idle sequences, and turns readiness off while no token step can start.
+  std::thread sweeper;
+  std::mutex sweeper_mu;
+  std::condition_variable sweeper_cv;
+  bool sweeper_stop = false;
+  bool jammed = false;  // sweeper thread only
+  std::mutex health_mu;  // orders the sweeper's readiness changes against BeginDrain
+
+  void Sweep() {
+    WorkerMetrics* m = options.metrics;
+    const engine::Reclaimed r = engine->ReclaimIdle(std::chrono::steady_clock::now());
+    for (const auto& ts : r.token_steps) {
+      PKV_LOG(WARNING) << "lease: aborted token step " << ts.token_step_id << " of router '" << ts.owner << "' ("
+                       << ts.rows << " rows, " << ts.layers_done << " layers done): no layer for "
+                       << engine->limits().token_step_idle_seconds << " s";
+      if (m != nullptr) m->reclaimed(WorkerMetrics::Reclaim::kTokenStep).Increment();
+    }
+    for (const auto& seq : r.sequences) {
+      PKV_LOG(WARNING) << "lease: released sequence " << seq.id << " of router '" << seq.owner << "' (" << seq.pages
+                       << " pages): idle for " << engine->limits().sequence_idle_seconds << " s";
+      if (m != nullptr) {
+        m->reclaimed(WorkerMetrics::Reclaim::kSequence).Increment();
+        m->reclaimed_pages().Increment(static_cast<double>(seq.pages));
+      }
+    }
+    if (options.prompt_idle_seconds > 0) {
+      service->writes().CancelIdle(std::chrono::duration<double>(options.prompt_idle_seconds),
+                                   [&](const WriteKvRegistry::Entry& e) {
+                                     PKV_LOG(WARNING) << "lease: cancelled the WriteKV stream of sequence "
+                                                      << e.sequence_id.load() << " of router '" << e.router
+                                                      << "': no message for " << options.prompt_idle_seconds
+                                                      << " s; its prompt is released";
+                                     if (m != nullptr) m->reclaimed(WorkerMetrics::Reclaim::kPrompt).Increment();
+                                   });
+    }
+    // Readiness: NOT_SERVING while every open-token-step slot is held by a token step with no
+    // layer running (a new token step would be refused); the lease clears it.
+    const engine::EngineInfo info = engine->Info();
+    bool all_idle = info.open_steps.size() >= static_cast<size_t>(info.limits.max_open_token_steps);
+    for (const auto& o : info.open_steps) all_idle = all_idle && o.idle_seconds > 1.0;
+    std::lock_guard<std::mutex> health_lock(health_mu);
+    if (all_idle != jammed && !service->draining()) {
+      jammed = all_idle;
+      PKV_LOG(WARNING) << (jammed ? "every open-token-step slot is held by an idle token step: health NOT_SERVING "
+                                    "until the token-step lease frees one"
+                                  : "an open-token-step slot is free again: health SERVING");
+      SetHealth(!jammed);
+    }
+  }
+
+  void RunSweeper() {
+    std::unique_lock<std::mutex> lock(sweeper_mu);
+    while (!sweeper_stop) {
+      sweeper_cv.wait_for(lock, std::chrono::milliseconds(500));
+      if (sweeper_stop) break;
+      lock.unlock();
+      Sweep();
+      lock.lock();
+    }
+  }
+
+  void StopSweeper() {
+    {
+      std::lock_guard<std::mutex> lock(sweeper_mu);
+      sweeper_stop = true;
+    }
+    sweeper_cv.notify_all();
+    if (sweeper.joinable()) sweeper.join();
+  }
 
   // Sets the same status on both servers, so a probe of the health port sees what a client of
   // the API port sees.
@@ -493,9 +746,16 @@ absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Start(
   impl->engine = std::move(engine);
   impl->executor = std::make_unique<BoundedExecutor>(options.executor_threads, options.executor_queue);
   impl->ingest_executor = std::make_unique<BoundedExecutor>(options.ingest_threads, options.ingest_queue);
+  {
+    std::random_device random;
+    while (impl->incarnation == 0) {
+      impl->incarnation = (static_cast<uint64_t>(random()) << 32) ^ static_cast<uint64_t>(random());
+    }
+  }
   impl->service = std::make_unique<WorkerService>(
       *impl->engine, *impl->executor, *impl->ingest_executor,
-      ServiceLimits{.max_message_bytes = options.max_message_bytes}, options.metrics);
+      ServiceLimits{.max_message_bytes = options.max_message_bytes, .prompt_idle_seconds = options.prompt_idle_seconds},
+      options.metrics, impl->incarnation);
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
@@ -504,6 +764,15 @@ absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Start(
   builder.RegisterService(impl->service.get());
   builder.SetMaxReceiveMessageSize(static_cast<int>(options.max_message_bytes));
   builder.SetMaxSendMessageSize(static_cast<int>(options.max_message_bytes));
+  if (options.keepalive_seconds > 0) {
+    // Ping idle connections; a peer that does not answer within the timeout is dropped, which
+    // cancels its streams (a prompt being written is released).
+    builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS, static_cast<int>(options.keepalive_seconds * 1000));
+    builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS,
+                               static_cast<int>(std::max(options.keepalive_timeout_seconds, 1.0) * 1000));
+    builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+    builder.AddChannelArgument(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);
+  }
   impl->server = builder.BuildAndStart();
   if (impl->server == nullptr || impl->port == 0) {
     impl->executor->Shutdown();
@@ -540,8 +809,11 @@ absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Start(
                         ? "on the API port"
                         : absl::StrCat("also on plaintext port ", impl->health_port,
                                        " (grpc.health.v1 only)"));
+  PKV_LOG(INFO) << "incarnation " << impl->incarnation;
   // Ready means "can serve": the engine and its pool exist and the port is bound.
   impl->SetHealth(true);
+  Impl* raw = impl.get();
+  impl->sweeper = std::thread([raw] { raw->RunSweeper(); });
   return std::unique_ptr<WorkerServer>(new WorkerServer(std::move(impl)));
 }
 
@@ -570,11 +842,20 @@ BoundedExecutor& WorkerServer::executor_for_testing() { return *impl_->executor;
 
 BoundedExecutor& WorkerServer::ingest_executor_for_testing() { return *impl_->ingest_executor; }
 
+uint64_t WorkerServer::incarnation() const { return impl_->incarnation; }
+
+void WorkerServer::SweepNowForTesting() { impl_->Sweep(); }
+
 void WorkerServer::BeginDrain() {
-  if (impl_->service->draining()) return;
-  impl_->service->SetDraining();
-  impl_->SetHealth(false);
-  PKV_LOG(INFO) << "draining: health NOT_SERVING, new work refused with UNAVAILABLE";
+  {
+    std::lock_guard<std::mutex> lock(impl_->health_mu);
+    if (impl_->service->draining()) return;
+    impl_->service->SetDraining();
+    impl_->SetHealth(false);
+  }
+  impl_->engine->StopNewWork();
+  PKV_LOG(INFO) << "draining: health NOT_SERVING, new token steps and prompts refused with UNAVAILABLE; "
+                   "open token steps may finish";
 }
 
 bool WorkerServer::draining() const { return impl_->service->draining(); }
@@ -584,9 +865,23 @@ void WorkerServer::Shutdown(absl::Duration grace) {
   if (impl_->shut_down) return;
   impl_->shut_down = true;
   BeginDrain();
-  // Waits for in-flight RPCs until the deadline, then cancels them; their reactors still finish
-  // through the executor, which is running until after this returns.
-  impl_->server->Shutdown(absl::ToChronoTime(absl::Now() + grace));
+  // The API port stays open while open token steps and prompts being written finish, up to the
+  // grace period.
+  const absl::Time deadline = absl::Now() + grace;
+  for (;;) {
+    const engine::EngineInfo info = impl_->engine->Info();
+    if (info.open_token_steps == 0 && info.writing_sequences == 0) break;
+    if (absl::Now() >= deadline) {
+      PKV_LOG(WARNING) << "grace period over with " << info.open_token_steps << " open token steps and "
+                       << info.writing_sequences << " prompts being written: cancelling them";
+      break;
+    }
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  impl_->StopSweeper();
+  // Then in-flight RPCs get a short moment to send their answers before they are cancelled;
+  // their reactors still finish through the executor, which is running until after this returns.
+  impl_->server->Shutdown(absl::ToChronoTime(std::min(deadline, absl::Now() + absl::Milliseconds(200))));
   impl_->server->Wait();
   // Probes kept seeing NOT_SERVING during the grace period; now the health port goes too.
   if (impl_->health_server != nullptr) {

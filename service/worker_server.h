@@ -6,9 +6,10 @@
 // tests exercise exactly what the binary serves. gRPC types stay in worker_server.cc: this header
 // is cheap to include.
 //
-// Life cycle: Start -> serving (health SERVING on both servers) -> BeginDrain (health NOT_SERVING, new RPCs and
-// new stream messages refused with UNAVAILABLE, in-flight work finishes) -> Shutdown (waits for
-// in-flight RPCs up to the grace period, cancels the rest, runs queued cleanups, stops).
+// Life cycle: Start -> serving (health SERVING on both servers) -> BeginDrain (health NOT_SERVING,
+// new token steps and prompts refused with UNAVAILABLE; open token steps, Describe and Release go
+// on) -> Shutdown (keeps the port open until open token steps and prompts finish or the grace
+// period ends, cancels the rest, runs queued cleanups, stops).
 // Thread-safety: all methods may be called from any thread; Shutdown is idempotent.
 #pragma once
 
@@ -50,6 +51,13 @@ struct ServerOptions {
   // host:port of a second, plaintext server that serves only grpc.health.v1, with the same
   // status as the API server (no API, no reflection); port 0 picks a free one. Empty: none.
   std::string health_listen_address;
+  // Leases (see worker.proto): a WriteKV stream with no message for this long is cancelled and
+  // its prompt released; 0: never. Token-step and sequence leases are engine options.
+  double prompt_idle_seconds = 60;
+  // HTTP/2 keepalive: ping every keepalive_seconds; drop a peer that does not answer within
+  // keepalive_timeout_seconds. 0: no pings.
+  double keepalive_seconds = 30;
+  double keepalive_timeout_seconds = 10;
 };
 
 class WorkerServer final {
@@ -82,12 +90,19 @@ class WorkerServer final {
   BoundedExecutor& executor_for_testing();
   BoundedExecutor& ingest_executor_for_testing();
 
-  // Health NOT_SERVING (both servers); new work is refused with UNAVAILABLE; in-flight work continues.
+  // This run's incarnation id (nonzero; in Describe and every response).
+  uint64_t incarnation() const;
+  // Runs one round of the lease sweeper now (tests; it also runs every half second).
+  void SweepNowForTesting();
+
+  // Health NOT_SERVING (both servers); new token steps and prompts are refused with UNAVAILABLE;
+  // later layers of open token steps, Describe and Release still run.
   void BeginDrain();
   // Whether BeginDrain has run.
   bool draining() const;
-  // BeginDrain, then waits up to `grace` for in-flight RPCs, cancels what remains, stops the
-  // health-only server and stops the executor after its queued tasks. Idempotent.
+  // BeginDrain, then keeps the API port open up to `grace` while open token steps and prompts
+  // being written finish, cancels what remains, stops the health-only server and stops the
+  // executors after their queued tasks. Idempotent.
   void Shutdown(absl::Duration grace);
 
   struct Impl;
