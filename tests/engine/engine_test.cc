@@ -26,14 +26,19 @@ ModelShape SmallShape() {
   return s;
 }
 
-std::unique_ptr<Engine> MakeEngine(int64_t pages = 64, ModelShape shape = SmallShape()) {
+EngineOptions DefaultOptions() {
+  EngineOptions opts;
+  opts.max_batch = 8;
+  opts.scatter_seed = 4242;
+  return opts;
+}
+
+std::unique_ptr<Engine> MakeEngine(int64_t pages = 64, ModelShape shape = SmallShape(),
+                                   EngineOptions opts = DefaultOptions()) {
   auto backend = CreateCpuBackend(shape, pages, 2);
   EXPECT_TRUE(backend.ok());
   auto sched = scheduler::Scheduler::Create(scheduler::Scheduler::Options{});
   EXPECT_TRUE(sched.ok());
-  EngineOptions opts;
-  opts.max_batch = 8;
-  opts.scatter_seed = 4242;
   auto engine = Engine::Create(opts, std::move(*backend), std::move(*sched));
   EXPECT_TRUE(engine.ok()) << engine.status();
   return std::move(*engine);
@@ -58,9 +63,9 @@ float Half(const std::vector<uint8_t>& b, size_t i) {
 // Writes a full prompt of `n` tokens for every layer, in two chunks per layer.
 void WritePrompt(Engine& e, SeqId id, int64_t n, std::mt19937_64& rng,
                  std::vector<std::vector<uint8_t>>* k_hist = nullptr,
-                 std::vector<std::vector<uint8_t>>* v_hist = nullptr) {
+                 std::vector<std::vector<uint8_t>>* v_hist = nullptr, const std::string& owner = "") {
   const ModelShape& s = e.shape();
-  auto w = e.BeginPrompt(id, n);
+  auto w = e.BeginPrompt(id, n, owner);
   ASSERT_TRUE(w.ok()) << w.status();
   const size_t tok = static_cast<size_t>(s.num_kv_heads) * s.head_dim;
   for (int layer = 0; layer < s.num_layers; ++layer) {
@@ -96,53 +101,80 @@ StepInput MakeStep(const ModelShape& s, uint64_t id, int layer, std::vector<SeqI
   return in;
 }
 
-TEST(EngineTest, StepMatchesDoubleReferenceIncludingTheNewToken) {
-  auto e = MakeEngine();
-  const ModelShape s = e->shape();
-  std::mt19937_64 rng(1);
+// Relative L2 error of one layer's output `out` for query `q` of a single row against a float64
+// attention over that row's K,V history `k_hist`/`v_hist` ([n, Hkv, d] fp16 bytes, the new token
+// included); also checks `lse` when given.
+double RelErrorVsDoubleReference(const ModelShape& s, std::span<const uint8_t> q, const std::vector<uint8_t>& k_hist,
+                                 const std::vector<uint8_t>& v_hist, const std::string& out,
+                                 const std::vector<float>* lse) {
+  const size_t tok = s.num_kv_heads * s.head_dim;
+  const size_t n = k_hist.size() / (tok * 2);
+  std::vector<uint8_t> qb(q.begin(), q.end());
+  std::vector<uint8_t> ob(out.begin(), out.end());
+  double err2 = 0, ref2 = 0;
+  for (int h = 0; h < s.num_q_heads; ++h) {
+    const int kvh = h / s.group_size();
+    std::vector<double> sc(n);
+    double mx = -INFINITY;
+    for (size_t t = 0; t < n; ++t) {
+      double dot = 0;
+      for (int i = 0; i < s.head_dim; ++i) {
+        dot += double(Half(qb, h * s.head_dim + i)) * Half(k_hist, t * tok + kvh * s.head_dim + i);
+      }
+      sc[t] = dot / std::sqrt(double(s.head_dim));
+      mx = std::max(mx, sc[t]);
+    }
+    double sum = 0;
+    for (double x : sc) sum += std::exp(x - mx);
+    if (lse != nullptr) EXPECT_NEAR((*lse)[h], mx + std::log(sum), 1e-3);
+    for (int i = 0; i < s.head_dim; ++i) {
+      double acc = 0;
+      for (size_t t = 0; t < n; ++t) acc += std::exp(sc[t] - mx) / sum * Half(v_hist, t * tok + kvh * s.head_dim + i);
+      const double got = Half(ob, h * s.head_dim + i);
+      err2 += (got - acc) * (got - acc);
+      ref2 += acc * acc;
+    }
+  }
+  return std::sqrt(err2 / ref2);
+}
+
+// Decodes `steps` token steps of one sequence after a prompt of `prompt` tokens and checks every
+// layer's output against the float64 reference.
+void CheckDecodeAgainstReference(Engine& e, int64_t prompt, int steps, uint64_t seed) {
+  const ModelShape s = e.shape();
+  std::mt19937_64 rng(seed);
   const size_t tok = s.num_kv_heads * s.head_dim;
   std::vector<std::vector<uint8_t>> k_hist(s.num_layers), v_hist(s.num_layers);
-  WritePrompt(*e, 7, 9, rng, &k_hist, &v_hist);
-  for (int step = 1; step <= 6; ++step) {
+  WritePrompt(e, 7, prompt, rng, &k_hist, &v_hist);
+  for (int step = 1; step <= steps; ++step) {
     for (int layer = 0; layer < s.num_layers; ++layer) {
       StepInput in = MakeStep(s, step, layer, {7}, rng);
       in.want_lse = true;
-      auto out = e->Step(in);
+      auto out = e.Step(in);
       ASSERT_TRUE(out.ok()) << out.status();
       k_hist[layer].insert(k_hist[layer].end(), in.k.begin(), in.k.end());
       v_hist[layer].insert(v_hist[layer].end(), in.v.begin(), in.v.end());
-      const size_t n = k_hist[layer].size() / (tok * 2);
-      ASSERT_EQ(n, 9u + step);
-      std::vector<uint8_t> qb(in.q.begin(), in.q.end());
-      std::vector<uint8_t> ob(out->out.begin(), out->out.end());
-      double err2 = 0, ref2 = 0;
-      for (int h = 0; h < s.num_q_heads; ++h) {
-        const int kvh = h / s.group_size();
-        std::vector<double> sc(n);
-        double mx = -INFINITY;
-        for (size_t t = 0; t < n; ++t) {
-          double dot = 0;
-          for (int i = 0; i < s.head_dim; ++i) {
-            dot += double(Half(qb, h * s.head_dim + i)) * Half(k_hist[layer], t * tok + kvh * s.head_dim + i);
-          }
-          sc[t] = dot / std::sqrt(double(s.head_dim));
-          mx = std::max(mx, sc[t]);
-        }
-        double sum = 0;
-        for (double x : sc) sum += std::exp(x - mx);
-        EXPECT_NEAR(out->lse[h], mx + std::log(sum), 1e-3);
-        for (int i = 0; i < s.head_dim; ++i) {
-          double acc = 0;
-          for (size_t t = 0; t < n; ++t) acc += std::exp(sc[t] - mx) / sum * Half(v_hist[layer], t * tok + kvh * s.head_dim + i);
-          const double got = Half(ob, h * s.head_dim + i);
-          err2 += (got - acc) * (got - acc);
-          ref2 += acc * acc;
-        }
-      }
-      EXPECT_LT(std::sqrt(err2 / ref2), 2e-3);
+      ASSERT_EQ(k_hist[layer].size() / (tok * 2), static_cast<size_t>(prompt + step));
+      EXPECT_LT(RelErrorVsDoubleReference(s, in.q, k_hist[layer], v_hist[layer], out->out, &out->lse), 2e-3)
+          << "step " << step << " layer " << layer;
     }
   }
-  EXPECT_TRUE(e->CheckConsistency().ok());
+  EXPECT_TRUE(e.CheckConsistency().ok());
+}
+
+TEST(EngineTest, StepMatchesDoubleReferenceIncludingTheNewToken) {
+  auto e = MakeEngine();
+  CheckDecodeAgainstReference(*e, 9, 6, 1);
+}
+
+TEST(EngineTest, StaticSlotBaselineMatchesDoubleReference) {
+  // A static-baseline sequence holds pages for static_slot_tokens from the start; attention must
+  // still read only its tokens.
+  EngineOptions opts = DefaultOptions();
+  opts.static_slot_tokens = 64;
+  auto e = MakeEngine(64, SmallShape(), opts);
+  CheckDecodeAgainstReference(*e, 9, 6, 11);
+  EXPECT_EQ(e->Info().pager.reserved_tokens, 64);
 }
 
 TEST(EngineTest, RetriedStepReplaysWithoutAppending) {
@@ -712,6 +744,319 @@ TEST(EnginePipelineTest, ReleasesRacingWithInFlightLayersKeepAccountingExact) {
   EXPECT_EQ(info.open_token_steps, 0);
   EXPECT_EQ(info.pager.num_sequences, 0);
   EXPECT_EQ(info.pager.free_pages, kPages);
+}
+
+// ---------------------------------------------------------------------------------------------
+// One router cannot crash, jam or read another's work.
+
+TEST(EngineRobustnessTest, HugePromptHeadersAreRefusedWithoutAllocating) {
+  auto e = MakeEngine();
+  const uint64_t before = e->StateFingerprint();
+  for (int64_t n : {INT64_MAX, INT64_MAX - 1, INT64_MAX - 14, INT64_MAX - 15, int64_t{1} << 62}) {
+    auto w = e->BeginPrompt(5, n);
+    EXPECT_EQ(w.status().code(), absl::StatusCode::kResourceExhausted) << n << ": " << w.status();
+    EXPECT_NE(w.status().message().find("free"), std::string::npos) << w.status();
+  }
+  EXPECT_EQ(e->StateFingerprint(), before);
+  EXPECT_EQ(e->Info().pager.free_pages, 64);
+  EXPECT_TRUE(e->CheckConsistency().ok());
+}
+
+TEST(EngineRobustnessTest, OperatorPromptCapIsARequestError) {
+  EngineOptions opts = DefaultOptions();
+  opts.max_prompt_tokens = 32;
+  auto e = MakeEngine(64, SmallShape(), opts);
+  EXPECT_EQ(e->limits().max_prompt_tokens, 32);
+  auto w = e->BeginPrompt(5, 33);
+  EXPECT_EQ(w.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(w.status().message().find("num_tokens"), std::string::npos) << w.status();
+  EXPECT_TRUE(e->BeginPrompt(5, 32).ok());
+}
+
+TEST(EngineRobustnessTest, AbandonedTokenStepsAreReclaimedByTheLease) {
+  auto e = MakeEngine(256);
+  const ModelShape s = e->shape();
+  std::mt19937_64 rng(31);
+  const int32_t slots = e->limits().max_open_token_steps;
+  ASSERT_GT(slots, 0);
+  for (int i = 0; i <= slots; ++i) WritePrompt(*e, 100 + i, 5, rng, nullptr, nullptr, "router-" + std::to_string(i));
+  const int64_t tokens = e->Info().pager.used_tokens;
+  // Routers that die after layer 0 hold every slot.
+  for (int i = 0; i < slots; ++i) {
+    StepInput in = MakeStep(s, 1000 + i, 0, {static_cast<SeqId>(100 + i)}, rng);
+    in.owner = "router-" + std::to_string(i);
+    ASSERT_TRUE(e->Step(in).ok());
+  }
+  EngineInfo info = e->Info();
+  ASSERT_EQ(info.open_steps.size(), static_cast<size_t>(slots));
+  EXPECT_EQ(info.open_steps[0].token_step_id, 1000u);
+  EXPECT_EQ(info.open_steps[0].owner, "router-0");
+  EXPECT_EQ(info.open_steps[0].layers_done, 1);
+  StepInput next = MakeStep(s, 2000, 0, {static_cast<SeqId>(100 + slots)}, rng);
+  next.owner = "router-" + std::to_string(slots);
+  absl::StatusOr<StepOutput> refused = e->Step(next);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_NE(refused.status().message().find("open token steps full"), std::string::npos) << refused.status();
+  // Not idle yet: nothing is taken.
+  EXPECT_TRUE(e->ReclaimIdle(std::chrono::steady_clock::now()).token_steps.empty());
+  const auto later = std::chrono::steady_clock::now() +
+                     std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                         std::chrono::duration<double>(e->limits().token_step_idle_seconds + 1));
+  const Reclaimed r = e->ReclaimIdle(later);
+  ASSERT_EQ(r.token_steps.size(), static_cast<size_t>(slots));
+  EXPECT_EQ(r.token_steps[0].owner, "router-0");
+  EXPECT_EQ(r.token_steps[0].layers_done, 1);
+  EXPECT_EQ(e->Info().open_token_steps, 0);
+  EXPECT_EQ(e->Info().pager.used_tokens, tokens) << "aborted token steps keep their appended token";
+  EXPECT_TRUE(e->Step(next).ok());
+  // A late layer of a reclaimed token step is refused and changes nothing.
+  StepInput late = MakeStep(s, 1000, 1, {100}, rng);
+  late.owner = "router-0";
+  EXPECT_EQ(e->Step(late).status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_TRUE(e->CheckConsistency().ok());
+}
+
+TEST(EngineRobustnessTest, DeltaOnlyTokenStepsHoldNoSlot) {
+  auto e = MakeEngine(256);
+  const ModelShape s = e->shape();
+  std::mt19937_64 rng(32);
+  const int32_t slots = e->limits().max_open_token_steps;
+  for (int i = 0; i < 2 * slots + 3; ++i) {
+    WritePrompt(*e, 300 + i, 3, rng);
+    StepInput in = MakeStep(s, 3000 + i, 0, {}, rng);
+    in.free = {static_cast<SeqId>(300 + i)};
+    auto out = e->Step(in);
+    ASSERT_TRUE(out.ok()) << i << ": " << out.status();
+    EXPECT_TRUE(out->out.empty());
+    // Its later layers may be sent (answered empty, nothing appended) or not.
+    if (i % 2 == 0) {
+      for (int layer = 1; layer < s.num_layers; ++layer) {
+        auto later = e->Step(MakeStep(s, 3000 + i, layer, {}, rng));
+        ASSERT_TRUE(later.ok()) << later.status();
+        EXPECT_FALSE(later->replayed);
+      }
+    }
+    EXPECT_EQ(e->Info().open_token_steps, 0);
+  }
+  EXPECT_EQ(e->Info().pager.free_pages, 256);
+  WritePrompt(*e, 1, 3, rng);
+  EXPECT_TRUE(e->Step(MakeStep(s, 9000, 0, {1}, rng)).ok());
+}
+
+TEST(EngineRobustnessTest, ListSizesAndSequenceCountAreBoundedBeforeAllocating) {
+  EngineOptions opts = DefaultOptions();
+  opts.max_sequences = 6;
+  opts.max_free_per_step = 3;
+  auto e = MakeEngine(64, SmallShape(), opts);
+  const ModelShape s = e->shape();
+  std::mt19937_64 rng(33);
+  WritePrompt(*e, 1, 3, rng);
+  const uint64_t before = e->StateFingerprint();
+  StepInput in = MakeStep(s, 1, 0, {}, rng);
+  for (int i = 0; i < 9; ++i) in.open.push_back(100 + i);  // max_open_per_step = max_batch = 8
+  absl::StatusOr<StepOutput> out = e->Step(in);
+  EXPECT_EQ(out.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(out.status().message().rfind("open:", 0), 0u) << out.status();
+  in.open.clear();
+  in.free = {1, 2, 3, 4};
+  out = e->Step(in);
+  EXPECT_EQ(out.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(out.status().message().rfind("free:", 0), 0u) << out.status();
+  EXPECT_EQ(e->ValidateListSizes(9, 0, 0).code(), absl::StatusCode::kInvalidArgument);
+  in.free.clear();
+  in.open = {200, 201, 202, 203, 204, 205};  // 1 + 6 > 6 sequences
+  out = e->Step(in);
+  EXPECT_EQ(out.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_NE(out.status().message().find("sequences full"), std::string::npos) << out.status();
+  EXPECT_EQ(e->StateFingerprint(), before);
+  in.open = {200, 201, 202, 203, 204};
+  ASSERT_TRUE(e->Step(in).ok());
+  EXPECT_EQ(e->BeginPrompt(9, 4).status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_TRUE(e->CheckConsistency().ok());
+}
+
+TEST(EngineRobustnessTest, SequencesAndTokenStepsBelongToTheirRouter) {
+  auto e = MakeEngine();
+  const ModelShape s = e->shape();
+  std::mt19937_64 rng(34);
+  {
+    auto w = e->BeginPrompt(1, 1, "alice");
+    ASSERT_TRUE(w.ok());
+    auto k = RandomBytes(s.num_kv_heads * s.head_dim, rng);
+    for (int layer = 0; layer < s.num_layers; ++layer) ASSERT_TRUE((*w)->Write(layer, 0, 1, k, k).ok());
+    ASSERT_TRUE((*w)->Commit().ok());
+  }
+  WritePrompt(*e, 2, 3, rng);  // anonymous
+  StepInput a0 = MakeStep(s, 50, 0, {1}, rng);
+  a0.owner = "alice";
+  auto first = e->Step(a0);
+  ASSERT_TRUE(first.ok()) << first.status();
+  const uint64_t before = e->StateFingerprint();
+  StepInput b = a0;
+  b.owner = "bob";
+  // Bob reading alice's outputs from the retry cache, or stepping her token step or sequence.
+  EXPECT_EQ(e->Step(b).status().code(), absl::StatusCode::kPermissionDenied);
+  b.layer = 1;
+  EXPECT_EQ(e->Step(b).status().code(), absl::StatusCode::kPermissionDenied);
+  StepInput b2 = MakeStep(s, 51, 0, {2, 1}, rng);
+  b2.owner = "";
+  absl::StatusOr<StepOutput> denied = e->Step(b2);
+  EXPECT_EQ(denied.status().code(), absl::StatusCode::kPermissionDenied);
+  EXPECT_NE(denied.status().message().find("rows[1]"), std::string::npos) << denied.status();
+  StepInput f = MakeStep(s, 52, 0, {2}, rng);
+  f.free = {1};
+  EXPECT_EQ(e->Step(f).status().code(), absl::StatusCode::kPermissionDenied);
+  const SeqId one[] = {1};
+  EXPECT_EQ(e->Release(one, "bob").code(), absl::StatusCode::kPermissionDenied);
+  EXPECT_EQ(e->StateFingerprint(), before);
+  // Alice replays and finishes her own token step, and releases her sequence.
+  auto replay = e->Step(a0);
+  ASSERT_TRUE(replay.ok());
+  EXPECT_TRUE(replay->replayed);
+  EXPECT_EQ(replay->out, first->out);
+  for (int layer = 1; layer < s.num_layers; ++layer) {
+    StepInput in = MakeStep(s, 50, layer, {1}, rng);
+    in.owner = "alice";
+    ASSERT_TRUE(e->Step(in).ok());
+  }
+  EXPECT_TRUE(e->Release(one, "alice").ok());
+}
+
+TEST(EngineRobustnessTest, NonFiniteInputsAreRefusedNamingTheTensor) {
+  auto e = MakeEngine();
+  const ModelShape s = e->shape();
+  std::mt19937_64 rng(35);
+  WritePrompt(*e, 1, 3, rng);
+  const uint64_t before = e->StateFingerprint();
+  const uint16_t nan = 0x7E00, inf = 0x7C00, neg_inf = 0xFC00;
+  struct Case {
+    int tensor;  // 0 q, 1 k, 2 v
+    size_t element;
+    uint16_t bits;
+    const char* want;
+  };
+  for (const Case& c : {Case{0, 17, nan, "q: element [0, 0, 17] is NaN"},
+                        Case{1, s.head_dim + 3, inf, "k: element [0, 1, 3] is infinite"},
+                        Case{2, 5, neg_inf, "v: element [0, 0, 5] is infinite"}}) {
+    StepInput in = MakeStep(s, 7, 0, {1}, rng);
+    std::span<const uint8_t>* t = c.tensor == 0 ? &in.q : c.tensor == 1 ? &in.k : &in.v;
+    std::vector<uint8_t> bytes(t->begin(), t->end());
+    bytes[2 * c.element] = static_cast<uint8_t>(c.bits & 0xFF);
+    bytes[2 * c.element + 1] = static_cast<uint8_t>(c.bits >> 8);
+    *t = bytes;
+    absl::StatusOr<StepOutput> out = e->Step(in);
+    EXPECT_EQ(out.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_EQ(out.status().message().rfind(c.want, 0), 0u) << out.status();
+    EXPECT_EQ(e->StateFingerprint(), before);
+  }
+  // Prompt chunks too.
+  auto w = e->BeginPrompt(2, 2);
+  ASSERT_TRUE(w.ok());
+  auto k = RandomBytes(2 * s.num_kv_heads * s.head_dim, rng);
+  auto v = k;
+  v[2 * 70 + 1] = 0x7F;  // 0x7Fxx: NaN
+  absl::Status bad = (*w)->Write(0, 0, 2, k, v);
+  EXPECT_EQ(bad.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(bad.message().rfind("v: element [0, 1, 6] is NaN", 0), 0u) << bad;
+  // An operator may turn the check off.
+  EngineOptions opts = DefaultOptions();
+  opts.check_finite = false;
+  auto unchecked = MakeEngine(64, SmallShape(), opts);
+  WritePrompt(*unchecked, 1, 3, rng);
+  StepInput in = MakeStep(s, 7, 0, {1}, rng);
+  std::vector<uint8_t> q(in.q.begin(), in.q.end());
+  q[1] = 0x7E;
+  in.q = q;
+  EXPECT_TRUE(unchecked->Step(in).ok());
+}
+
+TEST(EngineRobustnessTest, LayersRunInOrder) {
+  auto e = MakeEngine();
+  const ModelShape s = e->shape();
+  std::mt19937_64 rng(36);
+  WritePrompt(*e, 1, 3, rng);
+  ASSERT_TRUE(e->Step(MakeStep(s, 5, 0, {1}, rng)).ok());
+  const uint64_t before = e->StateFingerprint();
+  absl::StatusOr<StepOutput> skipped = e->Step(MakeStep(s, 5, 2, {1}, rng));
+  EXPECT_EQ(skipped.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(skipped.status().message().find("layer 1"), std::string::npos) << skipped.status();
+  EXPECT_EQ(e->StateFingerprint(), before);
+  ASSERT_TRUE(e->Step(MakeStep(s, 5, 1, {1}, rng)).ok());
+  ASSERT_TRUE(e->Step(MakeStep(s, 5, 2, {1}, rng)).ok());
+}
+
+TEST(EngineRobustnessTest, RetryWindowCoversMicroBatchesAndALateLayerZeroAppendsNothing) {
+  EngineOptions opts = DefaultOptions();
+  opts.retained_token_steps = 4;
+  auto e = MakeEngine(64, SmallShape(), opts);
+  const ModelShape s = e->shape();
+  std::mt19937_64 rng(37);
+  WritePrompt(*e, 1, 3, rng);
+  WritePrompt(*e, 2, 3, rng);
+  // Micro-batch A's last layer answer is lost while micro-batch B runs three token steps.
+  std::vector<StepInput> a;
+  std::vector<std::string> a_out;
+  for (int layer = 0; layer < s.num_layers; ++layer) {
+    a.push_back(MakeStep(s, 100, layer, {1}, rng));
+    auto out = e->Step(a.back());
+    ASSERT_TRUE(out.ok());
+    a_out.push_back(out->out);
+  }
+  for (uint64_t t = 200; t < 203; ++t) {
+    for (int layer = 0; layer < s.num_layers; ++layer) ASSERT_TRUE(e->Step(MakeStep(s, t, layer, {2}, rng)).ok());
+  }
+  auto replay = e->Step(a.back());
+  ASSERT_TRUE(replay.ok());
+  EXPECT_TRUE(replay->replayed);
+  EXPECT_EQ(replay->out, a_out.back());
+  // Past the window: a resent layer 0 is refused, nothing is appended twice.
+  for (uint64_t t = 203; t < 210; ++t) {
+    for (int layer = 0; layer < s.num_layers; ++layer) ASSERT_TRUE(e->Step(MakeStep(s, t, layer, {2}, rng)).ok());
+  }
+  const uint64_t before = e->StateFingerprint();
+  absl::StatusOr<StepOutput> late = e->Step(a.front());
+  EXPECT_EQ(late.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(late.status().message().find("retry window"), std::string::npos) << late.status();
+  EXPECT_EQ(e->StateFingerprint(), before);
+  EXPECT_EQ(e->limits().retry_window_token_steps, 4);
+}
+
+TEST(EngineRobustnessTest, StopNewWorkLetsOpenTokenStepsFinish) {
+  auto e = MakeEngine();
+  const ModelShape s = e->shape();
+  std::mt19937_64 rng(38);
+  WritePrompt(*e, 1, 3, rng);
+  WritePrompt(*e, 2, 3, rng);
+  ASSERT_TRUE(e->Step(MakeStep(s, 5, 0, {1}, rng)).ok());
+  e->StopNewWork();
+  absl::StatusOr<StepOutput> fresh = e->Step(MakeStep(s, 6, 0, {2}, rng));
+  EXPECT_EQ(fresh.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ(e->BeginPrompt(3, 2).status().code(), absl::StatusCode::kUnavailable);
+  for (int layer = 1; layer < s.num_layers; ++layer) ASSERT_TRUE(e->Step(MakeStep(s, 5, layer, {1}, rng)).ok());
+  StepInput free_only = MakeStep(s, 7, 0, {}, rng);
+  free_only.free = {2};
+  EXPECT_TRUE(e->Step(free_only).ok());
+  const SeqId one[] = {1};
+  EXPECT_TRUE(e->Release(one).ok());
+  EXPECT_EQ(e->Info().pager.free_pages, 64);
+}
+
+TEST(EngineRobustnessTest, IdleSequencesAreReleasedWhenTheirLeaseIsOn) {
+  EngineOptions opts = DefaultOptions();
+  opts.sequence_idle_seconds = 10;
+  auto e = MakeEngine(64, SmallShape(), opts);
+  std::mt19937_64 rng(39);
+  WritePrompt(*e, 1, 9, rng);
+  auto writing = e->BeginPrompt(2, 4, "carol");  // being written: never taken by this lease
+  ASSERT_TRUE(writing.ok());
+  const auto later = std::chrono::steady_clock::now() + std::chrono::seconds(11);
+  const Reclaimed r = e->ReclaimIdle(later);
+  ASSERT_EQ(r.sequences.size(), 1u);
+  EXPECT_EQ(r.sequences[0].id, 1u);
+  EXPECT_EQ(r.sequences[0].pages, 3);
+  EXPECT_EQ(e->Info().writing_sequences, 1);
+  EXPECT_EQ(e->Info().active_sequences, 0);
+  EXPECT_TRUE(e->CheckConsistency().ok());
 }
 
 }  // namespace
