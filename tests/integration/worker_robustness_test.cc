@@ -1,0 +1,412 @@
+// Robustness of the real gRPC server (service::WorkerServer on 127.0.0.1:0, CPU backend) against
+// routers that are buggy, hung or hostile, driven by a client written from the proto alone: the
+// generated stubs, and raw byte buffers where a message must be malformed. Each test names the
+// guarantee it checks: unparsable messages, ownership, incarnation, the leases (a stalled WriteKV
+// stream, abandoned token steps) and drain.
+#include <chrono>
+#include <cstring>
+#include <memory>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/time/clock.h"
+#include "common/dtype.h"
+#include "common/metrics.h"
+#include "grpcpp/generic/generic_stub.h"
+#include "grpcpp/grpcpp.h"
+#include "grpcpp/impl/codegen/client_unary_call.h"
+#include "grpcpp/impl/codegen/rpc_method.h"
+#include "grpcpp/impl/codegen/sync_stream.h"
+#include "gtest/gtest.h"
+#include "pkv/v1/worker.grpc.pb.h"
+#include "service/engine_factory.h"
+#include "service/worker_server.h"
+#include "tests/support/small_model.h"
+
+namespace pkv {
+namespace {
+
+using grpc::ByteBuffer;
+
+constexpr char kMethodPrefix[] = "/pkv.v1.PersistentKV/";
+
+ModelShape Shape() { return testing_support::SmallTestShape(); }
+
+ByteBuffer Raw(const std::string& bytes) {
+  grpc::Slice slice(bytes);
+  return ByteBuffer(&slice, 1);
+}
+
+template <typename Message>
+ByteBuffer Serialized(const Message& m) {
+  return Raw(m.SerializeAsString());
+}
+
+template <typename Message>
+Message Parsed(ByteBuffer& buffer) {
+  Message m;
+  EXPECT_TRUE(grpc::SerializationTraits<Message>::Deserialize(&buffer, &m).ok());
+  return m;
+}
+
+// Not a valid protobuf: field 1 as a length-delimited value of 16 bytes, then only 3.
+const std::string kGarbage("\x0a\x10" "abc", 5);
+
+void SetTensor(v1::Tensor* t, std::vector<int64_t> shape, std::mt19937_64& rng) {
+  t->set_dtype(v1::DTYPE_FP16);
+  int64_t n = 1;
+  for (int64_t d : shape) {
+    t->add_shape(d);
+    n *= d;
+  }
+  std::normal_distribution<float> normal(0.f, 1.f);
+  std::string data(n * 2, '\0');
+  for (int64_t i = 0; i < n; ++i) {
+    const uint16_t h = FloatToHalf(normal(rng));
+    std::memcpy(&data[2 * i], &h, 2);
+  }
+  t->set_data(std::move(data));
+}
+
+class WorkerRobustnessTest : public ::testing::Test {
+ protected:
+  void StartWorker(double token_step_idle_seconds = 30, double prompt_idle_seconds = 60) {
+    service::EngineConfig config;
+    config.shape = Shape();
+    config.num_pages = 32;
+    config.backend = "cpu";
+    config.cpu_threads = 1;
+    config.max_batch = 8;
+    config.scatter_seed = 77;
+    config.token_step_idle_seconds = token_step_idle_seconds;
+    auto engine = service::BuildEngine(config);
+    ASSERT_TRUE(engine.ok()) << engine.status();
+    metrics_ = std::make_unique<WorkerMetrics>(BuildInfo{"test", "test", "cpu", "none", "fp16", "default"});
+    service::ServerOptions options;
+    options.listen_address = "127.0.0.1:0";
+    options.metrics = metrics_.get();
+    options.prompt_idle_seconds = prompt_idle_seconds;
+    auto server = service::WorkerServer::Start(options, *std::move(engine));
+    ASSERT_TRUE(server.ok()) << server.status();
+    server_ = *std::move(server);
+    channel_ = grpc::CreateChannel(server_->address(), grpc::InsecureChannelCredentials());
+    stub_ = v1::PersistentKV::NewStub(channel_);
+  }
+
+  void TearDown() override {
+    if (server_ != nullptr) server_->Shutdown(absl::Seconds(1));
+  }
+
+  // A context for `router` (empty: anonymous) with a deadline.
+  static std::unique_ptr<grpc::ClientContext> Context(const std::string& router = "") {
+    auto ctx = std::make_unique<grpc::ClientContext>();
+    if (!router.empty()) ctx->AddMetadata("x-pkv-router-id", router);
+    ctx->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(20));
+    return ctx;
+  }
+
+  v1::DescribeResponse Describe(const std::string& router = "") {
+    v1::DescribeResponse d;
+    auto ctx = Context(router);
+    EXPECT_TRUE(stub_->Describe(ctx.get(), v1::DescribeRequest(), &d).ok());
+    return d;
+  }
+
+  // Writes a complete prompt of `tokens` tokens for `seq` as `router`.
+  grpc::Status WritePrompt(const std::string& router, uint64_t seq, int64_t tokens) {
+    auto ctx = Context(router);
+    v1::WriteKVResponse response;
+    auto writer = stub_->WriteKV(ctx.get(), &response);
+    v1::WriteKVRequest header;
+    header.mutable_header()->set_sequence_id(seq);
+    header.mutable_header()->set_num_tokens(tokens);
+    writer->Write(header);
+    for (int32_t layer = 0; layer < Shape().num_layers; ++layer) {
+      v1::WriteKVRequest chunk;
+      v1::KVChunk* c = chunk.mutable_chunk();
+      c->set_layer(layer);
+      c->set_num_tokens(tokens);
+      SetTensor(c->mutable_k(), {tokens, Shape().num_kv_heads, Shape().head_dim}, rng_);
+      SetTensor(c->mutable_v(), {tokens, Shape().num_kv_heads, Shape().head_dim}, rng_);
+      writer->Write(chunk);
+    }
+    writer->WritesDone();
+    return writer->Finish();
+  }
+
+  v1::StepRequest StepRequest(uint64_t token_step_id, int32_t layer, std::vector<uint64_t> rows) {
+    v1::StepRequest r;
+    r.set_token_step_id(token_step_id);
+    r.set_layer(layer);
+    for (uint64_t row : rows) r.add_rows(row);
+    const int64_t b = static_cast<int64_t>(rows.size());
+    SetTensor(r.mutable_q(), {b, Shape().num_q_heads, Shape().head_dim}, rng_);
+    SetTensor(r.mutable_k(), {b, Shape().num_kv_heads, Shape().head_dim}, rng_);
+    SetTensor(r.mutable_v(), {b, Shape().num_kv_heads, Shape().head_dim}, rng_);
+    return r;
+  }
+
+  grpc::Status Step(const std::string& router, const v1::StepRequest& request, v1::StepResponse* response) {
+    auto ctx = Context(router);
+    return stub_->Step(ctx.get(), request, response);
+  }
+
+  bool WaitFor(const std::function<bool()>& done, absl::Duration timeout) {
+    const absl::Time deadline = absl::Now() + timeout;
+    while (absl::Now() < deadline) {
+      if (done()) return true;
+      absl::SleepFor(absl::Milliseconds(20));
+    }
+    return done();
+  }
+
+  std::mt19937_64 rng_{20261202};
+  std::unique_ptr<WorkerMetrics> metrics_;
+  std::unique_ptr<service::WorkerServer> server_;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<v1::PersistentKV::Stub> stub_;
+};
+
+TEST_F(WorkerRobustnessTest, UnparsableMessagesGetInvalidArgumentOneAnswerEachAndAreCounted) {
+  StartWorker();
+  const int64_t total = Describe().pool().total_pages();
+  // Unary.
+  for (const char* method : {"Step", "Release", "Describe"}) {
+    grpc::internal::RpcMethod rpc((std::string(kMethodPrefix) + method).c_str(), grpc::internal::RpcMethod::NORMAL_RPC,
+                                  channel_);
+    auto ctx = Context();
+    ByteBuffer response;
+    const grpc::Status s =
+        grpc::internal::BlockingUnaryCall<ByteBuffer, ByteBuffer>(channel_.get(), rpc, ctx.get(), Raw(kGarbage), &response);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << method;
+    EXPECT_NE(s.error_message().find("cannot parse"), std::string::npos) << method << ": " << s.error_message();
+  }
+  // StepStream: the malformed message is answered in order and the stream goes on.
+  {
+    grpc::internal::RpcMethod rpc("/pkv.v1.PersistentKV/StepStream", grpc::internal::RpcMethod::BIDI_STREAMING,
+                                  channel_);
+    auto ctx = Context();
+    std::unique_ptr<grpc::ClientReaderWriter<ByteBuffer, ByteBuffer>> stream(
+        grpc::internal::ClientReaderWriterFactory<ByteBuffer, ByteBuffer>::Create(channel_.get(), rpc, ctx.get()));
+    ASSERT_TRUE(stream->Write(Raw(kGarbage)));
+    ByteBuffer raw;
+    ASSERT_TRUE(stream->Read(&raw));
+    v1::StepResponse first = Parsed<v1::StepResponse>(raw);
+    EXPECT_EQ(first.status().code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_NE(first.status().message().find("cannot parse"), std::string::npos) << first.status().message();
+    EXPECT_EQ(first.incarnation(), server_->incarnation());
+    // A valid request on the same stream: a delta-only token step.
+    ASSERT_TRUE(stream->Write(Serialized(StepRequest(5, 0, {}))));
+    ASSERT_TRUE(stream->Read(&raw));
+    v1::StepResponse second = Parsed<v1::StepResponse>(raw);
+    EXPECT_EQ(second.status().code(), 0) << second.status().message();
+    EXPECT_EQ(second.token_step_id(), 5u);
+    stream->WritesDone();
+    EXPECT_TRUE(stream->Finish().ok());
+  }
+  // WriteKV: a garbage chunk after a valid header fails the stream; nothing is committed or held.
+  {
+    grpc::internal::RpcMethod rpc("/pkv.v1.PersistentKV/WriteKV", grpc::internal::RpcMethod::CLIENT_STREAMING,
+                                  channel_);
+    auto ctx = Context();
+    ByteBuffer response;
+    std::unique_ptr<grpc::ClientWriter<ByteBuffer>> writer(
+        grpc::internal::ClientWriterFactory<ByteBuffer>::Create(channel_.get(), rpc, ctx.get(), &response));
+    v1::WriteKVRequest header;
+    header.mutable_header()->set_sequence_id(9);
+    header.mutable_header()->set_num_tokens(4);
+    writer->Write(Serialized(header));
+    writer->Write(Raw(kGarbage));
+    writer->WritesDone();
+    const grpc::Status s = writer->Finish();
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << s.error_message();
+    EXPECT_NE(s.error_message().find("cannot parse"), std::string::npos) << s.error_message();
+  }
+  EXPECT_TRUE(WaitFor([&] { return Describe().pool().free_pages() == total && Describe().pool().num_sequences() == 0; },
+                      absl::Seconds(5)));
+  EXPECT_EQ(metrics_->malformed(RpcMethod::kStep).Value(), 1);
+  EXPECT_EQ(metrics_->malformed(RpcMethod::kRelease).Value(), 1);
+  EXPECT_EQ(metrics_->malformed(RpcMethod::kDescribe).Value(), 1);
+  EXPECT_EQ(metrics_->malformed(RpcMethod::kStepStream).Value(), 1);
+  EXPECT_EQ(metrics_->malformed(RpcMethod::kWriteKV).Value(), 1);
+}
+
+TEST_F(WorkerRobustnessTest, AnotherRouterCannotStepReleaseFreeOrReplay) {
+  StartWorker();
+  ASSERT_TRUE(WritePrompt("alice", 1, 5).ok());
+  ASSERT_TRUE(WritePrompt("bob", 2, 5).ok());
+  const v1::StepRequest alice0 = StepRequest(100, 0, {1});
+  v1::StepResponse first;
+  ASSERT_TRUE(Step("alice", alice0, &first).ok());
+  const v1::DescribeResponse before = Describe("bob");
+  EXPECT_EQ(before.router(), "bob");
+  ASSERT_EQ(before.open_steps_size(), 1);
+  EXPECT_EQ(before.open_steps(0).token_step_id(), 100u);
+  EXPECT_EQ(before.open_steps(0).router(), "alice");
+
+  v1::StepResponse r;
+  // Bob resending alice's request: the retry cache answers only its owner.
+  EXPECT_EQ(Step("bob", alice0, &r).error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_EQ(Step("bob", StepRequest(100, 1, {1}), &r).error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_EQ(Step("bob", StepRequest(101, 0, {2, 1}), &r).error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  v1::StepRequest free_alice = StepRequest(102, 0, {2});
+  free_alice.add_free(1);
+  EXPECT_EQ(Step("bob", free_alice, &r).error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  v1::ReleaseRequest release;
+  release.add_sequence_ids(1);
+  v1::ReleaseResponse released;
+  {
+    auto ctx = Context("bob");
+    const grpc::Status s = stub_->Release(ctx.get(), release, &released);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+    EXPECT_NE(s.error_message().find("another router"), std::string::npos) << s.error_message();
+  }
+  // Anonymous callers are a router of their own.
+  EXPECT_EQ(Step("", StepRequest(103, 0, {1}), &r).error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  const v1::DescribeResponse after = Describe();
+  EXPECT_EQ(after.pool().free_pages(), before.pool().free_pages());
+  EXPECT_EQ(after.pool().used_tokens(), before.pool().used_tokens());
+
+  // Alice replays her own answer and finishes.
+  v1::StepResponse replay;
+  ASSERT_TRUE(Step("alice", alice0, &replay).ok());
+  EXPECT_TRUE(replay.replayed());
+  EXPECT_EQ(replay.out().data(), first.out().data());
+  for (int32_t layer = 1; layer < Shape().num_layers; ++layer) {
+    ASSERT_TRUE(Step("alice", StepRequest(100, layer, {1}), &r).ok());
+  }
+  auto ctx = Context("alice");
+  EXPECT_TRUE(stub_->Release(ctx.get(), release, &released).ok());
+}
+
+TEST_F(WorkerRobustnessTest, IncarnationIsInEveryResponseAndAStaleOneIsRefused) {
+  StartWorker();
+  const uint64_t incarnation = server_->incarnation();
+  ASSERT_NE(incarnation, 0u);
+  EXPECT_EQ(Describe().incarnation(), incarnation);
+  ASSERT_TRUE(WritePrompt("r", 1, 3).ok());
+  {
+    auto ctx = Context("r");
+    v1::WriteKVResponse response;
+    auto writer = stub_->WriteKV(ctx.get(), &response);
+    v1::WriteKVRequest header;
+    header.mutable_header()->set_sequence_id(2);
+    header.mutable_header()->set_num_tokens(1);
+    header.mutable_header()->set_expected_incarnation(incarnation + 1);
+    writer->Write(header);
+    writer->WritesDone();
+    const grpc::Status s = writer->Finish();
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+    EXPECT_NE(s.error_message().find("restarted"), std::string::npos) << s.error_message();
+  }
+  v1::StepRequest stale = StepRequest(7, 0, {1});
+  stale.set_expected_incarnation(incarnation ^ 0x5555);
+  v1::StepResponse r;
+  EXPECT_EQ(Step("r", stale, &r).error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_EQ(Describe().pool().used_tokens(), 3);
+  stale.set_expected_incarnation(incarnation);
+  ASSERT_TRUE(Step("r", stale, &r).ok());
+  EXPECT_EQ(r.incarnation(), incarnation);
+  v1::ReleaseRequest release;
+  release.add_sequence_ids(1);
+  release.set_expected_incarnation(incarnation + 7);
+  v1::ReleaseResponse released;
+  auto ctx = Context("r");
+  EXPECT_EQ(stub_->Release(ctx.get(), release, &released).error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+
+  // A restarted worker (a new server) has another incarnation.
+  std::unique_ptr<service::WorkerServer> first = std::move(server_);
+  first->Shutdown(absl::Seconds(0));
+  StartWorker();
+  EXPECT_NE(server_->incarnation(), incarnation);
+}
+
+TEST_F(WorkerRobustnessTest, StalledWriteKvStreamIsCancelledByThePromptLease) {
+  StartWorker(/*token_step_idle_seconds=*/30, /*prompt_idle_seconds=*/0.6);
+  const int64_t total = Describe().pool().total_pages();
+  auto ctx = Context("slow");
+  v1::WriteKVResponse response;
+  auto writer = stub_->WriteKV(ctx.get(), &response);
+  v1::WriteKVRequest header;
+  header.mutable_header()->set_sequence_id(11);
+  header.mutable_header()->set_num_tokens(16 * 20);
+  ASSERT_TRUE(writer->Write(header));
+  ASSERT_TRUE(WaitFor([&] { return Describe().writing_sequences() == 1; }, absl::Seconds(5)));
+  EXPECT_EQ(Describe().pool().free_pages(), total - 20);
+  // The router stalls; the lease cancels its stream and the pages come back.
+  ASSERT_TRUE(WaitFor([&] { return Describe().pool().free_pages() == total; }, absl::Seconds(5)));
+  EXPECT_EQ(Describe().writing_sequences(), 0);
+  const grpc::Status s = writer->Finish();
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::CANCELLED) << s.error_message();
+  EXPECT_EQ(metrics_->reclaimed(WorkerMetrics::Reclaim::kPrompt).Value(), 1);
+  // The sequence id is free again.
+  EXPECT_TRUE(WritePrompt("slow", 11, 4).ok());
+}
+
+TEST_F(WorkerRobustnessTest, AbandonedTokenStepsNeverJamTheWorker) {
+  StartWorker(/*token_step_idle_seconds=*/2.0);
+  const int32_t slots = Describe().limits().max_open_token_steps();
+  ASSERT_GT(slots, 0);
+  for (int i = 0; i <= slots; ++i) ASSERT_TRUE(WritePrompt("dead", 10 + i, 3).ok());
+  const int64_t used = Describe().pool().used_tokens();
+  v1::StepResponse r;
+  // A router opens every slot and dies after layer 0.
+  for (int i = 0; i < slots; ++i) ASSERT_TRUE(Step("dead", StepRequest(500 + i, 0, {10u + i}), &r).ok());
+  const grpc::Status refused = Step("dead", StepRequest(600, 0, {10u + slots}), &r);
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_NE(refused.error_message().find("open token steps full"), std::string::npos) << refused.error_message();
+  EXPECT_EQ(Describe().open_steps_size(), slots);
+  // Readiness says the worker cannot start token steps, then the lease frees the slots.
+  auto health = [&] {
+    grpc::internal::RpcMethod rpc("/grpc.health.v1.Health/Check", grpc::internal::RpcMethod::NORMAL_RPC, channel_);
+    auto ctx = Context();
+    ByteBuffer response;
+    const grpc::Status s =
+        grpc::internal::BlockingUnaryCall<ByteBuffer, ByteBuffer>(channel_.get(), rpc, ctx.get(), Raw(""), &response);
+    std::vector<grpc::Slice> slices;
+    EXPECT_TRUE(s.ok() && response.Dump(&slices).ok());
+    std::string bytes;
+    for (const auto& slice : slices) bytes.append(reinterpret_cast<const char*>(slice.begin()), slice.size());
+    return bytes == std::string("\x08\x01", 2);  // status: SERVING
+  };
+  EXPECT_TRUE(WaitFor([&] { return !health(); }, absl::Seconds(3))) << "readiness never showed the jam";
+  ASSERT_TRUE(WaitFor([&] { return Describe().open_token_steps() == 0; }, absl::Seconds(6)));
+  EXPECT_EQ(Describe().pool().used_tokens(), used);
+  EXPECT_EQ(metrics_->reclaimed(WorkerMetrics::Reclaim::kTokenStep).Value(), slots);
+  EXPECT_TRUE(WaitFor(health, absl::Seconds(3)));
+  EXPECT_TRUE(Step("dead", StepRequest(600, 0, {10u + slots}), &r).ok());
+}
+
+TEST_F(WorkerRobustnessTest, DrainLetsAnOpenTokenStepFinishWithinTheGracePeriod) {
+  StartWorker();
+  ASSERT_TRUE(WritePrompt("r", 1, 3).ok());
+  ASSERT_TRUE(WritePrompt("r", 2, 3).ok());
+  v1::StepResponse r;
+  ASSERT_TRUE(Step("r", StepRequest(40, 0, {1}), &r).ok());
+  const absl::Time start = absl::Now();
+  std::thread stopper([&] { server_->Shutdown(absl::Seconds(20)); });
+  ASSERT_TRUE(WaitFor([&] { return server_->draining(); }, absl::Seconds(5)));
+  // New token steps are refused; Describe and Release still answer; the open token step finishes
+  // over new unary RPCs.
+  EXPECT_EQ(Step("r", StepRequest(41, 0, {2}), &r).error_code(), grpc::StatusCode::UNAVAILABLE);
+  const v1::DescribeResponse d = Describe();
+  EXPECT_FALSE(d.serving());
+  v1::ReleaseRequest release;
+  release.add_sequence_ids(2);
+  v1::ReleaseResponse released;
+  {
+    auto ctx = Context("r");
+    EXPECT_TRUE(stub_->Release(ctx.get(), release, &released).ok());
+  }
+  for (int32_t layer = 1; layer < Shape().num_layers; ++layer) {
+    ASSERT_TRUE(Step("r", StepRequest(40, layer, {1}), &r).ok()) << layer;
+  }
+  stopper.join();
+  EXPECT_LT(absl::Now() - start, absl::Seconds(10)) << "shutdown waited although nothing was open";
+  EXPECT_EQ(server_->engine().Info().open_token_steps, 0);
+}
+
+}  // namespace
+}  // namespace pkv
