@@ -107,7 +107,7 @@ TEST(RequestFuzzTest, SeededRequestsKeepEveryInvariant) {
   const FuzzStats& s = (*fuzzer)->stats();
   if (iterations >= 2000) {
     EXPECT_GT(s.steps_ok, iterations / 10);
-    EXPECT_GT(s.prompts_committed, iterations / 200);
+    EXPECT_GT(s.prompts_committed, iterations / 1000);
     for (absl::StatusCode code : {absl::StatusCode::kInvalidArgument, absl::StatusCode::kNotFound,
                                   absl::StatusCode::kAlreadyExists, absl::StatusCode::kFailedPrecondition,
                                   absl::StatusCode::kResourceExhausted}) {

@@ -16,7 +16,7 @@
 //   * Engine::Info agrees with the fuzzer's model of the accepted requests (sequences, tokens,
 //     free pages, open token steps), and requests the model knows to be valid succeed;
 //   * an accepted step answers out [B, Hq, d] (and lse [B, Hq] only when asked).
-// Finish releases everything and checks that the pool is all free again.
+// Finish completes or releases everything and checks that the pool is all free again.
 //
 // Inputs that hit a known defect which would abort the process are recognised by
 // KnownCrashOf and, unless Options::run_known_crashes, counted and not sent.
@@ -84,7 +84,8 @@ class RequestFuzzer {
   // input): op % 4 selects Feed(kStep), Feed(kWriteKv), Feed(kRelease) or CommitStream.
   absl::Status FeedRecords(std::span<const uint8_t> data);
 
-  // Aborts open WriteKV streams, releases every sequence and checks the pool is all free.
+  // Aborts open WriteKV streams, runs the layers left of open token steps, releases every
+  // sequence and checks that the pool is all free.
   absl::Status Finish();
 
   // Non-empty (naming the defect) when sending `request` would abort the process in the current
