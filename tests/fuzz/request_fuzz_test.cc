@@ -10,6 +10,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <exception>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
@@ -26,7 +27,7 @@ namespace pkv::fuzz {
 namespace {
 
 constexpr uint64_t kDefaultSeed = 20240611;
-constexpr int64_t kDefaultIterations = 20000;
+constexpr int64_t kDefaultIterations = 150000;
 
 uint64_t EnvOr(const char* name, uint64_t fallback) {
   const char* value = std::getenv(name);
@@ -85,7 +86,14 @@ TEST(RequestFuzzTest, SeededRequestsKeepEveryInvariant) {
   ASSERT_TRUE(fuzzer.ok()) << fuzzer.status();
   const auto started = std::chrono::steady_clock::now();
   for (int64_t i = 0; i < iterations; ++i) {
-    const absl::Status status = (*fuzzer)->Iterate();
+    absl::Status status;
+    try {
+      status = (*fuzzer)->Iterate();
+    } catch (const std::exception& e) {
+      // The handlers never throw; one that does would terminate the worker.
+      status = absl::InternalError(absl::StrCat("exception escaped a handler: ", e.what(),
+                                                "\n  request: ", (*fuzzer)->last_description()));
+    }
     if (!status.ok()) {
       FAIL() << "seed " << seed << ", iteration " << i << " (PKV_FUZZ_SEED=" << seed
              << " PKV_FUZZ_ITERS=" << i + 1 << "): " << status.message()

@@ -24,6 +24,8 @@ constexpr size_t kMaxStreams = 4;
 constexpr size_t kMaxSequences = 48;
 constexpr int64_t kMaxPromptTokens = 80;
 constexpr int64_t kLongListMax = 4 * kMaxBatch + 4;
+// Outputs of the most recent layer-steps, compared with their replays.
+constexpr size_t kKeptOutputs = 64;
 
 constexpr int64_t kInt64Max = std::numeric_limits<int64_t>::max();
 constexpr int64_t kInt64Min = std::numeric_limits<int64_t>::min();
@@ -330,10 +332,11 @@ absl::Status RequestFuzzer::SendStep(const v1::StepRequest& request, Expect expe
                                      v1::StepResponse* response_out) {
   last_kind_ = MessageKind::kStep;
   last_request_ = request.SerializeAsString();
+  const std::string what = Describe(request);
+  last_description_ = what;
   const uint64_t before = Fingerprint();
   v1::StepResponse response;
   const absl::Status status = service::RunStep(*engine_, request, &response);
-  const std::string what = Describe(request);
   PKV_RETURN_IF_ERROR(CheckOutcome(status, expect, before, what));
   if (!status.ok()) {
     if (response.ByteSizeLong() != 0) return Violation(what, "a refused step filled its response");
@@ -355,7 +358,22 @@ absl::Status RequestFuzzer::SendStep(const v1::StepRequest& request, Expect expe
     return Violation(what, absl::StrCat("accepted step answered lse ", Describe(response.lse())));
   }
   if (request.open_size() > max_batch_ || request.free_size() > max_batch_) ++stats_.long_deltas_ok;
-  if (!response.replayed()) PKV_RETURN_IF_ERROR(ApplyStep(request, what));
+  // A replay answers the first execution's outputs.
+  const std::pair<uint64_t, int32_t> key(request.token_step_id(), request.layer());
+  if (response.replayed()) {
+    auto first = outputs_.find(key);
+    if (first != outputs_.end() && first->second != out.data()) {
+      return Violation(what, "a replayed layer-step answered other outputs than its first execution");
+    }
+  } else {
+    outputs_[key] = out.data();
+    output_order_.push_back(key);
+    if (output_order_.size() > kKeptOutputs) {
+      outputs_.erase(output_order_.front());
+      output_order_.pop_front();
+    }
+    PKV_RETURN_IF_ERROR(ApplyStep(request, what));
+  }
   if (response_out != nullptr) *response_out = std::move(response);
   return CheckModel(what);
 }
@@ -364,6 +382,7 @@ absl::Status RequestFuzzer::SendWriteKv(size_t index, const v1::WriteKVRequest& 
   last_kind_ = MessageKind::kWriteKv;
   last_request_ = request.SerializeAsString();
   const std::string what = Describe(request);
+  last_description_ = what;
   if (!options_.run_known_crashes && !KnownCrashOf(request).empty()) {
     if (stats_.known_crashes++ == 0) first_known_crash_ = what;
     return absl::OkStatus();
@@ -438,6 +457,7 @@ absl::Status RequestFuzzer::SendRelease(const v1::ReleaseRequest& request, Expec
   last_kind_ = MessageKind::kRelease;
   last_request_ = request.SerializeAsString();
   const std::string what = Describe(request);
+  last_description_ = what;
   const uint64_t before = Fingerprint();
   v1::ReleaseResponse response;
   const absl::Status status = service::RunRelease(*engine_, request, &response);

@@ -15,7 +15,8 @@
 //   * Engine::CheckConsistency is OK;
 //   * Engine::Info agrees with the fuzzer's model of the accepted requests (sequences, tokens,
 //     free pages, open token steps), and requests the model knows to be valid succeed;
-//   * an accepted step answers out [B, Hq, d] (and lse [B, Hq] only when asked).
+//   * an accepted step answers out [B, Hq, d] (and lse [B, Hq] only when asked), and a replayed
+//     layer-step the outputs of its first execution.
 // Finish completes or releases everything and checks that the pool is all free again.
 //
 // Inputs that hit a known defect which would abort the process are recognised by
@@ -30,6 +31,7 @@
 #include <random>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -99,6 +101,7 @@ class RequestFuzzer {
   // The last message sent (serialized) and its kind: with the seed, the reproducer of a failure.
   MessageKind last_kind() const { return last_kind_; }
   const std::string& last_request() const { return last_request_; }
+  const std::string& last_description() const { return last_description_; }
 
  private:
   enum class Expect { kAny, kOk, kNotOk };
@@ -209,6 +212,9 @@ class RequestFuzzer {
   std::vector<std::unique_ptr<Stream>> streams_;   // open WriteKV streams, oldest first
   MessageKind last_kind_ = MessageKind::kStep;
   std::string last_request_;
+  std::string last_description_;
+  std::map<std::pair<uint64_t, int32_t>, std::string> outputs_;  // (token step, layer) -> out
+  std::deque<std::pair<uint64_t, int32_t>> output_order_;
   std::string first_known_crash_;
   uint64_t next_seq_ = 100;
   uint64_t next_token_step_ = 1;
