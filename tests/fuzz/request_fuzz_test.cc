@@ -92,7 +92,7 @@ TEST(RequestFuzzTest, SeededRequestsKeepEveryInvariant) {
     } catch (const std::exception& e) {
       // The handlers never throw; one that does would terminate the worker.
       status = absl::InternalError(absl::StrCat("exception escaped a handler: ", e.what(),
-                                                "\n  request: ", (*fuzzer)->last_description()));
+                                                "\n  last request sent: ", (*fuzzer)->last_description()));
     }
     if (!status.ok()) {
       FAIL() << "seed " << seed << ", iteration " << i << " (PKV_FUZZ_SEED=" << seed

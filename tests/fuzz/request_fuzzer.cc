@@ -145,7 +145,7 @@ absl::Status RequestFuzzer::WritePrompt(int64_t tokens) {
   streams_.back()->session = std::make_unique<service::PromptSession>(*engine_);
   const size_t index = streams_.size() - 1;
   v1::WriteKVRequest header;
-  header.mutable_header()->set_sequence_id(next_seq_++);
+  header.mutable_header()->set_sequence_id(FreshSeq());
   header.mutable_header()->set_num_tokens(tokens);
   PKV_RETURN_IF_ERROR(SendWriteKv(index, header, Expect::kOk));
   for (int32_t layer = 0; layer < shape_.num_layers; ++layer) {
@@ -584,6 +584,12 @@ void RequestFuzzer::AbortTokenStepModel(uint64_t id) {
   open_steps_.erase(it);
 }
 
+uint64_t RequestFuzzer::FreshSeq() {
+  // Mutated bytes may have created a sequence with an id the counter has not reached yet.
+  while (ready_.contains(next_seq_) || writing_.contains(next_seq_)) ++next_seq_;
+  return next_seq_++;
+}
+
 std::vector<uint64_t> RequestFuzzer::ReadySeqs(bool unlocked_only) const {
   std::vector<uint64_t> ids;
   for (const auto& [id, seq] : ready_) {
@@ -634,7 +640,7 @@ bool RequestFuzzer::MakeLayerZero(v1::StepRequest* request) {
   }
   std::vector<uint64_t> open;
   if (Chance(0.2)) {
-    for (uint64_t n = 1 + Below(2); n > 0; --n) open.push_back(next_seq_++);
+    for (uint64_t n = 1 + Below(2); n > 0; --n) open.push_back(FreshSeq());
   }
   // Rows: opened sequences (mostly), then existing ones, while their new pages fit.
   std::vector<uint64_t> rows;
@@ -712,7 +718,7 @@ bool RequestFuzzer::MakeHeader(v1::WriteKVRequest* request) {
   const int64_t max_tokens = std::min(PredictedFreePages() * shape_.page_size, kMaxPromptTokens);
   if (max_tokens < 1) return false;
   request->Clear();
-  request->mutable_header()->set_sequence_id(next_seq_++);
+  request->mutable_header()->set_sequence_id(FreshSeq());
   request->mutable_header()->set_num_tokens(1 + static_cast<int64_t>(Below(max_tokens)));
   return true;
 }
@@ -868,7 +874,7 @@ uint64_t RequestFuzzer::InterestingSeqId() {
     default:
       break;
   }
-  return next_seq_++;
+  return FreshSeq();
 }
 
 void RequestFuzzer::MutateIdList(google::protobuf::RepeatedField<uint64_t>* ids) {
@@ -894,7 +900,7 @@ void RequestFuzzer::MutateIdList(google::protobuf::RepeatedField<uint64_t>* ids)
       const uint64_t style = Below(3);
       const uint64_t repeated = InterestingSeqId();
       for (int64_t i = 0; i < n; ++i) {
-        ids->Add(style == 0 ? next_seq_++ : style == 1 ? repeated : InterestingSeqId());
+        ids->Add(style == 0 ? FreshSeq() : style == 1 ? repeated : InterestingSeqId());
       }
       break;
     }
@@ -926,7 +932,7 @@ void RequestFuzzer::MutateTensor(v1::Tensor* tensor) {
       }
       break;
     case 4:
-      if (!tensor->data().empty()) tensor->mutable_data()->resize(tensor->data().size() - 1 - Below(2));
+      tensor->mutable_data()->resize(tensor->data().size() - std::min<size_t>(tensor->data().size(), 1 + Below(2)));
       break;
     case 5:
       tensor->mutable_data()->append(1 + Below(2), '\x3c');
@@ -1104,7 +1110,7 @@ absl::Status RequestFuzzer::MutatedStreamMessage() {
     streams_.back()->session = std::make_unique<service::PromptSession>(*engine_);
     const size_t index = streams_.size() - 1;
     v1::WriteKVRequest request;
-    if (!MakeHeader(&request)) request.mutable_header()->set_sequence_id(next_seq_++);
+    if (!MakeHeader(&request)) request.mutable_header()->set_sequence_id(FreshSeq());
     MutateHeader(request.mutable_header());
     return SendWriteKv(index, request, Expect::kAny);  // a refused header leaves an empty stream
   }
@@ -1136,7 +1142,7 @@ absl::Status RequestFuzzer::MutatedStreamMessage() {
       return SendWriteKv(index, v1::WriteKVRequest{}, Expect::kNotOk);
     case 2: {
       v1::WriteKVRequest request;
-      request.mutable_header()->set_sequence_id(next_seq_++);
+      request.mutable_header()->set_sequence_id(FreshSeq());
       request.mutable_header()->set_num_tokens(1);
       return SendWriteKv(index, request, streams_[index]->begun ? Expect::kNotOk : Expect::kAny);
     }

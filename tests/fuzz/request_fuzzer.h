@@ -192,6 +192,8 @@ class RequestFuzzer {
   uint64_t Below(uint64_t n) { return n == 0 ? 0 : rng_() % n; }
   bool Chance(double p) { return std::uniform_real_distribution<double>(0, 1)(rng_) < p; }
   std::vector<uint64_t> ReadySeqs(bool unlocked_only) const;
+  // A sequence id the engine does not hold (as far as the model knows).
+  uint64_t FreshSeq();
 
   Options options_;
   std::unique_ptr<engine::Engine> engine_;
