@@ -27,7 +27,7 @@ namespace pkv::fuzz {
 namespace {
 
 constexpr uint64_t kDefaultSeed = 20240611;
-constexpr int64_t kDefaultIterations = 150000;
+constexpr int64_t kDefaultIterations = 200000;
 
 uint64_t EnvOr(const char* name, uint64_t fallback) {
   const char* value = std::getenv(name);
