@@ -2,7 +2,7 @@
 // the checked-in seed corpus (tests/fuzz/corpus/<kind>/*.binpb: one binary pkv.v1 message each).
 // Environment:
 //   PKV_FUZZ_SEED               the seed (default kDefaultSeed); every run prints the one it used
-//   PKV_FUZZ_ITERS              iterations (default: about 20 s on two cores, RelWithDebInfo)
+//   PKV_FUZZ_ITERS              iterations (default: 12-25 s on two cores, RelWithDebInfo)
 //   PKV_FUZZ_ARTIFACT_DIR       a failing run writes its last request there (binary proto)
 //   PKV_FUZZ_RUN_KNOWN_CRASHES  1: also send the inputs of known aborting defects
 // A failure names the seed and iteration: the same seed and iteration count reproduce it.
