@@ -74,10 +74,62 @@ BAD_VALUES = [
     (["--set", "tls.enabled=true"], "TLS without a Secret (chart check)", "tls.secretName"),
     (["--set", "worker.backend=cuda,gpu.count=0"], "cuda backend without a GPU (chart check)",
      "gpu.count >= 1"),
+    (["--set", "worker.backend=cpu"], "cpu backend holding a requested GPU (chart check)",
+     "would hold a GPU"),
+    (["--set", "worker.kvPool.numPages=4096"], "two KV pool sizes: numPages and the default bytes (chart check)",
+     "set exactly one of numPages, bytes and gpuMemoryFraction"),
+    (["--set", "worker.kvPool.gpuMemoryFraction=0.9"], "two KV pool sizes: a fraction and bytes (chart check)",
+     "set exactly one of numPages, bytes and gpuMemoryFraction"),
+    (["--set", "worker.kvPool.bytes=0"], "no KV pool size (chart check)",
+     "set exactly one of numPages, bytes and gpuMemoryFraction"),
+    (["--set", "gpu.count=0,worker.kvPool.bytes=0,worker.kvPool.gpuMemoryFraction=0.5"],
+     "GPU memory fraction on the CPU backend (chart check)", "sizes the CUDA backend's pool"),
+    (["--set", "worker.kvPool.bytes=0,worker.kvPool.gpuMemoryFraction=1.5"], "fraction above 1",
+     "worker.kvPool.gpuMemoryFraction"),
+    (["--set", "worker.kvPool.bytes=-1"], "negative pool bytes", "worker.kvPool.bytes"),
     (["--set", "ports.metrics=50051"], "gRPC and metrics on one port (chart check)", "must differ"),
     (["--set", "metrics.enabled=false,metrics.serviceMonitor.enabled=true"],
      "ServiceMonitor without metrics (chart check)", "needs metrics.enabled"),
 ]
+
+
+# Worker flags that size the KV pool; the chart passes exactly one.
+POOL_FLAGS = ("num_pages", "kv_pool_bytes", "gpu_memory_fraction")
+
+# Rendered worker flags for values outside the ci/ scenarios: (--set arguments, what it shows,
+# flag -> expected value, with None meaning the flag must be absent).
+FLAG_VARIANTS = [
+    ([], "defaults: a GPU pod requires its GPU and gets the pool bytes it asks for",
+     {"backend": "cuda", "kv_pool_bytes": "34359738368", "num_pages": None, "gpu_memory_fraction": None}),
+    (["--set", "gpu.count=0,worker.kvPool.bytes=2147483648"], "auto without a GPU request serves on the CPU",
+     {"backend": "cpu", "kv_pool_bytes": "2147483648"}),
+    (["--set", "gpu.count=0", "--set-string", "resources.limits.nvidia\\.com/gpu=1"],
+     "auto with a GPU set directly in resources requires the GPU", {"backend": "cuda"}),
+    (["--set", "worker.kvPool.bytes=0,worker.kvPool.numPages=4096"], "numPages alone",
+     {"num_pages": "4096", "kv_pool_bytes": None, "gpu_memory_fraction": None}),
+    (["--set", "worker.kvPool.bytes=0,worker.kvPool.gpuMemoryFraction=0.8"], "a share of free GPU memory",
+     {"backend": "cuda", "gpu_memory_fraction": "0.8", "kv_pool_bytes": None, "num_pages": None}),
+    (["--set", "worker.backend=cuda,worker.kvPool.bytes=1073741824"], "explicit cuda keeps explicit bytes",
+     {"backend": "cuda", "kv_pool_bytes": "1073741824"}),
+]
+
+
+def requests_gpu(values):
+    """Whether the worker container asks for a GPU: gpu.count, or a GPU resource set directly."""
+    if values["gpu"]["count"] > 0:
+        return True
+    res = values.get("resources") or {}
+    names = [k for section in ("requests", "limits") for k in (res.get(section) or {})]
+    return any(k == values["gpu"]["resourceName"] or k.startswith("nvidia.com/") for k in names)
+
+
+def pool_flag(pool):
+    """(flag, value) the chart must pass for worker.kvPool (exactly one of its sizes is set)."""
+    if pool["numPages"] > 0:
+        return "num_pages", str(pool["numPages"])
+    if pool["bytes"] > 0:
+        return "kv_pool_bytes", str(pool["bytes"])
+    return "gpu_memory_fraction", str(pool["gpuMemoryFraction"])
 
 
 class Checker:
@@ -227,12 +279,18 @@ class Checker:
         c("model shape flags", [flag(k) for k in ("num_layers", "num_q_heads", "num_kv_heads", "head_dim",
                                                    "page_size", "dtype")]
           == [str(m[k]) for k in ("numLayers", "numQHeads", "numKvHeads", "headDim", "pageSize")] + [m["dtype"]])
+        # Backend: a GPU request makes the worker require one (--backend=cuda), never auto.
+        wants_gpu = requests_gpu(values)
+        backend = values["worker"]["backend"]
+        expected = backend if backend != "auto" else ("cuda" if wants_gpu else "cpu")
+        c(f"--backend={expected} (worker.backend={backend}, GPU requested: {wants_gpu})",
+          flag("backend") == expected, str(flag("backend")))
+        # KV pool: exactly one size flag, the one the values set, on every backend.
         pool = values["worker"]["kvPool"]
-        if pool["numPages"] > 0:
-            c("--num_pages wins over --kv_pool_bytes",
-              flag("num_pages") == str(pool["numPages"]) and "kv_pool_bytes" not in flags)
-        else:
-            c("--kv_pool_bytes is an integer", flag("kv_pool_bytes") == str(pool["bytes"]), str(flag("kv_pool_bytes")))
+        sized_by = [k for k in POOL_FLAGS if k in flags]
+        c("exactly one KV pool size flag", len(sized_by) == 1, str(sized_by))
+        want = pool_flag(pool)
+        c(f"--{want[0]}={want[1]} from worker.kvPool", flag(want[0]) == want[1], str(sized_by))
         if values["metrics"]["enabled"]:
             c("--metrics_listen on the metrics port",
               flag("metrics_listen") == f"0.0.0.0:{values['ports']['metrics']}", str(flag("metrics_listen")))
@@ -443,6 +501,20 @@ class Checker:
             self.check(f"rejects {' '.join(args[1:])} ({why})", rc != 0 and named,
                        "rendered without error" if rc == 0 else err.strip()[-300:])
 
+    # ---- worker flags of single-value variants ---------------------------------------------
+    def run_flag_variants(self):
+        for args, what, want in FLAG_VARIANTS:
+            name = f"flags: {what}" + (f" ({' '.join(args[1::2])})" if args else "")
+            rc, out, err = self.template([*args, "-s", "templates/deployment.yaml"])
+            if not self.check(f"{name}: renders", rc == 0, err.strip()[-300:]):
+                continue
+            dep = next(d for d in yaml.safe_load_all(out) if d)
+            worker = next(x for x in dep["spec"]["template"]["spec"]["containers"] if x["name"] == "worker")
+            flags = dict(re.match(r"^--([a-z0-9_]+)=(.*)$", a).groups() for a in worker["args"]
+                         if re.match(r"^--[a-z0-9_]+=", a))
+            got = {k: flags.get(k) for k in want}
+            self.check(name, got == want, f"got {got}")
+
     # ---- other ----------------------------------------------------------------------------
     def run_misc(self):
         # Standalone users of the rules file get the chart's default thresholds.
@@ -597,6 +669,7 @@ def main():
     checker = Checker(a.helm, a.chart)
     checker.run_scenarios()
     checker.run_bad_values()
+    checker.run_flag_variants()
     checker.run_misc()
     checker.run_flags({"pkv-worker": a.worker, "pkv-replay": a.replay}, a.strict_flags)
     for note in checker.notes:
