@@ -93,6 +93,19 @@ BAD_VALUES = [
 ]
 
 
+DASHBOARD_FILE = "dashboards/persistentkv.json"
+# Stat panels of the dashboard: (value, colours its thresholds may give it). Healthy values must
+# not be red, trouble must be red or amber. Every stat panel must be listed here.
+STAT_COLOURS = {
+    "Workers up / ready": [(0, {"red"}), (1, {"green"}), (8, {"green"})],
+    "Decode throughput": [(0, {"blue"}), (50, {"green"}), (20000, {"green"})],
+    "KV pool free ratio (min over pods)": [(0.0, {"red"}), (0.01, {"red"}), (0.10, {"orange", "yellow"}),
+                                           (0.5, {"green"}), (1.0, {"green"})],
+    "KV pool headroom (min over pods)": [(0, {"red"}), (100, {"red"}), (1000, {"orange", "yellow"}),
+                                         (1e6, {"green"})],
+    "RPC rate": [(0, {"blue"}), (1e4, {"blue"})],
+}
+
 # Worker flags that size the KV pool; the chart passes exactly one.
 POOL_FLAGS = ("num_pages", "kv_pool_bytes", "gpu_memory_fraction")
 
@@ -121,6 +134,15 @@ def requests_gpu(values):
     res = values.get("resources") or {}
     names = [k for section in ("requests", "limits") for k in (res.get(section) or {})]
     return any(k == values["gpu"]["resourceName"] or k.startswith("nvidia.com/") for k in names)
+
+
+def threshold_colour(thresholds, value):
+    """The colour Grafana gives `value`: the last step whose value is null (the base) or <= it."""
+    colour = None
+    for step in thresholds["steps"]:
+        if step.get("value") is None or value >= step["value"]:
+            colour = step["color"]
+    return colour
 
 
 def pool_flag(pool):
@@ -515,6 +537,37 @@ class Checker:
             got = {k: flags.get(k) for k in want}
             self.check(name, got == want, f"got {got}")
 
+    # ---- dashboard stat panels ------------------------------------------------------------
+    def run_dashboard_thresholds(self):
+        with open(os.path.join(self.chart, DASHBOARD_FILE)) as f:
+            board = json.load(f)
+        stats = [p for p in board["panels"] if p["type"] == "stat"]
+        titles = [p["title"] for p in stats]
+        self.check("every stat panel has colour expectations in check_chart.py",
+                   set(titles) == set(STAT_COLOURS), f"panels {titles}")
+        for p in stats:
+            name = f"dashboard stat '{p['title']}'"
+            defaults = p.get("fieldConfig", {}).get("defaults", {})
+            th = defaults.get("thresholds") or {}
+            st = th.get("steps") or []
+            values = [x.get("value") for x in st]
+            ok = (th.get("mode") == "absolute" and st and values[0] is None and all(x.get("color") for x in st)
+                  and values[1:] == sorted(values[1:]) and defaults.get("color", {}).get("mode") == "thresholds")
+            if not self.check(f"{name}: absolute thresholds, colour by thresholds", ok, json.dumps(th)):
+                continue
+            wrong = [(v, threshold_colour(th, v)) for v, want in STAT_COLOURS.get(p["title"], [])
+                     if threshold_colour(th, v) not in want]
+            self.check(f"{name}: healthy values are not red, trouble is red or amber", not wrong,
+                       f"(value, colour) {wrong}")
+        # The pool's red boundary is the PersistentKVPoolNearlyFull default.
+        free = next((p for p in stats if p["title"].startswith("KV pool free ratio")), None)
+        if free:
+            steps = free["fieldConfig"]["defaults"]["thresholds"]["steps"]
+            first_non_red = next((x["value"] for x in steps if x["color"] != "red"), None)
+            limit = self.defaults["metrics"]["prometheusRule"]["poolFreeRatioBelow"]
+            self.check("dashboard pool free ratio turns red where PersistentKVPoolNearlyFull fires (default)",
+                       first_non_red == limit, f"{first_non_red} vs {limit}")
+
     # ---- other ----------------------------------------------------------------------------
     def run_misc(self):
         # Standalone users of the rules file get the chart's default thresholds.
@@ -670,6 +723,7 @@ def main():
     checker.run_scenarios()
     checker.run_bad_values()
     checker.run_flag_variants()
+    checker.run_dashboard_thresholds()
     checker.run_misc()
     checker.run_flags({"pkv-worker": a.worker, "pkv-replay": a.replay}, a.strict_flags)
     for note in checker.notes:
