@@ -9,6 +9,9 @@
    the helm test pod.
 3. Bad values that must be rejected (schema or the chart's cross-field checks).
 4. Every value in values.yaml is documented in README.md and declared in values.schema.json.
+5. The Dockerfile the chart's image comes from: exact base image tags, the small CUDA base image
+   for the runtime (the CUDA runtime is linked statically: checked in CMake and, when a built
+   pkv-worker is given, with ldd), the commit passed as a build argument, pinned apt versions.
 
 Prints one PASS/FAIL line per check and "helm_check: N passed, M failed"; exits 1 on a failure.
 """
@@ -614,6 +617,47 @@ class Checker:
             self.check("helm package", rc == 0, err.strip()[-300:])
 
 
+    # ---- the image ------------------------------------------------------------------------
+    def run_dockerfile(self, worker_binary):
+        root = os.path.normpath(os.path.join(self.chart, "..", ".."))
+        with open(os.path.join(root, "Dockerfile")) as f:
+            text = f.read()
+        joined = re.sub(r"\\\n", " ", text)
+        args = dict(re.findall(r"^ARG (\w+)=(\S*)$", joined, re.M))
+        expand = lambda v: re.sub(r"\$\{(\w+)\}", lambda m: expand(args.get(m.group(1), "")), v)
+        froms = [(expand(m.group(1)), m.group(2)) for m in re.finditer(r"^FROM (\S+) AS (\w+)", joined, re.M)]
+        stages = {stage: image for image, stage in froms}
+        exact = re.compile(r"^nvidia/cuda:\d+\.\d+\.\d+-(devel|runtime|base)-ubuntu\d+\.\d+(@sha256:[0-9a-f]{64})?$")
+        self.check("Dockerfile: base images are exact nvidia/cuda tags", froms and all(exact.match(i) for i, _ in froms),
+                   str(froms))
+        self.check("Dockerfile: the runtime stage uses the small CUDA base image",
+                   "-base-" in stages.get("runtime", ""), str(stages))
+        self.check("Dockerfile: PKV_COMMIT build argument reaches CMake",
+                   re.search(r"^ARG PKV_COMMIT", joined, re.M) is not None
+                   and '-DPKV_COMMIT="${PKV_COMMIT}"' in joined)
+        with open(os.path.join(root, "service", "CMakeLists.txt")) as f:
+            service_cmake = f.read()
+        self.check("service/CMakeLists.txt: PKV_COMMIT overrides git rev-parse",
+                   re.search(r'set\(PKV_COMMIT "" CACHE STRING', service_cmake) is not None)
+        self.check("Dockerfile: the runtime stage installs the build stage's package versions",
+                   "${Package}=${Version}" in joined and "runtime-packages.txt" in joined)
+        dynamic = []
+        for folder, _, files in os.walk(root):
+            if os.path.relpath(folder, root).split(os.sep)[0].startswith(("build", ".")):
+                continue
+            for name in files:
+                if name == "CMakeLists.txt" or name.endswith(".cmake"):
+                    with open(os.path.join(folder, name)) as f:
+                        if re.search(r"CUDA::cudart(?!_static)\b", f.read()):
+                            dynamic.append(os.path.relpath(os.path.join(folder, name), root))
+        self.check("CMake links the CUDA runtime statically only (CUDA::cudart_static)", not dynamic, str(dynamic))
+        if worker_binary:
+            proc = subprocess.run(["ldd", worker_binary], capture_output=True, text=True)
+            libs = re.findall(r"^\s*(\S+)", proc.stdout, re.M)
+            cuda = [l for l in libs if re.match(r"lib(cudart|cuda|cublas|nvrtc)", l)]
+            self.check(f"{worker_binary} needs no CUDA shared library (ldd)", proc.returncode == 0 and not cuda,
+                       str(cuda) if cuda else proc.stderr[-200:])
+
     # ---- flags against built binaries ------------------------------------------------------
     def run_flags(self, binaries, strict):
         """Flags the chart renders that a built pkv-worker / pkv-replay does not define. Notes
@@ -725,6 +769,7 @@ def main():
     checker.run_flag_variants()
     checker.run_dashboard_thresholds()
     checker.run_misc()
+    checker.run_dockerfile(a.worker)
     checker.run_flags({"pkv-worker": a.worker, "pkv-replay": a.replay}, a.strict_flags)
     for note in checker.notes:
         print(f"NOTE {note}")
