@@ -642,9 +642,9 @@ class Checker:
         self.check("Dockerfile: the runtime stage installs the build stage's package versions",
                    "${Package}=${Version}" in joined and "runtime-packages.txt" in joined)
         dynamic = []
-        for folder, _, files in os.walk(root):
-            if os.path.relpath(folder, root).split(os.sep)[0].startswith(("build", ".")):
-                continue
+        for folder, subdirs, files in os.walk(root):
+            if folder == root:  # not build trees, .git or fetched headers
+                subdirs[:] = [d for d in subdirs if not d.startswith(("build", "."))]
             for name in files:
                 if name == "CMakeLists.txt" or name.endswith(".cmake"):
                     with open(os.path.join(folder, name)) as f:
