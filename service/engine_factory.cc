@@ -86,7 +86,7 @@ absl::StatusOr<std::unique_ptr<engine::Engine>> BuildEngine(const EngineConfig& 
   }
   bool use_cuda = config.backend == "cuda";
 #ifdef PKV_HAVE_CUDA
-  const bool gpu_usable = engine::CudaDeviceAvailable();
+  const bool gpu_usable = config.backend != "cpu" && engine::CudaDeviceAvailable();  // cpu: never probe
   if (config.backend == "auto") {
     use_cuda = gpu_usable;
     if (!gpu_usable) PKV_LOG(WARNING) << "--backend=auto: no usable CUDA device; serving on the cpu backend";
