@@ -93,6 +93,7 @@ find_bin() {
   for d in "$ROOT"/build/bin "$ROOT"/build-*/bin; do
     [ -x "$d/$1" ] && { echo "$d/$1"; return; }
   done
+  return 0  # none built: no comparison (set -e would otherwise end the script here)
 }
 WORKER_BIN="${PKV_WORKER_BIN:-$(find_bin pkv-worker)}"
 REPLAY_BIN="${PKV_REPLAY_BIN:-$(find_bin pkv-replay)}"

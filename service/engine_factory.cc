@@ -1,8 +1,11 @@
 #include "service/engine_factory.h"
 
+#include <string>
 #include <utility>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "common/log.h"
 #include "common/status_macros.h"
 #include "scheduler/cost_profile.h"
@@ -13,21 +16,63 @@
 
 namespace pkv::service {
 
-absl::StatusOr<int64_t> PoolPages(const EngineConfig& config) {
+absl::StatusOr<PoolSize> ResolvePoolSize(const EngineConfig& config, bool cuda) {
   PKV_RETURN_IF_ERROR(config.shape.Validate());
-  if (config.num_pages > 0) return config.num_pages;
-  const int64_t page_bytes = config.shape.page_bytes_all_layers();
-  const int64_t pages = config.kv_pool_bytes / page_bytes;
-  if (pages < 1) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "kv_pool_bytes (", config.kv_pool_bytes, ") holds no page of ", page_bytes,
-        " bytes (", config.shape.DebugString(), "); raise it or set num_pages"));
+  if (config.num_pages < 0 || config.kv_pool_bytes < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("--num_pages (", config.num_pages, ") and --kv_pool_bytes (",
+                                                   config.kv_pool_bytes, ") must be >= 0 (0: not set)"));
   }
-  return pages;
+  if (!(config.gpu_memory_fraction >= 0 && config.gpu_memory_fraction <= 1)) {
+    return absl::InvalidArgumentError(absl::StrCat("--gpu_memory_fraction must be in (0, 1] (0: not set), got ",
+                                                   config.gpu_memory_fraction));
+  }
+  std::vector<std::string> set;
+  if (config.num_pages > 0) set.push_back(absl::StrCat("--num_pages=", config.num_pages));
+  if (config.kv_pool_bytes > 0) set.push_back(absl::StrCat("--kv_pool_bytes=", config.kv_pool_bytes));
+  if (config.gpu_memory_fraction > 0) {
+    set.push_back(absl::StrCat("--gpu_memory_fraction=", config.gpu_memory_fraction));
+  }
+  if (set.size() > 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "the KV pool size is set more than once (", absl::StrJoin(set, ", "),
+        "); set only one of --num_pages, --kv_pool_bytes and --gpu_memory_fraction"));
+  }
+  PoolSize size;
+  if (config.gpu_memory_fraction > 0) {
+    if (!cuda) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          set.front(), " sizes the CUDA backend's pool, but the cpu backend serves (--backend=", config.backend,
+          config.backend == "auto" ? " found no usable GPU" : "",
+          "); size the host pool with --kv_pool_bytes or --num_pages"));
+    }
+    size.gpu_memory_fraction = config.gpu_memory_fraction;
+    size.origin = set.front();
+    return size;
+  }
+  if (config.num_pages > 0) {
+    size.pages = config.num_pages;
+    size.origin = set.front();
+    return size;
+  }
+  if (config.kv_pool_bytes == 0 && cuda) {
+    size.gpu_memory_fraction = kDefaultGpuMemoryFraction;
+    size.origin = absl::StrCat("the CUDA default, --gpu_memory_fraction=", kDefaultGpuMemoryFraction);
+    return size;
+  }
+  const int64_t bytes = config.kv_pool_bytes > 0 ? config.kv_pool_bytes : kDefaultCpuPoolBytes;
+  size.origin = config.kv_pool_bytes > 0 ? set.front() : absl::StrCat("the CPU default, --kv_pool_bytes=", bytes);
+  const int64_t page_bytes = config.shape.page_bytes_all_layers();
+  size.pages = bytes / page_bytes;
+  if (size.pages < 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        size.origin, " holds no page of ", page_bytes, " bytes (", config.shape.DebugString(),
+        "); raise it or set --num_pages"));
+  }
+  return size;
 }
 
 absl::StatusOr<std::unique_ptr<engine::Engine>> BuildEngine(const EngineConfig& config) {
-  PKV_ASSIGN_OR_RETURN(const int64_t pages, PoolPages(config));
+  PKV_RETURN_IF_ERROR(config.shape.Validate());
   if (config.max_batch < 1) {
     return absl::InvalidArgumentError(absl::StrCat("max_batch must be >= 1, got ", config.max_batch));
   }
@@ -41,23 +86,38 @@ absl::StatusOr<std::unique_ptr<engine::Engine>> BuildEngine(const EngineConfig& 
   }
   bool use_cuda = config.backend == "cuda";
 #ifdef PKV_HAVE_CUDA
-  if (config.backend == "auto") use_cuda = engine::CudaDeviceAvailable();
+  const bool gpu_usable = config.backend != "cpu" && engine::CudaDeviceAvailable();  // cpu: never probe
+  if (config.backend == "auto") {
+    use_cuda = gpu_usable;
+    if (!gpu_usable) PKV_LOG(WARNING) << "--backend=auto: no usable CUDA device; serving on the cpu backend";
+  }
+  if (config.backend == "cuda" && !gpu_usable) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "--backend=cuda, but no CUDA device is usable: none is visible to this process, or the NVIDIA driver is "
+        "missing or older than this build's CUDA ", PKV_CUDA_VERSION, " needs (CUDA 13 needs an R580 or newer "
+        "driver). Give the process a GPU (Kubernetes: an nvidia.com/gpu limit and the NVIDIA container runtime) "
+        "or pass --backend=cpu"));
+  }
+#else
+  if (config.backend == "cuda") {
+    return absl::FailedPreconditionError(
+        "--backend=cuda, but this build has no CUDA backend (built with PKV_WITH_CUDA=OFF); pass --backend=cpu");
+  }
 #endif
+  PKV_ASSIGN_OR_RETURN(const PoolSize pool, ResolvePoolSize(config, use_cuda));
   engine::ExecutionBackendPtr backend;
   if (use_cuda) {
 #ifdef PKV_HAVE_CUDA
     engine::CudaBackendOptions co;
-    co.num_pages = config.gpu_memory_fraction > 0 && config.num_pages <= 0 ? 0 : pages;
-    co.free_memory_fraction = config.gpu_memory_fraction;
+    co.num_pages = pool.pages;
+    co.free_memory_fraction = pool.gpu_memory_fraction;
     co.max_batch = config.max_batch;
     PKV_ASSIGN_OR_RETURN(co.launch_mode, engine::ParseLaunchMode(config.launch_mode));
     PKV_ASSIGN_OR_RETURN(backend, engine::CreateCudaBackend(config.shape, co));
-#else
-    return absl::FailedPreconditionError("backend=cuda: this build has no CUDA backend (PKV_WITH_CUDA=OFF)");
 #endif
   } else {
     if (config.launch_mode == "graph") PKV_LOG(WARNING) << "launch_mode=graph is ignored by the cpu backend";
-    PKV_ASSIGN_OR_RETURN(backend, engine::CreateCpuBackend(config.shape, pages, config.cpu_threads));
+    PKV_ASSIGN_OR_RETURN(backend, engine::CreateCpuBackend(config.shape, pool.pages, config.cpu_threads));
   }
   scheduler::Scheduler::Options sched_options;
   sched_options.available = backend->kernels();
@@ -93,11 +153,13 @@ absl::StatusOr<std::unique_ptr<engine::Engine>> BuildEngine(const EngineConfig& 
     PKV_LOG(WARNING) << "static baseline mode: every sequence reserves " << config.static_slot_tokens
                      << " tokens of pages at creation (for comparisons, not for serving)";
   }
+  PKV_ASSIGN_OR_RETURN(auto engine, engine::Engine::Create(options, std::move(backend), std::move(sched)));
+  const int64_t pages = engine->Info().pager.total_pages;
   PKV_LOG(INFO) << "engine: " << config.shape.DebugString() << " pages=" << pages << " ("
-                << pages * config.shape.page_bytes_all_layers() << " bytes) backend="
-                << backend->name() << " max_batch=" << config.max_batch
+                << pages * config.shape.page_bytes_all_layers() << " bytes, from " << pool.origin
+                << ") backend=" << engine->Info().backend << " max_batch=" << config.max_batch
                 << " scatter_seed=" << config.scatter_seed;
-  return engine::Engine::Create(options, std::move(backend), std::move(sched));
+  return engine;
 }
 
 }  // namespace pkv::service

@@ -37,11 +37,18 @@ ABSL_FLAG(int32_t, num_kv_heads, 8, "KV heads Hkv (Hq must be a multiple).");
 ABSL_FLAG(int32_t, head_dim, 128, "Head size d: 64, 128 or 256.");
 ABSL_FLAG(int32_t, page_size, 16, "Tokens per KV page.");
 ABSL_FLAG(std::string, dtype, "fp16", "Dtype of q, K, V and outputs: fp16 or bf16.");
-ABSL_FLAG(int64_t, kv_pool_bytes, int64_t{1} << 30,
-          "KV pool size in bytes (all layers); ignored when --num_pages is set.");
-ABSL_FLAG(int64_t, num_pages, 0, "KV pool size in pages (each holds page_size tokens of every layer); 0: use --kv_pool_bytes.");
+ABSL_FLAG(int64_t, num_pages, 0,
+          "KV pool size in pages (each holds page_size tokens of every layer), on every backend. "
+          "0: not set. Set at most one of --num_pages, --kv_pool_bytes and --gpu_memory_fraction "
+          "(start-up fails otherwise); with none set, the CPU backend's pool is 1 GiB of host memory "
+          "and the CUDA backend's 0.85 of the free device memory.");
+ABSL_FLAG(int64_t, kv_pool_bytes, 0,
+          "KV pool size in bytes (all layers; rounded down to whole pages), on every backend: host "
+          "memory on the CPU backend, device memory on the CUDA backend. 0: not set (see --num_pages).");
 ABSL_FLAG(std::string, backend, "auto",
-          "Execution backend: auto (CUDA when compiled in and a GPU is present, else CPU), cpu or cuda.");
+          "Execution backend: auto (CUDA when compiled in and a GPU is usable, else CPU, with a "
+          "warning), cpu, or cuda (start-up fails when no GPU is usable: use it wherever a GPU is "
+          "expected).");
 ABSL_FLAG(int32_t, cpu_threads, 0, "Threads of the CPU backend's attention; 0: hardware concurrency.");
 ABSL_FLAG(int32_t, max_batch, 256, "Most rows one Step may carry.");
 ABSL_FLAG(uint64_t, scatter_seed, 0,
@@ -64,9 +71,10 @@ ABSL_FLAG(std::string, calibration_profile, "",
 ABSL_FLAG(std::string, fixed_kernel, "",
           "Run every step with one route (per_request, sequence_split, workqueue; reference on the CPU) "
           "instead of the adaptive scheduler: comparisons and debugging.");
-ABSL_FLAG(double, gpu_memory_fraction, 0.85,
-          "CUDA backend: KV pool = this share of free device memory when --num_pages is 0 "
-          "(0: size it by --kv_pool_bytes). Ignored by the CPU backend.");
+ABSL_FLAG(double, gpu_memory_fraction, 0,
+          "CUDA backend only: KV pool size as this share, in (0, 1], of the device memory free at "
+          "start-up. 0: not set (see --num_pages; unset everywhere, the CUDA backend uses 0.85). "
+          "Start-up fails when it is set and the CPU backend serves.");
 ABSL_FLAG(std::string, launch_mode, "eager",
           "CUDA backend: how a layer's work is submitted: eager (one launch per operation) or graph "
           "(replay a per-slot CUDA graph captured once per batch bucket and kernel, updated per "
@@ -236,7 +244,8 @@ int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
       "PersistentKV decode-attention worker.\n"
       "  pkv-worker --listen=127.0.0.1:0 --num_layers=4 --num_q_heads=8 --num_kv_heads=2 "
-      "--head_dim=64 --num_pages=4096 --backend=cpu");
+      "--head_dim=64 --num_pages=4096 --backend=cpu\n"
+      "  pkv-worker --backend=cuda --kv_pool_bytes=34359738368   (a 32 GiB pool on the GPU)");
   absl::FlagsUsageConfig usage;
   // --help lists this program's flags (those defined in worker_main.cc).
   usage.contains_help_flags = [](absl::string_view path) { return absl::StrContains(path, "worker_main."); };

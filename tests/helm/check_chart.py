@@ -9,6 +9,9 @@
    the helm test pod.
 3. Bad values that must be rejected (schema or the chart's cross-field checks).
 4. Every value in values.yaml is documented in README.md and declared in values.schema.json.
+5. The Dockerfile the chart's image comes from: exact base image tags, the small CUDA base image
+   for the runtime (the CUDA runtime is linked statically: checked in CMake and, when a built
+   pkv-worker is given, with ldd), the commit passed as a build argument, pinned apt versions.
 
 Prints one PASS/FAIL line per check and "helm_check: N passed, M failed"; exits 1 on a failure.
 """
@@ -74,10 +77,84 @@ BAD_VALUES = [
     (["--set", "tls.enabled=true"], "TLS without a Secret (chart check)", "tls.secretName"),
     (["--set", "worker.backend=cuda,gpu.count=0"], "cuda backend without a GPU (chart check)",
      "gpu.count >= 1"),
+    (["--set", "worker.backend=cpu"], "cpu backend holding a requested GPU (chart check)",
+     "would hold a GPU"),
+    (["--set", "worker.kvPool.numPages=4096"], "two KV pool sizes: numPages and the default bytes (chart check)",
+     "set exactly one of numPages, bytes and gpuMemoryFraction"),
+    (["--set", "worker.kvPool.gpuMemoryFraction=0.9"], "two KV pool sizes: a fraction and bytes (chart check)",
+     "set exactly one of numPages, bytes and gpuMemoryFraction"),
+    (["--set", "worker.kvPool.bytes=0"], "no KV pool size (chart check)",
+     "set exactly one of numPages, bytes and gpuMemoryFraction"),
+    (["--set", "gpu.count=0,worker.kvPool.bytes=0,worker.kvPool.gpuMemoryFraction=0.5"],
+     "GPU memory fraction on the CPU backend (chart check)", "sizes the CUDA backend's pool"),
+    (["--set", "worker.kvPool.bytes=0,worker.kvPool.gpuMemoryFraction=1.5"], "fraction above 1",
+     "worker.kvPool.gpuMemoryFraction"),
+    (["--set", "worker.kvPool.bytes=-1"], "negative pool bytes", "worker.kvPool.bytes"),
     (["--set", "ports.metrics=50051"], "gRPC and metrics on one port (chart check)", "must differ"),
     (["--set", "metrics.enabled=false,metrics.serviceMonitor.enabled=true"],
      "ServiceMonitor without metrics (chart check)", "needs metrics.enabled"),
 ]
+
+
+DASHBOARD_FILE = "dashboards/persistentkv.json"
+# Stat panels of the dashboard: (value, colours its thresholds may give it). Healthy values must
+# not be red, trouble must be red or amber. Every stat panel must be listed here.
+STAT_COLOURS = {
+    "Workers up / ready": [(0, {"red"}), (1, {"green"}), (8, {"green"})],
+    "Decode throughput": [(0, {"blue"}), (50, {"green"}), (20000, {"green"})],
+    "KV pool free ratio (min over pods)": [(0.0, {"red"}), (0.01, {"red"}), (0.10, {"orange", "yellow"}),
+                                           (0.5, {"green"}), (1.0, {"green"})],
+    "KV pool headroom (min over pods)": [(0, {"red"}), (100, {"red"}), (1000, {"orange", "yellow"}),
+                                         (1e6, {"green"})],
+    "RPC rate": [(0, {"blue"}), (1e4, {"blue"})],
+}
+
+# Worker flags that size the KV pool; the chart passes exactly one.
+POOL_FLAGS = ("num_pages", "kv_pool_bytes", "gpu_memory_fraction")
+
+# Rendered worker flags for values outside the ci/ scenarios: (--set arguments, what it shows,
+# flag -> expected value, with None meaning the flag must be absent).
+FLAG_VARIANTS = [
+    ([], "defaults: a GPU pod requires its GPU and gets the pool bytes it asks for",
+     {"backend": "cuda", "kv_pool_bytes": "34359738368", "num_pages": None, "gpu_memory_fraction": None}),
+    (["--set", "gpu.count=0,worker.kvPool.bytes=2147483648"], "auto without a GPU request serves on the CPU",
+     {"backend": "cpu", "kv_pool_bytes": "2147483648"}),
+    (["--set", "gpu.count=0", "--set-string", "resources.limits.nvidia\\.com/gpu=1"],
+     "auto with a GPU set directly in resources requires the GPU", {"backend": "cuda"}),
+    (["--set", "worker.kvPool.bytes=0,worker.kvPool.numPages=4096"], "numPages alone",
+     {"num_pages": "4096", "kv_pool_bytes": None, "gpu_memory_fraction": None}),
+    (["--set", "worker.kvPool.bytes=0,worker.kvPool.gpuMemoryFraction=0.8"], "a share of free GPU memory",
+     {"backend": "cuda", "gpu_memory_fraction": "0.8", "kv_pool_bytes": None, "num_pages": None}),
+    (["--set", "worker.backend=cuda,worker.kvPool.bytes=1073741824"], "explicit cuda keeps explicit bytes",
+     {"backend": "cuda", "kv_pool_bytes": "1073741824"}),
+]
+
+
+def requests_gpu(values):
+    """Whether the worker container asks for a GPU: gpu.count, or a GPU resource set directly."""
+    if values["gpu"]["count"] > 0:
+        return True
+    res = values.get("resources") or {}
+    names = [k for section in ("requests", "limits") for k in (res.get(section) or {})]
+    return any(k == values["gpu"]["resourceName"] or k.startswith("nvidia.com/") for k in names)
+
+
+def threshold_colour(thresholds, value):
+    """The colour Grafana gives `value`: the last step whose value is null (the base) or <= it."""
+    colour = None
+    for step in thresholds["steps"]:
+        if step.get("value") is None or value >= step["value"]:
+            colour = step["color"]
+    return colour
+
+
+def pool_flag(pool):
+    """(flag, value) the chart must pass for worker.kvPool (exactly one of its sizes is set)."""
+    if pool["numPages"] > 0:
+        return "num_pages", str(pool["numPages"])
+    if pool["bytes"] > 0:
+        return "kv_pool_bytes", str(pool["bytes"])
+    return "gpu_memory_fraction", str(pool["gpuMemoryFraction"])
 
 
 class Checker:
@@ -227,12 +304,18 @@ class Checker:
         c("model shape flags", [flag(k) for k in ("num_layers", "num_q_heads", "num_kv_heads", "head_dim",
                                                    "page_size", "dtype")]
           == [str(m[k]) for k in ("numLayers", "numQHeads", "numKvHeads", "headDim", "pageSize")] + [m["dtype"]])
+        # Backend: a GPU request makes the worker require one (--backend=cuda), never auto.
+        wants_gpu = requests_gpu(values)
+        backend = values["worker"]["backend"]
+        expected = backend if backend != "auto" else ("cuda" if wants_gpu else "cpu")
+        c(f"--backend={expected} (worker.backend={backend}, GPU requested: {wants_gpu})",
+          flag("backend") == expected, str(flag("backend")))
+        # KV pool: exactly one size flag, the one the values set, on every backend.
         pool = values["worker"]["kvPool"]
-        if pool["numPages"] > 0:
-            c("--num_pages wins over --kv_pool_bytes",
-              flag("num_pages") == str(pool["numPages"]) and "kv_pool_bytes" not in flags)
-        else:
-            c("--kv_pool_bytes is an integer", flag("kv_pool_bytes") == str(pool["bytes"]), str(flag("kv_pool_bytes")))
+        sized_by = [k for k in POOL_FLAGS if k in flags]
+        c("exactly one KV pool size flag", len(sized_by) == 1, str(sized_by))
+        want = pool_flag(pool)
+        c(f"--{want[0]}={want[1]} from worker.kvPool", flag(want[0]) == want[1], str(sized_by))
         if values["metrics"]["enabled"]:
             c("--metrics_listen on the metrics port",
               flag("metrics_listen") == f"0.0.0.0:{values['ports']['metrics']}", str(flag("metrics_listen")))
@@ -443,6 +526,51 @@ class Checker:
             self.check(f"rejects {' '.join(args[1:])} ({why})", rc != 0 and named,
                        "rendered without error" if rc == 0 else err.strip()[-300:])
 
+    # ---- worker flags of single-value variants ---------------------------------------------
+    def run_flag_variants(self):
+        for args, what, want in FLAG_VARIANTS:
+            name = f"flags: {what}" + (f" ({' '.join(args[1::2])})" if args else "")
+            rc, out, err = self.template([*args, "-s", "templates/deployment.yaml"])
+            if not self.check(f"{name}: renders", rc == 0, err.strip()[-300:]):
+                continue
+            dep = next(d for d in yaml.safe_load_all(out) if d)
+            worker = next(x for x in dep["spec"]["template"]["spec"]["containers"] if x["name"] == "worker")
+            flags = dict(re.match(r"^--([a-z0-9_]+)=(.*)$", a).groups() for a in worker["args"]
+                         if re.match(r"^--[a-z0-9_]+=", a))
+            got = {k: flags.get(k) for k in want}
+            self.check(name, got == want, f"got {got}")
+
+    # ---- dashboard stat panels ------------------------------------------------------------
+    def run_dashboard_thresholds(self):
+        with open(os.path.join(self.chart, DASHBOARD_FILE)) as f:
+            board = json.load(f)
+        stats = [p for p in board["panels"] if p["type"] == "stat"]
+        titles = [p["title"] for p in stats]
+        self.check("every stat panel has colour expectations in check_chart.py",
+                   set(titles) == set(STAT_COLOURS), f"panels {titles}")
+        for p in stats:
+            name = f"dashboard stat '{p['title']}'"
+            defaults = p.get("fieldConfig", {}).get("defaults", {})
+            th = defaults.get("thresholds") or {}
+            st = th.get("steps") or []
+            values = [x.get("value") for x in st]
+            ok = (th.get("mode") == "absolute" and st and values[0] is None and all(x.get("color") for x in st)
+                  and values[1:] == sorted(values[1:]) and defaults.get("color", {}).get("mode") == "thresholds")
+            if not self.check(f"{name}: absolute thresholds, colour by thresholds", ok, json.dumps(th)):
+                continue
+            wrong = [(v, threshold_colour(th, v)) for v, want in STAT_COLOURS.get(p["title"], [])
+                     if threshold_colour(th, v) not in want]
+            self.check(f"{name}: healthy values are not red, trouble is red or amber", not wrong,
+                       f"(value, colour) {wrong}")
+        # The pool's red boundary is the PersistentKVPoolNearlyFull default.
+        free = next((p for p in stats if p["title"].startswith("KV pool free ratio")), None)
+        if free:
+            steps = free["fieldConfig"]["defaults"]["thresholds"]["steps"]
+            first_non_red = next((x["value"] for x in steps if x["color"] != "red"), None)
+            limit = self.defaults["metrics"]["prometheusRule"]["poolFreeRatioBelow"]
+            self.check("dashboard pool free ratio turns red where PersistentKVPoolNearlyFull fires (default)",
+                       first_non_red == limit, f"{first_non_red} vs {limit}")
+
     # ---- other ----------------------------------------------------------------------------
     def run_misc(self):
         # Standalone users of the rules file get the chart's default thresholds.
@@ -488,6 +616,47 @@ class Checker:
             rc, out, err = self.run_helm("package", self.chart, "-d", tmp)
             self.check("helm package", rc == 0, err.strip()[-300:])
 
+
+    # ---- the image ------------------------------------------------------------------------
+    def run_dockerfile(self, worker_binary):
+        root = os.path.normpath(os.path.join(self.chart, "..", ".."))
+        with open(os.path.join(root, "Dockerfile")) as f:
+            text = f.read()
+        joined = re.sub(r"\\\n", " ", text)
+        args = dict(re.findall(r"^ARG (\w+)=(\S*)$", joined, re.M))
+        expand = lambda v: re.sub(r"\$\{(\w+)\}", lambda m: expand(args.get(m.group(1), "")), v)
+        froms = [(expand(m.group(1)), m.group(2)) for m in re.finditer(r"^FROM (\S+) AS (\w+)", joined, re.M)]
+        stages = {stage: image for image, stage in froms}
+        exact = re.compile(r"^nvidia/cuda:\d+\.\d+\.\d+-(devel|runtime|base)-ubuntu\d+\.\d+(@sha256:[0-9a-f]{64})?$")
+        self.check("Dockerfile: base images are exact nvidia/cuda tags", froms and all(exact.match(i) for i, _ in froms),
+                   str(froms))
+        self.check("Dockerfile: the runtime stage uses the small CUDA base image",
+                   "-base-" in stages.get("runtime", ""), str(stages))
+        self.check("Dockerfile: PKV_COMMIT build argument reaches CMake",
+                   re.search(r"^ARG PKV_COMMIT", joined, re.M) is not None
+                   and '-DPKV_COMMIT="${PKV_COMMIT}"' in joined)
+        with open(os.path.join(root, "service", "CMakeLists.txt")) as f:
+            service_cmake = f.read()
+        self.check("service/CMakeLists.txt: PKV_COMMIT overrides git rev-parse",
+                   re.search(r'set\(PKV_COMMIT "" CACHE STRING', service_cmake) is not None)
+        self.check("Dockerfile: the runtime stage installs the build stage's package versions",
+                   "${Package}=${Version}" in joined and "runtime-packages.txt" in joined)
+        dynamic = []
+        for folder, subdirs, files in os.walk(root):
+            if folder == root:  # not build trees, .git or fetched headers
+                subdirs[:] = [d for d in subdirs if not d.startswith(("build", "."))]
+            for name in files:
+                if name == "CMakeLists.txt" or name.endswith(".cmake"):
+                    with open(os.path.join(folder, name)) as f:
+                        if re.search(r"CUDA::cudart(?!_static)\b", f.read()):
+                            dynamic.append(os.path.relpath(os.path.join(folder, name), root))
+        self.check("CMake links the CUDA runtime statically only (CUDA::cudart_static)", not dynamic, str(dynamic))
+        if worker_binary:
+            proc = subprocess.run(["ldd", worker_binary], capture_output=True, text=True)
+            libs = re.findall(r"^\s*(\S+)", proc.stdout, re.M)
+            cuda = [l for l in libs if re.match(r"lib(cudart|cuda|cublas|nvrtc)", l)]
+            self.check(f"{worker_binary} needs no CUDA shared library (ldd)", proc.returncode == 0 and not cuda,
+                       str(cuda) if cuda else proc.stderr[-200:])
 
     # ---- flags against built binaries ------------------------------------------------------
     def run_flags(self, binaries, strict):
@@ -597,7 +766,10 @@ def main():
     checker = Checker(a.helm, a.chart)
     checker.run_scenarios()
     checker.run_bad_values()
+    checker.run_flag_variants()
+    checker.run_dashboard_thresholds()
     checker.run_misc()
+    checker.run_dockerfile(a.worker)
     checker.run_flags({"pkv-worker": a.worker, "pkv-replay": a.replay}, a.strict_flags)
     for note in checker.notes:
         print(f"NOTE {note}")

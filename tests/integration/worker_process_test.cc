@@ -21,13 +21,15 @@
 
 namespace {
 
-// Starts `argv` with stdout to a pipe (returned in *out_fd); stderr is inherited.
-pid_t Spawn(const std::vector<std::string>& argv, int* out_fd) {
+// Starts `argv` with stdout (and, with `with_stderr`, stderr) to a pipe returned in *out_fd;
+// otherwise stderr is inherited.
+pid_t Spawn(const std::vector<std::string>& argv, int* out_fd, bool with_stderr = false) {
   int fds[2];
   if (pipe(fds) != 0) return -1;
   const pid_t pid = fork();
   if (pid == 0) {
     dup2(fds[1], STDOUT_FILENO);
+    if (with_stderr) dup2(fds[1], STDERR_FILENO);
     close(fds[0]);
     close(fds[1]);
     std::vector<char*> args;
@@ -299,6 +301,78 @@ TEST(WorkerProcessTest, ReplayFailsCleanlyWithoutAWorker) {
   const int status = RunReplay({"--target=127.0.0.1:1", "--connect_timeout_s=1", "--num_requests=1"}, &out);
   ASSERT_TRUE(WIFEXITED(status));
   EXPECT_EQ(WEXITSTATUS(status), 2);
+}
+
+// Runs pkv-worker with `args` (stdout and stderr into *out) and returns its wait status; -1 when
+// it was still running after `timeout` (then it has been killed).
+int RunWorker(const std::vector<std::string>& args, std::string* out,
+              std::chrono::seconds timeout = std::chrono::seconds(30)) {
+  std::vector<std::string> argv = {PKV_WORKER_BIN};
+  argv.insert(argv.end(), args.begin(), args.end());
+  int fd = -1;
+  const pid_t pid = Spawn(argv, &fd, /*with_stderr=*/true);
+  if (pid < 0) return -1;
+  std::string text;
+  std::thread reader([&] { text = DrainPipe(fd); });
+  const int status = WaitFor(pid, timeout);
+  reader.join();
+  close(fd);
+  *out = text;
+  return status;
+}
+
+// Two KV pool sizes given: start-up stops with exit 2 and a message naming both settings.
+TEST(WorkerProcessTest, WorkerRefusesTwoPoolSizesNamingThem) {
+  std::string out;
+  const int status = RunWorker({"--listen=127.0.0.1:0", "--metrics_listen=", "--backend=cpu", "--num_layers=2",
+                                "--num_q_heads=8", "--num_kv_heads=2", "--head_dim=64", "--num_pages=64",
+                                "--kv_pool_bytes=1073741824"},
+                               &out);
+  ASSERT_TRUE(WIFEXITED(status)) << out;
+  EXPECT_EQ(WEXITSTATUS(status), 2) << out;
+  EXPECT_NE(out.find("--num_pages=64"), std::string::npos) << out;
+  EXPECT_NE(out.find("--kv_pool_bytes=1073741824"), std::string::npos) << out;
+  EXPECT_NE(out.find("set only one of"), std::string::npos) << out;
+  EXPECT_EQ(out.find("pkv-worker listening on"), std::string::npos) << out;
+}
+
+// --backend=cuda never serves on the CPU: without a usable GPU it exits 2 naming the flag.
+TEST(WorkerProcessTest, WorkerWithBackendCudaAndNoGpuExitsNamingTheFlag) {
+  std::vector<std::string> argv = {PKV_WORKER_BIN, "--listen=127.0.0.1:0", "--metrics_listen=", "--backend=cuda",
+                                   "--num_layers=2", "--num_q_heads=8", "--num_kv_heads=2", "--head_dim=64",
+                                   "--num_pages=64"};
+  int fd = -1;
+  const pid_t worker = Spawn(argv, &fd, /*with_stderr=*/true);
+  ASSERT_GT(worker, 0);
+  // Either it serves (a GPU is usable here) or it exits: ReadUntil returns at EOF.
+  const std::string out = ReadUntil(fd, "pkv-worker listening on ", std::chrono::seconds(60));
+  if (out.find("pkv-worker listening on ") != std::string::npos) {
+    kill(worker, SIGTERM);
+    WaitFor(worker, std::chrono::seconds(20));
+    close(fd);
+    GTEST_SKIP() << "a GPU is usable here";
+  }
+  const int status = WaitFor(worker, std::chrono::seconds(20));
+  close(fd);
+  ASSERT_TRUE(WIFEXITED(status)) << out;
+  EXPECT_EQ(WEXITSTATUS(status), 2) << out;
+  EXPECT_NE(out.find("--backend=cuda"), std::string::npos) << out;
+  EXPECT_NE(out.find("--backend=cpu"), std::string::npos) << out;
+}
+
+// --help says how the pool is sized on each backend and what happens when two sizes are set.
+TEST(WorkerProcessTest, HelpExplainsPoolSizingAndBackends) {
+  std::string raw;
+  RunWorker({"--help"}, &raw);
+  std::string out;  // --help wraps lines: compare with every whitespace run as one space
+  for (const char c : raw) {
+    const bool space = c == ' ' || c == '\n';
+    if (!space || out.empty() || out.back() != ' ') out += space ? ' ' : c;
+  }
+  for (const char* needle : {"--num_pages", "--kv_pool_bytes", "--gpu_memory_fraction", "on every backend",
+                             "Set at most one of", "start-up fails", "no GPU is usable"}) {
+    EXPECT_NE(out.find(needle), std::string::npos) << needle << " missing from:\n" << out;
+  }
 }
 
 TEST(WorkerProcessTest, WorkerRejectsABadShapeWithExitCode2) {

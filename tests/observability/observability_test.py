@@ -15,6 +15,8 @@ What it runs (all on loopback, all in one temp dir, every process stopped on exi
        $job, $pod by their "All" value .*, $__rate_interval by 10s, ...) returns a series through
        /api/v1/query, and every {{label}} of its legend is a label of every series it returns;
      - every template-variable query label_values(m, l) finds a value of l;
+     - the stat panels a healthy, lightly loaded worker must show green (workers up / ready, KV
+       pool free ratio) are green: the live value through the panel's own thresholds;
      - every pkv_* name in a panel or an alert is a metric the worker exports (so `... or vector(0)`
        cannot hide a renamed metric);
      - the alerts Prometheus loaded are exactly the expected five, each healthy (evaluated without
@@ -51,6 +53,8 @@ EXPECTED_ALERTS = {"PersistentKVWorkerDown", "PersistentKVPoolNearlyFull", "Pers
                    "PersistentKVStepLatencyHigh", "PersistentKVPredictionDrift"}
 JOB = "persistentkv"  # the job the rules file selects (the chart rewrites it per release)
 TARGET_LABELS = {"namespace": "pkv-observability-test", "pod": "pkv-worker-0"}
+# Stat panels that must be green for this test's worker (up, ready, its pool nearly empty).
+HEALTHY_GREEN_STATS = ("Workers up / ready", "KV pool free ratio (min over pods)")
 # Concrete values of Grafana's built-in variables (scrape interval 1 s: $__rate_interval would be 4 s).
 GRAFANA_BUILTINS = {"__rate_interval": "10s", "__interval": "5s", "__range": "1m", "__range_s": "60",
                     "__interval_ms": "5000", "__range_ms": "60000"}
@@ -480,6 +484,26 @@ scrape_configs:
             if wanted:
                 self.check(f"{name}: legend labels {sorted(wanted)} on every series", not bad,
                            f"missing {bad} in {[s['metric'] for s in result][:3]}" if bad else "")
+        for p in board.get("panels") or []:
+            if p.get("type") != "stat" or p.get("title") not in HEALTHY_GREEN_STATS:
+                continue
+            th = (p.get("fieldConfig") or {}).get("defaults", {}).get("thresholds") or {"steps": []}
+            for t in p.get("targets") or []:
+                name = f"stat '{p['title']}' {t.get('refId', '?')}: green for a healthy worker"
+                try:
+                    result = api.query(substitute(t["expr"], values), at)
+                except Failure as e:
+                    self.check(name, False, str(e))
+                    continue
+                if not result:
+                    self.check(name, False, "no series")
+                    continue
+                value = float(result[0]["value"][1])
+                colour = None  # Grafana: the last step whose value is null (the base) or <= the value
+                for step in th["steps"]:
+                    if step.get("value") is None or value >= step["value"]:
+                        colour = step.get("color")
+                self.check(name, colour == "green", f"value {value:g} -> {colour}")
         for v in (board.get("templating") or {}).get("list", []):
             q = v.get("query")
             q = q.get("query") if isinstance(q, dict) else q

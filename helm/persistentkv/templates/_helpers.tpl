@@ -107,6 +107,35 @@ Port the gRPC probes target: the plaintext health port when TLS is on, else the 
 {{- end }}
 
 {{/*
+"true" when the worker container requests a GPU: gpu.count > 0, or gpu.resourceName or an
+nvidia.com/ resource set directly in resources.requests or resources.limits; else "".
+*/}}
+{{- define "persistentkv.requestsGpu" -}}
+{{- $found := gt (int .Values.gpu.count) 0 }}
+{{- $resources := .Values.resources | default dict }}
+{{- range $section := list "requests" "limits" }}
+{{- range $name, $_ := (get $resources $section | default dict) }}
+{{- if or (eq $name $.Values.gpu.resourceName) (hasPrefix "nvidia.com/" $name) }}
+{{- $found = true }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if $found }}true{{ end }}
+{{- end }}
+
+{{/*
+The --backend the worker runs: worker.backend=auto becomes cuda when the pod requests a GPU (so a
+pod without a usable one fails at start-up instead of serving on the CPU) and cpu otherwise.
+*/}}
+{{- define "persistentkv.backend" -}}
+{{- if ne .Values.worker.backend "auto" }}
+{{- .Values.worker.backend }}
+{{- else if include "persistentkv.requestsGpu" . }}cuda
+{{- else }}cpu
+{{- end }}
+{{- end }}
+
+{{/*
 Cross-field checks the schema cannot express; a failure stops install, upgrade and template.
 */}}
 {{- define "persistentkv.validate" -}}
@@ -114,8 +143,23 @@ Cross-field checks the schema cannot express; a failure stops install, upgrade a
 {{- if ne (mod (int $v.worker.model.numQHeads) (int $v.worker.model.numKvHeads)) 0 }}
 {{- fail (printf "worker.model.numQHeads (%v) must be a multiple of worker.model.numKvHeads (%v)" $v.worker.model.numQHeads $v.worker.model.numKvHeads) }}
 {{- end }}
-{{- if and (eq $v.worker.backend "cuda") (eq (int $v.gpu.count) 0) }}
-{{- fail "worker.backend=cuda needs gpu.count >= 1" }}
+{{- $gpu := include "persistentkv.requestsGpu" . }}
+{{- if and (eq $v.worker.backend "cuda") (not $gpu) }}
+{{- fail "worker.backend=cuda needs a GPU: set gpu.count >= 1" }}
+{{- end }}
+{{- if and (eq $v.worker.backend "cpu") $gpu }}
+{{- fail (printf "worker.backend=cpu with a GPU request (gpu.count=%v or a GPU in resources) would hold a GPU it never uses: set gpu.count=0 for a CPU deployment, or worker.backend=auto" $v.gpu.count) }}
+{{- end }}
+{{- $pool := $v.worker.kvPool }}
+{{- $sizes := list }}
+{{- if gt (int64 $pool.numPages) 0 }}{{ $sizes = append $sizes (printf "numPages=%v" (int64 $pool.numPages)) }}{{ end }}
+{{- if gt (int64 $pool.bytes) 0 }}{{ $sizes = append $sizes (printf "bytes=%v" (int64 $pool.bytes)) }}{{ end }}
+{{- if gt (float64 $pool.gpuMemoryFraction) 0.0 }}{{ $sizes = append $sizes (printf "gpuMemoryFraction=%v" $pool.gpuMemoryFraction) }}{{ end }}
+{{- if ne (len $sizes) 1 }}
+{{- fail (printf "worker.kvPool: set exactly one of numPages, bytes and gpuMemoryFraction, got %d (%s); bytes defaults to 32 GiB, so set worker.kvPool.bytes=0 when you size the pool another way" (len $sizes) (join ", " $sizes)) }}
+{{- end }}
+{{- if and (gt (float64 $pool.gpuMemoryFraction) 0.0) (eq (include "persistentkv.backend" .) "cpu") }}
+{{- fail "worker.kvPool.gpuMemoryFraction sizes the CUDA backend's pool, but this worker runs --backend=cpu (no GPU request): size it with worker.kvPool.bytes or numPages" }}
 {{- end }}
 {{- $needed := add (int $v.lifecycle.preStopSleepSeconds) (int $v.worker.shutdownGraceSeconds) 5 }}
 {{- if lt (int $v.terminationGracePeriodSeconds) (int $needed) }}
