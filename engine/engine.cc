@@ -580,8 +580,8 @@ absl::StatusOr<StepOutput> Engine::Step(const StepInput& in) {
           "token_step_id: ", in.token_step_id, " layer ", in.layer, " already ran with different rows"));
     }
     StepOutput replay = ts->outputs[in.layer];
-    // A token step without rows completed at layer 0; its later layers are not replays.
-    replay.replayed = !ts->rows.empty() || in.layer == 0;
+    // (A token step without rows completed every layer at layer 0: its later layers come from here too.)
+    replay.replayed = true;
     LayerStepEvent event;
     event.kernel = replay.kernel;
     event.rows = static_cast<int32_t>(ts->rows.size());

@@ -187,10 +187,10 @@ absl::Status CheckChunk(const v1::KVChunk& chunk, const ModelShape& shape, int64
   }
   if (chunk.num_tokens() < 1 || chunk.token_offset() < 0 ||
       chunk.token_offset() > prompt_tokens - chunk.num_tokens()) {
+    // No end offset in the message: token_offset + num_tokens may overflow.
     return absl::InvalidArgumentError(absl::StrCat(
-        "chunk tokens [", chunk.token_offset(), ", ", chunk.token_offset() + chunk.num_tokens(),
-        ") (chunk.token_offset, chunk.num_tokens) must be a non-empty range within the prompt's ",
-        prompt_tokens, " tokens"));
+        "chunk.token_offset ", chunk.token_offset(), ", chunk.num_tokens ", chunk.num_tokens(),
+        ": must be a non-empty range within the prompt's ", prompt_tokens, " tokens"));
   }
   const int64_t n = chunk.num_tokens();
   PKV_RETURN_IF_ERROR(CheckTensor(chunk.k(), shape.dtype, {n, shape.num_kv_heads, shape.head_dim}, "chunk.k"));

@@ -514,6 +514,7 @@ absl::Status RequestFuzzer::ApplyStep(const v1::StepRequest& request, const std:
     return Violation(what, "accepted a layer out of range");
   }
   if (request.layer() == 0) {
+    used_token_steps_.insert(id);
     for (uint64_t f : request.free()) {
       auto it = ready_.find(f);
       if (it == ready_.end() || it->second.token_step != 0) {
@@ -537,6 +538,14 @@ absl::Status RequestFuzzer::ApplyStep(const v1::StepRequest& request, const std:
       }
       ++it->second.tokens;
       it->second.token_step = id;
+    }
+    if (ts.rows.empty()) {
+      // Only deltas: the engine completes every layer at once and holds no open token step.
+      retained_.emplace_back(id, std::move(ts.rows));
+      while (static_cast<int32_t>(retained_.size()) > engine::EngineOptions{}.retained_token_steps) {
+        retained_.pop_front();
+      }
+      return absl::OkStatus();
     }
     open_steps_[id] = std::move(ts);
   }
@@ -582,6 +591,13 @@ void RequestFuzzer::AbortTokenStepModel(uint64_t id) {
     s->second.token_step = 0;
   }
   open_steps_.erase(it);
+}
+
+uint64_t RequestFuzzer::FreshTokenStep() {
+  // Mutated bytes may have begun a token step with an id the counter has not reached yet; the
+  // engine remembers completed ids, so a reused one would be refused.
+  while (used_token_steps_.contains(next_token_step_)) ++next_token_step_;
+  return next_token_step_++;
 }
 
 uint64_t RequestFuzzer::FreshSeq() {
@@ -661,7 +677,7 @@ bool RequestFuzzer::MakeLayerZero(v1::StepRequest* request) {
   }
   std::shuffle(rows.begin(), rows.end(), rng_);
   request->Clear();
-  request->set_token_step_id(next_token_step_++);
+  request->set_token_step_id(FreshTokenStep());
   request->set_layer(0);
   for (uint64_t id : rows) request->add_rows(id);
   for (uint64_t id : open) request->add_open(id);
@@ -682,7 +698,8 @@ bool RequestFuzzer::MakeLaterLayer(v1::StepRequest* request) {
   }
   request->Clear();
   request->set_token_step_id(it->first);
-  request->set_layer(Chance(0.8) ? left.front() : left[Below(left.size())]);
+  // Layers run in order: a valid later layer is the first one not yet run.
+  request->set_layer(left.front());
   for (uint64_t id : ts.rows) request->add_rows(id);
   request->set_want_lse(Chance(0.3));
   FillStepTensors(request);
@@ -962,7 +979,7 @@ void RequestFuzzer::MutateTensor(v1::Tensor* tensor) {
 void RequestFuzzer::MutateStep(v1::StepRequest* request) {
   switch (Below(12)) {
     case 0: {
-      std::vector<uint64_t> ids = {0, 1, std::numeric_limits<uint64_t>::max(), next_token_step_++, rng_()};
+      std::vector<uint64_t> ids = {0, 1, std::numeric_limits<uint64_t>::max(), FreshTokenStep(), rng_()};
       for (const auto& [id, ts] : open_steps_) ids.push_back(id);
       for (const auto& [id, rows] : retained_) ids.push_back(id);
       request->set_token_step_id(ids[Below(ids.size())]);
@@ -1093,7 +1110,7 @@ absl::Status RequestFuzzer::MutatedStep() {
   v1::StepRequest request;
   const uint64_t r = Below(3);
   if (!(r == 0 && MakeLaterLayer(&request)) && !(r == 1 && MakeRetry(&request)) && !MakeLayerZero(&request)) {
-    request.set_token_step_id(next_token_step_++);
+    request.set_token_step_id(FreshTokenStep());
     FillStepTensors(&request);
   }
   for (uint64_t n = 1 + Below(3); n > 0; --n) MutateStep(&request);

@@ -34,6 +34,7 @@
 #include <utility>
 #include <vector>
 
+#include "absl/container/flat_hash_set.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "client/kv_data.h"
@@ -193,6 +194,8 @@ class RequestFuzzer {
   bool Chance(double p) { return std::uniform_real_distribution<double>(0, 1)(rng_) < p; }
   std::vector<uint64_t> ReadySeqs(bool unlocked_only) const;
   // A sequence id the engine does not hold (as far as the model knows).
+  // A token step id the engine has never seen.
+  uint64_t FreshTokenStep();
   uint64_t FreshSeq();
 
   Options options_;
@@ -220,6 +223,7 @@ class RequestFuzzer {
   std::string first_known_crash_;
   uint64_t next_seq_ = 100;
   uint64_t next_token_step_ = 1;
+  absl::flat_hash_set<uint64_t> used_token_steps_;  // every token step the engine began
 };
 
 }  // namespace pkv::fuzz
