@@ -31,13 +31,16 @@ struct EngineConfig {
   std::string fixed_kernel;          // empty: adaptive; else one route for every step
   int64_t static_slot_tokens = 0;    // > 0: static baseline (see engine::EngineOptions)
   std::string launch_mode = "eager";  // CUDA backend: "eager" or "graph" (engine::LaunchMode)
+  // "run", or "skip": every host step but no KV write and no attention, zero outputs
+  // (engine::SkipAttention; for measuring the transport and host floor).
+  std::string attention = "run";
 };
 
 // Pages the configuration asks for (INVALID_ARGUMENT when fewer than one).
 absl::StatusOr<int64_t> PoolPages(const EngineConfig& config);
 
 // Validates the configuration and creates the engine. INVALID_ARGUMENT for a bad shape, pool
-// size, backend name or launch_mode; FAILED_PRECONDITION for backend=cuda in a build or host without CUDA.
+// size, backend name, launch_mode or attention; FAILED_PRECONDITION for backend=cuda in a build or host without CUDA.
 absl::StatusOr<std::unique_ptr<engine::Engine>> BuildEngine(const EngineConfig& config);
 
 }  // namespace pkv::service

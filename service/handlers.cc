@@ -1,5 +1,6 @@
 #include "service/handlers.h"
 
+#include <chrono>
 #include <span>
 #include <utility>
 #include <vector>
@@ -23,9 +24,16 @@ void RunDescribe(const engine::Engine& engine, const ServiceLimits& limits, bool
 
 absl::Status RunStep(engine::Engine& engine, const v1::StepRequest& request,
                      v1::StepResponse* response) {
+  using Clock = std::chrono::steady_clock;
+  const Clock::time_point t0 = Clock::now();
   PKV_ASSIGN_OR_RETURN(const engine::StepInput input, ToStepInput(request, engine.shape()));
+  const Clock::time_point t1 = Clock::now();
   PKV_ASSIGN_OR_RETURN(engine::StepOutput output, engine.Step(input));
+  // The wire checks count as validation, next to the engine's own.
+  output.timings.validate_seconds += std::chrono::duration<double>(t1 - t0).count();
+  const Clock::time_point t2 = Clock::now();
   ToStepResponse(std::move(output), request, engine.shape(), response);
+  response->set_serialize_seconds(std::chrono::duration<double>(Clock::now() - t2).count());
   return absl::OkStatus();
 }
 

@@ -22,7 +22,8 @@ namespace pkv::service {
 void RunDescribe(const engine::Engine& engine, const ServiceLimits& limits, bool serving,
                  v1::DescribeResponse* response);
 
-// Step: proto checks, then engine::Engine::Step; fills `response` only on success.
+// Step: proto checks, then engine::Engine::Step; fills `response` only on success, with the
+// stage timings up to serialize_seconds (the caller adds what happened around it).
 absl::Status RunStep(engine::Engine& engine, const v1::StepRequest& request,
                      v1::StepResponse* response);
 
