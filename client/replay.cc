@@ -1,5 +1,8 @@
 #include "client/replay.h"
 
+#include <sys/resource.h>
+#include <time.h>
+
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -13,6 +16,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "client/kv_data.h"
+#include "client/payload_pool.h"
 #include "common/log.h"
 #include "common/status_macros.h"
 #include "common/workload.h"
@@ -23,6 +27,54 @@ namespace {
 using Clock = std::chrono::steady_clock;
 
 double Seconds(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
+
+// CPU time of the calling thread.
+double ThreadCpuSeconds() {
+  timespec ts{};
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return static_cast<double>(ts.tv_sec) + static_cast<double>(ts.tv_nsec) * 1e-9;
+}
+
+// CPU time of the whole process (user + system, every thread).
+double ProcessCpuSeconds() {
+  rusage u{};
+  getrusage(RUSAGE_SELF, &u);
+  auto s = [](const timeval& t) { return static_cast<double>(t.tv_sec) + static_cast<double>(t.tv_usec) * 1e-6; };
+  return s(u.ru_utime) + s(u.ru_stime);
+}
+
+// One layer-step's stages in ms (Stage order), from its build time and its result.
+std::array<double, kNumStages> StageSample(double build_ms, const StepResult& r) {
+  std::array<double, kNumStages> ms{};
+  auto at = [&ms](Stage s) -> double& { return ms[static_cast<int32_t>(s)]; };
+  // From the start of the send to the response read, the worker held the request for
+  // server_seconds; the rest (clock-independent) is the client's send and the two transport legs.
+  // The worker's wall-clock stamp of its read splits it: send and the way there end at that
+  // read (a Write that returns later overlaps the worker), the way back is what remains. With
+  // clocks of two hosts an offset moves time between the legs but never changes their sum.
+  const double outside = std::max(0.0, Seconds(r.read_at - r.send_start) - r.server_seconds);
+  double up = r.received_unix_nanos > 0
+                  ? static_cast<double>(r.received_unix_nanos - r.send_start_unix_nanos) * 1e-9
+                  : std::min(outside, r.send_seconds);
+  up = std::clamp(up, 0.0, outside);
+  const double send = std::min(r.send_seconds, up);
+  at(Stage::kBuild) = build_ms;
+  at(Stage::kSend) = send * 1e3;
+  at(Stage::kToWorker) = (up - send) * 1e3;
+  at(Stage::kQueue) = r.queue_seconds * 1e3;
+  at(Stage::kValidate) = r.validate_seconds * 1e3;
+  at(Stage::kHost) = r.host_seconds * 1e3;
+  at(Stage::kH2D) = r.h2d_seconds * 1e3;
+  at(Stage::kKernels) = r.kernel_seconds * 1e3;
+  at(Stage::kD2H) = r.d2h_seconds * 1e3;
+  at(Stage::kSerialize) = r.serialize_seconds * 1e3;
+  at(Stage::kWorkerOther) = (r.server_seconds - r.queue_seconds - r.validate_seconds - r.host_seconds -
+                             r.h2d_seconds - r.kernel_seconds - r.d2h_seconds - r.serialize_seconds) * 1e3;
+  at(Stage::kBack) = (outside - up) * 1e3;
+  at(Stage::kReceive) = r.convert_seconds * 1e3;
+  at(Stage::kRoundTrip) = (Seconds(r.read_at - r.send_start) + r.convert_seconds) * 1e3;
+  return ms;
+}
 
 struct Row {
   uint64_t seq = 0;         // wire id
@@ -75,8 +127,8 @@ struct CheckItem {
 // `max_queued` items wait (the caller counts that as a stall).
 class Checker {
  public:
-  Checker(const ModelShape& shape, const KvDataGen& gen, int threads, size_t max_queued)
-      : shape_(shape), gen_(gen), tolerance_(Tolerance(shape)), max_queued_(max_queued) {
+  Checker(const ModelShape& shape, const PayloadPool& data, int threads, size_t max_queued)
+      : shape_(shape), data_(data), tolerance_(Tolerance(shape)), max_queued_(max_queued) {
     for (int i = 0; i < threads; ++i) threads_.emplace_back([this] { Loop(); });
   }
   ~Checker() { Close(); }
@@ -135,9 +187,10 @@ class Checker {
 
   void Check(const CheckItem& c) {
     std::vector<double> out, lse;
-    ReferenceDecode(shape_, gen_.Query(c.data_id, c.layer, c.len - 1),
-                    gen_.History(DataKind::kK, c.data_id, c.layer, c.len),
-                    gen_.History(DataKind::kV, c.data_id, c.layer, c.len), c.len, &out, &lse);
+    // The reference sees exactly the rows the replay sent (prompt chunks and every token step).
+    ReferenceDecode(shape_, data_.Query(c.data_id, c.layer, c.len - 1),
+                    data_.History(DataKind::kK, c.data_id, c.layer, c.len),
+                    data_.History(DataKind::kV, c.data_id, c.layer, c.len), c.len, &out, &lse);
     const double err = MaxRelativeError(shape_, c.out.data(), out);
     double lse_err = 0;
     if (c.lse.size() == static_cast<size_t>(shape_.num_q_heads)) {
@@ -162,7 +215,7 @@ class Checker {
   }
 
   const ModelShape shape_;
-  const KvDataGen& gen_;
+  const PayloadPool& data_;
   const double tolerance_;
   const size_t max_queued_;
   mutable std::mutex mu_;
@@ -195,7 +248,38 @@ double UnionSeconds(std::vector<std::pair<Clock::time_point, Clock::time_point>>
   return total;
 }
 
+double Mean(const std::vector<double>& v) {
+  double sum = 0;
+  for (double x : v) sum += x;
+  return v.empty() ? 0.0 : sum / static_cast<double>(v.size());
+}
+
+// Table rows of the stage breakdown: the name and what the stage covers.
+constexpr const char* kStageRows[kNumStages][2] = {
+    {"client build", "q/k/v rows copied from the payload pool (overlaps the previous layer)"},
+    {"client send", "request message built, encoded, written (until the worker read it)"},
+    {"to worker", "wire + gRPC decode up to the worker's read (split by wall clocks)"},
+    {"worker queue", "waiting for an engine thread"},
+    {"worker validation", "wire checks + engine validation (incl. engine lock wait)"},
+    {"worker host", "pager, plan, descriptor; staging, launches, output copies"},
+    {"H2D", "device: q/k/v upload"},
+    {"kernels", "device: KV append + attention (CPU: KV write + reference kernel)"},
+    {"D2H", "device: out/lse download"},
+    {"worker serialize", "response message built"},
+    {"worker other", "held by the worker, in no stage above (device waits, thread hand-offs)"},
+    {"back to client", "gRPC encode, wire, the client's read"},
+    {"client receive", "response converted"},
+    {"round trip", "client send .. client receive"},
+};
+
 }  // namespace
+
+const char* StageName(Stage stage) {
+  static constexpr const char* kNames[kNumStages] = {
+      "client_build", "client_send", "to_worker", "worker_queue", "worker_validate", "worker_host", "h2d",
+      "kernels", "d2h", "worker_serialize", "worker_other", "back_to_client", "client_receive", "round_trip"};
+  return kNames[static_cast<int32_t>(stage)];
+}
 
 double Percentile(std::vector<double> values, double pct) {
   if (values.empty()) return 0;
@@ -293,9 +377,27 @@ std::string ReplayReport::Format() const {
                           kv_used_mean_bytes > 0 ? kv_reserved_mean_bytes / kv_used_mean_bytes : 0.0, pool_samples);
   }
   absl::StrAppendFormat(&s, "client            %.3f ms to build one layer-step request (overlapped with the worker); "
-                        "%.2f s waiting for checks\n", client_gen_ms, check_stall_s);
-  absl::StrAppendFormat(&s, "checked outputs   %d, max relative error %.3g, max lse error %.3g, failures %d\n",
-                        outputs_checked, max_rel_error, max_lse_error, check_failures);
+                        "%.2f s waiting for checks; payload pool %d rows per kind (%.1f MiB)\n",
+                        client_gen_ms, check_stall_s, payload_rows, static_cast<double>(payload_bytes) / kMiB);
+  const double phase_steps = static_cast<double>(std::max<int64_t>(1, client_phase_layer_steps));
+  absl::StrAppendFormat(&s, "client cpu        decode thread p50 %.3f  p99 %.3f ms per layer step; process %.3f ms per "
+                        "layer step (all threads), %.2f cores over %.2f s\n",
+                        Percentile(client_thread_cpu_ms, 50), Percentile(client_thread_cpu_ms, 99),
+                        client_process_cpu_s * 1e3 / phase_steps,
+                        client_phase_s > 0 ? client_process_cpu_s / client_phase_s : 0.0, client_phase_s);
+  const std::vector<double>& round_trip = stage_ms[static_cast<int32_t>(Stage::kRoundTrip)];
+  absl::StrAppendFormat(&s, "layer step breakdown (ms; n=%d measured layer steps without retries)\n", round_trip.size());
+  absl::StrAppendFormat(&s, "  %-18s %9s %9s %9s\n", "stage", "p50", "p99", "mean");
+  for (int32_t i = 0; i < kNumStages; ++i) {
+    absl::StrAppendFormat(&s, "  %-18s %9.4f %9.4f %9.4f  %s\n", kStageRows[i][0], Percentile(stage_ms[i], 50),
+                          Percentile(stage_ms[i], 99), Mean(stage_ms[i]), kStageRows[i][1]);
+  }
+  if (attention_skipped) {
+    absl::StrAppend(&s, "checked outputs   none: the worker skips attention (--attention=skip), its outputs are zeros\n");
+  } else {
+    absl::StrAppendFormat(&s, "checked outputs   %d, max relative error %.3g, max lse error %.3g, failures %d\n",
+                          outputs_checked, max_rel_error, max_lse_error, check_failures);
+  }
   if (!first_failure.empty()) absl::StrAppend(&s, "first failure     ", first_failure, "\n");
   return s;
 }
@@ -308,6 +410,12 @@ std::string ReplayReport::ToJson() const {
   };
   std::string failure = first_failure;
   std::replace(failure.begin(), failure.end(), '"', '\'');
+  std::string breakdown;
+  for (int32_t i = 0; i < kNumStages; ++i) {
+    absl::StrAppendFormat(&breakdown, R"(%s"%s": {"n": %d, "p50": %.6g, "p99": %.6g, "mean": %.6g})", i > 0 ? ", " : "",
+                          StageName(static_cast<Stage>(i)), stage_ms[i].size(), Percentile(stage_ms[i], 50),
+                          Percentile(stage_ms[i], 99), Mean(stage_ms[i]));
+  }
   return absl::StrCat(
       "{", absl::StrFormat(R"("requests_total": %d, "requests_done": %d, "prompt_tokens": %d, "prefill_s": %.6g, )",
                            requests_total, requests_done, prompt_tokens, prefill_s),
@@ -327,9 +435,18 @@ std::string ReplayReport::ToJson() const {
                       pool_samples, kv_reserved_mean_bytes, kv_reserved_peak_bytes, kv_used_mean_bytes,
                       kv_used_peak_bytes),
       absl::StrFormat(R"("client_gen_ms": %.6g, "check_stall_s": %.6g, "outputs_checked": %d, "check_failures": %d, )"
-                      R"("max_rel_error": %.6g, "max_lse_error": %.6g, "first_failure": "%s"})",
+                      R"("max_rel_error": %.6g, "max_lse_error": %.6g, "first_failure": "%s", )",
                       client_gen_ms, check_stall_s, outputs_checked, check_failures, max_rel_error,
-                      std::isfinite(max_lse_error) ? max_lse_error : 1e300, failure));
+                      std::isfinite(max_lse_error) ? max_lse_error : 1e300, failure),
+      absl::StrFormat(R"("attention_skipped": %s, "payload_rows": %d, "payload_bytes": %d, )",
+                      attention_skipped ? "true" : "false", payload_rows, payload_bytes),
+      R"("client_thread_cpu_ms": )", dist(client_thread_cpu_ms), ", ",
+      absl::StrFormat(R"("client_process_cpu_s": %.6g, "client_phase_s": %.6g, "client_phase_layer_steps": %d, )"
+                      R"("client_process_cpu_ms_per_layer_step": %.6g, "client_cpu_cores": %.6g, )",
+                      client_process_cpu_s, client_phase_s, client_phase_layer_steps,
+                      client_phase_layer_steps > 0 ? client_process_cpu_s * 1e3 / static_cast<double>(client_phase_layer_steps) : 0.0,
+                      client_phase_s > 0 ? client_process_cpu_s / client_phase_s : 0.0),
+      R"("breakdown_ms": {)", breakdown, "}}");
 }
 
 absl::StatusOr<ReplayReport> RunReplay(WorkerClient& client, const ReplayOptions& options,
@@ -337,6 +454,8 @@ absl::StatusOr<ReplayReport> RunReplay(WorkerClient& client, const ReplayOptions
   PKV_ASSIGN_OR_RETURN(const WorkerInfo info, client.Describe());
   const ModelShape& shape = info.shape;
   const KvDataGen gen(shape, options.seed);
+  // Every q/K/V byte the replay sends comes from here (generated once, before the clock starts).
+  const PayloadPool data(gen, options.seed, options.payload_rows);
   const int32_t batch = std::max(1, std::min(options.batch, info.max_batch));
   const int32_t groups = std::max(1, options.micro_batches);
   const int32_t ahead = options.prefill_ahead > 0 ? options.prefill_ahead : batch * groups;
@@ -351,10 +470,12 @@ absl::StatusOr<ReplayReport> RunReplay(WorkerClient& client, const ReplayOptions
   ReplayReport report;
   report.requests_total = static_cast<int64_t>(requests.size());
   report.micro_batches = groups;
+  report.payload_rows = data.rows();
+  report.payload_bytes = data.bytes();
   const uint64_t seq_base = FreshBase(options.seed, 1);
   const uint64_t step_base = FreshBase(options.seed, 2);
   const int hw = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  Checker checker(shape, gen, std::max(1, hw - groups - std::max(1, options.prefill_streams)), 64);
+  Checker checker(shape, data, std::max(1, hw - groups - std::max(1, options.prefill_streams)), 64);
 
   // Shared by every thread, under mu.
   std::mutex mu;
@@ -363,6 +484,9 @@ absl::StatusOr<ReplayReport> RunReplay(WorkerClient& client, const ReplayOptions
   size_t next = 0;                // next request to prefill
   int64_t reserved_pages = 0;     // life pages of admitted requests not yet freed on the worker
   int32_t prefilling = 0;         // prompts being written
+  size_t prompts_written = 0;     // prompts ready or handed to decode
+  // wait_for_prefill: decode starts once this many prompts are written.
+  const size_t prefill_gate = std::min(static_cast<size_t>(ahead), requests.size());
   int32_t workers_left = std::max(1, options.prefill_streams) + groups;  // threads still running
   bool stop = false;              // a failure or --max_steps: everyone winds down
   absl::Status failure;
@@ -372,6 +496,12 @@ absl::StatusOr<ReplayReport> RunReplay(WorkerClient& client, const ReplayOptions
   Clock::duration gen_time{};
   int64_t gen_count = 0;
   Clock::duration stall_time{};
+  // Process CPU over the measured phase: from the first measured token step's start to the last
+  // one's end, with the layer-steps answered meanwhile.
+  bool cpu_phase_started = false;
+  double cpu_first = 0, cpu_last = 0;
+  Clock::time_point cpu_first_at, cpu_last_at;
+  int64_t cpu_first_layer_steps = 0, cpu_last_layer_steps = 0;
 
   auto fail = [&](absl::Status s) {  // under mu
     if (failure.ok()) failure = std::move(s);
@@ -420,7 +550,7 @@ absl::StatusOr<ReplayReport> RunReplay(WorkerClient& client, const ReplayOptions
       const Clock::time_point t0 = Clock::now();
       absl::Status s = client.WritePrompt(row.seq, r.input_tokens, options.chunk_tokens,
                                           [&](int32_t layer, int64_t off, int64_t n, std::string* k, std::string* v) {
-                                            gen.AppendKv(row.data_id, layer, off, n, k, v);
+                                            data.AppendKv(row.data_id, layer, off, n, k, v);
                                           });
       const double took = Seconds(Clock::now() - t0);
       lock.lock();
@@ -431,6 +561,7 @@ absl::StatusOr<ReplayReport> RunReplay(WorkerClient& client, const ReplayOptions
       }
       report.prefill_s += took;
       report.prompt_tokens += r.input_tokens;
+      ++prompts_written;
       ready.push_back(row);
       cv.notify_all();
     }
@@ -454,6 +585,9 @@ absl::StatusOr<ReplayReport> RunReplay(WorkerClient& client, const ReplayOptions
     int64_t pending_pages = 0;
     int64_t group_steps = 0;
     Clock::duration group_stall{};
+    Clock::duration group_gen_time{};  // request builds, folded into gen_time per token step
+    int64_t group_gen_count = 0;
+    bool skipped_seen = false;  // a response said the worker skips attention
     absl::Status group_failure;
 
     // Frees `pending_free` with a Release call (the group has no next token step to carry them).
@@ -473,6 +607,7 @@ absl::StatusOr<ReplayReport> RunReplay(WorkerClient& client, const ReplayOptions
       int64_t step_index = 0;
       {
         std::unique_lock<std::mutex> lock(mu);
+        if (options.wait_for_prefill) cv.wait(lock, [&] { return stop || prompts_written >= prefill_gate; });
         while (static_cast<int32_t>(active.size()) < batch && !ready.empty() && !stop) {
           active.push_back(ready.front());
           ready.pop_front();
@@ -496,6 +631,12 @@ absl::StatusOr<ReplayReport> RunReplay(WorkerClient& client, const ReplayOptions
           break;
         }
         step_index = token_steps++;
+        if (group_steps >= options.warmup_steps && !cpu_phase_started) {
+          cpu_phase_started = true;
+          cpu_first = ProcessCpuSeconds();
+          cpu_first_at = Clock::now();
+          cpu_first_layer_steps = report.layer_steps;
+        }
       }
 
       // One token step: every layer in order, each after the previous one's answer.
@@ -512,8 +653,8 @@ absl::StatusOr<ReplayReport> RunReplay(WorkerClient& client, const ReplayOptions
         for (size_t i = 0; i < b; ++i) {
           const Row& row = active[i];
           args.rows.push_back(row.seq);
-          gen.AppendQ(row.data_id, layer, row.length, &args.q);
-          gen.AppendKv(row.data_id, layer, row.length, 1, &args.k, &args.v);
+          data.AppendQ(row.data_id, layer, row.length, &args.q);
+          data.AppendKv(row.data_id, layer, row.length, 1, &args.k, &args.v);
           if (Sampled(options.seed, step_index, layer, row.data_id, options.check_fraction)) {
             checked[layer].push_back(i);
           }
@@ -521,39 +662,47 @@ absl::StatusOr<ReplayReport> RunReplay(WorkerClient& client, const ReplayOptions
         args.want_lse = !checked[layer].empty();
         return args;
       };
-      auto timed_build = [&](int32_t layer) {
+      // Builds a layer's request; *ms: how long that took.
+      auto timed_build = [&](int32_t layer, double* ms) {
         const Clock::time_point t0 = Clock::now();
         StepArgs args = build(layer);
-        std::lock_guard<std::mutex> lock(mu);
-        gen_time += Clock::now() - t0;
-        ++gen_count;
+        const Clock::duration took = Clock::now() - t0;
+        group_gen_time += took;
+        ++group_gen_count;
+        *ms = Seconds(took) * 1e3;
         return args;
       };
 
       const Clock::time_point step_t0 = Clock::now();
       const Clock::duration stall_before = group_stall;
-      std::vector<double> layer_ms, overhead_ms, server_ms, queue_ms;
+      std::vector<double> layer_ms, overhead_ms, server_ms, queue_ms, thread_cpu_ms;
+      std::vector<std::array<double, kNumStages>> stages;
       int64_t retries = 0;
-      StepArgs args = timed_build(0);
+      double build_ms = 0;
+      StepArgs args = timed_build(0, &build_ms);
       for (int32_t layer = 0; layer < shape.num_layers; ++layer) {
+        const double cpu0 = ThreadCpuSeconds();
         const Clock::time_point t0 = Clock::now();
         StepArgs next_args;
+        double next_build_ms = 0;
         absl::StatusOr<StepResult> result;
         if (stream) {
           absl::Status sent = stream->Send(std::move(args));
           if (sent.ok()) {
             // Build the next layer's request while the worker runs this one.
-            if (layer + 1 < shape.num_layers) next_args = timed_build(layer + 1);
+            if (layer + 1 < shape.num_layers) next_args = timed_build(layer + 1, &next_build_ms);
             result = stream->Receive();
           } else {
             result = sent;
           }
         } else {
           result = client.Step(args);
-          if (result.ok() && layer + 1 < shape.num_layers) next_args = timed_build(layer + 1);
+          if (result.ok() && layer + 1 < shape.num_layers) next_args = timed_build(layer + 1, &next_build_ms);
         }
+        bool retried = false;
         for (int attempt = 0; !result.ok() && IsBackpressure(result.status()) && attempt < 200; ++attempt) {
           ++retries;
+          retried = true;
           std::this_thread::sleep_for(std::chrono::milliseconds(std::min(50, 1 << std::min(attempt, 6))));
           checked[layer].clear();
           StepArgs again = build(layer);  // the same request (deterministic data)
@@ -581,6 +730,7 @@ absl::StatusOr<ReplayReport> RunReplay(WorkerClient& client, const ReplayOptions
         overhead_ms.push_back(layer_ms.back() - result->attend_seconds * 1e3);
         server_ms.push_back(result->server_seconds * 1e3);
         queue_ms.push_back(result->queue_seconds * 1e3);
+        if (!retried) stages.push_back(StageSample(build_ms, *result));
         if (layer == 0 && !pending_free.empty()) {
           // The worker applied the frees with layer 0.
           pending_free.clear();
@@ -588,6 +738,11 @@ absl::StatusOr<ReplayReport> RunReplay(WorkerClient& client, const ReplayOptions
           reserved_pages -= pending_pages;
           pending_pages = 0;
           cv.notify_all();
+        }
+        // A worker that skips attention answers zeros: nothing to check.
+        if (result->attention_skipped) {
+          skipped_seen = true;
+          checked[layer].clear();
         }
         for (size_t i : checked[layer]) {
           CheckItem item;
@@ -602,13 +757,20 @@ absl::StatusOr<ReplayReport> RunReplay(WorkerClient& client, const ReplayOptions
           }
           group_stall += checker.Push(std::move(item));
         }
+        thread_cpu_ms.push_back((ThreadCpuSeconds() - cpu0) * 1e3);
         args = std::move(next_args);
+        build_ms = next_build_ms;
       }
       const Clock::time_point step_t1 = Clock::now();
       {
         std::lock_guard<std::mutex> lock(mu);
         report.backpressure_retries += retries;
         report.layer_steps += static_cast<int64_t>(layer_ms.size());
+        gen_time += group_gen_time;
+        gen_count += group_gen_count;
+        group_gen_time = Clock::duration{};
+        group_gen_count = 0;
+        if (skipped_seen) report.attention_skipped = true;
         if (!group_failure.ok()) {
           fail(group_failure);
           break;
@@ -622,6 +784,14 @@ absl::StatusOr<ReplayReport> RunReplay(WorkerClient& client, const ReplayOptions
           report.overhead_ms.insert(report.overhead_ms.end(), overhead_ms.begin(), overhead_ms.end());
           report.server_ms.insert(report.server_ms.end(), server_ms.begin(), server_ms.end());
           report.queue_ms.insert(report.queue_ms.end(), queue_ms.begin(), queue_ms.end());
+          report.client_thread_cpu_ms.insert(report.client_thread_cpu_ms.end(), thread_cpu_ms.begin(),
+                                             thread_cpu_ms.end());
+          for (const auto& sample : stages) {
+            for (int32_t i = 0; i < kNumStages; ++i) report.stage_ms[i].push_back(sample[i]);
+          }
+          cpu_last = ProcessCpuSeconds();
+          cpu_last_at = step_t1;
+          cpu_last_layer_steps = report.layer_steps;
           report.token_step_ms.push_back(Seconds(step_t1 - step_t0 - stalled) * 1e3);
           report.measured_tokens += static_cast<int64_t>(active.size());
           measured_spans.emplace_back(step_t0, step_t1);
@@ -734,6 +904,11 @@ absl::StatusOr<ReplayReport> RunReplay(WorkerClient& client, const ReplayOptions
   report.decode_s = UnionSeconds(measured_spans);
   report.client_gen_ms = gen_count > 0 ? Seconds(gen_time) * 1e3 / static_cast<double>(gen_count) : 0.0;
   report.check_stall_s = Seconds(stall_time);
+  if (cpu_last_layer_steps > cpu_first_layer_steps) {
+    report.client_process_cpu_s = cpu_last - cpu_first;
+    report.client_phase_s = Seconds(cpu_last_at - cpu_first_at);
+    report.client_phase_layer_steps = cpu_last_layer_steps - cpu_first_layer_steps;
+  }
   if (report.pool_samples > 0) {
     report.kv_reserved_mean_bytes = reserved_sum / static_cast<double>(report.pool_samples);
     report.kv_used_mean_bytes = used_sum / static_cast<double>(report.pool_samples);

@@ -10,14 +10,21 @@
 //    `batch` rows (continuous batching: a finished row is freed through the next token step's
 //    `free` delta and replaced from the ready queue). Each token step sends every layer in
 //    order, and layer l+1 is sent only after layer l's output came back (the real dependency of a
-//    model's layers); the next layer's q/K/V are generated while the worker runs the current
+//    model's layers); the next layer's request is built while the worker runs the current
 //    one. Groups run concurrently, so their layer-steps interleave on the worker.
+//  - payloads: q/K/V rows are generated once into a PayloadPool (client/payload_pool.h) and
+//    copied into requests and prompt chunks, so building a request costs a few copies.
 //  - checks: a sample of outputs is checked against the client's own double-precision reference
-//    on a checker thread, off the decode path.
+//    (rebuilt from the pool rows actually sent) on checker threads, off the decode path. A worker
+//    that skips attention (StepResponse.attention_skipped) is not checked.
+// Every measured layer-step is split into the stages of Stage (client, transport, worker), and
+// the client's own CPU time is measured (per decode thread and for the whole process), so a run
+// shows whether the client or the worker limits it.
 // A monitor samples the worker's pool (Describe) for reserved versus used KV bytes.
 // Thread-safety: RunReplay is one call; it uses the client from several threads (WorkerClient
 // is thread-safe; each stream is used by one thread).#pragma once
 
+#include <array>
 #include <cstdint>
 #include <string>
 #include <utility>
@@ -45,7 +52,34 @@ struct ReplayOptions {
   absl::Duration progress_interval = absl::Seconds(5);  // 0: no progress lines
   absl::Duration pool_sample_interval = absl::Milliseconds(100);  // Describe polls; 0: none
   bool verbose = true;            // progress lines on stderr
+  int64_t payload_rows = 1024;    // distinct pre-generated q/K/V rows per kind (0: every element
+                                  // generated on demand, the slow path)
+  bool wait_for_prefill = false;  // decode starts only once prefill_ahead prompts (or all
+                                  // requests, if fewer) are written: steady full-batch decode
 };
+
+// The stages of one layer-step, in order. The round trip (kRoundTrip) is kSend through
+// kReceive; kBuild runs before kSend, overlapped with the previous layer's round trip.
+enum class Stage : int32_t {
+  kBuild,        // client: copying the request's q/k/v rows out of the payload pool
+  kSend,         // client: request message built, encoded and written to the channel (up to
+                 // the worker's read of it, when the write returns only after that)
+  kToWorker,     // transport to the worker's read of the request (wire, gRPC decode)
+  kQueue,        // worker: waiting for an engine thread
+  kValidate,     // worker: wire checks and engine validation (with the engine lock wait)
+  kHost,         // worker: engine and backend host work
+  kH2D,          // device: q/k/v upload
+  kKernels,      // device: KV append and attention (CPU backend: KV write + reference kernel)
+  kD2H,          // device: out/lse download
+  kSerialize,    // worker: response message built
+  kWorkerOther,  // worker: the part of its hold time that no stage above covers
+  kBack,         // transport back: gRPC encode, wire, the client's read
+  kReceive,      // client: response message converted
+  kRoundTrip,    // kSend .. kReceive
+};
+inline constexpr int32_t kNumStages = 14;
+// Short name of a stage ("client_build", ..., "round_trip"): JSON keys and table rows.
+const char* StageName(Stage stage);
 
 struct ReplayReport {
   int64_t requests_total = 0;
@@ -68,6 +102,20 @@ struct ReplayReport {
   std::vector<double> token_step_ms;  // per measured token step: layer 0 sent to last answer
   std::vector<double> tbt_ms;         // time between tokens: per row, between its consecutive
                                       // measured token steps' completions
+  // Per measured layer-step answered without a retry, each Stage in ms. kToWorker and kBack
+  // come from the worker's wall-clock stamps (exact on one host; their sum never depends on
+  // the clocks).
+  std::array<std::vector<double>, kNumStages> stage_ms;
+  // The client's CPU: per measured layer-step, the decode thread's CPU time for its work on it
+  // (send, build of the next request, receive, check hand-off); and the whole process (every
+  // thread: decode, gRPC, checks, prefill) over the measured phase.
+  std::vector<double> client_thread_cpu_ms;
+  double client_process_cpu_s = 0;
+  double client_phase_s = 0;            // wall time of that phase
+  int64_t client_phase_layer_steps = 0;  // layer-steps answered in it
+  bool attention_skipped = false;  // the worker skipped attention: outputs were not checked
+  int64_t payload_rows = 0;        // the payload pool (ReplayOptions::payload_rows)
+  int64_t payload_bytes = 0;
   double client_gen_ms = 0;        // mean host time to build one layer-step's request
   double window_s = 1.0;           // width of the throughput windows below
   double worst_window_tokens_per_s = 0;   // fewest decode tokens in any busy window of the

@@ -3,8 +3,12 @@
 // Describe; then for each request of a workload, WriteKV of its prompt (all layers, random
 // normal K,V) and decode with continuous batching (--batch rows, all layers per token step),
 // checking a sample of outputs (--check_fraction) against an independent double-precision
-// reference. Prints progress on long runs and, at the end, decode tokens/s and step latency
-// percentiles. Exits 1 when an output check fails, 2 on any other error.
+// reference. q/K/V come from a pool of pre-generated rows (--payload_rows), so the client stays
+// cheap next to the worker. Prints progress on long runs and, at the end, decode tokens/s, step
+// latency percentiles, the client's own CPU time and a per-stage breakdown of a layer-step
+// (client, transport, worker, device). Against a worker started with --attention=skip
+// (StepResponse.attention_skipped) no output is checked. Exits 1 when an output check fails, 2 on
+// any other error.
 //
 // --describe_only (the chart's `helm test` pod): connect, Describe, print the worker's shape, pool
 // and backend, exit 0; exit 2 with the status when the worker cannot be reached or Describe fails.
@@ -38,6 +42,14 @@ ABSL_FLAG(int32_t, micro_batches, 1,
 ABSL_FLAG(int32_t, prefill_streams, 2, "WriteKV streams writing prompts concurrently with decode.");
 ABSL_FLAG(int32_t, prefill_ahead, 0,
           "Prompts written ahead of decode, waiting for a free row (0: batch * micro_batches).");
+ABSL_FLAG(bool, wait_for_prefill, false,
+          "Start decoding only once --prefill_ahead prompts (or every request, if fewer) are "
+          "written, so that measured token steps run at full batch with no prompt ingest in "
+          "flight (steady-decode measurements).");
+ABSL_FLAG(int64_t, payload_rows, 1024,
+          "Distinct q/K/V rows per kind generated once and reused for every request and prompt "
+          "chunk (each position maps to a row by a seeded hash; checks use the same rows). "
+          "0: generate every element on demand (slow; the client can then limit the run).");
 ABSL_FLAG(double, pool_sample_ms, 100.0,
           "Milliseconds between Describe samples of the worker's pool (reserved vs used KV; 0: none).");
 ABSL_FLAG(std::string, report_json, "", "Also write the report as JSON to this file.");
@@ -119,6 +131,10 @@ int Run() {
       return 2;
     }
   }
+  if (absl::GetFlag(FLAGS_payload_rows) < 0) {
+    PKV_LOG(ERROR) << "--payload_rows: must be >= 0, got " << absl::GetFlag(FLAGS_payload_rows);
+    return 2;
+  }
   std::vector<pkv::WorkloadRequest> requests;
   const std::string trace = absl::GetFlag(FLAGS_trace_csv);
   const int32_t num_requests = absl::GetFlag(FLAGS_num_requests);
@@ -171,6 +187,8 @@ int Run() {
   options.micro_batches = absl::GetFlag(FLAGS_micro_batches);
   options.prefill_streams = absl::GetFlag(FLAGS_prefill_streams);
   options.prefill_ahead = absl::GetFlag(FLAGS_prefill_ahead);
+  options.wait_for_prefill = absl::GetFlag(FLAGS_wait_for_prefill);
+  options.payload_rows = absl::GetFlag(FLAGS_payload_rows);
   options.pool_sample_interval = absl::Milliseconds(absl::GetFlag(FLAGS_pool_sample_ms));
   options.seed = absl::GetFlag(FLAGS_seed);
   options.check_fraction = absl::GetFlag(FLAGS_check_fraction);

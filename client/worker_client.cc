@@ -2,7 +2,9 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <cstring>
+#include <deque>
 #include <fstream>
 #include <initializer_list>
 #include <sstream>
@@ -87,7 +89,31 @@ v1::StepRequest ToRequest(Args&& a, const ModelShape& shape) {
   return r;
 }
 
-StepResult FromResponse(v1::StepResponse&& r) {
+using Clock = std::chrono::steady_clock;
+
+int64_t UnixNanos() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::system_clock::now().time_since_epoch()).count();
+}
+
+// When a request's send began and how long handing it to gRPC took (StepResult's client side).
+struct SendStamp {
+  Clock::time_point start;
+  int64_t start_unix_nanos = 0;
+  double seconds = 0;
+};
+
+SendStamp StartSend() {
+  SendStamp s;
+  s.start = Clock::now();
+  s.start_unix_nanos = UnixNanos();
+  return s;
+}
+
+void EndSend(SendStamp* s) { s->seconds = std::chrono::duration<double>(Clock::now() - s->start).count(); }
+
+// Converts a response read at `read_at` for a request sent as `sent`.
+StepResult FromResponse(v1::StepResponse&& r, const SendStamp& sent, Clock::time_point read_at) {
   StepResult out;
   out.token_step_id = r.token_step_id();
   out.layer = r.layer();
@@ -100,6 +126,20 @@ StepResult FromResponse(v1::StepResponse&& r) {
   out.attend_seconds = r.attend_seconds();
   out.server_seconds = r.server_seconds();
   out.queue_seconds = r.queue_seconds();
+  out.validate_seconds = r.validate_seconds();
+  out.host_seconds = r.host_seconds();
+  out.h2d_seconds = r.h2d_seconds();
+  out.kernel_seconds = r.kernel_seconds();
+  out.d2h_seconds = r.d2h_seconds();
+  out.serialize_seconds = r.serialize_seconds();
+  out.received_unix_nanos = r.received_unix_nanos();
+  out.answered_unix_nanos = r.answered_unix_nanos();
+  out.attention_skipped = r.attention_skipped();
+  out.send_start = sent.start;
+  out.send_start_unix_nanos = sent.start_unix_nanos;
+  out.send_seconds = sent.seconds;
+  out.read_at = read_at;
+  out.convert_seconds = std::chrono::duration<double>(Clock::now() - read_at).count();
   return out;
 }
 
@@ -178,13 +218,19 @@ class GrpcStepStream final : public StepStreamSession {
 
   absl::StatusOr<StepResult> Step(const StepArgs& args) override {
     if (finished_) return absl::FailedPreconditionError("StepStream already finished");
+    SendStamp sent = StartSend();
     if (!stream_->Write(ToRequest(args, shape_))) return Ended();
+    EndSend(&sent);
+    sent_.push_back(sent);
     return Receive();
   }
 
   absl::Status Send(StepArgs&& args) override {
     if (finished_) return absl::FailedPreconditionError("StepStream already finished");
+    SendStamp sent = StartSend();
     if (!stream_->Write(ToRequest(std::move(args), shape_))) return Ended();
+    EndSend(&sent);
+    sent_.push_back(sent);
     return absl::OkStatus();
   }
 
@@ -192,11 +238,17 @@ class GrpcStepStream final : public StepStreamSession {
     if (finished_) return final_.ok() ? absl::FailedPreconditionError("StepStream already finished") : final_;
     v1::StepResponse response;
     if (!stream_->Read(&response)) return Ended();
+    const Clock::time_point read_at = Clock::now();
+    SendStamp sent;
+    if (!sent_.empty()) {
+      sent = sent_.front();
+      sent_.pop_front();
+    }
     if (response.status().code() != 0) {
       return absl::Status(static_cast<absl::StatusCode>(response.status().code()),
                           response.status().message());
     }
-    return FromResponse(std::move(response));
+    return FromResponse(std::move(response), sent, read_at);
   }
 
   absl::Status Finish() override {
@@ -220,6 +272,7 @@ class GrpcStepStream final : public StepStreamSession {
   const ModelShape shape_;
   grpc::ClientContext ctx_;
   std::unique_ptr<grpc::ClientReaderWriter<v1::StepRequest, v1::StepResponse>> stream_;
+  std::deque<SendStamp> sent_;  // of requests not yet answered, oldest first
   bool finished_ = false;
   absl::Status final_;
 };
@@ -306,8 +359,11 @@ absl::StatusOr<StepResult> WorkerClient::Step(const StepArgs& args) {
   grpc::ClientContext ctx;
   impl_->SetDeadline(&ctx);
   v1::StepResponse response;
-  PKV_RETURN_IF_ERROR(FromGrpc(impl_->stub->Step(&ctx, ToRequest(args, shape_), &response)));
-  return FromResponse(std::move(response));
+  SendStamp sent = StartSend();
+  const v1::StepRequest request = ToRequest(args, shape_);
+  EndSend(&sent);
+  PKV_RETURN_IF_ERROR(FromGrpc(impl_->stub->Step(&ctx, request, &response)));
+  return FromResponse(std::move(response), sent, Clock::now());
 }
 
 absl::StatusOr<std::unique_ptr<StepStreamSession>> WorkerClient::OpenStepStream() {

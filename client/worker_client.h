@@ -9,6 +9,7 @@
 // used by one thread at a time (Cancel may be called from any thread).
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -66,6 +67,22 @@ struct StepResult {
   double attend_seconds = 0.0;
   double server_seconds = 0.0;  // the worker held the request this long (see worker.proto)
   double queue_seconds = 0.0;   // of which waiting for an engine thread
+  // The rest of server_seconds by stage (StepResponse fields 20-27 of worker.proto).
+  double validate_seconds = 0.0;
+  double host_seconds = 0.0;
+  double h2d_seconds = 0.0;
+  double kernel_seconds = 0.0;
+  double d2h_seconds = 0.0;
+  double serialize_seconds = 0.0;
+  int64_t received_unix_nanos = 0;  // worker's wall clock: request read, response handed back
+  int64_t answered_unix_nanos = 0;
+  bool attention_skipped = false;   // the worker runs --attention=skip: `out` and `lse` are zeros
+  // This client's side of the layer-step, filled by the client library.
+  std::chrono::steady_clock::time_point send_start;  // the client began building the message
+  int64_t send_start_unix_nanos = 0;  // the same moment on the wall clock
+  double send_seconds = 0.0;  // until the message was built and written to the channel (unary: built)
+  std::chrono::steady_clock::time_point read_at;  // when the response had been read
+  double convert_seconds = 0.0;   // response message -> this struct
 };
 
 struct ClientOptions {
@@ -108,7 +125,8 @@ class StepStreamSession {
   virtual absl::StatusOr<StepResult> Step(const StepArgs& args) = 0;
   // The two halves of Step, so that a caller can prepare its next request while the worker runs
   // this one: Send writes one request (its tensors are moved into the message); Receive waits for
-  // the oldest unanswered response. Responses come in request order.
+  // the oldest unanswered response. Responses come in request order; each carries its request's
+  // send timings (StepResult::send_seconds, sent_at).
   virtual absl::Status Send(StepArgs&& args) = 0;
   virtual absl::StatusOr<StepResult> Receive() = 0;
   // Half-closes and returns the stream's final status.

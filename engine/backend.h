@@ -31,10 +31,19 @@
 
 namespace pkv::engine {
 
-// What a backend reports about one layer it ran.
+// What a backend reports about one layer it ran. The stage times (seconds) split the layer:
+// host_seconds is the backend's own work on the calling thread (staging inputs, launches,
+// copying outputs out), not its waits for the device; h2d/kernel/d2h are device time of the
+// input copies, of the kernels (KV append and attention) and of the output copies. The CPU
+// backend has no copies: its kernel time is the KV write plus the reference kernel.
 struct LayerRunInfo {
-  double attend_seconds = 0;  // the attention's device time
+  double attend_seconds = 0;  // the attention's device time (part of kernel_seconds)
   bool graph_replay = false;  // replayed a captured CUDA graph (no capture, no eager launches)
+  double host_seconds = 0;
+  double h2d_seconds = 0;
+  double kernel_seconds = 0;
+  double d2h_seconds = 0;
+  bool attention_skipped = false;  // SkipAttention: no KV written, no attention, zero outputs
 };
 
 // One token step's page table in CSR form (host memory), shared by all of its layers.
@@ -48,7 +57,7 @@ class ExecutionBackend {
  public:
   virtual ~ExecutionBackend() = default;
 
-  // "cpu" or "cuda".
+  // "cpu" or "cuda" ("cpu+skip", "cuda+skip" behind SkipAttention).
   virtual const char* name() const = 0;
   virtual kvpool::KvArena& arena() = 0;
   virtual scheduler::DeviceInfo device_info() const = 0;
@@ -81,5 +90,13 @@ using ExecutionBackendPtr = std::unique_ptr<ExecutionBackend>;
 // threads (0: hardware concurrency).
 absl::StatusOr<ExecutionBackendPtr> CreateCpuBackend(const ModelShape& shape, int64_t num_pages,
                                                      int num_threads);
+
+// Wraps `inner` so that RunLayer does no device work: no q/k/v upload, no KV append, no
+// attention; `out` and `lse` are zero-filled and LayerRunInfo::attention_skipped is set.
+// Everything else (arena, BeginTokenStep's descriptor packing and upload, EndTokenStep) is
+// `inner`'s, so the engine's host work per step is that of a real run. The name gains "+skip".
+// For measuring the transport and host floor of a step (pkv-worker --attention=skip); the KV
+// pool's bytes stop matching what clients sent. Thread-safety: as `inner`.
+ExecutionBackendPtr SkipAttention(ExecutionBackendPtr inner);
 
 }  // namespace pkv::engine

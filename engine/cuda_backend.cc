@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <array>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <string>
@@ -49,6 +50,9 @@ class CudaBackend final : public ExecutionBackend {
       if (s.start != nullptr) cudaEventDestroy(s.start);
       if (s.stop != nullptr) cudaEventDestroy(s.stop);
       if (s.uploaded != nullptr) cudaEventDestroy(s.uploaded);
+      for (cudaEvent_t e : {s.h2d_start, s.h2d_done, s.d2h_done}) {
+        if (e != nullptr) cudaEventDestroy(e);
+      }
       for (GraphEntry& g : s.graphs) {
         if (g.exec != nullptr) cudaGraphExecDestroy(g.exec);
         if (g.graph != nullptr) cudaGraphDestroy(g.graph);
@@ -90,6 +94,9 @@ class CudaBackend final : public ExecutionBackend {
       PKV_CUDA_RETURN(cudaEventCreate(&slot.start), "event");
       PKV_CUDA_RETURN(cudaEventCreate(&slot.stop), "event");
       PKV_CUDA_RETURN(cudaEventCreateWithFlags(&slot.uploaded, cudaEventDisableTiming), "event");
+      PKV_CUDA_RETURN(cudaEventCreate(&slot.h2d_start), "event");
+      PKV_CUDA_RETURN(cudaEventCreate(&slot.h2d_done), "event");
+      PKV_CUDA_RETURN(cudaEventCreate(&slot.d2h_done), "event");
       PKV_CUDA_RETURN(cudaMallocHost(&slot.host, descriptor_bytes_), "pinned descriptor");
       PKV_CUDA_RETURN(cudaMalloc(&slot.device, descriptor_bytes_), "device descriptor");
       PKV_CUDA_RETURN(cudaMallocHost(&slot.io_host, io), "pinned io");
@@ -198,6 +205,7 @@ class CudaBackend final : public ExecutionBackend {
                         float* lse, LayerRunInfo* info) override {
     PKV_CHECK(id >= 0 && id < static_cast<int32_t>(slots_.size()) && slots_[id].used) << "bad slot " << id;
     Slot& slot = slots_[id];
+    const auto t0 = std::chrono::steady_clock::now();
     const ModelShape& s = arena_->shape();
     const size_t el = DTypeSize(s.dtype);
     const size_t qb = static_cast<size_t>(slot.batch) * s.num_q_heads * s.head_dim * el;
@@ -226,14 +234,28 @@ class CudaBackend final : public ExecutionBackend {
       ++slot.eager_launches;
     }
     // Waits for this slot's stream only; other slots' layers keep running.
+    const auto enqueued = std::chrono::steady_clock::now();
     PKV_CUDA_RETURN(cudaStreamSynchronize(slot.stream), "layer");
+    const auto synced = std::chrono::steady_clock::now();
     std::memcpy(out, slot.out_host, qb);
     if (lse != nullptr) {
       std::memcpy(lse, static_cast<char*>(slot.out_host) + Align16(qb), slot.batch * s.num_q_heads * 4);
     }
-    float ms = 0;
-    PKV_CUDA_RETURN(cudaEventElapsedTime(&ms, slot.start, slot.stop), "elapsed");
-    info->attend_seconds = ms * 1e-3;
+    // Device stages: [h2d_start, h2d_done) the q|k|v upload, [h2d_done, stop) append and
+    // attention, [stop, d2h_done) the download.
+    auto elapsed = [](cudaEvent_t from, cudaEvent_t to, double* seconds) {
+      float ms = 0;
+      PKV_CUDA_RETURN(cudaEventElapsedTime(&ms, from, to), "elapsed");
+      *seconds = ms * 1e-3;
+      return absl::OkStatus();
+    };
+    if (absl::Status st = elapsed(slot.start, slot.stop, &info->attend_seconds); !st.ok()) return st;
+    if (absl::Status st = elapsed(slot.h2d_start, slot.h2d_done, &info->h2d_seconds); !st.ok()) return st;
+    if (absl::Status st = elapsed(slot.h2d_done, slot.stop, &info->kernel_seconds); !st.ok()) return st;
+    if (absl::Status st = elapsed(slot.stop, slot.d2h_done, &info->d2h_seconds); !st.ok()) return st;
+    // Host work: staging and launching before the wait, copying the outputs out after it.
+    info->host_seconds = std::chrono::duration<double>(enqueued - t0).count() +
+                         std::chrono::duration<double>(std::chrono::steady_clock::now() - synced).count();
     return absl::OkStatus();
   }
 
@@ -244,9 +266,9 @@ class CudaBackend final : public ExecutionBackend {
   }
 
  private:
-  // Most nodes of a layer's captured chain: upload, append, start event, <= 2 attention
-  // launches, stop event, download.
-  static constexpr int kMaxChain = 8;
+  // Most nodes of a layer's captured chain: h2d_start event, upload, h2d_done event, append,
+  // start event, <= 2 attention launches, stop event, download, d2h_done event.
+  static constexpr int kMaxChain = 10;
   static constexpr size_t kMaxGraphsPerSlot = 64;
   static constexpr int kMaxKernelNodes = 3;  // append + <= 2 attention launches
   struct GraphEntry {
@@ -271,6 +293,8 @@ class CudaBackend final : public ExecutionBackend {
     bool used = false;
     cudaStream_t stream = nullptr;
     cudaEvent_t start = nullptr, stop = nullptr;  // bracket the attention launch(es)
+    // With start/stop they time a layer's stages: upload, append + attention, download.
+    cudaEvent_t h2d_start = nullptr, h2d_done = nullptr, d2h_done = nullptr;
     cudaEvent_t uploaded = nullptr;               // the descriptor upload read `host`
     void* host = nullptr;        // pinned descriptor
     void* device = nullptr;      // its device twin
@@ -343,18 +367,21 @@ class CudaBackend final : public ExecutionBackend {
     const size_t kvb = static_cast<size_t>(slot.batch) * s.num_kv_heads * s.head_dim * el;
     char* dio = static_cast<char*>(slot.io_device);
     const size_t k_at = Align16(qb), v_at = k_at + Align16(kvb);
+    const unsigned flags = capturing ? cudaEventRecordExternal : cudaEventRecordDefault;
+    PKV_CUDA_RETURN(cudaEventRecordWithFlags(slot.h2d_start, slot.stream, flags), "event");
     PKV_CUDA_RETURN(cudaMemcpyAsync(dio, slot.io_host, v_at + kvb, cudaMemcpyHostToDevice, slot.stream),
                     "q|k|v upload");
+    PKV_CUDA_RETURN(cudaEventRecordWithFlags(slot.h2d_done, slot.stream, flags), "event");
     const kvpool::cuda::AppendKvParams ap = AppendParams(slot, layer);
     PKV_CUDA_RETURN(kvpool::cuda::LaunchAppendKv(ap, slot.stream), "append");
     const kernels::DecodeParams p = LayerParams(slot, layer, has_lse);
-    const unsigned flags = capturing ? cudaEventRecordExternal : cudaEventRecordDefault;
     PKV_CUDA_RETURN(cudaEventRecordWithFlags(slot.start, slot.stream, flags), "event");
     if (absl::Status st = kernels::cuda::Launch(slot.kernel, p, slot.workspace, slot.stream); !st.ok()) return st;
     PKV_CUDA_RETURN(cudaEventRecordWithFlags(slot.stop, slot.stream, flags), "event");
     const size_t down = has_lse ? Align16(qb) + static_cast<size_t>(slot.batch) * s.num_q_heads * 4 : qb;
     PKV_CUDA_RETURN(cudaMemcpyAsync(slot.out_host, slot.out_device, down, cudaMemcpyDeviceToHost, slot.stream),
                     "out download");
+    PKV_CUDA_RETURN(cudaEventRecordWithFlags(slot.d2h_done, slot.stream, flags), "event");
     return absl::OkStatus();
   }
 

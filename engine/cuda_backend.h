@@ -6,8 +6,9 @@
 // cudaMemcpyAsync into that descriptor slot's device twin; every layer of the step then reads only
 // that descriptor. Per layer (RunLayer): one upload of q|k|v, one append launch, the route's
 // attention launch(es) bracketed by CUDA events, one download of out (and lse), one
-// synchronisation of that slot's stream. Every slot owns its stream, events, pinned and device
-// io/out buffers, descriptor and partial-state workspace (with its fused-merge counters); only the
+// synchronisation of that slot's stream. Every slot owns its stream, pinned and device
+// io/out buffers, descriptor, partial-state workspace (with its fused-merge counters) and the
+// events that time a layer's stages (upload, append + attention, download); only the
 // arena's pages are shared. Nothing is allocated after Create.
 // Thread-safety: RunLayer of different slots may run concurrently (each touches only its slot and
 // its rows' new-token slots); everything else is serialised by the engine (engine/backend.h).

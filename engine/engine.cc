@@ -431,7 +431,8 @@ absl::Status Engine::BeginTokenStep(const StepInput& in) {
 }
 
 absl::StatusOr<StepOutput> Engine::RunLayer(std::unique_lock<std::mutex>& lock, TokenStep& ts,
-                                            const StepInput& in, std::chrono::steady_clock::time_point started) {
+                                            const StepInput& in, std::chrono::steady_clock::time_point started,
+                                            std::chrono::steady_clock::time_point validated) {
   const size_t b = ts.rows.size();
   const int32_t slot = ts.backend_slot;
   StepOutput result;
@@ -447,10 +448,14 @@ absl::StatusOr<StepOutput> Engine::RunLayer(std::unique_lock<std::mutex>& lock, 
   if (in.want_lse) result.lse.resize(b * shape_.num_q_heads);
   absl::Status run = absl::OkStatus();
   LayerRunInfo info;
+  std::chrono::steady_clock::duration in_backend{};
   if (b > 0) {
+    const auto t0 = std::chrono::steady_clock::now();
     run = backend_->RunLayer(slot, in.layer, in.q.data(), in.k.data(), in.v.data(), result.out.data(),
                              in.want_lse ? result.lse.data() : nullptr, &info);
+    in_backend = std::chrono::steady_clock::now() - t0;
     result.attend_seconds = info.attend_seconds;
+    result.attention_skipped = info.attention_skipped;
   }
   lock.lock();
   ts.running_layer = -1;
@@ -470,8 +475,17 @@ absl::StatusOr<StepOutput> Engine::RunLayer(std::unique_lock<std::mutex>& lock, 
   event.predicted_seconds = ts.plan.predicted_us * 1e-6;
   event.launches = ts.plan.launches_per_layer;
   event.graph_replay = info.graph_replay;
-  event.step_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+  const auto now = std::chrono::steady_clock::now();
+  event.step_seconds = std::chrono::duration<double>(now - started).count();
   observer_->OnLayerStep(event);
+  // The backend's time splits into its host work and device stages (its waits for the device
+  // are in neither); the rest since validation is the engine's own host work.
+  result.timings.validate_seconds = std::chrono::duration<double>(validated - started).count();
+  result.timings.host_seconds =
+      std::chrono::duration<double>(now - validated - in_backend).count() + info.host_seconds;
+  result.timings.h2d_seconds = info.h2d_seconds;
+  result.timings.kernel_seconds = info.kernel_seconds;
+  result.timings.d2h_seconds = info.d2h_seconds;
   return result;
 }
 
@@ -582,6 +596,9 @@ absl::StatusOr<StepOutput> Engine::Step(const StepInput& in) {
     StepOutput replay = ts->outputs[in.layer];
     // (A token step without rows completed every layer at layer 0: its later layers come from here too.)
     replay.replayed = true;
+    replay.timings = StepTimings{};
+    replay.timings.validate_seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
     LayerStepEvent event;
     event.kernel = replay.kernel;
     event.rows = static_cast<int32_t>(ts->rows.size());
@@ -591,6 +608,7 @@ absl::StatusOr<StepOutput> Engine::Step(const StepInput& in) {
     if (!in.want_lse) replay.lse.clear();
     return replay;
   }
+  std::chrono::steady_clock::time_point validated;  // validation done: host work starts
   if (ts != nullptr && ts->running_layer >= 0) {
     // One layer of a token step at a time: its descriptor slot's buffers belong to that call.
     if (ts->running_layer == in.layer) {
@@ -611,6 +629,7 @@ absl::StatusOr<StepOutput> Engine::Step(const StepInput& in) {
       return absl::FailedPreconditionError(absl::StrCat("token_step_id: ", in.token_step_id, " already exists"));
     }
     PKV_RETURN_IF_ERROR(ValidateLayerZero(in));
+    validated = std::chrono::steady_clock::now();
     PKV_RETURN_IF_ERROR(BeginTokenStep(in));
     if (in.rows.empty()) {
       StepOutput empty;
@@ -625,8 +644,9 @@ absl::StatusOr<StepOutput> Engine::Step(const StepInput& in) {
           " has not begun (send layer 0 first) or was aborted (a row was released, or it sat idle past the lease)"));
     }
     PKV_RETURN_IF_ERROR(ValidateLaterLayer(in, *ts));
+    validated = std::chrono::steady_clock::now();
   }
-  absl::StatusOr<StepOutput> out = RunLayer(lock, *ts, in, started);
+  absl::StatusOr<StepOutput> out = RunLayer(lock, *ts, in, started, validated);
   // Still open: nothing completes or aborts a token step while its layer runs.
   if (out.ok() && ts->layers_done == shape_.num_layers) CompleteTokenStep(ts->id);
   return out;

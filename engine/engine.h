@@ -120,12 +120,25 @@ struct StepInput {
   bool want_lse = false;
 };
 
+// Where one layer-step's time went inside the engine, in seconds (see StepResponse in
+// proto/pkv/v1/worker.proto for the stages).
+struct StepTimings {
+  double validate_seconds = 0;  // checks before any change, including the engine lock wait
+  double host_seconds = 0;      // deltas, page table, plan, descriptor (layer 0); the backend's
+                                // host work; recording the outputs
+  double h2d_seconds = 0;       // device stages, from LayerRunInfo
+  double kernel_seconds = 0;
+  double d2h_seconds = 0;
+};
+
 struct StepOutput {
   std::string out;         // [B, Hq, d] model dtype bytes
   std::vector<float> lse;  // [B, Hq] natural-log LSE of the scaled scores, when asked
   KernelId kernel = KernelId::kReference;
   bool replayed = false;    // served from the retry cache
   double attend_seconds = 0.0;  // time in the backend's Attend for this layer
+  bool attention_skipped = false;  // the backend skips attention (SkipAttention): zero outputs
+  StepTimings timings;      // this call's (a replay reports only its validation)
 };
 
 // What the worker serves, for Describe and readiness.
@@ -294,8 +307,10 @@ class Engine {
   // fault, after undoing the appends and opens (frees stay applied).
   absl::Status BeginTokenStep(const StepInput& in);
   // Runs the backend layer of `ts` with `lock` released, then records the outputs under it.
+  // `validated`: when validation ended (the host-work stage starts there).
   absl::StatusOr<StepOutput> RunLayer(std::unique_lock<std::mutex>& lock, TokenStep& ts, const StepInput& in,
-                                      std::chrono::steady_clock::time_point started);
+                                      std::chrono::steady_clock::time_point started,
+                                      std::chrono::steady_clock::time_point validated);
   void CompleteTokenStep(uint64_t id);
   // Drops an open token step: its rows lose the token it appended and are unlocked.
   void AbortTokenStep(uint64_t id);

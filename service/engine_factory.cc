@@ -84,6 +84,10 @@ absl::StatusOr<std::unique_ptr<engine::Engine>> BuildEngine(const EngineConfig& 
     return absl::InvalidArgumentError(
         absl::StrCat("launch_mode must be eager or graph, got '", config.launch_mode, "'"));
   }
+  if (config.attention != "run" && config.attention != "skip") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("attention must be run or skip, got '", config.attention, "'"));
+  }
   bool use_cuda = config.backend == "cuda";
 #ifdef PKV_HAVE_CUDA
   const bool gpu_usable = config.backend != "cpu" && engine::CudaDeviceAvailable();  // cpu: never probe
@@ -118,6 +122,11 @@ absl::StatusOr<std::unique_ptr<engine::Engine>> BuildEngine(const EngineConfig& 
   } else {
     if (config.launch_mode == "graph") PKV_LOG(WARNING) << "launch_mode=graph is ignored by the cpu backend";
     PKV_ASSIGN_OR_RETURN(backend, engine::CreateCpuBackend(config.shape, pool.pages, config.cpu_threads));
+  }
+  if (config.attention == "skip") {
+    PKV_LOG(WARNING) << "attention=skip: layer-steps do all host work but write no KV and compute no "
+                        "attention; outputs are zeros (for measuring the transport floor, not for serving)";
+    backend = engine::SkipAttention(std::move(backend));
   }
   scheduler::Scheduler::Options sched_options;
   sched_options.available = backend->kernels();

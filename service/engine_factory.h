@@ -45,6 +45,9 @@ struct EngineConfig {
   bool check_finite = true;
   double token_step_idle_seconds = 30;
   double sequence_idle_seconds = 0;
+  // "run", or "skip": every host step but no KV write and no attention, zero outputs
+  // (engine::SkipAttention; for measuring the transport and host floor).
+  std::string attention = "run";
 };
 
 // The KV pool one backend gets: `pages` > 0, or (CUDA backend only) pages 0 and
@@ -61,8 +64,8 @@ struct PoolSize {
 absl::StatusOr<PoolSize> ResolvePoolSize(const EngineConfig& config, bool cuda);
 
 // Validates the configuration and creates the engine. INVALID_ARGUMENT for a bad shape, pool
-// size (ResolvePoolSize), backend name or launch_mode; FAILED_PRECONDITION naming --backend=cuda
-// when backend is cuda in a build without CUDA or on a host where no GPU is usable.
+// size (ResolvePoolSize), backend name, launch_mode or attention; FAILED_PRECONDITION naming
+// --backend=cuda when backend is cuda in a build without CUDA or on a host where no GPU is usable.
 absl::StatusOr<std::unique_ptr<engine::Engine>> BuildEngine(const EngineConfig& config);
 
 }  // namespace pkv::service

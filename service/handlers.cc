@@ -1,5 +1,6 @@
 #include "service/handlers.h"
 
+#include <chrono>
 #include <span>
 #include <utility>
 #include <vector>
@@ -23,14 +24,21 @@ void RunDescribe(const engine::Engine& engine, const ServiceLimits& limits, bool
 
 absl::Status RunStep(engine::Engine& engine, const v1::StepRequest& request,
                      v1::StepResponse* response, const CallContext& call) {
+  using Clock = std::chrono::steady_clock;
+  const Clock::time_point t0 = Clock::now();
   PKV_RETURN_IF_ERROR(CheckIncarnation(request.expected_incarnation(), call));
   // List sizes first: nothing is copied out of an oversized request.
   PKV_RETURN_IF_ERROR(engine.ValidateListSizes(request.rows_size(), request.open_size(), request.free_size()));
   PKV_ASSIGN_OR_RETURN(engine::StepInput input, ToStepInput(request, engine.shape()));
   input.owner = call.router;
+  const Clock::time_point t1 = Clock::now();
   PKV_ASSIGN_OR_RETURN(engine::StepOutput output, engine.Step(input));
+  // The wire checks count as validation, next to the engine's own.
+  output.timings.validate_seconds += std::chrono::duration<double>(t1 - t0).count();
+  const Clock::time_point t2 = Clock::now();
   ToStepResponse(std::move(output), request, engine.shape(), response);
   response->set_incarnation(call.incarnation);
+  response->set_serialize_seconds(std::chrono::duration<double>(Clock::now() - t2).count());
   return absl::OkStatus();
 }
 

@@ -24,7 +24,8 @@ void RunDescribe(const engine::Engine& engine, const ServiceLimits& limits, bool
                  v1::DescribeResponse* response, const CallContext& call = {});
 
 // Step: proto checks, then engine::Engine::Step as `call.router`; fills `response` only on
-// success.
+// success, with the stage timings up to serialize_seconds (the caller adds what happened around
+// it).
 absl::Status RunStep(engine::Engine& engine, const v1::StepRequest& request,
                      v1::StepResponse* response, const CallContext& call = {});
 

@@ -178,6 +178,12 @@ void ToStepResponse(engine::StepOutput&& output, const v1::StepRequest& request,
   response->set_kernel(std::string(KernelName(output.kernel)));
   response->set_replayed(output.replayed);
   response->set_attend_seconds(output.attend_seconds);
+  response->set_attention_skipped(output.attention_skipped);
+  response->set_validate_seconds(output.timings.validate_seconds);
+  response->set_host_seconds(output.timings.host_seconds);
+  response->set_h2d_seconds(output.timings.h2d_seconds);
+  response->set_kernel_seconds(output.timings.kernel_seconds);
+  response->set_d2h_seconds(output.timings.d2h_seconds);
 }
 
 absl::Status CheckChunk(const v1::KVChunk& chunk, const ModelShape& shape, int64_t prompt_tokens) {

@@ -54,8 +54,8 @@ absl::Status CheckTensor(const v1::Tensor& tensor, DType dtype, std::initializer
 // (spans into `request`, which must outlive the result).
 absl::StatusOr<engine::StepInput> ToStepInput(const v1::StepRequest& request, const ModelShape& shape);
 
-// Moves an engine output into `response` (out [B, Hq, d], lse [B, Hq] fp32 when present) and
-// echoes the request's token_step_id and layer.
+// Moves an engine output into `response` (out [B, Hq, d], lse [B, Hq] fp32 when present, the
+// engine's stage timings) and echoes the request's token_step_id and layer.
 void ToStepResponse(engine::StepOutput&& output, const v1::StepRequest& request,
                     const ModelShape& shape, v1::StepResponse* response);
 

@@ -91,6 +91,11 @@ ABSL_FLAG(std::string, health_listen, "",
 ABSL_FLAG(int64_t, static_slot_tokens, 0,
           "Static baseline for comparisons: > 0 makes every sequence reserve pages for this many tokens "
           "at creation, like a fixed-shape engine without a pager (0: paged growth).");
+ABSL_FLAG(std::string, attention, "run",
+          "run: compute attention. skip: every layer-step does all host work (pager, plan, "
+          "descriptor, validation, RPC) but writes no KV and computes no attention, and answers "
+          "zero outputs with StepResponse.attention_skipped set; Describe reports the backend as "
+          "cpu+skip / cuda+skip. For measuring the transport and host floor, never for serving.");
 ABSL_FLAG(double, shutdown_grace_s, 10.0,
           "On SIGTERM/SIGINT: health turns NOT_SERVING and new token steps and prompts get UNAVAILABLE "
           "at once; the API port stays open up to this many seconds while open token steps and prompts "
@@ -161,6 +166,7 @@ int Run() {
   config.check_finite = absl::GetFlag(FLAGS_check_finite);
   config.token_step_idle_seconds = absl::GetFlag(FLAGS_token_step_idle_s);
   config.sequence_idle_seconds = absl::GetFlag(FLAGS_sequence_idle_s);
+  config.attention = absl::GetFlag(FLAGS_attention);
 
   auto engine = pkv::service::BuildEngine(config);
   if (!engine.ok()) {
@@ -173,7 +179,7 @@ int Run() {
   build.version = PKV_VERSION;
   build.commit = PKV_COMMIT;
   build.backend = info.backend;
-  build.gpu = info.backend == "cpu" ? "none" : info.device;
+  build.gpu = absl::StartsWith(info.backend, "cpu") ? "none" : info.device;
   build.dtype = pkv::DTypeName(info.shape.dtype);
   build.calibration_profile = config.calibration_profile.empty() ? "default" : config.calibration_profile;
   pkv::WorkerMetrics metrics(build);

@@ -49,12 +49,17 @@ absl::Status DrainingError() {
 }
 
 // StepResponse timing: the worker held the request from `received` (read on the API thread) to
-// now; it waited for an engine thread until `started`.
+// now; it waited for an engine thread until `started`. Both ends also as wall-clock stamps.
 void SetServerTimes(std::chrono::steady_clock::time_point received, std::chrono::steady_clock::time_point started,
                     v1::StepResponse* response) {
   const auto now = std::chrono::steady_clock::now();
+  const int64_t now_unix = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                               std::chrono::system_clock::now().time_since_epoch()).count();
+  const int64_t held = std::chrono::duration_cast<std::chrono::nanoseconds>(now - received).count();
   response->set_server_seconds(std::chrono::duration<double>(now - received).count());
   response->set_queue_seconds(std::chrono::duration<double>(std::max(started, received) - received).count());
+  response->set_received_unix_nanos(now_unix - held);
+  response->set_answered_unix_nanos(now_unix);
 }
 
 absl::Status BusyError(const BoundedExecutor& executor) {

@@ -177,6 +177,75 @@ TEST(EngineTest, StaticSlotBaselineMatchesDoubleReference) {
   EXPECT_EQ(e->Info().pager.reserved_tokens, 64);
 }
 
+TEST(EngineTest, StepTimingsAreFilledAndFitTheCall) {
+  auto e = MakeEngine();
+  const ModelShape s = e->shape();
+  std::mt19937_64 rng(5);
+  WritePrompt(*e, 3, 20, rng);
+  for (int layer = 0; layer < s.num_layers; ++layer) {
+    const StepInput in = MakeStep(s, 40, layer, {3}, rng);
+    const auto t0 = std::chrono::steady_clock::now();
+    auto out = e->Step(in);
+    const double call = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    ASSERT_TRUE(out.ok()) << out.status();
+    const StepTimings& t = out->timings;
+    EXPECT_FALSE(out->attention_skipped);
+    EXPECT_GT(t.validate_seconds, 0.0);
+    EXPECT_GT(t.host_seconds, 0.0);
+    EXPECT_GT(t.kernel_seconds, 0.0);
+    EXPECT_GE(t.kernel_seconds, out->attend_seconds);  // the KV write plus the attention
+    EXPECT_EQ(t.h2d_seconds, 0.0);  // no copies on the CPU backend
+    EXPECT_EQ(t.d2h_seconds, 0.0);
+    // Disjoint intervals of the call on one clock.
+    EXPECT_LE(t.validate_seconds + t.host_seconds + t.kernel_seconds, call);
+  }
+  // A retry reports only its own (validation) time.
+  auto again = e->Step(MakeStep(s, 40, 0, {3}, rng));
+  ASSERT_TRUE(again.ok());
+  EXPECT_TRUE(again->replayed);
+  EXPECT_GT(again->timings.validate_seconds, 0.0);
+  EXPECT_EQ(again->timings.host_seconds + again->timings.kernel_seconds, 0.0);
+}
+
+// pkv-worker --attention=skip: every host step runs (deltas, pager, plan, descriptor slots), no
+// attention: zero outputs, the token flagged, the pool's accounting exactly as in a real run.
+TEST(EngineTest, SkipAttentionKeepsTheHostWorkAndAnswersZeros) {
+  const ModelShape s = SmallShape();
+  auto backend = CreateCpuBackend(s, 64, 1);
+  ASSERT_TRUE(backend.ok());
+  ExecutionBackendPtr skip = SkipAttention(std::move(*backend));
+  EXPECT_STREQ(skip->name(), "cpu+skip");
+  auto sched = scheduler::Scheduler::Create(scheduler::Scheduler::Options{});
+  ASSERT_TRUE(sched.ok());
+  EngineOptions opts;
+  opts.max_batch = 8;
+  auto created = Engine::Create(opts, std::move(skip), std::move(*sched));
+  ASSERT_TRUE(created.ok()) << created.status();
+  Engine& e = **created;
+  EXPECT_EQ(e.Info().backend, "cpu+skip");
+  std::mt19937_64 rng(6);
+  WritePrompt(e, 1, 7, rng);
+  WritePrompt(e, 2, 3, rng);
+  for (uint64_t step = 1; step <= 5; ++step) {
+    for (int layer = 0; layer < s.num_layers; ++layer) {
+      StepInput in = MakeStep(s, step, layer, {1, 2}, rng);
+      in.want_lse = true;
+      auto out = e.Step(in);
+      ASSERT_TRUE(out.ok()) << out.status();
+      EXPECT_TRUE(out->attention_skipped);
+      EXPECT_EQ(out->out, std::string(out->out.size(), '\0'));
+      ASSERT_EQ(out->lse.size(), 2u * s.num_q_heads);
+      for (float x : out->lse) EXPECT_EQ(x, 0.0f);
+      EXPECT_EQ(out->timings.kernel_seconds, 0.0);
+      EXPECT_GE(out->timings.host_seconds, 0.0);
+    }
+  }
+  EXPECT_EQ(e.Info().pager.used_tokens, 7 + 3 + 2 * 5);
+  EXPECT_TRUE(e.CheckConsistency().ok());
+  ASSERT_TRUE(e.Release(std::vector<SeqId>{1, 2}).ok());
+  EXPECT_EQ(e.Info().pager.free_pages, 64);
+}
+
 TEST(EngineTest, RetriedStepReplaysWithoutAppending) {
   auto e = MakeEngine();
   const ModelShape s = e->shape();

@@ -4,7 +4,10 @@
 
 #include <cmath>
 #include <cstring>
+#include <set>
+#include <string>
 
+#include "client/payload_pool.h"
 #include "client/replay.h"
 #include "common/dtype.h"
 #include "gtest/gtest.h"
@@ -53,6 +56,58 @@ TEST(KvDataGenTest, BytesAndValuesAgreeAndAreReproducible) {
       std::memcpy(&raw, q.data() + 2 * i, 2);
       EXPECT_EQ(ToFloat(dtype, raw), qd[i]);
     }
+  }
+}
+
+// The pool's History/Query are exactly the bytes AppendKv/AppendQ send (what the replay's checks
+// rely on), reproducible, spread over its rows; rows = 0 is the generator itself.
+TEST(PayloadPoolTest, SentBytesAndCheckedValuesAgree) {
+  for (DType dtype : {DType::kF16, DType::kBF16}) {
+    const ModelShape s = Shape(dtype);
+    const KvDataGen gen(s, 11);
+    const PayloadPool pool(gen, 11, 32), same(gen, 11, 32), reseeded(gen, 12, 32), none(gen, 11, 0);
+    EXPECT_EQ(pool.rows(), 32);
+    std::string k, v, k2, v2, k3, v3;
+    pool.AppendKv(5, 1, 0, 40, &k, &v);
+    same.AppendKv(5, 1, 0, 40, &k2, &v2);
+    reseeded.AppendKv(5, 1, 0, 40, &k3, &v3);
+    ASSERT_EQ(k.size(), 40u * 2 * 64 * 2);
+    EXPECT_EQ(k, k2);
+    EXPECT_EQ(v, v2);
+    EXPECT_NE(k, k3);
+    // Chunks compose: tokens [10, 40) appended alone equal that part of the whole.
+    std::string kt, vt;
+    pool.AppendKv(5, 1, 10, 30, &kt, &vt);
+    EXPECT_EQ(kt, k.substr(10 * 256));
+    const std::vector<double> hk = pool.History(DataKind::kK, 5, 1, 40), hv = pool.History(DataKind::kV, 5, 1, 40);
+    ASSERT_EQ(hk.size(), 40u * 128);
+    std::set<std::string> distinct;
+    for (int t = 0; t < 40; ++t) {
+      distinct.insert(k.substr(t * 256, 256));
+      for (int i = 0; i < 128; ++i) {
+        uint16_t rk, rv;
+        std::memcpy(&rk, k.data() + 2 * (t * 128 + i), 2);
+        std::memcpy(&rv, v.data() + 2 * (t * 128 + i), 2);
+        EXPECT_EQ(ToFloat(dtype, rk), hk[t * 128 + i]);
+        EXPECT_EQ(ToFloat(dtype, rv), hv[t * 128 + i]);
+      }
+    }
+    EXPECT_GT(distinct.size(), 15u);  // 40 positions over 32 rows
+    std::string q;
+    pool.AppendQ(5, 1, 39, &q);
+    const std::vector<double> qd = pool.Query(5, 1, 39);
+    ASSERT_EQ(q.size(), qd.size() * 2);
+    for (size_t i = 0; i < qd.size(); ++i) {
+      uint16_t raw;
+      std::memcpy(&raw, q.data() + 2 * i, 2);
+      EXPECT_EQ(ToFloat(dtype, raw), qd[i]);
+    }
+    // Without a pool every element comes from the generator.
+    std::string kg, vg, kn, vn;
+    gen.AppendKv(5, 1, 0, 4, &kg, &vg);
+    none.AppendKv(5, 1, 0, 4, &kn, &vn);
+    EXPECT_EQ(kn, kg);
+    EXPECT_EQ(none.History(DataKind::kV, 5, 1, 4), gen.History(DataKind::kV, 5, 1, 4));
   }
 }
 

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "client/kv_data.h"
+#include "client/payload_pool.h"
 #include "client/replay.h"
 #include "client/worker_client.h"
 #include "common/workload.h"
@@ -77,8 +78,9 @@ class ExecutorBlocker {
 class WorkerIntegrationTest : public ::testing::Test {
  protected:
   void StartWorker(int64_t num_pages, int executor_threads = 2, int executor_queue = 64,
-                   int ingest_threads = 2, int ingest_queue = 64) {
+                   int ingest_threads = 2, int ingest_queue = 64, const std::string& attention = "run") {
     service::EngineConfig config;
+    config.attention = attention;
     config.shape = TestShape();
     config.num_pages = num_pages;
     config.backend = "cpu";
@@ -624,6 +626,190 @@ TEST_F(WorkerIntegrationTest, ReplayWithInterleavedMicroBatchesAndConcurrentPref
     EXPECT_LE(report->queue_ms[i], report->server_ms[i]);
   }
   // Finished rows were freed by the next token step's `free` delta or by Release: nothing is left.
+  EXPECT_TRUE(WaitAllFree());
+}
+
+// Every StepResponse splits the worker's hold time into its stages: each filled, non-negative,
+// together within server_seconds, and the wall-clock stamps as far apart as server_seconds.
+TEST_F(WorkerIntegrationTest, StepResponsesCarryTheStageBreakdown) {
+  StartWorker(64);
+  ASSERT_TRUE(WritePrompt(5, 30, 16, {0, 1, 2}).ok());
+  auto stream = client_->OpenStepStream();
+  ASSERT_TRUE(stream.ok());
+  for (uint64_t step = 1; step <= 2; ++step) {
+    for (int32_t layer = 0; layer < TestShape().num_layers; ++layer) {
+      const StepArgs a = MakeStep(step, layer, {5});
+      // Token step 1 over the stream, token step 2 unary: both paths fill the same fields.
+      auto r = step == 1 ? (*stream)->Step(a) : client_->Step(a);
+      ASSERT_TRUE(r.ok()) << r.status();
+      double max_err = 0;
+      CheckOutputs(a, *r, &max_err);
+      EXPECT_FALSE(r->attention_skipped);
+      for (double t : {r->queue_seconds, r->validate_seconds, r->host_seconds, r->h2d_seconds,
+                       r->kernel_seconds, r->d2h_seconds, r->serialize_seconds, r->send_seconds,
+                       r->convert_seconds}) {
+        EXPECT_GE(t, 0.0);
+      }
+      EXPECT_GT(r->validate_seconds, 0.0);
+      EXPECT_GT(r->host_seconds, 0.0);
+      EXPECT_GT(r->kernel_seconds, 0.0);
+      EXPECT_GT(r->serialize_seconds, 0.0);
+      const double stages = r->queue_seconds + r->validate_seconds + r->host_seconds + r->h2d_seconds +
+                            r->kernel_seconds + r->d2h_seconds + r->serialize_seconds;
+      EXPECT_LE(stages, r->server_seconds + 1e-9);
+      ASSERT_GT(r->received_unix_nanos, 0);
+      const double stamped = static_cast<double>(r->answered_unix_nanos - r->received_unix_nanos) * 1e-9;
+      EXPECT_NEAR(stamped, r->server_seconds, 1e-6);
+      // One host, one wall clock: the worker read the request after the client began sending it,
+      // and the client read the answer after the worker gave it.
+      EXPECT_GE(r->received_unix_nanos, r->send_start_unix_nanos);
+      EXPECT_LE(std::chrono::duration<double>(r->read_at - r->send_start).count(), 30.0);
+      EXPECT_GE(std::chrono::duration<double>(r->read_at - r->send_start).count(), r->server_seconds);
+    }
+    Advance({5});
+  }
+  ASSERT_TRUE((*stream)->Finish().ok());
+}
+
+// --attention=skip: Describe says so, every step does the host work (pages are appended and
+// freed as in a real run) and answers zeros flagged attention_skipped; a replay then checks
+// nothing and still decodes every token.
+TEST_F(WorkerIntegrationTest, SkipAttentionWorkerAnswersZerosAndTheReplayChecksNothing) {
+  StartWorker(128, 2, 64, 2, 64, "skip");
+  EXPECT_EQ(Describe().backend, "cpu+skip");
+  ASSERT_TRUE(WritePrompt(9, 20, 20, {0, 1, 2}).ok());
+  for (int32_t layer = 0; layer < TestShape().num_layers; ++layer) {
+    auto r = client_->Step(MakeStep(1, layer, {9}));
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_TRUE(r->attention_skipped);
+    EXPECT_EQ(r->out, std::string(r->out.size(), '\0'));
+    EXPECT_EQ(r->kernel_seconds, 0.0);
+    EXPECT_GT(r->server_seconds, 0.0);
+  }
+  EXPECT_EQ(Describe().used_tokens, 21);
+  ASSERT_TRUE(client_->Release(std::vector<uint64_t>{9}).ok());
+
+  std::vector<WorkloadRequest> requests = GenerateWorkload(WorkloadKind::kUniform, 6, 3);
+  ScaleWorkload(requests, 0.005, 0, 8);
+  client::ReplayOptions options;
+  options.batch = 3;
+  options.micro_batches = 2;
+  options.check_fraction = 1.0;  // would check every output of a worker that computes
+  options.warmup_steps = 1;
+  options.verbose = false;
+  auto report = client::RunReplay(*client_, options, requests);
+  ASSERT_TRUE(report.ok()) << report.status();
+  EXPECT_TRUE(report->attention_skipped);
+  EXPECT_EQ(report->requests_done, 6);
+  EXPECT_EQ(report->outputs_checked, 0);
+  EXPECT_EQ(report->check_failures, 0);
+  EXPECT_NE(report->Format().find("the worker skips attention"), std::string::npos);
+  EXPECT_NE(report->ToJson().find("\"attention_skipped\": true"), std::string::npos);
+  EXPECT_TRUE(WaitAllFree());
+}
+
+// Pooled payloads (a few rows reused for every position) written and stepped through the worker
+// match the double reference rebuilt from the same pool; the same outputs checked against
+// another pool's data, or zeros, fail: the check still tells right outputs from wrong ones.
+TEST_F(WorkerIntegrationTest, PooledPayloadsPassTheCheckAndWrongOutputsFailIt) {
+  StartWorker(64);
+  const ModelShape s = TestShape();
+  const client::PayloadPool pool(*gen_, kDataSeed, /*rows=*/8);
+  const client::PayloadPool other(*gen_, kDataSeed + 1, /*rows=*/8);
+  const std::vector<uint64_t> rows = {11, 12};
+  std::map<uint64_t, int64_t> len = {{11, 37}, {12, 5}};
+  for (uint64_t seq : rows) {
+    auto writer = client_->BeginWriteKV(seq, len[seq]);
+    ASSERT_TRUE(writer.ok());
+    for (int32_t layer = 0; layer < s.num_layers; ++layer) {
+      std::string k, v;
+      pool.AppendKv(seq, layer, 0, len[seq], &k, &v);
+      ASSERT_TRUE((*writer)->WriteChunk(layer, 0, len[seq], k, v).ok());
+    }
+    ASSERT_TRUE((*writer)->Finish().ok());
+  }
+  const size_t row_bytes = static_cast<size_t>(s.num_q_heads) * s.head_dim * 2;
+  int64_t checked = 0;
+  for (uint64_t step = 1; step <= 4; ++step) {
+    for (int32_t layer = 0; layer < s.num_layers; ++layer) {
+      StepArgs a;
+      a.token_step_id = 100 + step;
+      a.layer = layer;
+      a.rows = rows;
+      for (uint64_t seq : rows) {
+        pool.AppendQ(seq, layer, len[seq], &a.q);
+        pool.AppendKv(seq, layer, len[seq], 1, &a.k, &a.v);
+      }
+      auto r = client_->Step(a);
+      ASSERT_TRUE(r.ok()) << r.status();
+      for (size_t i = 0; i < rows.size(); ++i) {
+        const uint64_t seq = rows[i];
+        const int64_t n = len[seq] + 1;
+        auto reference = [&](const client::PayloadPool& data) {
+          std::vector<double> out;
+          client::ReferenceDecode(s, data.Query(seq, layer, n - 1), data.History(DataKind::kK, seq, layer, n),
+                                  data.History(DataKind::kV, seq, layer, n), n, &out, nullptr);
+          return out;
+        };
+        const char* got = r->out.data() + i * row_bytes;
+        EXPECT_LE(client::MaxRelativeError(s, got, reference(pool)), client::Tolerance(s));
+        EXPECT_GT(client::MaxRelativeError(s, got, reference(other)), client::Tolerance(s));
+        const std::string zeros(row_bytes, '\0');
+        EXPECT_GT(client::MaxRelativeError(s, zeros.data(), reference(pool)), client::Tolerance(s));
+        ++checked;
+      }
+    }
+    for (uint64_t seq : rows) ++len[seq];
+  }
+  EXPECT_EQ(checked, 4 * s.num_layers * 2);
+}
+
+// A replay on a small payload pool at steady full batch: every sampled output checks out, and
+// each measured layer-step's stages are non-negative and add up to its round trip.
+TEST_F(WorkerIntegrationTest, ReplayOnAPayloadPoolChecksOutAndItsStagesSumToTheRoundTrip) {
+  StartWorker(256);
+  std::vector<WorkloadRequest> requests = GenerateWorkload(WorkloadKind::kHomogeneous, 4, 5);
+  ScaleWorkload(requests, 0.002, 0, 10);
+  client::ReplayOptions options;
+  options.batch = 2;
+  options.micro_batches = 2;
+  options.payload_rows = 16;
+  options.wait_for_prefill = true;
+  options.check_fraction = 0.5;
+  options.warmup_steps = 2;
+  options.verbose = false;
+  auto report = client::RunReplay(*client_, options, requests);
+  ASSERT_TRUE(report.ok()) << report.status();
+  EXPECT_EQ(report->requests_done, 4);
+  EXPECT_FALSE(report->attention_skipped);
+  EXPECT_EQ(report->payload_rows, 16);
+  EXPECT_GT(report->outputs_checked, 10);
+  EXPECT_EQ(report->check_failures, 0) << report->first_failure;
+  // Full batches only: every token step of both groups carried 2 rows.
+  EXPECT_EQ(report->decode_tokens, 2 * report->token_steps);
+  const auto& rt = report->stage_ms[static_cast<int32_t>(client::Stage::kRoundTrip)];
+  ASSERT_FALSE(rt.empty());
+  for (int32_t i = 0; i < client::kNumStages; ++i) ASSERT_EQ(report->stage_ms[i].size(), rt.size()) << i;
+  ASSERT_EQ(report->client_thread_cpu_ms.size(), report->layer_step_ms.size());
+  for (size_t j = 0; j < rt.size(); ++j) {
+    double sum = 0;
+    for (int32_t i = static_cast<int32_t>(client::Stage::kSend); i < static_cast<int32_t>(client::Stage::kRoundTrip); ++i) {
+      EXPECT_GE(report->stage_ms[i][j], -1e-6) << client::StageName(static_cast<client::Stage>(i));
+      sum += report->stage_ms[i][j];
+    }
+    EXPECT_NEAR(sum, rt[j], 1e-6 + 1e-9 * rt[j]);
+    EXPECT_GT(report->stage_ms[static_cast<int32_t>(client::Stage::kKernels)][j], 0.0);
+    EXPECT_GE(report->stage_ms[static_cast<int32_t>(client::Stage::kBuild)][j], 0.0);
+  }
+  for (double cpu : report->client_thread_cpu_ms) EXPECT_GE(cpu, 0.0);
+  EXPECT_GT(report->client_process_cpu_s, 0.0);
+  EXPECT_GT(report->client_phase_layer_steps, 0);
+  const std::string json = report->ToJson();
+  for (const char* key : {"\"breakdown_ms\"", "\"client_build\"", "\"worker_queue\"", "\"kernels\"",
+                          "\"back_to_client\"", "\"round_trip\"", "\"client_thread_cpu_ms\"",
+                          "\"client_process_cpu_ms_per_layer_step\""}) {
+    EXPECT_NE(json.find(key), std::string::npos) << key;
+  }
   EXPECT_TRUE(WaitAllFree());
 }
 

@@ -243,6 +243,52 @@ TEST(WorkerProcessTest, DescribeOnlyPrintsTheWorkerAndExitsZero) {
   EXPECT_EQ(WEXITSTATUS(status), 2);
 }
 
+// pkv-worker --attention=skip and a steady-decode pkv-replay against it: Describe names the mode,
+// the replay checks nothing, exits 0 and writes the stage breakdown and its CPU time; an
+// unknown --attention value is refused.
+TEST(WorkerProcessTest, SkipAttentionWorkerAndTheReplaysBreakdown) {
+  std::string port, banner;
+  int fd = -1;
+  const pid_t worker = StartSmallWorker({"--attention=skip"}, &port, &banner, &fd);
+  ASSERT_GT(worker, 0) << "worker said: " << banner;
+  const std::string target = "--target=127.0.0.1:" + port;
+  std::string out;
+  int status = RunReplay({"--describe_only", target}, &out);
+  ASSERT_TRUE(WIFEXITED(status)) << out;
+  EXPECT_NE(out.find("backend:  cpu+skip"), std::string::npos) << out;
+  const std::string json = ::testing::TempDir() + "/pkv_replay_skip.json";
+  std::remove(json.c_str());
+  status = RunReplay({target, "--workload=homogeneous", "--num_requests=4", "--batch=2", "--micro_batches=2",
+                      "--prefill_ahead=4", "--wait_for_prefill", "--context_scale=0.001", "--max_output=8",
+                      "--warmup_steps=2", "--check_fraction=1", "--payload_rows=64", "--report_json=" + json},
+                     &out);
+  ASSERT_TRUE(WIFEXITED(status)) << out;
+  EXPECT_EQ(WEXITSTATUS(status), 0) << out;
+  EXPECT_NE(out.find("4/4 done"), std::string::npos) << out;
+  EXPECT_NE(out.find("the worker skips attention"), std::string::npos) << out;
+  EXPECT_NE(out.find("layer step breakdown"), std::string::npos) << out;
+  EXPECT_NE(out.find("client cpu"), std::string::npos) << out;
+  {
+    std::ifstream in(json);
+    const std::string report((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    for (const char* key : {"\"attention_skipped\": true", "\"outputs_checked\": 0", "\"breakdown_ms\"",
+                            "\"round_trip\"", "\"client_thread_cpu_ms\"", "\"payload_rows\": 64"}) {
+      EXPECT_NE(report.find(key), std::string::npos) << key << " missing in " << report;
+    }
+  }
+  StopWorker(worker, fd);
+
+  int bad_fd = -1;
+  const pid_t bad = Spawn({PKV_WORKER_BIN, "--listen=127.0.0.1:0", "--metrics_listen=", "--backend=cpu",
+                           "--num_pages=16", "--attention=maybe"},
+                          &bad_fd);
+  ASSERT_GT(bad, 0);
+  status = WaitFor(bad, std::chrono::seconds(20));
+  close(bad_fd);
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 2);
+}
+
 TEST(WorkerProcessTest, MutualTlsWorkerWithHealthPortAndTheChartsDescribeOnly) {
   if (!pkv::testing_certs::HaveOpenssl()) {
     GTEST_SKIP() << "the openssl command line is not installed (scripts/setup.sh installs it)";
