@@ -26,7 +26,8 @@ ModelShape Shape(DType dtype) {
   return s;
 }
 
-std::unique_ptr<Engine> MakeEngine(ExecutionBackendPtr backend, std::optional<KernelId> fixed, uint64_t seed) {
+std::unique_ptr<Engine> MakeEngine(ExecutionBackendPtr backend, std::optional<KernelId> fixed, uint64_t seed,
+                                   int64_t static_slot_tokens = 0) {
   scheduler::Scheduler::Options so;
   so.available = backend->kernels();
   so.fixed_kernel = fixed;
@@ -35,6 +36,7 @@ std::unique_ptr<Engine> MakeEngine(ExecutionBackendPtr backend, std::optional<Ke
   EngineOptions eo;
   eo.max_batch = 16;
   eo.scatter_seed = seed;
+  eo.static_slot_tokens = static_slot_tokens;
   auto e = Engine::Create(eo, std::move(backend), std::move(*sched));
   EXPECT_TRUE(e.ok()) << e.status();
   return std::move(*e);
@@ -63,8 +65,10 @@ double RelL2(DType dt, const std::string& got, const std::string& want) {
   return std::sqrt(e / r);
 }
 
+// static_slot_tokens > 0: the GPU engine runs the static baseline (every sequence holds pages
+// for that many tokens from the start); the CPU reference engine pages as usual.
 void RunAgainstCpu(DType dt, std::optional<KernelId> fixed, const std::vector<int64_t>& prompts,
-                   LaunchMode mode = LaunchMode::kEager) {
+                   LaunchMode mode = LaunchMode::kEager, int64_t static_slot_tokens = 0) {
   const ModelShape shape = Shape(dt);
   CudaBackendOptions co;
   co.num_pages = 4096;
@@ -74,7 +78,7 @@ void RunAgainstCpu(DType dt, std::optional<KernelId> fixed, const std::vector<in
   ASSERT_TRUE(gpu_backend.ok()) << gpu_backend.status();
   auto cpu_backend = CreateCpuBackend(shape, 4096, 4);
   ASSERT_TRUE(cpu_backend.ok());
-  auto gpu = MakeEngine(std::move(*gpu_backend), fixed, 77);
+  auto gpu = MakeEngine(std::move(*gpu_backend), fixed, 77, static_slot_tokens);
   auto cpu = MakeEngine(std::move(*cpu_backend), std::nullopt, 99);
   std::mt19937_64 rng(20260622 + static_cast<int>(dt) + (fixed ? static_cast<int>(*fixed) * 7 : 0));
   const size_t tok = static_cast<size_t>(shape.num_kv_heads) * shape.head_dim;
@@ -148,6 +152,16 @@ TEST_F(EngineCudaTest, GraphReplayMatchesTheCpuReferenceOnEveryRoute) {
   RunAgainstCpu(DType::kF16, KernelId::kSequenceSplit, ragged, LaunchMode::kGraph);
   RunAgainstCpu(DType::kF16, KernelId::kWorkQueue, ragged, LaunchMode::kGraph);
   RunAgainstCpu(DType::kBF16, KernelId::kWorkQueue, {20000}, LaunchMode::kGraph);
+}
+
+// The static-reservation baseline (--static_slot_tokens) reads only the tokens a sequence holds,
+// not its whole reserved slot, on every route.
+TEST_F(EngineCudaTest, StaticSlotBaselineMatchesTheCpuReference) {
+  const std::vector<int64_t> ragged = {3000, 17, 1, 700, 4000, 33};
+  RunAgainstCpu(DType::kF16, std::nullopt, ragged, LaunchMode::kEager, 8192);
+  RunAgainstCpu(DType::kF16, KernelId::kPerRequest, ragged, LaunchMode::kEager, 8192);
+  RunAgainstCpu(DType::kF16, KernelId::kSequenceSplit, ragged, LaunchMode::kEager, 8192);
+  RunAgainstCpu(DType::kBF16, KernelId::kWorkQueue, ragged, LaunchMode::kGraph, 8192);
 }
 
 // Micro-batches on several threads: their layer-steps run concurrently on the slots' streams;

@@ -188,8 +188,9 @@ TEST_F(DeviceKvArenaTest, IngestCoalescesRunsAndReportsBandwidth) {
 
 TEST_F(DeviceKvArenaTest, StagedIngestOfInterleavedChunksMatchesHostWrites) {
   const ModelShape s = SmallShape();
-  // A 1 MiB ingest buffer forces several flushes (and chunks split across them).
-  auto dev = DeviceKvArena::Create(s, {.num_pages = 64, .ingest_bytes = 1 << 20});
+  // The chunks below carry 0.74 MB of K,V; a 256 KiB ingest buffer forces several flushes (and
+  // chunks split across them).
+  auto dev = DeviceKvArena::Create(s, {.num_pages = 64, .ingest_bytes = 256 << 10});
   ASSERT_TRUE(dev.ok()) << dev.status();
   auto host = HostKvArena::Create(s, 64);
   ASSERT_TRUE(host.ok());
