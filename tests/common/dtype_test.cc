@@ -56,3 +56,34 @@ TEST(DTypeTest, ParsesNames) {
 
 }  // namespace
 }  // namespace pkv
+
+namespace pkv {
+namespace {
+
+TEST(FirstNonFiniteTest, FindsTheFirstNanOrInfinityAtEveryPosition) {
+  for (DType dt : {DType::kF16, DType::kBF16}) {
+    const uint16_t inf = dt == DType::kF16 ? 0x7C00 : 0x7F80;
+    const uint16_t nan = dt == DType::kF16 ? 0x7E01 : 0x7FC1;
+    const uint16_t big = dt == DType::kF16 ? 0x7BFF : 0x7F7F;  // the largest finite value
+    for (size_t n : {size_t{1}, size_t{7}, size_t{8}, size_t{9}, size_t{64}, size_t{301}}) {
+      std::vector<uint8_t> bytes(2 * n + 1, 0);  // an odd trailing byte is ignored
+      for (size_t i = 0; i < n; ++i) {
+        bytes[2 * i] = static_cast<uint8_t>(big & 0xFF);
+        bytes[2 * i + 1] = static_cast<uint8_t>((big >> 8) | (i % 2 ? 0x80 : 0));
+      }
+      bytes.back() = 0xFF;
+      EXPECT_EQ(FirstNonFinite(dt, bytes.data(), bytes.size()), -1) << n;
+      for (size_t at = 0; at < n; ++at) {
+        std::vector<uint8_t> b = bytes;
+        const uint16_t v = static_cast<uint16_t>((at % 3 == 0 ? nan : inf) | (at % 2 ? 0x8000 : 0));
+        b[2 * at] = static_cast<uint8_t>(v & 0xFF);
+        b[2 * at + 1] = static_cast<uint8_t>(v >> 8);
+        if (at + 1 < n) b[2 * (n - 1) + 1] = static_cast<uint8_t>(inf >> 8 | 0x80), b[2 * (n - 1)] = inf & 0xFF;
+        EXPECT_EQ(FirstNonFinite(dt, b.data(), b.size()), static_cast<int64_t>(at)) << DTypeName(dt) << " n " << n;
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace pkv
