@@ -73,6 +73,9 @@ ABSL_FLAG(std::string, tls_ca_file, "",
 ABSL_FLAG(std::string, tls_cert_file, "",
           "PEM client certificate for workers that require one (mutual TLS); with --tls_key_file.");
 ABSL_FLAG(std::string, tls_key_file, "", "PEM private key of --tls_cert_file.");
+ABSL_FLAG(std::string, router_id, "pkv-replay",
+          "Router id sent as request metadata (x-pkv-router-id): the worker's sequences and token steps "
+          "of this run belong to it (a worker serving mutual TLS uses the client certificate instead).");
 
 namespace {
 
@@ -83,6 +86,7 @@ pkv::client::ClientOptions ClientOptionsFromFlags() {
   options.tls_ca_file = absl::GetFlag(FLAGS_tls_ca_file);
   options.tls_cert_file = absl::GetFlag(FLAGS_tls_cert_file);
   options.tls_key_file = absl::GetFlag(FLAGS_tls_key_file);
+  options.router_id = absl::GetFlag(FLAGS_router_id);
   return options;
 }
 

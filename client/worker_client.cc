@@ -21,6 +21,9 @@
 namespace pkv::client {
 namespace {
 
+// Request metadata key naming the router (see worker.proto, Routers).
+constexpr char kRouterIdKey[] = "x-pkv-router-id";
+
 // The client's one grpc::Status -> absl::Status mapping (codes share their numbering).
 absl::Status FromGrpc(const grpc::Status& status) {
   if (status.ok()) return absl::OkStatus();
@@ -74,8 +77,9 @@ void SetTensor(v1::Tensor* t, DType dtype, std::initializer_list<int64_t> shape,
 
 // `a`'s tensors are copied, or moved when `a` is an rvalue.
 template <typename Args>
-v1::StepRequest ToRequest(Args&& a, const ModelShape& shape) {
+v1::StepRequest ToRequest(Args&& a, const ModelShape& shape, uint64_t incarnation) {
   v1::StepRequest r;
+  r.set_expected_incarnation(incarnation);
   r.set_token_step_id(a.token_step_id);
   r.set_layer(a.layer);
   r.mutable_rows()->Add(a.rows.begin(), a.rows.end());
@@ -145,7 +149,10 @@ StepResult FromResponse(v1::StepResponse&& r, const SendStamp& sent, Clock::time
 
 class GrpcPromptWriter final : public PromptWriter {
  public:
-  GrpcPromptWriter(v1::PersistentKV::Stub* stub, ModelShape shape) : shape_(shape) {
+  GrpcPromptWriter(v1::PersistentKV::Stub* stub, ModelShape shape, const std::string& router_id,
+                   uint64_t incarnation)
+      : shape_(shape), incarnation_(incarnation) {
+    if (!router_id.empty()) ctx_.AddMetadata(kRouterIdKey, router_id);
     writer_ = stub->WriteKV(&ctx_, &response_);
   }
   ~GrpcPromptWriter() override {
@@ -159,6 +166,7 @@ class GrpcPromptWriter final : public PromptWriter {
     v1::WriteKVRequest req;
     req.mutable_header()->set_sequence_id(seq);
     req.mutable_header()->set_num_tokens(num_tokens);
+    req.mutable_header()->set_expected_incarnation(incarnation_);
     if (!writer_->Write(req)) return Broken();
     return absl::OkStatus();
   }
@@ -197,6 +205,7 @@ class GrpcPromptWriter final : public PromptWriter {
   }
 
   const ModelShape shape_;
+  const uint64_t incarnation_;
   grpc::ClientContext ctx_;
   v1::WriteKVResponse response_;
   std::unique_ptr<grpc::ClientWriter<v1::WriteKVRequest>> writer_;
@@ -206,7 +215,9 @@ class GrpcPromptWriter final : public PromptWriter {
 
 class GrpcStepStream final : public StepStreamSession {
  public:
-  GrpcStepStream(v1::PersistentKV::Stub* stub, ModelShape shape) : shape_(shape) {
+  GrpcStepStream(v1::PersistentKV::Stub* stub, ModelShape shape, const std::string& router_id, uint64_t incarnation)
+      : shape_(shape), incarnation_(incarnation) {
+    if (!router_id.empty()) ctx_.AddMetadata(kRouterIdKey, router_id);
     stream_ = stub->StepStream(&ctx_);
   }
   ~GrpcStepStream() override {
@@ -219,7 +230,7 @@ class GrpcStepStream final : public StepStreamSession {
   absl::StatusOr<StepResult> Step(const StepArgs& args) override {
     if (finished_) return absl::FailedPreconditionError("StepStream already finished");
     SendStamp sent = StartSend();
-    if (!stream_->Write(ToRequest(args, shape_))) return Ended();
+    if (!stream_->Write(ToRequest(args, shape_, incarnation_))) return Ended();
     EndSend(&sent);
     sent_.push_back(sent);
     return Receive();
@@ -228,7 +239,7 @@ class GrpcStepStream final : public StepStreamSession {
   absl::Status Send(StepArgs&& args) override {
     if (finished_) return absl::FailedPreconditionError("StepStream already finished");
     SendStamp sent = StartSend();
-    if (!stream_->Write(ToRequest(std::move(args), shape_))) return Ended();
+    if (!stream_->Write(ToRequest(std::move(args), shape_, incarnation_))) return Ended();
     EndSend(&sent);
     sent_.push_back(sent);
     return absl::OkStatus();
@@ -270,6 +281,7 @@ class GrpcStepStream final : public StepStreamSession {
   }
 
   const ModelShape shape_;
+  const uint64_t incarnation_;
   grpc::ClientContext ctx_;
   std::unique_ptr<grpc::ClientReaderWriter<v1::StepRequest, v1::StepResponse>> stream_;
   std::deque<SendStamp> sent_;  // of requests not yet answered, oldest first
@@ -284,8 +296,12 @@ struct WorkerClient::Impl {
   std::shared_ptr<grpc::Channel> channel;
   std::unique_ptr<v1::PersistentKV::Stub> stub;
 
+  uint64_t incarnation = 0;  // pinned by Connect (options.pin_incarnation); 0: none
+
+  // Deadline and router id of a unary call.
   void SetDeadline(grpc::ClientContext* ctx) const {
     ctx->set_deadline(absl::ToChronoTime(absl::Now() + options.rpc_timeout));
+    if (!options.router_id.empty()) ctx->AddMetadata(kRouterIdKey, options.router_id);
   }
 };
 
@@ -309,7 +325,7 @@ absl::StatusOr<std::unique_ptr<WorkerClient>> WorkerClient::Connect(const Client
   impl->stub = v1::PersistentKV::NewStub(impl->channel);
   std::unique_ptr<WorkerClient> client(new WorkerClient(std::move(impl)));
   PKV_ASSIGN_OR_RETURN(const WorkerInfo info, client->Describe());
-  (void)info;
+  if (options.pin_incarnation) client->impl_->incarnation = info.incarnation;
   return client;
 }
 
@@ -339,6 +355,7 @@ absl::StatusOr<WorkerInfo> WorkerClient::Describe() {
   }
   info.backend = r.backend();
   info.device = r.device();
+  info.incarnation = r.incarnation();
   info.total_pages = r.pool().total_pages();
   info.free_pages = r.pool().free_pages();
   info.used_pages = r.pool().used_pages();
@@ -360,19 +377,20 @@ absl::StatusOr<StepResult> WorkerClient::Step(const StepArgs& args) {
   impl_->SetDeadline(&ctx);
   v1::StepResponse response;
   SendStamp sent = StartSend();
-  const v1::StepRequest request = ToRequest(args, shape_);
+  const v1::StepRequest request = ToRequest(args, shape_, impl_->incarnation);
   EndSend(&sent);
   PKV_RETURN_IF_ERROR(FromGrpc(impl_->stub->Step(&ctx, request, &response)));
   return FromResponse(std::move(response), sent, Clock::now());
 }
 
 absl::StatusOr<std::unique_ptr<StepStreamSession>> WorkerClient::OpenStepStream() {
-  return std::make_unique<GrpcStepStream>(impl_->stub.get(), shape_);
+  return std::make_unique<GrpcStepStream>(impl_->stub.get(), shape_, impl_->options.router_id, impl_->incarnation);
 }
 
 absl::StatusOr<std::unique_ptr<PromptWriter>> WorkerClient::BeginWriteKV(uint64_t sequence_id,
                                                                          int64_t num_tokens) {
-  auto writer = std::make_unique<GrpcPromptWriter>(impl_->stub.get(), shape_);
+  auto writer =
+      std::make_unique<GrpcPromptWriter>(impl_->stub.get(), shape_, impl_->options.router_id, impl_->incarnation);
   PKV_RETURN_IF_ERROR(writer->WriteHeader(sequence_id, num_tokens));
   return writer;
 }
@@ -400,6 +418,7 @@ absl::StatusOr<int64_t> WorkerClient::Release(std::span<const uint64_t> sequence
   impl_->SetDeadline(&ctx);
   v1::ReleaseRequest req;
   req.mutable_sequence_ids()->Add(sequence_ids.begin(), sequence_ids.end());
+  req.set_expected_incarnation(impl_->incarnation);
   v1::ReleaseResponse resp;
   PKV_RETURN_IF_ERROR(FromGrpc(impl_->stub->Release(&ctx, req, &resp)));
   return resp.free_pages();

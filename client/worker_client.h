@@ -42,6 +42,7 @@ struct WorkerInfo {
   int64_t writing_sequences = 0;
   int64_t open_token_steps = 0;
   bool serving = false;
+  uint64_t incarnation = 0;  // the worker run that answered (see worker.proto)
 };
 
 // One layer of one token step (see StepRequest in proto/pkv/v1/worker.proto).
@@ -98,6 +99,13 @@ struct ClientOptions {
   // (mutual TLS). Both or neither.
   std::string tls_cert_file;
   std::string tls_key_file;
+  // The router id sent as request metadata (x-pkv-router-id) on every call; the worker's
+  // sequences and token steps belong to it (ignored by a worker serving mutual TLS, which takes
+  // the client certificate's identity). Empty: the anonymous router.
+  std::string router_id;
+  // Connect reads the worker's incarnation and every later request carries it, so a worker that
+  // restarted answers FAILED_PRECONDITION instead of serving another incarnation's state.
+  bool pin_incarnation = true;
 };
 
 // A WriteKV stream in progress. Destroying it without Finish cancels the stream (the worker

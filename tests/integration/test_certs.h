@@ -27,6 +27,8 @@ struct TestCerts {
   std::string other_ca_crt;    // an unrelated CA
   std::string other_client_crt;  // signed by other_ca_crt
   std::string other_client_key;
+  std::string client_b_crt;    // a second client signed by ca_crt, another identity (CN)
+  std::string client_b_key;
 };
 
 // Makes the certificates in a fresh directory under the test temp dir. On failure, a gtest
@@ -46,6 +48,8 @@ inline TestCerts MakeTestCerts(bool* ok) {
   c.other_ca_crt = d + "other_ca.crt";
   c.other_client_crt = d + "other_client.crt";
   c.other_client_key = d + "other_client.key";
+  c.client_b_crt = d + "client_b.crt";
+  c.client_b_key = d + "client_b.key";
   if (std::system(("mkdir -p '" + c.dir + "'").c_str()) != 0) {
     ADD_FAILURE() << "cannot create " << c.dir;
     return c;
@@ -74,6 +78,7 @@ inline TestCerts MakeTestCerts(bool* ok) {
   for (const std::string& cmd :
        {ca("ca"), ca("other_ca"), leaf("server", "localhost", "ca", "server.ext"),
         leaf("client", "pkv-test-client", "ca", "client.ext"),
+        leaf("client_b", "pkv-test-client-b", "ca", "client.ext"),
         leaf("other_client", "pkv-test-other-client", "other_ca", "client.ext")}) {
     if (std::system(cmd.c_str()) != 0) {
       ADD_FAILURE() << "failed: " << cmd << " (see " << d << "openssl.log)";

@@ -267,6 +267,40 @@ TEST_F(WorkerTlsTest, MutualTlsRefusesClientsWithoutATrustedCertificate) {
   WriteAndStep(**client);
 }
 
+// Under mutual TLS the router is the client certificate's identity: another certificate is
+// another router, and a declared x-pkv-router-id cannot borrow someone else's identity.
+TEST_F(WorkerTlsTest, MutualTlsRoutersAreTheirCertificates) {
+  StartWorker(TlsOptions(/*require_client_cert=*/true));
+  auto alice = client::WorkerClient::Connect(TlsClient(/*with_cert=*/true));
+  ASSERT_TRUE(alice.ok()) << alice.status();
+  const ModelShape s = TestShape();
+  client::KvDataGen gen(s, kDataSeed);
+  ASSERT_TRUE((*alice)
+                  ->WritePrompt(21, 8, /*chunk_tokens=*/8,
+                                [&](int32_t layer, int64_t off, int64_t n, std::string* k, std::string* v) {
+                                  gen.AppendKv(21, layer, off, n, k, v);
+                                })
+                  .ok());
+  client::ClientOptions b = TlsClient(/*with_cert=*/false);
+  b.tls_cert_file = certs().client_b_crt;
+  b.tls_key_file = certs().client_b_key;
+  b.router_id = "pkv-test-client";  // claims alice's identity: the certificate wins
+  auto bob = client::WorkerClient::Connect(b);
+  ASSERT_TRUE(bob.ok()) << bob.status();
+  const uint64_t ids[] = {21};
+  const absl::StatusOr<int64_t> denied = (*bob)->Release(ids);
+  EXPECT_EQ(denied.status().code(), absl::StatusCode::kPermissionDenied) << denied.status();
+  client::StepArgs step;
+  step.token_step_id = 3;
+  step.layer = 0;
+  step.rows = {21};
+  gen.AppendQ(21, 0, 8, &step.q);
+  gen.AppendKv(21, 0, 8, 1, &step.k, &step.v);
+  EXPECT_EQ((*bob)->Step(step).status().code(), absl::StatusCode::kPermissionDenied);
+  EXPECT_TRUE((*alice)->Step(step).ok());
+  EXPECT_TRUE((*alice)->Release(ids).ok());
+}
+
 TEST_F(WorkerTlsTest, HealthPortFollowsTheServingStatusAndServesNothingElse) {
   StartWorker(TlsOptions(/*require_client_cert=*/true));
   ASSERT_GT(server_->health_port(), 0);
