@@ -131,8 +131,36 @@ struct StepTimings {
   double d2h_seconds = 0;
 };
 
+// Immutable output bytes shared by the caller's response and the retry cache (no copy for
+// either). Reads like a const std::string.
+class OutputBytes {
+ public:
+  OutputBytes() = default;
+  explicit OutputBytes(std::string bytes) : bytes_(std::make_shared<const std::string>(std::move(bytes))) {}
+  const std::string& str() const { return bytes_ != nullptr ? *bytes_ : Empty(); }
+  operator const std::string&() const { return str(); }  // NOLINT: reads as the bytes
+  const char* data() const { return str().data(); }
+  size_t size() const { return str().size(); }
+  bool empty() const { return str().empty(); }
+  std::string::const_iterator begin() const { return str().begin(); }
+  std::string::const_iterator end() const { return str().end(); }
+  // The buffer itself, for handing it on without a copy (e.g. as a gRPC slice).
+  const std::shared_ptr<const std::string>& shared() const { return bytes_; }
+  friend bool operator==(const OutputBytes& a, const OutputBytes& b) { return a.str() == b.str(); }
+  friend bool operator!=(const OutputBytes& a, const OutputBytes& b) { return !(a == b); }
+  friend bool operator==(const OutputBytes& a, const std::string& b) { return a.str() == b; }
+  friend bool operator==(const std::string& a, const OutputBytes& b) { return a == b.str(); }
+
+ private:
+  static const std::string& Empty() {
+    static const std::string empty;
+    return empty;
+  }
+  std::shared_ptr<const std::string> bytes_;
+};
+
 struct StepOutput {
-  std::string out;         // [B, Hq, d] model dtype bytes
+  OutputBytes out;         // [B, Hq, d] model dtype bytes
   std::vector<float> lse;  // [B, Hq] natural-log LSE of the scaled scores, when asked
   KernelId kernel = KernelId::kReference;
   bool replayed = false;    // served from the retry cache

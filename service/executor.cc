@@ -5,8 +5,8 @@
 
 namespace pkv::service {
 
-BoundedExecutor::BoundedExecutor(int num_threads, int max_queued)
-    : max_queued_(std::max(1, max_queued)) {
+BoundedExecutor::BoundedExecutor(int num_threads, int max_queued, std::chrono::microseconds spin)
+    : max_queued_(std::max(1, max_queued)), spin_(std::max(spin, std::chrono::microseconds(0))) {
   const int n = std::max(1, num_threads);
   threads_.reserve(n);
   for (int i = 0; i < n; ++i) threads_.emplace_back([this] { WorkerLoop(); });
@@ -19,6 +19,8 @@ bool BoundedExecutor::TrySubmit(Task task) {
     std::lock_guard<std::mutex> lock(mu_);
     if (stopping_ || static_cast<int>(queue_.size()) >= max_queued_) return false;
     queue_.push_back(std::move(task));
+    waiting_.store(static_cast<int64_t>(queue_.size()), std::memory_order_release);
+    if (sleepers_ == 0) return true;  // a polling worker takes it
   }
   cv_.notify_one();
   return true;
@@ -29,7 +31,8 @@ void BoundedExecutor::SubmitAlways(Task task) {
     std::lock_guard<std::mutex> lock(mu_);
     if (!stopping_) {
       queue_.push_back(std::move(task));
-      cv_.notify_one();
+      waiting_.store(static_cast<int64_t>(queue_.size()), std::memory_order_release);
+      if (sleepers_ > 0) cv_.notify_one();
       return;
     }
   }
@@ -62,10 +65,26 @@ int64_t BoundedExecutor::running() const {
 void BoundedExecutor::WorkerLoop() {
   std::unique_lock<std::mutex> lock(mu_);
   while (true) {
+    if (queue_.empty() && !stopping_ && spin_.count() > 0) {
+      // Poll a while before sleeping; a submitter that sees no sleeper does not notify.
+      lock.unlock();
+      const auto until = std::chrono::steady_clock::now() + spin_;
+      while (waiting_.load(std::memory_order_acquire) == 0 && std::chrono::steady_clock::now() < until) {
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+      }
+      lock.lock();
+    }
+    // Sleepers are counted under mu_, so a task queued after this check is either seen by the
+    // predicate or its submitter sees the sleeper and notifies.
+    ++sleepers_;
     cv_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
+    --sleepers_;
     if (queue_.empty()) return;  // stopping and drained
     Task task = std::move(queue_.front());
     queue_.pop_front();
+    waiting_.store(static_cast<int64_t>(queue_.size()), std::memory_order_release);
     ++running_;
     lock.unlock();
     std::move(task)();

@@ -23,7 +23,7 @@ void RunDescribe(const engine::Engine& engine, const ServiceLimits& limits, bool
 }
 
 absl::Status RunStep(engine::Engine& engine, const v1::StepRequest& request,
-                     v1::StepResponse* response, const CallContext& call) {
+                     v1::StepResponse* response, const CallContext& call, engine::OutputBytes* payload) {
   using Clock = std::chrono::steady_clock;
   const Clock::time_point t0 = Clock::now();
   PKV_RETURN_IF_ERROR(CheckIncarnation(request.expected_incarnation(), call));
@@ -36,7 +36,7 @@ absl::Status RunStep(engine::Engine& engine, const v1::StepRequest& request,
   // The wire checks count as validation, next to the engine's own.
   output.timings.validate_seconds += std::chrono::duration<double>(t1 - t0).count();
   const Clock::time_point t2 = Clock::now();
-  ToStepResponse(std::move(output), request, engine.shape(), response);
+  ToStepResponse(std::move(output), request, engine.shape(), response, payload);
   response->set_incarnation(call.incarnation);
   response->set_serialize_seconds(std::chrono::duration<double>(Clock::now() - t2).count());
   return absl::OkStatus();

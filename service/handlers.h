@@ -26,8 +26,11 @@ void RunDescribe(const engine::Engine& engine, const ServiceLimits& limits, bool
 // Step: proto checks, then engine::Engine::Step as `call.router`; fills `response` only on
 // success, with the stage timings up to serialize_seconds (the caller adds what happened around
 // it).
+// With `payload`, response->out carries no data: *payload holds the output bytes, for the caller to
+// send as out.data without copying them (see SerializeStepResponse in worker_server.cc).
 absl::Status RunStep(engine::Engine& engine, const v1::StepRequest& request,
-                     v1::StepResponse* response, const CallContext& call = {});
+                     v1::StepResponse* response, const CallContext& call = {},
+                     engine::OutputBytes* payload = nullptr);
 
 // Release: frees all of request.sequence_ids or none.
 absl::Status RunRelease(engine::Engine& engine, const v1::ReleaseRequest& request,

@@ -157,7 +157,7 @@ absl::StatusOr<engine::StepInput> ToStepInput(const v1::StepRequest& request,
 }
 
 void ToStepResponse(engine::StepOutput&& output, const v1::StepRequest& request,
-                    const ModelShape& shape, v1::StepResponse* response) {
+                    const ModelShape& shape, v1::StepResponse* response, engine::OutputBytes* payload) {
   const int64_t b = request.rows_size();
   response->set_token_step_id(request.token_step_id());
   response->set_layer(request.layer());
@@ -166,7 +166,11 @@ void ToStepResponse(engine::StepOutput&& output, const v1::StepRequest& request,
   out->add_shape(b);
   out->add_shape(shape.num_q_heads);
   out->add_shape(shape.head_dim);
-  out->set_data(std::move(output.out));
+  if (payload != nullptr) {
+    *payload = std::move(output.out);  // the caller sends these bytes as out.data, uncopied
+  } else {
+    out->set_data(output.out.str());
+  }
   if (!output.lse.empty()) {
     v1::Tensor* lse = response->mutable_lse();
     lse->set_dtype(v1::DTYPE_FP32);

@@ -57,7 +57,8 @@ absl::StatusOr<engine::StepInput> ToStepInput(const v1::StepRequest& request, co
 // Moves an engine output into `response` (out [B, Hq, d], lse [B, Hq] fp32 when present, the
 // engine's stage timings) and echoes the request's token_step_id and layer.
 void ToStepResponse(engine::StepOutput&& output, const v1::StepRequest& request,
-                    const ModelShape& shape, v1::StepResponse* response);
+                    const ModelShape& shape, v1::StepResponse* response,
+                    engine::OutputBytes* payload = nullptr);
 
 // Checks a WriteKV chunk's tensors ([num_tokens, Hkv, d] in the model dtype) and ranges against
 // the model shape and the prompt length announced by the header.

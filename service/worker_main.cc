@@ -57,6 +57,10 @@ ABSL_FLAG(int64_t, max_message_bytes, int64_t{64} << 20, "gRPC max request/respo
 ABSL_FLAG(int32_t, service_threads, 2,
           "Threads that run decode steps (Step, StepStream), Describe and Release; token steps of "
           "different micro-batches run on them concurrently.");
+ABSL_FLAG(int32_t, service_spin_us, 50,
+          "Microseconds an idle service thread polls for the next decode step before it sleeps: the "
+          "next layer-step then starts without a thread wake-up, at the price of that much CPU after "
+          "each step. 0: sleep at once.");
 ABSL_FLAG(int32_t, service_queue, 64,
           "Engine tasks that may wait for a service thread before new work gets RESOURCE_EXHAUSTED.");
 ABSL_FLAG(int32_t, ingest_threads, 2,
@@ -207,6 +211,7 @@ int Run() {
   options.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
   options.executor_threads = absl::GetFlag(FLAGS_service_threads);
   options.executor_queue = absl::GetFlag(FLAGS_service_queue);
+  options.executor_spin_us = absl::GetFlag(FLAGS_service_spin_us);
   options.ingest_threads = absl::GetFlag(FLAGS_ingest_threads);
   options.ingest_queue = absl::GetFlag(FLAGS_ingest_queue);
   options.tls_cert_file = absl::GetFlag(FLAGS_tls_cert_file);

@@ -107,6 +107,38 @@ void SerializeResponse(const Message& message, grpc::ByteBuffer* out) {
   PKV_CHECK(s.ok()) << "serializing " << Message::descriptor()->full_name() << ": " << s.error_message();
 }
 
+// A StepResponse whose out.data is `payload`: the message without it, then a second occurrence of
+// field `out` that carries only the data (protobuf merges repeated occurrences of a message
+// field), the bytes themselves as a slice that keeps `payload` alive instead of a copy.
+void SerializeStepResponse(const v1::StepResponse& response, const engine::OutputBytes& payload,
+                           grpc::ByteBuffer* out) {
+  if (payload.empty()) {
+    SerializeResponse(response, out);
+    return;
+  }
+  auto varint = [](std::string* s, uint64_t v) {
+    while (v >= 0x80) {
+      s->push_back(static_cast<char>((v & 0x7F) | 0x80));
+      v >>= 7;
+    }
+    s->push_back(static_cast<char>(v));
+  };
+  constexpr char kOutTag = (v1::StepResponse::kOutFieldNumber << 3) | 2;  // length-delimited
+  constexpr char kDataTag = (v1::Tensor::kDataFieldNumber << 3) | 2;
+  std::string head = response.SerializeAsString();
+  std::string data_key(1, kDataTag);
+  varint(&data_key, payload.size());
+  head.push_back(kOutTag);
+  varint(&head, data_key.size() + payload.size());
+  head += data_key;
+  auto* keep = new std::shared_ptr<const std::string>(payload.shared());
+  grpc::Slice slices[2] = {
+      grpc::Slice(head),
+      grpc::Slice(const_cast<char*>((*keep)->data()), (*keep)->size(),
+                  [](void* p) { delete static_cast<std::shared_ptr<const std::string>*>(p); }, keep)};
+  *out = grpc::ByteBuffer(slices, 2);
+}
+
 // Counts finished RPCs (StepStream: messages) and in-flight calls when metrics are enabled.
 class RpcStats {
  public:
@@ -242,9 +274,10 @@ class WorkerService final : public RawService {
       v1::StepRequest in;
       PKV_RETURN_IF_ERROR(ParseRequest(*request, &in, RpcMethod::kStep, stats_.metrics()));
       v1::StepResponse out;
-      PKV_RETURN_IF_ERROR(RunStep(engine_, in, &out, call));
+      engine::OutputBytes payload;
+      PKV_RETURN_IF_ERROR(RunStep(engine_, in, &out, call, &payload));
       SetServerTimes(received, started, &out);
-      SerializeResponse(out, response);
+      SerializeStepResponse(out, payload, response);
       return absl::OkStatus();
     });
   }
@@ -377,12 +410,16 @@ class StepStreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer,
       return;
     }
     response_.Clear();
-    Answer(RunStep(service_->engine(), request_, &response_, call_));
+    payload_ = engine::OutputBytes();
+    Answer(RunStep(service_->engine(), request_, &response_, call_, &payload_));
   }
 
   // Writes response_ with `status` (echoing the request's ids; 0 for an unparsable request).
   void Answer(const absl::Status& status) {
-    if (!status.ok()) response_.Clear();
+    if (!status.ok()) {
+      response_.Clear();
+      payload_ = engine::OutputBytes();
+    }
     response_.set_token_step_id(request_.token_step_id());
     response_.set_layer(request_.layer());
     response_.set_incarnation(call_.incarnation);
@@ -392,7 +429,8 @@ class StepStreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer,
     SetServerTimes(received_, started_, &response_);
     service_->stats().Count(RpcMethod::kStepStream, ToGrpcStatus(status));
     raw_response_.Clear();
-    SerializeResponse(response_, &raw_response_);
+    SerializeStepResponse(response_, payload_, &raw_response_);
+    payload_ = engine::OutputBytes();  // the slice keeps the bytes alive until gRPC sent them
     StartWrite(&raw_response_);
   }
 
@@ -401,6 +439,7 @@ class StepStreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer,
   grpc::ByteBuffer raw_request_, raw_response_;
   v1::StepRequest request_;
   v1::StepResponse response_;
+  engine::OutputBytes payload_;  // response_'s out.data, sent uncopied
   std::chrono::steady_clock::time_point received_, started_;  // request read; engine thread began
   std::atomic<bool> cancelled_{false};
 };
@@ -749,7 +788,8 @@ absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Start(
   impl->options = options;
   impl->security_mode = security_mode;
   impl->engine = std::move(engine);
-  impl->executor = std::make_unique<BoundedExecutor>(options.executor_threads, options.executor_queue);
+  impl->executor = std::make_unique<BoundedExecutor>(options.executor_threads, options.executor_queue,
+                                                     std::chrono::microseconds(options.executor_spin_us));
   impl->ingest_executor = std::make_unique<BoundedExecutor>(options.ingest_threads, options.ingest_queue);
   {
     std::random_device random;

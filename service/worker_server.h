@@ -33,6 +33,9 @@ struct ServerOptions {
   int64_t max_message_bytes = 64LL << 20;         // gRPC max send/receive message size
   int executor_threads = 2;                       // threads for decode steps, Describe, Release
   int executor_queue = 64;                        // their tasks waiting before RESOURCE_EXHAUSTED
+  // An idle decode-executor thread polls this long for the next task before it sleeps, so the
+  // next layer-step starts without a thread wake-up; 0: sleep at once.
+  int executor_spin_us = 50;
   // WriteKV (prefill ingest) runs on its own executor, so that prompt chunks never queue in
   // front of decode steps.
   int ingest_threads = 2;

@@ -2,6 +2,7 @@
 #include "service/executor.h"
 
 #include <atomic>
+#include <random>
 #include <chrono>
 #include <condition_variable>
 #include <mutex>
@@ -38,6 +39,32 @@ TEST(BoundedExecutorTest, RunsEveryAcceptedTask) {
     for (int i = 0; i < 500; ++i) ASSERT_TRUE(executor.TrySubmit([&ran] { ran.fetch_add(1); }));
   }  // the destructor drains the queue
   EXPECT_EQ(ran.load(), 500);
+}
+
+// Polling workers: no task is lost whether it arrives while a worker polls, after it went to
+// sleep, or while every worker is busy; tasks submitted from inside tasks run too.
+TEST(BoundedExecutorTest, PollingWorkersLoseNoTask) {
+  for (int spin_us : {1, 50, 2000}) {
+    std::atomic<int> ran{0}, nested{0};
+    {
+      BoundedExecutor executor(2, 100000, std::chrono::microseconds(spin_us));
+      std::mt19937 rng(spin_us);
+      for (int i = 0; i < 3000; ++i) {
+        if (rng() % 7 == 0) std::this_thread::sleep_for(std::chrono::microseconds(rng() % 300));
+        ASSERT_TRUE(executor.TrySubmit([&ran, &nested, &executor, i] {
+          ran.fetch_add(1);
+          if (i % 5 == 0) executor.SubmitAlways([&nested] { nested.fetch_add(1); });
+        }));
+        if (i % 500 == 0) {
+          // Wait for quiescence: the next task finds sleeping workers.
+          while (executor.queued() > 0 || executor.running() > 0) std::this_thread::yield();
+          std::this_thread::sleep_for(std::chrono::microseconds(2 * spin_us + 100));
+        }
+      }
+    }  // the destructor drains the queue
+    EXPECT_EQ(ran.load(), 3000) << "spin " << spin_us;
+    EXPECT_EQ(nested.load(), 600) << "spin " << spin_us;
+  }
 }
 
 TEST(BoundedExecutorTest, RefusesWhenTheQueueIsFull) {
