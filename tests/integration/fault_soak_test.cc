@@ -902,12 +902,14 @@ void FaultSoakTest::HostileRouters(int round, const std::string& target, const s
         for (const auto& open : d.open_steps()) {
           if (open.router() == thief.id()) continue;
           const int32_t next = std::clamp(open.layers_done(), 1, shape.num_layers - 1);
-          for (const int32_t layer : {0, next}) {
+          // The later layer first, so that it never meets a token step of the thief's own.
+          for (const int32_t layer : {next, 0}) {
             v1::StepResponse r;
             const grpc::Status s = thief.Step(thief.StepRequest(open.token_step_id(), layer, {}), &r);
-            // Open or retained: PERMISSION_DENIED. Gone from the retry window since Describe:
-            // FAILED_PRECONDITION. Forgotten entirely (layer 0 only): a new, empty token step
-            // of the thief's own, harmless.
+            // Open or retained: PERMISSION_DENIED. Completed and out of the retry window, or
+            // aborted, since Describe: FAILED_PRECONDITION. Layer 0 of a token step the lease
+            // aborted since Describe: its id is free again, so this is a new, empty token step of
+            // the thief's own.
             if (s.ok() && layer == 0 && r.out().data().empty()) continue;
             Expect(s, {StatusCode::PERMISSION_DENIED, StatusCode::FAILED_PRECONDITION},
                    "token step " + std::to_string(open.token_step_id()) + " of router '" + open.router() +
