@@ -952,8 +952,10 @@ struct ReplayRun {
 constexpr int kReplayRequests = 10;
 
 ReplayRun RunReplay(const std::string& target, uint64_t seed, const std::string& tag) {
-  const std::string json = ::testing::TempDir() + "/pkv_fault_soak_replay_" + tag + ".json";
-  const std::string log = ::testing::TempDir() + "/pkv_fault_soak_replay_" + tag + ".log";
+  const std::string prefix =
+      ::testing::TempDir() + "/pkv_fault_soak_replay_" + std::to_string(getpid()) + "_" + tag;
+  const std::string json = prefix + ".json";
+  const std::string log = prefix + ".log";
   std::remove(json.c_str());
   std::remove(log.c_str());
   ReplayRun run;
