@@ -609,6 +609,7 @@ class WorkerProcess {
     const std::string log = ReadFile(log_path_);
     return log.size() <= bytes ? log : "..." + log.substr(log.size() - bytes);
   }
+  void RemoveLog() const { std::remove(log_path_.c_str()); }
   // SIGTERM, then its wait status (-1: still running after `timeout`, then killed).
   int Stop(std::chrono::seconds timeout) {
     kill(pid_, SIGTERM);
@@ -966,6 +967,8 @@ ReplayRun RunReplay(const std::string& target, uint64_t seed, const std::string&
   run.status = WaitExit(pid, std::chrono::seconds(180));
   run.log = ReadFile(log);
   run.report = ReadFile(json);
+  std::remove(json.c_str());  // a failure prints both
+  std::remove(log.c_str());
   return run;
 }
 
@@ -1092,6 +1095,7 @@ uint64_t FaultSoakTest::RunRound(int round, uint64_t previous_incarnation) {
   const int status = worker.Stop(std::chrono::seconds(30));
   EXPECT_TRUE(status != -1 && WIFEXITED(status) && WEXITSTATUS(status) == 0)
       << "on SIGTERM the worker: " << DescribeExit(status) << "\n" << worker.LogTail();
+  if (!HasFailure()) worker.RemoveLog();  // kept for a look after a failure
   return incarnation;
 }
 
