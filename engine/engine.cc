@@ -264,7 +264,8 @@ absl::Status Engine::ValidateLayerZero(const StepInput& in) const {
     }
     if (it->second.open_token_step != 0) {
       return absl::FailedPreconditionError(absl::StrCat("free[", i, "]: sequence ", id, " is in token step ",
-                                                        it->second.open_token_step, ", which has layers left"));
+                                                        ExternalStepId(it->second.open_token_step),
+                                                        ", which has layers left"));
     }
     if (Contains(in.rows, id)) {
       return absl::InvalidArgumentError(absl::StrCat("free[", i, "]: sequence ", id, " is also a row of this step"));
@@ -304,7 +305,8 @@ absl::Status Engine::ValidateLayerZero(const StepInput& in) const {
     }
     if (it->second.open_token_step != 0) {
       return absl::FailedPreconditionError(absl::StrCat("rows[", i, "]: sequence ", id, " is in token step ",
-                                                        it->second.open_token_step, ", which has layers left"));
+                                                        ExternalStepId(it->second.open_token_step),
+                                                        ", which has layers left"));
     }
     auto need = pager_.PagesToAppend(id, 1);
     PKV_CHECK(need.ok()) << "engine and pager disagree on sequence " << id;
@@ -321,21 +323,17 @@ absl::Status Engine::ValidateLayerZero(const StepInput& in) const {
 }
 
 absl::Status Engine::ValidateLaterLayer(const StepInput& in, const TokenStep& ts) const {
-  if (ts.owner != in.owner) {
-    return absl::PermissionDeniedError(
-        absl::StrCat("token_step_id: token step ", ts.id, " belongs to another router"));
-  }
   if (!in.open.empty() || !in.free.empty()) {
     return absl::InvalidArgumentError(absl::StrCat(in.open.empty() ? "free" : "open",
                                                    ": deltas are only allowed in layer 0 of a token step"));
   }
   if (in.rows != ts.rows) {
     return absl::InvalidArgumentError(
-        absl::StrCat("rows: differ from layer 0 of token step ", ts.id, " (same rows, same order)"));
+        absl::StrCat("rows: differ from layer 0 of token step ", ts.external_id, " (same rows, same order)"));
   }
   if (!ts.layer_done[in.layer - 1]) {
-    return absl::FailedPreconditionError(absl::StrCat("layer: layer ", in.layer - 1, " of token step ", ts.id,
-                                                      " has not run; layers run in order"));
+    return absl::FailedPreconditionError(absl::StrCat("layer: layer ", in.layer - 1, " of token step ",
+                                                      ts.external_id, " has not run; layers run in order"));
   }
   for (size_t i = 0; i < ts.rows.size(); ++i) {
     if (!seqs_.contains(ts.rows[i])) {
@@ -345,9 +343,10 @@ absl::Status Engine::ValidateLaterLayer(const StepInput& in, const TokenStep& ts
   return absl::OkStatus();
 }
 
-absl::Status Engine::BeginTokenStep(const StepInput& in) {
+absl::Status Engine::BeginTokenStep(const StepInput& in, uint64_t key) {
   auto ts = std::make_unique<TokenStep>();
-  ts->id = in.token_step_id;
+  ts->id = key;
+  ts->external_id = in.token_step_id;
   ts->owner = in.owner;
   ts->last_activity = Clock::now();
   ts->rows = in.rows;
@@ -405,6 +404,7 @@ absl::Status Engine::BeginTokenStep(const StepInput& in) {
       PKV_CHECK(pager_.Truncate(id, pager_.Find(id)->num_tokens - 1).ok()) << "undo append failed";
     }
     for (SeqId id : in.open) ReleaseLocked(id);
+    ForgetStepKey(key);
     PKV_LOG(ERROR) << "backend refused token step " << in.token_step_id << ": " << slot.status();
     return absl::InternalError(absl::StrCat("backend ", backend_->name(), " failed to begin token step ",
                                             in.token_step_id, ": ", slot.status().message()));
@@ -514,12 +514,40 @@ void Engine::CompleteTokenStep(uint64_t id) {
 }
 
 void Engine::Remember(uint64_t id) {
-  if (options_.remembered_token_step_ids <= 0) return;
+  if (options_.remembered_token_step_ids <= 0) {
+    ForgetStepKey(id);
+    return;
+  }
   if (remembered_.insert(id).second) remembered_order_.push_back(id);
   while (static_cast<int32_t>(remembered_order_.size()) > options_.remembered_token_step_ids) {
     remembered_.erase(remembered_order_.front());
+    ForgetStepKey(remembered_order_.front());
     remembered_order_.pop_front();
   }
+}
+
+uint64_t Engine::StepKey(const std::string& owner, uint64_t token_step_id) const {
+  auto it = step_keys_.find(std::make_pair(owner, token_step_id));
+  return it == step_keys_.end() ? 0 : it->second;
+}
+
+uint64_t Engine::NewStepKey(const std::string& owner, uint64_t token_step_id) {
+  const uint64_t key = next_step_key_++;
+  step_keys_[std::make_pair(owner, token_step_id)] = key;
+  step_names_[key] = std::make_pair(owner, token_step_id);
+  return key;
+}
+
+void Engine::ForgetStepKey(uint64_t key) {
+  auto it = step_names_.find(key);
+  if (it == step_names_.end()) return;
+  step_keys_.erase(it->second);
+  step_names_.erase(it);
+}
+
+uint64_t Engine::ExternalStepId(uint64_t key) const {
+  auto it = step_names_.find(key);
+  return it == step_names_.end() ? 0 : it->second.second;
 }
 
 void Engine::AbortTokenStep(uint64_t id) {
@@ -533,10 +561,11 @@ void Engine::AbortTokenStep(uint64_t id) {
     PKV_CHECK(pages != nullptr && pages->num_tokens >= 1) << "open token step row without its token";
     PKV_CHECK(pager_.Truncate(row, pages->num_tokens - 1).ok()) << "truncate failed";
   }
-  PKV_LOG(WARNING) << "token step " << id << " aborted after " << it->second->layers_done << " of "
-                   << shape_.num_layers << " layers";
+  PKV_LOG(WARNING) << "token step " << it->second->external_id << " of router '" << it->second->owner
+                   << "' aborted after " << it->second->layers_done << " of " << shape_.num_layers << " layers";
   observer_->OnTokenStepAborted(static_cast<int32_t>(it->second->rows.size()));
   backend_->EndTokenStep(it->second->backend_slot);
+  ForgetStepKey(id);  // an aborted token step's id may be used again
   open_steps_.erase(it);
 }
 
@@ -579,16 +608,17 @@ absl::StatusOr<StepOutput> Engine::Step(const StepInput& in) {
   PKV_RETURN_IF_ERROR(ValidateTensors(in));
 
   std::unique_lock<std::mutex> lock(mu_);
+  // Token step ids are per router: another router's token step of the same id is not this one.
   // A Release waiting on this token step's running layer goes first (then the step is aborted).
-  layer_finished_.wait(lock, [&] { return !release_waiting_.contains(in.token_step_id); });
+  layer_finished_.wait(lock, [&] {
+    const uint64_t k = StepKey(in.owner, in.token_step_id);
+    return k == 0 || !release_waiting_.contains(k);
+  });
+  uint64_t key = StepKey(in.owner, in.token_step_id);
   // A retried (token_step_id, layer) returns its first outputs.
   TokenStep* ts = nullptr;
-  if (auto it = open_steps_.find(in.token_step_id); it != open_steps_.end()) ts = it->second.get();
-  if (ts == nullptr) ts = FindRetained(in.token_step_id);
-  if (ts != nullptr && ts->owner != in.owner) {
-    return absl::PermissionDeniedError(
-        absl::StrCat("token_step_id: token step ", in.token_step_id, " belongs to another router"));
-  }
+  if (auto it = open_steps_.find(key); key != 0 && it != open_steps_.end()) ts = it->second.get();
+  if (ts == nullptr && key != 0) ts = FindRetained(key);
   if (ts != nullptr && ts->layer_done[in.layer]) {
     if (in.rows != ts->rows) {
       return absl::InvalidArgumentError(absl::StrCat(
@@ -620,7 +650,7 @@ absl::StatusOr<StepOutput> Engine::Step(const StepInput& in) {
                                                       ts->running_layer, " is running; send layer ", in.layer,
                                                       " after it answers"));
   }
-  if (ts == nullptr && remembered_.contains(in.token_step_id)) {
+  if (ts == nullptr && key != 0 && remembered_.contains(key)) {
     return absl::FailedPreconditionError(absl::StrCat(
         "token_step_id: token step ", in.token_step_id, " already completed and its outputs left the retry window (the ",
         limits_.retry_window_token_steps, " most recent token steps); nothing was appended"));
@@ -631,15 +661,16 @@ absl::StatusOr<StepOutput> Engine::Step(const StepInput& in) {
     }
     PKV_RETURN_IF_ERROR(ValidateLayerZero(in));
     validated = std::chrono::steady_clock::now();
-    PKV_RETURN_IF_ERROR(BeginTokenStep(in));
+    key = NewStepKey(in.owner, in.token_step_id);
+    PKV_RETURN_IF_ERROR(BeginTokenStep(in, key));
     if (in.rows.empty()) {
       StepOutput empty;
       empty.kernel = KernelId::kReference;
       return empty;
     }
-    ts = open_steps_[in.token_step_id].get();
+    ts = open_steps_[key].get();
   } else {
-    if (ts == nullptr || !open_steps_.contains(in.token_step_id)) {
+    if (ts == nullptr || !open_steps_.contains(key)) {
       return absl::FailedPreconditionError(absl::StrCat(
           "token_step_id: ", in.token_step_id,
           " has not begun (send layer 0 first) or was aborted (a row was released, or it sat idle past the lease)"));
@@ -762,7 +793,7 @@ Reclaimed Engine::ReclaimIdle(Clock::time_point now) {
     std::sort(idle.begin(), idle.end());
     for (uint64_t id : idle) {
       const TokenStep& ts = *open_steps_.at(id);
-      out.token_steps.push_back({id, ts.owner, ts.layers_done, static_cast<int32_t>(ts.rows.size())});
+      out.token_steps.push_back({ts.external_id, ts.owner, ts.layers_done, static_cast<int32_t>(ts.rows.size())});
       AbortTokenStep(id);
     }
   }
@@ -790,7 +821,7 @@ EngineInfo Engine::Info() const {
   info.limits = limits_;
   const auto now = Clock::now();
   for (const auto& [id, ts] : open_steps_) {
-    info.open_steps.push_back({id, ts->owner, static_cast<int32_t>(ts->rows.size()), ts->layers_done,
+    info.open_steps.push_back({ts->external_id, ts->owner, static_cast<int32_t>(ts->rows.size()), ts->layers_done,
                                std::chrono::duration<double>(now - ts->last_activity).count()});
   }
   std::sort(info.open_steps.begin(), info.open_steps.end(),

@@ -307,7 +307,8 @@ class Engine {
     Clock::time_point last_used;  // created, or last in a token step
   };
   struct TokenStep {
-    uint64_t id = 0;
+    uint64_t id = 0;           // the engine's key (StepKey), unique across routers
+    uint64_t external_id = 0;  // the router's token_step_id (per-router namespace)
     std::string owner;
     Clock::time_point last_activity;
     std::vector<SeqId> rows;
@@ -331,9 +332,17 @@ class Engine {
   absl::Status CheckFinite(absl::string_view field, std::span<const uint8_t> data, int32_t heads) const;
   absl::Status ValidateLayerZero(const StepInput& in) const;
   absl::Status ValidateLaterLayer(const StepInput& in, const TokenStep& ts) const;
-  // Applies the deltas and commits the step to the backend. Fails only on a backend (device)
-  // fault, after undoing the appends and opens (frees stay applied).
-  absl::Status BeginTokenStep(const StepInput& in);
+  // Applies the deltas and commits the step, under the engine's key `key`, to the backend. Fails
+  // only on a backend (device) fault, after undoing the appends and opens (frees stay applied).
+  absl::Status BeginTokenStep(const StepInput& in, uint64_t key);
+  // Token step ids are per router: (owner, token_step_id) names a token step by an engine key.
+  // 0 when the router has no such token step (open, retained or remembered).
+  uint64_t StepKey(const std::string& owner, uint64_t token_step_id) const;
+  uint64_t NewStepKey(const std::string& owner, uint64_t token_step_id);
+  // Drops the name of `key` (its token_step_id may be used again by its router).
+  void ForgetStepKey(uint64_t key);
+  // The router's token_step_id of engine key `key`, for messages.
+  uint64_t ExternalStepId(uint64_t key) const;
   // Runs the backend layer of `ts` with `lock` released, then records the outputs under it.
   // `validated`: when validation ended (the host-work stage starts there).
   absl::StatusOr<StepOutput> RunLayer(std::unique_lock<std::mutex>& lock, TokenStep& ts, const StepInput& in,
@@ -370,6 +379,10 @@ class Engine {
   // remembered_token_step_ids.
   std::deque<uint64_t> remembered_order_;
   absl::flat_hash_set<uint64_t> remembered_;
+  // Names of the token steps held (open, retained or remembered): (owner, token_step_id) <-> key.
+  absl::flat_hash_map<std::pair<std::string, uint64_t>, uint64_t> step_keys_;
+  absl::flat_hash_map<uint64_t, std::pair<std::string, uint64_t>> step_names_;
+  uint64_t next_step_key_ = 1;
   bool stopped_ = false;  // StopNewWork
   StepObserver default_observer_;
   StepObserver* observer_ = &default_observer_;

@@ -963,10 +963,11 @@ TEST(EngineRobustnessTest, SequencesAndTokenStepsBelongToTheirRouter) {
   const uint64_t before = e->StateFingerprint();
   StepInput b = a0;
   b.owner = "bob";
-  // Bob reading alice's outputs from the retry cache, or stepping her token step or sequence.
+  // Bob resending alice's request names his own token step 50 (token step ids are per router),
+  // whose row is alice's: refused; her later layer is no token step of his.
   EXPECT_EQ(e->Step(b).status().code(), absl::StatusCode::kPermissionDenied);
   b.layer = 1;
-  EXPECT_EQ(e->Step(b).status().code(), absl::StatusCode::kPermissionDenied);
+  EXPECT_EQ(e->Step(b).status().code(), absl::StatusCode::kFailedPrecondition);
   StepInput b2 = MakeStep(s, 51, 0, {2, 1}, rng);
   b2.owner = "";
   absl::StatusOr<StepOutput> denied = e->Step(b2);
@@ -989,6 +990,33 @@ TEST(EngineRobustnessTest, SequencesAndTokenStepsBelongToTheirRouter) {
     ASSERT_TRUE(e->Step(in).ok());
   }
   EXPECT_TRUE(e->Release(one, "alice").ok());
+}
+
+TEST(EngineRobustnessTest, TokenStepIdsArePerRouter) {
+  auto e = MakeEngine();
+  const ModelShape s = e->shape();
+  std::mt19937_64 rng(40);
+  WritePrompt(*e, 1, 3, rng, nullptr, nullptr, "alice");
+  WritePrompt(*e, 2, 3, rng, nullptr, nullptr, "mallory");
+  // Mallory takes the token step ids alice will use next, with and without rows.
+  StepInput squat = MakeStep(s, 101, 0, {}, rng);
+  squat.owner = "mallory";
+  ASSERT_TRUE(e->Step(squat).ok());
+  StepInput squat2 = MakeStep(s, 102, 0, {2}, rng);
+  squat2.owner = "mallory";
+  ASSERT_TRUE(e->Step(squat2).ok());
+  for (uint64_t id : {101, 102}) {
+    for (int layer = 0; layer < s.num_layers; ++layer) {
+      StepInput in = MakeStep(s, id, layer, {1}, rng);
+      in.owner = "alice";
+      auto out = e->Step(in);
+      ASSERT_TRUE(out.ok()) << id << "/" << layer << ": " << out.status();
+      EXPECT_FALSE(out->replayed);
+    }
+  }
+  EXPECT_EQ(e->Info().pager.used_tokens, 3 + 2 + 3 + 1);
+  EXPECT_EQ(e->Info().open_token_steps, 1);  // mallory's 102
+  EXPECT_TRUE(e->CheckConsistency().ok());
 }
 
 TEST(EngineRobustnessTest, NonFiniteInputsAreRefusedNamingTheTensor) {

@@ -869,7 +869,8 @@ void FaultSoakTest::HostileRouters(int round, const std::string& target, const s
           break;
         }
         Expect(thief.Step(layer0), {StatusCode::PERMISSION_DENIED}, "another router's layer 0 resent", stats);
-        Expect(thief.Step(thief.StepRequest(id + 2, 1, {id})), {StatusCode::PERMISSION_DENIED},
+        // Token step ids are per router: the thief's id + 2 is no token step of its own.
+        Expect(thief.Step(thief.StepRequest(id + 2, 1, {id})), {StatusCode::FAILED_PRECONDITION},
                "another router's layer 1", stats);
         Expect(thief.Step(thief.StepRequest(id + 3, 0, {id + 1})), {StatusCode::PERMISSION_DENIED},
                "another router's sequence as a row", stats);
@@ -904,11 +905,12 @@ void FaultSoakTest::HostileRouters(int round, const std::string& target, const s
           for (const int32_t layer : {next, 0}) {
             v1::StepResponse r;
             const grpc::Status s = thief.Step(thief.StepRequest(open.token_step_id(), layer, {}), &r);
-            // Open or retained: PERMISSION_DENIED. Completed and out of the retry window, or
-            // aborted, since Describe: FAILED_PRECONDITION. Layer 0 of a token step the lease
-            // aborted since Describe: its id is free again, so this is a new, empty token step of
-            // the thief's own.
-            if (s.ok() && layer == 0 && r.out().data().empty()) continue;
+            // Token step ids are per router: the thief's later layer names no token step of its
+            // own (FAILED_PRECONDITION) unless an earlier pass began one (then it is answered
+            // empty from the retry window), and its layer 0 begins a new, empty token step of its
+            // own that never touches the other router's (which the victims' and the replay's
+            // checks confirm).
+            if (s.ok() && r.out().data().empty()) continue;
             Expect(s, {StatusCode::PERMISSION_DENIED, StatusCode::FAILED_PRECONDITION},
                    "token step " + std::to_string(open.token_step_id()) + " of router '" + open.router() +
                        "', layer " + std::to_string(layer),

@@ -247,9 +247,10 @@ TEST_F(WorkerRobustnessTest, AnotherRouterCannotStepReleaseFreeOrReplay) {
   EXPECT_EQ(before.open_steps(0).router(), "alice");
 
   v1::StepResponse r;
-  // Bob resending alice's request: the retry cache answers only its owner.
+  // Bob resending alice's request names a token step of his own (token step ids are per router)
+  // over her sequence: refused; nothing comes from her retry cache.
   EXPECT_EQ(Step("bob", alice0, &r).error_code(), grpc::StatusCode::PERMISSION_DENIED);
-  EXPECT_EQ(Step("bob", StepRequest(100, 1, {1}), &r).error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_EQ(Step("bob", StepRequest(100, 1, {1}), &r).error_code(), grpc::StatusCode::FAILED_PRECONDITION);
   EXPECT_EQ(Step("bob", StepRequest(101, 0, {2, 1}), &r).error_code(), grpc::StatusCode::PERMISSION_DENIED);
   v1::StepRequest free_alice = StepRequest(102, 0, {2});
   free_alice.add_free(1);
