@@ -648,7 +648,6 @@ TEST_F(WorkerIntegrationTest, LivenessTurnsNotServingWhileTheExecutorIsStuckAndR
   EXPECT_GT(metrics_.heartbeat_age().Value(), 0.3);
   blocker.Release();
   EXPECT_TRUE(WaitHealth(service::kLivenessService, true));
-  EXPECT_LT(metrics_.heartbeat_age().Value(), 0.3);
 }
 
 TEST_F(WorkerIntegrationTest, LivenessTurnsNotServingWhileTheEngineLockIsHeldAndRecovers) {
