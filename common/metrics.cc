@@ -169,7 +169,7 @@ WorkerMetrics::WorkerMetrics(const BuildInfo& build) : registry_(std::make_share
   auto& tokens = BuildGauge()
                      .Name("pkv_kv_pool_tokens")
                      .Help("Token slots of the pool by state: used (a token stored), reserved_unused (in a "
-                           "page a sequence holds, not written yet) and free (in a free page); they sum to "
+                           "page a sequence holds, beyond its tokens) and free (in a free page); they sum to "
                            "pkv_kv_pool_capacity_tokens.")
                      .Register(r);
   tokens_used_ = &tokens.Add({{"state", "used"}});
