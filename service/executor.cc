@@ -17,18 +17,24 @@ BoundedExecutor::~BoundedExecutor() { Shutdown(); }
 bool BoundedExecutor::TrySubmit(Task task) {
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (stopping_ || static_cast<int>(queue_.size()) >= max_queued_) return false;
-    queue_.push_back(std::move(task));
+    if (stopping_ || counted_ >= max_queued_) return false;
+    queue_.push_back({std::move(task), true});
+    ++counted_;
   }
   cv_.notify_one();
   return true;
 }
 
-void BoundedExecutor::SubmitAlways(Task task) {
+void BoundedExecutor::SubmitAlways(Task task) { Submit(std::move(task), /*counted=*/true); }
+
+void BoundedExecutor::SubmitUncounted(Task task) { Submit(std::move(task), /*counted=*/false); }
+
+void BoundedExecutor::Submit(Task task, bool counted) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (!stopping_) {
-      queue_.push_back(std::move(task));
+      queue_.push_back({std::move(task), counted});
+      if (counted) ++counted_;
       cv_.notify_one();
       return;
     }
@@ -64,8 +70,10 @@ void BoundedExecutor::WorkerLoop() {
   while (true) {
     cv_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
     if (queue_.empty()) return;  // stopping and drained
-    Task task = std::move(queue_.front());
+    Queued next = std::move(queue_.front());
     queue_.pop_front();
+    if (next.counted) --counted_;
+    Task task = std::move(next.task);
     ++running_;
     lock.unlock();
     std::move(task)();

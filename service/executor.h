@@ -5,7 +5,9 @@
 // TrySubmit refuses work when `max_queued` tasks wait, and the caller answers RESOURCE_EXHAUSTED
 // (backpressure) instead of queueing without limit. SubmitAlways is for cleanup and for the next
 // message of a stream that already holds an admission (each stream has at most one task queued),
-// so its extra queue is bounded by the number of open streams.
+// so its extra queue is bounded by the number of open streams. SubmitUncounted is for a
+// monitoring probe: queued like the rest but never counted against the bound, so that it neither
+// is refused nor takes a slot from real work.
 // Thread-safety: every method may be called from any thread. Shutdown runs every queued task,
 // then joins the threads; submissions after Shutdown are refused (SubmitAlways runs them inline).
 #pragma once
@@ -36,6 +38,8 @@ class BoundedExecutor final {
   [[nodiscard]] bool TrySubmit(Task task);
   // Queues `task` whatever the queue length; after Shutdown it runs on the calling thread.
   void SubmitAlways(Task task);
+  // SubmitAlways, and `task` does not count towards `max_queued` while it waits.
+  void SubmitUncounted(Task task);
   // Runs every queued task, then stops and joins the workers. Idempotent.
   void Shutdown();
 
@@ -45,12 +49,19 @@ class BoundedExecutor final {
   int64_t running() const;
 
  private:
+  struct Queued {
+    Task task;
+    bool counted = true;  // counts towards max_queued_
+  };
+
   void WorkerLoop();
+  void Submit(Task task, bool counted);
 
   const int max_queued_;
   mutable std::mutex mu_;
   std::condition_variable cv_;
-  std::deque<Task> queue_;
+  std::deque<Queued> queue_;
+  int64_t counted_ = 0;  // entries of queue_ that count towards max_queued_
   int64_t running_ = 0;
   bool stopping_ = false;
   std::vector<std::thread> threads_;

@@ -54,8 +54,9 @@ void EngineHeartbeat::Run() {
 
 void EngineHeartbeat::Beat() {
   if (!shared_->pending.exchange(true)) {
-    // SubmitAlways: a full queue of work that is moving is not a stall; the probe waits its turn.
-    executor_.SubmitAlways([shared = shared_] {
+    // A full queue of work that is moving is not a stall: the probe waits its turn, and takes no
+    // slot from real work.
+    executor_.SubmitUncounted([shared = shared_] {
       shared->probe();
       shared->last_success_ns.store(NowNs());
       shared->pending.store(false);

@@ -778,7 +778,8 @@ struct WorkerServer::Impl {
   void StartHeartbeat() {
     if (options.liveness_stall_seconds <= 0) return;
     EngineHeartbeat::Options o;
-    o.period = std::chrono::duration<double>(options.heartbeat_period_seconds > 0 ? options.heartbeat_period_seconds : 1.0);
+    o.period = std::chrono::duration<double>(
+        options.heartbeat_period_seconds > 0 ? options.heartbeat_period_seconds : 1.0);
     o.stall = std::chrono::duration<double>(options.liveness_stall_seconds);
     heartbeat = std::make_unique<EngineHeartbeat>(
         *executor, [e = engine.get()] { e->Heartbeat(); }, o,
