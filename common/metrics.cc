@@ -19,6 +19,14 @@ const Histogram::BucketBoundaries& StepBuckets() {
   return b;
 }
 
+// RPC latency and queue waits: 50 µs (a GPU layer-step answered at once) to 60 s (a long WriteKV
+// stream, or a request stuck behind a jammed queue).
+const Histogram::BucketBoundaries& RpcBuckets() {
+  static const Histogram::BucketBoundaries b = {5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05,
+                                                0.1,  0.25, 0.5,    1.0,  2.5,  5.0,    10.0, 30.0, 60.0};
+  return b;
+}
+
 }  // namespace
 
 const char* RpcMethodName(RpcMethod method) {
@@ -130,12 +138,6 @@ WorkerMetrics::WorkerMetrics(const BuildInfo& build) : registry_(std::make_share
                      .Register(r);
   graph_hits_ = &graphs.Add({{"result", "hit"}});
   graph_misses_ = &graphs.Add({{"result", "miss"}});
-  graph_padding_rows_ = &BuildCounter()
-                             .Name("pkv_cuda_graph_padding_rows_total")
-                             .Help("Rows of padding added to reach a captured batch-size bucket (0: graphs "
-                                   "are updated to the batch, not padded).")
-                             .Register(r)
-                             .Add({});
   ingest_bytes_ = &BuildCounter()
                        .Name("pkv_ingest_bytes_total")
                        .Help("Prompt K,V bytes committed through WriteKV.")
@@ -147,19 +149,32 @@ WorkerMetrics::WorkerMetrics(const BuildInfo& build) : registry_(std::make_share
                           .Register(r)
                           .Add({}, Histogram::BucketBoundaries{1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 60});
 
+  capacity_pages_ = &BuildGauge()
+                         .Name("pkv_kv_pool_capacity_pages")
+                         .Help("KV pool size in pages (each holds page_size tokens of every layer).")
+                         .Register(r)
+                         .Add({});
   auto& pages = BuildGauge()
                     .Name("pkv_kv_pool_pages")
-                    .Help("KV pool pages by state (total, used, free).")
+                    .Help("KV pool pages by state: used (held by a sequence) and free; they sum to "
+                          "pkv_kv_pool_capacity_pages.")
                     .Register(r);
-  pool_total_ = &pages.Add({{"state", "total"}});
   pool_used_ = &pages.Add({{"state", "used"}});
   pool_free_ = &pages.Add({{"state", "free"}});
+  capacity_tokens_ = &BuildGauge()
+                          .Name("pkv_kv_pool_capacity_tokens")
+                          .Help("KV pool size in token slots (capacity pages x page size).")
+                          .Register(r)
+                          .Add({});
   auto& tokens = BuildGauge()
                      .Name("pkv_kv_pool_tokens")
-                     .Help("Token slots of the pool: reserved (pages held x page size) and used (tokens stored).")
+                     .Help("Token slots of the pool by state: used (a token stored), reserved_unused (in a "
+                           "page a sequence holds, beyond its tokens) and free (in a free page); they sum to "
+                           "pkv_kv_pool_capacity_tokens.")
                      .Register(r);
-  tokens_reserved_ = &tokens.Add({{"state", "reserved"}});
   tokens_used_ = &tokens.Add({{"state", "used"}});
+  tokens_reserved_unused_ = &tokens.Add({{"state", "reserved_unused"}});
+  tokens_free_ = &tokens.Add({{"state", "free"}});
   steps_until_full_ = &BuildGauge()
                            .Name("pkv_kv_pool_steps_until_full")
                            .Help("Token steps until the pool is full if active sequences keep growing by one "
@@ -196,11 +211,36 @@ WorkerMetrics::WorkerMetrics(const BuildInfo& build) : registry_(std::make_share
       rpc_[m][c] = &rpcs.Add({{"method", method}, {"code", StatusCodeName(c)}});
     }
   }
-  queue_rejections_ = &BuildCounter()
-                           .Name("pkv_executor_rejections_total")
-                           .Help("Requests refused with RESOURCE_EXHAUSTED because the step queue was full.")
-                           .Register(r)
-                           .Add({});
+  auto& rpc_durations = BuildHistogram()
+                            .Name("pkv_rpc_duration_seconds")
+                            .Help("Worker-side time from a request's arrival to its answer, queueing included, "
+                                  "by method (StepStream: each message; WriteKV: the whole stream).")
+                            .Register(r);
+  auto& rpc_queues = BuildHistogram()
+                         .Name("pkv_rpc_queue_seconds")
+                         .Help("Time the engine work of a request waited in an executor queue for a thread, by "
+                               "method (WriteKV: each message).")
+                         .Register(r);
+  for (int m = 0; m < kNumRpcMethods; ++m) {
+    const std::string method = RpcMethodName(static_cast<RpcMethod>(m));
+    rpc_duration_[m] = &rpc_durations.Add({{"method", method}}, RpcBuckets());
+    rpc_queue_[m] = &rpc_queues.Add({{"method", method}}, RpcBuckets());
+  }
+  auto& rejections = BuildCounter()
+                         .Name("pkv_executor_rejections_total")
+                         .Help("Requests refused with RESOURCE_EXHAUSTED because their executor queue was full, "
+                               "by queue (decode: steps, Describe, Release; ingest: WriteKV).")
+                         .Register(r);
+  queue_rejections_[static_cast<int>(Queue::kDecode)] = &rejections.Add({{"queue", "decode"}});
+  queue_rejections_[static_cast<int>(Queue::kIngest)] = &rejections.Add({{"queue", "ingest"}});
+  auto& drain = BuildCounter()
+                    .Name("pkv_drain_refusals_total")
+                    .Help("New work refused with UNAVAILABLE because the worker is draining, by method "
+                          "(StepStream: each message).")
+                    .Register(r);
+  for (RpcMethod m : {RpcMethod::kStep, RpcMethod::kStepStream, RpcMethod::kWriteKV}) {
+    drain_refusals_[static_cast<int>(m)] = &drain.Add({{"method", RpcMethodName(m)}});
+  }
   auto& malformed = BuildCounter()
                         .Name("pkv_malformed_messages_total")
                         .Help("Request messages that could not be parsed (answered INVALID_ARGUMENT), by method.")
@@ -221,6 +261,22 @@ WorkerMetrics::WorkerMetrics(const BuildInfo& build) : registry_(std::make_share
                           .Help("KV pages returned to the free list by leases (idle sequences and cancelled prompts).")
                           .Register(r)
                           .Add({});
+  heartbeat_age_ = &BuildGauge()
+                        .Name("pkv_engine_heartbeat_age_seconds")
+                        .Help("Seconds since the engine heartbeat last ran through the decode executor and the "
+                              "engine lock; liveness fails when it exceeds --liveness_stall_s.")
+                        .Register(r)
+                        .Add({});
+
+  auto process_gauge = [&r](const char* name, const char* help) {
+    return &BuildGauge().Name(name).Help(help).Register(r).Add({});
+  };
+  process_start_time_ = process_gauge("process_start_time_seconds",
+                                      "Start time of the process since the Unix epoch, in seconds.");
+  process_resident_ = process_gauge("process_resident_memory_bytes", "Resident memory size in bytes.");
+  process_virtual_ = process_gauge("process_virtual_memory_bytes", "Virtual memory size in bytes.");
+  process_open_fds_ = process_gauge("process_open_fds", "Number of open file descriptors.");
+  process_max_fds_ = process_gauge("process_max_fds", "Maximum number of open file descriptors.");
 }
 
 }  // namespace pkv

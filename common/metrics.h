@@ -5,8 +5,10 @@
 // step path only touches handles — nothing is looked up by name or label while serving, and every
 // series exists (at zero) from the first scrape, so dashboards never show "No data" for an event
 // that has not happened yet. Naming follows Prometheus conventions: `pkv_` prefix, base units
-// (`_seconds`, `_bytes`), `_total` on counters, bounded labels only. docs/METRICS.md documents
-// every family. Built only with PKV_WITH_SERVICE (it needs prometheus-cpp).
+// (`_seconds`, `_bytes`), `_total` on counters, bounded labels only; the process_* families keep
+// the names every Prometheus client library gives them, so generic dashboards find them.
+// docs/METRICS.md documents every family. Built only with PKV_WITH_SERVICE (it needs
+// prometheus-cpp).
 // Thread-safety: prometheus-cpp metrics are thread-safe; handles may be used from any thread.
 #pragma once
 
@@ -69,18 +71,21 @@ class WorkerMetrics {
   prometheus::Counter& step_replays() { return *replays_; }
   prometheus::Counter& graph_hits() { return *graph_hits_; }
   prometheus::Counter& graph_misses() { return *graph_misses_; }
-  prometheus::Counter& graph_padding_rows() { return *graph_padding_rows_; }
 
   // --- ingest ---
   prometheus::Counter& ingest_bytes() { return *ingest_bytes_; }
   prometheus::Histogram& ingest_duration() { return *ingest_duration_; }
 
   // --- pool and sequences (refreshed by a sampler) ---
-  prometheus::Gauge& pool_pages_total() { return *pool_total_; }
+  // Capacities have their own families; the `state` series of pages and tokens are disjoint
+  // parts that sum to them.
+  prometheus::Gauge& pool_capacity_pages() { return *capacity_pages_; }
   prometheus::Gauge& pool_pages_used() { return *pool_used_; }
   prometheus::Gauge& pool_pages_free() { return *pool_free_; }
-  prometheus::Gauge& pool_tokens_reserved() { return *tokens_reserved_; }
+  prometheus::Gauge& pool_capacity_tokens() { return *capacity_tokens_; }
   prometheus::Gauge& pool_tokens_used() { return *tokens_used_; }
+  prometheus::Gauge& pool_tokens_reserved_unused() { return *tokens_reserved_unused_; }
+  prometheus::Gauge& pool_tokens_free() { return *tokens_free_; }
   prometheus::Gauge& steps_until_full() { return *steps_until_full_; }
   prometheus::Gauge& sequences_active() { return *seq_active_; }
   prometheus::Gauge& sequences_writing() { return *seq_writing_; }
@@ -92,7 +97,16 @@ class WorkerMetrics {
     return *rpc_[static_cast<int>(m)][code >= 0 && code < kNumStatusCodes ? code : 2];
   }
   prometheus::Gauge& inflight_streams(RpcMethod m) { return *inflight_[static_cast<int>(m)]; }
-  prometheus::Counter& queue_rejections() { return *queue_rejections_; }
+  // Time from a request's arrival to its answer (StepStream: per message; WriteKV: the stream).
+  prometheus::Histogram& rpc_duration(RpcMethod m) { return *rpc_duration_[static_cast<int>(m)]; }
+  // Time engine work of a request waited in an executor queue for a thread.
+  prometheus::Histogram& rpc_queue_time(RpcMethod m) { return *rpc_queue_[static_cast<int>(m)]; }
+  // The executors (label `queue`): decode steps, Describe and Release; WriteKV.
+  enum class Queue : uint8_t { kDecode = 0, kIngest };
+  prometheus::Counter& queue_rejections(Queue q) { return *queue_rejections_[static_cast<int>(q)]; }
+  // New work refused with UNAVAILABLE because the worker is draining; null for the methods that
+  // are never refused (Describe, Release).
+  prometheus::Counter* drain_refusals(RpcMethod m) { return drain_refusals_[static_cast<int>(m)]; }
   // Messages that could not be parsed as the method's request type (answered INVALID_ARGUMENT).
   prometheus::Counter& malformed(RpcMethod m) { return *malformed_[static_cast<int>(m)]; }
 
@@ -100,6 +114,18 @@ class WorkerMetrics {
   enum class Reclaim : uint8_t { kTokenStep = 0, kPrompt, kSequence };
   prometheus::Counter& reclaimed(Reclaim kind) { return *reclaimed_[static_cast<int>(kind)]; }
   prometheus::Counter& reclaimed_pages() { return *reclaimed_pages_; }
+
+  // --- liveness ---
+  // Seconds since the engine heartbeat last went through the decode executor and the engine
+  // lock (service/heartbeat.h).
+  prometheus::Gauge& heartbeat_age() { return *heartbeat_age_; }
+
+  // --- the process (read from /proc/self by the sampler; standard client-library names) ---
+  prometheus::Gauge& process_start_time() { return *process_start_time_; }
+  prometheus::Gauge& process_resident_memory() { return *process_resident_; }
+  prometheus::Gauge& process_virtual_memory() { return *process_virtual_; }
+  prometheus::Gauge& process_open_fds() { return *process_open_fds_; }
+  prometheus::Gauge& process_max_fds() { return *process_max_fds_; }
 
  private:
   std::shared_ptr<prometheus::Registry> registry_;
@@ -116,14 +142,15 @@ class WorkerMetrics {
   prometheus::Counter* replays_ = nullptr;
   prometheus::Counter* graph_hits_ = nullptr;
   prometheus::Counter* graph_misses_ = nullptr;
-  prometheus::Counter* graph_padding_rows_ = nullptr;
   prometheus::Counter* ingest_bytes_ = nullptr;
   prometheus::Histogram* ingest_duration_ = nullptr;
-  prometheus::Gauge* pool_total_ = nullptr;
+  prometheus::Gauge* capacity_pages_ = nullptr;
   prometheus::Gauge* pool_used_ = nullptr;
   prometheus::Gauge* pool_free_ = nullptr;
-  prometheus::Gauge* tokens_reserved_ = nullptr;
+  prometheus::Gauge* capacity_tokens_ = nullptr;
   prometheus::Gauge* tokens_used_ = nullptr;
+  prometheus::Gauge* tokens_reserved_unused_ = nullptr;
+  prometheus::Gauge* tokens_free_ = nullptr;
   prometheus::Gauge* steps_until_full_ = nullptr;
   prometheus::Gauge* seq_active_ = nullptr;
   prometheus::Gauge* seq_writing_ = nullptr;
@@ -131,10 +158,19 @@ class WorkerMetrics {
   prometheus::Gauge* ready_ = nullptr;
   std::array<std::array<prometheus::Counter*, kNumStatusCodes>, kNumRpcMethods> rpc_{};
   std::array<prometheus::Gauge*, kNumRpcMethods> inflight_{};
-  prometheus::Counter* queue_rejections_ = nullptr;
+  std::array<prometheus::Histogram*, kNumRpcMethods> rpc_duration_{};
+  std::array<prometheus::Histogram*, kNumRpcMethods> rpc_queue_{};
+  std::array<prometheus::Counter*, 2> queue_rejections_{};
+  std::array<prometheus::Counter*, kNumRpcMethods> drain_refusals_{};
   std::array<prometheus::Counter*, kNumRpcMethods> malformed_{};
   std::array<prometheus::Counter*, 3> reclaimed_{};
   prometheus::Counter* reclaimed_pages_ = nullptr;
+  prometheus::Gauge* heartbeat_age_ = nullptr;
+  prometheus::Gauge* process_start_time_ = nullptr;
+  prometheus::Gauge* process_resident_ = nullptr;
+  prometheus::Gauge* process_virtual_ = nullptr;
+  prometheus::Gauge* process_open_fds_ = nullptr;
+  prometheus::Gauge* process_max_fds_ = nullptr;
 };
 
 }  // namespace pkv

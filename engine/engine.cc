@@ -781,6 +781,8 @@ void Engine::StopNewWork() {
   stopped_ = true;
 }
 
+void Engine::Heartbeat() const { std::lock_guard<std::mutex> lock(mu_); }
+
 Reclaimed Engine::ReclaimIdle(Clock::time_point now) {
   Reclaimed out;
   std::lock_guard<std::mutex> lock(mu_);

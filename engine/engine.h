@@ -278,6 +278,10 @@ class Engine {
   // of open token steps, Release and `free` still run, so open token steps can finish.
   void StopNewWork();
 
+  // Takes the engine lock and returns at once, for a liveness heartbeat: it blocks while another
+  // call holds the lock.
+  void Heartbeat() const;
+
   const EngineLimits& limits() const { return limits_; }
 
   EngineInfo Info() const;

@@ -17,8 +17,9 @@ BoundedExecutor::~BoundedExecutor() { Shutdown(); }
 bool BoundedExecutor::TrySubmit(Task task) {
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (stopping_ || static_cast<int>(queue_.size()) >= max_queued_) return false;
-    queue_.push_back(std::move(task));
+    if (stopping_ || counted_ >= max_queued_) return false;
+    queue_.push_back({std::move(task), true});
+    ++counted_;
     waiting_.store(static_cast<int64_t>(queue_.size()), std::memory_order_release);
     if (sleepers_ == 0) return true;  // a polling worker takes it
   }
@@ -26,11 +27,16 @@ bool BoundedExecutor::TrySubmit(Task task) {
   return true;
 }
 
-void BoundedExecutor::SubmitAlways(Task task) {
+void BoundedExecutor::SubmitAlways(Task task) { Submit(std::move(task), /*counted=*/true); }
+
+void BoundedExecutor::SubmitUncounted(Task task) { Submit(std::move(task), /*counted=*/false); }
+
+void BoundedExecutor::Submit(Task task, bool counted) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (!stopping_) {
-      queue_.push_back(std::move(task));
+      queue_.push_back({std::move(task), counted});
+      if (counted) ++counted_;
       waiting_.store(static_cast<int64_t>(queue_.size()), std::memory_order_release);
       if (sleepers_ > 0) cv_.notify_one();
       return;
@@ -82,9 +88,11 @@ void BoundedExecutor::WorkerLoop() {
     cv_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
     --sleepers_;
     if (queue_.empty()) return;  // stopping and drained
-    Task task = std::move(queue_.front());
+    Queued next = std::move(queue_.front());
     queue_.pop_front();
     waiting_.store(static_cast<int64_t>(queue_.size()), std::memory_order_release);
+    if (next.counted) --counted_;
+    Task task = std::move(next.task);
     ++running_;
     lock.unlock();
     std::move(task)();

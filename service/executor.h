@@ -9,6 +9,9 @@
 // A worker that finishes a task may poll for the next one for `spin` before it sleeps: a task
 // that arrives meanwhile starts without a thread wake-up (tens of microseconds), at the price of
 // that much CPU after each task.
+// SubmitUncounted is for a
+// monitoring probe: queued like the rest but never counted against the bound, so that it neither
+// is refused nor takes a slot from real work.
 // Thread-safety: every method may be called from any thread. Shutdown runs every queued task,
 // then joins the threads; submissions after Shutdown are refused (SubmitAlways runs them inline).
 #pragma once
@@ -43,6 +46,8 @@ class BoundedExecutor final {
   [[nodiscard]] bool TrySubmit(Task task);
   // Queues `task` whatever the queue length; after Shutdown it runs on the calling thread.
   void SubmitAlways(Task task);
+  // SubmitAlways, and `task` does not count towards `max_queued` while it waits.
+  void SubmitUncounted(Task task);
   // Runs every queued task, then stops and joins the workers. Idempotent.
   void Shutdown();
 
@@ -52,13 +57,20 @@ class BoundedExecutor final {
   int64_t running() const;
 
  private:
+  struct Queued {
+    Task task;
+    bool counted = true;  // counts towards max_queued_
+  };
+
   void WorkerLoop();
+  void Submit(Task task, bool counted);
 
   const int max_queued_;
   const std::chrono::microseconds spin_;
   mutable std::mutex mu_;
   std::condition_variable cv_;
-  std::deque<Task> queue_;
+  std::deque<Queued> queue_;
+  int64_t counted_ = 0;  // entries of queue_ that count towards max_queued_
   std::atomic<int64_t> waiting_{0};  // queue_.size(), readable without mu_ by polling workers
   int sleepers_ = 0;                 // workers blocked on cv_ (under mu_)
   int64_t running_ = 0;

@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cmath>
 
+#include "service/process_stats.h"
+
 namespace pkv::service {
 
 void MetricsObserver::OnTokenStepPlanned(const engine::TokenStepEvent& e) {
@@ -63,15 +65,28 @@ void PoolSampler::Stop() {
 }
 
 void PoolSampler::SampleNow() {
+  // The process first: Info() below waits for the engine lock, and these must not wait with it.
+  if (absl::StatusOr<ProcessStats> p = ReadProcessStats(); p.ok()) {
+    m_->process_start_time().Set(p->start_time_seconds);
+    m_->process_resident_memory().Set(static_cast<double>(p->resident_bytes));
+    m_->process_virtual_memory().Set(static_cast<double>(p->virtual_bytes));
+    m_->process_open_fds().Set(static_cast<double>(p->open_fds));
+    m_->process_max_fds().Set(static_cast<double>(p->max_fds));
+  }
   const engine::EngineInfo info = engine_->Info();
-  m_->pool_pages_total().Set(static_cast<double>(info.pager.total_pages));
+  const double page_size = info.shape.page_size;
+  m_->pool_capacity_pages().Set(static_cast<double>(info.pager.total_pages));
   m_->pool_pages_used().Set(static_cast<double>(info.pager.used_pages));
   m_->pool_pages_free().Set(static_cast<double>(info.pager.free_pages));
-  m_->pool_tokens_reserved().Set(static_cast<double>(info.pager.reserved_tokens));
+  // Disjoint token slots: stored tokens, the unwritten tail of held pages, free pages. (Pages are
+  // never shared between sequences by the engine, so held pages x page size = reserved tokens.)
+  const double reserved_unused = static_cast<double>(info.pager.reserved_tokens - info.pager.used_tokens);
+  m_->pool_capacity_tokens().Set(static_cast<double>(info.pager.total_pages) * page_size);
   m_->pool_tokens_used().Set(static_cast<double>(info.pager.used_tokens));
+  m_->pool_tokens_reserved_unused().Set(reserved_unused);
+  m_->pool_tokens_free().Set(static_cast<double>(info.pager.free_pages) * page_size);
   // Free token slots: free pages plus the unused tail of every reserved page.
-  const double free_slots = static_cast<double>(info.pager.free_pages) * info.shape.page_size +
-                            static_cast<double>(info.pager.reserved_tokens - info.pager.used_tokens);
+  const double free_slots = static_cast<double>(info.pager.free_pages) * page_size + reserved_unused;
   const double growth = std::max<int64_t>(1, info.active_sequences);
   m_->steps_until_full().Set(std::floor(free_slots / growth));
   m_->sequences_active().Set(static_cast<double>(info.active_sequences));

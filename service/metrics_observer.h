@@ -1,10 +1,11 @@
 // service/metrics_observer.h — binds engine step events and pool state to the worker's metrics.
 //
 // MetricsObserver turns engine::StepObserver events into increments of the pre-bound handles of
-// common/metrics.h (no lookups on the step path). PoolSampler refreshes the pool, sequence and
-// readiness gauges from Engine::Info() on a background thread (once a second by default) and on
-// demand. Thread-safety: the observer is called under the engine's lock and only touches atomic
-// metric handles; the sampler owns its thread and joins it in Stop()/the destructor.
+// common/metrics.h (no lookups on the step path). PoolSampler refreshes the process gauges (from
+// /proc/self) and the pool, sequence and readiness gauges (from Engine::Info()) on a background
+// thread (once a second by default) and on demand. Thread-safety: the observer is called under
+// the engine's lock and only touches atomic metric handles; the sampler owns its thread and joins
+// it in Stop()/the destructor.
 #pragma once
 
 #include <atomic>

@@ -89,6 +89,10 @@ ABSL_FLAG(std::string, tls_cert_file, "",
 ABSL_FLAG(std::string, tls_key_file, "", "PEM private key of --tls_cert_file.");
 ABSL_FLAG(std::string, tls_client_ca_file, "",
           "With TLS: PEM CA bundle; clients must present a certificate it signed (mutual TLS).");
+ABSL_FLAG(int32_t, tls_reload_s, 30,
+          "With TLS: read --tls_cert_file, --tls_key_file and --tls_client_ca_file again this often "
+          "(seconds, at least 1); new connections use what they hold, so a rotated certificate needs no "
+          "restart.");
 ABSL_FLAG(std::string, health_listen, "",
           "host:port of a second, plaintext gRPC server that serves only grpc.health.v1 (same "
           "status as the gRPC port) for Kubernetes probes when that port uses TLS; empty: none.");
@@ -129,6 +133,11 @@ ABSL_FLAG(double, keepalive_s, 30,
           "HTTP/2 keepalive: ping every connection this often; one that does not answer within "
           "--keepalive_timeout_s is dropped (its streams are cancelled). 0: no pings.");
 ABSL_FLAG(double, keepalive_timeout_s, 10, "Seconds a keepalive ping may go unanswered.");
+ABSL_FLAG(double, liveness_stall_s, 60,
+          "Liveness: the grpc.health.v1 service pkv.v1.Liveness turns NOT_SERVING when the engine "
+          "heartbeat (a probe queued on the decode threads every second that takes the engine lock) has "
+          "not got through for this many seconds, and SERVING again when it does; it stays SERVING while "
+          "draining. Keep it above the longest wait a full --service_queue can cause. 0: no heartbeat.");
 
 namespace {
 
@@ -217,10 +226,12 @@ int Run() {
   options.tls_cert_file = absl::GetFlag(FLAGS_tls_cert_file);
   options.tls_key_file = absl::GetFlag(FLAGS_tls_key_file);
   options.tls_client_ca_file = absl::GetFlag(FLAGS_tls_client_ca_file);
+  options.tls_reload_seconds = absl::GetFlag(FLAGS_tls_reload_s);
   options.health_listen_address = absl::GetFlag(FLAGS_health_listen);
   options.prompt_idle_seconds = absl::GetFlag(FLAGS_prompt_idle_s);
   options.keepalive_seconds = absl::GetFlag(FLAGS_keepalive_s);
   options.keepalive_timeout_seconds = absl::GetFlag(FLAGS_keepalive_timeout_s);
+  options.liveness_stall_seconds = absl::GetFlag(FLAGS_liveness_stall_s);
   auto server = pkv::service::WorkerServer::Start(options, *std::move(engine));
   if (!server.ok()) {
     PKV_LOG(ERROR) << "cannot start the server: " << server.status();
@@ -228,7 +239,8 @@ int Run() {
   }
   pkv::service::WorkerServer* served = server->get();
   pkv::service::PoolSampler sampler(&served->engine(), &metrics, [served] { return !served->draining(); });
-  PKV_LOG(INFO) << "serving pkv.v1.PersistentKV + grpc.health.v1 + reflection ("
+  PKV_LOG(INFO) << "serving pkv.v1.PersistentKV + grpc.health.v1 (readiness; liveness as "
+                << pkv::service::kLivenessService << ") + reflection ("
                 << served->security_mode() << ")";
   if (served->health_port() != 0) {
     std::printf("pkv-worker health on port %d\n", served->health_port());

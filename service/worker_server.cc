@@ -38,6 +38,8 @@
 #include "service/executor.h"
 #include "service/grpc_status.h"
 #include "service/handlers.h"
+#include "service/heartbeat.h"
+#include "service/tls_credentials.h"
 
 namespace pkv::service {
 namespace {
@@ -139,10 +141,13 @@ void SerializeStepResponse(const v1::StepResponse& response, const engine::Outpu
   *out = grpc::ByteBuffer(slices, 2);
 }
 
-// Counts finished RPCs (StepStream: messages) and in-flight calls when metrics are enabled.
+// Counts finished RPCs (StepStream: messages) and in-flight calls, and times them, when metrics
+// are enabled.
 class RpcStats {
  public:
-  explicit RpcStats(WorkerMetrics* metrics) : m_(metrics) {}
+  using Clock = std::chrono::steady_clock;
+  // `draining` (not owned) tells drain refusals from other UNAVAILABLE answers.
+  RpcStats(WorkerMetrics* metrics, const std::atomic<bool>* draining) : m_(metrics), draining_(draining) {}
   void Begin(RpcMethod method) const {
     if (m_ != nullptr) m_->inflight_streams(method).Increment();
   }
@@ -150,15 +155,28 @@ class RpcStats {
     if (m_ != nullptr) m_->inflight_streams(method).Decrement();
   }
   void Count(RpcMethod method, const grpc::Status& status) const {
-    if (m_ != nullptr) m_->rpc(method, static_cast<int>(status.error_code())).Increment();
+    if (m_ == nullptr) return;
+    m_->rpc(method, static_cast<int>(status.error_code())).Increment();
+    if (status.error_code() == grpc::StatusCode::UNAVAILABLE && draining_->load()) {
+      if (prometheus::Counter* refused = m_->drain_refusals(method)) refused->Increment();
+    }
   }
-  void Rejected() const {
-    if (m_ != nullptr) m_->queue_rejections().Increment();
+  // The request (StepStream: message; WriteKV: stream) that arrived at `received` is answered now.
+  void Answered(RpcMethod method, Clock::time_point received) const {
+    if (m_ != nullptr) m_->rpc_duration(method).Observe(std::chrono::duration<double>(Clock::now() - received).count());
+  }
+  // Engine work queued at `queued` starts on an executor thread now.
+  void Started(RpcMethod method, Clock::time_point queued) const {
+    if (m_ != nullptr) m_->rpc_queue_time(method).Observe(std::chrono::duration<double>(Clock::now() - queued).count());
+  }
+  void Rejected(WorkerMetrics::Queue queue) const {
+    if (m_ != nullptr) m_->queue_rejections(queue).Increment();
   }
   WorkerMetrics* metrics() const { return m_; }
 
  private:
   WorkerMetrics* m_;
+  const std::atomic<bool>* draining_;
 };
 
 class WriteKvReactor;
@@ -236,7 +254,7 @@ class WorkerService final : public RawService {
         executor_(executor),
         ingest_executor_(ingest_executor),
         limits_(limits),
-        stats_(metrics),
+        stats_(metrics, &draining_),
         incarnation_(incarnation) {}
 
   const RpcStats& stats() const { return stats_; }
@@ -312,9 +330,11 @@ class WorkerService final : public RawService {
   template <typename Work>
   grpc::ServerUnaryReactor* RunUnary(grpc::CallbackServerContext* ctx, RpcMethod method, Work work) {
     grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+    const RpcStats::Clock::time_point received = RpcStats::Clock::now();
     stats_.Begin(method);
-    auto finish = [this, reactor, method](const grpc::Status& status) {
+    auto finish = [this, reactor, method, received](const grpc::Status& status) {
       stats_.Count(method, status);
+      stats_.Answered(method, received);
       stats_.End(method);
       reactor->Finish(status);
     };
@@ -324,7 +344,9 @@ class WorkerService final : public RawService {
       return reactor;
     }
     const bool queued =
-        executor_.TrySubmit([ctx, finish, call = *std::move(call), work = std::move(work)]() mutable {
+        executor_.TrySubmit([this, method, received, ctx, finish, call = *std::move(call),
+                             work = std::move(work)]() mutable {
+          stats_.Started(method, received);
           if (ctx->IsCancelled()) {  // the caller is gone: skip the engine work
             finish(grpc::Status::CANCELLED);
             return;
@@ -332,7 +354,7 @@ class WorkerService final : public RawService {
           finish(ToGrpcStatus(work(call)));
         });
     if (!queued) {
-      stats_.Rejected();
+      stats_.Rejected(WorkerMetrics::Queue::kDecode);
       finish(ToGrpcStatus(BusyError(executor_)));
     }
     return reactor;
@@ -370,7 +392,7 @@ class StepStreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer,
     }
     received_ = std::chrono::steady_clock::now();
     if (!service_->executor().TrySubmit([this] { Process(); })) {
-      service_->stats().Rejected();
+      service_->stats().Rejected(WorkerMetrics::Queue::kDecode);
       // Rare: parse here so that the refusal echoes the request's ids.
       absl::Status parsed = Parse();
       Answer(parsed.ok() ? BusyError(service_->executor()) : parsed);
@@ -400,6 +422,7 @@ class StepStreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer,
   // Executor thread: the engine work for the request read.
   void Process() {
     started_ = std::chrono::steady_clock::now();
+    service_->stats().Started(RpcMethod::kStepStream, received_);
     absl::Status parsed = Parse();
     if (!parsed.ok()) {
       Answer(parsed);
@@ -428,6 +451,7 @@ class StepStreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer,
     // older than received_: SetServerTimes counts no queueing for it.
     SetServerTimes(received_, started_, &response_);
     service_->stats().Count(RpcMethod::kStepStream, ToGrpcStatus(status));
+    service_->stats().Answered(RpcMethod::kStepStream, received_);
     raw_response_.Clear();
     SerializeStepResponse(response_, payload_, &raw_response_);
     payload_ = engine::OutputBytes();  // the slice keeps the bytes alive until gRPC sent them
@@ -450,7 +474,7 @@ class StepStreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer,
 class WriteKvReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer> {
  public:
   WriteKvReactor(WorkerService* service, grpc::CallbackServerContext* ctx, grpc::ByteBuffer* response)
-      : service_(service), ctx_(ctx), response_(response) {
+      : service_(service), ctx_(ctx), response_(response), opened_(std::chrono::steady_clock::now()) {
     service_->stats().Begin(RpcMethod::kWriteKV);
     if (service_->draining()) {
       Finish(ToGrpcStatus(DrainingError()));
@@ -469,6 +493,7 @@ class WriteKvReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer> {
   void OnReadDone(bool ok) override {
     BoundedExecutor& executor = service_->ingest_executor();
     WriteKvRegistry::Touch(*entry_);
+    const auto queued = std::chrono::steady_clock::now();
     if (!ok) {
       if (Cancelled()) {
         Finish(grpc::Status(grpc::StatusCode::CANCELLED,
@@ -480,7 +505,8 @@ class WriteKvReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer> {
       // The client half-closed: commit. This stream already holds an admission. A read that
       // failed because the call was cut may be reported before OnCancel: ask the context too,
       // so a cut stream is never committed.
-      executor.SubmitAlways([this] {
+      executor.SubmitAlways([this, queued] {
+        service_->stats().Started(RpcMethod::kWriteKV, queued);
         v1::WriteKVResponse out;
         absl::Status status =
             Cancelled() ? absl::CancelledError("WriteKV was cancelled") : session_->Commit(&out);
@@ -493,7 +519,8 @@ class WriteKvReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer> {
       });
       return;
     }
-    auto task = [this] {
+    auto task = [this, queued] {
+      service_->stats().Started(RpcMethod::kWriteKV, queued);
       absl::Status status = Cancelled() ? absl::CancelledError("WriteKV was cancelled") : Handle();
       if (!status.ok()) {
         session_->Abort();
@@ -511,7 +538,7 @@ class WriteKvReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer> {
         return;
       }
       if (!executor.TrySubmit(std::move(task))) {
-        service_->stats().Rejected();
+        service_->stats().Rejected(WorkerMetrics::Queue::kIngest);
         Finish(ToGrpcStatus(BusyError(executor)));
       }
       return;
@@ -524,6 +551,7 @@ class WriteKvReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer> {
   // Every WriteKV ends here: count it once with its final status.
   void Finish(const grpc::Status& status) {
     service_->stats().Count(RpcMethod::kWriteKV, status);
+    service_->stats().Answered(RpcMethod::kWriteKV, opened_);
     grpc::ServerReadReactor<grpc::ByteBuffer>::Finish(status);
   }
 
@@ -552,6 +580,7 @@ class WriteKvReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer> {
   WorkerService* const service_;
   grpc::CallbackServerContext* const ctx_;
   grpc::ByteBuffer* const response_;
+  const std::chrono::steady_clock::time_point opened_;  // the stream began
   std::unique_ptr<PromptSession> session_;
   std::shared_ptr<WriteKvRegistry::Entry> entry_;
   grpc::ByteBuffer raw_request_;
@@ -613,26 +642,29 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> ApiCredentials(const Se
     *mode = "plaintext";
     return grpc::InsecureServerCredentials();
   }
-  grpc::SslServerCredentialsOptions ssl;
-  grpc::SslServerCredentialsOptions::PemKeyCertPair pair;
+  // The files are checked now, so that a bad one fails start-up; gRPC then reads them again
+  // every tls_reload_seconds (a rotated certificate needs no restart).
+  if (options.tls_reload_seconds < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--tls_reload_s must be at least 1, got ", options.tls_reload_seconds));
+  }
   absl::StatusOr<std::string> cert = ReadPemFile("tls_cert_file", options.tls_cert_file);
   if (!cert.ok()) return cert.status();
   absl::StatusOr<std::string> key = ReadPemFile("tls_key_file", options.tls_key_file);
   if (!key.ok()) return key.status();
-  pair.cert_chain = *std::move(cert);
-  pair.private_key = *std::move(key);
-  ssl.pem_key_cert_pairs.push_back(std::move(pair));
+  if (absl::Status match = CheckKeyMatchesCertificate(*cert, *key); !match.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("--tls_cert_file=", options.tls_cert_file, ", --tls_key_file=",
+                                                   options.tls_key_file, ": ", match.message()));
+  }
   if (options.tls_client_ca_file.empty()) {
-    ssl.client_certificate_request = GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE;
     *mode = "TLS";
   } else {
     absl::StatusOr<std::string> ca = ReadPemFile("tls_client_ca_file", options.tls_client_ca_file);
     if (!ca.ok()) return ca.status();
-    ssl.pem_root_certs = *std::move(ca);
-    ssl.client_certificate_request = GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY;
     *mode = "mutual TLS";
   }
-  return grpc::SslServerCredentials(ssl);
+  return WatchedTlsCredentials(options.tls_cert_file, options.tls_key_file, options.tls_client_ca_file,
+                               options.tls_reload_seconds);
 }
 
 // The health-only server's answer to every method but grpc.health.v1's: UNIMPLEMENTED, saying
@@ -691,6 +723,10 @@ struct WorkerServer::Impl {
   bool sweeper_stop = false;
   bool jammed = false;  // sweeper thread only
   std::mutex health_mu;  // orders the sweeper's readiness changes against BeginDrain
+  // Liveness (kLivenessService): the engine heartbeat's verdict, under health_mu. Null heartbeat:
+  // liveness_stall_seconds is 0 and liveness stays SERVING.
+  bool live = true;
+  std::unique_ptr<EngineHeartbeat> heartbeat;
 
   void Sweep() {
     WorkerMetrics* m = options.metrics;
@@ -763,7 +799,34 @@ struct WorkerServer::Impl {
       if (health == nullptr) continue;
       health->SetServingStatus(serving);  // every service, including "" (the whole server)
       health->SetServingStatus(kServiceName, serving);
+      health->SetServingStatus(kLivenessService, live);  // liveness keeps its own status
     }
+  }
+
+  // Sets liveness on both servers (health_mu held by the caller, or no other thread yet).
+  void SetLiveness(bool is_live) {
+    live = is_live;
+    for (grpc::Server* s : {server.get(), health_server.get()}) {
+      if (s == nullptr) continue;
+      if (grpc::HealthCheckServiceInterface* health = s->GetHealthCheckService()) {
+        health->SetServingStatus(kLivenessService, live);
+      }
+    }
+  }
+
+  void StartHeartbeat() {
+    if (options.liveness_stall_seconds <= 0) return;
+    EngineHeartbeat::Options o;
+    o.period = std::chrono::duration<double>(
+        options.heartbeat_period_seconds > 0 ? options.heartbeat_period_seconds : 1.0);
+    o.stall = std::chrono::duration<double>(options.liveness_stall_seconds);
+    heartbeat = std::make_unique<EngineHeartbeat>(
+        *executor, [e = engine.get()] { e->Heartbeat(); }, o,
+        [this](bool is_live) {
+          std::lock_guard<std::mutex> lock(health_mu);
+          SetLiveness(is_live);
+        },
+        options.metrics != nullptr ? &options.metrics->heartbeat_age() : nullptr);
   }
 };
 
@@ -857,6 +920,7 @@ absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Start(
   PKV_LOG(INFO) << "incarnation " << impl->incarnation;
   // Ready means "can serve": the engine and its pool exist and the port is bound.
   impl->SetHealth(true);
+  impl->StartHeartbeat();
   Impl* raw = impl.get();
   impl->sweeper = std::thread([raw] { raw->RunSweeper(); });
   return std::unique_ptr<WorkerServer>(new WorkerServer(std::move(impl)));
@@ -924,6 +988,7 @@ void WorkerServer::Shutdown(absl::Duration grace) {
     absl::SleepFor(absl::Milliseconds(10));
   }
   impl_->StopSweeper();
+  if (impl_->heartbeat != nullptr) impl_->heartbeat->Stop();  // before the executor stops
   // Then in-flight RPCs get a short moment to send their answers before they are cancelled;
   // their reactors still finish through the executor, which is running until after this returns.
   impl_->server->Shutdown(absl::ToChronoTime(std::min(deadline, absl::Now() + absl::Milliseconds(200))));

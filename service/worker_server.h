@@ -10,6 +10,9 @@
 // new token steps and prompts refused with UNAVAILABLE; open token steps, Describe and Release go
 // on) -> Shutdown (keeps the port open until open token steps and prompts finish or the grace
 // period ends, cancels the rest, runs queued cleanups, stops).
+// Liveness is separate: the health service kLivenessService is SERVING while the engine heartbeat
+// (service/heartbeat.h) got through the decode executor and the engine lock within
+// liveness_stall_seconds, whatever readiness says (it stays SERVING while draining).
 // Thread-safety: all methods may be called from any thread; Shutdown is idempotent.
 #pragma once
 
@@ -27,6 +30,10 @@ class WorkerMetrics;
 }  // namespace pkv
 
 namespace pkv::service {
+
+// The grpc.health.v1 service name of liveness (the Kubernetes liveness probe's `service`).
+// Readiness is "" (the whole server) and "pkv.v1.PersistentKV".
+inline constexpr char kLivenessService[] = "pkv.v1.Liveness";
 
 struct ServerOptions {
   std::string listen_address = "0.0.0.0:50051";  // host:port; port 0 picks a free one
@@ -51,6 +58,9 @@ struct ServerOptions {
   // With TLS: require client certificates signed by this PEM CA bundle (mutual TLS). Empty: no
   // client certificate is asked for.
   std::string tls_client_ca_file;
+  // With TLS: the certificate, key and client CA files are read again this often, and new
+  // connections use what they hold (a rotated Secret needs no restart). At least 1.
+  int tls_reload_seconds = 30;
   // host:port of a second, plaintext server that serves only grpc.health.v1, with the same
   // status as the API server (no API, no reflection); port 0 picks a free one. Empty: none.
   std::string health_listen_address;
@@ -61,6 +71,10 @@ struct ServerOptions {
   // keepalive_timeout_seconds. 0: no pings.
   double keepalive_seconds = 30;
   double keepalive_timeout_seconds = 10;
+  // Liveness: NOT_SERVING once the engine heartbeat has not got through for this long; 0: no
+  // heartbeat (liveness always SERVING). The heartbeat is sent every heartbeat_period_seconds.
+  double liveness_stall_seconds = 60;
+  double heartbeat_period_seconds = 1;
 };
 
 class WorkerServer final {

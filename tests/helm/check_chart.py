@@ -3,8 +3,9 @@
 
 1. helm lint --strict with the default values and with every ci/*-values.yaml scenario.
 2. helm template of each scenario, then checks on the rendered manifests: GPU request, gRPC
-   probes on the right port, named ports, hardened security contexts, selectors of the Services,
-   ServiceMonitor, PDB and NetworkPolicy matching the pod labels, the worker flags, the
+   probes on the right port (liveness on the engine heartbeat's service), named ports, hardened
+   security contexts, selectors of the Services, ServiceMonitor, PDB and NetworkPolicy matching
+   the pod labels, the worker flags, the
    PrometheusRule alerts (rules/persistentkv-alerts.yaml, embedded), the Grafana dashboard JSON and
    the helm test pod.
 3. Bad values that must be rejected (schema or the chart's cross-field checks).
@@ -30,9 +31,11 @@ RELEASE = "pkvtest"
 NAMESPACE = "pkv-ci"
 ALERTS = {  # alert -> what its expression must contain (metric names of common/metrics.cc)
     "PersistentKVWorkerDown": ["up{", "== 0"],
-    "PersistentKVPoolNearlyFull": ['pkv_kv_pool_pages{state="free"', 'pkv_kv_pool_pages{state="total"'],
+    "PersistentKVPoolNearlyFull": ['pkv_kv_pool_pages{state="free"', "pkv_kv_pool_capacity_pages{"],
     "PersistentKVHighErrorRate": ['pkv_rpc_requests_total{code!="OK"', "pkv_rpc_requests_total{"],
     "PersistentKVStepLatencyHigh": ["histogram_quantile(0.99", "pkv_step_duration_seconds_bucket{"],
+    "PersistentKVRequestLatencyHigh": ["histogram_quantile(0.99", "pkv_rpc_duration_seconds_bucket{",
+                                       'method=~"Step|StepStream"'],
     "PersistentKVPredictionDrift": ["pkv_scheduler_prediction_error_ratio_sum{",
                                     "pkv_scheduler_prediction_error_ratio_count{"],
 }
@@ -40,6 +43,7 @@ ALERTS = {  # alert -> what its expression must contain (metric names of common/
 ALERT_THRESHOLDS = {"PersistentKVPoolNearlyFull": "poolFreeRatioBelow",
                     "PersistentKVHighErrorRate": "errorRatioAbove",
                     "PersistentKVStepLatencyHigh": "stepLatencyP99SecondsAbove",
+                    "PersistentKVRequestLatencyHigh": "requestLatencyP99SecondsAbove",
                     "PersistentKVPredictionDrift": "predictionErrorRatioAbove"}
 RULES_FILE = "rules/persistentkv-alerts.yaml"  # plain Prometheus rules the PrometheusRule embeds
 TRAILING_THRESHOLD = re.compile(r"(==|!=|>=|<=|>|<)\s*([-+]?[0-9.]+(?:[eE][-+]?\d+)?)\s*$")
@@ -64,6 +68,8 @@ BAD_VALUES = [
     (["--set", "worker.unknownFlag=1"], "unknown worker key", "unknownFlag"),
     (["--set", "probes.startup.failureThreshold=0"], "zero start-up failure threshold",
      "probes.startup.failureThreshold"),
+    (["--set", "worker.livenessStallSeconds=0"], "no liveness stall limit", "worker.livenessStallSeconds"),
+    (["--set", "tls.reloadSeconds=0"], "TLS files never re-read", "tls.reloadSeconds"),
     (["--set", "metrics.prometheusRule.poolFreeRatioBelow=2"], "ratio above 1",
      "metrics.prometheusRule.poolFreeRatioBelow"),
     (["--set", "metrics.serviceMonitor.interval=often"], "malformed scrape interval",
@@ -127,6 +133,10 @@ FLAG_VARIANTS = [
      {"backend": "cuda", "gpu_memory_fraction": "0.8", "kv_pool_bytes": None, "num_pages": None}),
     (["--set", "worker.backend=cuda,worker.kvPool.bytes=1073741824"], "explicit cuda keeps explicit bytes",
      {"backend": "cuda", "kv_pool_bytes": "1073741824"}),
+    (["--set", "worker.livenessStallSeconds=90"], "liveness stall limit", {"liveness_stall_s": "90"}),
+    (["--set", "tls.enabled=true,tls.secretName=s,tls.reloadSeconds=5"], "TLS files re-read every 5 s",
+     {"tls_reload_s": "5"}),
+    ([], "no TLS, no TLS reload flag", {"tls_reload_s": None}),
 ]
 
 
@@ -330,9 +340,22 @@ class Checker:
         sp = worker.get("startupProbe") or {}
         budget = sp.get("periodSeconds", 10) * sp.get("failureThreshold", 3)
         c("startup probe allows >= 5 minutes (calibration)", budget >= 300, str(budget))
-        lp = worker.get("livenessProbe") or {}
-        c("liveness window outlasts the drain",
-          lp.get("periodSeconds", 10) * lp.get("failureThreshold", 3) > values["worker"]["shutdownGraceSeconds"])
+        # Readiness and start-up ask probes.service; liveness asks the engine heartbeat's own service,
+        # which stays SERVING through a drain.
+        for kind in ("startupProbe", "readinessProbe"):
+            p = worker.get(kind) or {"grpc": {}}
+            c(f"{kind} asks probes.service", p["grpc"].get("service", "") == values["probes"]["service"],
+              json.dumps(p))
+        lp = worker.get("livenessProbe") or {"grpc": {}}
+        c("livenessProbe asks probes.liveness.service",
+          lp["grpc"].get("service", "") == values["probes"]["liveness"]["service"], json.dumps(lp))
+        if values["probes"]["liveness"]["service"] == self.defaults["probes"]["liveness"]["service"]:
+            c("livenessProbe asks the engine heartbeat (pkv.v1.Liveness), not readiness",
+              lp["grpc"].get("service") == "pkv.v1.Liveness", json.dumps(lp))
+        c("--liveness_stall_s from worker.livenessStallSeconds",
+          flag("liveness_stall_s") is not None
+          and float(flag("liveness_stall_s")) == float(values["worker"]["livenessStallSeconds"]),
+          str(flag("liveness_stall_s")))
 
         # Shutdown: preStop + grace period >= preStop + drain.
         pre = (worker.get("lifecycle") or {}).get("preStop") or {}
@@ -377,6 +400,8 @@ class Checker:
                   for k in ("tls_cert_file", "tls_key_file")))
             c("plaintext health listener for the probes",
               flag("health_listen") == f"0.0.0.0:{values['tls']['healthPort']}")
+            c("--tls_reload_s from tls.reloadSeconds", flag("tls_reload_s") == str(values["tls"]["reloadSeconds"]),
+              str(flag("tls_reload_s")))
 
         # Services.
         services = {s["metadata"]["name"]: s for s in by_kind.get("Service", [])}
@@ -479,9 +504,14 @@ class Checker:
                     exprs = [t.get("expr", "") for p in board.get("panels", []) for t in p.get("targets", [])]
                     c("dashboard JSON has a title, uid and query panels",
                       board.get("title") and board.get("uid") and exprs and all(exprs))
-                    for metric in ("pkv_kv_pool_pages", "pkv_rpc_requests_total",
-                                   "pkv_step_duration_seconds_bucket", "pkv_scheduler_prediction_error_ratio"):
+                    for metric in ("pkv_kv_pool_pages", "pkv_kv_pool_capacity_pages", "pkv_rpc_requests_total",
+                                   "pkv_step_duration_seconds_bucket", "pkv_scheduler_prediction_error_ratio",
+                                   "pkv_rpc_duration_seconds_bucket", "pkv_rpc_queue_seconds_bucket",
+                                   "pkv_engine_heartbeat_age_seconds", "pkv_drain_refusals_total",
+                                   "process_resident_memory_bytes"):
                         c(f"dashboard plots {metric}", any(metric in e for e in exprs))
+                    # Pool states are disjoint parts; the capacity is its own family.
+                    c('dashboard selects no pkv_kv_pool_* state="total"', not any('"total"' in e for e in exprs))
         else:
             c("no dashboard when disabled", not dash)
 

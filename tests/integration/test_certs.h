@@ -1,6 +1,7 @@
 // tests/integration/test_certs.h — throwaway PKI for the TLS tests, made with the openssl command
 // line at test time: a CA, a server certificate for 127.0.0.1 and localhost, a client
-// certificate, and a second CA with its own client certificate (trusted by nobody).
+// certificate, and a second CA with its own server and client certificates (trusted by nobody,
+// or by what a certificate rotation switches to).
 // Header-only; used by one test binary at a time, from its main thread.
 #pragma once
 
@@ -29,6 +30,8 @@ struct TestCerts {
   std::string other_client_key;
   std::string client_b_crt;    // a second client signed by ca_crt, another identity (CN)
   std::string client_b_key;
+  std::string other_server_crt;  // signed by other_ca_crt; SAN IP:127.0.0.1, DNS:localhost
+  std::string other_server_key;
 };
 
 // Makes the certificates in a fresh directory under the test temp dir. On failure, a gtest
@@ -50,6 +53,8 @@ inline TestCerts MakeTestCerts(bool* ok) {
   c.other_client_key = d + "other_client.key";
   c.client_b_crt = d + "client_b.crt";
   c.client_b_key = d + "client_b.key";
+  c.other_server_crt = d + "other_server.crt";
+  c.other_server_key = d + "other_server.key";
   if (std::system(("mkdir -p '" + c.dir + "'").c_str()) != 0) {
     ADD_FAILURE() << "cannot create " << c.dir;
     return c;
@@ -79,7 +84,8 @@ inline TestCerts MakeTestCerts(bool* ok) {
        {ca("ca"), ca("other_ca"), leaf("server", "localhost", "ca", "server.ext"),
         leaf("client", "pkv-test-client", "ca", "client.ext"),
         leaf("client_b", "pkv-test-client-b", "ca", "client.ext"),
-        leaf("other_client", "pkv-test-other-client", "other_ca", "client.ext")}) {
+        leaf("other_client", "pkv-test-other-client", "other_ca", "client.ext"),
+        leaf("other_server", "localhost", "other_ca", "server.ext")}) {
     if (std::system(cmd.c_str()) != 0) {
       ADD_FAILURE() << "failed: " << cmd << " (see " << d << "openssl.log)";
       return c;

@@ -13,7 +13,9 @@
 #include "client/payload_pool.h"
 #include "client/replay.h"
 #include "client/worker_client.h"
+#include "common/metrics.h"
 #include "common/workload.h"
+#include "engine/step_observer.h"
 #include "gtest/gtest.h"
 #include "tests/support/small_model.h"
 #include "service/engine_factory.h"
@@ -75,6 +77,38 @@ class ExecutorBlocker {
   bool started_ = false, released_ = false;
 };
 
+// Holds the engine lock: an observer called under it that blocks its first layer-step until
+// Release (a stand-in for an engine call that never returns).
+class LayerStepBlocker final : public engine::StepObserver {
+ public:
+  void OnLayerStep(const engine::LayerStepEvent&) override {
+    std::unique_lock<std::mutex> lock(mu_);
+    entered_ = true;
+    cv_.notify_all();
+    cv_.wait(lock, [&] { return released_; });
+  }
+  void WaitEntered() {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [&] { return entered_; });
+  }
+  void Release() {
+    std::lock_guard<std::mutex> lock(mu_);
+    released_ = true;
+    cv_.notify_all();
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool entered_ = false, released_ = false;
+};
+
+// Sample count and sum of a histogram.
+std::pair<uint64_t, double> HistogramOf(prometheus::Histogram& h) {
+  const prometheus::ClientMetric m = h.Collect();
+  return {m.histogram.sample_count, m.histogram.sample_sum};
+}
+
 class WorkerIntegrationTest : public ::testing::Test {
  protected:
   void StartWorker(int64_t num_pages, int executor_threads = 2, int executor_queue = 64,
@@ -96,6 +130,11 @@ class WorkerIntegrationTest : public ::testing::Test {
     options.executor_queue = executor_queue;
     options.ingest_threads = ingest_threads;
     options.ingest_queue = ingest_queue;
+    options.metrics = &metrics_;
+    if (liveness_stall_seconds_ > 0) {
+      options.liveness_stall_seconds = liveness_stall_seconds_;
+      options.heartbeat_period_seconds = 0.02;
+    }
     auto server = service::WorkerServer::Start(options, *std::move(engine));
     ASSERT_TRUE(server.ok()) << server.status();
     server_ = *std::move(server);
@@ -229,6 +268,20 @@ class WorkerIntegrationTest : public ::testing::Test {
     }
   }
 
+  // Polls grpc.health.v1 `service` until it reports `serving` (true when it did in time).
+  bool WaitHealth(const std::string& service, bool serving, absl::Duration timeout = absl::Seconds(10)) {
+    const absl::Time deadline = absl::Now() + timeout;
+    while (absl::Now() < deadline) {
+      auto healthy = client_->CheckHealth(service);
+      if (healthy.ok() && *healthy == serving) return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    return false;
+  }
+
+  // Declared before server_: the server reports into it until it is destroyed.
+  WorkerMetrics metrics_{BuildInfo{"test", "test", "cpu", "none", "fp16", "default"}};
+  double liveness_stall_seconds_ = 0;  // > 0: StartWorker sets it, with a 20 ms heartbeat
   std::unique_ptr<service::WorkerServer> server_;
   std::unique_ptr<client::WorkerClient> client_;
   std::unique_ptr<client::KvDataGen> gen_;
@@ -508,6 +561,8 @@ TEST_F(WorkerIntegrationTest, FullWorkQueueIsResourceExhaustedAndAStreamSurvives
   EXPECT_NE(unary.status().message().find("work queue"), std::string::npos) << unary.status();
   auto streamed = (*stream)->Step(MakeStep(40, 0, {5}));
   EXPECT_EQ(streamed.status().code(), absl::StatusCode::kResourceExhausted) << streamed.status();
+  EXPECT_EQ(metrics_.queue_rejections(WorkerMetrics::Queue::kDecode).Value(), 2);
+  EXPECT_EQ(metrics_.queue_rejections(WorkerMetrics::Queue::kIngest).Value(), 0);
   // Prefill ingest runs on its own executor: a full step queue does not hold WriteKV up.
   EXPECT_TRUE(WritePrompt(6, 4, 4, {0, 1, 2}).ok());
   blocker.Release();
@@ -535,6 +590,8 @@ TEST_F(WorkerIntegrationTest, FullIngestQueueRefusesWriteKvButDecodeStepsGoOn) {
   ASSERT_TRUE(blocker.Block(/*fill_queue=*/true));
   const absl::Status refused = WritePrompt(6, 4, 4, {0, 1, 2});
   EXPECT_EQ(refused.code(), absl::StatusCode::kResourceExhausted) << refused;
+  EXPECT_EQ(metrics_.queue_rejections(WorkerMetrics::Queue::kIngest).Value(), 1);
+  EXPECT_EQ(metrics_.queue_rejections(WorkerMetrics::Queue::kDecode).Value(), 0);
   // Decode is not behind the ingest queue: a whole token step of sequence 5 runs and checks out.
   double max_err = 0;
   for (int32_t layer = 0; layer < 3; ++layer) {
@@ -565,10 +622,110 @@ TEST_F(WorkerIntegrationTest, DrainRefusesNewWorkAndReportsNotServing) {
   auto stream = client_->OpenStepStream();
   ASSERT_TRUE(stream.ok());
   EXPECT_EQ((*stream)->Step(MakeStep(1, 0, {3})).status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ((*stream)->Step(MakeStep(2, 0, {3})).status().code(), absl::StatusCode::kUnavailable);
   EXPECT_EQ(WritePrompt(4, 10, 10, {0, 1, 2}).code(), absl::StatusCode::kUnavailable);
+  // Every refusal is counted, StepStream messages included.
+  EXPECT_EQ(metrics_.drain_refusals(RpcMethod::kStep)->Value(), 1);
+  EXPECT_EQ(metrics_.drain_refusals(RpcMethod::kStepStream)->Value(), 2);
+  EXPECT_EQ(metrics_.drain_refusals(RpcMethod::kWriteKV)->Value(), 1);
+  EXPECT_EQ(metrics_.drain_refusals(RpcMethod::kDescribe), nullptr);
   // Release still frees memory while draining.
   ASSERT_TRUE(client_->Release(std::vector<uint64_t>{3}).ok());
   EXPECT_TRUE(WaitAllFree());
+}
+
+TEST_F(WorkerIntegrationTest, LivenessTurnsNotServingWhileTheExecutorIsStuckAndRecovers) {
+  liveness_stall_seconds_ = 0.3;
+  StartWorker(16, /*executor_threads=*/1);
+  ASSERT_TRUE(WaitHealth(service::kLivenessService, true));
+  // The only decode thread never comes back: readiness (answered by gRPC threads) stays SERVING,
+  // liveness does not.
+  ExecutorBlocker blocker(server_->executor_for_testing());
+  ASSERT_TRUE(blocker.Block(/*fill_queue=*/false));
+  EXPECT_TRUE(WaitHealth(service::kLivenessService, false));
+  EXPECT_TRUE(*client_->CheckHealth());
+  EXPECT_TRUE(*client_->CheckHealth("pkv.v1.PersistentKV"));
+  EXPECT_GT(metrics_.heartbeat_age().Value(), 0.3);
+  blocker.Release();
+  EXPECT_TRUE(WaitHealth(service::kLivenessService, true));
+}
+
+TEST_F(WorkerIntegrationTest, LivenessTurnsNotServingWhileTheEngineLockIsHeldAndRecovers) {
+  liveness_stall_seconds_ = 0.3;
+  StartWorker(16, /*executor_threads=*/2);
+  ASSERT_TRUE(WritePrompt(5, 10, 10, {0, 1, 2}).ok());
+  ASSERT_TRUE(WaitHealth(service::kLivenessService, true));
+  // A layer-step that never leaves the engine lock; the heartbeat gets the other thread and waits
+  // for the lock there.
+  LayerStepBlocker hold;
+  server_->engine().SetObserver(&hold);
+  StepArgs a = MakeStep(50, 0, {5});
+  absl::StatusOr<StepResult> held;
+  std::thread step([&] { held = client_->Step(a); });
+  hold.WaitEntered();
+  EXPECT_TRUE(WaitHealth(service::kLivenessService, false));
+  EXPECT_TRUE(*client_->CheckHealth());
+  hold.Release();
+  step.join();
+  server_->engine().SetObserver(nullptr);
+  ASSERT_TRUE(held.ok()) << held.status();
+  double max_err = 0;
+  CheckOutputs(a, *held, &max_err);
+  EXPECT_TRUE(WaitHealth(service::kLivenessService, true));
+  ASSERT_TRUE(client_->Release(std::vector<uint64_t>{5}).ok());  // drops the open token step
+}
+
+TEST_F(WorkerIntegrationTest, LivenessStaysServingWhileDraining) {
+  liveness_stall_seconds_ = 1.0;
+  StartWorker(16);
+  ASSERT_TRUE(WaitHealth(service::kLivenessService, true));
+  server_->BeginDrain();
+  EXPECT_FALSE(*client_->CheckHealth());
+  EXPECT_FALSE(*client_->CheckHealth("pkv.v1.PersistentKV"));
+  auto live = client_->CheckHealth(service::kLivenessService);
+  ASSERT_TRUE(live.ok()) << live.status();
+  EXPECT_TRUE(*live) << "draining turned liveness off";
+  // Past the stall limit: the heartbeat keeps going through a drain.
+  std::this_thread::sleep_for(std::chrono::milliseconds(1300));
+  live = client_->CheckHealth(service::kLivenessService);
+  ASSERT_TRUE(live.ok()) << live.status();
+  EXPECT_TRUE(*live);
+}
+
+TEST_F(WorkerIntegrationTest, RpcLatencyAndQueueTimeAreRecordedPerMethod) {
+  StartWorker(16, /*executor_threads=*/1);
+  ASSERT_TRUE(WritePrompt(5, 10, 10, {0, 1, 2}).ok());
+  const auto [writes, write_seconds] = HistogramOf(metrics_.rpc_duration(RpcMethod::kWriteKV));
+  EXPECT_EQ(writes, 1u);
+  EXPECT_GT(write_seconds, 0);
+  EXPECT_GE(HistogramOf(metrics_.rpc_queue_time(RpcMethod::kWriteKV)).first, 2u);  // header, chunks, commit
+  // A Step that waits 200 ms behind a busy decode thread: its queue time and latency show it.
+  ExecutorBlocker blocker(server_->executor_for_testing());
+  ASSERT_TRUE(blocker.Block(/*fill_queue=*/false));
+  StepArgs a = MakeStep(60, 0, {5});
+  absl::StatusOr<StepResult> r;
+  std::thread step([&] { r = client_->Step(a); });
+  // Once the worker holds the request (queued behind the blocker), let it wait 200 ms.
+  while (metrics_.inflight_streams(RpcMethod::kStep).Value() < 1) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  blocker.Release();
+  step.join();
+  ASSERT_TRUE(r.ok()) << r.status();
+  const auto [queued, queue_seconds] = HistogramOf(metrics_.rpc_queue_time(RpcMethod::kStep));
+  const auto [steps, step_seconds] = HistogramOf(metrics_.rpc_duration(RpcMethod::kStep));
+  EXPECT_EQ(queued, 1u);
+  EXPECT_EQ(steps, 1u);
+  EXPECT_GE(queue_seconds, 0.2);
+  EXPECT_GE(step_seconds, queue_seconds);
+  // StepStream: one observation per message.
+  auto stream = client_->OpenStepStream();
+  ASSERT_TRUE(stream.ok());
+  for (int32_t layer = 1; layer < 3; ++layer) ASSERT_TRUE((*stream)->Step(MakeStep(60, layer, {5})).ok());
+  EXPECT_TRUE((*stream)->Finish().ok());
+  EXPECT_EQ(HistogramOf(metrics_.rpc_duration(RpcMethod::kStepStream)).first, 2u);
+  EXPECT_EQ(HistogramOf(metrics_.rpc_queue_time(RpcMethod::kStepStream)).first, 2u);
 }
 
 TEST_F(WorkerIntegrationTest, ReplayOfAShortWorkloadChecksOutAndFreesEverything) {

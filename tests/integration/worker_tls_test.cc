@@ -1,8 +1,11 @@
 // TLS, mutual TLS and the health-only port: the real server (service::WorkerServer, as pkv-worker
 // builds it) on 127.0.0.1:0 with certificates made by the openssl command line at test time,
 // driven through the client library and, for the health port, raw gRPC calls.
+#include <chrono>
 #include <cstdint>
+#include <filesystem>
 #include <memory>
+#include <thread>
 #include <string>
 #include <vector>
 
@@ -371,11 +374,98 @@ TEST_F(WorkerTlsTest, BadTlsOptionsAreInvalidArgumentNamingTheFlag) {
   s = start(options);
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
 
-  // A certificate with the wrong key: gRPC refuses the credentials when binding.
+  // A certificate with the wrong key.
   options = TlsOptions(false);
   options.tls_key_file = certs().client_key;
   s = start(options);
-  EXPECT_FALSE(s.ok());
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+  EXPECT_NE(s.message().find("does not belong to"), absl::string_view::npos) << s;
+
+  options = TlsOptions(false);
+  options.tls_reload_seconds = 0;
+  s = start(options);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+  EXPECT_NE(s.message().find("--tls_reload_s"), absl::string_view::npos) << s;
+}
+
+// A mounted Kubernetes Secret: tls.crt, tls.key and ca.crt are links through ..data to a
+// versioned directory, and an update swaps ..data in one rename.
+class SecretVolume {
+ public:
+  explicit SecretVolume(const std::string& dir) : dir_(dir) {
+    std::filesystem::remove_all(dir_);
+    std::filesystem::create_directories(dir_);
+    for (const char* name : {"tls.crt", "tls.key", "ca.crt"}) {
+      std::filesystem::create_symlink(std::string("..data/") + name, dir_ + "/" + name);
+    }
+  }
+  std::string path(const char* name) const { return dir_ + "/" + name; }
+  void Publish(const std::string& crt, const std::string& key, const std::string& ca) {
+    const std::string version = "v" + std::to_string(++versions_);
+    std::filesystem::create_directory(dir_ + "/" + version);
+    std::filesystem::copy_file(crt, dir_ + "/" + version + "/tls.crt");
+    std::filesystem::copy_file(key, dir_ + "/" + version + "/tls.key");
+    std::filesystem::copy_file(ca, dir_ + "/" + version + "/ca.crt");
+    std::filesystem::create_symlink(version, dir_ + "/..data_tmp");
+    std::filesystem::rename(dir_ + "/..data_tmp", dir_ + "/..data");
+  }
+
+ private:
+  const std::string dir_;
+  int versions_ = 0;
+};
+
+TEST_F(WorkerTlsTest, RotatedCertificateAndClientCaServeNewConnectionsWithoutARestart) {
+  SecretVolume secret(certs().dir + "/secret");
+  secret.Publish(certs().server_crt, certs().server_key, certs().ca_crt);
+  service::ServerOptions options = TlsOptions(/*require_client_cert=*/true);
+  options.tls_cert_file = secret.path("tls.crt");
+  options.tls_key_file = secret.path("tls.key");
+  options.tls_client_ca_file = secret.path("ca.crt");
+  options.tls_reload_seconds = 1;
+  StartWorker(options);
+
+  // Before: the first CA's world. A client of the second CA is refused.
+  auto old_client = client::WorkerClient::Connect(TlsClient(/*with_cert=*/true));
+  ASSERT_TRUE(old_client.ok()) << old_client.status();
+  client::ClientOptions rotated = TlsClient(/*with_cert=*/false);
+  rotated.tls_ca_file = certs().other_ca_crt;
+  rotated.tls_cert_file = certs().other_client_crt;
+  rotated.tls_key_file = certs().other_client_key;
+  rotated.connect_timeout = absl::Seconds(2);
+  rotated.rpc_timeout = absl::Seconds(5);
+  EXPECT_FALSE(client::WorkerClient::Connect(rotated).ok());
+
+  // The Secret moves to the second CA: server certificate, key and client CA bundle at once.
+  secret.Publish(certs().other_server_crt, certs().other_server_key, certs().other_ca_crt);
+  absl::StatusOr<std::unique_ptr<client::WorkerClient>> new_client;
+  const absl::Time deadline = absl::Now() + absl::Seconds(20);
+  do {
+    new_client = client::WorkerClient::Connect(rotated);
+    if (!new_client.ok()) std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  } while (!new_client.ok() && absl::Now() < deadline);
+  ASSERT_TRUE(new_client.ok()) << "the rotated certificate was not served: " << new_client.status();
+  WriteAndStep(**new_client);
+
+  // New connections of the first CA's clients are refused now (they do not trust the new server
+  // certificate, and the server no longer trusts their client certificate)...
+  client::ClientOptions stale = TlsClient(/*with_cert=*/true);
+  stale.connect_timeout = absl::Seconds(2);
+  stale.rpc_timeout = absl::Seconds(5);
+  EXPECT_FALSE(client::WorkerClient::Connect(stale).ok());
+  client::ClientOptions stale_cert = rotated;
+  stale_cert.tls_cert_file = certs().client_crt;
+  stale_cert.tls_key_file = certs().client_key;
+  EXPECT_FALSE(client::WorkerClient::Connect(stale_cert).ok())
+      << "a client certificate of the CA rotated out was accepted";
+  // ... a client certificate is still required ...
+  client::ClientOptions no_cert = rotated;
+  no_cert.tls_cert_file.clear();
+  no_cert.tls_key_file.clear();
+  EXPECT_FALSE(client::WorkerClient::Connect(no_cert).ok()) << "a client without a certificate was let in";
+  // ... and a connection opened before the rotation keeps its session.
+  auto info = (*old_client)->Describe();
+  EXPECT_TRUE(info.ok()) << info.status();
 }
 
 TEST_F(WorkerTlsTest, BadClientTlsOptionsAreInvalidArgument) {

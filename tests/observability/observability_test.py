@@ -19,7 +19,10 @@ What it runs (all on loopback, all in one temp dir, every process stopped on exi
        pool free ratio) are green: the live value through the panel's own thresholds;
      - every pkv_* name in a panel or an alert is a metric the worker exports (so `... or vector(0)`
        cannot hide a renamed metric);
-     - the alerts Prometheus loaded are exactly the expected five, each healthy (evaluated without
+     - every metric family the worker serves on /metrics (pkv_*, process_*, prometheus-cpp's
+       exposer_*) is in a table of docs/METRICS.md with the type the worker declares, and every
+       family the tables list is served;
+     - the alerts Prometheus loaded are exactly the expected six, each healthy (evaluated without
        error), with `for`, a severity label and summary/description annotations; each whole
        expression evaluates without error, and its signal -- the expression without its trailing
        `<op> <number>` comparison, which every shipped alert must end in (comparisons bind looser
@@ -50,7 +53,7 @@ import urllib.parse
 import urllib.request
 
 EXPECTED_ALERTS = {"PersistentKVWorkerDown", "PersistentKVPoolNearlyFull", "PersistentKVHighErrorRate",
-                   "PersistentKVStepLatencyHigh", "PersistentKVPredictionDrift"}
+                   "PersistentKVStepLatencyHigh", "PersistentKVRequestLatencyHigh", "PersistentKVPredictionDrift"}
 JOB = "persistentkv"  # the job the rules file selects (the chart rewrites it per release)
 TARGET_LABELS = {"namespace": "pkv-observability-test", "pod": "pkv-worker-0"}
 # Stat panels that must be green for this test's worker (up, ready, its pool nearly empty).
@@ -453,10 +456,33 @@ scrape_configs:
             return all(epoch(s) > seen_at for s in stamps) and groups
         groups = deadline.wait_for("every rule evaluated after the traffic", rules_evaluated_after_traffic, 20)
 
+        self.check_metrics_documented(ports["metrics"])
         at = time.time()
         exported = set(api.get("/api/v1/label/__name__/values"))
         self.check_dashboard(api, at, exported)
         self.check_alerts(api, at, exported, groups)
+
+    def check_metrics_documented(self, metrics_port):
+        """Every family on the worker's /metrics is documented in docs/METRICS.md with its type,
+        and every documented family is served."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        served = dict(re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M))
+        with open(self.a.metrics_doc) as f:
+            doc = f.read()
+        # Table rows: | `family` | type ... | labels | meaning |
+        documented = {}
+        for name, kind in re.findall(r"^\|\s*`([a-z_:][a-z0-9_:]*)`\s*\|\s*([a-z]+)", doc, re.M):
+            documented[name] = kind
+        self.check("the worker serves metric families", len(served) > 20, f"{len(served)} families")
+        undocumented = sorted(n for n in served if n not in documented)
+        self.check("docs/METRICS.md documents every family the worker serves", not undocumented,
+                   f"undocumented: {undocumented}")
+        wrong = sorted(f"{n}: served {served[n]}, documented {documented[n]}" for n in served
+                       if n in documented and documented[n] != served[n])
+        self.check("docs/METRICS.md gives every family the type the worker declares", not wrong, str(wrong))
+        stale = sorted(n for n in documented if n not in served)
+        self.check("docs/METRICS.md documents no family the worker does not serve", not stale, str(stale))
 
     def check_dashboard(self, api, at, exported):
         with open(self.a.dashboard) as f:
@@ -524,7 +550,7 @@ scrape_configs:
         alerts = {r["name"]: r for r in rules if r.get("type") == "alerting"}
         self.check("Prometheus loaded every rule of the file", self.rule_count is None or len(rules) == self.rule_count,
                    f"{len(rules)} loaded, promtool found {self.rule_count}")
-        self.check("the alerts are exactly the expected five", set(alerts) == EXPECTED_ALERTS,
+        self.check(f"the alerts are exactly the expected {len(EXPECTED_ALERTS)}", set(alerts) == EXPECTED_ALERTS,
                    f"unexpected {sorted(set(alerts) - EXPECTED_ALERTS)}, missing {sorted(EXPECTED_ALERTS - set(alerts))}")
         for name, r in sorted(alerts.items()):
             expr = r["query"]
@@ -569,6 +595,7 @@ def main():
     ap.add_argument("--rules", default=os.path.join(chart, "rules", "persistentkv-alerts.yaml"))
     ap.add_argument("--dashboard", default=os.path.join(chart, "dashboards", "persistentkv.json"))
     ap.add_argument("--alerts-test", default=os.path.join(here, "alerts_test.yaml"))
+    ap.add_argument("--metrics-doc", default=os.path.join(source, "docs", "METRICS.md"))
     ap.add_argument("--timeout", type=float, default=85, help="seconds for the whole test")
     a = ap.parse_args()
     a.source_dir = source

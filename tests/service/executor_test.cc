@@ -90,6 +90,27 @@ TEST(BoundedExecutorTest, RefusesWhenTheQueueIsFull) {
   EXPECT_EQ(ran.load(), 4);
 }
 
+TEST(BoundedExecutorTest, UncountedTasksTakeNoSlotFromBoundedWork) {
+  BoundedExecutor executor(1, 1);
+  Gate gate;
+  std::atomic<int> ran{0};
+  std::atomic<bool> started{false};
+  ASSERT_TRUE(executor.TrySubmit([&] {
+    started.store(true);
+    gate.Wait();
+    ran.fetch_add(1);
+  }));
+  while (!started.load()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  executor.SubmitUncounted([&] { ran.fetch_add(10); });
+  executor.SubmitUncounted([&] { ran.fetch_add(10); });
+  EXPECT_TRUE(executor.TrySubmit([&] { ran.fetch_add(1); })) << "the uncounted tasks took the only slot";
+  EXPECT_FALSE(executor.TrySubmit([&] { ran.fetch_add(100); }));
+  EXPECT_EQ(executor.queued(), 3);
+  gate.Open();
+  executor.Shutdown();
+  EXPECT_EQ(ran.load(), 22);
+}
+
 TEST(BoundedExecutorTest, AfterShutdownTrySubmitFailsAndSubmitAlwaysRunsInline) {
   BoundedExecutor executor(2, 4);
   executor.Shutdown();

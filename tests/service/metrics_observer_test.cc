@@ -22,7 +22,6 @@ TEST(MetricsObserverTest, CudaGraphOutcomeOfEachLayerStepIsCounted) {
   EXPECT_EQ(metrics.graph_hits().Value(), 2);
   EXPECT_EQ(metrics.graph_misses().Value(), 1);
   EXPECT_EQ(metrics.step_replays().Value(), 1);
-  EXPECT_EQ(metrics.graph_padding_rows().Value(), 0);
 }
 
 }  // namespace
