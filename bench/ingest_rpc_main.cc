@@ -3,7 +3,8 @@
 //
 // For each stream count N (--streams, e.g. 1 and 8) it moves the same K,V bytes three ways and
 // reports GB/s (K+V payload bytes over the wall time from the first byte to the last stream's
-// answer) and the ratios:
+// answer), the ratios, and the CPU seconds per GB the whole process (both ends) spent on it, which
+// a busy or shared machine disturbs less than the wall time:
 //   tcp     N plain loopback TCP connections, each sending its prompt's chunks (K then V bytes
 //           of every chunk, in the chunking WriteKV uses) to a receiver thread that reads them
 //           into a chunk-sized buffer and answers one byte at the end: the transport ceiling.
@@ -21,6 +22,7 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -294,20 +296,37 @@ double Median(std::vector<double> v) {
   return v.size() % 2 == 1 ? v[v.size() / 2] : (v[v.size() / 2 - 1] + v[v.size() / 2]) / 2;
 }
 
-// GB/s of `round` (returning seconds): one warm-up, then the median of `repeats`; < 0 on error
-// (printed).
-double Measure(const char* mode, int streams, int64_t bytes, int repeats,
+// CPU seconds (user + system) of this whole process so far: both ends of every mode run here.
+double ProcessCpuSeconds() {
+  rusage u{};
+  ::getrusage(RUSAGE_SELF, &u);
+  return static_cast<double>(u.ru_utime.tv_sec + u.ru_stime.tv_sec) +
+         static_cast<double>(u.ru_utime.tv_usec + u.ru_stime.tv_usec) / 1e6;
+}
+
+struct Result {
+  double gbps = -1;            // median over the rounds
+  double cpu_per_gb = -1;      // median CPU seconds (both ends) per GB moved
+};
+
+// `round` (returning wall seconds): one warm-up, then the medians of `repeats`; gbps < 0 on
+// error (printed).
+Result Measure(const char* mode, int streams, int64_t bytes, int repeats,
                const std::function<absl::StatusOr<double>(int round)>& round) {
-  std::vector<double> gbps;
+  std::vector<double> gbps, cpu;
   for (int r = 0; r <= repeats; ++r) {
+    const double cpu0 = ProcessCpuSeconds();
     absl::StatusOr<double> s = round(r);
     if (!s.ok()) {
       std::fprintf(stderr, "pkv-ingest-bench: %s, %d streams: %s\n", mode, streams, s.status().ToString().c_str());
-      return -1;
+      return {};
     }
-    if (r > 0) gbps.push_back(static_cast<double>(bytes) / *s / 1e9);
+    if (r > 0) {
+      gbps.push_back(static_cast<double>(bytes) / *s / 1e9);
+      cpu.push_back((ProcessCpuSeconds() - cpu0) / (static_cast<double>(bytes) / 1e9));
+    }
   }
-  return Median(gbps);
+  return {Median(gbps), Median(cpu)};
 }
 
 service::EngineConfig EngineConfigFor(const ModelShape& shape, int64_t pages) {
@@ -426,7 +445,8 @@ int Main() {
       absl::GetFlag(FLAGS_own_connections) ? "on their own connections" : "sharing one connection",
       "; median of ", repeats, " rounds after one warm-up");
   std::string table =
-      "| streams | tcp GB/s | engine GB/s | grpc GB/s | grpc / tcp | engine / tcp |\n|---|---|---|---|---|---|\n";
+      "| streams | tcp GB/s | engine GB/s | grpc GB/s | grpc / tcp | engine / tcp | CPU s/GB tcp | engine | grpc |\n"
+      "|---|---|---|---|---|---|---|---|---|\n";
   std::printf("pkv-ingest-bench%s%s: %s\n", label.empty() ? "" : " on ", label.c_str(), setup.c_str());
   std::printf("%s", table.c_str());
 
@@ -434,25 +454,26 @@ int Main() {
   auto cell = [](double v) { return v < 0 ? std::string("-") : absl::StrFormat("%.2f", v); };
   for (int n : stream_counts) {
     const int64_t bytes = plan.stream_bytes() * n;
-    double tcp = -1, eng = -1, grpc = -1;
-    if (run_tcp && (tcp = Measure("tcp", n, bytes, repeats, [&](int) { return TcpRound(plan, n); })) < 0) return 1;
+    Result tcp, eng, grpc;
+    if (run_tcp && (tcp = Measure("tcp", n, bytes, repeats, [&](int) { return TcpRound(plan, n); })).gbps < 0) return 1;
     if (run_engine && (eng = Measure("engine", n, bytes, repeats, [&](int) {
                          const uint64_t id = next_id;
                          next_id += n;
                          return EngineRound(*engine, plan, n, id);
-                       })) < 0) {
+                       })).gbps < 0) {
       return 1;
     }
     if (run_grpc && (grpc = Measure("grpc", n, bytes, repeats, [&](int) {
                        const uint64_t id = next_id;
                        next_id += n;
                        return GrpcRound(clients, plan, n, id);
-                     })) < 0) {
+                     })).gbps < 0) {
       return 1;
     }
-    const std::string row = absl::StrCat("| ", n, " | ", cell(tcp), " | ", cell(eng), " | ", cell(grpc), " | ",
-                                         tcp > 0 && grpc > 0 ? cell(grpc / tcp) : "-", " | ",
-                                         tcp > 0 && eng > 0 ? cell(eng / tcp) : "-", " |\n");
+    auto ratio = [&](const Result& a, const Result& b) { return a.gbps > 0 && b.gbps > 0 ? cell(a.gbps / b.gbps) : "-"; };
+    const std::string row = absl::StrCat("| ", n, " | ", cell(tcp.gbps), " | ", cell(eng.gbps), " | ", cell(grpc.gbps),
+                                         " | ", ratio(grpc, tcp), " | ", ratio(eng, tcp), " | ", cell(tcp.cpu_per_gb),
+                                         " | ", cell(eng.cpu_per_gb), " | ", cell(grpc.cpu_per_gb), " |\n");
     std::printf("%s", row.c_str());
     std::fflush(stdout);
     table += row;
