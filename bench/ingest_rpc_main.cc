@@ -56,6 +56,7 @@
 #include "common/dtype.h"
 #include "common/model_shape.h"
 #include "engine/engine.h"
+#include "service/allocator_tuning.h"
 #include "service/engine_factory.h"
 #include "service/worker_server.h"
 
@@ -496,6 +497,7 @@ int Main() {
 }  // namespace pkv::bench
 
 int main(int argc, char** argv) {
+  pkv::service::KeepFreedBuffersMapped();  // as pkv-worker does
   absl::SetProgramUsageMessage(
       "Prompt KV ingest bandwidth: WriteKV over loopback gRPC next to a raw loopback TCP stream "
       "of the same bytes and the engine alone, for N concurrent streams.\n"
