@@ -44,6 +44,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/flags/usage_config.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/match.h"
@@ -502,6 +503,11 @@ int main(int argc, char** argv) {
       "Prompt KV ingest bandwidth: WriteKV over loopback gRPC next to a raw loopback TCP stream "
       "of the same bytes and the engine alone, for N concurrent streams.\n"
       "  pkv-ingest-bench [--streams=1,8] [--modes=tcp,engine,grpc] [--target=host:port] ...");
+  absl::FlagsUsageConfig usage;
+  // --help lists this program's flags (those defined in this file).
+  usage.contains_help_flags = [](absl::string_view path) { return absl::StrContains(path, "ingest_rpc_main."); };
+  usage.contains_helpshort_flags = usage.contains_help_flags;
+  absl::SetFlagsUsageConfig(usage);
   absl::ParseCommandLine(argc, argv);
   return pkv::bench::Main();
 }
