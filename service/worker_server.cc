@@ -505,8 +505,9 @@ class WriteKvReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer> {
 
   absl::Status Handle() {
     // A chunk is read in place: its K,V bytes go to the engine from the slices gRPC received
-    // them in. The header, and anything the in-place reader leaves (service/write_kv_wire.h),
-    // goes through protobuf.
+    // them in, or from one gathered copy when a field crosses slices (gRPC receives into 64 KiB
+    // slices, so a large field does). The header, and anything the in-place reader leaves
+    // (service/write_kv_wire.h), goes through protobuf.
     if (ReadChunk()) {
       PKV_RETURN_IF_ERROR(session_->OnChunk(chunk_));
     } else {
