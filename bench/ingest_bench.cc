@@ -10,6 +10,7 @@
 #include <string>
 #include <memory>
 #include <random>
+#include <thread>
 #include <vector>
 
 #include "common/model_shape.h"
@@ -28,7 +29,8 @@ double Seconds(std::chrono::steady_clock::time_point t0) {
 // One round: begin every prompt, stream the interleaved chunks, commit all, release all.
 // Returns the wall seconds (BeginPrompt of the first .. Commit of the last) or < 0 on error.
 double IngestRound(engine::Engine& e, const ModelShape& shape, const std::vector<int64_t>& lengths, int chunk,
-                   const std::vector<uint8_t>& k_src, const std::vector<uint8_t>& v_src, engine::SeqId first_id) {
+                   int writers, const std::vector<uint8_t>& k_src, const std::vector<uint8_t>& v_src,
+                   engine::SeqId first_id) {
   const int64_t row = static_cast<int64_t>(shape.num_kv_heads) * shape.head_dim * 2;
   const auto t0 = std::chrono::steady_clock::now();
   std::vector<std::unique_ptr<engine::PromptWrite>> writes;
@@ -41,27 +43,38 @@ double IngestRound(engine::Engine& e, const ModelShape& shape, const std::vector
     writes.push_back(std::move(*w));
   }
   const int64_t longest = *std::max_element(lengths.begin(), lengths.end());
-  size_t src_at = 0;  // walk the pageable source so chunks are not one hot buffer
-  for (int32_t layer = 0; layer < shape.num_layers; ++layer) {
-    for (int64_t t0c = 0; t0c < longest; t0c += chunk) {
-      for (size_t i = 0; i < lengths.size(); ++i) {
-        if (t0c >= lengths[i]) continue;
-        const int64_t n = std::min<int64_t>(chunk, lengths[i] - t0c);
-        const size_t bytes = static_cast<size_t>(n * row);
-        if (src_at + bytes > k_src.size()) src_at = 0;
-        const absl::Status s = writes[i]->Write(layer, t0c, n, std::span(k_src).subspan(src_at, bytes),
+  // Writer w writes prompts w, w + writers, ... interleaved, then commits them.
+  auto write_share = [&](int w) -> absl::Status {
+    size_t src_at = (k_src.size() / static_cast<size_t>(writers)) * static_cast<size_t>(w) / 4096 * 4096;
+    for (int32_t layer = 0; layer < shape.num_layers; ++layer) {
+      for (int64_t t0c = 0; t0c < longest; t0c += chunk) {
+        for (size_t i = static_cast<size_t>(w); i < lengths.size(); i += static_cast<size_t>(writers)) {
+          if (t0c >= lengths[i]) continue;
+          const int64_t n = std::min<int64_t>(chunk, lengths[i] - t0c);
+          const size_t bytes = static_cast<size_t>(n * row);
+          if (src_at + bytes > k_src.size()) src_at = 0;  // walk the pageable source: no one hot buffer
+          if (absl::Status s = writes[i]->Write(layer, t0c, n, std::span(k_src).subspan(src_at, bytes),
                                                 std::span(v_src).subspan(src_at, bytes));
-        if (!s.ok()) {
-          std::fprintf(stderr, "ingest: Write: %s\n", s.ToString().c_str());
-          return -1;
+              !s.ok()) {
+            return s;
+          }
+          src_at += bytes;
         }
-        src_at += bytes;
       }
     }
-  }
-  for (auto& w : writes) {
-    if (absl::Status s = w->Commit(); !s.ok()) {
-      std::fprintf(stderr, "ingest: Commit: %s\n", s.ToString().c_str());
+    for (size_t i = static_cast<size_t>(w); i < lengths.size(); i += static_cast<size_t>(writers)) {
+      if (absl::Status s = writes[i]->Commit(); !s.ok()) return s;
+    }
+    return absl::OkStatus();
+  };
+  std::vector<absl::Status> results(static_cast<size_t>(writers));
+  std::vector<std::thread> threads;
+  for (int w = 1; w < writers; ++w) threads.emplace_back([&, w] { results[w] = write_share(w); });
+  results[0] = write_share(0);
+  for (auto& t : threads) t.join();
+  for (const absl::Status& s : results) {
+    if (!s.ok()) {
+      std::fprintf(stderr, "ingest: Write/Commit: %s\n", s.ToString().c_str());
       return -1;
     }
   }
@@ -111,8 +124,10 @@ int RunIngestBench(const IngestBenchOptions& o) {
     std::fprintf(stderr, "pkv-bench ingest: no CUDA device is available (this benchmark measures the GPU ingest path)\n");
     return 1;
   }
-  if (o.num_prompts < 1 || o.min_tokens < 1 || o.max_tokens < o.min_tokens || o.chunk_tokens < 1 || o.repeats < 1) {
-    std::fprintf(stderr, "pkv-bench ingest: need prompts >= 1, 1 <= min_tokens <= max_tokens, chunk >= 1, repeats >= 1\n");
+  if (o.num_prompts < 1 || o.min_tokens < 1 || o.max_tokens < o.min_tokens || o.chunk_tokens < 1 || o.repeats < 1 ||
+      o.writers < 1 || o.writers > o.num_prompts) {
+    std::fprintf(stderr, "pkv-bench ingest: need prompts >= 1, 1 <= min_tokens <= max_tokens, chunk >= 1, repeats >= 1, "
+                         "1 <= writers <= prompts\n");
     return 2;
   }
   ModelShape shape;
@@ -167,15 +182,15 @@ int RunIngestBench(const IngestBenchOptions& o) {
   for (auto& b : k_src) b = static_cast<uint8_t>(rng());
   for (auto& b : v_src) b = static_cast<uint8_t>(rng());
 
-  std::printf("ingest: %d prompts of %lld..%lld tokens, %d layers, Hkv %d, d %d, page %d, %d-token chunks: "
-              "%.2f GiB of K,V per round\n",
+  std::printf("ingest: %d prompts of %lld..%lld tokens, %d layers, Hkv %d, d %d, page %d, %d-token chunks, %d writer "
+              "threads: %.2f GiB of K,V per round\n",
               o.num_prompts, static_cast<long long>(o.min_tokens), static_cast<long long>(o.max_tokens), o.num_layers,
-              o.num_kv_heads, o.head_dim, o.page_size, o.chunk_tokens, bytes / double(1 << 30));
-  if (IngestRound(**eng, shape, lengths, o.chunk_tokens, k_src, v_src, 1) < 0) return 1;  // warm-up
+              o.num_kv_heads, o.head_dim, o.page_size, o.chunk_tokens, o.writers, bytes / double(1 << 30));
+  if (IngestRound(**eng, shape, lengths, o.chunk_tokens, o.writers, k_src, v_src, 1) < 0) return 1;  // warm-up
   const kvpool::IngestStats before = arena != nullptr ? arena->staged_stats() : kvpool::IngestStats{};
   double best = 1e30, sum = 0;
   for (int r = 0; r < o.repeats; ++r) {
-    const double s = IngestRound(**eng, shape, lengths, o.chunk_tokens, k_src, v_src, 1000 * (r + 1));
+    const double s = IngestRound(**eng, shape, lengths, o.chunk_tokens, o.writers, k_src, v_src, 1000 * (r + 1));
     if (s < 0) return 1;
     best = std::min(best, s);
     sum += s;
@@ -203,9 +218,9 @@ int RunIngestBench(const IngestBenchOptions& o) {
       return 1;
     }
     std::fprintf(f, "\n## pkv-bench ingest (commit %s)\n\n`%s`\n\n", o.commit.c_str(), o.command.c_str());
-    std::fprintf(f, "| bytes/round | chunks/round | merged copies/round | staged GB/s (best) | staged GB/s (mean) | "
-                    "pinned memcpy GB/s | staged/pinned |\n|---|---|---|---|---|---|---|\n");
-    std::fprintf(f, "| %lld | %lld | %.0f | %.2f | %.2f | %.2f | %.2f |\n", static_cast<long long>(bytes),
+    std::fprintf(f, "| writers | bytes/round | chunks/round | merged copies/round | staged GB/s (best) | staged GB/s (mean) | "
+                    "pinned memcpy GB/s | staged/pinned |\n|---|---|---|---|---|---|---|---|\n");
+    std::fprintf(f, "| %d | %lld | %lld | %.0f | %.2f | %.2f | %.2f | %.2f |\n", o.writers, static_cast<long long>(bytes),
                  static_cast<long long>(chunks_per_round), copies_per_round, staged_gbps, mean_gbps, pinned_gbps,
                  staged_gbps / pinned_gbps);
     std::fclose(f);

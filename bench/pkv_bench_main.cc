@@ -214,6 +214,7 @@ std::vector<Flag> IngestFlags(pkv::bench::IngestBenchOptions* o) {
       IntFlag("d", &o->head_dim, "head size"),
       IntFlag("page", &o->page_size, "tokens per KV page"),
       IntFlag("repeats", &o->repeats, "measured rounds (a warm-up round precedes them)"),
+      IntFlag("writers", &o->writers, "threads writing the prompts concurrently (prompt i on thread i % writers)"),
       StringFlag("md", &o->md_path, "append the result as markdown to this file; empty: none"),
       StringFlag("commit", &o->commit, "commit recorded with the results"),
   };

@@ -174,14 +174,15 @@ class GrpcPromptWriter final : public PromptWriter {
   absl::Status WriteChunk(int32_t layer, int64_t token_offset, int64_t n, std::string_view k,
                           std::string_view v) override {
     if (finished_) return absl::FailedPreconditionError("WriteKV stream already finished");
-    v1::WriteKVRequest req;
-    v1::KVChunk* c = req.mutable_chunk();
+    // One message reused for every chunk: its K and V strings keep their capacity, so a chunk
+    // costs a copy into memory already mapped rather than two fresh allocations.
+    v1::KVChunk* c = chunk_.mutable_chunk();
     c->set_layer(layer);
     c->set_token_offset(token_offset);
     c->set_num_tokens(n);
-    SetTensor(c->mutable_k(), shape_.dtype, {n, shape_.num_kv_heads, shape_.head_dim}, std::string(k));
-    SetTensor(c->mutable_v(), shape_.dtype, {n, shape_.num_kv_heads, shape_.head_dim}, std::string(v));
-    if (!writer_->Write(req)) return Broken();
+    AssignTensor(c->mutable_k(), {n, shape_.num_kv_heads, shape_.head_dim}, k);
+    AssignTensor(c->mutable_v(), {n, shape_.num_kv_heads, shape_.head_dim}, v);
+    if (!writer_->Write(chunk_)) return Broken();
     return absl::OkStatus();
   }
 
@@ -196,6 +197,13 @@ class GrpcPromptWriter final : public PromptWriter {
   void Cancel() override { ctx_.TryCancel(); }
 
  private:
+  void AssignTensor(v1::Tensor* t, std::initializer_list<int64_t> shape, std::string_view data) const {
+    t->set_dtype(WireDType(shape_.dtype));
+    t->clear_shape();
+    for (int64_t s : shape) t->add_shape(s);
+    t->mutable_data()->assign(data.data(), data.size());
+  }
+
   // The stream broke: its final status says why.
   absl::Status Broken() {
     finished_ = true;
@@ -208,6 +216,7 @@ class GrpcPromptWriter final : public PromptWriter {
   const uint64_t incarnation_;
   grpc::ClientContext ctx_;
   v1::WriteKVResponse response_;
+  v1::WriteKVRequest chunk_;
   std::unique_ptr<grpc::ClientWriter<v1::WriteKVRequest>> writer_;
   bool finished_ = false;
   absl::Status final_;
@@ -311,6 +320,7 @@ absl::StatusOr<std::unique_ptr<WorkerClient>> WorkerClient::Connect(const Client
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(static_cast<int>(options.max_message_bytes));
   args.SetMaxSendMessageSize(static_cast<int>(options.max_message_bytes));
+  if (options.own_connection) args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
   PKV_ASSIGN_OR_RETURN(std::shared_ptr<grpc::ChannelCredentials> credentials,
                        ChannelCredentials(options));
   impl->channel = grpc::CreateCustomChannel(options.target, credentials, args);

@@ -1,7 +1,12 @@
 #include "kvpool/ingest_staging.h"
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #include "common/dtype.h"
 #include "common/log.h"
@@ -33,6 +38,14 @@ size_t IngestPacker::Need(int64_t data_bytes, int64_t runs) const {
 
 int64_t IngestPacker::Pack(void* buffer, int32_t layer, std::span<const SlotAddr> slots, const void* k,
                            const void* v) {
+  const Placement at = Reserve(layer, slots);
+  char* base = static_cast<char*>(buffer);
+  CopyRows(base + at.k_offset, k, static_cast<size_t>(at.tokens * row_bytes_));
+  CopyRows(base + at.v_offset, v, static_cast<size_t>(at.tokens * row_bytes_));
+  return at.tokens;
+}
+
+IngestPacker::Placement IngestPacker::Reserve(int32_t layer, std::span<const SlotAddr> slots) {
   const int64_t n_all = static_cast<int64_t>(slots.size());
   // Most tokens that fit, counting one run per token at worst, then the real run count.
   int64_t n = 0;
@@ -49,12 +62,9 @@ int64_t IngestPacker::Pack(void* buffer, int32_t layer, std::span<const SlotAddr
     }
     n = lo;
   }
-  if (n == 0) return 0;
-  char* base = static_cast<char*>(buffer);
+  if (n == 0) return {};
   const int64_t k_at = static_cast<int64_t>(Align16(data_bytes_));
   const int64_t v_at = k_at + static_cast<int64_t>(Align16(n * row_bytes_));
-  std::memcpy(base + k_at, k, n * row_bytes_);
-  std::memcpy(base + v_at, v, n * row_bytes_);
   for (int64_t t = 0; t < n;) {
     int64_t e = t + 1;
     while (e < n && slots[e].page == slots[t].page && slots[e].slot == slots[t].slot + (e - t)) ++e;
@@ -64,7 +74,31 @@ int64_t IngestPacker::Pack(void* buffer, int32_t layer, std::span<const SlotAddr
   }
   data_bytes_ = v_at + static_cast<int64_t>(Align16(n * row_bytes_));
   tokens_ += n;
-  return n;
+  return {n, k_at, v_at};
+}
+
+void CopyRows(void* dst, const void* src, size_t bytes) {
+#if defined(__SSE2__)
+  auto* d = static_cast<char*>(dst);
+  const auto* s = static_cast<const char*>(src);
+  PKV_CHECK(reinterpret_cast<uintptr_t>(d) % 16 == 0) << "staging rows are 16-byte aligned";
+  size_t i = 0;
+  for (; i + 64 <= bytes; i += 64) {
+    const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i));
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i + 16));
+    const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i + 32));
+    const __m128i e = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i + 48));
+    _mm_stream_si128(reinterpret_cast<__m128i*>(d + i), a);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(d + i + 16), b);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(d + i + 32), c);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(d + i + 48), e);
+  }
+  if (i < bytes) std::memcpy(d + i, s + i, bytes - i);
+  // Streaming stores are weakly ordered: fence them before anyone (the flush) reads the buffer.
+  _mm_sfence();
+#else
+  std::memcpy(dst, src, bytes);
+#endif
 }
 
 size_t IngestPacker::Finish(void* buffer, size_t* runs_offset) {

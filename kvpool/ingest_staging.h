@@ -45,7 +45,20 @@ class IngestPacker {
 
   // Appends as many leading tokens of the chunk as fit to `buffer` (the staging buffer of
   // capacity_bytes) and returns how many (0 when the buffer is full). `k`, `v`: [n, Hkv, d].
+  // Reserve, then CopyRows of the K and V rows.
   int64_t Pack(void* buffer, int32_t layer, std::span<const SlotAddr> slots, const void* k, const void* v);
+
+  // Where Reserve put a chunk's leading `tokens` tokens: their K rows go to byte `k_offset` of the
+  // buffer, their V rows to `v_offset` (both 16-byte aligned).
+  struct Placement {
+    int64_t tokens = 0;
+    int64_t k_offset = 0;
+    int64_t v_offset = 0;
+  };
+  // Pack without the copy: takes room for as many leading tokens of the chunk as fit and records
+  // their runs (0 tokens when the buffer is full). The caller copies the rows (CopyRows) before
+  // the buffer is finished; several callers may copy into their placements at once.
+  Placement Reserve(int32_t layer, std::span<const SlotAddr> slots);
   // Writes the run table after the data (16-byte aligned) and returns the bytes to copy
   // ([data | runs]); `runs_offset` receives where the table starts.
   size_t Finish(void* buffer, size_t* runs_offset);
@@ -67,6 +80,12 @@ class IngestPacker {
   int64_t data_bytes_ = 0;
   int64_t tokens_ = 0;
 };
+
+// Copies `bytes` of K or V rows into a staging buffer at a 16-byte aligned `dst`. The buffer is
+// read by the device's copy engine, never by this CPU: streaming (non-temporal) stores skip the
+// cache and the read-for-ownership of every destination line that a plain memcpy of a chunk
+// smaller than the C library's streaming threshold pays.
+void CopyRows(void* dst, const void* src, size_t bytes);
 
 // Host model of the scatter kernel: applies `runs` with data from `staged` to the arena memory
 // `layer0` ([layers][pages][2][Hkv][P][d], `layer_stride_bytes` between layers).

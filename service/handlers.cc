@@ -9,14 +9,6 @@
 #include "common/status_macros.h"
 
 namespace pkv::service {
-namespace {
-
-std::span<const uint8_t> Bytes(const std::string& data) {
-  return {reinterpret_cast<const uint8_t*>(data.data()), data.size()};
-}
-
-}  // namespace
-
 void RunDescribe(const engine::Engine& engine, const ServiceLimits& limits, bool serving,
                  v1::DescribeResponse* response, const CallContext& call) {
   FillDescribe(engine.Info(), limits, serving, call, response);
@@ -64,21 +56,22 @@ absl::Status PromptSession::OnMessage(const v1::WriteKVRequest& request) {
       PKV_ASSIGN_OR_RETURN(write_, engine_.BeginPrompt(h.sequence_id(), h.num_tokens(), call_.router));
       return absl::OkStatus();
     }
-    case v1::WriteKVRequest::kChunk: {
-      if (write_ == nullptr) {
-        return absl::InvalidArgumentError("chunk: the first WriteKV message must be a header");
-      }
-      const v1::KVChunk& c = request.chunk();
-      PKV_RETURN_IF_ERROR(CheckChunk(c, engine_.shape(), write_->num_tokens()));
-      PKV_RETURN_IF_ERROR(write_->Write(c.layer(), c.token_offset(), c.num_tokens(),
-                                        Bytes(c.k().data()), Bytes(c.v().data())));
-      ++num_chunks_;
-      return absl::OkStatus();
-    }
+    case v1::WriteKVRequest::kChunk:
+      return OnChunk(ChunkRefOf(request.chunk()));
     case v1::WriteKVRequest::PAYLOAD_NOT_SET:
       break;
   }
   return absl::InvalidArgumentError("payload: a WriteKVRequest must carry a header or a chunk");
+}
+
+absl::Status PromptSession::OnChunk(const ChunkRef& c) {
+  if (write_ == nullptr) {
+    return absl::InvalidArgumentError("chunk: the first WriteKV message must be a header");
+  }
+  PKV_RETURN_IF_ERROR(CheckChunk(c, engine_.shape(), write_->num_tokens()));
+  PKV_RETURN_IF_ERROR(write_->Write(c.layer, c.token_offset, c.num_tokens, c.k.data, c.v.data));
+  ++num_chunks_;
+  return absl::OkStatus();
 }
 
 absl::Status PromptSession::Commit(v1::WriteKVResponse* response) {

@@ -48,6 +48,9 @@ class PromptSession final {
   // Handles the next message of the stream: a header first (INVALID_ARGUMENT for a chunk before
   // it or a second header), then chunks.
   absl::Status OnMessage(const v1::WriteKVRequest& request);
+  // Handles a chunk (OnMessage's chunk case; the WriteKV reactor calls it with chunks read in
+  // place, service/write_kv_wire.h).
+  absl::Status OnChunk(const ChunkRef& chunk);
   // On the client's half-close: commits the prompt (FAILED_PRECONDITION naming the first
   // missing layer/token, INVALID_ARGUMENT when no header came) and fills `response`.
   absl::Status Commit(v1::WriteKVResponse* response);

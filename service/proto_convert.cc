@@ -106,15 +106,42 @@ void FillDescribe(const engine::EngineInfo& info, const ServiceLimits& limits, b
   out->set_serving(serving);
 }
 
+namespace {
+
+TensorRef TensorRefOf(const v1::Tensor& tensor) {
+  TensorRef t;
+  t.dtype = tensor.dtype();
+  t.shape.assign(tensor.shape().begin(), tensor.shape().end());
+  t.data = Bytes(tensor.data());
+  return t;
+}
+
+}  // namespace
+
 absl::Status CheckTensor(const v1::Tensor& tensor, DType dtype, std::initializer_list<int64_t> shape,
                          absl::string_view field) {
-  PKV_ASSIGN_OR_RETURN(const DType got, FromProtoDType(tensor.dtype(), absl::StrCat(field, ".dtype")));
+  return CheckTensor(TensorRefOf(tensor), dtype, shape, field);
+}
+
+ChunkRef ChunkRefOf(const v1::KVChunk& chunk) {
+  ChunkRef c;
+  c.layer = chunk.layer();
+  c.token_offset = chunk.token_offset();
+  c.num_tokens = chunk.num_tokens();
+  c.k = TensorRefOf(chunk.k());
+  c.v = TensorRefOf(chunk.v());
+  return c;
+}
+
+absl::Status CheckTensor(const TensorRef& tensor, DType dtype, std::initializer_list<int64_t> shape,
+                         absl::string_view field) {
+  PKV_ASSIGN_OR_RETURN(const DType got, FromProtoDType(tensor.dtype, absl::StrCat(field, ".dtype")));
   if (got != dtype) {
     return absl::InvalidArgumentError(absl::StrCat(field, ".dtype is ", std::string(DTypeName(got)),
                                                    " but the model dtype is ", std::string(DTypeName(dtype))));
   }
   const std::span<const int64_t> want(shape.begin(), shape.size());
-  const std::span<const int64_t> have(tensor.shape().data(), tensor.shape().size());
+  const std::span<const int64_t> have(tensor.shape.data(), tensor.shape.size());
   if (!std::equal(want.begin(), want.end(), have.begin(), have.end())) {
     return absl::InvalidArgumentError(absl::StrCat(field, ".shape is ", ShapeString(have),
                                                    ", expected ", ShapeString(want)));
@@ -122,8 +149,8 @@ absl::Status CheckTensor(const v1::Tensor& tensor, DType dtype, std::initializer
   int64_t elems = 1;
   for (int64_t s : shape) elems *= s;
   const int64_t want_bytes = elems * static_cast<int64_t>(DTypeSize(dtype));
-  if (static_cast<int64_t>(tensor.data().size()) != want_bytes) {
-    return absl::InvalidArgumentError(absl::StrCat(field, ".data has ", tensor.data().size(),
+  if (static_cast<int64_t>(tensor.data.size()) != want_bytes) {
+    return absl::InvalidArgumentError(absl::StrCat(field, ".data has ", tensor.data.size(),
                                                    " bytes, expected ", want_bytes, " for shape ",
                                                    ShapeString(want)));
   }
@@ -190,21 +217,21 @@ void ToStepResponse(engine::StepOutput&& output, const v1::StepRequest& request,
   response->set_d2h_seconds(output.timings.d2h_seconds);
 }
 
-absl::Status CheckChunk(const v1::KVChunk& chunk, const ModelShape& shape, int64_t prompt_tokens) {
-  if (chunk.layer() < 0 || chunk.layer() >= shape.num_layers) {
-    return absl::InvalidArgumentError(absl::StrCat("chunk.layer ", chunk.layer(),
+absl::Status CheckChunk(const ChunkRef& chunk, const ModelShape& shape, int64_t prompt_tokens) {
+  if (chunk.layer < 0 || chunk.layer >= shape.num_layers) {
+    return absl::InvalidArgumentError(absl::StrCat("chunk.layer ", chunk.layer,
                                                    " is out of range [0, ", shape.num_layers, ")"));
   }
-  if (chunk.num_tokens() < 1 || chunk.token_offset() < 0 ||
-      chunk.token_offset() > prompt_tokens - chunk.num_tokens()) {
+  if (chunk.num_tokens < 1 || chunk.token_offset < 0 ||
+      chunk.token_offset > prompt_tokens - chunk.num_tokens) {
     // No end offset in the message: token_offset + num_tokens may overflow.
     return absl::InvalidArgumentError(absl::StrCat(
-        "chunk.token_offset ", chunk.token_offset(), ", chunk.num_tokens ", chunk.num_tokens(),
+        "chunk.token_offset ", chunk.token_offset, ", chunk.num_tokens ", chunk.num_tokens,
         ": must be a non-empty range within the prompt's ", prompt_tokens, " tokens"));
   }
-  const int64_t n = chunk.num_tokens();
-  PKV_RETURN_IF_ERROR(CheckTensor(chunk.k(), shape.dtype, {n, shape.num_kv_heads, shape.head_dim}, "chunk.k"));
-  PKV_RETURN_IF_ERROR(CheckTensor(chunk.v(), shape.dtype, {n, shape.num_kv_heads, shape.head_dim}, "chunk.v"));
+  const int64_t n = chunk.num_tokens;
+  PKV_RETURN_IF_ERROR(CheckTensor(chunk.k, shape.dtype, {n, shape.num_kv_heads, shape.head_dim}, "chunk.k"));
+  PKV_RETURN_IF_ERROR(CheckTensor(chunk.v, shape.dtype, {n, shape.num_kv_heads, shape.head_dim}, "chunk.v"));
   return absl::OkStatus();
 }
 

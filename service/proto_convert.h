@@ -17,6 +17,7 @@
 #include "common/model_shape.h"
 #include "engine/engine.h"
 #include "pkv/v1/worker.pb.h"
+#include "service/write_kv_wire.h"
 
 namespace pkv::service {
 
@@ -49,6 +50,9 @@ void FillDescribe(const engine::EngineInfo& info, const ServiceLimits& limits, b
 // otherwise INVALID_ARGUMENT naming `field` (e.g. "q.shape", "k.data").
 absl::Status CheckTensor(const v1::Tensor& tensor, DType dtype, std::initializer_list<int64_t> shape,
                          absl::string_view field);
+// The same on a tensor read in place (service/write_kv_wire.h).
+absl::Status CheckTensor(const TensorRef& tensor, DType dtype, std::initializer_list<int64_t> shape,
+                         absl::string_view field);
 
 // Checks the request's tensors against the model shape and returns the engine's view of it
 // (spans into `request`, which must outlive the result).
@@ -62,6 +66,10 @@ void ToStepResponse(engine::StepOutput&& output, const v1::StepRequest& request,
 
 // Checks a WriteKV chunk's tensors ([num_tokens, Hkv, d] in the model dtype) and ranges against
 // the model shape and the prompt length announced by the header.
-absl::Status CheckChunk(const v1::KVChunk& chunk, const ModelShape& shape, int64_t prompt_tokens);
+absl::Status CheckChunk(const ChunkRef& chunk, const ModelShape& shape, int64_t prompt_tokens);
+
+// A parsed chunk seen as a ChunkRef (spans into `chunk`, which must outlive the result), so that
+// parsed and in-place chunks take one path.
+ChunkRef ChunkRefOf(const v1::KVChunk& chunk);
 
 }  // namespace pkv::service

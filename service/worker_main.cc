@@ -25,6 +25,7 @@
 #include "common/log.h"
 #include "common/metrics.h"
 #include "prometheus/exposer.h"
+#include "service/allocator_tuning.h"
 #include "service/metrics_observer.h"
 #include "service/engine_factory.h"
 #include "service/worker_server.h"
@@ -264,6 +265,7 @@ int Run() {
 }  // namespace
 
 int main(int argc, char** argv) {
+  pkv::service::KeepFreedBuffersMapped();
   absl::SetProgramUsageMessage(
       "PersistentKV decode-attention worker.\n"
       "  pkv-worker --listen=127.0.0.1:0 --num_layers=4 --num_q_heads=8 --num_kv_heads=2 "

@@ -40,6 +40,7 @@
 #include "service/handlers.h"
 #include "service/heartbeat.h"
 #include "service/tls_credentials.h"
+#include "service/write_kv_wire.h"
 
 namespace pkv::service {
 namespace {
@@ -570,11 +571,28 @@ class WriteKvReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer> {
   bool Cancelled() const { return cancelled_.load() || ctx_->IsCancelled(); }
 
   absl::Status Handle() {
-    request_.Clear();
-    PKV_RETURN_IF_ERROR(ParseRequest(raw_request_, &request_, RpcMethod::kWriteKV, service_->stats().metrics()));
-    PKV_RETURN_IF_ERROR(session_->OnMessage(request_));
+    // A chunk is read in place: its K,V bytes go to the engine from the slices gRPC received
+    // them in, or from one gathered copy when a field crosses slices (gRPC receives into 64 KiB
+    // slices, so a large field does). The header, and anything the in-place reader leaves
+    // (service/write_kv_wire.h), goes through protobuf.
+    if (ReadChunk()) {
+      PKV_RETURN_IF_ERROR(session_->OnChunk(chunk_));
+    } else {
+      request_.Clear();
+      PKV_RETURN_IF_ERROR(ParseRequest(raw_request_, &request_, RpcMethod::kWriteKV, service_->stats().metrics()));
+      PKV_RETURN_IF_ERROR(session_->OnMessage(request_));
+    }
     entry_->sequence_id.store(session_->sequence_id());
     return absl::OkStatus();
+  }
+
+  // Reads raw_request_ as a chunk into chunk_ (spans into its slices or the scratch strings).
+  bool ReadChunk() {
+    slices_.clear();
+    if (!raw_request_.Dump(&slices_).ok()) return false;
+    pieces_.clear();
+    for (const grpc::Slice& slice : slices_) pieces_.emplace_back(slice.begin(), slice.size());
+    return ReadChunkInPlace(pieces_, &chunk_, &k_scratch_, &v_scratch_);
   }
 
   WorkerService* const service_;
@@ -585,6 +603,11 @@ class WriteKvReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer> {
   std::shared_ptr<WriteKvRegistry::Entry> entry_;
   grpc::ByteBuffer raw_request_;
   v1::WriteKVRequest request_;
+  // The chunk read in place and what it points into (reused from message to message).
+  std::vector<grpc::Slice> slices_;
+  std::vector<std::span<const uint8_t>> pieces_;
+  ChunkRef chunk_;
+  std::string k_scratch_, v_scratch_;
   bool admitted_ = false;  // gRPC threads only (one read in flight)
   std::atomic<bool> cancelled_{false};
 };

@@ -60,7 +60,7 @@ absl::StatusOr<std::unique_ptr<DeviceKvArena>> DeviceKvArena::Create(const Model
     PKV_CUDA_RETURN(cudaMalloc(&a->ingest_device_[i], o.ingest_bytes), "cudaMalloc ingest");
     PKV_CUDA_RETURN(cudaEventCreateWithFlags(&a->ingest_done_[i], cudaEventDisableTiming), "cudaEventCreate");
   }
-  a->packer_ = std::make_unique<IngestPacker>(shape, o.ingest_bytes);
+  for (auto& packer : a->packers_) packer = std::make_unique<IngestPacker>(shape, o.ingest_bytes);
   a->scratch_bytes_ = o.staging_bytes;
   PKV_CUDA_RETURN(cudaMalloc(&a->scratch_, static_cast<size_t>(a->scratch_bytes_)), "cudaMalloc scratch");
   PKV_CUDA_RETURN(cudaStreamSynchronize(a->stream_), "cudaStreamSynchronize");
@@ -171,74 +171,102 @@ absl::Status DeviceKvArena::CopyPage(PageId src, PageId dst) {
   return absl::OkStatus();
 }
 
-absl::Status DeviceKvArena::FlushIngestBuffer() {
-  if (packer_->empty()) return absl::OkStatus();
+absl::Status DeviceKvArena::FlushIngestBuffer(std::unique_lock<std::mutex>& lock) {
   const int cur = ingest_cur_;
-  size_t runs_at = 0;
-  const size_t bytes = packer_->Finish(ingest_host_[cur], &runs_at);
-  cuda::ScatterRunsParams p;
-  p.arena = data_;
-  p.layer_stride = layer_bytes() / 2;
-  p.num_kv_heads = shape_.num_kv_heads;
-  p.page_size = shape_.page_size;
-  p.head_dim = shape_.head_dim;
-  p.num_runs = static_cast<int32_t>(packer_->num_runs());
-  p.runs = static_cast<char*>(ingest_device_[cur]) + runs_at;
-  p.data = ingest_device_[cur];
-  const int64_t kv_bytes = 2 * packer_->num_tokens() * packer_->row_bytes();
-  packer_->Reset();
-  absl::Status st = CudaStatus(cudaMemcpyAsync(ingest_device_[cur], ingest_host_[cur], bytes,
-                                               cudaMemcpyHostToDevice, stream_), "ingest H2D");
-  if (st.ok()) st = CudaStatus(cuda::LaunchScatterRuns(p, stream_), "ingest scatter");
-  if (st.ok()) st = CudaStatus(cudaEventRecord(ingest_done_[cur], stream_), "ingest event");
-  ingest_cur_ ^= 1;
-  // The other buffer's last flush must be done (copy read it, scatter read its twin) before
-  // packing into it again.
-  if (st.ok()) st = CudaStatus(cudaEventSynchronize(ingest_done_[ingest_cur_]), "ingest wait");
+  IngestPacker& packer = *packers_[cur];
+  if (packer.empty() || sealing_[cur]) return absl::OkStatus();
+  const int next = cur ^ 1;
+  // Packing moves to the other buffer once its last flush was issued (by a concurrent flush that
+  // may still wait for copies into it) and done (the copy read it, the scatter read its twin).
+  ingest_cv_.wait(lock, [&] { return !sealing_[next]; });
+  if (ingest_cur_ != cur) return absl::OkStatus();  // a concurrent flush took this buffer meanwhile
+  absl::Status st = CudaStatus(cudaEventSynchronize(ingest_done_[next]), "ingest wait");
+  if (st.ok()) {
+    sealing_[cur] = true;
+    ingest_cur_ = next;
+    // Rows reserved in this buffer are being copied by their StageTokens calls, without the lock.
+    ingest_cv_.wait(lock, [&] { return copying_[cur] == 0; });
+    size_t runs_at = 0;
+    const size_t bytes = packer.Finish(ingest_host_[cur], &runs_at);
+    cuda::ScatterRunsParams p;
+    p.arena = data_;
+    p.layer_stride = layer_bytes() / 2;
+    p.num_kv_heads = shape_.num_kv_heads;
+    p.page_size = shape_.page_size;
+    p.head_dim = shape_.head_dim;
+    p.num_runs = static_cast<int32_t>(packer.num_runs());
+    p.runs = static_cast<char*>(ingest_device_[cur]) + runs_at;
+    p.data = ingest_device_[cur];
+    const int64_t kv_bytes = 2 * packer.num_tokens() * packer.row_bytes();
+    packer.Reset();
+    st = CudaStatus(cudaMemcpyAsync(ingest_device_[cur], ingest_host_[cur], bytes, cudaMemcpyHostToDevice, stream_),
+                    "ingest H2D");
+    if (st.ok()) st = CudaStatus(cuda::LaunchScatterRuns(p, stream_), "ingest scatter");
+    if (st.ok()) st = CudaStatus(cudaEventRecord(ingest_done_[cur], stream_), "ingest event");
+    sealing_[cur] = false;
+    ingest_cv_.notify_all();
+    if (st.ok()) {
+      staged_stats_.bytes += kv_bytes;
+      ++staged_stats_.copies;
+    }
+  }
   if (!st.ok()) {
     ingest_error_ = absl::InternalError(absl::StrCat("merged prompt ingest failed (the arena refuses further "
                                                      "staging): ", st.message()));
     return ingest_error_;
   }
-  staged_stats_.bytes += kv_bytes;
-  ++staged_stats_.copies;
   return absl::OkStatus();
 }
 
 absl::Status DeviceKvArena::StageTokens(int32_t layer, std::span<const SlotAddr> slots, const void* k,
                                         const void* v) {
-  std::lock_guard<std::mutex> lock(ingest_mu_);
-  if (!ingest_error_.ok()) return ingest_error_;
   if (absl::Status s = CheckAccess(layer, slots); !s.ok()) return s;
   const auto t0 = std::chrono::steady_clock::now();
-  const int64_t row = packer_->row_bytes();
+  std::unique_lock<std::mutex> lock(ingest_mu_);
   const int64_t n = static_cast<int64_t>(slots.size());
   for (int64_t done = 0; done < n;) {
-    const int64_t packed = packer_->Pack(ingest_host_[ingest_cur_], layer, slots.subspan(done),
-                                         static_cast<const char*>(k) + done * row,
-                                         static_cast<const char*>(v) + done * row);
-    PKV_CHECK(packed > 0 || !packer_->empty()) << "empty ingest buffer holds no token";
-    done += packed;
-    if (done < n) {
+    if (!ingest_error_.ok()) return ingest_error_;
+    const int buffer = ingest_cur_;
+    IngestPacker& packer = *packers_[buffer];
+    const IngestPacker::Placement at = packer.Reserve(layer, slots.subspan(done));
+    if (at.tokens == 0) {
       // Invariant: an empty buffer holds a token (checked at Create), so a full one made progress
-      // possible again after the flush.
-      if (absl::Status s = FlushIngestBuffer(); !s.ok()) return s;
+      // possible again once it was flushed (here or by a concurrent call).
+      PKV_CHECK(!packer.empty()) << "empty ingest buffer holds no token";
+      if (absl::Status s = FlushIngestBuffer(lock); !s.ok()) return s;
+      continue;
     }
+    // Copy without the lock; the buffer is not issued while copying_ counts this copy.
+    ++copying_[buffer];
+    lock.unlock();
+    const int64_t row = packer.row_bytes();
+    char* base = static_cast<char*>(ingest_host_[buffer]);
+    CopyRows(base + at.k_offset, static_cast<const char*>(k) + done * row, static_cast<size_t>(at.tokens * row));
+    CopyRows(base + at.v_offset, static_cast<const char*>(v) + done * row, static_cast<size_t>(at.tokens * row));
+    lock.lock();
+    if (--copying_[buffer] == 0) ingest_cv_.notify_all();
+    done += at.tokens;
   }
   staged_stats_.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return absl::OkStatus();
 }
 
 absl::Status DeviceKvArena::FlushStaged() {
-  std::lock_guard<std::mutex> lock(ingest_mu_);
+  std::unique_lock<std::mutex> lock(ingest_mu_);
   const auto t0 = std::chrono::steady_clock::now();
   absl::Status st = ingest_error_;
   if (st.ok()) {
-    st = FlushIngestBuffer();
+    st = FlushIngestBuffer(lock);
   } else {
-    packer_->Reset();  // what is staged cannot be trusted; nothing staged can commit
+    // What is staged cannot be trusted; nothing staged can commit. Copies still running land in
+    // their buffer first.
+    ingest_cv_.wait(lock, [&] { return copying_[0] == 0 && copying_[1] == 0 && !sealing_[0] && !sealing_[1]; });
+    for (auto& packer : packers_) packer->Reset();
   }
-  // Wait even after an error: the caller may free pages the in-flight scatter writes.
+  // A concurrent flush may hold this caller's rows in a buffer it is sealing: wait until that one
+  // was issued, then for the stream. Wait even after an error: the caller may free pages the
+  // in-flight scatter writes.
+  ingest_cv_.wait(lock, [&] { return !sealing_[0] && !sealing_[1]; });
   const absl::Status sync = CudaStatus(cudaStreamSynchronize(stream_), "ingest sync");
   if (st.ok() && !sync.ok()) {
     ingest_error_ = absl::InternalError(absl::StrCat("merged prompt ingest failed: ", sync.message()));

@@ -10,9 +10,12 @@
 // chunks of any sequences are packed (kvpool/ingest_staging.h) into one of two pinned ingest
 // buffers; a full buffer is flushed as one host->device copy of [K,V rows | run table] plus one
 // scatter launch on the arena's stream while the other buffer fills; FlushStaged flushes and
-// synchronises that stream.
+// synchronises that stream. Packing is the host's share of the bandwidth (one core's memcpy is a
+// fraction of what the copy engine takes), so concurrent StageTokens calls copy their rows in
+// parallel: each reserves its room under the mutex and copies without it, and a flush waits for
+// the copies into its buffer to land.
 // Thread-safety: StageTokens, FlushStaged and staged_stats may be called from several threads at
-// once, without the engine lock (their own mutex serialises them); everything else is serialised
+// once, without the engine lock (their own mutex orders them); everything else is serialised
 // by the engine, like every KvArena. The stream is
 // the arena's own: decode layers on the backend's streams only touch pages of steppable
 // sequences, whose ingest FlushStaged completed before they became steppable.
@@ -20,6 +23,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include <condition_variable>
 #include <mutex>
 
 #include <cstdint>
@@ -90,9 +94,10 @@ class DeviceKvArena final : public KvArena {
   DeviceKvArena(const ModelShape& shape, int64_t num_pages) : shape_(shape), num_pages_(num_pages) {}
   absl::Status CheckAccess(int32_t layer, std::span<const SlotAddr> slots) const;
   cuda::AppendKvParams ScratchParams(int32_t layer, int64_t n, int64_t slot_bytes, int64_t row) const;
-  // Issues the current ingest buffer (copy + scatter, async) and switches to the other one once
-  // its previous flush finished. Sets the sticky ingest_error_ on failure.
-  absl::Status FlushIngestBuffer();
+  // Switches packing to the other ingest buffer once its previous flush finished, then issues the
+  // current one (copy + scatter, async) once the copies into it landed. Sets the sticky
+  // ingest_error_ on failure. `lock` holds ingest_mu_ (released while waiting).
+  absl::Status FlushIngestBuffer(std::unique_lock<std::mutex>& lock);
 
   ModelShape shape_;
   int64_t num_pages_;
@@ -103,14 +108,16 @@ class DeviceKvArena final : public KvArena {
   int64_t staging_bytes_ = 0;
   void* scratch_ = nullptr;                // device: slots + K + V of WriteTokens/ReadTokens
   int64_t scratch_bytes_ = 0;
-  // Merged ingest: two pinned buffers, their device twins, "flush done" events, the packer of the
-  // current one.
+  // Merged ingest: two pinned buffers, their device twins, "flush done" events, a packer each.
   void* ingest_host_[2] = {nullptr, nullptr};
   void* ingest_device_[2] = {nullptr, nullptr};
   cudaEvent_t ingest_done_[2] = {nullptr, nullptr};
   mutable std::mutex ingest_mu_;  // guards the merged-ingest members below and staged_stats_
-  int ingest_cur_ = 0;
-  std::unique_ptr<IngestPacker> packer_;
+  std::condition_variable ingest_cv_;  // a buffer's copies landed, or its flush was issued
+  int ingest_cur_ = 0;                 // the buffer being packed
+  std::unique_ptr<IngestPacker> packers_[2];
+  int copying_[2] = {0, 0};            // StageTokens calls copying rows into each buffer now
+  bool sealing_[2] = {false, false};   // a flush waits for the copies into it, then issues it
   absl::Status ingest_error_;
   IngestStats staged_stats_;
 };

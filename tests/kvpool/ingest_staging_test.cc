@@ -142,3 +142,26 @@ TEST(IngestPackerTest, FullBufferTakesNothingAndResetEmptiesIt) {
 
 }  // namespace
 }  // namespace pkv::kvpool
+
+namespace pkv::kvpool {
+namespace {
+
+// CopyRows (streaming stores) copies exactly: every length around the 64-byte step, from
+// unaligned sources, leaving the bytes after the destination alone.
+TEST(CopyRowsTest, CopiesEveryLengthFromUnalignedSources) {
+  std::mt19937_64 rng(5);
+  std::vector<uint8_t> src(4096 + 64);
+  for (auto& b : src) b = static_cast<uint8_t>(rng());
+  alignas(16) static uint8_t dst[4096 + 64];
+  for (size_t len : {0, 1, 15, 16, 63, 64, 65, 127, 128, 1000, 4096}) {
+    for (size_t src_off : {0, 1, 7}) {
+      std::memset(dst, 0xAB, sizeof(dst));
+      CopyRows(dst, src.data() + src_off, len);
+      EXPECT_EQ(std::memcmp(dst, src.data() + src_off, len), 0) << len << " " << src_off;
+      for (size_t i = len; i < sizeof(dst); ++i) ASSERT_EQ(dst[i], 0xAB) << len << " " << i;
+    }
+  }
+}
+
+}  // namespace
+}  // namespace pkv::kvpool

@@ -1,0 +1,48 @@
+// service/write_kv_wire.h — a WriteKV chunk read in place from the received message bytes.
+//
+// A KVChunk carries a prompt's K and V as two large `bytes` fields. Parsing it with protobuf
+// copies both into strings before the engine copies them again into the pool (or its staging
+// buffer); ReadChunkInPlace instead walks the wire encoding over the message's pieces (the slices
+// gRPC received) and returns spans to the K and V bytes where they lie. A field that crosses a
+// piece boundary is gathered into a caller-owned scratch string, so only those bytes are copied.
+//
+// It reads exactly what protobuf would: fields in any order, repeated scalars (the last wins),
+// packed or unpacked shapes, unknown fields skipped. Anything it does not take on — a header or
+// any other top-level field, a chunk or tensor field given twice (protobuf would merge them),
+// groups, malformed bytes — returns false, and the caller parses the message with protobuf, which
+// answers as before (including "cannot parse" for malformed bytes). So both paths accept and
+// refuse the same messages with the same errors.
+// Thread-safety: pure functions; a ChunkRef points into the pieces and the scratch strings.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <string>
+
+#include "absl/container/inlined_vector.h"
+
+namespace pkv::service {
+
+// A Tensor message seen in place: its dtype enum value as sent, its shape and its data bytes.
+struct TensorRef {
+  int32_t dtype = 0;
+  absl::InlinedVector<int64_t, 4> shape;
+  std::span<const uint8_t> data;
+};
+
+// A KVChunk message seen in place.
+struct ChunkRef {
+  int32_t layer = 0;
+  int64_t token_offset = 0;
+  int64_t num_tokens = 0;
+  TensorRef k, v;
+};
+
+// Reads `pieces` (together, one serialized pkv.v1.WriteKVRequest) as a chunk into `out`. True
+// when the message is a chunk in an encoding it takes on (see above); false otherwise, with
+// `out` unspecified. k.data / v.data point into the pieces, or into *k_scratch / *v_scratch when
+// the field crosses pieces (their capacity is reused from call to call).
+bool ReadChunkInPlace(std::span<const std::span<const uint8_t>> pieces, ChunkRef* out, std::string* k_scratch,
+                      std::string* v_scratch);
+
+}  // namespace pkv::service
