@@ -196,17 +196,18 @@ class Client:
         """A fresh nonzero token step id."""
         return next(self._step_ids)
 
-    def _call_with_retry(self, method: str, call: Any) -> Any:
+    def _call_with_retry(self, method: str, call: Any, policy: RetryPolicy | None = None) -> Any:
         """`call()` until it succeeds or fails with an error the policy does not retry."""
+        policy = policy or self.retry
         attempt = 1
         while True:
             try:
                 return call()
             except grpc.RpcError as e:
                 error = errors.error_from_rpc(e, method)
-            if attempt >= self.retry.max_attempts or not self.retry.retryable(error):
+            if attempt >= policy.max_attempts or not policy.retryable(error):
                 raise error
-            time.sleep(self.retry.backoff_s(attempt))
+            time.sleep(policy.backoff_s(attempt))
             attempt += 1
 
     # -- Describe, Release --------------------------------------------------------------------
@@ -218,12 +219,13 @@ class Client:
         return _info_from_proto(r)
 
     def release(self, sequence_ids: Iterable[int]) -> ReleaseResult:
-        """Frees sequences (all or nothing). Not retried: a lost answer would make a retry NotFound."""
+        """Frees sequences (all or nothing). Retried on backpressure only, which the worker answers
+        before freeing anything: after a cut connection a retry could be NotFound."""
         request = pb.ReleaseRequest(sequence_ids=list(sequence_ids), expected_incarnation=self.incarnation)
-        try:
-            r = self._stub.Release(request, timeout=self.timeout_s, metadata=self._metadata)
-        except grpc.RpcError as e:
-            raise errors.error_from_rpc(e, "Release") from None
+        backpressure = RetryPolicy(self.retry.max_attempts, self.retry.initial_backoff_s,
+                                   self.retry.max_backoff_s, self.retry.multiplier, retry_unavailable=False)
+        r = self._call_with_retry("Release", lambda: self._stub.Release(
+            request, timeout=self.timeout_s, metadata=self._metadata), backpressure)
         return ReleaseResult(r.released, r.free_pages, r.incarnation)
 
     # -- prompts ------------------------------------------------------------------------------
