@@ -1,6 +1,7 @@
 """Starts a real pkv-worker on 127.0.0.1 port 0 for the Python tests and stops it.
 
-The worker binary comes from $PKV_WORKER_BIN (CTest sets it) or build/bin/pkv-worker.
+The worker binary comes from $PKV_WORKER_BIN (CTest sets it) or build/bin/pkv-worker; its
+backend from $PKV_TEST_BACKEND (default cpu; cuda on a GPU host).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ class WorkerProcess:
                  head_dim: int = 64, page_size: int = 16, dtype: str = "fp16", num_pages: int = 256,
                  port: int = 0, extra_flags: tuple[str, ...] = ()) -> None:
         self.flags = [
-            f"--listen=127.0.0.1:{port}", "--metrics_listen=127.0.0.1:0", "--backend=cpu",
+            f"--listen=127.0.0.1:{port}", "--metrics_listen=127.0.0.1:0",
+            f"--backend={os.environ.get('PKV_TEST_BACKEND', 'cpu')}",
             f"--num_layers={num_layers}", f"--num_q_heads={num_q_heads}",
             f"--num_kv_heads={num_kv_heads}", f"--head_dim={head_dim}", f"--page_size={page_size}",
             f"--dtype={dtype}", f"--num_pages={num_pages}", "--cpu_threads=1",
