@@ -179,8 +179,10 @@ int RunIngestBench(const IngestBenchOptions& o) {
   // Pageable sources (like gRPC message bytes), 64 MiB of random fp16 each for K and V.
   std::mt19937_64 rng(7);
   std::vector<uint8_t> k_src(size_t{64} << 20), v_src(size_t{64} << 20);
-  for (auto& b : k_src) b = static_cast<uint8_t>(rng());
-  for (auto& b : v_src) b = static_cast<uint8_t>(rng());
+  // Random bits with the top exponent bit cleared: finite fp16 and bf16 values, as the engine
+  // refuses NaN and infinity.
+  for (size_t i = 0; i < k_src.size(); ++i) k_src[i] = static_cast<uint8_t>(rng()) & (i % 2 ? 0xBF : 0xFF);
+  for (size_t i = 0; i < v_src.size(); ++i) v_src[i] = static_cast<uint8_t>(rng()) & (i % 2 ? 0xBF : 0xFF);
 
   std::printf("ingest: %d prompts of %lld..%lld tokens, %d layers, Hkv %d, d %d, page %d, %d-token chunks, %d writer "
               "threads: %.2f GiB of K,V per round\n",
