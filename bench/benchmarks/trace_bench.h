@@ -1,4 +1,4 @@
-// bench/trace_bench.h — `pkv-bench trace`: the engine driven like a serving loop, without gRPC.
+// bench/benchmarks/trace_bench.h — `pkv-bench trace`: the engine driven like a serving loop, without gRPC.
 //
 // For each workload of MISSION.md (continuous batching: at most B active rows, each row's length
 // grows by one token per step, finished rows released and replaced by the next request, pages

@@ -1,6 +1,6 @@
 // GPU test of the FlashInfer arm: FlashInfer's two decode paths (CUDA-core batch decode and the
 // tensor-core batch prefill kernel with one query per row), run on our pool layout through
-// bench/flashinfer_arm.h, against the CPU executable specification (kernels/reference) on
+// bench/flashinfer/flashinfer_arm.h, against the CPU executable specification (kernels/reference) on
 // random normal data with pages scattered by a random permutation of the pool and partial last
 // pages; fp16 and bf16, G = 1, 4, 8. Rows long enough for FlashInfer's planner to split the KV
 // are included (and checked to have split). This proves the layout wrapping (HND strides, K/V
@@ -15,7 +15,7 @@
 #include <string>
 #include <vector>
 
-#include "bench/flashinfer_arm.h"
+#include "bench/flashinfer/flashinfer_arm.h"
 #include "common/dtype.h"
 #include "gtest/gtest.h"
 #include "kernels/reference/paged_decode.h"

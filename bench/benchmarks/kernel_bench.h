@@ -1,4 +1,4 @@
-// bench/kernel_bench.h — `pkv-bench kernels`: every kernels/cuda route on the paper's shapes.
+// bench/benchmarks/kernel_bench.h — `pkv-bench kernels`: every kernels/cuda route on the paper's shapes.
 //
 // For each dtype, a grid of B x context cases (uniform rows) and mixed-length steps drawn from the
 // MISSION.md workloads (B8 uniform/bimodal/zipf, B4 bimodal, B1 bucketed), it times each route
@@ -7,7 +7,7 @@
 // spin kernel, KV rotated over several page-table copies so that the footprint exceeds L2. It
 // reports median us, KV bytes, GB/s and the share of a streaming-read ceiling and of a
 // device-to-device copy measured in the same run (start and end). Built with PKV_WITH_FLASHINFER,
-// each case also times FlashInfer's two paths (fi_decode, fi_prefill: bench/flashinfer_arm.h)
+// each case also times FlashInfer's two paths (fi_decode, fi_prefill: bench/flashinfer/flashinfer_arm.h)
 // exactly the same way on the same inputs and rotated page tables (its planner once per case,
 // outside the timed region) and reports ours-best / FlashInfer-best speed (> 1: ours is faster)
 // in extra table columns and a last CSV field. Not thread-safe (one process).

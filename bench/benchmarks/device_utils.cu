@@ -1,4 +1,4 @@
-#include "bench/device_utils.h"
+#include "bench/benchmarks/device_utils.h"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

@@ -1,8 +1,8 @@
-// bench/internal/flashinfer_paths.h — plain-C++ entry points of the FlashInfer instantiations.
+// bench/flashinfer/internal/flashinfer_paths.h — plain-C++ entry points of the FlashInfer instantiations.
 //
-// Private to bench/flashinfer_arm.cc: each bench/flashinfer_{decode,prefill}_{f16,bf16}.cu
+// Private to bench/flashinfer/flashinfer_arm.cc: each bench/flashinfer/flashinfer_{decode,prefill}_{f16,bf16}.cu
 // instantiates one FlashInfer path for one dtype (head_dim 128, page size any, G in FlashInfer's
-// dispatch set {1,2,3,4,6,8,16}) through bench/internal/flashinfer_paths.cuh and exposes it here
+// dispatch set {1,2,3,4,6,8,16}) through bench/flashinfer/internal/flashinfer_paths.cuh and exposes it here
 // with no FlashInfer or CUDA types. Every function returns "" on success, else the error text
 // (FlashInfer's exceptions and CUDA errors are caught in the .cu). Not thread-safe per workspace.
 #pragma once

@@ -1,4 +1,4 @@
-// bench/pkv_bench_main.cc — `pkv-bench <subcommand> [--flag=value ...]`: the benchmarks that need
+// bench/benchmarks/pkv_bench_main.cc — `pkv-bench <subcommand> [--flag=value ...]`: the benchmarks that need
 // no gRPC (kernels, the engine driven like a serving loop, pool memory, prompt ingest).
 // `pkv-bench --help` lists the subcommands and every flag with its default; `pkv-bench <sub>
 // --help` one subcommand's. Each subcommand's flags are one table (name, help, default, how the
@@ -11,12 +11,12 @@
 #include <type_traits>
 #include <vector>
 
-#include "bench/memory_bench.h"
+#include "bench/benchmarks/memory_bench.h"
 #include "common/dtype.h"
 #ifdef PKV_BENCH_WITH_CUDA
-#include "bench/ingest_bench.h"
-#include "bench/kernel_bench.h"
-#include "bench/trace_bench.h"
+#include "bench/benchmarks/ingest_bench.h"
+#include "bench/benchmarks/kernel_bench.h"
+#include "bench/benchmarks/trace_bench.h"
 #endif
 
 namespace {

@@ -1,4 +1,4 @@
-// bench/ingest_rpc_main.cc — pkv-ingest-bench: prompt KV ingest bandwidth of the service path,
+// bench/benchmarks/ingest_rpc_main.cc — pkv-ingest-bench: prompt KV ingest bandwidth of the service path,
 // next to what loopback TCP and the engine alone move, in one run.
 //
 // For each stream count N (--streams, e.g. 1 and 8) it moves the same K,V bytes three ways and

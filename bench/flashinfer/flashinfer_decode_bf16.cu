@@ -1,6 +1,6 @@
 // bench/flashinfer_decode_bf16.cu — FlashInfer's CUDA-core decode path, bf16 (one instantiation set per TU so that
-// the four compile in parallel). See bench/internal/flashinfer_paths.cuh.
-#include "bench/internal/flashinfer_paths.cuh"
+// the four compile in parallel). See bench/flashinfer/internal/flashinfer_paths.cuh.
+#include "bench/flashinfer/internal/flashinfer_paths.cuh"
 
 namespace pkv::bench::fi_internal {
 

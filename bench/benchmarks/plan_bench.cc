@@ -1,4 +1,4 @@
-// bench/plan_bench.cc — `pkv-plan-bench` (Google Benchmark): host cost of planning one token step
+// bench/benchmarks/plan_bench.cc — `pkv-plan-bench` (Google Benchmark): host cost of planning one token step
 // (Scheduler::Plan over every route and parameter, plus building the work-queue task list) for
 // the paper's workload shapes. The plan is made once per token step and reused by all layers, so
 // it should stay far below the step's GPU time (about 9 ms for 32 layers of B8 bimodal on an H100,

@@ -1,4 +1,4 @@
-// bench/random_data.h — host buffers of N(0, 1) values in the model dtype for the benchmarks
+// bench/benchmarks/random_data.h — host buffers of N(0, 1) values in the model dtype for the benchmarks
 // (q, k, v of a step; never zeros). Thread-safety: pure function.
 #pragma once
 

@@ -1,4 +1,4 @@
-// bench/flashinfer_arm.h — FlashInfer's paged decode on our KV pool, for side-by-side benchmarks.
+// bench/flashinfer/flashinfer_arm.h — FlashInfer's paged decode on our KV pool, for side-by-side benchmarks.
 //
 // A FlashInferArm runs one of FlashInfer's two decode paths (built only with
 // PKV_WITH_FLASHINFER, headers from bench/fetch_flashinfer.sh) on the layout of

@@ -1,12 +1,12 @@
-// bench/flashinfer_arm.cc — FlashInferArm: workspace, checks and dispatch to the instantiations.
-#include "bench/flashinfer_arm.h"
+// bench/flashinfer/flashinfer_arm.cc — FlashInferArm: workspace, checks and dispatch to the instantiations.
+#include "bench/flashinfer/flashinfer_arm.h"
 
 #include <cuda_runtime_api.h>
 
 #include <string>
 
 #include "absl/strings/str_cat.h"
-#include "bench/internal/flashinfer_paths.h"
+#include "bench/flashinfer/internal/flashinfer_paths.h"
 
 namespace pkv::bench {
 

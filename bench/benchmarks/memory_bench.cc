@@ -1,11 +1,11 @@
-#include "bench/memory_bench.h"
+#include "bench/benchmarks/memory_bench.h"
 
 #include <algorithm>
 #include <cstdio>
 #include <fstream>
 #include <sstream>
 
-#include "bench/random_data.h"
+#include "bench/benchmarks/random_data.h"
 #include "common/workload.h"
 #include "engine/engine.h"
 

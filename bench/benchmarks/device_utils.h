@@ -1,4 +1,4 @@
-// bench/device_utils.h — small device helpers for the kernel benchmark: random fill, the
+// bench/benchmarks/device_utils.h — small device helpers for the kernel benchmark: random fill, the
 // streaming-read ceiling kernel and a spin kernel that lets a timed batch queue up behind it.
 // Host-callable wrappers; each enqueues on `stream` and returns the launch status.
 #pragma once

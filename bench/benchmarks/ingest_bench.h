@@ -1,4 +1,4 @@
-// bench/ingest_bench.h — `pkv-bench ingest`: WriteKV prompt ingest bandwidth on the GPU.
+// bench/benchmarks/ingest_bench.h — `pkv-bench ingest`: WriteKV prompt ingest bandwidth on the GPU.
 //
 // Drives engine::Engine on the CUDA backend the way the WriteKV service path does: `num_prompts`
 // prompts (lengths spread evenly over [min_tokens, max_tokens]) are begun together, then their
@@ -34,7 +34,7 @@ struct IngestBenchOptions {
   std::string command;
 };
 
-// Runs the benchmark; returns a process exit code. Flags (bench/pkv_bench_main.cc): --prompts
+// Runs the benchmark; returns a process exit code. Flags (bench/benchmarks/pkv_bench_main.cc): --prompts
 // --min_tokens --max_tokens --chunk_tokens --layers --hkv --d --page --repeats --writers --md --commit.
 int RunIngestBench(const IngestBenchOptions& options);
 

@@ -1,4 +1,4 @@
-#include "bench/trace_bench.h"
+#include "bench/benchmarks/trace_bench.h"
 
 #include <cuda_runtime_api.h>
 
@@ -13,8 +13,8 @@
 #include <random>
 #include <sstream>
 
-#include "bench/device_utils.h"
-#include "bench/random_data.h"
+#include "bench/benchmarks/device_utils.h"
+#include "bench/benchmarks/random_data.h"
 #include "common/log.h"
 #include "common/workload.h"
 #include "engine/cuda_backend.h"
@@ -25,7 +25,7 @@
 
 #include <numeric>
 
-#include "bench/flashinfer_arm.h"
+#include "bench/flashinfer/flashinfer_arm.h"
 #include "kvpool/cuda/append_kv.h"
 #endif
 

@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
-# bench/fetch_flashinfer.sh [DIR] — the FlashInfer headers for PKV_WITH_FLASHINFER (default DIR=.fi).
+# bench/flashinfer/fetch_headers.sh [DIR] — the FlashInfer headers for PKV_WITH_FLASHINFER
+# (default DIR=.fi at the repository root).
 #
 # FlashInfer's decode/prefill path is header-only; its headers ship in the flashinfer-python wheel,
 # and they need a CCCL newer than CUDA 13.0's (cuda::fast_mod_div), taken from the
 # nvidia-cuda-cccl wheel. This pip-downloads exactly pinned versions of both wheels (no deps) and
 # unpacks only what the decode/prefill headers need:
 #   DIR/flashinfer/include/flashinfer/{*.h,*.cuh,attention/*.{h,cuh}}   (+ LICENSE)
-#   DIR/cccl/include/...   the CCCL files that bench/internal/flashinfer_paths.cuh reaches
+#   DIR/cccl/include/...   the CCCL files that bench/flashinfer/internal/flashinfer_paths.cuh reaches
 #                          (nvcc -M, sm_90a and sm_80 passes); all of cuda/ and nv/ without nvcc
 # Nothing of it is committed (.fi is in .gitignore) and no FlashInfer code is copied into the
 # project: CMake puts DIR/cccl/include and DIR/flashinfer/include first on the include path of the
-# FlashInfer translation units only. Carry DIR to a GPU machine that has no internet.
+# FlashInfer translation units only. Run it where there is internet; for a GPU host without
+# internet, copy DIR there (docs/GPU.md).
 set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 DIR="${1:-$ROOT/.fi}"
 mkdir -p "$DIR"
 DIR="$(cd "$DIR" && pwd)"  # absolute: the CCCL copy below runs from another folder
@@ -49,7 +51,7 @@ CCCL_ALL="$TMP/cccl/nvidia/cu13/include/cccl"
 cp "$TMP/cccl/nvidia/cu13/cccl/LICENSE" "$DIR/cccl/LICENSE"
 if [[ -x "$NVCC" ]]; then
   : > "$TMP/deps"
-  echo '#include "bench/internal/flashinfer_paths.cuh"' > "$TMP/probe.cu"
+  echo '#include "bench/flashinfer/internal/flashinfer_paths.cuh"' > "$TMP/probe.cu"
   for arch in sm_90a sm_80; do
     "$NVCC" -std=c++17 -M -arch=$arch --expt-relaxed-constexpr -I "$CCCL_ALL" -I "$DIR/flashinfer/include" \
       -I "$ROOT" "$TMP/probe.cu" -o "$TMP/deps.$arch"
@@ -59,7 +61,7 @@ if [[ -x "$NVCC" ]]; then
     while read -r f; do mkdir -p "$DIR/cccl/include/$(dirname "$f")" && cp "$f" "$DIR/cccl/include/$f"; done)
   kept=$(find "$DIR/cccl/include" -type f | wc -l)
   echo "cccl: kept $kept files (include closure via $NVCC -M)"
-  [[ "$kept" -gt 0 ]] || { echo "fetch_flashinfer: no CCCL header kept: the include closure is empty" >&2; exit 1; }
+  [[ "$kept" -gt 0 ]] || { echo "fetch_headers: no CCCL header kept: the include closure is empty" >&2; exit 1; }
 else
   echo "no nvcc: keeping all of CCCL's cuda/ and nv/ (larger)"
   cp -r "$CCCL_ALL/cuda" "$CCCL_ALL/nv" "$DIR/cccl/include/"

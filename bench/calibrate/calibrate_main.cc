@@ -1,4 +1,4 @@
-// bench/calibrate_main.cc — `pkv-calibrate`: fits the scheduler's cost-model constants on this GPU
+// bench/calibrate/calibrate_main.cc — `pkv-calibrate`: fits the scheduler's cost-model constants on this GPU
 // for one model shape and writes the JSON profile (scheduler/cost_profile.h) the worker loads.
 //
 // It runs each route through engine::Engine on the CUDA backend (the same path the worker uses)
@@ -23,8 +23,8 @@
 #include <string>
 #include <vector>
 
-#include "bench/device_utils.h"
-#include "bench/random_data.h"
+#include "bench/benchmarks/device_utils.h"
+#include "bench/benchmarks/random_data.h"
 #include "common/log.h"
 #include "common/workload.h"
 #include "engine/cuda_backend.h"

@@ -1,4 +1,4 @@
-#include "bench/kernel_bench.h"
+#include "bench/benchmarks/kernel_bench.h"
 
 #include <cuda_runtime.h>
 
@@ -14,9 +14,9 @@
 #include <string>
 #include <vector>
 
-#include "bench/device_utils.h"
+#include "bench/benchmarks/device_utils.h"
 #ifdef PKV_WITH_FLASHINFER
-#include "bench/flashinfer_arm.h"
+#include "bench/flashinfer/flashinfer_arm.h"
 #endif
 #include "common/decode_types.h"
 #include "kernels/cuda/decode_attention_cuda.h"

@@ -1,4 +1,4 @@
-// bench/memory_bench.h — `pkv-bench memory`: reserved versus used KV memory of the paged pool and
+// bench/benchmarks/memory_bench.h — `pkv-bench memory`: reserved versus used KV memory of the paged pool and
 // of a static baseline, on a request trace, through engine::Engine (no GPU needed).
 //
 // The same continuous-batching loop runs twice over the trace (arrival times ignored): once with

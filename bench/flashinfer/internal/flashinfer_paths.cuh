@@ -1,7 +1,7 @@
-// bench/internal/flashinfer_paths.cuh — FlashInfer's two paged-decode paths on our pool layout.
+// bench/flashinfer/internal/flashinfer_paths.cuh — FlashInfer's two paged-decode paths on our pool layout.
 //
 // Templates over the 16-bit dtype T, instantiated once per (path, dtype) by the
-// bench/flashinfer_{decode,prefill}_{f16,bf16}.cu files and reached through the plain entry
+// bench/flashinfer/flashinfer_{decode,prefill}_{f16,bf16}.cu files and reached through the plain entry
 // points of flashinfer_paths.h. What FlashInfer's own bindings do, written for our layout:
 //   - the pool layer [num_pages][2 (K, V)][Hkv][P][d] is FlashInfer's HND paged KV with explicit
 //     strides: k_data = layer base, v_data = base + Hkv*P*d, stride_page = 2*Hkv*P*d,
@@ -33,7 +33,7 @@
 #include <flashinfer/attention/scheduler.cuh>
 #include <flashinfer/attention/variants.cuh>
 
-#include "bench/internal/flashinfer_paths.h"
+#include "bench/flashinfer/internal/flashinfer_paths.h"
 
 namespace pkv::bench::fi_internal {
 

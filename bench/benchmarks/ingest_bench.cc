@@ -1,4 +1,4 @@
-#include "bench/ingest_bench.h"
+#include "bench/benchmarks/ingest_bench.h"
 
 #include <cuda_runtime_api.h>
 

@@ -1,6 +1,6 @@
 // bench/flashinfer_prefill_f16.cu — FlashInfer's tensor-core decode path (the batch prefill kernel), f16 (one instantiation set per TU so that
-// the four compile in parallel). See bench/internal/flashinfer_paths.cuh.
-#include "bench/internal/flashinfer_paths.cuh"
+// the four compile in parallel). See bench/flashinfer/internal/flashinfer_paths.cuh.
+#include "bench/flashinfer/internal/flashinfer_paths.cuh"
 
 namespace pkv::bench::fi_internal {
 
