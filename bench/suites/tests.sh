@@ -8,17 +8,19 @@ suite_tests() {
   pkv_host_info "$SUITE_OUT/host.txt" >/dev/null
   : >"$log"
   if [[ -n "${PKV_BIN:-}" ]]; then
-    local tests=()
+    local tests=() ran=0
     read -r -a tests <<<"${GPU_TESTS:-decode_attention_cuda_test device_kv_arena_test engine_cuda_test flashinfer_arm_test}"
     pkv_need "${tests[@]/#/?}" || return 1
     for t in "${tests[@]}"; do
       [[ -x "$BIN/$t" ]] || continue
+      ran=$((ran + 1))
       echo "== $t" >>"$log"
       timeout 600 "$BIN/$t" >>"$log" 2>&1
       local trc=$?
       echo "$t: rc=$trc" | tee -a "$log"
       ((trc == 0)) || rc=1
     done
+    if ((ran == 0)); then pkv_say "none of GPU_TESTS is in $PKV_BIN"; return 1; fi
   else
     pkv_need decode_attention_cuda_test engine_cuda_test '?device_kv_arena_test' '?flashinfer_arm_test' || return 1
     (cd "$BIN/.." && ctest -L gpu --output-on-failure --timeout 600) >>"$log" 2>&1 || rc=1
