@@ -1,7 +1,7 @@
 // bench/flashinfer/flashinfer_arm.h — FlashInfer's paged decode on our KV pool, for side-by-side benchmarks.
 //
 // A FlashInferArm runs one of FlashInfer's two decode paths (built only with
-// PKV_WITH_FLASHINFER, headers from bench/fetch_flashinfer.sh) on the layout of
+// PKV_WITH_FLASHINFER, headers from bench/flashinfer/fetch_headers.sh) on the layout of
 // kernels/decode_attention.h — one layer [num_pages][2 (K, V)][Hkv][P][d], CSR page table — with
 // no repacking (FlashInfer's HND paged KV with explicit strides):
 //   kDecode   CUDA-core BatchDecodeWithPagedKVCache, split-KV as its planner decides;

@@ -13,7 +13,7 @@
 //     BatchPrefillWithPagedKVCacheDispatched, non-causal, CTA_TILE_Q 16 (what the planner picks
 //     for G*1 <= 16 packed rows).
 // Variant: DefaultAttention without mask, window, soft cap or ALiBi; no RoPE; no CUDA graph.
-// Only FlashInfer, CUDA and std headers: bench/fetch_flashinfer.sh computes its CCCL include
+// Only FlashInfer, CUDA and std headers: bench/flashinfer/fetch_headers.sh computes its CCCL include
 // closure from this file.
 #pragma once
 
