@@ -14,13 +14,13 @@ PACKAGES=(build-essential cmake ninja-build pkg-config
           libgtest-dev libgmock-dev libbenchmark-dev
           openssl     # the TLS tests make throwaway certificates with it
           prometheus  # prometheus + promtool: tests/observability checks the dashboard and alerts
-          unzip)      # bench/fetch_flashinfer.sh unpacks the FlashInfer and CCCL header wheels
+          unzip)      # bench/flashinfer/fetch_headers.sh unpacks the FlashInfer and CCCL header wheels
 # The Python client's tests (tests/python): Debian's CPU-only PyTorch and NumPy, seen by the
 # virtual environment made below (the PyPI torch wheel for x86-64 brings ~3 GB of CUDA packages).
 WITH_PYTHON="${PKV_WITH_PYTHON:-1}"
 if [ "$WITH_PYTHON" != 0 ]; then PACKAGES+=(python3-venv python3-torch python3-numpy); fi
 missing=()
-# bench/fetch_flashinfer.sh downloads wheels with pip: Debian's pip when python3 has none.
+# bench/flashinfer/fetch_headers.sh downloads wheels with pip: Debian's pip when python3 has none.
 python3 -m pip --version >/dev/null 2>&1 || PACKAGES+=(python3-pip)
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -6,7 +6,7 @@
 #   3. build-gpu-core/ PKV_WITH_SERVICE=OFF with CUDA (how the GPU machine builds the kernels,
 #                      pool, scheduler, engine and benchmarks without gRPC), with the FlashInfer
 #                      side-by-side arm (PKV_WITH_FLASHINFER=ON, headers fetched from PyPI by
-#                      bench/fetch_flashinfer.sh into .fi): its tests. Skipped when nvcc is absent
+#                      bench/flashinfer/fetch_headers.sh into .fi): its tests. Skipped when nvcc is absent
 #                      (then mode 1 already is a CPU build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +23,7 @@ cmake --build build-cpu -j "$JOBS"
 
 if command -v nvcc >/dev/null 2>&1 || [ -x /usr/local/cuda/bin/nvcc ]; then
   echo "test: core build with CUDA and the FlashInfer arm, no service (PKV_WITH_SERVICE=OFF)"
-  [ -f .fi/VERSIONS ] || bench/fetch_flashinfer.sh
+  [ -f .fi/VERSIONS ] || bench/flashinfer/fetch_headers.sh
   cmake -S . -B build-gpu-core "${CMAKE_ARGS[@]}" -DPKV_WITH_SERVICE=OFF -DPKV_WITH_FLASHINFER=ON
   cmake --build build-gpu-core -j "$JOBS"
   (cd build-gpu-core && ctest --output-on-failure -j "$JOBS" --timeout 900)

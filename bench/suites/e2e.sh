@@ -1,0 +1,124 @@
+# bench/suites/e2e.sh — the gRPC worker end to end, sourced by bench/gpu.sh. pkv-worker (CUDA
+# shellcheck shell=bash
+# backend, calibration profile PROFILE [the shipped H100 one]) on loopback, driven by pkv-replay;
+# 32 layers, Hq 32, Hkv 8, d 128, page 16, fp16; sampled outputs checked against the replay's
+# own double-precision reference in every run:
+#   bimodal_b8         B8 bimodal (seed 20260623, 24 requests, full lengths): tokens/s to compare
+#                      with `pkv-bench trace` (the `serving` suite) on the same workload
+#   bimodal_b4x2       the same rows as two interleaved micro-batches of 4
+#   bimodal_b8_graph   B8 bimodal with --launch_mode=graph
+#   azure_conv         Azure conversation slice with its arrival times (bursts): time between
+#                      tokens, worst 1 s window, reserved vs used KV
+#   azure_conv_static  the same against a worker in the static-reservation baseline mode
+#                      (--static_slot_tokens=8192: max context reserved per sequence)
+#   mooncake_conv      Mooncake conversation slice with its arrival times (prompts scaled 1/4)
+# RUNS="name ..." runs only those. --quick shortens every run; --smoke checks the suite without a
+# GPU (CPU backend, 2 layers, prompts scaled to 1/64).
+# Output: worker-*.log, replay-*.log, NAME.json (pkv-replay reports), metrics-*.txt (the worker's
+# /metrics at the end), e2e.log, summary.md (the table printed last).
+suite_e2e() {
+  local backend=cuda n24=24 naz=200 nmc=80 limit=600 scale=() pool=(--gpu_memory_fraction=0.5)
+  local profile="${PROFILE:-scheduler/profiles/h100-hq32-hkv8-d128-p16-fp16.json}"
+  local model=(--num_layers=32 --num_q_heads=32 --num_kv_heads=8 --head_dim=128 --page_size=16 --dtype=fp16)
+  if [[ "$SMOKE" == 1 ]]; then
+    backend=cpu; scale=(--context_scale=0.015625 --max_output=8); pool=(--num_pages=8192); profile=""
+    model=(--num_layers=2 --num_q_heads=8 --num_kv_heads=2 --head_dim=64 --page_size=16 --dtype=fp16)
+  fi
+  if [[ "$QUICK" == 1 ]]; then n24=8; naz=24; nmc=8; limit=240; fi
+  local log="$SUITE_OUT/e2e.log"
+  pkv_host_info "$log"
+  pkv_need pkv-worker pkv-replay || return 1
+  E2E_PIDS=()
+  # shellcheck disable=SC2317  # called by the EXIT trap
+  stop_all() { local p; for p in "${E2E_PIDS[@]}"; do kill -TERM "$p" 2>/dev/null; done; }
+  trap stop_all EXIT
+
+  # start_worker NAME ARGS...: starts a worker; sets PORT, MPORT and WPID.
+  start_worker() {
+    local name="$1"; shift
+    local wlog="$SUITE_OUT/worker-$name.log"
+    "$BIN/pkv-worker" --listen=127.0.0.1:0 --metrics_listen=127.0.0.1:0 --backend=$backend "${model[@]}" \
+      --max_message_bytes=268435456 --scatter_seed=20260622 ${profile:+--calibration_profile="$profile"} "$@" \
+      >"$wlog" 2>&1 &
+    WPID=$!
+    E2E_PIDS+=("$WPID")
+    if ! PORT=$(pkv_wait_port "$wlog" "$WPID"); then
+      tail -20 "$wlog"; echo "worker $name did not start"; return 1
+    fi
+    MPORT=$(sed -n 's/.*pkv-worker metrics on port \([0-9]*\).*/\1/p' "$wlog" | head -n1)
+    echo "worker $name on $PORT (metrics $MPORT): $*" | tee -a "$log"
+  }
+  stop_worker() { kill -TERM "$WPID"; wait "$WPID"; echo "worker $1 exit $?" | tee -a "$log"; }
+  # run_replay NAME ARGS...
+  run_replay() {
+    local name="$1"; shift
+    echo "== $name: pkv-replay $*" | tee -a "$log"
+    timeout "$limit" "$BIN/pkv-replay" --target=127.0.0.1:"$PORT" --progress_s=15 \
+      --report_json="$SUITE_OUT/$name.json" "$@" "${scale[@]}" >"$SUITE_OUT/replay-$name.log" 2>&1
+    echo "rc $?" >>"$SUITE_OUT/replay-$name.log"
+    tail -n 16 "$SUITE_OUT/replay-$name.log" | tee -a "$log"
+  }
+  scrape() {
+    python3 -c 'import sys, urllib.request; print(urllib.request.urlopen(
+      "http://127.0.0.1:%s/metrics" % sys.argv[1], timeout=5).read().decode())' "$1" >"$SUITE_OUT/metrics-$2.txt" 2>&1
+  }
+  want() { [[ -z "${RUNS:-}" || " $RUNS " == *" $1 "* ]]; }
+
+  local bimodal=(--workload=bimodal --num_requests="$n24" --seed=20260623 --check_fraction=0.002 --prefill_streams=8
+                 --chunk_tokens=1024 --warmup_steps=3)
+  local azure=(--trace_csv=data/traces/azure_llm_2023_conv_head.csv --honor_arrivals=true --num_requests="$naz"
+               --batch=32 --seed=20260624 --check_fraction=0.002 --prefill_streams=8 --chunk_tokens=1024
+               --pool_sample_ms=50)
+  if want bimodal_b8 || want bimodal_b4x2 || want azure_conv || want mooncake_conv; then
+    start_worker paged "${pool[@]}" || return 1
+    want bimodal_b8 && run_replay bimodal_b8 "${bimodal[@]}" --batch=8
+    want bimodal_b4x2 && run_replay bimodal_b4x2 "${bimodal[@]}" --batch=4 --micro_batches=2
+    want azure_conv && run_replay azure_conv "${azure[@]}"
+    want mooncake_conv && run_replay mooncake_conv --trace_csv=data/traces/mooncake_fast25_conversation_head.csv \
+      --honor_arrivals=true --num_requests=$nmc --context_scale=0.25 --max_output=256 --batch=32 --seed=20260625 \
+      --check_fraction=0.002 --prefill_streams=8 --chunk_tokens=1024 --pool_sample_ms=50
+    scrape "$MPORT" paged
+    stop_worker paged
+  fi
+  if want bimodal_b8_graph; then
+    start_worker graph "${pool[@]}" --launch_mode=graph || return 1
+    run_replay bimodal_b8_graph "${bimodal[@]}" --batch=8
+    scrape "$MPORT" graph
+    stop_worker graph
+  fi
+  # Static baseline: every sequence reserves 8192 tokens (max context) at creation; 24576 pages
+  # (48 GiB at this shape) hold the 32 rows plus 8 prompts written ahead.
+  if want azure_conv_static; then
+    start_worker static --num_pages=24576 --static_slot_tokens=8192 || return 1
+    run_replay azure_conv_static "${azure[@]}" --prefill_ahead=8
+    scrape "$MPORT" static
+    stop_worker static
+  fi
+  trap - EXIT
+  pkv_section "e2e"
+  python3 - "$SUITE_OUT" "$COMMIT" "${model[*]}" <<'PY' | tee "$SUITE_OUT/summary.md"
+import json, os, sys
+out, commit, model = sys.argv[1], sys.argv[2], sys.argv[3]
+rows, failed = [], 0
+for name in ["bimodal_b8", "bimodal_b4x2", "bimodal_b8_graph", "azure_conv", "azure_conv_static", "mooncake_conv"]:
+    p = os.path.join(out, name + ".json")
+    if not os.path.exists(p):
+        continue
+    r = json.load(open(p))
+    mib = 1024 * 1024
+    failed += r["check_failures"] + (r["requests_total"] - r["requests_done"])
+    rows.append("| %s | %d/%d | %.0f | %.3f / %.3f | %.3f / %.3f | %.3f / %.3f | %.2f / %.2f / %.2f | %.0f | %.0f / %.0f | %.0f | %d / %d |" % (
+        name, r["requests_done"], r["requests_total"], r["decode_tokens_per_s"],
+        r["layer_step_ms"]["p50"], r["layer_step_ms"]["p99"], r["overhead_ms"]["p50"], r["overhead_ms"]["p99"],
+        r["layer_step_ms"]["p50"] - r["server_ms"]["p50"], r["queue_ms"]["p99"],
+        r["tbt_ms"]["p50"], r["tbt_ms"]["p99"], r["tbt_ms"]["max"], r["worst_window_tokens_per_s"],
+        r["kv_reserved_mean_bytes"] / mib, r["kv_reserved_peak_bytes"] / mib, r["kv_used_mean_bytes"] / mib,
+        r["outputs_checked"], r["check_failures"]))
+print("commit %s; %s; loopback gRPC" % (commit, model))
+print()
+print("| run | done | decode tok/s | layer step ms p50 / p99 | beyond attention ms p50 / p99 | transport+client ms p50 / engine-thread wait ms p99 | between tokens ms p50 / p99 / max | worst 1 s window tok/s | KV reserved MiB mean / peak | KV used MiB mean | checked / failed |")
+print("|---|---|---|---|---|---|---|---|---|---|---|")
+print("\n".join(rows))
+sys.exit(1 if failed or not rows else 0)
+PY
+}
