@@ -15,10 +15,10 @@
 #include "client/worker_client.h"
 #include "common/metrics.h"
 #include "common/workload.h"
+#include "engine/engine_factory.h"
 #include "engine/step_observer.h"
 #include "gtest/gtest.h"
 #include "tests/support/small_model.h"
-#include "service/engine_factory.h"
 #include "service/worker_server.h"
 
 namespace pkv {
@@ -113,7 +113,7 @@ class WorkerIntegrationTest : public ::testing::Test {
  protected:
   void StartWorker(int64_t num_pages, int executor_threads = 2, int executor_queue = 64,
                    int ingest_threads = 2, int ingest_queue = 64, const std::string& attention = "run") {
-    service::EngineConfig config;
+    engine::EngineConfig config;
     config.attention = attention;
     config.shape = TestShape();
     config.num_pages = num_pages;
@@ -121,7 +121,7 @@ class WorkerIntegrationTest : public ::testing::Test {
     config.cpu_threads = 1;
     config.max_batch = 16;
     config.scatter_seed = 0xC0FFEE;
-    auto engine = service::BuildEngine(config);
+    auto engine = engine::BuildEngine(config);
     ASSERT_TRUE(engine.ok()) << engine.status();
     service::ServerOptions options;
     options.listen_address = "127.0.0.1:0";

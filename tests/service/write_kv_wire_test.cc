@@ -12,9 +12,9 @@
 #include <string>
 #include <vector>
 
+#include "engine/engine_factory.h"
 #include "gtest/gtest.h"
 #include "pkv/v1/worker.pb.h"
-#include "service/engine_factory.h"
 #include "service/handlers.h"
 #include "service/proto_convert.h"
 #include "tests/support/small_model.h"
@@ -190,13 +190,13 @@ TEST(WriteKvWireTest, LeavesHeadersMalformedBytesAndMergesToProtobuf) {
 class WriteKvWireSessionTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    EngineConfig config;
+    engine::EngineConfig config;
     config.shape = testing_support::SmallTestShape();
     config.num_pages = 8;
     config.backend = "cpu";
     config.cpu_threads = 1;
     config.max_batch = 4;
-    auto engine = BuildEngine(config);
+    auto engine = engine::BuildEngine(config);
     ASSERT_TRUE(engine.ok()) << engine.status();
     engine_ = *std::move(engine);
   }
