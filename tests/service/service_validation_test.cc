@@ -1,6 +1,7 @@
 // Tests of the service's conversion and validation: each kind of bad request gets its gRPC code
 // and a message naming the field, and leaves the engine exactly as it was (state fingerprint,
 // pager counts, consistency). Drives service/handlers.h directly: no sockets.
+#include <cstdint>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -217,10 +218,10 @@ TEST_F(ServiceValidationTest, GoodStepThenEachMalformedStepIsRejectedWithoutChan
   ExpectStepRejected(r, C::INVALID_ARGUMENT, "v.shape");
   r = Step(10, 1, {1, 2});
   r.mutable_k()->mutable_data()->resize(r.k().data().size() - 2);
-  ExpectStepRejected(r, C::INVALID_ARGUMENT, "k.data");
+  ExpectStepRejected(r, C::INVALID_ARGUMENT, "k: ");  // the engine checks byte sizes
   r = Step(10, 1, {1, 2});
   r.mutable_v()->mutable_data()->append("xx");
-  ExpectStepRejected(r, C::INVALID_ARGUMENT, "v.data");
+  ExpectStepRejected(r, C::INVALID_ARGUMENT, "v: ");
   r = Step(10, 1, {1, 2, 3});
   r.mutable_q()->set_shape(0, 2);  // tensors for 2 rows but 3 rows listed
   ExpectStepRejected(r, C::INVALID_ARGUMENT, "q.shape");
@@ -253,6 +254,40 @@ TEST_F(ServiceValidationTest, GoodStepThenEachMalformedStepIsRejectedWithoutChan
   r = Step(20, 0, {1});
   r.add_free(778);
   ExpectStepRejected(r, C::NOT_FOUND, "free[0]");
+}
+
+// The service checks only the wire (dtype and shape fields); the engine checks layers, token
+// ranges and byte sizes, so Step and WriteKV word the same mistake the same way.
+TEST_F(ServiceValidationTest, RangeAndSizeErrorsAreWordedOnceForStepAndWriteKv) {
+  v1::StepResponse response;
+  const absl::Status step_layer = RunStep(*engine_, Step(40, 3, {1}), &response);
+  v1::StepRequest short_k = Step(40, 0, {1});
+  short_k.mutable_k()->mutable_data()->resize(short_k.k().data().size() - 2);
+  const absl::Status step_bytes = RunStep(*engine_, short_k, &response);
+
+  PromptSession s(*engine_);
+  v1::WriteKVRequest h;
+  h.mutable_header()->set_sequence_id(8);
+  h.mutable_header()->set_num_tokens(10);
+  ASSERT_TRUE(s.OnMessage(h).ok());
+  const absl::Status chunk_layer = s.OnMessage(Chunk(8, 3, 0, 1));
+  v1::WriteKVRequest chunk_short_k = Chunk(8, 0, 0, 1);
+  chunk_short_k.mutable_chunk()->mutable_k()->mutable_data()->resize(chunk_short_k.chunk().k().data().size() - 2);
+  const absl::Status chunk_bytes = s.OnMessage(chunk_short_k);
+
+  EXPECT_EQ(step_layer.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(step_layer.message(), "layer: 3 out of range [0, 3)");
+  EXPECT_EQ(chunk_layer, step_layer);
+  EXPECT_EQ(step_bytes.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(step_bytes.message(), "k: 254 bytes, want 256 ([1, 2, 64] fp16)");
+  EXPECT_EQ(chunk_bytes, step_bytes);
+
+  // A token range past the end of int64 is refused, not overflowed.
+  v1::WriteKVRequest far = Chunk(8, 0, 0, 4);
+  far.mutable_chunk()->set_token_offset(INT64_MAX - 1);
+  const absl::Status range = s.OnMessage(far);
+  EXPECT_EQ(range.code(), absl::StatusCode::kInvalidArgument) << range;
+  EXPECT_NE(range.message().find("token_offset: "), std::string::npos) << range;
 }
 
 TEST_F(ServiceValidationTest, PoolFullStepIsResourceExhaustedNamingFreePages) {
@@ -309,7 +344,7 @@ TEST_F(ServiceValidationTest, WriteKvErrorsAndAbortLeaveNothingBehind) {
     v1::WriteKVRequest c = Chunk(7, 3, 0, 4);
     absl::Status st = s.OnMessage(c);
     EXPECT_EQ(st.code(), SC::kInvalidArgument);
-    EXPECT_NE(st.message().find("chunk.layer"), std::string::npos) << st;
+    EXPECT_NE(st.message().find("layer: "), std::string::npos) << st;
     c = Chunk(7, 0, 8, 4);  // tokens [8, 12) of 10
     EXPECT_EQ(s.OnMessage(c).code(), SC::kInvalidArgument);
     c = Chunk(7, 0, 0, 4);

@@ -230,7 +230,7 @@ TEST_F(WriteKvWireSessionTest, InPlaceChunksGetTheChecksOfParsedOnes) {
   short_k.mutable_chunk()->mutable_k()->mutable_data()->resize(10);
   absl::Status st = WriteInPlace(short_k);
   EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_NE(st.message().find("chunk.k.data"), std::string::npos) << st;
+  EXPECT_NE(st.message().find("k: "), std::string::npos) << st;
 
   v1::WriteKVRequest bad_shape = ChunkMessage(s, 1, 0, 4, rng);
   bad_shape.mutable_chunk()->mutable_v()->set_shape(1, s.num_kv_heads + 1);
