@@ -7,6 +7,7 @@
 #include "absl/container/flat_hash_set.h"
 #include "absl/hash/hash.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/string_view.h"
 #include "common/log.h"
 #include "common/status_macros.h"
 
@@ -24,6 +25,24 @@ int64_t FirstDuplicate(const std::vector<SeqId>& ids) {
 
 bool Contains(const std::vector<SeqId>& ids, SeqId id) {
   return std::find(ids.begin(), ids.end(), id) != ids.end();
+}
+
+// The request checks Step and PromptWrite::Write share, so that both word an error the same way.
+
+// INVALID_ARGUMENT naming `layer` when it is outside [0, num_layers).
+absl::Status CheckLayer(int32_t layer, const ModelShape& s) {
+  if (layer >= 0 && layer < s.num_layers) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat("layer: ", layer, " out of range [0, ", s.num_layers, ")"));
+}
+
+// INVALID_ARGUMENT naming `field` unless `bytes` is the size of a [rows, heads, head_dim] tensor
+// of the model dtype.
+absl::Status CheckTensorBytes(absl::string_view field, size_t bytes, int64_t rows, int32_t heads,
+                              const ModelShape& s) {
+  const size_t want = static_cast<size_t>(rows) * heads * s.head_dim * DTypeSize(s.dtype);
+  if (bytes == want) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat(field, ": ", bytes, " bytes, want ", want, " ([", rows, ", ",
+                                                 heads, ", ", s.head_dim, "] ", DTypeName(s.dtype), ")"));
 }
 
 }  // namespace
@@ -45,25 +64,16 @@ absl::Status PromptWrite::Write(int32_t layer, int64_t token_offset, int64_t n,
                                 std::span<const uint8_t> k, std::span<const uint8_t> v) {
   if (done_) return absl::FailedPreconditionError("prompt write already finished");
   const ModelShape& s = engine_->shape();
-  if (layer < 0 || layer >= s.num_layers) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("layer: ", layer, " out of range [0, ", s.num_layers, ")"));
-  }
+  PKV_RETURN_IF_ERROR(CheckLayer(layer, s));
   if (n < 1) return absl::InvalidArgumentError(absl::StrCat("num_tokens: must be >= 1, got ", n));
-  if (token_offset < 0 || token_offset + n > num_tokens_) {
-    return absl::InvalidArgumentError(absl::StrCat("token_offset: tokens [", token_offset, ", ",
-                                                   token_offset + n, ") exceed the prompt's ",
-                                                   num_tokens_, " tokens"));
+  // Written without token_offset + n, which may overflow for offsets a client makes up.
+  if (token_offset < 0 || token_offset > num_tokens_ - n) {
+    return absl::InvalidArgumentError(absl::StrCat("token_offset: ", token_offset, " with num_tokens ", n,
+                                                   " is not a range within the prompt's ", num_tokens_,
+                                                   " tokens"));
   }
-  const size_t want = static_cast<size_t>(n) * s.num_kv_heads * s.head_dim * DTypeSize(s.dtype);
-  if (k.size() != want) {
-    return absl::InvalidArgumentError(absl::StrCat("k: ", k.size(), " bytes, want ", want, " ([", n,
-                                                   ", ", s.num_kv_heads, ", ", s.head_dim, "] ",
-                                                   DTypeName(s.dtype), ")"));
-  }
-  if (v.size() != want) {
-    return absl::InvalidArgumentError(absl::StrCat("v: ", v.size(), " bytes, want ", want));
-  }
+  PKV_RETURN_IF_ERROR(CheckTensorBytes("k", k.size(), n, s.num_kv_heads, s));
+  PKV_RETURN_IF_ERROR(CheckTensorBytes("v", v.size(), n, s.num_kv_heads, s));
   if (engine_->limits_.check_finite) {
     PKV_RETURN_IF_ERROR(engine_->CheckFinite("k", k, s.num_kv_heads));
     PKV_RETURN_IF_ERROR(engine_->CheckFinite("v", v, s.num_kv_heads));
@@ -178,23 +188,10 @@ Engine::~Engine() {
 }
 
 absl::Status Engine::ValidateTensors(const StepInput& in) const {
-  const size_t b = in.rows.size();
-  const size_t el = DTypeSize(shape_.dtype);
-  const size_t q_want = b * shape_.num_q_heads * shape_.head_dim * el;
-  const size_t kv_want = b * shape_.num_kv_heads * shape_.head_dim * el;
-  if (in.q.size() != q_want) {
-    return absl::InvalidArgumentError(absl::StrCat("q: ", in.q.size(), " bytes, want ", q_want, " ([",
-                                                   b, ", ", shape_.num_q_heads, ", ", shape_.head_dim,
-                                                   "] ", DTypeName(shape_.dtype), ")"));
-  }
-  if (in.k.size() != kv_want) {
-    return absl::InvalidArgumentError(absl::StrCat("k: ", in.k.size(), " bytes, want ", kv_want, " ([",
-                                                   b, ", ", shape_.num_kv_heads, ", ",
-                                                   shape_.head_dim, "] ", DTypeName(shape_.dtype), ")"));
-  }
-  if (in.v.size() != kv_want) {
-    return absl::InvalidArgumentError(absl::StrCat("v: ", in.v.size(), " bytes, want ", kv_want));
-  }
+  const int64_t b = static_cast<int64_t>(in.rows.size());
+  PKV_RETURN_IF_ERROR(CheckTensorBytes("q", in.q.size(), b, shape_.num_q_heads, shape_));
+  PKV_RETURN_IF_ERROR(CheckTensorBytes("k", in.k.size(), b, shape_.num_kv_heads, shape_));
+  PKV_RETURN_IF_ERROR(CheckTensorBytes("v", in.v.size(), b, shape_.num_kv_heads, shape_));
   if (limits_.check_finite) {
     PKV_RETURN_IF_ERROR(CheckFinite("q", in.q, shape_.num_q_heads));
     PKV_RETURN_IF_ERROR(CheckFinite("k", in.k, shape_.num_kv_heads));
@@ -597,10 +594,7 @@ void Engine::ReleaseLocked(SeqId seq) {
 absl::StatusOr<StepOutput> Engine::Step(const StepInput& in) {
   const auto started = std::chrono::steady_clock::now();
   if (in.token_step_id == 0) return absl::InvalidArgumentError("token_step_id: must be nonzero");
-  if (in.layer < 0 || in.layer >= shape_.num_layers) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("layer: ", in.layer, " out of range [0, ", shape_.num_layers, ")"));
-  }
+  PKV_RETURN_IF_ERROR(CheckLayer(in.layer, shape_));
   PKV_RETURN_IF_ERROR(ValidateListSizes(in.rows.size(), in.open.size(), in.free.size()));
   if (int64_t i = FirstDuplicate(in.rows); i >= 0) {
     return absl::InvalidArgumentError(absl::StrCat("rows[", i, "]: sequence ", in.rows[i], " listed twice"));

@@ -205,6 +205,8 @@ class PromptWrite {
 
   // Writes K,V of tokens [token_offset, token_offset + n) of one layer; `k` and `v` are
   // [n, Hkv, d] model-dtype bytes. Chunks may come in any order; rewriting a token is allowed.
+  // INVALID_ARGUMENT naming the field (worded as Step words it) for a layer out of range, n < 1,
+  // tokens outside the prompt, a byte size that is not [n, Hkv, d], or a non-finite value.
   // The bytes are staged (KvArena::StageTokens): on the device they join a merged copy of many
   // chunks (of any prompts) and are on the device once Commit returns.
   [[nodiscard]] absl::Status Write(int32_t layer, int64_t token_offset, int64_t n,
@@ -242,7 +244,9 @@ class Engine {
                                                         scheduler::Scheduler scheduler);
   ~Engine();
 
-  // One layer of a token step (see the file comment).
+  // One layer of a token step (see the file comment). Validates everything it is given
+  // (token_step_id, layer, the lists, q/k/v byte sizes against the model shape, finiteness)
+  // before it changes anything.
   absl::StatusOr<StepOutput> Step(const StepInput& input);
 
   // Starts writing a prompt of `num_tokens` tokens (1 .. max_prompt_tokens) for a new sequence

@@ -27,7 +27,7 @@ void RunDescribe(const engine::Engine& engine, const ServiceLimits& limits, bool
 // success, with the stage timings up to serialize_seconds (the caller adds what happened around
 // it).
 // With `payload`, response->out carries no data: *payload holds the output bytes, for the caller to
-// send as out.data without copying them (see SerializeStepResponse in worker_server.cc).
+// send as out.data without copying them (see SerializeStepResponse in worker_service.cc).
 absl::Status RunStep(engine::Engine& engine, const v1::StepRequest& request,
                      v1::StepResponse* response, const CallContext& call = {},
                      engine::OutputBytes* payload = nullptr);

@@ -146,26 +146,13 @@ absl::Status CheckTensor(const TensorRef& tensor, DType dtype, std::initializer_
     return absl::InvalidArgumentError(absl::StrCat(field, ".shape is ", ShapeString(have),
                                                    ", expected ", ShapeString(want)));
   }
-  int64_t elems = 1;
-  for (int64_t s : shape) elems *= s;
-  const int64_t want_bytes = elems * static_cast<int64_t>(DTypeSize(dtype));
-  if (static_cast<int64_t>(tensor.data.size()) != want_bytes) {
-    return absl::InvalidArgumentError(absl::StrCat(field, ".data has ", tensor.data.size(),
-                                                   " bytes, expected ", want_bytes, " for shape ",
-                                                   ShapeString(want)));
-  }
+  // The data's byte size is the engine's to check (engine::Engine::Step, PromptWrite::Write).
   return absl::OkStatus();
 }
 
 absl::StatusOr<engine::StepInput> ToStepInput(const v1::StepRequest& request,
                                               const ModelShape& shape) {
-  if (request.token_step_id() == 0) {
-    return absl::InvalidArgumentError("token_step_id must be nonzero");
-  }
-  if (request.layer() < 0 || request.layer() >= shape.num_layers) {
-    return absl::InvalidArgumentError(absl::StrCat("layer ", request.layer(), " is out of range [0, ",
-                                                   shape.num_layers, ")"));
-  }
+  // token_step_id, layer and the data sizes are the engine's to check (engine::Engine::Step).
   const int64_t b = request.rows_size();
   PKV_RETURN_IF_ERROR(CheckTensor(request.q(), shape.dtype, {b, shape.num_q_heads, shape.head_dim}, "q"));
   PKV_RETURN_IF_ERROR(CheckTensor(request.k(), shape.dtype, {b, shape.num_kv_heads, shape.head_dim}, "k"));
@@ -217,18 +204,8 @@ void ToStepResponse(engine::StepOutput&& output, const v1::StepRequest& request,
   response->set_d2h_seconds(output.timings.d2h_seconds);
 }
 
-absl::Status CheckChunk(const ChunkRef& chunk, const ModelShape& shape, int64_t prompt_tokens) {
-  if (chunk.layer < 0 || chunk.layer >= shape.num_layers) {
-    return absl::InvalidArgumentError(absl::StrCat("chunk.layer ", chunk.layer,
-                                                   " is out of range [0, ", shape.num_layers, ")"));
-  }
-  if (chunk.num_tokens < 1 || chunk.token_offset < 0 ||
-      chunk.token_offset > prompt_tokens - chunk.num_tokens) {
-    // No end offset in the message: token_offset + num_tokens may overflow.
-    return absl::InvalidArgumentError(absl::StrCat(
-        "chunk.token_offset ", chunk.token_offset, ", chunk.num_tokens ", chunk.num_tokens,
-        ": must be a non-empty range within the prompt's ", prompt_tokens, " tokens"));
-  }
+absl::Status CheckChunk(const ChunkRef& chunk, const ModelShape& shape) {
+  // layer, the token range and the data sizes are the engine's to check (PromptWrite::Write).
   const int64_t n = chunk.num_tokens;
   PKV_RETURN_IF_ERROR(CheckTensor(chunk.k, shape.dtype, {n, shape.num_kv_heads, shape.head_dim}, "chunk.k"));
   PKV_RETURN_IF_ERROR(CheckTensor(chunk.v, shape.dtype, {n, shape.num_kv_heads, shape.head_dim}, "chunk.v"));

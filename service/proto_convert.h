@@ -1,9 +1,10 @@
 // service/proto_convert.h — API v1 messages <-> engine domain types, and proto-level checks.
 //
 // Proto types stop at service/: everything below works on engine::StepInput, engine::EngineInfo
-// and raw byte spans. The checks here are those only the wire format needs (dtype enums, shape
-// fields, byte sizes against Describe); the engine validates the semantics (layers, rows,
-// deltas, pool space). Every error is INVALID_ARGUMENT naming the field, e.g. "q.shape".
+// and raw byte spans. The checks here are only those the engine cannot make, because it never
+// sees the wire message: each Tensor's dtype enum and shape fields. The engine validates the
+// rest with one wording for both RPCs (token_step_id, layer, token ranges, data byte sizes, rows,
+// deltas, pool space). Every error here is INVALID_ARGUMENT naming the field, e.g. "q.shape".
 // Thread-safety: pure functions; a StepInput points into the request it was made from.
 #pragma once
 
@@ -46,16 +47,16 @@ absl::StatusOr<DType> FromProtoDType(int dtype, absl::string_view field);
 void FillDescribe(const engine::EngineInfo& info, const ServiceLimits& limits, bool serving,
                   const CallContext& call, v1::DescribeResponse* out);
 
-// OK when `tensor` has dtype `dtype`, exactly `shape` and prod(shape) * 2 bytes of data;
-// otherwise INVALID_ARGUMENT naming `field` (e.g. "q.shape", "k.data").
+// OK when `tensor` has dtype `dtype` and exactly `shape`; otherwise INVALID_ARGUMENT naming
+// `field` (e.g. "q.dtype", "k.shape"). The size of its data is left to the engine.
 absl::Status CheckTensor(const v1::Tensor& tensor, DType dtype, std::initializer_list<int64_t> shape,
                          absl::string_view field);
 // The same on a tensor read in place (service/write_kv_wire.h).
 absl::Status CheckTensor(const TensorRef& tensor, DType dtype, std::initializer_list<int64_t> shape,
                          absl::string_view field);
 
-// Checks the request's tensors against the model shape and returns the engine's view of it
-// (spans into `request`, which must outlive the result).
+// Checks the dtype and shape of the request's tensors against the model shape and returns the
+// engine's view of it (spans into `request`, which must outlive the result).
 absl::StatusOr<engine::StepInput> ToStepInput(const v1::StepRequest& request, const ModelShape& shape);
 
 // Moves an engine output into `response` (out [B, Hq, d], lse [B, Hq] fp32 when present, the
@@ -64,9 +65,9 @@ void ToStepResponse(engine::StepOutput&& output, const v1::StepRequest& request,
                     const ModelShape& shape, v1::StepResponse* response,
                     engine::OutputBytes* payload = nullptr);
 
-// Checks a WriteKV chunk's tensors ([num_tokens, Hkv, d] in the model dtype) and ranges against
-// the model shape and the prompt length announced by the header.
-absl::Status CheckChunk(const ChunkRef& chunk, const ModelShape& shape, int64_t prompt_tokens);
+// Checks the dtype and shape of a WriteKV chunk's tensors ([num_tokens, Hkv, d] in the model
+// dtype); its layer, token range and byte sizes are checked by engine::PromptWrite::Write.
+absl::Status CheckChunk(const ChunkRef& chunk, const ModelShape& shape);
 
 // A parsed chunk seen as a ChunkRef (spans into `chunk`, which must outlive the result), so that
 // parsed and in-place chunks take one path.

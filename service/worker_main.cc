@@ -24,10 +24,10 @@
 #include "common/dtype.h"
 #include "common/log.h"
 #include "common/metrics.h"
+#include "engine/engine_factory.h"
 #include "prometheus/exposer.h"
 #include "service/allocator_tuning.h"
 #include "service/metrics_observer.h"
-#include "service/engine_factory.h"
 #include "service/worker_server.h"
 
 ABSL_FLAG(std::string, listen, "0.0.0.0:50051",
@@ -151,7 +151,7 @@ int Run() {
   sigaddset(&stop_signals, SIGINT);
   pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
 
-  pkv::service::EngineConfig config;
+  pkv::engine::EngineConfig config;
   config.shape.num_layers = absl::GetFlag(FLAGS_num_layers);
   config.shape.num_q_heads = absl::GetFlag(FLAGS_num_q_heads);
   config.shape.num_kv_heads = absl::GetFlag(FLAGS_num_kv_heads);
@@ -182,7 +182,7 @@ int Run() {
   config.sequence_idle_seconds = absl::GetFlag(FLAGS_sequence_idle_s);
   config.attention = absl::GetFlag(FLAGS_attention);
 
-  auto engine = pkv::service::BuildEngine(config);
+  auto engine = pkv::engine::BuildEngine(config);
   if (!engine.ok()) {
     PKV_LOG(ERROR) << "cannot create the engine: " << engine.status();
     return 2;

@@ -1,10 +1,11 @@
 // service/worker_server.h — the PersistentKV gRPC server: API v1, health and reflection.
 //
-// WorkerServer owns the engine, the bounded executor that runs engine work, the callback service
-// and the grpc::Server (plaintext, TLS or mutual TLS), plus an optional second, plaintext server
-// that serves only grpc.health.v1 for Kubernetes gRPC probes (they cannot speak TLS); pkv-worker and the integration tests both start it through Start, so the
-// tests exercise exactly what the binary serves. gRPC types stay in worker_server.cc: this header
-// is cheap to include.
+// WorkerServer owns the engine, the bounded executors that run engine work, the callback service
+// (service/worker_service.h) and the grpc::Server (plaintext, TLS or mutual TLS; credentials from
+// service/tls_credentials.h), plus an optional second, plaintext server that serves only
+// grpc.health.v1 for Kubernetes gRPC probes, which cannot speak TLS (service/health_server.h).
+// pkv-worker and the integration tests both start it through Start, so the tests exercise exactly
+// what the binary serves. gRPC types stay in the .cc files: this header is cheap to include.
 //
 // Life cycle: Start -> serving (health SERVING on both servers) -> BeginDrain (health NOT_SERVING,
 // new token steps and prompts refused with UNAVAILABLE; open token steps, Describe and Release go

@@ -57,8 +57,8 @@
 #include "common/dtype.h"
 #include "common/model_shape.h"
 #include "engine/engine.h"
+#include "engine/engine_factory.h"
 #include "service/allocator_tuning.h"
-#include "service/engine_factory.h"
 #include "service/worker_server.h"
 
 ABSL_FLAG(std::string, streams, "1,8", "Comma-separated counts of concurrent streams to measure.");
@@ -331,8 +331,8 @@ Result Measure(const char* mode, int streams, int64_t bytes, int repeats,
   return {Median(gbps), Median(cpu)};
 }
 
-service::EngineConfig EngineConfigFor(const ModelShape& shape, int64_t pages) {
-  service::EngineConfig c;
+engine::EngineConfig EngineConfigFor(const ModelShape& shape, int64_t pages) {
+  engine::EngineConfig c;
   c.shape = shape;
   c.backend = absl::GetFlag(FLAGS_backend);
   c.num_pages = pages;
@@ -385,7 +385,7 @@ int Main() {
     }
     if (run_grpc) {
       absl::StatusOr<std::unique_ptr<engine::Engine>> engine =
-          service::BuildEngine(EngineConfigFor(plan.shape, pages_per_prompt * max_streams + 16));
+          engine::BuildEngine(EngineConfigFor(plan.shape, pages_per_prompt * max_streams + 16));
       if (!engine.ok()) {
         std::fprintf(stderr, "pkv-ingest-bench: worker engine: %s\n", engine.status().ToString().c_str());
         return 1;
@@ -426,7 +426,7 @@ int Main() {
   std::unique_ptr<engine::Engine> engine;
   if (run_engine) {
     absl::StatusOr<std::unique_ptr<engine::Engine>> e =
-        service::BuildEngine(EngineConfigFor(plan.shape, pages_per_prompt * max_streams + 16));
+        engine::BuildEngine(EngineConfigFor(plan.shape, pages_per_prompt * max_streams + 16));
     if (!e.ok()) {
       std::fprintf(stderr, "pkv-ingest-bench: engine: %s\n", e.status().ToString().c_str());
       return 1;

@@ -36,7 +36,7 @@ __all__ = [
     "error_from_rpc",
 ]
 
-# A field path at the start of a message: `q.shape`, `rows[1]`, `chunk.layer`, `sequence_id`
+# A field path at the start of a message: `q.shape`, `rows[1]`, `chunk.k.shape`, `sequence_id`
 # (fields are snake_case: "KV pool full: ..." names none).
 _FIELD = re.compile(r"^([a-z_][a-z0-9_]*(?:\[\d+\])?(?:\.[a-z_][a-z0-9_]*(?:\[\d+\])?)*)[:. ]")
 

@@ -8,7 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/status_macros.h"
-#include "service/engine_factory.h"
+#include "engine/engine_factory.h"
 #include "tests/support/small_model.h"
 
 namespace pkv::fuzz {
@@ -111,14 +111,14 @@ void SetTensor(v1::Tensor* t, const ModelShape& shape, std::initializer_list<int
 // Set-up and the public entry points
 
 absl::StatusOr<std::unique_ptr<RequestFuzzer>> RequestFuzzer::Create(const Options& options) {
-  service::EngineConfig config;
+  engine::EngineConfig config;
   config.shape = testing_support::SmallTestShape();
   config.num_pages = kPoolPages;
   config.backend = "cpu";
   config.cpu_threads = 1;
   config.max_batch = kMaxBatch;
   config.scatter_seed = kScatterSeed;
-  PKV_ASSIGN_OR_RETURN(std::unique_ptr<engine::Engine> engine, service::BuildEngine(config));
+  PKV_ASSIGN_OR_RETURN(std::unique_ptr<engine::Engine> engine, engine::BuildEngine(config));
   std::unique_ptr<RequestFuzzer> fuzzer(new RequestFuzzer(options, std::move(engine)));
   // Two committed prompts (20 and 16 tokens), so that the first token steps have rows.
   PKV_RETURN_IF_ERROR(fuzzer->WritePrompt(20));

@@ -14,6 +14,7 @@
 #include "absl/time/clock.h"
 #include "common/dtype.h"
 #include "common/metrics.h"
+#include "engine/engine_factory.h"
 #include "grpcpp/generic/generic_stub.h"
 #include "grpcpp/grpcpp.h"
 #include "grpcpp/impl/codegen/client_unary_call.h"
@@ -21,7 +22,6 @@
 #include "grpcpp/impl/codegen/sync_stream.h"
 #include "gtest/gtest.h"
 #include "pkv/v1/worker.grpc.pb.h"
-#include "service/engine_factory.h"
 #include "service/worker_server.h"
 #include "tests/support/small_model.h"
 
@@ -73,7 +73,7 @@ void SetTensor(v1::Tensor* t, std::vector<int64_t> shape, std::mt19937_64& rng) 
 class WorkerRobustnessTest : public ::testing::Test {
  protected:
   void StartWorker(double token_step_idle_seconds = 30, double prompt_idle_seconds = 60) {
-    service::EngineConfig config;
+    engine::EngineConfig config;
     config.shape = Shape();
     config.num_pages = 32;
     config.backend = "cpu";
@@ -81,7 +81,7 @@ class WorkerRobustnessTest : public ::testing::Test {
     config.max_batch = 8;
     config.scatter_seed = 77;
     config.token_step_idle_seconds = token_step_idle_seconds;
-    auto engine = service::BuildEngine(config);
+    auto engine = engine::BuildEngine(config);
     ASSERT_TRUE(engine.ok()) << engine.status();
     metrics_ = std::make_unique<WorkerMetrics>(BuildInfo{"test", "test", "cpu", "none", "fp16", "default"});
     service::ServerOptions options;

@@ -11,12 +11,12 @@
 
 #include "client/kv_data.h"
 #include "client/worker_client.h"
+#include "engine/engine_factory.h"
 #include "grpcpp/generic/generic_stub.h"
 #include "grpcpp/grpcpp.h"
 #include "grpcpp/support/byte_buffer.h"
 #include "gtest/gtest.h"
 #include "pkv/v1/worker.grpc.pb.h"
-#include "service/engine_factory.h"
 #include "service/worker_server.h"
 #include "tests/integration/test_certs.h"
 
@@ -39,13 +39,13 @@ ModelShape TestShape() {
 }
 
 std::unique_ptr<engine::Engine> TestEngine() {
-  service::EngineConfig config;
+  engine::EngineConfig config;
   config.shape = TestShape();
   config.num_pages = 256;
   config.backend = "cpu";
   config.cpu_threads = 1;
   config.max_batch = 8;
-  auto engine = service::BuildEngine(config);
+  auto engine = engine::BuildEngine(config);
   EXPECT_TRUE(engine.ok()) << engine.status();
   return engine.ok() ? *std::move(engine) : nullptr;
 }

@@ -1,14 +1,15 @@
 // Tests of the service's conversion and validation: each kind of bad request gets its gRPC code
 // and a message naming the field, and leaves the engine exactly as it was (state fingerprint,
 // pager counts, consistency). Drives service/handlers.h directly: no sockets.
+#include <cstdint>
 #include <cstring>
 #include <string>
 #include <vector>
 
 #include "client/kv_data.h"
+#include "engine/engine_factory.h"
 #include "gtest/gtest.h"
 #include "tests/support/small_model.h"
-#include "service/engine_factory.h"
 #include "service/grpc_status.h"
 #include "service/handlers.h"
 #include "service/proto_convert.h"
@@ -36,14 +37,14 @@ struct Snapshot {
 class ServiceValidationTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    EngineConfig config;
+    engine::EngineConfig config;
     config.shape = SmallShape();
     config.num_pages = 12;
     config.backend = "cpu";
     config.cpu_threads = 1;
     config.max_batch = 4;
     config.scatter_seed = 99;
-    auto engine = BuildEngine(config);
+    auto engine = engine::BuildEngine(config);
     ASSERT_TRUE(engine.ok()) << engine.status();
     engine_ = *std::move(engine);
     gen_ = std::make_unique<client::KvDataGen>(engine_->shape(), kSeed);
@@ -217,10 +218,10 @@ TEST_F(ServiceValidationTest, GoodStepThenEachMalformedStepIsRejectedWithoutChan
   ExpectStepRejected(r, C::INVALID_ARGUMENT, "v.shape");
   r = Step(10, 1, {1, 2});
   r.mutable_k()->mutable_data()->resize(r.k().data().size() - 2);
-  ExpectStepRejected(r, C::INVALID_ARGUMENT, "k.data");
+  ExpectStepRejected(r, C::INVALID_ARGUMENT, "k: ");  // the engine checks byte sizes
   r = Step(10, 1, {1, 2});
   r.mutable_v()->mutable_data()->append("xx");
-  ExpectStepRejected(r, C::INVALID_ARGUMENT, "v.data");
+  ExpectStepRejected(r, C::INVALID_ARGUMENT, "v: ");
   r = Step(10, 1, {1, 2, 3});
   r.mutable_q()->set_shape(0, 2);  // tensors for 2 rows but 3 rows listed
   ExpectStepRejected(r, C::INVALID_ARGUMENT, "q.shape");
@@ -253,6 +254,40 @@ TEST_F(ServiceValidationTest, GoodStepThenEachMalformedStepIsRejectedWithoutChan
   r = Step(20, 0, {1});
   r.add_free(778);
   ExpectStepRejected(r, C::NOT_FOUND, "free[0]");
+}
+
+// The service checks only the wire (dtype and shape fields); the engine checks layers, token
+// ranges and byte sizes, so Step and WriteKV word the same mistake the same way.
+TEST_F(ServiceValidationTest, RangeAndSizeErrorsAreWordedOnceForStepAndWriteKv) {
+  v1::StepResponse response;
+  const absl::Status step_layer = RunStep(*engine_, Step(40, 3, {1}), &response);
+  v1::StepRequest short_k = Step(40, 0, {1});
+  short_k.mutable_k()->mutable_data()->resize(short_k.k().data().size() - 2);
+  const absl::Status step_bytes = RunStep(*engine_, short_k, &response);
+
+  PromptSession s(*engine_);
+  v1::WriteKVRequest h;
+  h.mutable_header()->set_sequence_id(8);
+  h.mutable_header()->set_num_tokens(10);
+  ASSERT_TRUE(s.OnMessage(h).ok());
+  const absl::Status chunk_layer = s.OnMessage(Chunk(8, 3, 0, 1));
+  v1::WriteKVRequest chunk_short_k = Chunk(8, 0, 0, 1);
+  chunk_short_k.mutable_chunk()->mutable_k()->mutable_data()->resize(chunk_short_k.chunk().k().data().size() - 2);
+  const absl::Status chunk_bytes = s.OnMessage(chunk_short_k);
+
+  EXPECT_EQ(step_layer.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(step_layer.message(), "layer: 3 out of range [0, 3)");
+  EXPECT_EQ(chunk_layer, step_layer);
+  EXPECT_EQ(step_bytes.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(step_bytes.message(), "k: 254 bytes, want 256 ([1, 2, 64] fp16)");
+  EXPECT_EQ(chunk_bytes, step_bytes);
+
+  // A token range past the end of int64 is refused, not overflowed.
+  v1::WriteKVRequest far = Chunk(8, 0, 0, 4);
+  far.mutable_chunk()->set_token_offset(INT64_MAX - 1);
+  const absl::Status range = s.OnMessage(far);
+  EXPECT_EQ(range.code(), absl::StatusCode::kInvalidArgument) << range;
+  EXPECT_NE(range.message().find("token_offset: "), std::string::npos) << range;
 }
 
 TEST_F(ServiceValidationTest, PoolFullStepIsResourceExhaustedNamingFreePages) {
@@ -309,7 +344,7 @@ TEST_F(ServiceValidationTest, WriteKvErrorsAndAbortLeaveNothingBehind) {
     v1::WriteKVRequest c = Chunk(7, 3, 0, 4);
     absl::Status st = s.OnMessage(c);
     EXPECT_EQ(st.code(), SC::kInvalidArgument);
-    EXPECT_NE(st.message().find("chunk.layer"), std::string::npos) << st;
+    EXPECT_NE(st.message().find("layer: "), std::string::npos) << st;
     c = Chunk(7, 0, 8, 4);  // tokens [8, 12) of 10
     EXPECT_EQ(s.OnMessage(c).code(), SC::kInvalidArgument);
     c = Chunk(7, 0, 0, 4);
@@ -354,114 +389,6 @@ TEST_F(ServiceValidationTest, ReleaseIsAllOrNothing) {
   ASSERT_TRUE(RunRelease(*engine_, r, &resp).ok());
   EXPECT_EQ(resp.released(), 2);
   EXPECT_EQ(resp.free_pages(), 12);
-}
-
-TEST(EngineFactoryTest, RejectsBadConfigurations) {
-  EngineConfig c;
-  c.shape = SmallShape();
-  c.backend = "tpu";
-  c.num_pages = 4;
-  EXPECT_EQ(BuildEngine(c).status().code(), absl::StatusCode::kInvalidArgument);
-  c.backend = "cpu";
-  c.shape.head_dim = 100;
-  EXPECT_EQ(BuildEngine(c).status().code(), absl::StatusCode::kInvalidArgument);
-  c.shape = SmallShape();
-  c.num_pages = 0;
-  c.kv_pool_bytes = 10;
-  EXPECT_EQ(ResolvePoolSize(c, /*cuda=*/false).status().code(), absl::StatusCode::kInvalidArgument);
-  c.kv_pool_bytes = 10 * SmallShape().page_bytes_all_layers() + 5;
-  EXPECT_EQ(ResolvePoolSize(c, /*cuda=*/false)->pages, 10);
-  c.launch_mode = "replay";
-  const auto bad_mode = BuildEngine(c).status();
-  EXPECT_EQ(bad_mode.code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_NE(bad_mode.message().find("launch_mode"), std::string_view::npos) << bad_mode;
-  c.launch_mode = "graph";  // the CPU backend ignores it
-  EXPECT_TRUE(BuildEngine(c).ok());
-}
-
-// The pool is sized by at most one setting, and the one set is the size used on both backends.
-TEST(EngineFactoryTest, PoolSizeComesFromTheOneSettingGiven) {
-  EngineConfig c;
-  c.shape = SmallShape();
-  const int64_t page_bytes = SmallShape().page_bytes_all_layers();
-  for (const bool cuda : {false, true}) {
-    SCOPED_TRACE(cuda ? "cuda" : "cpu");
-    c = EngineConfig{};
-    c.shape = SmallShape();
-    c.num_pages = 7;
-    auto size = ResolvePoolSize(c, cuda);
-    ASSERT_TRUE(size.ok()) << size.status();
-    EXPECT_EQ(size->pages, 7);
-    EXPECT_EQ(size->gpu_memory_fraction, 0);
-    EXPECT_EQ(size->origin, "--num_pages=7");
-
-    c.num_pages = 0;
-    c.kv_pool_bytes = 9 * page_bytes + 1;  // bytes apply on the GPU too, not a fraction
-    size = ResolvePoolSize(c, cuda);
-    ASSERT_TRUE(size.ok()) << size.status();
-    EXPECT_EQ(size->pages, 9);
-    EXPECT_EQ(size->gpu_memory_fraction, 0);
-  }
-  // Nothing set: each backend's default.
-  c = EngineConfig{};
-  c.shape = SmallShape();
-  EXPECT_EQ(ResolvePoolSize(c, false)->pages, kDefaultCpuPoolBytes / page_bytes);
-  EXPECT_EQ(ResolvePoolSize(c, true)->pages, 0);
-  EXPECT_EQ(ResolvePoolSize(c, true)->gpu_memory_fraction, kDefaultGpuMemoryFraction);
-  // A fraction sizes only the CUDA backend's pool.
-  c.gpu_memory_fraction = 0.5;
-  EXPECT_EQ(ResolvePoolSize(c, true)->gpu_memory_fraction, 0.5);
-  const absl::Status on_cpu = ResolvePoolSize(c, false).status();
-  EXPECT_EQ(on_cpu.code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_NE(on_cpu.message().find("--gpu_memory_fraction=0.5"), std::string_view::npos) << on_cpu;
-  EXPECT_NE(on_cpu.message().find("cpu backend"), std::string_view::npos) << on_cpu;
-}
-
-TEST(EngineFactoryTest, TwoPoolSizesOrAnOutOfRangeOneAreRejected) {
-  struct Case {
-    int64_t num_pages;
-    int64_t kv_pool_bytes;
-    double gpu_memory_fraction;
-    std::vector<std::string> named;  // what the message must name
-  };
-  const std::vector<Case> cases = {
-      {64, int64_t{1} << 30, 0, {"--num_pages=64", "--kv_pool_bytes=1073741824"}},
-      {64, 0, 0.5, {"--num_pages=64", "--gpu_memory_fraction=0.5"}},
-      {0, int64_t{1} << 30, 0.5, {"--kv_pool_bytes=1073741824", "--gpu_memory_fraction=0.5"}},
-      {64, int64_t{1} << 30, 0.5, {"--num_pages=64", "--kv_pool_bytes", "--gpu_memory_fraction"}},
-      {-1, 0, 0, {"--num_pages"}},
-      {0, -1, 0, {"--kv_pool_bytes"}},
-      {0, 0, 1.5, {"--gpu_memory_fraction"}},
-      {0, 0, -0.1, {"--gpu_memory_fraction"}},
-  };
-  for (const Case& k : cases) {
-    EngineConfig c;
-    c.shape = SmallShape();
-    c.backend = "cpu";
-    c.num_pages = k.num_pages;
-    c.kv_pool_bytes = k.kv_pool_bytes;
-    c.gpu_memory_fraction = k.gpu_memory_fraction;
-    for (const bool cuda : {false, true}) {
-      const absl::Status s = ResolvePoolSize(c, cuda).status();
-      EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
-      for (const std::string& name : k.named) EXPECT_NE(s.message().find(name), std::string_view::npos) << s;
-    }
-    EXPECT_EQ(BuildEngine(c).status().code(), absl::StatusCode::kInvalidArgument);
-  }
-}
-
-// --backend=cuda never falls back to the CPU: without a usable GPU (or without CUDA compiled in)
-// the engine is not built, and the message names the flag.
-TEST(EngineFactoryTest, CudaBackendWithoutAGpuFailsAndNamesTheFlag) {
-  EngineConfig c;
-  c.shape = SmallShape();
-  c.backend = "cuda";
-  c.num_pages = 16;
-  const auto engine = BuildEngine(c);
-  if (engine.ok()) GTEST_SKIP() << "a GPU is usable here: " << (*engine)->Info().device;
-  EXPECT_EQ(engine.status().code(), absl::StatusCode::kFailedPrecondition) << engine.status();
-  EXPECT_NE(engine.status().message().find("--backend=cuda"), std::string_view::npos) << engine.status();
-  EXPECT_NE(engine.status().message().find("--backend=cpu"), std::string_view::npos) << engine.status();
 }
 
 }  // namespace

@@ -1,4 +1,4 @@
-// service/engine_factory.h — builds the engine a worker serves from its start-up configuration.
+// engine/engine_factory.h — builds the engine a worker serves from its start-up configuration.
 //
 // Chooses the execution backend (auto: CUDA when compiled in and a GPU is present, else CPU),
 // sizes the KV pool (a page count, a byte budget or, on CUDA, a share of free device memory: at
@@ -16,7 +16,7 @@
 #include "common/model_shape.h"
 #include "engine/engine.h"
 
-namespace pkv::service {
+namespace pkv::engine {
 
 // KV pool of a configuration that sets no size: the CPU backend's host bytes, the CUDA backend's
 // share of free device memory.
@@ -36,9 +36,9 @@ struct EngineConfig {
   uint64_t scatter_seed = 0;         // 0: ascending page order; else a seeded permutation
   std::string calibration_profile;   // cost-model profile JSON; empty: built-in defaults
   std::string fixed_kernel;          // empty: adaptive; else one route for every step
-  int64_t static_slot_tokens = 0;    // > 0: static baseline (see engine::EngineOptions)
-  std::string launch_mode = "eager";  // CUDA backend: "eager" or "graph" (engine::LaunchMode)
-  // Limits and leases (engine::EngineOptions has the meaning and the defaults of each).
+  int64_t static_slot_tokens = 0;    // > 0: static baseline (see EngineOptions)
+  std::string launch_mode = "eager";  // CUDA backend: "eager" or "graph" (LaunchMode)
+  // Limits and leases (EngineOptions has the meaning and the defaults of each).
   int32_t retry_window = 32;
   int64_t max_prompt_tokens = 0;
   int64_t max_sequences = 0;
@@ -46,7 +46,7 @@ struct EngineConfig {
   double token_step_idle_seconds = 30;
   double sequence_idle_seconds = 0;
   // "run", or "skip": every host step but no KV write and no attention, zero outputs
-  // (engine::SkipAttention; for measuring the transport and host floor).
+  // (SkipAttention; for measuring the transport and host floor).
   std::string attention = "run";
 };
 
@@ -66,6 +66,6 @@ absl::StatusOr<PoolSize> ResolvePoolSize(const EngineConfig& config, bool cuda);
 // Validates the configuration and creates the engine. INVALID_ARGUMENT for a bad shape, pool
 // size (ResolvePoolSize), backend name, launch_mode or attention; FAILED_PRECONDITION naming
 // --backend=cuda when backend is cuda in a build without CUDA or on a host where no GPU is usable.
-absl::StatusOr<std::unique_ptr<engine::Engine>> BuildEngine(const EngineConfig& config);
+absl::StatusOr<std::unique_ptr<Engine>> BuildEngine(const EngineConfig& config);
 
-}  // namespace pkv::service
+}  // namespace pkv::engine

@@ -1,4 +1,4 @@
-#include "service/engine_factory.h"
+#include "engine/engine_factory.h"
 
 #include <string>
 #include <utility>
@@ -14,7 +14,7 @@
 #include "engine/cuda_backend.h"
 #endif
 
-namespace pkv::service {
+namespace pkv::engine {
 
 absl::StatusOr<PoolSize> ResolvePoolSize(const EngineConfig& config, bool cuda) {
   PKV_RETURN_IF_ERROR(config.shape.Validate());
@@ -71,7 +71,7 @@ absl::StatusOr<PoolSize> ResolvePoolSize(const EngineConfig& config, bool cuda) 
   return size;
 }
 
-absl::StatusOr<std::unique_ptr<engine::Engine>> BuildEngine(const EngineConfig& config) {
+absl::StatusOr<std::unique_ptr<Engine>> BuildEngine(const EngineConfig& config) {
   PKV_RETURN_IF_ERROR(config.shape.Validate());
   if (config.max_batch < 1) {
     return absl::InvalidArgumentError(absl::StrCat("max_batch must be >= 1, got ", config.max_batch));
@@ -90,7 +90,7 @@ absl::StatusOr<std::unique_ptr<engine::Engine>> BuildEngine(const EngineConfig& 
   }
   bool use_cuda = config.backend == "cuda";
 #ifdef PKV_HAVE_CUDA
-  const bool gpu_usable = config.backend != "cpu" && engine::CudaDeviceAvailable();  // cpu: never probe
+  const bool gpu_usable = config.backend != "cpu" && CudaDeviceAvailable();  // cpu: never probe
   if (config.backend == "auto") {
     use_cuda = gpu_usable;
     if (!gpu_usable) PKV_LOG(WARNING) << "--backend=auto: no usable CUDA device; serving on the cpu backend";
@@ -109,24 +109,24 @@ absl::StatusOr<std::unique_ptr<engine::Engine>> BuildEngine(const EngineConfig& 
   }
 #endif
   PKV_ASSIGN_OR_RETURN(const PoolSize pool, ResolvePoolSize(config, use_cuda));
-  engine::ExecutionBackendPtr backend;
+  ExecutionBackendPtr backend;
   if (use_cuda) {
 #ifdef PKV_HAVE_CUDA
-    engine::CudaBackendOptions co;
+    CudaBackendOptions co;
     co.num_pages = pool.pages;
     co.free_memory_fraction = pool.gpu_memory_fraction;
     co.max_batch = config.max_batch;
-    PKV_ASSIGN_OR_RETURN(co.launch_mode, engine::ParseLaunchMode(config.launch_mode));
-    PKV_ASSIGN_OR_RETURN(backend, engine::CreateCudaBackend(config.shape, co));
+    PKV_ASSIGN_OR_RETURN(co.launch_mode, ParseLaunchMode(config.launch_mode));
+    PKV_ASSIGN_OR_RETURN(backend, CreateCudaBackend(config.shape, co));
 #endif
   } else {
     if (config.launch_mode == "graph") PKV_LOG(WARNING) << "launch_mode=graph is ignored by the cpu backend";
-    PKV_ASSIGN_OR_RETURN(backend, engine::CreateCpuBackend(config.shape, pool.pages, config.cpu_threads));
+    PKV_ASSIGN_OR_RETURN(backend, CreateCpuBackend(config.shape, pool.pages, config.cpu_threads));
   }
   if (config.attention == "skip") {
     PKV_LOG(WARNING) << "attention=skip: layer-steps do all host work but write no KV and compute no "
                         "attention; outputs are zeros (for measuring the transport floor, not for serving)";
-    backend = engine::SkipAttention(std::move(backend));
+    backend = SkipAttention(std::move(backend));
   }
   scheduler::Scheduler::Options sched_options;
   sched_options.available = backend->kernels();
@@ -142,7 +142,7 @@ absl::StatusOr<std::unique_ptr<engine::Engine>> BuildEngine(const EngineConfig& 
     PKV_LOG(WARNING) << "no --calibration_profile: the scheduler uses built-in conservative defaults";
   }
   PKV_ASSIGN_OR_RETURN(scheduler::Scheduler sched, scheduler::Scheduler::Create(sched_options));
-  engine::EngineOptions options;
+  EngineOptions options;
   options.max_batch = config.max_batch;
   options.scatter_seed = config.scatter_seed;
   options.static_slot_tokens = config.static_slot_tokens;
@@ -162,7 +162,7 @@ absl::StatusOr<std::unique_ptr<engine::Engine>> BuildEngine(const EngineConfig& 
     PKV_LOG(WARNING) << "static baseline mode: every sequence reserves " << config.static_slot_tokens
                      << " tokens of pages at creation (for comparisons, not for serving)";
   }
-  PKV_ASSIGN_OR_RETURN(auto engine, engine::Engine::Create(options, std::move(backend), std::move(sched)));
+  PKV_ASSIGN_OR_RETURN(auto engine, Engine::Create(options, std::move(backend), std::move(sched)));
   const int64_t pages = engine->Info().pager.total_pages;
   PKV_LOG(INFO) << "engine: " << config.shape.DebugString() << " pages=" << pages << " ("
                 << pages * config.shape.page_bytes_all_layers() << " bytes, from " << pool.origin
@@ -171,4 +171,4 @@ absl::StatusOr<std::unique_ptr<engine::Engine>> BuildEngine(const EngineConfig& 
   return engine;
 }
 
-}  // namespace pkv::service
+}  // namespace pkv::engine
