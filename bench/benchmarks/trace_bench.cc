@@ -1,5 +1,7 @@
 #include "bench/benchmarks/trace_bench.h"
 
+#include <atomic>
+
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
@@ -110,7 +112,9 @@ absl::StatusOr<RunStats> RunOnce(engine::Engine& e, const ModelShape& shape, Wor
   std::vector<Row> active;
   size_t next = 0;
   engine::SeqId next_id = seed * 1000;
-  uint64_t step_id = seed * 100000;
+  // Token step ids are never reused on one engine (it remembers completed ones and refuses a
+  // resent id): every run of every arm draws from one process-wide counter.
+  static std::atomic<uint64_t> next_step_id{1};
   auto refill = [&]() -> absl::Status {
     while (static_cast<int>(active.size()) < batch && next < reqs.size()) {
       const engine::SeqId id = ++next_id;
@@ -128,7 +132,7 @@ absl::StatusOr<RunStats> RunOnce(engine::Engine& e, const ModelShape& shape, Wor
   for (int step = 0; step < warmup + measured && (!active.empty() || next < reqs.size()); ++step) {
     if (auto s = refill(); !s.ok()) return s;
     engine::StepInput in;
-    in.token_step_id = ++step_id;
+    in.token_step_id = next_step_id.fetch_add(1);
     for (const Row& r : active) in.rows.push_back(r.id);
     const size_t b = in.rows.size();
     in.q = std::span<const uint8_t>(q).first(b * shape.num_q_heads * shape.head_dim * 2);
