@@ -57,7 +57,7 @@ Environment (defaults in brackets):
   e2e        RUNS="bimodal_b8 bimodal_b4x2 bimodal_b8_graph azure_conv azure_conv_static
              mooncake_conv" (a subset runs only those) [all]; PROFILE [the H100 profile]
   breakdown  BACKEND, CONTEXT, STEPS, WARMUP, BATCHES, MICRO, MODEL, CPU_THREADS,
-             SERVICE_THREADS, CHECK, LABEL (see bench/suites/breakdown.sh)
+             SERVICE_THREADS, CHECK, WORKER_ARGS, LABEL (see bench/suites/breakdown.sh)
   ingest     INGEST_THREADS [8]
   overhead   REPLAY_ARGS (extra pkv-replay flags)
 

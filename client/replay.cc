@@ -123,32 +123,45 @@ struct CheckItem {
   std::vector<float> lse;   // [Hq], empty when missing
 };
 
-// Checks outputs against the double-precision reference on its own threads. Push blocks while
-// `max_queued` items wait (the caller counts that as a stall).
+// Checks outputs against the double-precision reference on its own threads, off the decode
+// path. While decode runs only `threads` checkers work (one by default), so the replay's CPU stays
+// out of the worker's way on a shared host; the queue holds up to `max_queued_bytes` of outputs
+// and Close() finishes the backlog on `finish_threads`. Push blocks only when the queue is full
+// (the caller counts that as a stall).
 class Checker {
  public:
-  Checker(const ModelShape& shape, const PayloadPool& data, int threads, size_t max_queued)
-      : shape_(shape), data_(data), tolerance_(Tolerance(shape)), max_queued_(max_queued) {
-    for (int i = 0; i < threads; ++i) threads_.emplace_back([this] { Loop(); });
+  Checker(const ModelShape& shape, const PayloadPool& data, int threads, int finish_threads, size_t max_queued_bytes)
+      : shape_(shape),
+        data_(data),
+        tolerance_(Tolerance(shape)),
+        max_queued_bytes_(max_queued_bytes),
+        finish_threads_(std::max(threads, finish_threads)) {
+    for (int i = 0; i < std::max(1, threads); ++i) threads_.emplace_back([this] { Loop(); });
   }
   ~Checker() { Close(); }
 
   // Returns the time spent waiting for room.
   Clock::duration Push(CheckItem item) {
     const Clock::time_point t0 = Clock::now();
+    const size_t bytes = ItemBytes(item);
     std::unique_lock<std::mutex> lock(mu_);
-    room_.wait(lock, [&] { return queue_.size() < max_queued_; });
+    room_.wait(lock, [&] { return queued_bytes_ == 0 || queued_bytes_ + bytes <= max_queued_bytes_; });
     const Clock::duration waited = Clock::now() - t0;
+    queued_bytes_ += bytes;
     queue_.push_back(std::move(item));
     work_.notify_one();
     return waited;
   }
 
-  // Finishes every queued check and joins the threads.
+  // Finishes every queued check (on finish_threads threads) and joins the threads.
   void Close() {
     {
       std::lock_guard<std::mutex> lock(mu_);
+      if (closed_) return;
       closed_ = true;
+    }
+    for (int i = static_cast<int>(threads_.size()); i < finish_threads_; ++i) {
+      threads_.emplace_back([this] { Loop(); });
     }
     work_.notify_all();
     for (std::thread& t : threads_) t.join();
@@ -179,6 +192,7 @@ class Checker {
         if (queue_.empty()) return;
         item = std::move(queue_.front());
         queue_.pop_front();
+        queued_bytes_ -= ItemBytes(item);
         room_.notify_one();
       }
       Check(item);
@@ -214,13 +228,17 @@ class Checker {
     }
   }
 
+  static size_t ItemBytes(const CheckItem& c) { return sizeof(CheckItem) + c.out.size() + c.lse.size() * sizeof(float); }
+
   const ModelShape shape_;
   const PayloadPool& data_;
   const double tolerance_;
-  const size_t max_queued_;
+  const size_t max_queued_bytes_;
+  const int finish_threads_;
   mutable std::mutex mu_;
   std::condition_variable work_, room_;
   std::deque<CheckItem> queue_;
+  size_t queued_bytes_ = 0;
   bool closed_ = false;
   int64_t checked_ = 0, failures_ = 0;
   double max_rel_error_ = 0, max_lse_error_ = 0;
@@ -475,7 +493,8 @@ absl::StatusOr<ReplayReport> RunReplay(WorkerClient& client, const ReplayOptions
   const uint64_t seq_base = FreshBase(options.seed, 1);
   const uint64_t step_base = FreshBase(options.seed, 2);
   const int hw = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  Checker checker(shape, data, std::max(1, hw - groups - std::max(1, options.prefill_streams)), 64);
+  Checker checker(shape, data, options.check_threads,
+                  std::max(1, hw - groups - std::max(1, options.prefill_streams)), options.check_queue_bytes);
 
   // Shared by every thread, under mu.
   std::mutex mu;

@@ -44,6 +44,9 @@ struct ReplayOptions {
   int32_t prefill_ahead = 0;      // prompts written ahead of decode (0: batch * micro_batches)
   uint64_t seed = 20260622;       // data seed (q, K, V) and check sampling
   double check_fraction = 0.01;   // share of (token step, layer, row) outputs checked
+  int32_t check_threads = 1;      // checker threads while decode runs (the backlog is finished
+                                  // on every core after decode)
+  size_t check_queue_bytes = 256u << 20;  // outputs waiting for a check, at most (then decode waits)
   int64_t max_steps = 0;          // stop after this many token steps (0: run the workload out)
   int64_t warmup_steps = 3;       // first token steps left out of the latency statistics
   int64_t chunk_tokens = 256;     // WriteKV chunk size

@@ -40,6 +40,10 @@ ABSL_FLAG(int32_t, micro_batches, 1,
           "Decode micro-batches in flight at once, each on its own StepStream; their layer-steps "
           "interleave on the worker (at most the worker's open token steps, 4 by default).");
 ABSL_FLAG(int32_t, prefill_streams, 2, "WriteKV streams writing prompts concurrently with decode.");
+ABSL_FLAG(int32_t, ingest_connections, 1,
+          "TCP connections of their own for WriteKV streams (taken in turn), apart from the decode "
+          "connection, so that prompt bytes never queue ahead of decode steps; 0: WriteKV shares the "
+          "decode connection.");
 ABSL_FLAG(int32_t, prefill_ahead, 0,
           "Prompts written ahead of decode, waiting for a free row (0: batch * micro_batches).");
 ABSL_FLAG(bool, wait_for_prefill, false,
@@ -59,6 +63,11 @@ ABSL_FLAG(double, context_scale, 1.0, "Multiply prompt lengths by this (0, 1] (s
 ABSL_FLAG(int64_t, max_context, 0, "Cap prompt lengths at this many tokens (0: no cap).");
 ABSL_FLAG(int64_t, max_output, 0, "Cap decode lengths at this many tokens (0: no cap).");
 ABSL_FLAG(double, check_fraction, 0.01, "Share of (token step, layer, row) outputs checked.");
+ABSL_FLAG(int32_t, check_threads, 1,
+          "Threads checking outputs while decode runs (kept small so that the replay's CPU stays out "
+          "of the worker's way on a shared host); outputs wait in a queue of up to "
+          "--check_queue_mib and the backlog is checked on every core once decode is done.");
+ABSL_FLAG(int64_t, check_queue_mib, 256, "Most MiB of outputs waiting for a check (then decode waits: a stall).");
 ABSL_FLAG(int64_t, max_steps, 0, "Stop after this many token steps (0: run the workload out).");
 ABSL_FLAG(int64_t, warmup_steps, 3, "Token steps left out of latency statistics.");
 ABSL_FLAG(int64_t, chunk_tokens, 256, "WriteKV chunk size in tokens.");
@@ -87,6 +96,7 @@ pkv::client::ClientOptions ClientOptionsFromFlags() {
   options.tls_cert_file = absl::GetFlag(FLAGS_tls_cert_file);
   options.tls_key_file = absl::GetFlag(FLAGS_tls_key_file);
   options.router_id = absl::GetFlag(FLAGS_router_id);
+  options.ingest_connections = absl::GetFlag(FLAGS_ingest_connections);
   return options;
 }
 
@@ -129,11 +139,16 @@ int Run() {
   if (absl::GetFlag(FLAGS_describe_only)) return DescribeOnly();
   for (const auto& [name, value] : {std::pair<const char*, int64_t>{"--batch", absl::GetFlag(FLAGS_batch)},
                                     {"--micro_batches", absl::GetFlag(FLAGS_micro_batches)},
-                                    {"--prefill_streams", absl::GetFlag(FLAGS_prefill_streams)}}) {
+                                    {"--prefill_streams", absl::GetFlag(FLAGS_prefill_streams)},
+                                    {"--check_threads", absl::GetFlag(FLAGS_check_threads)}}) {
     if (value < 1) {
       PKV_LOG(ERROR) << name << ": must be >= 1, got " << value;
       return 2;
     }
+  }
+  if (const int32_t n = absl::GetFlag(FLAGS_ingest_connections); n < 0 || n > 64) {
+    PKV_LOG(ERROR) << "--ingest_connections: must be in [0, 64], got " << n;
+    return 2;
   }
   if (absl::GetFlag(FLAGS_payload_rows) < 0) {
     PKV_LOG(ERROR) << "--payload_rows: must be >= 0, got " << absl::GetFlag(FLAGS_payload_rows);
@@ -196,6 +211,8 @@ int Run() {
   options.pool_sample_interval = absl::Milliseconds(absl::GetFlag(FLAGS_pool_sample_ms));
   options.seed = absl::GetFlag(FLAGS_seed);
   options.check_fraction = absl::GetFlag(FLAGS_check_fraction);
+  options.check_threads = absl::GetFlag(FLAGS_check_threads);
+  options.check_queue_bytes = static_cast<size_t>(std::max<int64_t>(1, absl::GetFlag(FLAGS_check_queue_mib))) << 20;
   options.max_steps = absl::GetFlag(FLAGS_max_steps);
   options.warmup_steps = absl::GetFlag(FLAGS_warmup_steps);
   options.chunk_tokens = absl::GetFlag(FLAGS_chunk_tokens);

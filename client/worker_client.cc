@@ -1,6 +1,7 @@
 #include "client/worker_client.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
@@ -9,6 +10,7 @@
 #include <initializer_list>
 #include <sstream>
 #include <utility>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
@@ -186,6 +188,20 @@ class GrpcPromptWriter final : public PromptWriter {
     return absl::OkStatus();
   }
 
+  // WriteChunk with the bytes produced by `fill` straight into the message (no staging copy).
+  absl::Status WriteFilled(int32_t layer, int64_t token_offset, int64_t n, const ChunkFiller& fill) {
+    if (finished_) return absl::FailedPreconditionError("WriteKV stream already finished");
+    v1::KVChunk* c = chunk_.mutable_chunk();
+    c->set_layer(layer);
+    c->set_token_offset(token_offset);
+    c->set_num_tokens(n);
+    AssignTensor(c->mutable_k(), {n, shape_.num_kv_heads, shape_.head_dim}, {});
+    AssignTensor(c->mutable_v(), {n, shape_.num_kv_heads, shape_.head_dim}, {});
+    fill(layer, token_offset, n, c->mutable_k()->mutable_data(), c->mutable_v()->mutable_data());
+    if (!writer_->Write(chunk_)) return Broken();
+    return absl::OkStatus();
+  }
+
   absl::Status Finish() override {
     if (finished_) return final_;
     writer_->WritesDone();
@@ -201,7 +217,11 @@ class GrpcPromptWriter final : public PromptWriter {
     t->set_dtype(WireDType(shape_.dtype));
     t->clear_shape();
     for (int64_t s : shape) t->add_shape(s);
-    t->mutable_data()->assign(data.data(), data.size());
+    if (data.empty()) {
+      t->mutable_data()->clear();  // keeps its capacity for the next chunk
+    } else {
+      t->mutable_data()->assign(data.data(), data.size());
+    }
   }
 
   // The stream broke: its final status says why.
@@ -304,6 +324,15 @@ struct WorkerClient::Impl {
   ClientOptions options;
   std::shared_ptr<grpc::Channel> channel;
   std::unique_ptr<v1::PersistentKV::Stub> stub;
+  // WriteKV's own connections (options.ingest_connections), taken in turn; empty: `stub`.
+  std::vector<std::shared_ptr<grpc::Channel>> ingest_channels;
+  std::vector<std::unique_ptr<v1::PersistentKV::Stub>> ingest_stubs;
+  std::atomic<uint64_t> next_ingest{0};
+
+  v1::PersistentKV::Stub* IngestStub() {
+    if (ingest_stubs.empty()) return stub.get();
+    return ingest_stubs[next_ingest.fetch_add(1, std::memory_order_relaxed) % ingest_stubs.size()].get();
+  }
 
   uint64_t incarnation = 0;  // pinned by Connect (options.pin_incarnation); 0: none
 
@@ -333,6 +362,15 @@ absl::StatusOr<std::unique_ptr<WorkerClient>> WorkerClient::Connect(const Client
             : " (plaintext channel: is the worker up? if it serves TLS, pass the TLS options)"));
   }
   impl->stub = v1::PersistentKV::NewStub(impl->channel);
+  for (int32_t i = 0; i < options.ingest_connections; ++i) {
+    // A local subchannel pool gives each channel a connection of its own; the role argument
+    // keeps gRPC from treating it as the same channel as the decode one.
+    grpc::ChannelArguments ingest_args = args;
+    ingest_args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+    ingest_args.SetString("pkv.connection_role", absl::StrCat("ingest-", i));
+    impl->ingest_channels.push_back(grpc::CreateCustomChannel(options.target, credentials, ingest_args));
+    impl->ingest_stubs.push_back(v1::PersistentKV::NewStub(impl->ingest_channels.back()));
+  }
   std::unique_ptr<WorkerClient> client(new WorkerClient(std::move(impl)));
   PKV_ASSIGN_OR_RETURN(const WorkerInfo info, client->Describe());
   if (options.pin_incarnation) client->impl_->incarnation = info.incarnation;
@@ -400,7 +438,7 @@ absl::StatusOr<std::unique_ptr<StepStreamSession>> WorkerClient::OpenStepStream(
 absl::StatusOr<std::unique_ptr<PromptWriter>> WorkerClient::BeginWriteKV(uint64_t sequence_id,
                                                                          int64_t num_tokens) {
   auto writer =
-      std::make_unique<GrpcPromptWriter>(impl_->stub.get(), shape_, impl_->options.router_id, impl_->incarnation);
+      std::make_unique<GrpcPromptWriter>(impl_->IngestStub(), shape_, impl_->options.router_id, impl_->incarnation);
   PKV_RETURN_IF_ERROR(writer->WriteHeader(sequence_id, num_tokens));
   return writer;
 }
@@ -408,19 +446,16 @@ absl::StatusOr<std::unique_ptr<PromptWriter>> WorkerClient::BeginWriteKV(uint64_
 absl::Status WorkerClient::WritePrompt(uint64_t sequence_id, int64_t num_tokens,
                                        int64_t chunk_tokens, const ChunkFiller& fill) {
   if (chunk_tokens < 1) return absl::InvalidArgumentError("chunk_tokens must be >= 1");
-  PKV_ASSIGN_OR_RETURN(std::unique_ptr<PromptWriter> writer, BeginWriteKV(sequence_id, num_tokens));
-  std::string k, v;
+  GrpcPromptWriter writer(impl_->IngestStub(), shape_, impl_->options.router_id, impl_->incarnation);
+  PKV_RETURN_IF_ERROR(writer.WriteHeader(sequence_id, num_tokens));
   for (int32_t layer = 0; layer < shape_.num_layers; ++layer) {
     for (int64_t off = 0; off < num_tokens; off += chunk_tokens) {
       const int64_t n = std::min(chunk_tokens, num_tokens - off);
-      k.clear();
-      v.clear();
-      fill(layer, off, n, &k, &v);
-      absl::Status s = writer->WriteChunk(layer, off, n, k, v);
+      absl::Status s = writer.WriteFilled(layer, off, n, fill);
       if (!s.ok()) return s;  // the stream's final status (e.g. the worker's RESOURCE_EXHAUSTED)
     }
   }
-  return writer->Finish();
+  return writer.Finish();
 }
 
 absl::StatusOr<int64_t> WorkerClient::Release(std::span<const uint64_t> sequence_ids) {

@@ -110,6 +110,11 @@ struct ClientOptions {
   // options share one connection (HTTP/2 streams on it); senders of bulk prompt KV on several
   // threads go faster each on its own (pkv-ingest-bench measures both).
   bool own_connection = false;
+  // WriteKV streams go over this many TCP connections of their own (taken in turn), apart from
+  // the connection of decode steps: bulk prompt KV queued in one HTTP/2 connection would hold
+  // every decode message behind it (the transport is ordered), so decode latency would follow
+  // the prompt traffic. 0: WriteKV shares the decode connection.
+  int32_t ingest_connections = 1;
 };
 
 // A WriteKV stream in progress. Destroying it without Finish cancels the stream (the worker

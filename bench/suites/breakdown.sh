@@ -20,6 +20,7 @@
 #   CPU_THREADS  attention threads of the CPU backend [1]
 #   SERVICE_THREADS  worker threads for decode steps [4, so that micro-batches overlap]
 #   CHECK     share of outputs checked in the run mode [0.01]
+#   WORKER_ARGS  extra pkv-worker flags for both workers (e.g. "--launch_mode=graph") [none]
 #   LABEL     a line for the summary's header (e.g. the machine) [none]
 suite_breakdown() {
   local backend="${BACKEND:-}" context steps warmup batches micro check model_args=() pool=()
@@ -51,6 +52,7 @@ suite_breakdown() {
     echo "host: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')"
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | sed 's/^/gpu: /'
     echo "commit: $COMMIT"
+    [[ -n "${WORKER_ARGS:-}" ]] && echo "worker flags: $WORKER_ARGS"
   } | tee "$SUITE_OUT/header.txt"
 
   local failed=0 mode b m n name rc wlog
@@ -58,7 +60,7 @@ suite_breakdown() {
     wlog="$SUITE_OUT/worker-$mode.log"
     "$BIN/pkv-worker" --listen=127.0.0.1:0 --metrics_listen= --backend="$backend" "${model_args[@]}" \
       "${pool[@]}" --service_threads="${SERVICE_THREADS:-4}" --max_message_bytes=268435456 \
-      --attention="$mode" >"$wlog" 2>&1 &
+      --attention="$mode" ${WORKER_ARGS:-} >"$wlog" 2>&1 &
     WPID=$!
     if ! PORT=$(pkv_wait_port "$wlog" "$WPID"); then
       tail -20 "$wlog"; echo "pkv-worker --attention=$mode did not start"; return 1

@@ -25,6 +25,9 @@ absl::Status CudaStatus(cudaError_t e, const char* what) {
     if (absl::Status s_ = CudaStatus((expr), what); !s_.ok()) return s_; \
   } while (0)
 
+// Largest single host-to-device copy of merged prompt ingest (see FlushIngestBuffer).
+constexpr size_t kIngestCopyPieceBytes = 2u << 20;
+
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<DeviceKvArena>> DeviceKvArena::Create(const ModelShape& shape, const Options& o) {
@@ -46,7 +49,12 @@ absl::StatusOr<std::unique_ptr<DeviceKvArena>> DeviceKvArena::Create(const Model
   PKV_CUDA_RETURN(cudaMalloc(&a->data_, static_cast<size_t>(pages * page_bytes_all)),
                   absl::StrCat("cudaMalloc of ", pages * page_bytes_all, " bytes of KV pool").c_str());
   PKV_CUDA_RETURN(cudaMemset(a->data_, 0, static_cast<size_t>(pages * page_bytes_all)), "cudaMemset");
-  PKV_CUDA_RETURN(cudaStreamCreateWithFlags(&a->stream_, cudaStreamNonBlocking), "cudaStreamCreate");
+  // Prompt ingest yields to decode: the arena's stream takes the lowest priority, so that the
+  // block scheduler starts a waiting decode kernel's blocks before more scatter blocks.
+  int least_priority = 0, greatest_priority = 0;
+  PKV_CUDA_RETURN(cudaDeviceGetStreamPriorityRange(&least_priority, &greatest_priority), "stream priority range");
+  PKV_CUDA_RETURN(cudaStreamCreateWithPriority(&a->stream_, cudaStreamNonBlocking, least_priority),
+                  "cudaStreamCreate");
   a->staging_bytes_ = o.staging_bytes;
   for (int i = 0; i < 2; ++i) {
     PKV_CUDA_RETURN(cudaHostAlloc(&a->staging_[i], o.staging_bytes, cudaHostAllocDefault), "cudaHostAlloc");
@@ -199,8 +207,14 @@ absl::Status DeviceKvArena::FlushIngestBuffer(std::unique_lock<std::mutex>& lock
     p.data = ingest_device_[cur];
     const int64_t kv_bytes = 2 * packer.num_tokens() * packer.row_bytes();
     packer.Reset();
-    st = CudaStatus(cudaMemcpyAsync(ingest_device_[cur], ingest_host_[cur], bytes, cudaMemcpyHostToDevice, stream_),
-                    "ingest H2D");
+    // In pieces: a decode step's small upload on another stream waits behind at most one piece
+    // of prompt bytes on the copy engine, not behind the whole buffer.
+    for (size_t at = 0; st.ok() && at < bytes; at += kIngestCopyPieceBytes) {
+      st = CudaStatus(cudaMemcpyAsync(static_cast<char*>(ingest_device_[cur]) + at,
+                                      static_cast<const char*>(ingest_host_[cur]) + at,
+                                      std::min(kIngestCopyPieceBytes, bytes - at), cudaMemcpyHostToDevice, stream_),
+                      "ingest H2D");
+    }
     if (st.ok()) st = CudaStatus(cuda::LaunchScatterRuns(p, stream_), "ingest scatter");
     if (st.ok()) st = CudaStatus(cudaEventRecord(ingest_done_[cur], stream_), "ingest event");
     sealing_[cur] = false;
