@@ -24,8 +24,10 @@ Suites:
   serving      pkv-calibrate (a cost-model profile for this GPU), pkv-bench trace with it (every
                arm through the engine, held-out seeds), then pkv-bench ingest and eager vs graph
   scaling      the adaptive choice at G=1 and G=8 (own profiles) and at B16 / B64
-  e2e          pkv-worker over loopback gRPC driven by pkv-replay: bimodal B8, 2x4 micro-batches,
-               graph mode, Azure and Mooncake traces with arrivals, the static-reservation baseline
+  e2e          pkv-worker over loopback gRPC driven by pkv-replay: steady decode against the engine
+               alone (pkv-bench trace, same rows), bimodal B8 with prompts streaming in, 2x4
+               micro-batches, graph mode, Azure and Mooncake traces with arrivals, the
+               static-reservation baseline; ratios against kernel-only and steady decode
   breakdown    where a layer-step's time goes, stage by stage (pkv-worker --attention=run|skip)
   ingest       prompt KV ingest: the device arena test, pkv-bench ingest with 1 and 8 writers,
                and pkv-ingest-bench (raw TCP vs engine vs gRPC WriteKV) when it is built
@@ -54,8 +56,9 @@ Environment (defaults in brackets):
   kernels    BENCH=full|quick|none [full]; G18=0 skips G=1 / G=8
   serving    TRACE=full|quick|none [full]; SEEDS [20260623..27]; LAYERS [32]; EXTRAS=0 skips
              ingest and eager vs graph; PROFILE_IN=path uses that profile instead of calibrating
-  e2e        RUNS="bimodal_b8 bimodal_b4x2 bimodal_b8_graph azure_conv azure_conv_static
-             mooncake_conv" (a subset runs only those) [all]; PROFILE [the H100 profile]
+  e2e        RUNS="kernel_only steady_b8 steady_b4x2 bimodal_b8 bimodal_b4x2 bimodal_b8_graph
+             azure_conv azure_conv_static mooncake_conv" (a subset runs only those) [all];
+             PROFILE [the shipped profile of the GPU: H200, else H100]
   breakdown  BACKEND, CONTEXT, STEPS, WARMUP, BATCHES, MICRO, MODEL, CPU_THREADS,
              SERVICE_THREADS, CHECK, WORKER_ARGS, LABEL (see bench/suites/breakdown.sh)
   ingest     INGEST_THREADS [8]

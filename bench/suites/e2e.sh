@@ -1,10 +1,16 @@
 # bench/suites/e2e.sh — the gRPC worker end to end, sourced by bench/gpu.sh. pkv-worker (CUDA
 # shellcheck shell=bash
-# backend, calibration profile PROFILE [the shipped H100 one]) on loopback, driven by pkv-replay;
-# 32 layers, Hq 32, Hkv 8, d 128, page 16, fp16; sampled outputs checked against the replay's
-# own double-precision reference in every run:
-#   bimodal_b8         B8 bimodal (seed 20260623, 24 requests, full lengths): tokens/s to compare
-#                      with `pkv-bench trace` (the `serving` suite) on the same workload
+# backend, calibration profile PROFILE [the shipped profile of this GPU: H200 or H100]) on
+# loopback, driven by pkv-replay; 32 layers, Hq 32, Hkv 8, d 128, page 16, fp16; sampled outputs
+# checked against the replay's own double-precision reference in every run:
+#   kernel_only        `pkv-bench trace` of B8 bimodal (seed 20260623, 24 requests, 48 token steps
+#                      after 3 warm-up, adaptive arm, same profile): the engine without gRPC, the
+#                      yardstick of the two steady runs below (skipped when pkv-bench is missing)
+#   steady_b8          the same requests over gRPC, every prompt written before decode starts
+#                      (--wait_for_prefill), the same 3 + 48 token steps: decode alone
+#   steady_b4x2        the same rows as two micro-batches of 4 in flight
+#   bimodal_b8         B8 bimodal with prompts streaming in while decode runs (8 WriteKV
+#                      streams): decode next to ingest, compared with steady_b8
 #   bimodal_b4x2       the same rows as two interleaved micro-batches of 4
 #   bimodal_b8_graph   B8 bimodal with --launch_mode=graph
 #   azure_conv         Azure conversation slice with its arrival times (bursts): time between
@@ -14,11 +20,18 @@
 #   mooncake_conv      Mooncake conversation slice with its arrival times (prompts scaled 1/4)
 # RUNS="name ..." runs only those. --quick shortens every run; --smoke checks the suite without a
 # GPU (CPU backend, 2 layers, prompts scaled to 1/64).
-# Output: worker-*.log, replay-*.log, NAME.json (pkv-replay reports), metrics-*.txt (the worker's
-# /metrics at the end), e2e.log, summary.md (the table printed last).
+# Output: worker-*.log, replay-*.log, NAME.json (pkv-replay reports), kernel_only.{csv,log},
+# metrics-*.txt (the worker's /metrics at the end), e2e.log, summary.md (the tables printed last:
+# every run, then the ratios against kernel-only and against steady decode).
 suite_e2e() {
   local backend=cuda n24=24 naz=200 nmc=80 limit=600 scale=() pool=(--gpu_memory_fraction=0.5)
-  local profile="${PROFILE:-scheduler/profiles/h100-hq32-hkv8-d128-p16-fp16.json}"
+  local profile="${PROFILE:-}"
+  if [[ -z "$profile" ]]; then
+    case "$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n1)" in
+      *H200*) profile=scheduler/profiles/h200-hq32-hkv8-d128-p16-fp16.json ;;
+      *) profile=scheduler/profiles/h100-hq32-hkv8-d128-p16-fp16.json ;;
+    esac
+  fi
   local model=(--num_layers=32 --num_q_heads=32 --num_kv_heads=8 --head_dim=128 --page_size=16 --dtype=fp16)
   if [[ "$SMOKE" == 1 ]]; then
     backend=cpu; scale=(--context_scale=0.015625 --max_output=8); pool=(--num_pages=8192); profile=""
@@ -69,8 +82,19 @@ suite_e2e() {
   local azure=(--trace_csv=data/traces/azure_llm_2023_conv_head.csv --honor_arrivals=true --num_requests="$naz"
                --batch=32 --seed=20260624 --check_fraction=0.002 --prefill_streams=8 --chunk_tokens=1024
                --pool_sample_ms=50)
-  if want bimodal_b8 || want bimodal_b4x2 || want azure_conv || want mooncake_conv; then
+  local steady=(--workload=bimodal --num_requests="$n24" --seed=20260623 --check_fraction=0.002 --chunk_tokens=1024
+                --prefill_ahead="$n24" --wait_for_prefill --warmup_steps=3 --max_steps=51)
+  if want kernel_only && [[ "$SMOKE" != 1 && -x "$BIN/pkv-bench" ]]; then
+    echo "== kernel_only: pkv-bench trace" | tee -a "$log"
+    "$BIN/pkv-bench" trace --workloads=bimodal:8 --seeds=20260623 --requests="$n24" --steps=48 --layers=32 \
+      ${profile:+--profile="$profile"} --csv="$SUITE_OUT/kernel_only.csv" --commit="$COMMIT" \
+      >"$SUITE_OUT/kernel_only.log" 2>&1
+    echo "rc $?" | tee -a "$log"
+  fi
+  if want steady_b8 || want steady_b4x2 || want bimodal_b8 || want bimodal_b4x2 || want azure_conv || want mooncake_conv; then
     start_worker paged "${pool[@]}" || return 1
+    want steady_b8 && run_replay steady_b8 "${steady[@]}" --batch=8
+    want steady_b4x2 && run_replay steady_b4x2 "${steady[@]}" --batch=4 --micro_batches=2
     want bimodal_b8 && run_replay bimodal_b8 "${bimodal[@]}" --batch=8
     want bimodal_b4x2 && run_replay bimodal_b4x2 "${bimodal[@]}" --batch=4 --micro_batches=2
     want azure_conv && run_replay azure_conv "${azure[@]}"
@@ -100,11 +124,14 @@ suite_e2e() {
 import json, os, sys
 out, commit, model = sys.argv[1], sys.argv[2], sys.argv[3]
 rows, failed = [], 0
-for name in ["bimodal_b8", "bimodal_b4x2", "bimodal_b8_graph", "azure_conv", "azure_conv_static", "mooncake_conv"]:
+reports = {}
+for name in ["steady_b8", "steady_b4x2", "bimodal_b8", "bimodal_b4x2", "bimodal_b8_graph", "azure_conv",
+             "azure_conv_static", "mooncake_conv"]:
     p = os.path.join(out, name + ".json")
     if not os.path.exists(p):
         continue
     r = json.load(open(p))
+    reports[name] = r
     mib = 1024 * 1024
     failed += r["check_failures"] + (r["requests_total"] - r["requests_done"])
     rows.append("| %s | %d/%d | %.0f | %.3f / %.3f | %.3f / %.3f | %.3f / %.3f | %.2f / %.2f / %.2f | %.0f | %.0f / %.0f | %.0f | %d / %d |" % (
@@ -119,6 +146,44 @@ print()
 print("| run | done | decode tok/s | layer step ms p50 / p99 | beyond attention ms p50 / p99 | transport+client ms p50 / engine-thread wait ms p99 | between tokens ms p50 / p99 / max | worst 1 s window tok/s | KV reserved MiB mean / peak | KV used MiB mean | checked / failed |")
 print("|---|---|---|---|---|---|---|---|---|---|---|")
 print("\n".join(rows))
+
+# Ratios measured in this call: gRPC service against the engine alone, and decode next to prompt
+# ingest against decode alone.
+ratios = []
+kernel = None
+csv = os.path.join(out, "kernel_only.csv")
+if os.path.exists(csv):
+    import csv as csvmod
+    for row in csvmod.DictReader(open(csv)):
+        if row["arm"] == "adaptive" and row["workload"] == "bimodal":
+            kernel = float(row["tok_per_s_wall"])
+if kernel:
+    ratios.append("| kernel-only (pkv-bench trace, adaptive, wall) | %.0f tok/s | 1.00 |" % kernel)
+    for name, target in [("steady_b8", 0.75), ("steady_b4x2", 0.9)]:
+        if name in reports:
+            t = reports[name]["decode_tokens_per_s"]
+            ratios.append("| %s / kernel-only (target >= %.2f) | %.0f tok/s | %.2f |" % (name, target, t, t / kernel))
+for name, base in [("bimodal_b8", "steady_b8"), ("bimodal_b4x2", "steady_b4x2")]:
+    if name in reports and base in reports:
+        a, b = reports[name], reports[base]
+        ratios.append("| %s between-token p99 / %s p99 (target <= 2) | %.1f / %.1f ms | %.2f |" % (
+            name, base, a["tbt_ms"]["p99"], b["tbt_ms"]["p99"], a["tbt_ms"]["p99"] / max(b["tbt_ms"]["p99"], 1e-9)))
+for name in ["steady_b8", "steady_b4x2", "bimodal_b8", "azure_conv", "mooncake_conv"]:
+    if name in reports:
+        r = reports[name]
+        ratios.append("| %s layer step p99 / p50 (steady target <= 2) | %.3f / %.3f ms | %.2f |" % (
+            name, r["layer_step_ms"]["p99"], r["layer_step_ms"]["p50"], r["layer_step_ms"]["p99"] / max(r["layer_step_ms"]["p50"], 1e-9)))
+        ratios.append("| %s between-token p99 / p50 (steady target <= 1.5) | %.1f / %.1f ms | %.2f |" % (
+            name, r["tbt_ms"]["p99"], r["tbt_ms"]["p50"], r["tbt_ms"]["p99"] / max(r["tbt_ms"]["p50"], 1e-9)))
+        if r.get("median_window_tokens_per_s"):
+            ratios.append("| %s worst 1 s window / median window (target >= 0.5) | %.0f / %.0f tok/s | %.2f |" % (
+                name, r["worst_window_tokens_per_s"], r["median_window_tokens_per_s"],
+                r["worst_window_tokens_per_s"] / r["median_window_tokens_per_s"]))
+if ratios:
+    print()
+    print("| ratio (this call) | figures | ratio |")
+    print("|---|---|---|")
+    print("\n".join(ratios))
 sys.exit(1 if failed or not rows else 0)
 PY
 }
