@@ -38,6 +38,7 @@
 #include "absl/status/statusor.h"
 #include "common/model_shape.h"
 #include "engine/backend.h"
+#include "engine/output_pool.h"
 #include "engine/step_observer.h"
 #include "kvpool/block_pager.h"
 #include "scheduler/scheduler.h"
@@ -137,6 +138,8 @@ class OutputBytes {
  public:
   OutputBytes() = default;
   explicit OutputBytes(std::string bytes) : bytes_(std::make_shared<const std::string>(std::move(bytes))) {}
+  // Takes a buffer (e.g. one of OutputPool's); it must not be written to afterwards.
+  explicit OutputBytes(std::shared_ptr<const std::string> bytes) : bytes_(std::move(bytes)) {}
   const std::string& str() const { return bytes_ != nullptr ? *bytes_ : Empty(); }
   operator const std::string&() const { return str(); }  // NOLINT: reads as the bytes
   const char* data() const { return str().data(); }
@@ -371,6 +374,7 @@ class Engine {
   const ModelShape shape_;
   EngineLimits limits_;
   ExecutionBackendPtr backend_;
+  OutputPool output_pool_{64u << 20};  // layer-step output buffers, recycled
   scheduler::Scheduler scheduler_;
 
   mutable std::mutex mu_;
