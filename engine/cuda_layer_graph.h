@@ -41,7 +41,7 @@ class CudaLayerGraph {
   // capture). False when graph launches are off for the slot, or this one failed (then it logged a
   // warning, cleared the CUDA error and turned them off): nothing of the layer runs and the caller
   // enqueues it eagerly (CudaSlot::EnqueueLayer).
-  bool Launch(int32_t layer, bool has_lse, bool* replayed);
+  [[nodiscard]] bool Launch(int32_t layer, bool has_lse, bool* replayed);
 
   // The slot's token step ended: the next one captures and updates its graph first.
   void EndTokenStep() { step_graph_ = -1; }
