@@ -9,7 +9,10 @@
 // synchronisation of that slot's stream. Every slot owns its stream, pinned and device
 // io/out buffers, descriptor, partial-state workspace (with its fused-merge counters) and the
 // events that time a layer's stages (upload, append + attention, download); only the
-// arena's pages are shared. Nothing is allocated after Create.
+// arena's pages are shared. Nothing is allocated after Create. Slot streams have the device's
+// highest priority, so decode layers go ahead of prompt ingest on the arena's stream.
+// Files: cuda_slot.{h,cc} (one slot: resources, descriptor, eager layer launches),
+// cuda_layer_graph.{h,cc} (LaunchMode::kGraph per slot), cuda_backend.cc (the glue).
 // Thread-safety: RunLayer of different slots may run concurrently (each touches only its slot and
 // its rows' new-token slots); everything else is serialised by the engine (engine/backend.h).
 #pragma once

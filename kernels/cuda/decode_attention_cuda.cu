@@ -35,10 +35,17 @@ Workspace CarveWorkspace(void* workspace, const DecodeParams& p, int64_t slots) 
   return ws;
 }
 
+int64_t PartialSlots(KernelId kernel, const DecodeParams& p) {
+  if (kernel == KernelId::kSequenceSplit) return p.num_splits > 1 ? static_cast<int64_t>(p.batch) * p.num_splits : 0;
+  if (kernel == KernelId::kWorkQueue) return p.num_partials;
+  return 0;
+}
+
 }  // namespace internal
 
 namespace {
 
+using internal::PartialSlots;
 using internal::Workspace;
 
 // The one dispatch table: calls fn.template operator()<T, D>() for the runtime dtype/head_dim.
@@ -51,12 +58,6 @@ cudaError_t Dispatch(const DecodeParams& p, Fn&& fn) {
     case 256: return f16 ? fn.template operator()<__half, 256>() : fn.template operator()<__nv_bfloat16, 256>();
     default: return cudaErrorInvalidValue;  // excluded by CanImplement
   }
-}
-
-int64_t PartialSlots(KernelId kernel, const DecodeParams& p) {
-  if (kernel == KernelId::kSequenceSplit) return p.num_splits > 1 ? static_cast<int64_t>(p.batch) * p.num_splits : 0;
-  if (kernel == KernelId::kWorkQueue) return p.num_partials;
-  return 0;
 }
 
 absl::Status FromCuda(cudaError_t e, KernelId kernel) {

@@ -20,6 +20,9 @@ struct Workspace {
 };
 Workspace CarveWorkspace(void* workspace, const DecodeParams& p, int64_t slots);
 size_t WorkspaceBytesForSlots(const DecodeParams& p, int64_t slots);
+// Partial slots the route carves its workspace for: B*S (kSequenceSplit, S > 1), num_partials
+// (kWorkQueue), else 0.
+int64_t PartialSlots(KernelId kernel, const DecodeParams& p);
 
 // Attention-kernel resources of one instantiation (cached after the first call).
 struct KernelShape {

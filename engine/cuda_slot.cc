@@ -1,0 +1,259 @@
+// engine/cuda_slot.cc — a descriptor slot's resources, descriptor packing and eager layer launch
+// sequence (engine/cuda_slot.h).
+#include "engine/cuda_slot.h"
+
+#include <cmath>
+#include <cstring>
+
+#include "common/log.h"
+#include "kernels/cuda/decode_attention_cuda.h"
+
+namespace pkv::engine {
+namespace {
+
+size_t Align16(size_t n) { return (n + 15) / 16 * 16; }
+
+// Creates `*event` with `flags` (cudaEventDefault times; cudaEventDisableTiming only orders).
+absl::Status CreateEvent(internal::CudaEvent* event, unsigned flags) {
+  cudaEvent_t e = nullptr;
+  PKV_CUDA_RETURN(cudaEventCreateWithFlags(&e, flags), "event");
+  event->reset(e);
+  return absl::OkStatus();
+}
+
+absl::Status AllocPinned(internal::PinnedBuffer* buffer, size_t bytes, const char* what) {
+  void* p = nullptr;
+  PKV_CUDA_RETURN(cudaMallocHost(&p, bytes), what);
+  buffer->reset(p);
+  return absl::OkStatus();
+}
+
+absl::Status AllocDevice(internal::DeviceBuffer* buffer, size_t bytes, const char* what) {
+  void* p = nullptr;
+  PKV_CUDA_RETURN(cudaMalloc(&p, bytes), what);
+  buffer->reset(p);
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+kernels::DecodeParams ArenaDecodeParams(const kvpool::DeviceKvArena& arena, int32_t layer) {
+  const ModelShape& s = arena.shape();
+  kernels::DecodeParams p;
+  p.dtype = s.dtype;
+  p.num_q_heads = s.num_q_heads;
+  p.num_kv_heads = s.num_kv_heads;
+  p.head_dim = s.head_dim;
+  p.page_size = s.page_size;
+  p.sm_scale = 1.0f / std::sqrt(static_cast<float>(s.head_dim));
+  p.kv = arena.layer_data(layer);
+  p.num_pages = arena.num_pages();
+  return p;
+}
+
+absl::StatusOr<CudaSlotPtr> CudaSlot::Create(const Options& options) {
+  PKV_CHECK(options.arena != nullptr) << "a CUDA slot needs the arena";
+  const ModelShape& s = options.arena->shape();
+  const int64_t b = options.max_batch;
+  const size_t el = DTypeSize(s.dtype);
+  const size_t q_bytes = static_cast<size_t>(b) * s.num_q_heads * s.head_dim * el;
+  const size_t kv_bytes = static_cast<size_t>(b) * s.num_kv_heads * s.head_dim * el;
+  const size_t io_bytes = Align16(q_bytes) + 2 * Align16(kv_bytes);
+  const size_t out_bytes = Align16(q_bytes) + static_cast<size_t>(b) * s.num_q_heads * sizeof(float);
+
+  CudaSlotPtr slot(new CudaSlot(options));
+  // [indptr: B + 1 | last, row_splits, partial_offset: B each | slots: 2B | indices | tasks].
+  slot->descriptor_bytes_ = Align16((b + 1) * 4) + 4 * Align16(2 * b * 4) + Align16(options.indices_capacity * 4) +
+                            Align16(options.tasks_capacity * sizeof(DecodeTask));
+  cudaStream_t stream = nullptr;
+  PKV_CUDA_RETURN(cudaStreamCreateWithPriority(&stream, cudaStreamNonBlocking, options.stream_priority), "stream");
+  slot->stream_.reset(stream);
+  if (absl::Status st = CreateEvent(&slot->start_, cudaEventDefault); !st.ok()) return st;
+  if (absl::Status st = CreateEvent(&slot->stop_, cudaEventDefault); !st.ok()) return st;
+  if (absl::Status st = CreateEvent(&slot->uploaded_, cudaEventDisableTiming); !st.ok()) return st;
+  if (absl::Status st = CreateEvent(&slot->h2d_start_, cudaEventDefault); !st.ok()) return st;
+  if (absl::Status st = CreateEvent(&slot->h2d_done_, cudaEventDefault); !st.ok()) return st;
+  if (absl::Status st = CreateEvent(&slot->d2h_done_, cudaEventDefault); !st.ok()) return st;
+  if (absl::Status st = AllocPinned(&slot->host_descriptor_, slot->descriptor_bytes_, "pinned descriptor"); !st.ok()) {
+    return st;
+  }
+  if (absl::Status st = AllocDevice(&slot->device_descriptor_, slot->descriptor_bytes_, "device descriptor");
+      !st.ok()) {
+    return st;
+  }
+  if (absl::Status st = AllocPinned(&slot->io_host_, io_bytes, "pinned io"); !st.ok()) return st;
+  if (absl::Status st = AllocDevice(&slot->io_device_, io_bytes, "device io"); !st.ok()) return st;
+  if (absl::Status st = AllocPinned(&slot->out_host_, out_bytes, "pinned out"); !st.ok()) return st;
+  if (absl::Status st = AllocDevice(&slot->out_device_, out_bytes, "device out"); !st.ok()) return st;
+  if (absl::Status st = AllocDevice(&slot->workspace_, options.workspace_bytes, "workspace"); !st.ok()) return st;
+  // The fused-merge counters must start at zero; every launch leaves them at zero.
+  PKV_CUDA_RETURN(cudaMemset(slot->workspace_.get(), 0, options.workspace_bytes), "workspace memset");
+  return slot;
+}
+
+CudaSlot::~CudaSlot() {
+  // The stream's last work may still read the buffers; the members free them after this.
+  if (stream_ != nullptr) cudaStreamSynchronize(stream_.get());
+}
+
+absl::Status CudaSlot::BeginTokenStep(KernelId kernel, int32_t num_splits, const kernels::cuda::WorkPlan& work,
+                                      const PageTableCsr& table, std::span<const kvpool::SlotAddr> new_slots) {
+  const int32_t b = static_cast<int32_t>(table.last_page_len.size());
+  // The backend refused larger steps (CudaBackend::BeginTokenStep), so the descriptor holds them.
+  PKV_CHECK(b <= options_.max_batch && static_cast<int64_t>(table.indices.size()) <= options_.indices_capacity &&
+            static_cast<int64_t>(work.tasks.size()) <= options_.tasks_capacity)
+      << "token step larger than the descriptor";
+  step_.kernel = kernel;
+  step_.num_splits = num_splits;
+  step_.num_partials = work.num_partials;
+  step_.num_tasks = static_cast<int32_t>(work.tasks.size());
+
+  // The previous upload read host_descriptor_; it finished unless that token step ran no layer
+  // (then this returns at once, as after every layer, which waits for the stream).
+  PKV_CUDA_RETURN(cudaEventSynchronize(uploaded_.get()), "descriptor reuse");
+  char* h = static_cast<char*>(host_descriptor_.get());
+  size_t off = 0;
+  auto put = [&](const void* src, size_t bytes) {
+    const size_t at = off;
+    if (bytes > 0) std::memcpy(h + at, src, bytes);
+    off += Align16(bytes);
+    return at;
+  };
+  step_.off_indptr = put(table.indptr.data(), table.indptr.size() * 4);
+  step_.off_last = put(table.last_page_len.data(), table.last_page_len.size() * 4);
+  step_.off_row_splits = put(work.row_splits.data(), work.row_splits.size() * 4);
+  step_.off_partial_offset = put(work.partial_offset.data(), work.partial_offset.size() * 4);
+  static_assert(sizeof(kvpool::SlotAddr) == 8);
+  step_.off_slots = put(new_slots.data(), new_slots.size() * sizeof(kvpool::SlotAddr));
+  step_.off_indices = put(table.indices.data(), table.indices.size() * 4);
+  step_.off_tasks = put(work.tasks.data(), work.tasks.size() * sizeof(DecodeTask));
+  step_.batch = b;
+  PKV_CUDA_RETURN(cudaMemcpyAsync(device_descriptor_.get(), h, off, cudaMemcpyHostToDevice, stream_.get()),
+                  "descriptor upload");
+  PKV_CUDA_RETURN(cudaEventRecord(uploaded_.get(), stream_.get()), "event");
+  if (b > 0) return kernels::cuda::CanImplement(kernel, StepParams(0));
+  return absl::OkStatus();
+}
+
+size_t CudaSlot::QBytes() const {
+  const ModelShape& s = options_.arena->shape();
+  return static_cast<size_t>(step_.batch) * s.num_q_heads * s.head_dim * DTypeSize(s.dtype);
+}
+
+size_t CudaSlot::KvBytes() const {
+  const ModelShape& s = options_.arena->shape();
+  return static_cast<size_t>(step_.batch) * s.num_kv_heads * s.head_dim * DTypeSize(s.dtype);
+}
+
+void CudaSlot::StageInputs(const void* q, const void* k, const void* v) {
+  const size_t qb = QBytes(), kvb = KvBytes();
+  char* io = static_cast<char*>(io_host_.get());
+  const size_t k_at = Align16(qb), v_at = k_at + Align16(kvb);
+  std::memcpy(io, q, qb);
+  std::memcpy(io + k_at, k, kvb);
+  std::memcpy(io + v_at, v, kvb);
+}
+
+kernels::DecodeParams CudaSlot::StepParams(int32_t layer) const {
+  kernels::DecodeParams p = ArenaDecodeParams(*options_.arena, layer);
+  char* d = static_cast<char*>(device_descriptor_.get());
+  p.batch = step_.batch;
+  p.q = io_device_.get();
+  p.out = out_device_.get();
+  p.page_indptr = reinterpret_cast<const int32_t*>(d + step_.off_indptr);
+  p.page_indices = reinterpret_cast<const int32_t*>(d + step_.off_indices);
+  p.last_page_len = reinterpret_cast<const int32_t*>(d + step_.off_last);
+  p.num_splits = step_.num_splits;
+  if (step_.kernel == KernelId::kWorkQueue) {
+    p.tasks = reinterpret_cast<const DecodeTask*>(d + step_.off_tasks);
+    p.num_tasks = step_.num_tasks;
+    p.row_splits = reinterpret_cast<const int32_t*>(d + step_.off_row_splits);
+    p.partial_offset = reinterpret_cast<const int32_t*>(d + step_.off_partial_offset);
+    p.num_partials = step_.num_partials;
+  }
+  return p;
+}
+
+kernels::DecodeParams CudaSlot::LayerParams(int32_t layer, bool has_lse) const {
+  kernels::DecodeParams p = StepParams(layer);
+  char* dout = static_cast<char*>(out_device_.get());
+  p.q = io_device_.get();
+  p.out = dout;
+  p.lse = has_lse ? reinterpret_cast<float*>(dout + Align16(QBytes())) : nullptr;
+  return p;
+}
+
+kvpool::cuda::AppendKvParams CudaSlot::AppendParams(int32_t layer) const {
+  const kvpool::DeviceKvArena& arena = *options_.arena;
+  const ModelShape& s = arena.shape();
+  const size_t qb = QBytes(), kvb = KvBytes();
+  char* dio = static_cast<char*>(io_device_.get());
+  kvpool::cuda::AppendKvParams ap;
+  ap.arena = options_.arena->layer_data(0);
+  ap.layer_stride = arena.num_pages() * arena.page_elems();
+  ap.num_layers = 1;
+  ap.first_layer = layer;
+  ap.num_kv_heads = s.num_kv_heads;
+  ap.page_size = s.page_size;
+  ap.head_dim = s.head_dim;
+  ap.num_tokens = step_.batch;
+  ap.slots = reinterpret_cast<const int32_t*>(static_cast<char*>(device_descriptor_.get()) + step_.off_slots);
+  ap.k = dio + Align16(qb);
+  ap.v = dio + Align16(qb) + Align16(kvb);
+  return ap;
+}
+
+absl::Status CudaSlot::EnqueueLayer(int32_t layer, bool has_lse, bool capturing) {
+  const ModelShape& s = options_.arena->shape();
+  const size_t qb = QBytes(), kvb = KvBytes();
+  const size_t v_at = Align16(qb) + Align16(kvb);
+  cudaStream_t stream = stream_.get();
+  const unsigned flags = capturing ? cudaEventRecordExternal : cudaEventRecordDefault;
+  PKV_CUDA_RETURN(cudaEventRecordWithFlags(h2d_start_.get(), stream, flags), "event");
+  PKV_CUDA_RETURN(cudaMemcpyAsync(io_device_.get(), io_host_.get(), v_at + kvb, cudaMemcpyHostToDevice, stream),
+                  "q|k|v upload");
+  PKV_CUDA_RETURN(cudaEventRecordWithFlags(h2d_done_.get(), stream, flags), "event");
+  PKV_CUDA_RETURN(kvpool::cuda::LaunchAppendKv(AppendParams(layer), stream), "append");
+  const kernels::DecodeParams p = LayerParams(layer, has_lse);
+  PKV_CUDA_RETURN(cudaEventRecordWithFlags(start_.get(), stream, flags), "event");
+  if (absl::Status st = kernels::cuda::Launch(step_.kernel, p, workspace_.get(), stream); !st.ok()) return st;
+  PKV_CUDA_RETURN(cudaEventRecordWithFlags(stop_.get(), stream, flags), "event");
+  const size_t down = has_lse ? Align16(qb) + static_cast<size_t>(step_.batch) * s.num_q_heads * 4 : qb;
+  PKV_CUDA_RETURN(cudaMemcpyAsync(out_host_.get(), out_device_.get(), down, cudaMemcpyDeviceToHost, stream),
+                  "out download");
+  PKV_CUDA_RETURN(cudaEventRecordWithFlags(d2h_done_.get(), stream, flags), "event");
+  return absl::OkStatus();
+}
+
+absl::Status CudaSlot::Synchronize() {
+  PKV_CUDA_RETURN(cudaStreamSynchronize(stream_.get()), "layer");
+  return absl::OkStatus();
+}
+
+void CudaSlot::CopyOutputs(void* out, float* lse) const {
+  const ModelShape& s = options_.arena->shape();
+  const size_t qb = QBytes();
+  std::memcpy(out, out_host_.get(), qb);
+  if (lse != nullptr) {
+    std::memcpy(lse, static_cast<const char*>(out_host_.get()) + Align16(qb),
+                static_cast<size_t>(step_.batch) * s.num_q_heads * 4);
+  }
+}
+
+absl::Status CudaSlot::ReadStageTimes(LayerRunInfo* info) const {
+  // Device stages: [h2d_start, h2d_done) the q|k|v upload, [h2d_done, stop) append and
+  // attention, [stop, d2h_done) the download.
+  auto elapsed = [](const internal::CudaEvent& from, const internal::CudaEvent& to, double* seconds) {
+    float ms = 0;
+    PKV_CUDA_RETURN(cudaEventElapsedTime(&ms, from.get(), to.get()), "elapsed");
+    *seconds = ms * 1e-3;
+    return absl::OkStatus();
+  };
+  if (absl::Status st = elapsed(start_, stop_, &info->attend_seconds); !st.ok()) return st;
+  if (absl::Status st = elapsed(h2d_start_, h2d_done_, &info->h2d_seconds); !st.ok()) return st;
+  if (absl::Status st = elapsed(h2d_done_, stop_, &info->kernel_seconds); !st.ok()) return st;
+  if (absl::Status st = elapsed(stop_, d2h_done_, &info->d2h_seconds); !st.ok()) return st;
+  return absl::OkStatus();
+}
+
+}  // namespace pkv::engine

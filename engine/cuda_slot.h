@@ -1,0 +1,142 @@
+// engine/cuda_slot.h — one descriptor slot of the CUDA backend: the stream, buffers, events and
+// workspace a layer-step touches besides the arena's pages, and the eager launch sequence of a
+// layer on them.
+//
+// A slot holds at most one open token step. BeginTokenStep packs the step's page table, new-token
+// slots and work plan into the pinned descriptor and uploads it with one copy on the slot's stream;
+// every layer then stages q|k|v into pinned memory (StageInputs), enqueues upload, append,
+// attention and download (EnqueueLayer, or a CUDA graph of that sequence: engine/cuda_layer_graph.h),
+// waits for the slot's stream only (Synchronize), and hands out the outputs (CopyOutputs) and the
+// device time of each stage (ReadStageTimes). Everything is allocated by Create and freed by the
+// destructor, which first drains the stream; nothing is allocated per step. The stream is created
+// with the caller's priority (the backend gives slots the device's highest, so decode layers are
+// scheduled ahead of prompt ingest on the arena's stream).
+// Thread-safety: none inside; the backend calls a slot from one thread at a time (RunLayer of a
+// slot never overlaps another call on that slot, engine/backend.h). Different slots share only
+// the arena, whose pages their steps write disjointly, so they run concurrently.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "common/decode_types.h"
+#include "engine/backend.h"
+#include "engine/internal/cuda_handles.h"
+#include "kernels/cuda/work_plan.h"
+#include "kernels/decode_attention.h"
+#include "kvpool/cuda/append_kv.h"
+#include "kvpool/cuda/device_kv_arena.h"
+
+namespace pkv::engine {
+
+// The part of DecodeParams every step shares: the model's shape, 1/sqrt(d) and layer `layer`'s
+// pages of `arena`.
+kernels::DecodeParams ArenaDecodeParams(const kvpool::DeviceKvArena& arena, int32_t layer);
+
+class CudaSlot;
+using CudaSlotPtr = std::unique_ptr<CudaSlot>;
+
+class CudaSlot {
+ public:
+  struct Options {
+    kvpool::DeviceKvArena* arena = nullptr;  // not owned; outlives the slot
+    int32_t max_batch = 0;                   // rows per token step
+    int64_t indices_capacity = 0;            // page-table entries the descriptor holds
+    int64_t tasks_capacity = 0;              // kWorkQueue tasks the descriptor holds
+    size_t workspace_bytes = 0;              // partial states + fused-merge counters
+    int stream_priority = 0;                 // of the slot's stream (lower number: higher priority)
+  };
+
+  // Creates the stream (non-blocking, options.stream_priority), the events and every buffer, and
+  // zero-fills the workspace with cudaMemset on the legacy stream: the caller synchronises the
+  // device before the slot's first use. INTERNAL "cuda backend: <what>: ..." on a CUDA failure.
+  [[nodiscard]] static absl::StatusOr<CudaSlotPtr> Create(const Options& options);
+
+  // Drains the stream, then frees everything.
+  ~CudaSlot();
+  CudaSlot(const CudaSlot&) = delete;
+  CudaSlot& operator=(const CudaSlot&) = delete;
+
+  // Commits a token step to the slot: waits until the previous step's descriptor upload read the
+  // pinned descriptor, packs [indptr | last | row_splits | partial_offset | slots | indices | tasks]
+  // into it and uploads it. `num_splits`: kSequenceSplit's split count (1 otherwise); `work`: the
+  // kWorkQueue task list (empty otherwise). Precondition (the backend checks it): the batch and
+  // page table fit the capacities of Options. An error of CanImplement when the route cannot run
+  // these params.
+  [[nodiscard]] absl::Status BeginTokenStep(KernelId kernel, int32_t num_splits,
+                                            const kernels::cuda::WorkPlan& work, const PageTableCsr& table,
+                                            std::span<const kvpool::SlotAddr> new_slots);
+
+  // Copies the layer's inputs (host, model dtype) into the pinned io buffer: `q` [B, Hq, d],
+  // `k`, `v` [B, Hkv, d].
+  void StageInputs(const void* q, const void* k, const void* v);
+
+  // Enqueues one layer on the stream: q|k|v upload (staged by StageInputs), append, the route's
+  // attention between the timing events, out (and lse when `has_lse`) download. `capturing`: the
+  // stream is being captured, so the timing events become event-record nodes.
+  [[nodiscard]] absl::Status EnqueueLayer(int32_t layer, bool has_lse, bool capturing);
+
+  // Waits for this slot's stream only; other slots' layers keep running.
+  [[nodiscard]] absl::Status Synchronize();
+
+  // After Synchronize: the layer's `out` [B, Hq, d] and, when `lse` is not null, `lse` [B, Hq].
+  void CopyOutputs(void* out, float* lse) const;
+
+  // After Synchronize: the device time of the layer's stages into `info`: attend_seconds (the
+  // attention launches), h2d_seconds (q|k|v upload), kernel_seconds (append + attention),
+  // d2h_seconds (download).
+  [[nodiscard]] absl::Status ReadStageTimes(LayerRunInfo* info) const;
+
+  // The arguments of the open token step's layer `layer`: the append launch's, and the attention
+  // launch's (lse written when `has_lse`), as EnqueueLayer passes them.
+  kvpool::cuda::AppendKvParams AppendParams(int32_t layer) const;
+  kernels::DecodeParams LayerParams(int32_t layer, bool has_lse) const;
+
+  cudaStream_t stream() const { return stream_.get(); }
+  void* workspace() const { return workspace_.get(); }
+  KernelId kernel() const { return step_.kernel; }  // the open token step's route
+  int32_t batch() const { return step_.batch; }     // and its rows
+
+ private:
+  // The open token step: its route's work and where BeginTokenStep put each array in the
+  // descriptor (byte offsets).
+  struct Step {
+    KernelId kernel = KernelId::kPerRequest;
+    int32_t batch = 0;
+    int32_t num_splits = 1;
+    int32_t num_partials = 0;
+    int32_t num_tasks = 0;
+    size_t off_indptr = 0, off_last = 0, off_row_splits = 0, off_partial_offset = 0, off_slots = 0,
+           off_indices = 0, off_tasks = 0;
+  };
+
+  explicit CudaSlot(const Options& options) : options_(options) {}
+  kernels::DecodeParams StepParams(int32_t layer) const;
+  size_t QBytes() const;   // q or out of the open step: [B, Hq, d]
+  size_t KvBytes() const;  // k or v of the open step: [B, Hkv, d]
+
+  Options options_;
+  size_t descriptor_bytes_ = 0;
+  // Declared first: destroyed last, after the destructor drained it and the buffers are freed.
+  internal::CudaStream stream_;
+  internal::CudaEvent start_, stop_;  // bracket the attention launch(es)
+  // With start_/stop_ they time a layer's stages: upload, append + attention, download.
+  internal::CudaEvent h2d_start_, h2d_done_, d2h_done_;
+  internal::CudaEvent uploaded_;       // the descriptor upload read `host_descriptor_`
+  internal::PinnedBuffer host_descriptor_;
+  internal::DeviceBuffer device_descriptor_;  // its device twin
+  internal::PinnedBuffer io_host_;      // q | k | v  [B, Hq, d] | [B, Hkv, d] | [B, Hkv, d]
+  internal::DeviceBuffer io_device_;    // its device twin
+  internal::PinnedBuffer out_host_;     // out | lse  [B, Hq, d] | [B, Hq] fp32
+  internal::DeviceBuffer out_device_;   // its device twin
+  internal::DeviceBuffer workspace_;    // partial states + fused-merge counters (zeroed once)
+  Step step_;
+};
+
+}  // namespace pkv::engine
