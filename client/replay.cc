@@ -504,8 +504,20 @@ absl::StatusOr<ReplayReport> RunReplay(WorkerClient& client, const ReplayOptions
   int64_t reserved_pages = 0;     // life pages of admitted requests not yet freed on the worker
   int32_t prefilling = 0;         // prompts being written
   size_t prompts_written = 0;     // prompts ready or handed to decode
-  // wait_for_prefill: decode starts once this many prompts are written.
-  const size_t prefill_gate = std::min(static_cast<size_t>(ahead), requests.size());
+  // wait_for_prefill: decode starts once this many prompts are written; never more than the pool
+  // holds at once (prompts are admitted with their whole life's pages), or decode would wait
+  // for prompts that cannot be admitted until decode frees pages.
+  size_t prefill_gate = std::min(static_cast<size_t>(ahead), requests.size());
+  {
+    int64_t pages = 0;
+    size_t fit = 0;
+    while (fit < prefill_gate && pages + life_pages(requests[fit]) <= budget) pages += life_pages(requests[fit++]);
+    if (options.wait_for_prefill && fit < prefill_gate && options.verbose) {
+      std::fprintf(stderr, "[pkv-replay] the worker's %lld free pages hold %zu of the %zu prompts to write ahead: "
+                   "decode starts once those are written\n", static_cast<long long>(budget), fit, prefill_gate);
+    }
+    prefill_gate = std::max<size_t>(1, fit);
+  }
   int32_t workers_left = std::max(1, options.prefill_streams) + groups;  // threads still running
   bool stop = false;              // a failure or --max_steps: everyone winds down
   absl::Status failure;

@@ -5,8 +5,10 @@
 
 namespace pkv::service {
 
-BoundedExecutor::BoundedExecutor(int num_threads, int max_queued, std::chrono::microseconds spin)
-    : max_queued_(std::max(1, max_queued)), spin_(std::max(spin, std::chrono::microseconds(0))) {
+BoundedExecutor::BoundedExecutor(int num_threads, int max_queued, std::chrono::microseconds spin, int max_spinners)
+    : max_queued_(std::max(1, max_queued)),
+      spin_(std::max(spin, std::chrono::microseconds(0))),
+      max_spinners_(std::max(1, max_spinners)) {
   const int n = std::max(1, num_threads);
   threads_.reserve(n);
   for (int i = 0; i < n; ++i) threads_.emplace_back([this] { WorkerLoop(); });
@@ -71,7 +73,12 @@ int64_t BoundedExecutor::running() const {
 void BoundedExecutor::WorkerLoop() {
   std::unique_lock<std::mutex> lock(mu_);
   while (true) {
-    if (queue_.empty() && !stopping_ && spin_.count() > 0) {
+    bool poll = queue_.empty() && !stopping_ && spin_.count() > 0;
+    if (poll && spinners_.fetch_add(1, std::memory_order_relaxed) >= max_spinners_) {
+      spinners_.fetch_sub(1, std::memory_order_relaxed);  // enough workers poll: sleep
+      poll = false;
+    }
+    if (poll) {
       // Poll a while before sleeping; a submitter that sees no sleeper does not notify.
       lock.unlock();
       const auto until = std::chrono::steady_clock::now() + spin_;
@@ -80,6 +87,7 @@ void BoundedExecutor::WorkerLoop() {
         __builtin_ia32_pause();
 #endif
       }
+      spinners_.fetch_sub(1, std::memory_order_relaxed);
       lock.lock();
     }
     // Sleepers are counted under mu_, so a task queued after this check is either seen by the

@@ -8,7 +8,7 @@
 // so its extra queue is bounded by the number of open streams.
 // A worker that finishes a task may poll for the next one for `spin` before it sleeps: a task
 // that arrives meanwhile starts without a thread wake-up (tens of microseconds), at the price of
-// that much CPU after each task.
+// that much CPU after each task. At most `max_spinners` workers poll at once; the rest sleep.
 // SubmitUncounted is for a
 // monitoring probe: queued like the rest but never counted against the bound, so that it neither
 // is refused nor takes a slot from real work.
@@ -34,9 +34,10 @@ class BoundedExecutor final {
   using Task = absl::AnyInvocable<void() &&>;
 
   // Starts `num_threads` (>= 1) workers; at most `max_queued` (>= 1) tasks wait for a worker;
-  // an idle worker polls for `spin` before it sleeps (zero: it sleeps at once).
+  // an idle worker polls for `spin` before it sleeps (zero: it sleeps at once), at most
+  // `max_spinners` (>= 1) of them at a time.
   BoundedExecutor(int num_threads, int max_queued,
-                  std::chrono::microseconds spin = std::chrono::microseconds(0));
+                  std::chrono::microseconds spin = std::chrono::microseconds(0), int max_spinners = 1);
   BoundedExecutor(const BoundedExecutor&) = delete;
   BoundedExecutor& operator=(const BoundedExecutor&) = delete;
   // Shuts down (see Shutdown).
@@ -67,6 +68,8 @@ class BoundedExecutor final {
 
   const int max_queued_;
   const std::chrono::microseconds spin_;
+  const int max_spinners_;
+  std::atomic<int> spinners_{0};  // workers polling now
   mutable std::mutex mu_;
   std::condition_variable cv_;
   std::deque<Queued> queue_;

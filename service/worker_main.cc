@@ -58,10 +58,12 @@ ABSL_FLAG(int64_t, max_message_bytes, int64_t{64} << 20, "gRPC max request/respo
 ABSL_FLAG(int32_t, service_threads, 2,
           "Threads that run decode steps (Step, StepStream), Describe and Release; token steps of "
           "different micro-batches run on them concurrently.");
-ABSL_FLAG(int32_t, service_spin_us, 50,
+ABSL_FLAG(int32_t, service_spin_us, -1,
           "Microseconds an idle service thread polls for the next decode step before it sleeps: the "
-          "next layer-step then starts without a thread wake-up, at the price of that much CPU after "
-          "each step. 0: sleep at once.");
+          "next layer-step then starts without a thread wake-up (tens of microseconds), at the price "
+          "of that much CPU after each step; at most 2 threads poll at once. 0: sleep at once. "
+          "-1 (automatic): 1000 on the CUDA backend (a layer-step's answer comes back well within "
+          "that), 0 on the CPU backend (its attention needs every core).");
 ABSL_FLAG(int32_t, service_queue, 64,
           "Engine tasks that may wait for a service thread before new work gets RESOURCE_EXHAUSTED.");
 ABSL_FLAG(int32_t, ingest_threads, 2,

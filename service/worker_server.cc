@@ -197,8 +197,13 @@ absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Start(
   impl->options = options;
   impl->security_mode = security_mode;
   impl->engine = std::move(engine);
+  int spin_us = options.executor_spin_us;
+  if (spin_us < 0) spin_us = absl::StartsWith(impl->engine->Info().backend, "cuda") ? kAutoSpinUs : 0;
   impl->executor = std::make_unique<BoundedExecutor>(options.executor_threads, options.executor_queue,
-                                                     std::chrono::microseconds(options.executor_spin_us));
+                                                     std::chrono::microseconds(spin_us), kMaxSpinners);
+  PKV_LOG(INFO) << "decode executor: " << options.executor_threads << " threads, queue " << options.executor_queue
+                << ", idle threads poll " << spin_us << " us for the next step (at most " << kMaxSpinners
+                << " at once)";
   impl->ingest_executor = std::make_unique<BoundedExecutor>(options.ingest_threads, options.ingest_queue);
   {
     std::random_device random;

@@ -42,8 +42,10 @@ struct ServerOptions {
   int executor_threads = 2;                       // threads for decode steps, Describe, Release
   int executor_queue = 64;                        // their tasks waiting before RESOURCE_EXHAUSTED
   // An idle decode-executor thread polls this long for the next task before it sleeps, so the
-  // next layer-step starts without a thread wake-up; 0: sleep at once.
-  int executor_spin_us = 50;
+  // next layer-step starts without a thread wake-up; 0: sleep at once; negative: automatic
+  // (kAutoSpinUs on a GPU backend, whose layer-steps come back within a millisecond, 0 on the CPU
+  // backend, whose attention needs every core). At most kMaxSpinners threads poll at once.
+  int executor_spin_us = -1;
   // WriteKV (prefill ingest) runs on its own executor, so that prompt chunks never queue in
   // front of decode steps.
   int ingest_threads = 2;
@@ -77,6 +79,10 @@ struct ServerOptions {
   double liveness_stall_seconds = 60;
   double heartbeat_period_seconds = 1;
 };
+
+// The automatic --service_spin_us of a GPU backend, and the most decode threads that poll at once.
+inline constexpr int kAutoSpinUs = 1000;
+inline constexpr int kMaxSpinners = 2;
 
 class WorkerServer final {
  public:
