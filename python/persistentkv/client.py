@@ -134,6 +134,9 @@ class Client:
       timeout_s: deadline of each unary call and prompt.
       connect_timeout_s: how long the constructor waits for the channel (Unavailable after).
       max_message_bytes: send/receive limit of the channel.
+      ingest_connection: send prompts (WriteKV) over a TCP connection of their own, so that bulk
+        prompt bytes never queue ahead of decode steps on the decode connection (the transport
+        delivers one connection's bytes in order). False: one connection for everything.
     """
 
     def __init__(self, target: str, *, router_id: str | None = None, tls: bool = False,
@@ -142,7 +145,8 @@ class Client:
                  private_key: bytes | str | os.PathLike | None = None,
                  server_name: str | None = None, pin_incarnation: bool = True,
                  retry: RetryPolicy = RetryPolicy(), timeout_s: float = 120.0,
-                 connect_timeout_s: float = 10.0, max_message_bytes: int = 256 << 20) -> None:
+                 connect_timeout_s: float = 10.0, max_message_bytes: int = 256 << 20,
+                 ingest_connection: bool = True) -> None:
         if (certificate_chain is None) != (private_key is None):
             raise ValueError("certificate_chain and private_key must be given together")
         options = [("grpc.max_send_message_length", max_message_bytes),
@@ -154,9 +158,19 @@ class Client:
                 certificate_chain=_read_pem(certificate_chain))
             if server_name:
                 options.append(("grpc.ssl_target_name_override", server_name))
-            self._channel = grpc.secure_channel(target, credentials, options=options)
         else:
-            self._channel = grpc.insecure_channel(target, options=options)
+            credentials = None
+
+        def open_channel(extra: list[tuple[str, Any]]) -> grpc.Channel:
+            if credentials is not None:
+                return grpc.secure_channel(target, credentials, options=options + extra)
+            return grpc.insecure_channel(target, options=options + extra)
+
+        self._channel = open_channel([])
+        # A local subchannel pool gives the ingest channel a connection of its own.
+        self._ingest_channel = (open_channel([("grpc.use_local_subchannel_pool", 1),
+                                              ("pkv.connection_role", "ingest")])
+                                if ingest_connection else None)
         self.target = target
         self.retry = retry
         self.timeout_s = timeout_s
@@ -164,13 +178,15 @@ class Client:
         try:
             grpc.channel_ready_future(self._channel).result(timeout=connect_timeout_s)
         except grpc.FutureTimeoutError:
-            self._channel.close()
+            self.close()
             how = ("over TLS (is the worker serving TLS with a certificate for this name, signed by "
                    "the CA given? does it require a client certificate?)" if use_tls else
                    "(plaintext channel: is the worker up? if it serves TLS, pass the TLS options)")
             raise errors.Unavailable(f"cannot connect to {target} within {connect_timeout_s} s {how}",
                                      method="connect") from None
         self._stub = pb_grpc.PersistentKVStub(self._channel)
+        self._ingest_stub = (pb_grpc.PersistentKVStub(self._ingest_channel)
+                             if self._ingest_channel is not None else self._stub)
         # Token step ids: a random base per client, so that two clients (or two runs) never reuse
         # an id the worker still remembers.
         self._step_ids = itertools.count((secrets.randbits(61) << 1) | (1 << 62))
@@ -185,6 +201,8 @@ class Client:
 
     def close(self) -> None:
         self._channel.close()
+        if self._ingest_channel is not None:
+            self._ingest_channel.close()
 
     def __enter__(self) -> "Client":
         return self
@@ -346,7 +364,7 @@ class PromptWriter:
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         self._requests.put(pb.WriteKVRequest(header=pb.WriteKVHeader(
             sequence_id=sequence_id, num_tokens=num_tokens, expected_incarnation=client.incarnation)))
-        self._future = client._stub.WriteKV.future(iter(self._requests.get, _CLOSE),
+        self._future = client._ingest_stub.WriteKV.future(iter(self._requests.get, _CLOSE),
                                                    timeout=client.timeout_s, metadata=client._metadata)
         self._done = False
 
