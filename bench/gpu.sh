@@ -8,7 +8,7 @@ cd "$ROOT" || exit 1
 # shellcheck source=bench/lib/common.sh
 source "$ROOT/bench/lib/common.sh"
 
-ALL_SUITES=(tests kernels serving scaling e2e breakdown ingest)
+ALL_SUITES=(tests kernels serving scaling e2e breakdown ingest model)
 usage() {
   cat <<'EOF'
 usage: bench/gpu.sh SUITE... [options]
@@ -31,9 +31,12 @@ Suites:
   breakdown    where a layer-step's time goes, stage by stage (pkv-worker --attention=run|skip)
   ingest       prompt KV ingest: the device arena test, pkv-bench ingest with 1 and 8 writers,
                and pkv-ingest-bench (raw TCP vs engine vs gRPC WriteKV) when it is built
+  model        a Llama model (8B-like shape, seeded weights, bf16 on the GPU) decoding with its
+               attention in the worker, from Python: tokens/s, time between tokens, the share of
+               each token step in the worker vs the model's layers, tokens vs the model's generate
   overhead     host and RPC cost of a layer-step on the CPU backend (no GPU needed)
   experiments  tuning: cp.async pipeline depth 4 vs 3, and an Nsight Compute profile (needs ncu)
-  all          tests kernels serving scaling e2e breakdown ingest, in that order
+  all          tests kernels serving scaling e2e breakdown ingest model, in that order
 
 Options:
   --out DIR       output folder [gpu-out, or $OUT]
@@ -43,7 +46,7 @@ Options:
   --jobs N        build parallelism [number of cores]
   --commit HASH   commit stamped into the results [git rev-parse --short HEAD]
   --quick         shorter runs: reduced kernel grid, one-seed 8-layer traces, fewer requests
-  --smoke         e2e and breakdown only: check the scripts on the CPU backend with a tiny model
+  --smoke         e2e, breakdown and model only: check the scripts on the CPU backend with a tiny model
                   (no GPU needed; implies --quick)
   --no-flashinfer build without the FlashInfer arm even when .fi holds its headers
   -h, --help      this text
@@ -62,6 +65,7 @@ Environment (defaults in brackets):
   breakdown  BACKEND, CONTEXT, STEPS, WARMUP, BATCHES, MICRO, MODEL, CPU_THREADS,
              SERVICE_THREADS, CHECK, WORKER_ARGS, LABEL (see bench/suites/breakdown.sh)
   ingest     INGEST_THREADS [8]
+  model      PKV_PYTHON, BATCH, MICRO, PROMPT, STEPS, MODEL_ARGS (see bench/suites/model.sh)
   overhead   REPLAY_ARGS (extra pkv-replay flags)
 
 Examples:

@@ -32,6 +32,15 @@ __all__ = ["LlamaDecoder", "run_token_step", "run_micro_batches"]
 LayerGen = Generator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor, torch.Tensor]
 
 
+def _cached_kv(cache: Any, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K, V [1, Hkv, T, d] of one layer of a transformers cache (per-layer objects in newer
+    releases, (k, v) pairs by index in older ones)."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None and hasattr(layers[layer], "keys"):
+        return layers[layer].keys, layers[layer].values
+    return cache[layer][0], cache[layer][1]
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -65,7 +74,7 @@ class LlamaDecoder:
         cache = out.past_key_values
         ks, vs = [], []
         for layer in range(self.num_layers):
-            k, v = cache[layer][0], cache[layer][1]  # [1, Hkv, T, d]
+            k, v = _cached_kv(cache, layer)  # [1, Hkv, T, d]
             ks.append(k[0].transpose(0, 1))
             vs.append(v[0].transpose(0, 1))
         return torch.stack(ks), torch.stack(vs), out.logits[0, -1]
