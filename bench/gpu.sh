@@ -22,12 +22,12 @@ Suites:
   kernels      pkv-bench kernels: every route on the G=4 grid (fp16, bf16) and mixed steps, then
                G=1 and G=8; FlashInfer columns when .fi holds its headers
   serving      pkv-calibrate (a cost-model profile for this GPU), pkv-bench trace with it (every
-               arm through the engine, held-out seeds), then pkv-bench ingest and eager vs graph
+               arm through the engine, held-out seeds), then pkv-bench ingest
   scaling      the adaptive choice at G=1 and G=8 (own profiles) and at B16 / B64
   e2e          pkv-worker over loopback gRPC driven by pkv-replay: steady decode against the engine
                alone (pkv-bench trace, same rows), bimodal B8 with prompts streaming in, 2x4
-               micro-batches, graph mode, Azure and Mooncake traces with arrivals, the
-               static-reservation baseline; ratios against kernel-only and steady decode
+               micro-batches, Azure and Mooncake traces with arrivals, the static-reservation
+               baseline; ratios against kernel-only and steady decode
   breakdown    where a layer-step's time goes, stage by stage (pkv-worker --attention=run|skip)
   ingest       prompt KV ingest: the device arena test, pkv-bench ingest with 1 and 8 writers,
                and pkv-ingest-bench (raw TCP vs engine vs gRPC WriteKV) when it is built
@@ -58,9 +58,9 @@ Environment (defaults in brackets):
              [decode_attention_cuda_test device_kv_arena_test engine_cuda_test flashinfer_arm_test])
   kernels    BENCH=full|quick|none [full]; G18=0 skips G=1 / G=8
   serving    TRACE=full|quick|none [full]; SEEDS [20260623..27]; LAYERS [32]; EXTRAS=0 skips
-             ingest and eager vs graph; PROFILE_IN=path uses that profile instead of calibrating
-  e2e        RUNS="kernel_only steady_b8 steady_b4x2 bimodal_b8 bimodal_b4x2 bimodal_b8_graph
-             azure_conv azure_conv_static mooncake_conv" (a subset runs only those) [all];
+             ingest; PROFILE_IN=path uses that profile instead of calibrating
+  e2e        RUNS="kernel_only steady_b8 steady_b4x2 bimodal_b8 bimodal_b4x2 azure_conv
+             azure_conv_static mooncake_conv" (a subset runs only those) [all];
              PROFILE [the shipped profile of the GPU: H200, else H100]
   breakdown  BACKEND, CONTEXT, STEPS, WARMUP, BATCHES, MICRO, MODEL, CPU_THREADS,
              SERVICE_THREADS, CHECK, WORKER_ARGS, LABEL (see bench/suites/breakdown.sh)

@@ -43,7 +43,17 @@ double ProcessCpuSeconds() {
   return s(u.ru_utime) + s(u.ru_stime);
 }
 
-// One layer-step's stages in ms (Stage order), from its build time and its result.
+// The worker measured this layer-step's device stages. A worker samples them (the CUDA backend
+// times one layer-step in a few per descriptor slot) and reports all three 0 on the others; a
+// worker that skips attention has none to time, so its zeros are measurements.
+bool HasDeviceStages(const StepResult& r) {
+  return r.attention_skipped || r.h2d_seconds > 0 || r.kernel_seconds > 0 || r.d2h_seconds > 0;
+}
+
+// One layer-step's stages in ms (Stage order), from its build time and its result. The device
+// stages (kH2D, kKernels, kD2H) and kWorkerOther (which would absorb the device time) are NaN,
+// "not measured", on a layer-step without device stage times: they are left out of their
+// percentiles.
 std::array<double, kNumStages> StageSample(double build_ms, const StepResult& r) {
   std::array<double, kNumStages> ms{};
   auto at = [&ms](Stage s) -> double& { return ms[static_cast<int32_t>(s)]; };
@@ -73,6 +83,9 @@ std::array<double, kNumStages> StageSample(double build_ms, const StepResult& r)
   at(Stage::kBack) = (outside - up) * 1e3;
   at(Stage::kReceive) = r.convert_seconds * 1e3;
   at(Stage::kRoundTrip) = (Seconds(r.read_at - r.send_start) + r.convert_seconds) * 1e3;
+  if (!HasDeviceStages(r)) {
+    for (Stage s : {Stage::kH2D, Stage::kKernels, Stage::kD2H, Stage::kWorkerOther}) at(s) = std::nan("");
+  }
   return ms;
 }
 
@@ -282,7 +295,7 @@ constexpr const char* kStageRows[kNumStages][2] = {
     {"worker host", "pager, plan, descriptor; staging, launches, output copies"},
     {"H2D", "device: q/k/v upload"},
     {"kernels", "device: KV append + attention (CPU: KV write + reference kernel)"},
-    {"D2H", "device: out/lse download"},
+    {"D2H", "device: out/lse download (none on the CUDA backend: kernels write host memory)"},
     {"worker serialize", "response message built"},
     {"worker other", "held by the worker, in no stage above (device waits, thread hand-offs)"},
     {"back to client", "gRPC encode, wire, the client's read"},
@@ -405,6 +418,11 @@ std::string ReplayReport::Format() const {
                         client_phase_s > 0 ? client_process_cpu_s / client_phase_s : 0.0, client_phase_s);
   const std::vector<double>& round_trip = stage_ms[static_cast<int32_t>(Stage::kRoundTrip)];
   absl::StrAppendFormat(&s, "layer step breakdown (ms; n=%d measured layer steps without retries)\n", round_trip.size());
+  const size_t timed = stage_ms[static_cast<int32_t>(Stage::kKernels)].size();
+  if (timed != round_trip.size()) {
+    absl::StrAppendFormat(&s, "  H2D, kernels, D2H and worker other: the n=%d of them with device stage times (the "
+                          "worker times a sample of layer-steps)\n", timed);
+  }
   absl::StrAppendFormat(&s, "  %-18s %9s %9s %9s\n", "stage", "p50", "p99", "mean");
   for (int32_t i = 0; i < kNumStages; ++i) {
     absl::StrAppendFormat(&s, "  %-18s %9.4f %9.4f %9.4f  %s\n", kStageRows[i][0], Percentile(stage_ms[i], 50),
@@ -818,7 +836,9 @@ absl::StatusOr<ReplayReport> RunReplay(WorkerClient& client, const ReplayOptions
           report.client_thread_cpu_ms.insert(report.client_thread_cpu_ms.end(), thread_cpu_ms.begin(),
                                              thread_cpu_ms.end());
           for (const auto& sample : stages) {
-            for (int32_t i = 0; i < kNumStages; ++i) report.stage_ms[i].push_back(sample[i]);
+            for (int32_t i = 0; i < kNumStages; ++i) {
+              if (!std::isnan(sample[i])) report.stage_ms[i].push_back(sample[i]);  // NaN: not measured
+            }
           }
           cpu_last = ProcessCpuSeconds();
           cpu_last_at = step_t1;

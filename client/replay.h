@@ -73,7 +73,7 @@ enum class Stage : int32_t {
   kHost,         // worker: engine and backend host work
   kH2D,          // device: q/k/v upload
   kKernels,      // device: KV append and attention (CPU backend: KV write + reference kernel)
-  kD2H,          // device: out/lse download
+  kD2H,          // device: out/lse download (0 on the CUDA backend: kernels write host memory)
   kSerialize,    // worker: response message built
   kWorkerOther,  // worker: the part of its hold time that no stage above covers
   kBack,         // transport back: gRPC encode, wire, the client's read
@@ -107,7 +107,9 @@ struct ReplayReport {
                                       // measured token steps' completions
   // Per measured layer-step answered without a retry, each Stage in ms. kToWorker and kBack
   // come from the worker's wall-clock stamps (exact on one host; their sum never depends on
-  // the clocks).
+  // the clocks). The worker samples device stage times (StepResponse h2d/kernel/d2h_seconds all
+  // 0 on a layer-step it did not time, attention_skipped false): kH2D, kKernels, kD2H and
+  // kWorkerOther hold only the layer-steps that carry them, so their vectors may be shorter.
   std::array<std::vector<double>, kNumStages> stage_ms;
   // The client's CPU: per measured layer-step, the decode thread's CPU time for its work on it
   // (send, build of the next request, receive, check hand-off); and the whole process (every

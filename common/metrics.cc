@@ -131,13 +131,6 @@ WorkerMetrics::WorkerMetrics(const BuildInfo& build) : registry_(std::make_share
                   .Help("Layer-steps answered from the retry cache (a retried token_step_id and layer).")
                   .Register(r)
                   .Add({});
-  auto& graphs = BuildCounter()
-                     .Name("pkv_cuda_graph_launches_total")
-                     .Help("Layer-steps by CUDA-graph outcome (hit: replayed a captured graph, per-layer "
-                           "arguments patched; miss: ran eagerly, or captured and updated the graph).")
-                     .Register(r);
-  graph_hits_ = &graphs.Add({{"result", "hit"}});
-  graph_misses_ = &graphs.Add({{"result", "miss"}});
   ingest_bytes_ = &BuildCounter()
                        .Name("pkv_ingest_bytes_total")
                        .Help("Prompt K,V bytes committed through WriteKV.")

@@ -69,8 +69,6 @@ class WorkerMetrics {
   prometheus::Counter& token_steps_completed() { return *token_steps_completed_; }
   prometheus::Counter& token_steps_aborted() { return *token_steps_aborted_; }
   prometheus::Counter& step_replays() { return *replays_; }
-  prometheus::Counter& graph_hits() { return *graph_hits_; }
-  prometheus::Counter& graph_misses() { return *graph_misses_; }
 
   // --- ingest ---
   prometheus::Counter& ingest_bytes() { return *ingest_bytes_; }
@@ -140,8 +138,6 @@ class WorkerMetrics {
   prometheus::Counter* token_steps_completed_ = nullptr;
   prometheus::Counter* token_steps_aborted_ = nullptr;
   prometheus::Counter* replays_ = nullptr;
-  prometheus::Counter* graph_hits_ = nullptr;
-  prometheus::Counter* graph_misses_ = nullptr;
   prometheus::Counter* ingest_bytes_ = nullptr;
   prometheus::Histogram* ingest_duration_ = nullptr;
   prometheus::Gauge* capacity_pages_ = nullptr;

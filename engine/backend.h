@@ -34,11 +34,16 @@ namespace pkv::engine {
 // What a backend reports about one layer it ran. The stage times (seconds) split the layer:
 // host_seconds is the backend's own work on the calling thread (staging inputs, launches,
 // copying outputs out), not its waits for the device; h2d/kernel/d2h are device time of the
-// input copies, of the kernels (KV append and attention) and of the output copies. The CPU
-// backend has no copies: its kernel time is the KV write plus the reference kernel.
+// input copies, of the kernels (KV append and attention) and of the output copies.
+// attend_seconds and host_seconds are measured on every layer. h2d/kernel/d2h are sampled: the
+// CUDA backend times them on one layer-step in CudaBackendOptions::stage_timing_interval per
+// descriptor slot and leaves them 0 on the others, so consumers must treat all three 0 (with
+// attention_skipped false) as "not measured", not as free. d2h_seconds is always 0 on the CUDA
+// backend: the kernels write out and lse to host memory, no download is issued. The CPU backend
+// measures every layer and has no copies: its kernel time is the KV write plus the reference
+// kernel.
 struct LayerRunInfo {
-  double attend_seconds = 0;  // the attention's device time (part of kernel_seconds)
-  bool graph_replay = false;  // replayed a captured CUDA graph (no capture, no eager launches)
+  double attend_seconds = 0;  // the attention's device time (part of kernel_seconds), every layer
   double host_seconds = 0;
   double h2d_seconds = 0;
   double kernel_seconds = 0;
@@ -76,7 +81,7 @@ class ExecutionBackend {
   // One layer of an open token step (concurrency: see the file comment): writes `k`, `v`
   // [B, Hkv, d] into the rows' new-token slots, then runs attention of `q` [B, Hq, d] into `out`
   // [B, Hq, d] (host buffers, model dtype) and `lse` [B, Hq] when not null. `info` (not null)
-  // receives the attention's device time and how the layer was launched.
+  // receives the attention's device time and the layer's stage times.
   [[nodiscard]] virtual absl::Status RunLayer(int32_t slot, int32_t layer, const void* q,
                                               const void* k, const void* v, void* out, float* lse,
                                               LayerRunInfo* info) = 0;

@@ -1,8 +1,7 @@
 // engine/cuda_backend.cc — the CUDA ExecutionBackend (engine/cuda_backend.h): sizes and creates the
-// descriptor slots (engine/cuda_slot.h) and, in LaunchMode::kGraph, their layer graphs
-// (engine/cuda_layer_graph.h); hands token steps to free slots with the route's work list; runs a
-// layer on its slot (graph launch, else eager) and reports its stage times.
-// Thread-safety: as engine/backend.h; RunLayer touches only its own slot (and graph).
+// descriptor slots (engine/cuda_slot.h); hands token steps to free slots with the route's work
+// list; runs a layer on its slot and reports its stage times.
+// Thread-safety: as engine/backend.h; RunLayer touches only its own slot.
 #include "engine/cuda_backend.h"
 
 #include <cuda_runtime_api.h>
@@ -12,9 +11,7 @@
 #include <string>
 #include <vector>
 
-#include "absl/strings/str_cat.h"
 #include "common/log.h"
-#include "engine/cuda_layer_graph.h"
 #include "engine/cuda_slot.h"
 #include "engine/internal/cuda_handles.h"
 #include "kernels/cuda/decode_attention_cuda.h"
@@ -37,6 +34,7 @@ class CudaBackend final : public ExecutionBackend {
     info_.is_gpu = true;
     info_.num_sms = prop.multiProcessorCount;
     if (options_.max_open_token_steps < 1) return absl::InvalidArgumentError("max_open_token_steps must be >= 1");
+    if (options_.stage_timing_interval < 1) return absl::InvalidArgumentError("stage_timing_interval must be >= 1");
     // Slot streams get the device's highest priority: decode layers are scheduled ahead of prompt
     // ingest on the arena's stream.
     int least_priority = 0, greatest_priority = 0;
@@ -55,6 +53,7 @@ class CudaBackend final : public ExecutionBackend {
     so.tasks_capacity = tasks_capacity_;
     so.workspace_bytes = kernels::cuda::WorkspaceBytes(KernelId::kSequenceSplit, ws);
     so.stream_priority = greatest_priority;
+    so.stage_timing_interval = options_.stage_timing_interval;
     grid_ = kernels::cuda::PersistentGridSize(ws);
     // Everything a layer touches is per slot, so slots run concurrently on their own streams;
     // only the arena's pages are shared (disjoint writes, see engine/backend.h).
@@ -63,17 +62,14 @@ class CudaBackend final : public ExecutionBackend {
       absl::StatusOr<CudaSlotPtr> slot = CudaSlot::Create(so);
       if (!slot.ok()) return slot.status();
       slots_[i].slot = std::move(*slot);
-      if (options_.launch_mode == LaunchMode::kGraph) {
-        slots_[i].graph = std::make_unique<CudaLayerGraph>(slots_[i].slot.get(), i);
-      }
     }
     PKV_CUDA_RETURN(cudaDeviceSynchronize(), "init");
     PKV_LOG(INFO) << "cuda backend on " << info_.name << " (" << info_.num_sms << " SMs): "
                   << arena_->num_pages() << " pages (" << arena_->layer_bytes() * s.num_layers / (1 << 20)
                   << " MiB KV), " << slots_.size() << " descriptor slots with a stream (priority "
                   << greatest_priority << ", the highest; lowest " << least_priority << ") and "
-                  << so.workspace_bytes / (1 << 20) << " MiB workspace each, persistent grid " << grid_ << ", "
-                  << (options_.launch_mode == LaunchMode::kGraph ? "CUDA graph replay" : "eager launches");
+                  << so.workspace_bytes / (1 << 20) << " MiB workspace each, persistent grid " << grid_
+                  << ", stage times on one layer-step in " << options_.stage_timing_interval << " per slot";
     return absl::OkStatus();
   }
 
@@ -118,15 +114,10 @@ class CudaBackend final : public ExecutionBackend {
   absl::Status RunLayer(int32_t id, int32_t layer, const void* q, const void* k, const void* v, void* out,
                         float* lse, LayerRunInfo* info) override {
     PKV_CHECK(id >= 0 && id < static_cast<int32_t>(slots_.size()) && slots_[id].used) << "bad slot " << id;
-    SlotEntry& entry = slots_[id];
-    CudaSlot& slot = *entry.slot;
+    CudaSlot& slot = *slots_[id].slot;
     const auto t0 = std::chrono::steady_clock::now();
     slot.StageInputs(q, k, v);
-    info->graph_replay = false;
-    if (entry.graph == nullptr || !entry.graph->Launch(layer, lse != nullptr, &info->graph_replay)) {
-      if (absl::Status st = slot.EnqueueLayer(layer, lse != nullptr, /*capturing=*/false); !st.ok()) return st;
-      ++entry.eager_launches;
-    }
+    if (absl::Status st = slot.EnqueueLayer(layer, lse != nullptr); !st.ok()) return st;
     const auto enqueued = std::chrono::steady_clock::now();
     if (absl::Status st = slot.Synchronize(); !st.ok()) return st;
     const auto synced = std::chrono::steady_clock::now();
@@ -141,16 +132,12 @@ class CudaBackend final : public ExecutionBackend {
   void EndTokenStep(int32_t id) override {
     PKV_CHECK(id >= 0 && id < static_cast<int32_t>(slots_.size()) && slots_[id].used) << "bad slot " << id;
     slots_[id].used = false;
-    if (slots_[id].graph != nullptr) slots_[id].graph->EndTokenStep();  // the next step updates it first
   }
 
  private:
-  // A descriptor slot and, in LaunchMode::kGraph, its layer graph (destroyed first).
   struct SlotEntry {
     CudaSlotPtr slot;
-    std::unique_ptr<CudaLayerGraph> graph;
     bool used = false;
-    int64_t eager_launches = 0;
   };
 
   // kWorkQueue's task list at the scheduler's task size (or one balanced wave of the persistent
@@ -182,12 +169,6 @@ class CudaBackend final : public ExecutionBackend {
 };
 
 }  // namespace
-
-absl::StatusOr<LaunchMode> ParseLaunchMode(std::string_view name) {
-  if (name == "eager") return LaunchMode::kEager;
-  if (name == "graph") return LaunchMode::kGraph;
-  return absl::InvalidArgumentError(absl::StrCat("launch_mode: '", std::string(name), "' is not eager or graph"));
-}
 
 bool CudaDeviceAvailable() {
   int n = 0;

@@ -1,4 +1,4 @@
-// engine/cuda_slot.cc — a descriptor slot's resources, descriptor packing and eager layer launch
+// engine/cuda_slot.cc — a descriptor slot's resources, descriptor packing and layer launch
 // sequence (engine/cuda_slot.h).
 #include "engine/cuda_slot.h"
 
@@ -28,6 +28,15 @@ absl::Status AllocPinned(internal::PinnedBuffer* buffer, size_t bytes, const cha
   return absl::OkStatus();
 }
 
+// Pinned host memory the device writes directly: `*device` is its address in kernels.
+absl::Status AllocMapped(internal::PinnedBuffer* buffer, void** device, size_t bytes, const char* what) {
+  void* p = nullptr;
+  PKV_CUDA_RETURN(cudaHostAlloc(&p, bytes, cudaHostAllocMapped), what);
+  buffer->reset(p);
+  PKV_CUDA_RETURN(cudaHostGetDevicePointer(device, p, 0), what);
+  return absl::OkStatus();
+}
+
 absl::Status AllocDevice(internal::DeviceBuffer* buffer, size_t bytes, const char* what) {
   void* p = nullptr;
   PKV_CUDA_RETURN(cudaMalloc(&p, bytes), what);
@@ -53,6 +62,8 @@ kernels::DecodeParams ArenaDecodeParams(const kvpool::DeviceKvArena& arena, int3
 
 absl::StatusOr<CudaSlotPtr> CudaSlot::Create(const Options& options) {
   PKV_CHECK(options.arena != nullptr) << "a CUDA slot needs the arena";
+  // CudaBackend::Init refused an interval below 1 (EnqueueLayer takes it as a modulus).
+  PKV_CHECK(options.stage_timing_interval >= 1) << "stage_timing_interval must be >= 1";
   const ModelShape& s = options.arena->shape();
   const int64_t b = options.max_batch;
   const size_t el = DTypeSize(s.dtype);
@@ -73,7 +84,6 @@ absl::StatusOr<CudaSlotPtr> CudaSlot::Create(const Options& options) {
   if (absl::Status st = CreateEvent(&slot->uploaded_, cudaEventDisableTiming); !st.ok()) return st;
   if (absl::Status st = CreateEvent(&slot->h2d_start_, cudaEventDefault); !st.ok()) return st;
   if (absl::Status st = CreateEvent(&slot->h2d_done_, cudaEventDefault); !st.ok()) return st;
-  if (absl::Status st = CreateEvent(&slot->d2h_done_, cudaEventDefault); !st.ok()) return st;
   if (absl::Status st = AllocPinned(&slot->host_descriptor_, slot->descriptor_bytes_, "pinned descriptor"); !st.ok()) {
     return st;
   }
@@ -83,8 +93,9 @@ absl::StatusOr<CudaSlotPtr> CudaSlot::Create(const Options& options) {
   }
   if (absl::Status st = AllocPinned(&slot->io_host_, io_bytes, "pinned io"); !st.ok()) return st;
   if (absl::Status st = AllocDevice(&slot->io_device_, io_bytes, "device io"); !st.ok()) return st;
-  if (absl::Status st = AllocPinned(&slot->out_host_, out_bytes, "pinned out"); !st.ok()) return st;
-  if (absl::Status st = AllocDevice(&slot->out_device_, out_bytes, "device out"); !st.ok()) return st;
+  if (absl::Status st = AllocMapped(&slot->out_host_, &slot->out_mapped_, out_bytes, "mapped pinned out"); !st.ok()) {
+    return st;
+  }
   if (absl::Status st = AllocDevice(&slot->workspace_, options.workspace_bytes, "workspace"); !st.ok()) return st;
   // The fused-merge counters must start at zero; every launch leaves them at zero.
   PKV_CUDA_RETURN(cudaMemset(slot->workspace_.get(), 0, options.workspace_bytes), "workspace memset");
@@ -159,7 +170,7 @@ kernels::DecodeParams CudaSlot::StepParams(int32_t layer) const {
   char* d = static_cast<char*>(device_descriptor_.get());
   p.batch = step_.batch;
   p.q = io_device_.get();
-  p.out = out_device_.get();
+  p.out = out_mapped_;
   p.page_indptr = reinterpret_cast<const int32_t*>(d + step_.off_indptr);
   p.page_indices = reinterpret_cast<const int32_t*>(d + step_.off_indices);
   p.last_page_len = reinterpret_cast<const int32_t*>(d + step_.off_last);
@@ -176,10 +187,9 @@ kernels::DecodeParams CudaSlot::StepParams(int32_t layer) const {
 
 kernels::DecodeParams CudaSlot::LayerParams(int32_t layer, bool has_lse) const {
   kernels::DecodeParams p = StepParams(layer);
-  char* dout = static_cast<char*>(out_device_.get());
-  p.q = io_device_.get();
-  p.out = dout;
-  p.lse = has_lse ? reinterpret_cast<float*>(dout + Align16(QBytes())) : nullptr;
+  // Every route's last writes (the attention, or the merge of partial states from the workspace)
+  // go to out and lse: host memory, read after the stream synchronisation.
+  p.lse = has_lse ? reinterpret_cast<float*>(static_cast<char*>(out_mapped_) + Align16(QBytes())) : nullptr;
   return p;
 }
 
@@ -203,25 +213,21 @@ kvpool::cuda::AppendKvParams CudaSlot::AppendParams(int32_t layer) const {
   return ap;
 }
 
-absl::Status CudaSlot::EnqueueLayer(int32_t layer, bool has_lse, bool capturing) {
-  const ModelShape& s = options_.arena->shape();
+absl::Status CudaSlot::EnqueueLayer(int32_t layer, bool has_lse) {
   const size_t qb = QBytes(), kvb = KvBytes();
   const size_t v_at = Align16(qb) + Align16(kvb);
   cudaStream_t stream = stream_.get();
-  const unsigned flags = capturing ? cudaEventRecordExternal : cudaEventRecordDefault;
-  PKV_CUDA_RETURN(cudaEventRecordWithFlags(h2d_start_.get(), stream, flags), "event");
+  stages_timed_ = layers_enqueued_ % options_.stage_timing_interval == 0;
+  ++layers_enqueued_;
+  if (stages_timed_) PKV_CUDA_RETURN(cudaEventRecord(h2d_start_.get(), stream), "event");
   PKV_CUDA_RETURN(cudaMemcpyAsync(io_device_.get(), io_host_.get(), v_at + kvb, cudaMemcpyHostToDevice, stream),
                   "q|k|v upload");
-  PKV_CUDA_RETURN(cudaEventRecordWithFlags(h2d_done_.get(), stream, flags), "event");
+  if (stages_timed_) PKV_CUDA_RETURN(cudaEventRecord(h2d_done_.get(), stream), "event");
   PKV_CUDA_RETURN(kvpool::cuda::LaunchAppendKv(AppendParams(layer), stream), "append");
   const kernels::DecodeParams p = LayerParams(layer, has_lse);
-  PKV_CUDA_RETURN(cudaEventRecordWithFlags(start_.get(), stream, flags), "event");
+  PKV_CUDA_RETURN(cudaEventRecord(start_.get(), stream), "event");
   if (absl::Status st = kernels::cuda::Launch(step_.kernel, p, workspace_.get(), stream); !st.ok()) return st;
-  PKV_CUDA_RETURN(cudaEventRecordWithFlags(stop_.get(), stream, flags), "event");
-  const size_t down = has_lse ? Align16(qb) + static_cast<size_t>(step_.batch) * s.num_q_heads * 4 : qb;
-  PKV_CUDA_RETURN(cudaMemcpyAsync(out_host_.get(), out_device_.get(), down, cudaMemcpyDeviceToHost, stream),
-                  "out download");
-  PKV_CUDA_RETURN(cudaEventRecordWithFlags(d2h_done_.get(), stream, flags), "event");
+  PKV_CUDA_RETURN(cudaEventRecord(stop_.get(), stream), "event");
   return absl::OkStatus();
 }
 
@@ -231,6 +237,7 @@ absl::Status CudaSlot::Synchronize() {
 }
 
 void CudaSlot::CopyOutputs(void* out, float* lse) const {
+  // The kernels wrote out_host_ through its mapping; Synchronize made those writes visible.
   const ModelShape& s = options_.arena->shape();
   const size_t qb = QBytes();
   std::memcpy(out, out_host_.get(), qb);
@@ -241,8 +248,6 @@ void CudaSlot::CopyOutputs(void* out, float* lse) const {
 }
 
 absl::Status CudaSlot::ReadStageTimes(LayerRunInfo* info) const {
-  // Device stages: [h2d_start, h2d_done) the q|k|v upload, [h2d_done, stop) append and
-  // attention, [stop, d2h_done) the download.
   auto elapsed = [](const internal::CudaEvent& from, const internal::CudaEvent& to, double* seconds) {
     float ms = 0;
     PKV_CUDA_RETURN(cudaEventElapsedTime(&ms, from.get(), to.get()), "elapsed");
@@ -250,9 +255,13 @@ absl::Status CudaSlot::ReadStageTimes(LayerRunInfo* info) const {
     return absl::OkStatus();
   };
   if (absl::Status st = elapsed(start_, stop_, &info->attend_seconds); !st.ok()) return st;
+  info->h2d_seconds = 0;
+  info->kernel_seconds = 0;
+  info->d2h_seconds = 0;  // no download: the kernels write the outputs to host memory
+  if (!stages_timed_) return absl::OkStatus();  // stage times not measured on this layer
+  // [h2d_start, h2d_done) the q|k|v upload, [h2d_done, stop) append and attention.
   if (absl::Status st = elapsed(h2d_start_, h2d_done_, &info->h2d_seconds); !st.ok()) return st;
   if (absl::Status st = elapsed(h2d_done_, stop_, &info->kernel_seconds); !st.ok()) return st;
-  if (absl::Status st = elapsed(stop_, d2h_done_, &info->d2h_seconds); !st.ok()) return st;
   return absl::OkStatus();
 }
 

@@ -1,16 +1,20 @@
 // engine/cuda_slot.h — one descriptor slot of the CUDA backend: the stream, buffers, events and
-// workspace a layer-step touches besides the arena's pages, and the eager launch sequence of a
-// layer on them.
+// workspace a layer-step touches besides the arena's pages, and the launch sequence of a layer on
+// them.
 //
 // A slot holds at most one open token step. BeginTokenStep packs the step's page table, new-token
 // slots and work plan into the pinned descriptor and uploads it with one copy on the slot's stream;
-// every layer then stages q|k|v into pinned memory (StageInputs), enqueues upload, append,
-// attention and download (EnqueueLayer, or a CUDA graph of that sequence: engine/cuda_layer_graph.h),
-// waits for the slot's stream only (Synchronize), and hands out the outputs (CopyOutputs) and the
-// device time of each stage (ReadStageTimes). Everything is allocated by Create and freed by the
-// destructor, which first drains the stream; nothing is allocated per step. The stream is created
-// with the caller's priority (the backend gives slots the device's highest, so decode layers are
-// scheduled ahead of prompt ingest on the arena's stream).
+// every layer then stages q|k|v into pinned memory (StageInputs), enqueues the q|k|v upload, the
+// append and the attention (EnqueueLayer), waits for the slot's stream only (Synchronize), and
+// hands out the outputs (CopyOutputs) and the device time of its stages (ReadStageTimes). The
+// attention writes out|lse straight into mapped pinned host memory, so no download is issued:
+// the stream synchronisation makes those writes visible to CopyOutputs. Per layer that is one
+// copy, the append and attention launches, two event records, one synchronisation and one
+// elapsed-time query; one layer-step in Options::stage_timing_interval also times the upload and
+// the kernel stage (two more records, two more queries). Everything is allocated by Create and
+// freed by the destructor, which first drains the stream; nothing is allocated per step. The
+// stream is created with the caller's priority (the backend gives slots the device's highest, so
+// decode layers are scheduled ahead of prompt ingest on the arena's stream).
 // Thread-safety: none inside; the backend calls a slot from one thread at a time (RunLayer of a
 // slot never overlaps another call on that slot, engine/backend.h). Different slots share only
 // the arena, whose pages their steps write disjointly, so they run concurrently.
@@ -51,6 +55,7 @@ class CudaSlot {
     int64_t tasks_capacity = 0;              // kWorkQueue tasks the descriptor holds
     size_t workspace_bytes = 0;              // partial states + fused-merge counters
     int stream_priority = 0;                 // of the slot's stream (lower number: higher priority)
+    int32_t stage_timing_interval = 16;      // >= 1: time upload and kernel stage on one layer-step in N
   };
 
   // Creates the stream (non-blocking, options.stream_priority), the events and every buffer, and
@@ -78,9 +83,10 @@ class CudaSlot {
   void StageInputs(const void* q, const void* k, const void* v);
 
   // Enqueues one layer on the stream: q|k|v upload (staged by StageInputs), append, the route's
-  // attention between the timing events, out (and lse when `has_lse`) download. `capturing`: the
-  // stream is being captured, so the timing events become event-record nodes.
-  [[nodiscard]] absl::Status EnqueueLayer(int32_t layer, bool has_lse, bool capturing);
+  // attention between the timing events, writing out (and lse when `has_lse`) into the mapped
+  // host buffer. Every stage_timing_interval-th call of the slot (the first included) also
+  // brackets the upload and the append + attention with events.
+  [[nodiscard]] absl::Status EnqueueLayer(int32_t layer, bool has_lse);
 
   // Waits for this slot's stream only; other slots' layers keep running.
   [[nodiscard]] absl::Status Synchronize();
@@ -89,19 +95,10 @@ class CudaSlot {
   void CopyOutputs(void* out, float* lse) const;
 
   // After Synchronize: the device time of the layer's stages into `info`: attend_seconds (the
-  // attention launches), h2d_seconds (q|k|v upload), kernel_seconds (append + attention),
-  // d2h_seconds (download).
+  // attention launches) always; h2d_seconds (q|k|v upload) and kernel_seconds (append +
+  // attention) when EnqueueLayer timed this layer's stages, else 0 (not measured); d2h_seconds
+  // always 0 (the kernels write the outputs to host memory, there is no download).
   [[nodiscard]] absl::Status ReadStageTimes(LayerRunInfo* info) const;
-
-  // The arguments of the open token step's layer `layer`: the append launch's, and the attention
-  // launch's (lse written when `has_lse`), as EnqueueLayer passes them.
-  kvpool::cuda::AppendKvParams AppendParams(int32_t layer) const;
-  kernels::DecodeParams LayerParams(int32_t layer, bool has_lse) const;
-
-  cudaStream_t stream() const { return stream_.get(); }
-  void* workspace() const { return workspace_.get(); }
-  KernelId kernel() const { return step_.kernel; }  // the open token step's route
-  int32_t batch() const { return step_.batch; }     // and its rows
 
  private:
   // The open token step: its route's work and where BeginTokenStep put each array in the
@@ -118,6 +115,10 @@ class CudaSlot {
 
   explicit CudaSlot(const Options& options) : options_(options) {}
   kernels::DecodeParams StepParams(int32_t layer) const;
+  // The arguments of the open token step's layer `layer`: the append launch's, and the attention
+  // launch's (lse written when `has_lse`).
+  kvpool::cuda::AppendKvParams AppendParams(int32_t layer) const;
+  kernels::DecodeParams LayerParams(int32_t layer, bool has_lse) const;
   size_t QBytes() const;   // q or out of the open step: [B, Hq, d]
   size_t KvBytes() const;  // k or v of the open step: [B, Hkv, d]
 
@@ -125,18 +126,23 @@ class CudaSlot {
   size_t descriptor_bytes_ = 0;
   // Declared first: destroyed last, after the destructor drained it and the buffers are freed.
   internal::CudaStream stream_;
-  internal::CudaEvent start_, stop_;  // bracket the attention launch(es)
-  // With start_/stop_ they time a layer's stages: upload, append + attention, download.
-  internal::CudaEvent h2d_start_, h2d_done_, d2h_done_;
+  internal::CudaEvent start_, stop_;  // bracket the attention launch(es), every layer
+  // On sampled layers, with stop_: [h2d_start_, h2d_done_) the upload, [h2d_done_, stop_) append
+  // and attention.
+  internal::CudaEvent h2d_start_, h2d_done_;
   internal::CudaEvent uploaded_;       // the descriptor upload read `host_descriptor_`
   internal::PinnedBuffer host_descriptor_;
   internal::DeviceBuffer device_descriptor_;  // its device twin
   internal::PinnedBuffer io_host_;      // q | k | v  [B, Hq, d] | [B, Hkv, d] | [B, Hkv, d]
   internal::DeviceBuffer io_device_;    // its device twin
-  internal::PinnedBuffer out_host_;     // out | lse  [B, Hq, d] | [B, Hq] fp32
-  internal::DeviceBuffer out_device_;   // its device twin
+  // out | lse  [B, Hq, d] | [B, Hq] fp32: mapped pinned memory the kernels write through
+  // `out_mapped_` (its device address); no device twin, no download.
+  internal::PinnedBuffer out_host_;
+  void* out_mapped_ = nullptr;
   internal::DeviceBuffer workspace_;    // partial states + fused-merge counters (zeroed once)
   Step step_;
+  int64_t layers_enqueued_ = 0;  // EnqueueLayer calls so far (picks the layers whose stages are timed)
+  bool stages_timed_ = false;    // the last EnqueueLayer recorded h2d_start_ and h2d_done_
 };
 
 }  // namespace pkv::engine

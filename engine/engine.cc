@@ -474,7 +474,6 @@ absl::StatusOr<StepOutput> Engine::RunLayer(std::unique_lock<std::mutex>& lock, 
   event.attend_seconds = result.attend_seconds;
   event.predicted_seconds = ts.plan.predicted_us * 1e-6;
   event.launches = ts.plan.launches_per_layer;
-  event.graph_replay = info.graph_replay;
   const auto now = std::chrono::steady_clock::now();
   event.step_seconds = std::chrono::duration<double>(now - started).count();
   observer_->OnLayerStep(event);

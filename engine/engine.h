@@ -127,8 +127,8 @@ struct StepTimings {
   double validate_seconds = 0;  // checks before any change, including the engine lock wait
   double host_seconds = 0;      // deltas, page table, plan, descriptor (layer 0); the backend's
                                 // host work; recording the outputs
-  double h2d_seconds = 0;       // device stages, from LayerRunInfo
-  double kernel_seconds = 0;
+  double h2d_seconds = 0;       // device stages, from LayerRunInfo: sampled (all 0 on a layer
+  double kernel_seconds = 0;    // whose stages the backend did not time, see LayerRunInfo)
   double d2h_seconds = 0;
 };
 

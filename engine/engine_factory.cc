@@ -80,10 +80,6 @@ absl::StatusOr<std::unique_ptr<Engine>> BuildEngine(const EngineConfig& config) 
     return absl::InvalidArgumentError(
         absl::StrCat("backend must be auto, cpu or cuda, got '", config.backend, "'"));
   }
-  if (config.launch_mode != "eager" && config.launch_mode != "graph") {
-    return absl::InvalidArgumentError(
-        absl::StrCat("launch_mode must be eager or graph, got '", config.launch_mode, "'"));
-  }
   if (config.attention != "run" && config.attention != "skip") {
     return absl::InvalidArgumentError(
         absl::StrCat("attention must be run or skip, got '", config.attention, "'"));
@@ -116,11 +112,9 @@ absl::StatusOr<std::unique_ptr<Engine>> BuildEngine(const EngineConfig& config) 
     co.num_pages = pool.pages;
     co.free_memory_fraction = pool.gpu_memory_fraction;
     co.max_batch = config.max_batch;
-    PKV_ASSIGN_OR_RETURN(co.launch_mode, ParseLaunchMode(config.launch_mode));
     PKV_ASSIGN_OR_RETURN(backend, CreateCudaBackend(config.shape, co));
 #endif
   } else {
-    if (config.launch_mode == "graph") PKV_LOG(WARNING) << "launch_mode=graph is ignored by the cpu backend";
     PKV_ASSIGN_OR_RETURN(backend, CreateCpuBackend(config.shape, pool.pages, config.cpu_threads));
   }
   if (config.attention == "skip") {

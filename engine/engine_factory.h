@@ -37,7 +37,6 @@ struct EngineConfig {
   std::string calibration_profile;   // cost-model profile JSON; empty: built-in defaults
   std::string fixed_kernel;          // empty: adaptive; else one route for every step
   int64_t static_slot_tokens = 0;    // > 0: static baseline (see EngineOptions)
-  std::string launch_mode = "eager";  // CUDA backend: "eager" or "graph" (LaunchMode)
   // Limits and leases (EngineOptions has the meaning and the defaults of each).
   int32_t retry_window = 32;
   int64_t max_prompt_tokens = 0;
@@ -64,7 +63,7 @@ struct PoolSize {
 absl::StatusOr<PoolSize> ResolvePoolSize(const EngineConfig& config, bool cuda);
 
 // Validates the configuration and creates the engine. INVALID_ARGUMENT for a bad shape, pool
-// size (ResolvePoolSize), backend name, launch_mode or attention; FAILED_PRECONDITION naming
+// size (ResolvePoolSize), backend name or attention; FAILED_PRECONDITION naming
 // --backend=cuda when backend is cuda in a build without CUDA or on a host where no GPU is usable.
 absl::StatusOr<std::unique_ptr<Engine>> BuildEngine(const EngineConfig& config);
 

@@ -34,7 +34,6 @@ struct LayerStepEvent {
   double attend_seconds = 0;     // backend time for the attention of this layer
   double predicted_seconds = 0;  // cost model's prediction (0 when not modelled)
   int32_t launches = 1;
-  bool graph_replay = false;     // the backend replayed a captured CUDA graph for this layer
 };
 
 class StepObserver {

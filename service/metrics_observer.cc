@@ -19,7 +19,6 @@ void MetricsObserver::OnLayerStep(const engine::LayerStepEvent& e) {
   m_->step_duration(e.kernel).Observe(e.step_seconds);
   m_->step_attend(e.kernel).Observe(e.attend_seconds);
   m_->launches_per_step().Observe(e.launches);
-  (e.graph_replay ? m_->graph_hits() : m_->graph_misses()).Increment();
   if (e.predicted_seconds > 0 && e.attend_seconds > 0) {
     m_->predicted_seconds(e.kernel).Increment(e.predicted_seconds);
     m_->measured_seconds(e.kernel).Increment(e.attend_seconds);

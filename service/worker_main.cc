@@ -82,11 +82,6 @@ ABSL_FLAG(double, gpu_memory_fraction, 0,
           "CUDA backend only: KV pool size as this share, in (0, 1], of the device memory free at "
           "start-up. 0: not set (see --num_pages; unset everywhere, the CUDA backend uses 0.85). "
           "Start-up fails when it is set and the CPU backend serves.");
-ABSL_FLAG(std::string, launch_mode, "eager",
-          "CUDA backend: how a layer's work is submitted: eager (one launch per operation) or graph "
-          "(replay a per-slot CUDA graph captured once per batch bucket and kernel, updated per "
-          "layer; falls back to eager with a warning if capture or update fails). Ignored by the "
-          "CPU backend.");
 ABSL_FLAG(std::string, tls_cert_file, "",
           "PEM certificate chain of the gRPC port; with --tls_key_file serves TLS (empty: plaintext).");
 ABSL_FLAG(std::string, tls_key_file, "", "PEM private key of --tls_cert_file.");
@@ -175,7 +170,6 @@ int Run() {
   config.calibration_profile = absl::GetFlag(FLAGS_calibration_profile);
   config.fixed_kernel = absl::GetFlag(FLAGS_fixed_kernel);
   config.static_slot_tokens = absl::GetFlag(FLAGS_static_slot_tokens);
-  config.launch_mode = absl::GetFlag(FLAGS_launch_mode);
   config.retry_window = absl::GetFlag(FLAGS_retry_window);
   config.max_prompt_tokens = absl::GetFlag(FLAGS_max_prompt_tokens);
   config.max_sequences = absl::GetFlag(FLAGS_max_sequences);

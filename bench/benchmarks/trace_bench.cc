@@ -185,7 +185,9 @@ absl::StatusOr<RunStats> RunOnce(engine::Engine& e, const ModelShape& shape, Wor
 // are packed into pinned memory and uploaded with one copy, then FlashInfer's planner runs on the
 // host (charged to the step's wall time, outside the GPU timing). Per layer: one upload of q|k|v,
 // one append launch (kvpool/cuda/append_kv), FlashInfer's attention between two CUDA events (the
-// attention time), one download of out, one stream synchronisation.
+// attention time), one download of out, one stream synchronisation. (The engine's backend issues
+// no download: its kernels write out into mapped host memory. This arm still downloads, so its
+// wall time carries one copy per layer more than the engine's.)
 absl::StatusOr<RunStats> RunFlashInferOnce(FlashInferArm& arm, kvpool::KvArena& arena, const ModelShape& shape,
                                            WorkloadKind kind, int batch, int num_requests, int warmup, int measured,
                                            uint64_t seed, const std::vector<uint8_t>& q,
@@ -401,12 +403,6 @@ int RunTraceBench(const TraceBenchOptions& o) {
     engine::CudaBackendOptions bo;
     bo.free_memory_fraction = o.pool_fraction;
     bo.max_batch = 64;
-    absl::StatusOr<engine::LaunchMode> mode = engine::ParseLaunchMode(o.launch_mode);
-    if (!mode.ok()) {
-      std::fprintf(stderr, "pkv-bench trace: --launch-mode: %s\n", std::string(mode.status().message()).c_str());
-      return 2;
-    }
-    bo.launch_mode = *mode;
     auto backend = engine::CreateCudaBackend(shape, bo);
     if (!backend.ok()) {
       std::fprintf(stderr, "pkv-bench trace: %s\n", std::string(backend.status().message()).c_str());

@@ -20,7 +20,7 @@
 #   CPU_THREADS  attention threads of the CPU backend [1]
 #   SERVICE_THREADS  worker threads for decode steps [4, so that micro-batches overlap]
 #   CHECK     share of outputs checked in the run mode [0.01]
-#   WORKER_ARGS  extra pkv-worker flags for both workers (e.g. "--launch_mode=graph") [none]
+#   WORKER_ARGS  extra pkv-worker flags for both workers (e.g. "--service_spin_us=0") [none]
 #   LABEL     a line for the summary's header (e.g. the machine) [none]
 suite_breakdown() {
   local backend="${BACKEND:-}" context steps warmup batches micro check model_args=() pool=()
@@ -93,12 +93,14 @@ stages = [("client_build", "build"), ("client_send", "send"), ("to_worker", "to 
           ("h2d", "H2D"), ("kernels", "kernels"), ("d2h", "D2H"), ("worker_serialize", "serialize"),
           ("worker_other", "worker other"), ("back_to_client", "back"), ("client_receive", "receive"),
           ("round_trip", "round trip")]
-print("Per layer-step, ms, p50 / p99. Client CPU: the decode thread's CPU per layer-step (p50) and "
-      "the whole replay process in cores over the measured phase.")
+print("Per layer-step, ms, p50 / p99. H2D, kernels, D2H and worker other: only the layer-steps whose "
+      "device stages the worker timed (the CUDA backend times one in 16 per descriptor slot; "
+      "\"timed\" gives how many of all). Client CPU: the decode thread's CPU per layer-step (p50) "
+      "and the whole replay process in cores over the measured phase.")
 print()
 print("| attention | B x micro-batches | decode tok/s | " + " | ".join(s[1] for s in stages) +
-      " | client CPU ms/step, cores | checked / failed |")
-print("|---" * (len(stages) + 5) + "|")
+      " | timed | client CPU ms/step, cores | checked / failed |")
+print("|---" * (len(stages) + 6) + "|")
 for mode in ["run", "skip"]:
     for b in batches:
         for m in micro:
@@ -109,8 +111,9 @@ for mode in ["run", "skip"]:
             r = json.load(open(p))
             cells = ["%.3f / %.3f" % (r["breakdown_ms"][k]["p50"], r["breakdown_ms"][k]["p99"]) for k, _ in stages]
             checks = "skipped" if r["attention_skipped"] else "%d / %d" % (r["outputs_checked"], r["check_failures"])
+            timed = "%d / %d" % (r["breakdown_ms"]["kernels"]["n"], r["breakdown_ms"]["round_trip"]["n"])
             print(f"| {mode} | {b} x {m} | %.0f | " % r["decode_tokens_per_s"] + " | ".join(cells) +
-                  " | %.3f, %.2f | %s |" % (r["client_thread_cpu_ms"]["p50"], r["client_cpu_cores"], checks))
+                  " | %s | %.3f, %.2f | %s |" % (timed, r["client_thread_cpu_ms"]["p50"], r["client_cpu_cores"], checks))
 PY
   return $failed
 }

@@ -12,7 +12,6 @@
 #   bimodal_b8         B8 bimodal with prompts streaming in while decode runs (8 WriteKV
 #                      streams): decode next to ingest, compared with steady_b8
 #   bimodal_b4x2       the same rows as two interleaved micro-batches of 4
-#   bimodal_b8_graph   B8 bimodal with --launch_mode=graph
 #   azure_conv         Azure conversation slice with its arrival times (bursts): time between
 #                      tokens, worst 1 s window, reserved vs used KV
 #   azure_conv_static  the same against a worker in the static-reservation baseline mode
@@ -104,12 +103,6 @@ suite_e2e() {
     scrape "$MPORT" paged
     stop_worker paged
   fi
-  if want bimodal_b8_graph; then
-    start_worker graph "${pool[@]}" --launch_mode=graph || return 1
-    run_replay bimodal_b8_graph "${bimodal[@]}" --batch=8
-    scrape "$MPORT" graph
-    stop_worker graph
-  fi
   # Static baseline: every sequence reserves 8192 tokens (max context) at creation; 24576 pages
   # (48 GiB at this shape) hold the 32 rows plus 8 prompts written ahead.
   if want azure_conv_static; then
@@ -125,8 +118,8 @@ import json, os, sys
 out, commit, model = sys.argv[1], sys.argv[2], sys.argv[3]
 rows, failed = [], 0
 reports = {}
-for name in ["steady_b8", "steady_b4x2", "bimodal_b8", "bimodal_b4x2", "bimodal_b8_graph", "azure_conv",
-             "azure_conv_static", "mooncake_conv"]:
+for name in ["steady_b8", "steady_b4x2", "bimodal_b8", "bimodal_b4x2", "azure_conv", "azure_conv_static",
+             "mooncake_conv"]:
     p = os.path.join(out, name + ".json")
     if not os.path.exists(p):
         continue

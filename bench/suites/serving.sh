@@ -2,15 +2,14 @@
 # shellcheck shell=bash
 # pkv-calibrate fits the cost-model profile of this GPU (scheduler/cost_profile.h), then
 # `pkv-bench trace` drives the engine like a serving loop with every arm and the adaptive choice
-# under that profile; FlashInfer arms and adaptive/FI ratios when built with its arm. Extras:
-# `pkv-bench ingest` (merged staged WriteKV ingest vs a pinned cudaMemcpy) and the same trace with
-# eager launches and with CUDA-graph replay. The engine's own GPU test is in the `tests` suite.
+# under that profile; FlashInfer arms and adaptive/FI ratios when built with its arm. Extra:
+# `pkv-bench ingest` (merged staged WriteKV ingest vs a pinned cudaMemcpy). The engine's own GPU
+# test is in the `tests` suite.
 # TRACE=full|quick|none (--quick: quick = one seed, 8 layers), SEEDS, LAYERS, EXTRAS=0,
 # PROFILE_IN=path (use that profile instead of calibrating).
-# Output: calibrate.log, <gpu>-hq32-hkv8-d128-p16-fp16.json, trace.{csv,md,log}, ingest.md,
-# trace-eager.*, trace-graph.*.
+# Output: calibrate.log, <gpu>-hq32-hkv8-d128-p16-fp16.json, trace.{csv,md,log}, ingest.md.
 suite_serving() {
-  local trace="${TRACE:-full}" layers="${LAYERS:-32}" profile mode
+  local trace="${TRACE:-full}" layers="${LAYERS:-32}" profile
   local seeds="${SEEDS:-20260623,20260624,20260625,20260626,20260627}"
   [[ "$QUICK" == 1 && -z "${TRACE:-}" ]] && trace=quick
   pkv_host_info "$SUITE_OUT/host.txt"
@@ -35,14 +34,6 @@ suite_serving() {
   if [[ "${EXTRAS:-1}" != 0 ]]; then
     # Merged staged WriteKV ingest against a plain pinned cudaMemcpy of the same bytes.
     "$BIN/pkv-bench" ingest --md="$SUITE_OUT/ingest.md" --commit="$COMMIT" 2>&1 | tee "$SUITE_OUT/ingest.log" | tail -8
-    # CUDA-graph replay against eager launches on the same workloads (one seed).
-    # shellcheck disable=SC2054  # commas belong to the flag values
-    args=(--workloads=bimodal:8,bucketed:1 --seeds=20260623 --layers="$layers")
-    [[ -n "$profile" ]] && args+=(--profile="$profile")
-    for mode in eager graph; do
-      "$BIN/pkv-bench" trace "${args[@]}" --launch-mode=$mode --csv="$SUITE_OUT/trace-$mode.csv" \
-        --md="$SUITE_OUT/trace-$mode.md" --commit="$COMMIT" 2>"$SUITE_OUT/trace-$mode.err" | tail -12 | sed "s/^/[$mode] /"
-    done
   fi
   pkv_section "serving"
   echo "profile: ${profile:-none (calibration failed)}"

@@ -1,5 +1,5 @@
 // engine/internal/cuda_handles.h — the CUDA backend's error-to-Status helper and the small RAII
-// owners of its CUDA runtime handles (streams, events, pinned and device buffers, graphs).
+// owners of its CUDA runtime handles (streams, events, pinned and device buffers).
 // Private to engine/cuda_*.cc. Each owner frees its handle in its destructor and never
 // synchronises: whoever owns a stream drains it before the buffers its work touches are freed.
 // Thread-safety: plain owners; the usual rules of std::unique_ptr.
@@ -33,20 +33,12 @@ struct PinnedDeleter {
 struct DeviceDeleter {
   void operator()(void* p) const { cudaFree(p); }
 };
-struct GraphDeleter {
-  void operator()(cudaGraph_t g) const { cudaGraphDestroy(g); }
-};
-struct GraphExecDeleter {
-  void operator()(cudaGraphExec_t g) const { cudaGraphExecDestroy(g); }
-};
 
 // cudaStream_t is CUstream_st*, and so on: each owner holds the handle itself.
 using CudaStream = std::unique_ptr<std::remove_pointer_t<cudaStream_t>, StreamDeleter>;
 using CudaEvent = std::unique_ptr<std::remove_pointer_t<cudaEvent_t>, EventDeleter>;
-using PinnedBuffer = std::unique_ptr<void, PinnedDeleter>;  // cudaMallocHost
+using PinnedBuffer = std::unique_ptr<void, PinnedDeleter>;  // cudaMallocHost or cudaHostAlloc
 using DeviceBuffer = std::unique_ptr<void, DeviceDeleter>;  // cudaMalloc
-using CudaGraph = std::unique_ptr<std::remove_pointer_t<cudaGraph_t>, GraphDeleter>;
-using CudaGraphExec = std::unique_ptr<std::remove_pointer_t<cudaGraphExec_t>, GraphExecDeleter>;
 
 }  // namespace pkv::engine::internal
 

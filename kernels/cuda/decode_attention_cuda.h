@@ -56,8 +56,7 @@ inline constexpr int kMaxGroupSize = 8;
 // kCounterBytes + partial states for B*S (kSequenceSplit) or params.num_partials (kWorkQueue).
 size_t WorkspaceBytes(KernelId kernel, const DecodeParams& params);
 
-// Enqueues the route on `stream`. Precondition: CanImplement(kernel, params).ok(). A CUDA graph
-// that captured a Launch is re-pointed at other params with LaunchArgs (kernels/cuda/launch_args.h).
+// Enqueues the route on `stream`. Precondition: CanImplement(kernel, params).ok().
 [[nodiscard]] absl::Status Launch(KernelId kernel, const DecodeParams& params, void* workspace,
                                   cudaStream_t stream, MergeMode merge = MergeMode::kFused);
 

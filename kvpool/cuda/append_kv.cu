@@ -69,15 +69,6 @@ cudaError_t LaunchAppendKv(const AppendKvParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-// AppendKvKernel<false>(AppendKvParams): one argument.
-cudaKernelNodeParams AppendKvArgs::PatchNode(const cudaKernelNodeParams& captured) {
-  args_[0] = &params_;
-  cudaKernelNodeParams node = captured;
-  node.kernelParams = args_;
-  node.extra = nullptr;
-  return node;
-}
-
 cudaError_t LaunchGatherKv(const AppendKvParams& p, cudaStream_t stream) {
   if (p.num_tokens == 0 || p.num_layers == 0) return cudaSuccess;
   const int threads = std::min(256, std::max(32, 2 * p.num_kv_heads * p.head_dim / 8));

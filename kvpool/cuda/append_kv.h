@@ -1,8 +1,7 @@
 // kvpool/cuda/append_kv.h — the device append: writes one decode step's new K,V of every row (and
 // optionally every layer) into their page slots with one kernel launch; the merged prompt-ingest
-// scatter; and AppendKvArgs, the append kernel's arguments for patching captured CUDA graphs.
-// Thread-safety: stateless launchers, ordered by the stream they are given; an AppendKvArgs is a
-// plain value owned by one thread.
+// scatter.
+// Thread-safety: stateless launchers, ordered by the stream they are given.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -27,27 +26,6 @@ struct AppendKvParams {
 
 // One launch: grid (tokens, layers), 16-byte copies. Never allocates or synchronises.
 cudaError_t LaunchAppendKv(const AppendKvParams& params, cudaStream_t stream);
-
-// The argument list of the kernel LaunchAppendKv launches, for re-pointing a CUDA graph node
-// captured from it at other params (e.g. another layer) with cudaGraphExecKernelNodeSetParams.
-// The new params must keep what the node baked in: num_tokens, num_layers, num_kv_heads and
-// head_dim (grid and block); pointers, first_layer and layer_stride may change.
-class AppendKvArgs {
- public:
-  explicit AppendKvArgs(const AppendKvParams& params) : params_(params) {}
-  // Not copyable or movable: PatchNode's result points into this object.
-  AppendKvArgs(const AppendKvArgs&) = delete;
-  AppendKvArgs& operator=(const AppendKvArgs&) = delete;
-
-  // `captured` (cudaGraphKernelNodeGetParams of a node captured from LaunchAppendKv) with its
-  // arguments replaced by these params. The result's kernelParams point into *this, which must
-  // outlive the set-params call that consumes (copies) them.
-  cudaKernelNodeParams PatchNode(const cudaKernelNodeParams& captured);
-
- private:
-  AppendKvParams params_;
-  void* args_[1] = {nullptr};
-};
 
 // Merged prompt ingest: one launch applies `num_runs` ScatterRuns (kvpool/ingest_staging.h) whose
 // K,V rows lie in the device copy of a staging buffer.

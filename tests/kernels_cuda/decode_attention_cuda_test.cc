@@ -15,7 +15,6 @@
 #include "common/dtype.h"
 #include "gtest/gtest.h"
 #include "kernels/cuda/decode_attention_cuda.h"
-#include "kernels/cuda/launch_args.h"
 #include "kernels/cuda/work_plan.h"
 #include "kernels/reference/paged_decode.h"
 
@@ -378,121 +377,6 @@ TEST_F(DecodeAttentionCudaTest, MixedBatch) {
     RunCase(c, routes);
     if (HasFailure()) return;
   }
-}
-
-// The device copy of one case's inputs, its outputs and its route's task list.
-struct DeviceCase {
-  DevBuf q, kv, indptr, indices, last, out, lse, tasks, row_splits, partial_offset;
-};
-
-// Uploads `h` and returns its params for route `r` (device pointers into `d`).
-DecodeParams UploadCase(const Case& c, const HostData& h, const Route& r, DeviceCase* d) {
-  DecodeParams p = HostParams(c, h);
-  EXPECT_EQ(d->q.Upload(h.q), cudaSuccess);
-  EXPECT_EQ(d->kv.Upload(h.kv), cudaSuccess);
-  EXPECT_EQ(d->indptr.Upload(h.indptr), cudaSuccess);
-  EXPECT_EQ(d->indices.Upload(h.indices), cudaSuccess);
-  EXPECT_EQ(d->last.Upload(h.last), cudaSuccess);
-  EXPECT_EQ(d->out.Alloc(h.q.size() * 2), cudaSuccess);
-  EXPECT_EQ(d->lse.Alloc(h.q.size() / c.d * 4), cudaSuccess);
-  p.q = d->q.ptr;
-  p.kv = d->kv.ptr;
-  p.page_indptr = static_cast<const int32_t*>(d->indptr.ptr);
-  p.page_indices = static_cast<const int32_t*>(d->indices.ptr);
-  p.last_page_len = static_cast<const int32_t*>(d->last.ptr);
-  p.out = d->out.ptr;
-  p.lse = static_cast<float*>(d->lse.ptr);
-  if (r.kernel == KernelId::kSequenceSplit) p.num_splits = r.splits;
-  if (r.kernel == KernelId::kWorkQueue) {
-    std::vector<int32_t> row_pages;
-    for (size_t b = 0; b + 1 < h.indptr.size(); ++b) row_pages.push_back(h.indptr[b + 1] - h.indptr[b]);
-    const WorkPlan plan = BuildWorkPlan(row_pages, c.hkv, r.pages_per_task);
-    EXPECT_EQ(d->tasks.Upload(plan.tasks), cudaSuccess);
-    EXPECT_EQ(d->row_splits.Upload(plan.row_splits), cudaSuccess);
-    EXPECT_EQ(d->partial_offset.Upload(plan.partial_offset), cudaSuccess);
-    p.tasks = static_cast<const DecodeTask*>(d->tasks.ptr);
-    p.num_tasks = static_cast<int32_t>(plan.tasks.size());
-    p.row_splits = static_cast<const int32_t*>(d->row_splits.ptr);
-    p.partial_offset = static_cast<const int32_t*>(d->partial_offset.ptr);
-    p.num_partials = plan.num_partials;
-  }
-  return p;
-}
-
-// A CUDA graph captured from Launch with one case's params, every kernel node re-pointed with
-// LaunchArgs at another case of the same shape (other K,V, page order, q, outputs), replays the
-// second case byte for byte as an eager Launch does: every route, fused and separate merge.
-TEST_F(DecodeAttentionCudaTest, LaunchArgsRepointsACapturedLaunch) {
-  Case c;
-  c.lengths = {1, 0, 37, 16, 517, 129};
-  cudaStream_t stream = nullptr;
-  CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  for (const Route& r : AllRoutes(/*splits=*/5, /*ppt=*/3)) {
-    SCOPED_TRACE(r.Name());
-    c.seed = 31;
-    const HostData ha = MakeData(c);
-    c.seed = 32;
-    const HostData hb = MakeData(c);
-    DeviceCase da, db, de;
-    const DecodeParams pa = UploadCase(c, ha, r, &da);
-    const DecodeParams pb = UploadCase(c, hb, r, &db);
-    const DecodeParams pe = UploadCase(c, hb, r, &de);  // the eager launch's own copy
-    ASSERT_TRUE(CanImplement(r.kernel, pa).ok());
-    DevBuf ws;
-    const size_t ws_bytes = std::max<size_t>(WorkspaceBytes(r.kernel, pa), 1);
-    CUDA_OK(ws.Alloc(ws_bytes));
-    CUDA_OK(cudaMemset(ws.ptr, 0, ws_bytes));
-
-    CUDA_OK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-    const absl::Status captured = Launch(r.kernel, pa, ws.ptr, stream, r.merge);
-    cudaGraph_t graph = nullptr;
-    CUDA_OK(cudaStreamEndCapture(stream, &graph));
-    ASSERT_TRUE(captured.ok()) << captured;
-    size_t n = 0;
-    CUDA_OK(cudaGraphGetNodes(graph, nullptr, &n));
-    std::vector<cudaGraphNode_t> nodes(n);
-    CUDA_OK(cudaGraphGetNodes(graph, nodes.data(), &n));
-    cudaGraphExec_t exec = nullptr;
-    CUDA_OK(cudaGraphInstantiate(&exec, graph, 0));
-    int kernels = 0;
-    for (cudaGraphNode_t node : nodes) {
-      cudaGraphNodeType type;
-      CUDA_OK(cudaGraphNodeGetType(node, &type));
-      if (type != cudaGraphNodeTypeKernel) continue;
-      ++kernels;
-      cudaKernelNodeParams params{};
-      CUDA_OK(cudaGraphKernelNodeGetParams(node, &params));
-      LaunchArgs args(r.kernel, pb, ws.ptr);
-      const cudaKernelNodeParams patched = args.PatchNode(params);
-      CUDA_OK(cudaGraphExecKernelNodeSetParams(exec, node, &patched));
-    }
-    EXPECT_EQ(kernels, LaunchesPerCall(r.kernel, pa, r.merge));
-    CUDA_OK(cudaMemsetAsync(da.out.ptr, 0xFF, da.out.bytes, stream));  // NaN: unwritten fails
-    CUDA_OK(cudaMemsetAsync(db.out.ptr, 0xFF, db.out.bytes, stream));
-    CUDA_OK(cudaMemsetAsync(de.out.ptr, 0xFF, de.out.bytes, stream));
-    CUDA_OK(cudaMemsetAsync(db.lse.ptr, 0xFF, db.lse.bytes, stream));
-    CUDA_OK(cudaMemsetAsync(de.lse.ptr, 0xFF, de.lse.bytes, stream));
-    CUDA_OK(cudaGraphLaunch(exec, stream));
-    const absl::Status eager = Launch(r.kernel, pe, ws.ptr, stream, r.merge);
-    ASSERT_TRUE(eager.ok()) << eager;
-    CUDA_OK(cudaStreamSynchronize(stream));
-    std::vector<uint8_t> graph_out(db.out.bytes), eager_out(de.out.bytes);
-    std::vector<uint8_t> graph_lse(db.lse.bytes), eager_lse(de.lse.bytes);
-    CUDA_OK(cudaMemcpy(graph_out.data(), db.out.ptr, db.out.bytes, cudaMemcpyDeviceToHost));
-    CUDA_OK(cudaMemcpy(eager_out.data(), de.out.ptr, de.out.bytes, cudaMemcpyDeviceToHost));
-    CUDA_OK(cudaMemcpy(graph_lse.data(), db.lse.ptr, db.lse.bytes, cudaMemcpyDeviceToHost));
-    CUDA_OK(cudaMemcpy(eager_lse.data(), de.lse.ptr, de.lse.bytes, cudaMemcpyDeviceToHost));
-    EXPECT_TRUE(graph_out == eager_out);
-    EXPECT_TRUE(graph_lse == eager_lse);
-    // The captured case's outputs stay unwritten: the graph ran only the patched launch(es).
-    std::vector<uint8_t> captured_out(da.out.bytes);
-    CUDA_OK(cudaMemcpy(captured_out.data(), da.out.ptr, da.out.bytes, cudaMemcpyDeviceToHost));
-    EXPECT_TRUE(std::all_of(captured_out.begin(), captured_out.end(), [](uint8_t x) { return x == 0xFF; }));
-    CUDA_OK(cudaGraphExecDestroy(exec));
-    CUDA_OK(cudaGraphDestroy(graph));
-    if (HasFailure()) break;
-  }
-  CUDA_OK(cudaStreamDestroy(stream));
 }
 
 // Shapes the routes refuse.

@@ -6,22 +6,27 @@
 namespace pkv::service {
 namespace {
 
-TEST(MetricsObserverTest, CudaGraphOutcomeOfEachLayerStepIsCounted) {
+// Layer-steps that ran feed the step histograms and the cost-model counters; a reply from the
+// retry cache counts only as a replay.
+TEST(MetricsObserverTest, LayerStepsThatRanAndRetryCacheRepliesAreCountedApart) {
   WorkerMetrics metrics(BuildInfo{"test", "none", "cuda", "none", "fp16", "default"});
   MetricsObserver observer(&metrics);
   engine::LayerStepEvent e;
   e.kernel = KernelId::kWorkQueue;
   e.rows = 8;
-  e.graph_replay = false;  // the token step's first layer: captured and updated the graph
+  e.launches = 2;
+  e.attend_seconds = 0.25;
+  e.predicted_seconds = 0.5;
   observer.OnLayerStep(e);
-  e.graph_replay = true;   // later layers: patched and replayed
   observer.OnLayerStep(e);
+  e.replayed = true;  // answered from the retry cache: no launch at all
   observer.OnLayerStep(e);
-  e.replayed = true;       // answered from the retry cache: no launch at all
-  observer.OnLayerStep(e);
-  EXPECT_EQ(metrics.graph_hits().Value(), 2);
-  EXPECT_EQ(metrics.graph_misses().Value(), 1);
   EXPECT_EQ(metrics.step_replays().Value(), 1);
+  const prometheus::ClientMetric launches = metrics.launches_per_step().Collect();
+  EXPECT_EQ(launches.histogram.sample_count, 2u);
+  EXPECT_DOUBLE_EQ(launches.histogram.sample_sum, 4.0);
+  EXPECT_DOUBLE_EQ(metrics.measured_seconds(KernelId::kWorkQueue).Value(), 0.5);
+  EXPECT_DOUBLE_EQ(metrics.predicted_seconds(KernelId::kWorkQueue).Value(), 1.0);
 }
 
 }  // namespace

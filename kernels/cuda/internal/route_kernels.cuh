@@ -1,7 +1,5 @@
 // kernels/cuda/internal/route_kernels.cuh — the route kernels (work assignment variants around
-// AttendRange) and the separate LSE-merge kernel. Included only by the route .cu files. Their
-// argument lists are mirrored by LaunchArgs (launch_args.cc), which patches captured CUDA graphs:
-// change both together.
+// AttendRange) and the separate LSE-merge kernel. Included only by the route .cu files.
 #pragma once
 
 #include <cuda_runtime.h>
