@@ -56,6 +56,7 @@ class LlamaDecoder:
         self.num_q_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.device = model.get_input_embeddings().weight.device  # token ids go where the model is
 
     def check_worker(self, client: Client) -> None:
         """Raises ValueError when the worker serves another attention shape than the model's."""
@@ -69,7 +70,7 @@ class LlamaDecoder:
     def prompt_kv(self, prompt_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Prefills one prompt with the model itself: (K, V) [layers, T, Hkv, d] after RoPE, and
         the logits [vocab] of the token after the prompt."""
-        ids = torch.as_tensor(list(prompt_ids), dtype=torch.long).unsqueeze(0)
+        ids = torch.as_tensor(list(prompt_ids), dtype=torch.long, device=self.device).unsqueeze(0)
         out = self.model(input_ids=ids, use_cache=True)
         cache = out.past_key_values
         ks, vs = [], []
@@ -97,8 +98,8 @@ class LlamaDecoder:
         the token). Yields (layer, q, k, v) per layer, takes the attention output [B, Hq, d] back;
         returns the next-token logits [B, vocab]."""
         m = self.model.model
-        tokens = torch.as_tensor(tokens, dtype=torch.long)
-        positions = torch.as_tensor(positions, dtype=torch.long)
+        tokens = torch.as_tensor(tokens, dtype=torch.long, device=self.device)
+        positions = torch.as_tensor(positions, dtype=torch.long, device=self.device)
         b, hq, hkv, d = tokens.shape[0], self.num_q_heads, self.num_kv_heads, self.head_dim
         h = m.embed_tokens(tokens)  # [B, hidden]
         cos, sin = self._rope(h, positions)
