@@ -41,18 +41,20 @@ suite_model() {
   {
     echo "commit $COMMIT; $(pkv_gpu_name 2>/dev/null || echo cpu); worker ${shape[*]} bf16 ($backend)"
     echo
-    echo "| micro-batches x rows | decode tok/s | token step ms p50 / p99 | between tokens ms p50 / p99 | waiting for the worker | model layers | tokens identical to the model's own generate (rows) |"
-    echo "|---|---|---|---|---|---|---|"
+    echo "| micro-batches x rows | decode tok/s | token step ms p50 / p99 | between tokens ms p50 / p99 | waiting for the worker | model layers | tokens identical to the model's own generate (rows) | teacher-forced: max logit diff / max logit, top-1 agreement (where the top two differ by > 2%) |"
+    echo "|---|---|---|---|---|---|---|---|"
     for m in ${MICRO:-1 2}; do
       [[ -f "$SUITE_OUT/model-m$m.json" ]] || continue
       python3 - "$SUITE_OUT/model-m$m.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
 c = r.get("compare", {})
-print("| %d x %d | %.0f | %.1f / %.1f | %.1f / %.1f | %.0f%% | %.0f%% | %s |" % (
+t = r.get("teacher_forced", {})
+print("| %d x %d | %.0f | %.1f / %.1f | %.1f / %.1f | %.0f%% | %.0f%% | %s | %s |" % (
     r["micro_batches"], r["batch"], r["decode_tokens_per_s"], r["token_step_ms"]["p50"], r["token_step_ms"]["p99"],
     r["tbt_ms"]["p50"], r["tbt_ms"]["p99"], 100 * r["share_waiting_for_worker"], 100 * r["share_model_layers"],
-    "%d/%d over %d tokens" % (c["rows_identical"], len(c["identical_prefix_per_row"]), c["tokens_per_row"]) if c else "-"))
+    "%d/%d over %d tokens" % (c["rows_identical"], len(c["identical_prefix_per_row"]), c["tokens_per_row"]) if c else "-",
+    "%.1e, %.1f%% (%.1f%%)" % (t["max_rel_logit_diff"], 100 * t["top1_agreement"], 100 * t["top1_agreement_clear_margin"]) if t else "-"))
 PY
     done
   } | tee "$SUITE_OUT/summary.md"

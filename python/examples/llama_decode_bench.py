@@ -109,6 +109,7 @@ def main() -> int:
           "(model prefill + WriteKV)", flush=True)
 
     step_s, worker_wait_s, model_s, tbt = [], [], [], []
+    worker_logits = []  # [B, vocab] of micro-batch 0 at every token step
     last_token_at = [None] * args.micro_batches
     for step in range(args.steps + 1):  # step 0 warms up
         work = []
@@ -138,6 +139,7 @@ def main() -> int:
                     pending[i] = None
                 own_s += time.perf_counter() - tm
         now = time.perf_counter()
+        worker_logits.append(logits[0].float())  # the first micro-batch's, for the teacher-forced check
         for i in range(len(work)):
             nxt = logits[i].argmax(dim=-1).tolist()
             for r, row in enumerate(tokens[i]):
@@ -185,6 +187,32 @@ def main() -> int:
             matched.append(k)
         report["compare"] = {"tokens_per_row": n + 1, "identical_prefix_per_row": matched,
                              "rows_identical": sum(1 for k in matched if k == n + 1)}
+        # Teacher-forced: the model's own logits (its own attention, one forward pass) over the
+        # exact tokens the worker path produced, against the worker path's logits at each step.
+        # Free-running greedy tokens diverge at the first near-tie in low precision; this checks
+        # the numbers themselves.
+        seqs = torch.tensor([row for row in tokens[0]], device=args.device)
+        steps_done = len(worker_logits)
+        with torch.no_grad():
+            own_logits = model(input_ids=seqs[:, :args.prompt_len + steps_done]).logits.float()
+        rel, agree, agree_clear, clear = 0.0, 0, 0, 0
+        for s_i, wl in enumerate(worker_logits):
+            ol = own_logits[:, args.prompt_len + s_i]
+            rel = max(rel, float((wl - ol).abs().max() / ol.abs().max().clamp_min(1e-6)))
+            top2 = ol.topk(2, dim=-1).values
+            margin = (top2[:, 0] - top2[:, 1]) / ol.abs().amax(dim=-1).clamp_min(1e-6)
+            same = wl.argmax(dim=-1) == ol.argmax(dim=-1)
+            agree += int(same.sum())
+            is_clear = margin > 0.02  # the model's own top two differ by more than 2% of its largest logit
+            clear += int(is_clear.sum())
+            agree_clear += int((same & is_clear).sum())
+        report["teacher_forced"] = {
+            "steps": steps_done, "rows": len(tokens[0]),
+            "max_rel_logit_diff": rel,
+            "top1_agreement": agree / (steps_done * len(tokens[0])),
+            "top1_agreement_clear_margin": agree_clear / max(1, clear),
+            "clear_margin_share": clear / (steps_done * len(tokens[0])),
+        }
 
     for mb in batches:
         mb.close()
@@ -200,6 +228,11 @@ def main() -> int:
         c = report["compare"]
         print(f"compare with the model's own generate: {c['rows_identical']}/{len(c['identical_prefix_per_row'])} rows "
               f"identical over {c['tokens_per_row']} tokens; identical prefix per row {c['identical_prefix_per_row']}")
+        t = report["teacher_forced"]
+        print(f"teacher-forced against the model's own forward pass: max |logit diff| / max |logit| "
+              f"{t['max_rel_logit_diff']:.2e}; top-1 agreement {100 * t['top1_agreement']:.1f}% of "
+              f"{t['steps'] * t['rows']} (row, step); {100 * t['top1_agreement_clear_margin']:.1f}% where the model's "
+              f"top two logits differ by > 2% ({100 * t['clear_margin_share']:.0f}% of them)")
     if args.report_json:
         with open(args.report_json, "w") as f:
             json.dump(report, f, indent=1)
