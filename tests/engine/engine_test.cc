@@ -10,6 +10,7 @@
 #include <random>
 #include <thread>
 
+#include "engine/output_pool.h"
 #include "gtest/gtest.h"
 
 namespace pkv::engine {
@@ -160,6 +161,49 @@ void CheckDecodeAgainstReference(Engine& e, int64_t prompt, int steps, uint64_t 
     }
   }
   EXPECT_TRUE(e.CheckConsistency().ok());
+}
+
+TEST(OutputPoolTest, ReleasedBuffersComeBackUpToTheCap) {
+  OutputPool pool(/*max_idle_bytes=*/3 * 1024);
+  std::shared_ptr<std::string> a = pool.Take(1024);
+  ASSERT_EQ(a->size(), 1024u);
+  const char* a_bytes = a->data();
+  std::shared_ptr<std::string> b = pool.Take(1024);
+  EXPECT_NE(b->data(), a_bytes);
+  // The last reference returns the buffer: the next Take of that size gets it back.
+  std::shared_ptr<const std::string> shared = a;
+  a.reset();
+  EXPECT_EQ(pool.idle_buffers(), 0u);  // still referenced
+  shared.reset();
+  EXPECT_EQ(pool.idle_buffers(), 1u);
+  EXPECT_EQ(pool.idle_bytes(), 1024u);
+  std::shared_ptr<std::string> again = pool.Take(1024);
+  EXPECT_EQ(again->data(), a_bytes);
+  EXPECT_EQ(pool.idle_buffers(), 0u);
+  // Another size is a fresh buffer of that size.
+  EXPECT_EQ(pool.Take(512)->size(), 512u);  // returned at once: 512 bytes idle
+  EXPECT_EQ(pool.idle_bytes(), 512u);
+  // Past max_idle_bytes, released buffers are freed instead of kept.
+  std::vector<std::shared_ptr<std::string>> many;
+  for (int i = 0; i < 4; ++i) many.push_back(pool.Take(1024));
+  many.clear();
+  EXPECT_LE(pool.idle_bytes(), 3u * 1024);
+  EXPECT_EQ(pool.idle_bytes(), 512u + 2 * 1024);
+  again.reset();
+  b.reset();
+  EXPECT_LE(pool.idle_bytes(), 3u * 1024);
+}
+
+TEST(OutputPoolTest, BuffersOutlivingThePoolAreFreed) {
+  std::shared_ptr<std::string> kept;
+  {
+    OutputPool pool(1 << 20);
+    kept = pool.Take(4096);
+    (*kept)[0] = 'x';
+  }
+  EXPECT_EQ(kept->size(), 4096u);
+  EXPECT_EQ((*kept)[0], 'x');
+  kept.reset();  // the pool is gone: freed, not returned (ASan/valgrind would see a leak or a use after free)
 }
 
 TEST(EngineTest, StepMatchesDoubleReferenceIncludingTheNewToken) {

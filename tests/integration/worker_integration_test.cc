@@ -3,8 +3,10 @@
 // Outputs are checked against the client's independent double-precision reference.
 #include <chrono>
 #include <condition_variable>
+#include <fstream>
 #include <mutex>
 #include <map>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -37,6 +39,43 @@ struct History {
   int64_t len = 0;
   std::vector<std::vector<double>> k, v;  // [layer]
 };
+
+// TCP connections in state ESTABLISHED whose remote end is `port` (this process is the client of
+// every connection to the worker's port in these tests), from /proc/net/tcp and tcp6 (gRPC opens
+// IPv6 sockets with v4-mapped addresses); -1 if neither is readable.
+int EstablishedConnectionsTo(int port) {
+  int n = 0;
+  bool readable = false;
+  for (const char* path : {"/proc/net/tcp", "/proc/net/tcp6"}) {
+    std::ifstream f(path);
+    if (!f) continue;
+    readable = true;
+    std::string line;
+    std::getline(f, line);  // header
+    while (std::getline(f, line)) {
+      // "sl local_address rem_address st ...": addresses are HEXIP:HEXPORT, st 01 = ESTABLISHED.
+      std::istringstream fields(line);
+      std::string sl, local, remote, state;
+      fields >> sl >> local >> remote >> state;
+      const size_t colon = remote.find(':');
+      if (colon == std::string::npos || state != "01") continue;
+      if (std::stoi(remote.substr(colon + 1), nullptr, 16) == port) ++n;
+    }
+  }
+  return readable ? n : -1;
+}
+
+// Polls EstablishedConnectionsTo(port) until it is `want` (connections close asynchronously);
+// returns the last count.
+int WaitForConnections(int port, int want, absl::Duration timeout = absl::Seconds(10)) {
+  const absl::Time deadline = absl::Now() + timeout;
+  int n = EstablishedConnectionsTo(port);
+  while (n != want && absl::Now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    n = EstablishedConnectionsTo(port);
+  }
+  return n;
+}
 
 // Occupies an executor's only thread (and, with fill_queue, its one queue slot) until Release.
 class ExecutorBlocker {
@@ -726,6 +765,32 @@ TEST_F(WorkerIntegrationTest, RpcLatencyAndQueueTimeAreRecordedPerMethod) {
   EXPECT_TRUE((*stream)->Finish().ok());
   EXPECT_EQ(HistogramOf(metrics_.rpc_duration(RpcMethod::kStepStream)).first, 2u);
   EXPECT_EQ(HistogramOf(metrics_.rpc_queue_time(RpcMethod::kStepStream)).first, 2u);
+}
+
+TEST_F(WorkerIntegrationTest, WriteKvGoesOverConnectionsOfItsOwn) {
+  StartWorker(256);
+  if (EstablishedConnectionsTo(server_->port()) < 0) GTEST_SKIP() << "no /proc/net/tcp";
+  // The fixture's client: the decode connection and one ingest connection (the default).
+  ASSERT_TRUE(WritePrompt(1, 20, 8, {0, 1, 2}).ok());
+  EXPECT_EQ(WaitForConnections(server_->port(), 2), 2);
+  // Two ingest connections, taken in turn; and none (WriteKV shares the decode connection).
+  for (const int32_t ingest : {2, 0}) {
+    client::ClientOptions copts;
+    copts.target = server_->address();
+    copts.ingest_connections = ingest;
+    copts.own_connection = true;  // its decode connection too is its own, not the fixture's
+    auto other = client::WorkerClient::Connect(copts);
+    ASSERT_TRUE(other.ok()) << other.status();
+    for (uint64_t seq : {10, 11, 12}) {
+      ASSERT_TRUE((*other)->WritePrompt(seq + ingest * 10, 9, 4, [&](int32_t layer, int64_t off, int64_t n,
+                                                                      std::string* k, std::string* v) {
+        gen_->AppendKv(seq + ingest * 10, layer, off, n, k, v);
+      }).ok());
+    }
+    EXPECT_EQ(WaitForConnections(server_->port(), 2 + 1 + ingest), 2 + 1 + ingest) << "ingest_connections=" << ingest;
+    std::vector<uint64_t> seqs = {10 + ingest * 10ull, 11 + ingest * 10ull, 12 + ingest * 10ull};
+    ASSERT_TRUE((*other)->Release(seqs).ok());
+  }
 }
 
 TEST_F(WorkerIntegrationTest, ReplayOfAShortWorkloadChecksOutAndFreesEverything) {
