@@ -41,8 +41,8 @@ suite_model() {
   {
     echo "commit $COMMIT; $(pkv_gpu_name 2>/dev/null || echo cpu); worker ${shape[*]} bf16 ($backend)"
     echo
-    echo "| micro-batches x rows | decode tok/s | token step ms p50 / p99 | between tokens ms p50 / p99 | waiting for the worker | model layers | tokens identical to the model's own generate (rows) | teacher-forced: max logit diff / max logit, top-1 agreement (where the top two differ by > 2%) |"
-    echo "|---|---|---|---|---|---|---|---|"
+    echo "| micro-batches x rows | decode tok/s | token step ms p50 / p99 | between tokens ms p50 / p99 | waiting for the worker | model layers | tokens identical to the model's own generate (rows) | teacher-forced: max logit diff / max logit, top-1 agreement (where the top two differ by > 2%) | against fp32 of the same weights: worker path / the model's own, max logit diff / max logit |"
+    echo "|---|---|---|---|---|---|---|---|---|"
     for m in ${MICRO:-1 2}; do
       [[ -f "$SUITE_OUT/model-m$m.json" ]] || continue
       python3 - "$SUITE_OUT/model-m$m.json" <<'PY'
@@ -50,11 +50,13 @@ import json, sys
 r = json.load(open(sys.argv[1]))
 c = r.get("compare", {})
 t = r.get("teacher_forced", {})
-print("| %d x %d | %.0f | %.1f / %.1f | %.1f / %.1f | %.0f%% | %.0f%% | %s | %s |" % (
+f = r.get("fp32_reference", {})
+print("| %d x %d | %.0f | %.1f / %.1f | %.1f / %.1f | %.0f%% | %.0f%% | %s | %s | %s |" % (
     r["micro_batches"], r["batch"], r["decode_tokens_per_s"], r["token_step_ms"]["p50"], r["token_step_ms"]["p99"],
     r["tbt_ms"]["p50"], r["tbt_ms"]["p99"], 100 * r["share_waiting_for_worker"], 100 * r["share_model_layers"],
     "%d/%d over %d tokens" % (c["rows_identical"], len(c["identical_prefix_per_row"]), c["tokens_per_row"]) if c else "-",
-    "%.1e, %.1f%% (%.1f%%)" % (t["max_rel_logit_diff"], 100 * t["top1_agreement"], 100 * t["top1_agreement_clear_margin"]) if t else "-"))
+    "%.1e, %.1f%% (%.1f%%)" % (t["max_rel_logit_diff"], 100 * t["top1_agreement"], 100 * t["top1_agreement_clear_margin"]) if t else "-",
+    "%.1e / %.1e" % (f["worker_path_max_rel_logit_diff"], f["model_own_max_rel_logit_diff"]) if f else "-"))
 PY
     done
   } | tee "$SUITE_OUT/summary.md"

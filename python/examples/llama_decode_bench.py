@@ -60,6 +60,9 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=64, help="greedy token steps (after one warm-up step)")
     ap.add_argument("--compare_steps", type=int, default=32,
                     help="tokens of the first micro-batch compared with the model's own generate (0: none)")
+    ap.add_argument("--fp32_reference", type=int, default=1,
+                    help="also compare the worker path and the model's own low-precision forward pass "
+                         "with an fp32 forward pass of the same weights (needs room for an fp32 copy)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--router_id", default="llama-decode-bench")
     ap.add_argument("--report_json", default="", help="also write the report as JSON here")
@@ -213,6 +216,32 @@ def main() -> int:
             "top1_agreement_clear_margin": agree_clear / max(1, clear),
             "clear_margin_share": clear / (steps_done * len(tokens[0])),
         }
+        if dtype != torch.float32 and args.fp32_reference:
+            # Both low-precision paths against an fp32 forward pass of the same weights over the same
+            # tokens: the worker path is as good as the model's own when its error is no larger.
+            del own_logits
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+            model32 = model.float()
+            with torch.no_grad():
+                ref = model32(input_ids=seqs[:, :args.prompt_len + steps_done]).logits.float()
+            model.to(dtype)
+            with torch.no_grad():
+                own_low = model(input_ids=seqs[:, :args.prompt_len + steps_done]).logits.float()
+            w_err, o_err, w_top1, o_top1 = 0.0, 0.0, 0, 0
+            for s_i, wl in enumerate(worker_logits):
+                r = ref[:, args.prompt_len + s_i]
+                o = own_low[:, args.prompt_len + s_i]
+                scale = r.abs().max().clamp_min(1e-6)
+                w_err = max(w_err, float((wl - r).abs().max() / scale))
+                o_err = max(o_err, float((o - r).abs().max() / scale))
+                w_top1 += int((wl.argmax(dim=-1) == r.argmax(dim=-1)).sum())
+                o_top1 += int((o.argmax(dim=-1) == r.argmax(dim=-1)).sum())
+            n_cmp = steps_done * len(tokens[0])
+            report["fp32_reference"] = {
+                "worker_path_max_rel_logit_diff": w_err, "model_own_max_rel_logit_diff": o_err,
+                "worker_path_top1_agreement": w_top1 / n_cmp, "model_own_top1_agreement": o_top1 / n_cmp,
+            }
 
     for mb in batches:
         mb.close()
@@ -233,6 +262,12 @@ def main() -> int:
               f"{t['max_rel_logit_diff']:.2e}; top-1 agreement {100 * t['top1_agreement']:.1f}% of "
               f"{t['steps'] * t['rows']} (row, step); {100 * t['top1_agreement_clear_margin']:.1f}% where the model's "
               f"top two logits differ by > 2% ({100 * t['clear_margin_share']:.0f}% of them)")
+    if "fp32_reference" in report:
+        f = report["fp32_reference"]
+        print(f"against an fp32 forward pass of the same weights: worker path max |logit diff| / max |logit| "
+              f"{f['worker_path_max_rel_logit_diff']:.2e}, top-1 {100 * f['worker_path_top1_agreement']:.1f}%; "
+              f"the model's own {args.dtype} forward {f['model_own_max_rel_logit_diff']:.2e}, top-1 "
+              f"{100 * f['model_own_top1_agreement']:.1f}%")
     if args.report_json:
         with open(args.report_json, "w") as f:
             json.dump(report, f, indent=1)
