@@ -32,7 +32,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from persistentkv import Client
-from persistentkv.llama import LlamaDecoder
+from persistentkv.llama import LlamaDecoder, run_micro_batches
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -120,27 +120,8 @@ def main() -> int:
             layers = decoder.decode_layers([row[-1] for row in tokens[i]], lengths[i])
             work.append((layers, mb.token_step()))
         t_step = time.perf_counter()
-        wait = 0.0
-        pending = []
-        tm = time.perf_counter()
-        for layers, ts in work:
-            pending.append(ts.send(*next(layers)))
-        own_s = time.perf_counter() - tm
-        logits = [None] * len(work)
-        while any(p is not None for p in pending):
-            for i, (layers, ts) in enumerate(work):
-                if pending[i] is None:
-                    continue
-                tw = time.perf_counter()
-                out = pending[i].result().out
-                wait += time.perf_counter() - tw
-                tm = time.perf_counter()
-                try:
-                    pending[i] = ts.send(*layers.send(out))
-                except StopIteration as done:
-                    logits[i] = done.value
-                    pending[i] = None
-                own_s += time.perf_counter() - tm
+        stats: dict[str, float] = {}
+        logits = run_micro_batches(work, stats)
         now = time.perf_counter()
         worker_logits.append(logits[0].float())  # the first micro-batch's, for the teacher-forced check
         for i in range(len(work)):
@@ -153,8 +134,8 @@ def main() -> int:
             last_token_at[i] = now
         if step > 0:
             step_s.append(now - t_step)
-            worker_wait_s.append(wait)
-            model_s.append(own_s)
+            worker_wait_s.append(stats["worker_wait_s"])
+            model_s.append(stats["model_s"])
 
     rows = args.batch * args.micro_batches
     total = sum(step_s)

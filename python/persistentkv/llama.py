@@ -20,6 +20,7 @@ Needs torch and transformers (pip install "persistentkv[llama]").
 
 from __future__ import annotations
 
+import time
 from typing import Any, Generator, Sequence
 
 import torch
@@ -129,22 +130,36 @@ def run_token_step(layers: LayerGen, token_step: TokenStep) -> torch.Tensor:
         return done.value
 
 
-def run_micro_batches(work: Sequence[tuple[LayerGen, TokenStep]]) -> list[torch.Tensor]:
+def run_micro_batches(work: Sequence[tuple[LayerGen, TokenStep]],
+                      stats: dict[str, float] | None = None) -> list[torch.Tensor]:
     """Drives several micro-batches' token steps at once (each TokenStep on a StepStream): layer
     l of every micro-batch is sent before any answer is awaited, and a micro-batch's next layer is
-    computed as soon as its answer is back. Returns each micro-batch's logits."""
+    computed as soon as its answer is back. Returns each micro-batch's logits. With `stats`, adds
+    the seconds spent waiting for the worker's answers to stats["worker_wait_s"] and those spent
+    computing the model's own layers here to stats["model_s"]."""
+    clock = time.perf_counter
+    wait_s = model_s = 0.0
+    t = clock()
     pending: list[Any] = []
     for layers, step in work:
         pending.append(step.send(*next(layers)))
+    model_s += clock() - t
     logits: list[Any] = [None] * len(work)
     while any(p is not None for p in pending):
         for i, (layers, step) in enumerate(work):
             if pending[i] is None:
                 continue
+            t = clock()
             out = pending[i].result().out
+            wait_s += clock() - t
+            t = clock()
             try:
                 pending[i] = step.send(*layers.send(out))
             except StopIteration as done:
                 logits[i] = done.value
                 pending[i] = None
+            model_s += clock() - t
+    if stats is not None:
+        stats["worker_wait_s"] = stats.get("worker_wait_s", 0.0) + wait_s
+        stats["model_s"] = stats.get("model_s", 0.0) + model_s
     return logits
