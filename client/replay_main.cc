@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <string>
+#include <vector>
 #include <utility>
 
 #include "absl/flags/flag.h"
@@ -26,7 +27,9 @@
 #include "absl/time/time.h"
 #include "client/replay.h"
 #include "client/worker_client.h"
+#include "common/channel_args.h"
 #include "common/log.h"
+#include "common/status_macros.h"
 #include "common/workload.h"
 
 ABSL_FLAG(std::string, target, "127.0.0.1:50051", "Worker address host:port.");
@@ -82,14 +85,18 @@ ABSL_FLAG(std::string, tls_ca_file, "",
 ABSL_FLAG(std::string, tls_cert_file, "",
           "PEM client certificate for workers that require one (mutual TLS); with --tls_key_file.");
 ABSL_FLAG(std::string, tls_key_file, "", "PEM private key of --tls_cert_file.");
+ABSL_FLAG(std::vector<std::string>, grpc_arg, {},
+          "Extra gRPC channel arguments, name=value, comma-separated or the flag repeated (e.g. "
+          "grpc.http2.max_frame_size=1048576); integers are passed as integers. See docs/OPERATIONS.md.");
 ABSL_FLAG(std::string, router_id, "pkv-replay",
           "Router id sent as request metadata (x-pkv-router-id): the worker's sequences and token steps "
           "of this run belong to it (a worker serving mutual TLS uses the client certificate instead).");
 
 namespace {
 
-pkv::client::ClientOptions ClientOptionsFromFlags() {
+absl::StatusOr<pkv::client::ClientOptions> ClientOptionsFromFlags() {
   pkv::client::ClientOptions options;
+  PKV_ASSIGN_OR_RETURN(options.channel_args, pkv::ParseChannelArgs(absl::GetFlag(FLAGS_grpc_arg), "--grpc_arg"));
   options.target = absl::GetFlag(FLAGS_target);
   options.connect_timeout = absl::Seconds(absl::GetFlag(FLAGS_connect_timeout_s));
   options.tls_ca_file = absl::GetFlag(FLAGS_tls_ca_file);
@@ -102,7 +109,12 @@ pkv::client::ClientOptions ClientOptionsFromFlags() {
 
 // --describe_only: one Describe, printed as a block.
 int DescribeOnly() {
-  const pkv::client::ClientOptions options = ClientOptionsFromFlags();
+  const absl::StatusOr<pkv::client::ClientOptions> parsed = ClientOptionsFromFlags();
+  if (!parsed.ok()) {
+    PKV_LOG(ERROR) << parsed.status().message();
+    return 2;
+  }
+  const pkv::client::ClientOptions& options = *parsed;
   auto client = pkv::client::WorkerClient::Connect(options);
   if (!client.ok()) {
     PKV_LOG(ERROR) << client.status();
@@ -181,7 +193,12 @@ int Run() {
   pkv::ScaleWorkload(requests, absl::GetFlag(FLAGS_context_scale), absl::GetFlag(FLAGS_max_context),
                      absl::GetFlag(FLAGS_max_output));
 
-  const pkv::client::ClientOptions client_options = ClientOptionsFromFlags();
+  const absl::StatusOr<pkv::client::ClientOptions> parsed_options = ClientOptionsFromFlags();
+  if (!parsed_options.ok()) {
+    PKV_LOG(ERROR) << parsed_options.status().message();
+    return 2;
+  }
+  const pkv::client::ClientOptions& client_options = *parsed_options;
   auto client = pkv::client::WorkerClient::Connect(client_options);
   if (!client.ok()) {
     PKV_LOG(ERROR) << client.status();

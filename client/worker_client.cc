@@ -350,6 +350,13 @@ absl::StatusOr<std::unique_ptr<WorkerClient>> WorkerClient::Connect(const Client
   args.SetMaxReceiveMessageSize(static_cast<int>(options.max_message_bytes));
   args.SetMaxSendMessageSize(static_cast<int>(options.max_message_bytes));
   if (options.own_connection) args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+  for (const ChannelArg& arg : options.channel_args) {
+    if (arg.is_int) {
+      args.SetInt(arg.name, static_cast<int>(arg.int_value));
+    } else {
+      args.SetString(arg.name, arg.string_value);
+    }
+  }
   PKV_ASSIGN_OR_RETURN(std::shared_ptr<grpc::ChannelCredentials> credentials,
                        ChannelCredentials(options));
   impl->channel = grpc::CreateCustomChannel(options.target, credentials, args);

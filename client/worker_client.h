@@ -21,6 +21,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "common/channel_args.h"
 #include "common/model_shape.h"
 
 namespace pkv::client {
@@ -115,6 +116,9 @@ struct ClientOptions {
   // every decode message behind it (the transport is ordered), so decode latency would follow
   // the prompt traffic. 0: WriteKV shares the decode connection.
   int32_t ingest_connections = 1;
+  // Extra gRPC core channel arguments of every channel (HTTP/2 windows and frame sizes, TCP read
+  // sizes, ...), applied after the ones above.
+  std::vector<ChannelArg> channel_args;
 };
 
 // A WriteKV stream in progress. Destroying it without Finish cancels the stream (the worker

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <string>
+#include <vector>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
@@ -22,6 +23,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
 #include "common/dtype.h"
+#include "common/channel_args.h"
 #include "common/log.h"
 #include "common/metrics.h"
 #include "engine/engine_factory.h"
@@ -131,6 +133,10 @@ ABSL_FLAG(double, keepalive_s, 30,
           "HTTP/2 keepalive: ping every connection this often; one that does not answer within "
           "--keepalive_timeout_s is dropped (its streams are cancelled). 0: no pings.");
 ABSL_FLAG(double, keepalive_timeout_s, 10, "Seconds a keepalive ping may go unanswered.");
+ABSL_FLAG(std::vector<std::string>, grpc_arg, {},
+          "Extra gRPC channel arguments of the API server, name=value, comma-separated or the flag "
+          "repeated (e.g. grpc.http2.max_frame_size=1048576); integers are passed as integers. They "
+          "win over the worker's own (keepalive, message sizes). See docs/OPERATIONS.md.");
 ABSL_FLAG(double, liveness_stall_s, 60,
           "Liveness: the grpc.health.v1 service pkv.v1.Liveness turns NOT_SERVING when the engine "
           "heartbeat (a probe queued on the decode threads every second that takes the engine lock) has "
@@ -229,6 +235,17 @@ int Run() {
   options.keepalive_seconds = absl::GetFlag(FLAGS_keepalive_s);
   options.keepalive_timeout_seconds = absl::GetFlag(FLAGS_keepalive_timeout_s);
   options.liveness_stall_seconds = absl::GetFlag(FLAGS_liveness_stall_s);
+  if (absl::StatusOr<std::vector<pkv::ChannelArg>> args =
+          pkv::ParseChannelArgs(absl::GetFlag(FLAGS_grpc_arg), "--grpc_arg");
+      args.ok()) {
+    options.channel_args = *std::move(args);
+    if (!options.channel_args.empty()) {
+      PKV_LOG(INFO) << "gRPC channel arguments: " << pkv::ChannelArgsToString(options.channel_args);
+    }
+  } else {
+    PKV_LOG(ERROR) << args.status().message();
+    return 2;
+  }
   auto server = pkv::service::WorkerServer::Start(options, *std::move(engine));
   if (!server.ok()) {
     PKV_LOG(ERROR) << "cannot start the server: " << server.status();

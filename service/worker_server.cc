@@ -232,6 +232,13 @@ absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Start(
     builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
     builder.AddChannelArgument(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);
   }
+  for (const ChannelArg& arg : options.channel_args) {
+    if (arg.is_int) {
+      builder.AddChannelArgument(arg.name, static_cast<int>(arg.int_value));
+    } else {
+      builder.AddChannelArgument(arg.name, arg.string_value);
+    }
+  }
   impl->server = builder.BuildAndStart();
   if (impl->server == nullptr || impl->port == 0) {
     impl->executor->Shutdown();

@@ -20,9 +20,11 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "common/channel_args.h"
 #include "engine/engine.h"
 #include "service/executor.h"
 
@@ -78,6 +80,9 @@ struct ServerOptions {
   // heartbeat (liveness always SERVING). The heartbeat is sent every heartbeat_period_seconds.
   double liveness_stall_seconds = 60;
   double heartbeat_period_seconds = 1;
+  // Extra gRPC core channel arguments of the API server (pkv-worker --grpc_arg), applied after
+  // the ones above, so they win.
+  std::vector<ChannelArg> channel_args;
 };
 
 // The automatic --service_spin_us of a GPU backend, and the most decode threads that poll at once.

@@ -21,6 +21,7 @@
 #   SERVICE_THREADS  worker threads for decode steps [4, so that micro-batches overlap]
 #   CHECK     share of outputs checked in the run mode [0.01]
 #   WORKER_ARGS  extra pkv-worker flags for both workers (e.g. "--service_spin_us=0") [none]
+#   REPLAY_ARGS  extra pkv-replay flags for every run [none]
 #   LABEL     a line for the summary's header (e.g. the machine) [none]
 suite_breakdown() {
   local backend="${BACKEND:-}" context steps warmup batches micro check model_args=() pool=()
@@ -53,6 +54,7 @@ suite_breakdown() {
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | sed 's/^/gpu: /'
     echo "commit: $COMMIT"
     [[ -n "${WORKER_ARGS:-}" ]] && echo "worker flags: $WORKER_ARGS"
+    [[ -n "${REPLAY_ARGS:-}" ]] && echo "replay flags: $REPLAY_ARGS"
   } | tee "$SUITE_OUT/header.txt"
 
   local failed=0 mode b m n name rc wlog
@@ -73,7 +75,7 @@ suite_breakdown() {
         "$BIN/pkv-replay" --target=127.0.0.1:"$PORT" --workload=homogeneous --num_requests=$n \
           --batch="$b" --micro_batches="$m" --prefill_ahead=$n --wait_for_prefill --max_context="$context" \
           --max_output="$steps" --warmup_steps="$warmup" --check_fraction="$check" --chunk_tokens=1024 \
-          --progress_s=0 --pool_sample_ms=0 --report_json="$SUITE_OUT/$name.json" >"$SUITE_OUT/replay-$name.log" 2>&1
+          --progress_s=0 --pool_sample_ms=0 --report_json="$SUITE_OUT/$name.json" ${REPLAY_ARGS:-} >"$SUITE_OUT/replay-$name.log" 2>&1
         rc=$?
         if ((rc != 0)); then failed=1; echo "pkv-replay $name exited $rc:"; tail -5 "$SUITE_OUT/replay-$name.log"; fi
       done

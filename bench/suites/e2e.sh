@@ -9,6 +9,7 @@
 #   steady_b8          the same requests over gRPC, every prompt written before decode starts
 #                      (--wait_for_prefill), the same 3 + 48 token steps: decode alone
 #   steady_b4x2        the same rows as two micro-batches of 4 in flight
+#   steady_b2x4        the same rows as four micro-batches of 2 in flight
 #   bimodal_b8         B8 bimodal with prompts streaming in while decode runs (8 WriteKV
 #                      streams): decode next to ingest, compared with steady_b8
 #   bimodal_b4x2       the same rows as two interleaved micro-batches of 4
@@ -17,7 +18,9 @@
 #   azure_conv_static  the same against a worker in the static-reservation baseline mode
 #                      (--static_slot_tokens=8192: max context reserved per sequence)
 #   mooncake_conv      Mooncake conversation slice with its arrival times (prompts scaled 1/4)
-# RUNS="name ..." runs only those. --quick shortens every run; --smoke checks the suite without a
+# RUNS="name ..." runs only those. WORKER_ARGS and REPLAY_ARGS add flags to every pkv-worker and
+# pkv-replay (e.g. WORKER_ARGS="--grpc_arg=grpc.http2.max_frame_size=1048576").
+# --quick shortens every run; --smoke checks the suite without a
 # GPU (CPU backend, 2 layers, prompts scaled to 1/64).
 # Output: worker-*.log, replay-*.log, NAME.json (pkv-replay reports), kernel_only.{csv,log},
 # metrics-*.txt (the worker's /metrics at the end), e2e.log, summary.md (the tables printed last:
@@ -50,7 +53,7 @@ suite_e2e() {
     local name="$1"; shift
     local wlog="$SUITE_OUT/worker-$name.log"
     "$BIN/pkv-worker" --listen=127.0.0.1:0 --metrics_listen=127.0.0.1:0 --backend=$backend "${model[@]}" \
-      --max_message_bytes=268435456 --scatter_seed=20260622 ${profile:+--calibration_profile="$profile"} "$@" \
+      --max_message_bytes=268435456 --scatter_seed=20260622 ${profile:+--calibration_profile="$profile"} ${WORKER_ARGS:-} "$@" \
       >"$wlog" 2>&1 &
     WPID=$!
     E2E_PIDS+=("$WPID")
@@ -66,7 +69,7 @@ suite_e2e() {
     local name="$1"; shift
     echo "== $name: pkv-replay $*" | tee -a "$log"
     timeout "$limit" "$BIN/pkv-replay" --target=127.0.0.1:"$PORT" --progress_s=15 \
-      --report_json="$SUITE_OUT/$name.json" "$@" "${scale[@]}" >"$SUITE_OUT/replay-$name.log" 2>&1
+      --report_json="$SUITE_OUT/$name.json" "$@" "${scale[@]}" ${REPLAY_ARGS:-} >"$SUITE_OUT/replay-$name.log" 2>&1
     echo "rc $?" >>"$SUITE_OUT/replay-$name.log"
     tail -n 16 "$SUITE_OUT/replay-$name.log" | tee -a "$log"
   }
@@ -90,10 +93,11 @@ suite_e2e() {
       >"$SUITE_OUT/kernel_only.log" 2>&1
     echo "rc $?" | tee -a "$log"
   fi
-  if want steady_b8 || want steady_b4x2 || want bimodal_b8 || want bimodal_b4x2 || want azure_conv || want mooncake_conv; then
+  if want steady_b8 || want steady_b4x2 || want steady_b2x4 || want bimodal_b8 || want bimodal_b4x2 || want azure_conv || want mooncake_conv; then
     start_worker paged "${pool[@]}" || return 1
     want steady_b8 && run_replay steady_b8 "${steady[@]}" --batch=8
     want steady_b4x2 && run_replay steady_b4x2 "${steady[@]}" --batch=4 --micro_batches=2
+    want steady_b2x4 && run_replay steady_b2x4 "${steady[@]}" --batch=2 --micro_batches=4
     want bimodal_b8 && run_replay bimodal_b8 "${bimodal[@]}" --batch=8
     want bimodal_b4x2 && run_replay bimodal_b4x2 "${bimodal[@]}" --batch=4 --micro_batches=2
     want azure_conv && run_replay azure_conv "${azure[@]}"
@@ -118,7 +122,7 @@ import json, os, sys
 out, commit, model = sys.argv[1], sys.argv[2], sys.argv[3]
 rows, failed = [], 0
 reports = {}
-for name in ["steady_b8", "steady_b4x2", "bimodal_b8", "bimodal_b4x2", "azure_conv", "azure_conv_static",
+for name in ["steady_b8", "steady_b4x2", "steady_b2x4", "bimodal_b8", "bimodal_b4x2", "azure_conv", "azure_conv_static",
              "mooncake_conv"]:
     p = os.path.join(out, name + ".json")
     if not os.path.exists(p):
@@ -154,7 +158,7 @@ if os.path.exists(csv):
             kernel = float(row["tok_per_s_wall"])
 if kernel:
     ratios.append("| kernel-only (pkv-bench trace, adaptive, wall) | %.0f tok/s | 1.00 |" % kernel)
-    for name, target in [("steady_b8", 0.75), ("steady_b4x2", 0.9)]:
+    for name, target in [("steady_b8", 0.75), ("steady_b4x2", 0.9), ("steady_b2x4", 0.9)]:
         if name in reports:
             t = reports[name]["decode_tokens_per_s"]
             ratios.append("| %s / kernel-only (target >= %.2f) | %.0f tok/s | %.2f |" % (name, target, t, t / kernel))
@@ -163,7 +167,7 @@ for name, base in [("bimodal_b8", "steady_b8"), ("bimodal_b4x2", "steady_b4x2")]
         a, b = reports[name], reports[base]
         ratios.append("| %s between-token p99 / %s p99 (target <= 2) | %.1f / %.1f ms | %.2f |" % (
             name, base, a["tbt_ms"]["p99"], b["tbt_ms"]["p99"], a["tbt_ms"]["p99"] / max(b["tbt_ms"]["p99"], 1e-9)))
-for name in ["steady_b8", "steady_b4x2", "bimodal_b8", "azure_conv", "mooncake_conv"]:
+for name in ["steady_b8", "steady_b4x2", "steady_b2x4", "bimodal_b8", "azure_conv", "mooncake_conv"]:
     if name in reports:
         r = reports[name]
         ratios.append("| %s layer step p99 / p50 (steady target <= 2) | %.3f / %.3f ms | %.2f |" % (
