@@ -163,35 +163,57 @@ void CheckDecodeAgainstReference(Engine& e, int64_t prompt, int steps, uint64_t 
   EXPECT_TRUE(e.CheckConsistency().ok());
 }
 
+TEST(OutputPoolTest, SizeClassesAreQuartersOfAPowerOfTwoAndAtLeastAPage) {
+  EXPECT_EQ(OutputPool::SizeClass(1), 4096u);
+  EXPECT_EQ(OutputPool::SizeClass(4096), 4096u);
+  EXPECT_EQ(OutputPool::SizeClass(4097), 8192u);
+  EXPECT_EQ(OutputPool::SizeClass(49152), 49152u);  // B6 x Hq 32 x d 128 x fp16
+  EXPECT_EQ(OutputPool::SizeClass(65536), 65536u);  // B8
+  EXPECT_EQ(OutputPool::SizeClass(65537), 81920u);
+  for (size_t n : {size_t{1000}, size_t{70000}, size_t{3} << 20, (size_t{5} << 20) + 1}) {
+    const size_t c = OutputPool::SizeClass(n);
+    EXPECT_GE(c, n);
+    EXPECT_LE(c, std::max<size_t>(4096, n + n / 2)) << n;  // at most a quarter octave (or a page) above
+    EXPECT_EQ(OutputPool::SizeClass(c), c);
+  }
+}
+
 TEST(OutputPoolTest, ReleasedBuffersComeBackUpToTheCap) {
-  OutputPool pool(/*max_idle_bytes=*/3 * 1024);
-  std::shared_ptr<std::string> a = pool.Take(1024);
-  ASSERT_EQ(a->size(), 1024u);
+  constexpr size_t kB8 = 65536;  // one class
+  OutputPool pool(/*max_idle_bytes=*/3 * kB8);
+  std::shared_ptr<std::string> a = pool.Take(kB8);
+  ASSERT_EQ(a->size(), kB8);
   const char* a_bytes = a->data();
-  std::shared_ptr<std::string> b = pool.Take(1024);
+  std::shared_ptr<std::string> b = pool.Take(kB8);
   EXPECT_NE(b->data(), a_bytes);
-  // The last reference returns the buffer: the next Take of that size gets it back.
+  // The last reference returns the buffer: the next Take of that class gets it back.
   std::shared_ptr<const std::string> shared = a;
   a.reset();
   EXPECT_EQ(pool.idle_buffers(), 0u);  // still referenced
   shared.reset();
   EXPECT_EQ(pool.idle_buffers(), 1u);
-  EXPECT_EQ(pool.idle_bytes(), 1024u);
-  std::shared_ptr<std::string> again = pool.Take(1024);
+  EXPECT_EQ(pool.idle_bytes(), kB8);
+  // Fewer rows (B7: one class below) reuse it, resized in place.
+  std::shared_ptr<std::string> again = pool.Take(kB8 - 8192);
   EXPECT_EQ(again->data(), a_bytes);
+  EXPECT_EQ(again->size(), kB8 - 8192);
+  EXPECT_EQ(again->capacity(), kB8);
   EXPECT_EQ(pool.idle_buffers(), 0u);
-  // Another size is a fresh buffer of that size.
-  EXPECT_EQ(pool.Take(512)->size(), 512u);  // returned at once: 512 bytes idle
-  EXPECT_EQ(pool.idle_bytes(), 512u);
+  // A size of another class is a new buffer of that class.
+  EXPECT_EQ(pool.Take(1000)->size(), 1000u);  // returned at once: one page idle
+  EXPECT_EQ(pool.idle_bytes(), 4096u);
   // Past max_idle_bytes, released buffers are freed instead of kept.
   std::vector<std::shared_ptr<std::string>> many;
-  for (int i = 0; i < 4; ++i) many.push_back(pool.Take(1024));
+  for (int i = 0; i < 4; ++i) many.push_back(pool.Take(kB8));
+  for (const auto& m : many) std::memset(m->data(), 7, m->size());  // writable to the last byte
   many.clear();
-  EXPECT_LE(pool.idle_bytes(), 3u * 1024);
-  EXPECT_EQ(pool.idle_bytes(), 512u + 2 * 1024);
-  again.reset();
+  EXPECT_LE(pool.idle_bytes(), 3 * kB8);
+  EXPECT_EQ(pool.idle_bytes(), 4096u + 2 * kB8);
+  again.reset();  // back to its own class (its capacity)
   b.reset();
-  EXPECT_LE(pool.idle_bytes(), 3u * 1024);
+  EXPECT_LE(pool.idle_bytes(), 3 * kB8);
+  // Three classes down is too far: a new buffer.
+  EXPECT_EQ(pool.Take(OutputPool::SizeClass(40000))->capacity(), OutputPool::SizeClass(40000));
 }
 
 TEST(OutputPoolTest, BuffersOutlivingThePoolAreFreed) {
