@@ -73,7 +73,9 @@ class ExecutionBackend {
   virtual int32_t max_open_token_steps() const = 0;
 
   // Commits a token step (page table, each row's new-token slot, plan) to a free descriptor slot
-  // and returns the slot. The engine guarantees a slot is free (it counts open token steps).
+  // and returns the slot. The engine guarantees a slot is free (it counts open token steps). The
+  // plan runs as it stands (the scheduler fitted it to device_info().limits); a backend refuses a
+  // plan that exceeds its capacity and never changes one.
   [[nodiscard]] virtual absl::StatusOr<int32_t> BeginTokenStep(
       const scheduler::StepPlan& plan, const PageTableCsr& table,
       std::span<const kvpool::SlotAddr> new_slots) = 0;

@@ -1,6 +1,7 @@
 // engine/cuda_backend.cc — the CUDA ExecutionBackend (engine/cuda_backend.h): sizes and creates the
-// descriptor slots (engine/cuda_slot.h); hands token steps to free slots with the route's work
-// list; runs a layer on its slot and reports its stage times.
+// descriptor slots (engine/cuda_slot.h) and reports their capacity as the scheduler's PlanLimits;
+// hands token steps to free slots with the scheduler's plan as it stands (refusing one that
+// exceeds the capacity); runs a layer on its slot and reports its stage times.
 // Thread-safety: as engine/backend.h; RunLayer touches only its own slot.
 #include "engine/cuda_backend.h"
 
@@ -11,11 +12,12 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "common/log.h"
+#include "common/status_macros.h"
 #include "engine/cuda_slot.h"
 #include "engine/internal/cuda_handles.h"
 #include "kernels/cuda/decode_attention_cuda.h"
-#include "kernels/cuda/work_plan.h"
 #include "kvpool/cuda/device_kv_arena.h"
 
 namespace pkv::engine {
@@ -54,6 +56,9 @@ class CudaBackend final : public ExecutionBackend {
     so.workspace_bytes = kernels::cuda::WorkspaceBytes(KernelId::kSequenceSplit, ws);
     so.stream_priority = greatest_priority;
     so.stage_timing_interval = options_.stage_timing_interval;
+    // The scheduler fits every plan to these (scheduler/work_list.h); BeginTokenStep refuses the rest.
+    info_.limits.max_partial_slots = options_.max_partial_slots;
+    info_.limits.max_tasks = tasks_capacity_;
     grid_ = kernels::cuda::PersistentGridSize(ws);
     // Everything a layer touches is per slot, so slots run concurrently on their own streams;
     // only the arena's pages are shared (disjoint writes, see engine/backend.h).
@@ -96,17 +101,9 @@ class CudaBackend final : public ExecutionBackend {
     if (static_cast<int64_t>(table.indices.size()) > indices_capacity_) {
       return absl::ResourceExhaustedError("page table larger than the descriptor holds");
     }
-    // The route's work: splits or the compact task list (policy came from the scheduler).
-    int32_t num_splits = 1;
-    kernels::cuda::WorkPlan work;
-    if (plan.kernel == KernelId::kSequenceSplit) {
-      num_splits = std::clamp(plan.num_splits, 1, std::max(1, options_.max_partial_slots / std::max(1, b)));
-    } else if (plan.kernel == KernelId::kWorkQueue) {
-      work = WorkQueuePlan(plan, table);
-    }
-    if (absl::Status st = slots_[id].slot->BeginTokenStep(plan.kernel, num_splits, work, table, new_slots); !st.ok()) {
-      return st;
-    }
+    // The plan runs as the scheduler made it: splits or the compact task list are packed, never changed.
+    PKV_RETURN_IF_ERROR(CheckPlan(plan, b));
+    if (absl::Status st = slots_[id].slot->BeginTokenStep(plan, table, new_slots); !st.ok()) return st;
     slots_[id].used = true;
     return id;
   }
@@ -140,23 +137,31 @@ class CudaBackend final : public ExecutionBackend {
     bool used = false;
   };
 
-  // kWorkQueue's task list at the scheduler's task size (or one balanced wave of the persistent
-  // grid without one), coarsened until the workspace and the descriptor hold it.
-  kernels::cuda::WorkPlan WorkQueuePlan(const scheduler::StepPlan& plan, const PageTableCsr& table) const {
-    const int32_t b = static_cast<int32_t>(table.last_page_len.size());
-    const int32_t num_kv_heads = arena_->shape().num_kv_heads;
-    std::vector<int32_t> row_pages(b);
-    for (int32_t r = 0; r < b; ++r) row_pages[r] = table.indptr[r + 1] - table.indptr[r];
-    int32_t per_task =
-        plan.pages_per_task > 0 ? plan.pages_per_task : kernels::cuda::PagesPerTaskFor(row_pages, num_kv_heads, grid_);
-    for (;;) {
-      kernels::cuda::WorkPlan work = kernels::cuda::BuildWorkPlan(row_pages, num_kv_heads, per_task);
-      if (work.num_partials <= options_.max_partial_slots &&
-          static_cast<int64_t>(work.tasks.size()) <= tasks_capacity_) {
-        return work;
+  // OK when the slots can run `plan` for `b` rows as it stands: INVALID_ARGUMENT for a malformed
+  // plan (no splits, a work list that is not for this batch), RESOURCE_EXHAUSTED for one that
+  // exceeds the workspace's partial slots or the descriptor's tasks (device_info().limits).
+  absl::Status CheckPlan(const scheduler::StepPlan& plan, int32_t b) const {
+    if (plan.kernel == KernelId::kSequenceSplit) {
+      if (plan.num_splits < 1) return absl::InvalidArgumentError("plan has fewer than 1 split");
+      if (plan.num_splits > 1 && static_cast<int64_t>(plan.num_splits) * b > options_.max_partial_slots) {
+        return absl::ResourceExhaustedError(absl::StrCat("plan's ", plan.num_splits, " splits of ", b,
+                                                         " rows exceed the workspace's ", options_.max_partial_slots,
+                                                         " partial slots"));
       }
-      per_task *= 2;  // the workspace bounds how finely rows may be cut
+    } else if (plan.kernel == KernelId::kWorkQueue) {
+      if (static_cast<int32_t>(plan.row_splits.size()) != b || static_cast<int32_t>(plan.partial_offset.size()) != b ||
+          plan.tasks.empty()) {
+        return absl::InvalidArgumentError("plan has no work list for this batch");
+      }
+      if (plan.num_partials > options_.max_partial_slots ||
+          static_cast<int64_t>(plan.tasks.size()) > tasks_capacity_) {
+        return absl::ResourceExhaustedError(absl::StrCat("plan's work list (", plan.tasks.size(), " tasks, ",
+                                                         plan.num_partials, " partial slots) exceeds the descriptor's ",
+                                                         tasks_capacity_, " tasks or the workspace's ",
+                                                         options_.max_partial_slots, " partial slots"));
+      }
     }
+    return absl::OkStatus();
   }
 
   // Declared first: destroyed after the slots, whose streams' last work may touch its pages.

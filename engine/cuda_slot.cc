@@ -107,17 +107,25 @@ CudaSlot::~CudaSlot() {
   if (stream_ != nullptr) cudaStreamSynchronize(stream_.get());
 }
 
-absl::Status CudaSlot::BeginTokenStep(KernelId kernel, int32_t num_splits, const kernels::cuda::WorkPlan& work,
-                                      const PageTableCsr& table, std::span<const kvpool::SlotAddr> new_slots) {
+absl::Status CudaSlot::BeginTokenStep(const scheduler::StepPlan& plan, const PageTableCsr& table,
+                                      std::span<const kvpool::SlotAddr> new_slots) {
   const int32_t b = static_cast<int32_t>(table.last_page_len.size());
-  // The backend refused larger steps (CudaBackend::BeginTokenStep), so the descriptor holds them.
+  // Only the work queue reads a work list; the other routes leave it empty.
+  const bool work_queue = plan.kernel == KernelId::kWorkQueue;
+  using Ints = std::span<const int32_t>;
+  using Tasks = std::span<const DecodeTask>;
+  const Ints row_splits = work_queue ? Ints(plan.row_splits) : Ints();
+  const Ints partial_offset = work_queue ? Ints(plan.partial_offset) : Ints();
+  const Tasks tasks = work_queue ? Tasks(plan.tasks) : Tasks();
+  // The backend refused larger steps and plans (CudaBackend::BeginTokenStep), so the descriptor
+  // holds them.
   PKV_CHECK(b <= options_.max_batch && static_cast<int64_t>(table.indices.size()) <= options_.indices_capacity &&
-            static_cast<int64_t>(work.tasks.size()) <= options_.tasks_capacity)
+            static_cast<int64_t>(tasks.size()) <= options_.tasks_capacity)
       << "token step larger than the descriptor";
-  step_.kernel = kernel;
-  step_.num_splits = num_splits;
-  step_.num_partials = work.num_partials;
-  step_.num_tasks = static_cast<int32_t>(work.tasks.size());
+  step_.kernel = plan.kernel;
+  step_.num_splits = plan.kernel == KernelId::kSequenceSplit ? plan.num_splits : 1;
+  step_.num_partials = work_queue ? plan.num_partials : 0;
+  step_.num_tasks = static_cast<int32_t>(tasks.size());
 
   // The previous upload read host_descriptor_; it finished unless that token step ran no layer
   // (then this returns at once, as after every layer, which waits for the stream).
@@ -132,17 +140,17 @@ absl::Status CudaSlot::BeginTokenStep(KernelId kernel, int32_t num_splits, const
   };
   step_.off_indptr = put(table.indptr.data(), table.indptr.size() * 4);
   step_.off_last = put(table.last_page_len.data(), table.last_page_len.size() * 4);
-  step_.off_row_splits = put(work.row_splits.data(), work.row_splits.size() * 4);
-  step_.off_partial_offset = put(work.partial_offset.data(), work.partial_offset.size() * 4);
+  step_.off_row_splits = put(row_splits.data(), row_splits.size() * 4);
+  step_.off_partial_offset = put(partial_offset.data(), partial_offset.size() * 4);
   static_assert(sizeof(kvpool::SlotAddr) == 8);
   step_.off_slots = put(new_slots.data(), new_slots.size() * sizeof(kvpool::SlotAddr));
   step_.off_indices = put(table.indices.data(), table.indices.size() * 4);
-  step_.off_tasks = put(work.tasks.data(), work.tasks.size() * sizeof(DecodeTask));
+  step_.off_tasks = put(tasks.data(), tasks.size() * sizeof(DecodeTask));
   step_.batch = b;
   PKV_CUDA_RETURN(cudaMemcpyAsync(device_descriptor_.get(), h, off, cudaMemcpyHostToDevice, stream_.get()),
                   "descriptor upload");
   PKV_CUDA_RETURN(cudaEventRecord(uploaded_.get(), stream_.get()), "event");
-  if (b > 0) return kernels::cuda::CanImplement(kernel, StepParams(0));
+  if (b > 0) return kernels::cuda::CanImplement(plan.kernel, StepParams(0));
   return absl::OkStatus();
 }
 

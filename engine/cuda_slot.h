@@ -3,7 +3,7 @@
 // them.
 //
 // A slot holds at most one open token step. BeginTokenStep packs the step's page table, new-token
-// slots and work plan into the pinned descriptor and uploads it with one copy on the slot's stream;
+// slots and the scheduler's work list into the pinned descriptor and uploads it with one copy on the slot's stream;
 // every layer then stages q|k|v into pinned memory (StageInputs), enqueues the q|k|v upload, the
 // append and the attention (EnqueueLayer), waits for the slot's stream only (Synchronize), and
 // hands out the outputs (CopyOutputs) and the device time of its stages (ReadStageTimes). The
@@ -32,7 +32,6 @@
 #include "common/decode_types.h"
 #include "engine/backend.h"
 #include "engine/internal/cuda_handles.h"
-#include "kernels/cuda/work_plan.h"
 #include "kernels/decode_attention.h"
 #include "kvpool/cuda/append_kv.h"
 #include "kvpool/cuda/device_kv_arena.h"
@@ -70,12 +69,11 @@ class CudaSlot {
 
   // Commits a token step to the slot: waits until the previous step's descriptor upload read the
   // pinned descriptor, packs [indptr | last | row_splits | partial_offset | slots | indices | tasks]
-  // into it and uploads it. `num_splits`: kSequenceSplit's split count (1 otherwise); `work`: the
-  // kWorkQueue task list (empty otherwise). Precondition (the backend checks it): the batch and
-  // page table fit the capacities of Options. An error of CanImplement when the route cannot run
-  // these params.
-  [[nodiscard]] absl::Status BeginTokenStep(KernelId kernel, int32_t num_splits,
-                                            const kernels::cuda::WorkPlan& work, const PageTableCsr& table,
+  // into it and uploads it. `plan` as the scheduler made it: its kernel, kSequenceSplit's
+  // num_splits, kWorkQueue's work list (row_splits, partial_offset, num_partials, tasks).
+  // Precondition (the backend checks it): the batch, page table and plan fit the capacities of
+  // Options. An error of CanImplement when the route cannot run these params.
+  [[nodiscard]] absl::Status BeginTokenStep(const scheduler::StepPlan& plan, const PageTableCsr& table,
                                             std::span<const kvpool::SlotAddr> new_slots);
 
   // Copies the layer's inputs (host, model dtype) into the pinned io buffer: `q` [B, Hq, d],

@@ -411,14 +411,14 @@ absl::Status Engine::BeginTokenStep(const StepInput& in, uint64_t key) {
   event.kernel = ts->plan.kernel;
   event.rows = static_cast<int32_t>(ts->rows.size());
   for (int64_t t : shape.row_tokens) event.kv_tokens += t;
+  // The plan is the one that runs (the scheduler fitted it to the backend's limits; the backend
+  // packs it unchanged), so these describe the launched work.
   event.num_splits = ts->plan.num_splits;
   event.pages_per_task = ts->plan.pages_per_task;
   if (ts->plan.kernel == KernelId::kSequenceSplit) {
     event.max_row_splits = ts->plan.num_splits;
-  } else if (ts->plan.kernel == KernelId::kWorkQueue && ts->plan.pages_per_task > 0) {
-    int64_t max_pages = 0;
-    for (int64_t t : shape.row_tokens) max_pages = std::max(max_pages, (t + shape_.page_size - 1) / shape_.page_size);
-    event.max_row_splits = static_cast<int32_t>((max_pages + ts->plan.pages_per_task - 1) / ts->plan.pages_per_task);
+  } else if (ts->plan.kernel == KernelId::kWorkQueue && !ts->plan.row_splits.empty()) {
+    event.max_row_splits = *std::max_element(ts->plan.row_splits.begin(), ts->plan.row_splits.end());
   }
   event.launches_per_layer = ts->plan.launches_per_layer;
   event.predicted_seconds = ts->plan.predicted_us * 1e-6;

@@ -4,10 +4,12 @@
 #include <cmath>
 #include <limits>
 
+#include "scheduler/work_list.h"
+
 namespace pkv::scheduler {
 namespace {
 
-int64_t RowPages(const StepShape& s, size_t row) {
+int64_t PagesOfRow(const StepShape& s, size_t row) {
   return (s.row_tokens[row] + s.model.page_size - 1) / s.model.page_size;
 }
 
@@ -26,7 +28,7 @@ int64_t MergeBytes(const StepShape& s, int64_t split_partials) {
 
 int64_t CostModel::KvBytes(const StepShape& shape) {
   int64_t pages = 0;
-  for (size_t r = 0; r < shape.row_tokens.size(); ++r) pages += RowPages(shape, r);
+  for (size_t r = 0; r < shape.row_tokens.size(); ++r) pages += PagesOfRow(shape, r);
   return pages * shape.model.num_kv_heads * PageHeadBytes(shape);
 }
 
@@ -44,7 +46,7 @@ ArmCost CostModel::PerRequest(const StepShape& s) const {
   c.launches = 1;
   c.kv_bytes = KvBytes(s);
   int64_t max_pages = 0;
-  for (size_t r = 0; r < s.row_tokens.size(); ++r) max_pages = std::max(max_pages, RowPages(s, r));
+  for (size_t r = 0; r < s.row_tokens.size(); ++r) max_pages = std::max(max_pages, PagesOfRow(s, r));
   c.units = static_cast<int64_t>(s.row_tokens.size()) * s.model.num_kv_heads;
   c.us = UnitsUs(c.kv_bytes, max_pages * PageHeadBytes(s), c.units) + profile_.launch_us;
   return c;
@@ -58,7 +60,7 @@ ArmCost CostModel::SequenceSplit(const StepShape& s, int32_t num_splits) const {
   c.kv_bytes = KvBytes(s);
   int64_t max_unit_pages = 0;
   for (size_t r = 0; r < s.row_tokens.size(); ++r) {
-    max_unit_pages = std::max(max_unit_pages, (RowPages(s, r) + c.num_splits - 1) / c.num_splits);
+    max_unit_pages = std::max(max_unit_pages, (PagesOfRow(s, r) + c.num_splits - 1) / c.num_splits);
   }
   // Every (row, KV head, split) is a CTA, empty splits included (they exit early).
   c.units = static_cast<int64_t>(s.row_tokens.size()) * s.model.num_kv_heads * c.num_splits;
@@ -78,7 +80,7 @@ ArmCost CostModel::WorkQueue(const StepShape& s, int32_t pages_per_task) const {
   c.kv_bytes = KvBytes(s);
   int64_t split_partials = 0, max_unit_pages = 0;
   for (size_t r = 0; r < s.row_tokens.size(); ++r) {
-    const int64_t pages = RowPages(s, r);
+    const int64_t pages = PagesOfRow(s, r);
     if (pages == 0) continue;
     const int64_t tasks = (pages + c.pages_per_task - 1) / c.pages_per_task;
     max_unit_pages = std::max(max_unit_pages, (pages + tasks - 1) / tasks);
@@ -92,30 +94,26 @@ ArmCost CostModel::WorkQueue(const StepShape& s, int32_t pages_per_task) const {
   return c;
 }
 
-int32_t PagesPerTaskFor(const StepShape& s, int64_t target_tasks) {
-  int64_t pages = 0;
-  for (size_t r = 0; r < s.row_tokens.size(); ++r) pages += RowPages(s, r);
-  const int64_t head_pages = pages * s.model.num_kv_heads;
-  target_tasks = std::max<int64_t>(1, target_tasks);
-  return static_cast<int32_t>(std::max<int64_t>(1, (head_pages + target_tasks - 1) / target_tasks));
-}
-
 ArmCost CostModel::BestOf(KernelId kernel, const StepShape& s) const {
   switch (kernel) {
     case KernelId::kSequenceSplit: {
+      const auto batch = static_cast<int32_t>(s.row_tokens.size());
       ArmCost best = SequenceSplit(s, 1);
       for (int32_t splits = 2; splits <= 128; splits *= 2) {
-        ArmCost c = SequenceSplit(s, splits);
+        ArmCost c = SequenceSplit(s, FitNumSplits(splits, batch, s.device.limits));
         if (c.us < best.us) best = c;
       }
       return best;
     }
     case KernelId::kWorkQueue: {
       const int64_t concurrency = static_cast<int64_t>(profile_.num_sms) * profile_.resident_ctas_per_sm;
+      const std::vector<int32_t> row_pages = RowPages(s);
+      const int32_t heads = s.model.num_kv_heads;
       ArmCost best;
       best.us = std::numeric_limits<double>::infinity();
       for (int64_t target : {concurrency / 4, concurrency / 2, concurrency, 2 * concurrency, 4 * concurrency}) {
-        ArmCost c = WorkQueue(s, PagesPerTaskFor(s, target));
+        const int32_t per_task = PagesPerTaskFor(row_pages, heads, target);
+        ArmCost c = WorkQueue(s, FitPagesPerTask(row_pages, heads, per_task, s.device.limits));
         if (c.us < best.us) best = c;
       }
       return best;

@@ -16,7 +16,6 @@
 #pragma once
 
 #include <cstdint>
-#include <span>
 #include <vector>
 
 #include "scheduler/cost_profile.h"
@@ -47,8 +46,10 @@ class CostModel {
   ArmCost SequenceSplit(const StepShape& shape, int32_t num_splits) const;
   ArmCost WorkQueue(const StepShape& shape, int32_t pages_per_task) const;
 
-  // The cheapest parameter of one route (splits in {2..128}, task sizes around the device's
-  // concurrency), or the route's only form for per-request.
+  // The cheapest parameter of one route (splits in {2..128}, task sizes for one balanced wave of
+  // a quarter to four times the device's concurrency, scheduler/work_list.h's PagesPerTaskFor),
+  // each first fitted to the step's capacity (shape.device.limits: FitNumSplits,
+  // FitPagesPerTask), or the route's only form for per-request.
   ArmCost BestOf(KernelId kernel, const StepShape& shape) const;
 
   const CostProfile& profile() const { return profile_; }
@@ -60,8 +61,5 @@ class CostModel {
 
   CostProfile profile_;
 };
-
-// Pages per task that yields about `target_tasks` tasks over the step's (row, KV head) pairs.
-int32_t PagesPerTaskFor(const StepShape& shape, int64_t target_tasks);
 
 }  // namespace pkv::scheduler

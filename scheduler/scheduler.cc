@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
+#include "scheduler/work_list.h"
 
 namespace pkv::scheduler {
 
@@ -22,14 +23,23 @@ StepPlan Scheduler::Plan(const StepShape& shape) const {
   const std::vector<KernelId> candidates = options_.fixed_kernel.has_value()
                                                ? std::vector<KernelId>(1, *options_.fixed_kernel)
                                                : options_.available;
+  const std::vector<int32_t> row_pages = RowPages(shape);
+  const int32_t heads = shape.model.num_kv_heads;
+  const PlanLimits& limits = shape.device.limits;
   bool have = false;
   ArmCost best;
   for (KernelId k : candidates) {
     if (k == KernelId::kReference || k == KernelId::kFlashInfer) continue;  // not modelled
-    ArmCost c = model_.BestOf(k, shape);
+    ArmCost c = model_.BestOf(k, shape);  // already fitted to `limits`
     if (options_.fixed_kernel.has_value() && options_.fixed_parameter > 0) {
-      if (k == KernelId::kSequenceSplit) c = model_.SequenceSplit(shape, options_.fixed_parameter);
-      if (k == KernelId::kWorkQueue) c = model_.WorkQueue(shape, options_.fixed_parameter);
+      // A pinned parameter is fitted too: the plan must be one the backend runs as it stands.
+      if (k == KernelId::kSequenceSplit) {
+        c = model_.SequenceSplit(
+            shape, FitNumSplits(options_.fixed_parameter, static_cast<int32_t>(row_pages.size()), limits));
+      }
+      if (k == KernelId::kWorkQueue) {
+        c = model_.WorkQueue(shape, FitPagesPerTask(row_pages, heads, options_.fixed_parameter, limits));
+      }
     }
     if (!have || c.us < best.us || (c.us == best.us && c.launches < best.launches)) {
       best = c;
@@ -43,6 +53,7 @@ StepPlan Scheduler::Plan(const StepShape& shape) const {
   plan.kernel = best.kernel;
   plan.num_splits = best.num_splits;
   plan.pages_per_task = best.pages_per_task;
+  if (plan.kernel == KernelId::kWorkQueue) BuildWorkList(row_pages, heads, best.pages_per_task, &plan);
   plan.launches_per_layer = best.launches;
   plan.predicted_us = best.us;
   return plan;

@@ -2,7 +2,9 @@
 //
 // Plan(shape) maps a token step's StepShape to a StepPlan: among the routes the backend offers it
 // takes the one the calibrated CostModel predicts fastest (ties go to fewer launches), with that
-// route's best split count or task size. The CPU reference is the only route on the CPU backend.
+// route's best split count or task size, fitted to the backend's capacity (shape.device.limits,
+// scheduler/work_list.h), and for the work queue the compact task list. The plan is final: the
+// backend runs it as it stands. The CPU reference is the only route on the CPU backend.
 // The choice is deterministic: the same shape and options always give the same plan. A fixed arm (Options::fixed_kernel) bypasses the
 // policy for comparisons and debugging. Thread-safety: Plan is const and may run concurrently.
 #pragma once
@@ -24,7 +26,8 @@ class Scheduler {
     // When set, every step uses this route (it must be available).
     std::optional<KernelId> fixed_kernel;
     // With a fixed kernel, pin its parameter too (0: the cost model picks): the split count of
-    // kSequenceSplit or the task size (pages) of kWorkQueue. For calibration and debugging.
+    // kSequenceSplit or the task size (pages) of kWorkQueue, still fitted to the step's limits
+    // (clamped or coarsened when the backend cannot hold it). For calibration and debugging.
     int32_t fixed_parameter = 0;
     // Calibrated constants (DefaultCostProfile() when no profile was loaded).
     CostProfile profile = DefaultCostProfile();
@@ -33,7 +36,8 @@ class Scheduler {
   // INVALID_ARGUMENT when `available` is empty or the fixed kernel is not available.
   static absl::StatusOr<Scheduler> Create(const Options& options);
 
-  // The plan for one token step.
+  // The plan for one token step; it fits shape.device.limits (but a step whose rows alone, one
+  // task per (row, KV head), exceed max_tasks cannot fit: the backend refuses it).
   StepPlan Plan(const StepShape& shape) const;
 
   const Options& options() const { return options_; }

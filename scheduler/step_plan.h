@@ -1,7 +1,9 @@
 // scheduler/step_plan.h — what the scheduler sees (StepShape) and what it decides (StepPlan).
 //
 // A StepPlan is built once per token step on the host and reused for every layer of that step:
-// the kernel route, split counts, the compact task list and the workspace the route needs.
+// the kernel route, split counts, the compact task list and the workspace the route needs. It is
+// the plan that runs: the scheduler fits it to the backend's PlanLimits, and backends only pack
+// and launch it (they refuse a plan that exceeds their capacity, they never change it).
 // Thread-safety: plain values.
 #pragma once
 
@@ -14,11 +16,20 @@
 
 namespace pkv::scheduler {
 
+// Capacity of the backend that runs the step; every StepPlan the scheduler returns for a shape
+// fits the limits of its DeviceInfo. 0 leaves a limit unbounded (the CPU backend, shapes built by
+// hand in tests and benchmarks).
+struct PlanLimits {
+  int32_t max_partial_slots = 0;  // (row, split) partial states the backend's workspace holds
+  int64_t max_tasks = 0;          // kWorkQueue tasks one token step's descriptor holds
+};
+
 // Facts about the device that executes the step (filled by the engine's backend).
 struct DeviceInfo {
   std::string name = "cpu";
   bool is_gpu = false;
   int32_t num_sms = 0;          // streaming multiprocessors (GPU) or worker threads (CPU)
+  PlanLimits limits;
 };
 
 // The decode batch of one token step.
@@ -31,10 +42,13 @@ struct StepShape {
 // The scheduler's decision for one token step.
 struct StepPlan {
   KernelId kernel = KernelId::kReference;
-  int32_t num_splits = 1;            // uniform split count (kSequenceSplit)
-  std::vector<int32_t> row_splits;   // per-row split count (empty: uniform)
+  int32_t num_splits = 1;            // uniform split count (kSequenceSplit; 1 otherwise)
   int32_t pages_per_task = 0;        // task size of the compact work list (kWorkQueue)
-  std::vector<DecodeTask> tasks;     // compact work list (kWorkQueue)
+  // kWorkQueue's compact work list (scheduler/work_list.h; empty for the other routes):
+  std::vector<int32_t> row_splits;      // [B] partials each row is cut into (1: not split)
+  std::vector<int32_t> partial_offset;  // [B] first partial slot of a split row
+  int32_t num_partials = 0;             // partial slots the work list uses
+  std::vector<DecodeTask> tasks;        // the tasks, largest first
   int64_t workspace_bytes = 0;       // scratch for partial (m, l, acc) states
   int32_t launches_per_layer = 1;    // kernel launches each layer costs
   double predicted_us = 0.0;         // cost model's prediction per layer (0 when not modelled)

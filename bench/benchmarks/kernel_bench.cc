@@ -20,8 +20,9 @@
 #endif
 #include "common/decode_types.h"
 #include "kernels/cuda/decode_attention_cuda.h"
-#include "kernels/cuda/work_plan.h"
 #include "kernels/decode_attention.h"
+#include "scheduler/step_plan.h"
+#include "scheduler/work_list.h"
 
 namespace pkv::bench {
 namespace {
@@ -328,8 +329,10 @@ void Bench::RunCase(DType dtype, const Case& c, int64_t case_seed) {
     int32_t* d_tasks_mem[3] = {nullptr, nullptr, nullptr};
     if (cfg.kernel == KernelId::kSequenceSplit) p.num_splits = cfg.splits;
     if (cfg.kernel == KernelId::kWorkQueue) {
-      const int32_t ppt = kc::PagesPerTaskFor(row_pages, o_.num_kv_heads, cfg.target);
-      const kc::WorkPlan plan = kc::BuildWorkPlan(row_pages, o_.num_kv_heads, ppt);
+      // The scheduler's task size for one wave of `target` CTAs and its work list (scheduler/work_list.h).
+      const int32_t ppt = scheduler::PagesPerTaskFor(row_pages, o_.num_kv_heads, cfg.target);
+      scheduler::StepPlan plan;
+      scheduler::BuildWorkList(row_pages, o_.num_kv_heads, ppt, &plan);
       BENCH_CUDA(cudaMalloc(&d_tasks_mem[0], plan.tasks.size() * sizeof(DecodeTask)));
       BENCH_CUDA(cudaMalloc(&d_tasks_mem[1], B * 4));
       BENCH_CUDA(cudaMalloc(&d_tasks_mem[2], B * 4));

@@ -1,5 +1,5 @@
 // bench/benchmarks/plan_bench.cc — `pkv-plan-bench` (Google Benchmark): host cost of planning one token step
-// (Scheduler::Plan over every route and parameter, plus building the work-queue task list) for
+// (Scheduler::Plan over every route and parameter, including the work-queue task list it builds) for
 // the paper's workload shapes. The plan is made once per token step and reused by all layers, so
 // it should stay far below the step's GPU time (about 9 ms for 32 layers of B8 bimodal on an H100,
 // bench/results/serving-b3b088f/trace.md).
@@ -10,9 +10,6 @@
 #include "common/workload.h"
 #include "scheduler/cost_profile.h"
 #include "scheduler/scheduler.h"
-#ifdef PKV_PLAN_BENCH_WITH_CUDA
-#include "kernels/cuda/work_plan.h"
-#endif
 
 namespace {
 
@@ -34,16 +31,9 @@ void BM_Plan(benchmark::State& state) {
   o.available = {pkv::KernelId::kPerRequest, pkv::KernelId::kSequenceSplit, pkv::KernelId::kWorkQueue};
   auto sched = pkv::scheduler::Scheduler::Create(o);
   const pkv::scheduler::StepShape shape = ShapeFor(kind, batch);
-  std::vector<int32_t> row_pages;
-  for (int64_t t : shape.row_tokens) row_pages.push_back(static_cast<int32_t>((t + 15) / 16));
   for (auto _ : state) {
     pkv::scheduler::StepPlan plan = sched->Plan(shape);
-#ifdef PKV_PLAN_BENCH_WITH_CUDA
-    if (plan.kernel == pkv::KernelId::kWorkQueue) {
-      auto work = pkv::kernels::cuda::BuildWorkPlan(row_pages, 8, plan.pages_per_task);
-      benchmark::DoNotOptimize(work.tasks.data());
-    }
-#endif
+    benchmark::DoNotOptimize(plan.tasks.data());
     benchmark::DoNotOptimize(plan);
   }
   state.SetLabel(std::string(pkv::WorkloadKindName(kind)) + " B" + std::to_string(batch));

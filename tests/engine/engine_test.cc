@@ -1224,3 +1224,99 @@ TEST(EngineRobustnessTest, IdleSequencesAreReleasedWhenTheirLeaseIsOn) {
 
 }  // namespace
 }  // namespace pkv::engine
+
+// ---------------------------------------------------------------------------------------------
+// The plan that runs: the scheduler fits it to the backend's limits, the backend gets it as it
+// stands and the observer reports it.
+
+namespace pkv::engine {
+namespace {
+
+// Wraps the CPU backend as a backend of the split routes with small capacity: records the plan
+// BeginTokenStep receives, then runs the CPU reference in its place.
+class PlanRecordingBackend final : public ExecutionBackend {
+ public:
+  PlanRecordingBackend(ExecutionBackendPtr inner, scheduler::PlanLimits limits)
+      : inner_(std::move(inner)), limits_(limits) {}
+
+  const char* name() const override { return "plan-recording"; }
+  kvpool::KvArena& arena() override { return inner_->arena(); }
+  scheduler::DeviceInfo device_info() const override {
+    scheduler::DeviceInfo info = inner_->device_info();
+    info.is_gpu = true;
+    info.limits = limits_;
+    return info;
+  }
+  std::vector<KernelId> kernels() const override {
+    return {KernelId::kPerRequest, KernelId::kSequenceSplit, KernelId::kWorkQueue};
+  }
+  int32_t max_open_token_steps() const override { return inner_->max_open_token_steps(); }
+  absl::StatusOr<int32_t> BeginTokenStep(const scheduler::StepPlan& plan, const PageTableCsr& table,
+                                         std::span<const kvpool::SlotAddr> new_slots) override {
+    plans.push_back(plan);
+    return inner_->BeginTokenStep(scheduler::StepPlan{}, table, new_slots);  // the reference
+  }
+  void EndTokenStep(int32_t slot) override { inner_->EndTokenStep(slot); }
+  absl::Status RunLayer(int32_t slot, int32_t layer, const void* q, const void* k, const void* v, void* out,
+                        float* lse, LayerRunInfo* info) override {
+    return inner_->RunLayer(slot, layer, q, k, v, out, lse, info);
+  }
+
+  std::vector<scheduler::StepPlan> plans;
+
+ private:
+  ExecutionBackendPtr inner_;
+  scheduler::PlanLimits limits_;
+};
+
+TEST(EnginePlanTest, PlanFitsTheBackendsLimitsAndIsReportedAsRun) {
+  scheduler::PlanLimits limits;
+  limits.max_partial_slots = 6;
+  limits.max_tasks = 1000;
+  auto cpu = CreateCpuBackend(SmallShape(), 64, 1);
+  ASSERT_TRUE(cpu.ok());
+  auto recording = std::make_unique<PlanRecordingBackend>(std::move(*cpu), limits);
+  PlanRecordingBackend* backend = recording.get();
+  scheduler::Scheduler::Options o;
+  o.available = backend->kernels();
+  auto e = Engine::Create(DefaultOptions(), std::move(recording), *scheduler::Scheduler::Create(o));
+  ASSERT_TRUE(e.ok()) << e.status();
+  RecordingObserver obs;
+  (*e)->SetObserver(&obs);
+  const ModelShape s = (*e)->shape();
+  std::mt19937_64 rng(11);
+  WritePrompt(**e, 1, 40, rng);  // 41 tokens in the step: 11 pages of 4
+  WritePrompt(**e, 2, 9, rng);   // 10 tokens: 3 pages
+
+  o.fixed_kernel = KernelId::kWorkQueue;
+  o.fixed_parameter = 1;  // 11 + 3 partial slots > 6; size 2: 6 + 2 > 6; size 4: 3 (row 2 is not cut)
+  ASSERT_TRUE((*e)->SetScheduler(*scheduler::Scheduler::Create(o)).ok());
+  ASSERT_TRUE((*e)->Step(MakeStep(s, 1, 0, {1, 2}, rng)).ok());
+  ASSERT_EQ(backend->plans.size(), 1u);
+  const scheduler::StepPlan& wq = backend->plans[0];
+  EXPECT_EQ(wq.kernel, KernelId::kWorkQueue);
+  EXPECT_EQ(wq.pages_per_task, 4);
+  EXPECT_EQ(wq.row_splits, (std::vector<int32_t>{3, 1}));
+  EXPECT_EQ(wq.num_partials, 3);
+  EXPECT_EQ(wq.tasks.size(), static_cast<size_t>(s.num_kv_heads) * (3 + 1));
+  ASSERT_EQ(obs.planned.size(), 1u);
+  EXPECT_EQ(obs.planned[0].kernel, KernelId::kWorkQueue);
+  EXPECT_EQ(obs.planned[0].pages_per_task, 4);
+  EXPECT_EQ(obs.planned[0].max_row_splits, 3);
+  for (int layer = 1; layer < s.num_layers; ++layer) ASSERT_TRUE((*e)->Step(MakeStep(s, 1, layer, {1, 2}, rng)).ok());
+
+  o.fixed_kernel = KernelId::kSequenceSplit;
+  o.fixed_parameter = 8;  // 8 splits x 2 rows > 6 partial slots: clamped to 3
+  ASSERT_TRUE((*e)->SetScheduler(*scheduler::Scheduler::Create(o)).ok());
+  ASSERT_TRUE((*e)->Step(MakeStep(s, 2, 0, {1, 2}, rng)).ok());
+  ASSERT_EQ(backend->plans.size(), 2u);
+  EXPECT_EQ(backend->plans[1].kernel, KernelId::kSequenceSplit);
+  EXPECT_EQ(backend->plans[1].num_splits, 3);
+  ASSERT_EQ(obs.planned.size(), 2u);
+  EXPECT_EQ(obs.planned[1].num_splits, 3);
+  EXPECT_EQ(obs.planned[1].max_row_splits, 3);
+  (*e)->SetObserver(nullptr);
+}
+
+}  // namespace
+}  // namespace pkv::engine

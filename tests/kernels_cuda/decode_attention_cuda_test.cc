@@ -15,8 +15,9 @@
 #include "common/dtype.h"
 #include "gtest/gtest.h"
 #include "kernels/cuda/decode_attention_cuda.h"
-#include "kernels/cuda/work_plan.h"
 #include "kernels/reference/paged_decode.h"
+#include "scheduler/step_plan.h"
+#include "scheduler/work_list.h"
 
 namespace pkv::kernels::cuda {
 namespace {
@@ -243,10 +244,12 @@ void RunCase(const Case& c, const std::vector<Route>& routes) {
     DevBuf tasks, row_splits, partial_offset, ws;
     if (r.kernel == KernelId::kSequenceSplit) p.num_splits = r.splits;
     if (r.kernel == KernelId::kWorkQueue) {
+      // The scheduler's work list (scheduler/work_list.h), as the engine hands it to the backend.
       const int ppt = r.pages_per_task > 0
                           ? r.pages_per_task
-                          : PagesPerTaskFor(row_pages, c.hkv, 2LL * PersistentGridSize(p));
-      const WorkPlan plan = BuildWorkPlan(row_pages, c.hkv, ppt);
+                          : scheduler::PagesPerTaskFor(row_pages, c.hkv, 2LL * PersistentGridSize(p));
+      scheduler::StepPlan plan;
+      scheduler::BuildWorkList(row_pages, c.hkv, ppt, &plan);
       CUDA_OK(tasks.Upload(plan.tasks));
       CUDA_OK(row_splits.Upload(plan.row_splits));
       CUDA_OK(partial_offset.Upload(plan.partial_offset));
@@ -396,21 +399,6 @@ TEST(DecodeAttentionCudaContract, CanImplementRejects) {
   EXPECT_FALSE(CanImplement(KernelId::kPerRequest, p).ok());
   p.page_size = 16;
   EXPECT_FALSE(CanImplement(KernelId::kReference, p).ok());
-}
-
-TEST(WorkPlanTest, SplitsAndSlots) {
-  const std::vector<int32_t> pages = {10, 0, 3};
-  const WorkPlan plan = BuildWorkPlan(pages, 2, 4);
-  EXPECT_EQ(plan.row_splits, (std::vector<int32_t>{3, 1, 1}));
-  EXPECT_EQ(plan.num_partials, 3);
-  EXPECT_EQ(plan.tasks.size(), 2u * (3 + 1 + 1));
-  int64_t covered = 0;
-  for (const DecodeTask& t : plan.tasks) covered += t.page_end - t.page_begin;
-  EXPECT_EQ(covered, 2 * 13);
-  EXPECT_LE(plan.tasks.front().page_end - plan.tasks.front().page_begin, 4);
-  // The smallest cap that fits 10 tasks: cap 4 gives (3 + 1 + 1) * 2 = 10, cap 3 gives 12.
-  EXPECT_EQ(PagesPerTaskFor(pages, 2, 10), 4);
-  EXPECT_EQ(PagesPerTaskFor(pages, 2, 1), 10);  // cannot fit: one task per (row, head)
 }
 
 }  // namespace

@@ -4,9 +4,15 @@
 // one page of one KV head = 2 * 16 * 128 * 2 = 8192 bytes.
 #include "scheduler/scheduler.h"
 
+#include <optional>
+#include <random>
+#include <span>
+#include <vector>
+
 #include "gtest/gtest.h"
 #include "scheduler/cost_model.h"
 #include "scheduler/cost_profile.h"
+#include "scheduler/work_list.h"
 
 namespace pkv::scheduler {
 namespace {
@@ -173,6 +179,196 @@ TEST(CostModelTest, CalibratedCorrectionsApplyOnlyWhereTheyBelong) {
   ASSERT_TRUE(back.ok());
   EXPECT_DOUBLE_EQ(back->split_stream_efficiency, 0.5);
   EXPECT_DOUBLE_EQ(back->wq_merge_us, 4.0);
+}
+
+}  // namespace
+}  // namespace pkv::scheduler
+
+namespace pkv::scheduler {
+namespace {
+
+// Every page of every (row, KV head) in exactly one task, each task within the plan's task size,
+// and the row splits, partial slots and counts consistent with the task size.
+void ExpectWorkListCovers(std::span<const int32_t> row_pages, int32_t heads, const StepPlan& plan) {
+  const auto batch = static_cast<int32_t>(row_pages.size());
+  ASSERT_EQ(static_cast<int32_t>(plan.row_splits.size()), batch);
+  ASSERT_EQ(static_cast<int32_t>(plan.partial_offset.size()), batch);
+  const WorkListUsage usage = WorkListUsageFor(row_pages, heads, plan.pages_per_task);
+  EXPECT_EQ(static_cast<int64_t>(plan.tasks.size()), usage.tasks);
+  EXPECT_EQ(plan.num_partials, usage.partials);
+  std::vector<int64_t> covered(static_cast<size_t>(batch) * heads, 0);
+  for (const DecodeTask& t : plan.tasks) {
+    ASSERT_LT(t.row, batch);
+    EXPECT_EQ(t.num_splits, plan.row_splits[t.row]);
+    EXPECT_LE(t.page_end - t.page_begin, plan.pages_per_task);
+    covered[static_cast<size_t>(t.row) * heads + t.kv_head] += t.page_end - t.page_begin;
+  }
+  int32_t next_partial = 0;
+  for (int32_t b = 0; b < batch; ++b) {
+    const int32_t want = row_pages[b] > 0 ? (row_pages[b] + plan.pages_per_task - 1) / plan.pages_per_task : 1;
+    EXPECT_EQ(plan.row_splits[b], want) << "row " << b;
+    if (want > 1) {
+      EXPECT_EQ(plan.partial_offset[b], next_partial) << "row " << b;
+      next_partial += want;
+    }
+    for (int32_t h = 0; h < heads; ++h) EXPECT_EQ(covered[static_cast<size_t>(b) * heads + h], row_pages[b]);
+  }
+  EXPECT_EQ(next_partial, plan.num_partials);
+}
+
+TEST(WorkListTest, SplitsAndSlots) {
+  const std::vector<int32_t> pages = {10, 0, 3};
+  StepPlan plan;
+  BuildWorkList(pages, 2, 4, &plan);
+  EXPECT_EQ(plan.pages_per_task, 4);
+  EXPECT_EQ(plan.row_splits, (std::vector<int32_t>{3, 1, 1}));
+  EXPECT_EQ(plan.partial_offset, (std::vector<int32_t>{0, 0, 0}));
+  EXPECT_EQ(plan.num_partials, 3);
+  EXPECT_EQ(plan.tasks.size(), 2u * (3 + 1 + 1));
+  EXPECT_LE(plan.tasks.front().page_end - plan.tasks.front().page_begin, 4);
+  for (size_t i = 1; i < plan.tasks.size(); ++i) {  // largest first
+    const DecodeTask &prev = plan.tasks[i - 1], &cur = plan.tasks[i];
+    EXPECT_GE(prev.page_end - prev.page_begin, cur.page_end - cur.page_begin);
+  }
+  ExpectWorkListCovers(pages, 2, plan);
+}
+
+TEST(WorkListTest, UsageMatchesTheBuiltListOnRandomRows) {
+  std::mt19937 rng(20260701);
+  std::uniform_int_distribution<int32_t> len(0, 300), cap(1, 64), heads(1, 8), batch(1, 24);
+  for (int trial = 0; trial < 200; ++trial) {
+    std::vector<int32_t> pages(batch(rng));
+    for (int32_t& p : pages) p = len(rng) < 30 ? 0 : len(rng);
+    const int32_t h = heads(rng);
+    StepPlan plan;
+    BuildWorkList(pages, h, cap(rng), &plan);
+    ExpectWorkListCovers(pages, h, plan);
+  }
+}
+
+TEST(PagesPerTaskForTest, SmallestTaskSizeThatFitsTheTarget) {
+  const std::vector<int32_t> pages = {10, 0, 3};
+  // Task size 4 gives (3 + 1 + 1) x 2 = 10 tasks, size 3 gives (4 + 1 + 1) x 2 = 12.
+  EXPECT_EQ(PagesPerTaskFor(pages, 2, 10), 4);
+  EXPECT_EQ(PagesPerTaskFor(pages, 2, 11), 4);
+  EXPECT_EQ(PagesPerTaskFor(pages, 2, 12), 3);
+  EXPECT_EQ(PagesPerTaskFor(pages, 2, 1000), 1);
+  // Cannot fit (one task per (row, KV head) is 6) or no target: the longest row.
+  EXPECT_EQ(PagesPerTaskFor(pages, 2, 1), 10);
+  EXPECT_EQ(PagesPerTaskFor(pages, 2, 0), 10);
+  EXPECT_EQ(PagesPerTaskFor(std::vector<int32_t>{0, 0}, 8, 4), 1);
+  // Exact, not ceil(total / target): rows {5, 5, 5} x 1 head for 4 tasks need size 5 (3 tasks);
+  // ceil(15 / 4) = 4 would cut every row in two (6 tasks).
+  EXPECT_EQ(PagesPerTaskFor(std::vector<int32_t>{5, 5, 5}, 1, 4), 5);
+  EXPECT_LE(WorkListUsageFor(std::vector<int32_t>{5, 5, 5}, 1, 5).tasks, 4);
+}
+
+TEST(FitTest, SplitsClampToThePartialSlotsPerRow) {
+  PlanLimits limits;
+  EXPECT_EQ(FitNumSplits(128, 64, limits), 128);  // unbounded
+  EXPECT_EQ(FitNumSplits(0, 64, limits), 1);
+  limits.max_partial_slots = 4096;
+  EXPECT_EQ(FitNumSplits(128, 64, limits), 64);
+  EXPECT_EQ(FitNumSplits(32, 64, limits), 32);
+  EXPECT_EQ(FitNumSplits(128, 5000, limits), 1);  // one split uses no partial slots
+}
+
+TEST(FitTest, TaskSizeDoublesUntilTheWorkListFits) {
+  const std::vector<int32_t> pages = {100, 100};
+  PlanLimits limits;
+  EXPECT_EQ(FitPagesPerTask(pages, 8, 1, limits), 1);  // unbounded
+  EXPECT_EQ(FitPagesPerTask(pages, 8, 0, limits), 1);
+  // Partials 2 x ceil(100 / size) <= 50 needs size >= 4: 1 -> 2 -> 4.
+  limits.max_partial_slots = 50;
+  EXPECT_EQ(FitPagesPerTask(pages, 8, 1, limits), 4);
+  EXPECT_EQ(FitPagesPerTask(pages, 8, 3, limits), 6);  // 3 -> 6, not the smallest size that fits
+  // Tasks 8 x 2 x ceil(100 / size) <= 64 needs size >= 25: 1 -> ... -> 32.
+  limits.max_tasks = 64;
+  EXPECT_EQ(FitPagesPerTask(pages, 8, 1, limits), 32);
+  // Even one task per (row, KV head) (16) exceeds 10: doubling stops once no row is cut.
+  limits.max_tasks = 10;
+  EXPECT_EQ(FitPagesPerTask(pages, 8, 1, limits), 128);
+  EXPECT_EQ(WorkListUsageFor(pages, 8, 128).partials, 0);
+}
+
+// The plan the scheduler returns is the one the backend runs: it fits the limits, its work list is
+// built at its task size, and its prediction is for that plan.
+void ExpectPlanFits(const StepShape& s, const StepPlan& p) {
+  const PlanLimits& limits = s.device.limits;
+  const auto batch = static_cast<int64_t>(s.row_tokens.size());
+  const std::vector<int32_t> pages = RowPages(s);
+  CostModel model(DefaultCostProfile());
+  if (p.kernel == KernelId::kSequenceSplit) {
+    EXPECT_GE(p.num_splits, 1);
+    if (p.num_splits > 1) EXPECT_LE(p.num_splits * batch, limits.max_partial_slots);
+    EXPECT_TRUE(p.tasks.empty());
+    EXPECT_DOUBLE_EQ(p.predicted_us, model.SequenceSplit(s, p.num_splits).us);
+  } else if (p.kernel == KernelId::kWorkQueue) {
+    ASSERT_GE(p.pages_per_task, 1);
+    EXPECT_LE(p.num_partials, limits.max_partial_slots);
+    EXPECT_LE(static_cast<int64_t>(p.tasks.size()), limits.max_tasks);
+    ExpectWorkListCovers(pages, s.model.num_kv_heads, p);
+    EXPECT_DOUBLE_EQ(p.predicted_us, model.WorkQueue(s, p.pages_per_task).us);
+  } else {
+    EXPECT_TRUE(p.tasks.empty());
+    EXPECT_EQ(p.num_splits, 1);
+  }
+}
+
+TEST(SchedulerLimitsTest, PlansAlwaysFitTheBackendsLimits) {
+  std::mt19937 rng(20260702);
+  std::uniform_int_distribution<int64_t> tokens(0, 40000);
+  std::uniform_int_distribution<int32_t> batch(1, 96), slots(16, 4096), tasks(800, 20000);
+  for (int trial = 0; trial < 100; ++trial) {
+    std::vector<int64_t> rows(batch(rng));
+    for (int64_t& t : rows) t = tokens(rng);
+    StepShape s = Shape(std::move(rows));
+    s.device.limits.max_partial_slots = slots(rng);
+    s.device.limits.max_tasks = tasks(rng);  // >= 96 rows x 8 heads: every step can fit
+    for (std::optional<KernelId> k : {std::optional<KernelId>(), std::optional<KernelId>(KernelId::kSequenceSplit),
+                                      std::optional<KernelId>(KernelId::kWorkQueue)}) {
+      SCOPED_TRACE(testing::Message() << "trial " << trial << " fixed " << (k ? KernelName(*k) : "none"));
+      ExpectPlanFits(s, GpuScheduler(k).Plan(s));
+    }
+  }
+}
+
+TEST(SchedulerLimitsTest, PinnedParametersAreClampedAndCoarsened) {
+  Scheduler::Options o;
+  o.available = {KernelId::kPerRequest, KernelId::kSequenceSplit, KernelId::kWorkQueue};
+  o.fixed_kernel = KernelId::kSequenceSplit;
+  o.fixed_parameter = 128;
+  StepShape s = Shape(std::vector<int64_t>(64, 8192));  // 64 rows x 512 pages
+  s.device.limits.max_partial_slots = 4096;
+  s.device.limits.max_tasks = 1 << 20;
+  StepPlan p = Scheduler::Create(o)->Plan(s);
+  EXPECT_EQ(p.num_splits, 64);  // 128 x 64 rows would need 8192 partial slots
+  ExpectPlanFits(s, p);
+
+  o.fixed_kernel = KernelId::kWorkQueue;
+  o.fixed_parameter = 1;  // 64 rows x 512 partials; size 8 is the first doubling that fits (64 x 64 = 4096)
+  p = Scheduler::Create(o)->Plan(s);
+  EXPECT_EQ(p.pages_per_task, 8);
+  EXPECT_EQ(p.num_partials, 64 * 64);
+  ExpectPlanFits(s, p);
+
+  s.device.limits.max_tasks = 64 * 8 * 4;  // at most 4 tasks per (row, KV head)
+  p = Scheduler::Create(o)->Plan(s);
+  EXPECT_EQ(p.pages_per_task, 128);
+  ExpectPlanFits(s, p);
+}
+
+TEST(SchedulerLimitsTest, AdaptivePlanOfAWideBatchIsClamped) {
+  // B96 x 2K with 256 partial slots: they hold at most 2 splits of each of the 96 rows.
+  StepShape s = Shape(std::vector<int64_t>(96, 2048));
+  s.device.limits.max_partial_slots = 256;
+  s.device.limits.max_tasks = 1 << 20;
+  for (KernelId k : {KernelId::kSequenceSplit, KernelId::kWorkQueue}) {
+    const StepPlan p = GpuScheduler(k).Plan(s);
+    ExpectPlanFits(s, p);
+    if (k == KernelId::kSequenceSplit) EXPECT_LE(p.num_splits, 2);
+    if (k == KernelId::kWorkQueue) EXPECT_LE(p.num_partials, 256);
+  }
 }
 
 }  // namespace

@@ -1,0 +1,114 @@
+#include "scheduler/work_list.h"
+
+#include <algorithm>
+
+namespace pkv::scheduler {
+namespace {
+
+// Ranges a row of `pages` pages is cut into at task size `cap` (an empty row still runs one).
+int64_t RowSplits(int32_t pages, int32_t cap) { return pages > 0 ? (pages + int64_t{cap} - 1) / cap : 1; }
+
+bool Fits(const WorkListUsage& u, const PlanLimits& limits) {
+  return (limits.max_partial_slots <= 0 || u.partials <= limits.max_partial_slots) &&
+         (limits.max_tasks <= 0 || u.tasks <= limits.max_tasks);
+}
+
+int32_t LongestRow(std::span<const int32_t> row_pages) {
+  int32_t longest = 1;
+  for (int32_t p : row_pages) longest = std::max(longest, p);
+  return longest;
+}
+
+}  // namespace
+
+std::vector<int32_t> RowPages(const StepShape& shape) {
+  const int64_t page = std::max(1, shape.model.page_size);
+  std::vector<int32_t> pages(shape.row_tokens.size());
+  for (size_t r = 0; r < pages.size(); ++r) {
+    pages[r] = static_cast<int32_t>((shape.row_tokens[r] + page - 1) / page);
+  }
+  return pages;
+}
+
+WorkListUsage WorkListUsageFor(std::span<const int32_t> row_pages, int32_t num_kv_heads, int32_t pages_per_task) {
+  const int32_t cap = std::max(1, pages_per_task);
+  WorkListUsage u;
+  for (int32_t p : row_pages) {
+    const int64_t splits = RowSplits(p, cap);
+    u.tasks += splits;
+    if (splits > 1) u.partials += splits;
+  }
+  u.tasks *= num_kv_heads;
+  return u;
+}
+
+int32_t PagesPerTaskFor(std::span<const int32_t> row_pages, int32_t num_kv_heads, int64_t target_tasks) {
+  int32_t hi = LongestRow(row_pages);
+  if (target_tasks <= 0 || WorkListUsageFor(row_pages, num_kv_heads, hi).tasks > target_tasks) return hi;
+  // The smallest cap whose task count fits the target (the count falls as the cap grows).
+  int32_t lo = 1;
+  while (lo < hi) {
+    const int32_t mid = lo + (hi - lo) / 2;
+    if (WorkListUsageFor(row_pages, num_kv_heads, mid).tasks <= target_tasks) {
+      hi = mid;
+    } else {
+      lo = mid + 1;
+    }
+  }
+  return lo;
+}
+
+void BuildWorkList(std::span<const int32_t> row_pages, int32_t num_kv_heads, int32_t pages_per_task,
+                   StepPlan* plan) {
+  const int32_t cap = std::max(1, pages_per_task);
+  const auto batch = static_cast<int32_t>(row_pages.size());
+  plan->pages_per_task = cap;
+  plan->row_splits.assign(batch, 0);
+  plan->partial_offset.assign(batch, 0);
+  plan->num_partials = 0;
+  plan->tasks.clear();
+  plan->tasks.reserve(WorkListUsageFor(row_pages, num_kv_heads, cap).tasks);
+  for (int32_t b = 0; b < batch; ++b) {
+    const int32_t pages = row_pages[b];
+    const auto splits = static_cast<int32_t>(RowSplits(pages, cap));
+    plan->row_splits[b] = splits;
+    if (pages <= 0) {
+      // An empty row still owes zeros and lse = -inf: one empty task per KV head writes them.
+      for (int32_t h = 0; h < num_kv_heads; ++h) plan->tasks.push_back(DecodeTask{b, h, 0, 1, 0, 0});
+      continue;
+    }
+    if (splits > 1) {
+      plan->partial_offset[b] = plan->num_partials;
+      plan->num_partials += splits;
+    }
+    for (int32_t h = 0; h < num_kv_heads; ++h) {
+      for (int32_t s = 0; s < splits; ++s) {
+        const auto begin = static_cast<int32_t>(static_cast<int64_t>(pages) * s / splits);
+        const auto end = static_cast<int32_t>(static_cast<int64_t>(pages) * (s + 1) / splits);
+        plan->tasks.push_back(DecodeTask{b, h, s, splits, begin, end});
+      }
+    }
+  }
+  std::stable_sort(plan->tasks.begin(), plan->tasks.end(), [](const DecodeTask& a, const DecodeTask& b) {
+    return a.page_end - a.page_begin > b.page_end - b.page_begin;
+  });
+}
+
+int32_t FitNumSplits(int32_t num_splits, int32_t batch, const PlanLimits& limits) {
+  const int32_t most = limits.max_partial_slots > 0 ? std::max(1, limits.max_partial_slots / std::max(1, batch))
+                                                    : std::max(1, num_splits);
+  return std::clamp(num_splits, 1, most);
+}
+
+int32_t FitPagesPerTask(std::span<const int32_t> row_pages, int32_t num_kv_heads, int32_t pages_per_task,
+                        const PlanLimits& limits) {
+  const int32_t longest = LongestRow(row_pages);
+  int64_t cap = std::max(1, pages_per_task);
+  // The workspace and the descriptor bound how finely rows may be cut.
+  while (cap < longest && !Fits(WorkListUsageFor(row_pages, num_kv_heads, static_cast<int32_t>(cap)), limits)) {
+    cap *= 2;
+  }
+  return static_cast<int32_t>(cap);
+}
+
+}  // namespace pkv::scheduler

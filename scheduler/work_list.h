@@ -1,0 +1,62 @@
+// scheduler/work_list.h — how a token step's rows are cut into work, and the fit of that cut to
+// the backend's capacity.
+//
+// The work queue (kWorkQueue) runs a compact list of tasks: every non-empty (row, KV head) is cut
+// into balanced page ranges of at most `pages_per_task` pages, and every row cut into more than
+// one range gets partial slots that the fused merge reads back. PagesPerTaskFor picks the task
+// size for a task-count target, BuildWorkList builds the list for a task size (it fills a
+// StepPlan's row_splits, partial_offset, num_partials and tasks), WorkListUsageFor counts what
+// that list needs without building it. FitNumSplits and FitPagesPerTask are the capacity rules:
+// a uniform split count is clamped to the partial slots per row, and a task size is doubled until
+// the list fits the partial slots and the descriptor's tasks (PlanLimits).
+// Host only, no CUDA. Thread-safety: pure functions.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "common/decode_types.h"
+#include "scheduler/step_plan.h"
+
+namespace pkv::scheduler {
+
+// Pages of every row of `shape` (ceil(tokens / page size)), as the engine's page table holds them.
+std::vector<int32_t> RowPages(const StepShape& shape);
+
+// What the work list of one task size needs from the backend.
+struct WorkListUsage {
+  int64_t tasks = 0;     // descriptor entries: one per (range, KV head), one per KV head of an empty row
+  int64_t partials = 0;  // partial slots: the ranges of every row cut into more than one
+};
+
+// The usage of BuildWorkList(row_pages, num_kv_heads, pages_per_task), without building it.
+// `pages_per_task` < 1 counts as 1.
+WorkListUsage WorkListUsageFor(std::span<const int32_t> row_pages, int32_t num_kv_heads, int32_t pages_per_task);
+
+// The smallest task size (pages per task) whose work list has at most `target_tasks` tasks, so a
+// grid of `target_tasks` CTAs runs it in one balanced wave; the longest row's pages (at least 1)
+// when even one task per (row, KV head) exceeds the target or the target is < 1.
+int32_t PagesPerTaskFor(std::span<const int32_t> row_pages, int32_t num_kv_heads, int64_t target_tasks);
+
+// kWorkQueue's work list for task size `pages_per_task` (< 1 counts as 1) into `plan`'s
+// row_splits, partial_offset, num_partials and tasks (replacing them): each non-empty row is cut
+// into ceil(pages / pages_per_task) balanced page ranges per KV head; a row with 0 pages gets one
+// empty task per KV head (it writes zeros and lse = -inf, as the kernel contract asks); rows cut
+// into more than one range take consecutive partial slots; tasks are sorted largest first (a
+// better tail on a strided persistent grid). Sets plan.pages_per_task.
+void BuildWorkList(std::span<const int32_t> row_pages, int32_t num_kv_heads, int32_t pages_per_task,
+                   StepPlan* plan);
+
+// kSequenceSplit's split count for `batch` rows: `num_splits` clamped to [1, max_partial_slots /
+// batch] (at least 1; a single split uses no partial slots). Unbounded when max_partial_slots is 0.
+int32_t FitNumSplits(int32_t num_splits, int32_t batch, const PlanLimits& limits);
+
+// kWorkQueue's task size: `pages_per_task` (< 1 counts as 1), doubled until its work list fits
+// `limits` (partial slots and tasks). Doubling stops once no row is cut (the task size reaches the
+// longest row): that list needs no partial slots and the fewest tasks, one per (row, KV head); if
+// even those exceed max_tasks the backend refuses the step.
+int32_t FitPagesPerTask(std::span<const int32_t> row_pages, int32_t num_kv_heads, int32_t pages_per_task,
+                        const PlanLimits& limits);
+
+}  // namespace pkv::scheduler
