@@ -56,7 +56,8 @@ Environment (defaults in brackets):
              lacks, e.g. Abseil from scripts/pack_build_deps.sh)
   tests      SANITIZE=1; GPU_TESTS (with --bin: which test binaries to run
              [decode_attention_cuda_test device_kv_arena_test engine_cuda_test flashinfer_arm_test])
-  kernels    BENCH=full|quick|none [full]; G18=0 skips G=1 / G=8
+  kernels    BENCH=full|quick|none [full]; G18=0 skips G=1 / G=8; PROFILE (the planned column's
+             cost-model profile at G=4) [the shipped profile of the GPU: H200, else H100]
   serving    TRACE=full|quick|none [full]; SEEDS [20260623..27]; LAYERS [32]; EXTRAS=0 skips
              ingest; PROFILE_IN=path uses that profile instead of calibrating
   e2e        RUNS="kernel_only steady_b8 steady_b4x2 steady_b2x4 bimodal_b8 bimodal_b4x2 azure_conv

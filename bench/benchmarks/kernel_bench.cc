@@ -21,11 +21,18 @@
 #include "common/decode_types.h"
 #include "kernels/cuda/decode_attention_cuda.h"
 #include "kernels/decode_attention.h"
+#include "scheduler/cost_profile.h"
+#include "scheduler/scheduler.h"
 #include "scheduler/step_plan.h"
 #include "scheduler/work_list.h"
 
 namespace pkv::bench {
 namespace {
+
+// The limits the "planned" configuration is fitted to: the CUDA backend's defaults (partial slots
+// of its workspace, CudaBackendOptions::max_partial_slots; tasks its descriptor holds).
+constexpr int32_t kPlanMaxPartialSlots = 4096;
+constexpr int64_t kPlanMaxTasks = int64_t{1} << 20;
 
 using kernels::DecodeParams;
 namespace kc = kernels::cuda;
@@ -154,6 +161,8 @@ class Bench {
 #ifdef PKV_WITH_FLASHINFER
   std::vector<std::unique_ptr<FlashInferArm>> fi_arms_;  // per dtype: fi_decode, fi_prefill (those that exist)
 #endif
+  std::unique_ptr<scheduler::Scheduler> scheduler_;  // plans the "planned" configuration
+  std::map<std::string, double> agg_planned_;        // dtype|group -> planned us (sum)
   Ceilings start_{}, end_{};
   int runs_ = 50;
   double floor_us_ = 0;
@@ -388,6 +397,67 @@ void Bench::RunCase(DType dtype, const Case& c, int64_t case_seed) {
                                 arm->planned_split_kv() ? 2 : 1});
   }
 #endif
+  // The configuration the engine runs: the scheduler's plan for this step (route, split count or
+  // task size and work list, fitted to the CUDA backend's default limits), timed the same way.
+  // It is one of the searched configurations or near one; `best` below is the search's pick (an
+  // oracle the engine does not run).
+  Result planned_result;
+  {
+    scheduler::StepShape shape;
+    shape.model.num_layers = 1;
+    shape.model.num_q_heads = o_.num_q_heads;
+    shape.model.num_kv_heads = o_.num_kv_heads;
+    shape.model.head_dim = o_.head_dim;
+    shape.model.page_size = P;
+    shape.model.dtype = dtype;
+    shape.row_tokens = c.lengths;
+    shape.device.name = prop_.name;
+    shape.device.is_gpu = true;
+    shape.device.num_sms = prop_.multiProcessorCount;
+    shape.device.limits.max_partial_slots = kPlanMaxPartialSlots;
+    shape.device.limits.max_tasks = kPlanMaxTasks;
+    const scheduler::StepPlan plan = scheduler_->Plan(shape);
+    DecodeParams p = base;
+    int32_t* d_plan_mem[3] = {nullptr, nullptr, nullptr};
+    std::string label = "planned:";
+    if (plan.kernel == KernelId::kSequenceSplit) {
+      p.num_splits = plan.num_splits;
+      label += "split_fused/S" + std::to_string(plan.num_splits);
+    } else if (plan.kernel == KernelId::kWorkQueue) {
+      BENCH_CUDA(cudaMalloc(&d_plan_mem[0], plan.tasks.size() * sizeof(DecodeTask)));
+      BENCH_CUDA(cudaMalloc(&d_plan_mem[1], B * 4));
+      BENCH_CUDA(cudaMalloc(&d_plan_mem[2], B * 4));
+      BENCH_CUDA(cudaMemcpy(d_plan_mem[0], plan.tasks.data(), plan.tasks.size() * sizeof(DecodeTask), cudaMemcpyHostToDevice));
+      BENCH_CUDA(cudaMemcpy(d_plan_mem[1], plan.row_splits.data(), B * 4, cudaMemcpyHostToDevice));
+      BENCH_CUDA(cudaMemcpy(d_plan_mem[2], plan.partial_offset.data(), B * 4, cudaMemcpyHostToDevice));
+      p.tasks = reinterpret_cast<const DecodeTask*>(d_plan_mem[0]);
+      p.num_tasks = static_cast<int32_t>(plan.tasks.size());
+      p.row_splits = d_plan_mem[1];
+      p.partial_offset = d_plan_mem[2];
+      p.num_partials = plan.num_partials;
+      label += "wq_fused/P" + std::to_string(plan.pages_per_task) + "x" + std::to_string(plan.tasks.size());
+    } else {
+      label += "per_request";
+    }
+    if (!kc::CanImplement(plan.kernel, p).ok() || kc::WorkspaceBytes(plan.kernel, p) > ws_bytes_) {
+      std::fprintf(stderr, "case %s: the planned %s does not fit the benchmark's workspace\n", c.name.c_str(),
+                   label.c_str());
+      std::exit(1);
+    }
+    auto launch = [&](int i) {
+      DecodeParams pi = p;
+      pi.page_indices = d_indices + static_cast<int64_t>(i % copies) * total_pages;
+      const absl::Status st = kc::Launch(plan.kernel, pi, ws_, stream_);  // the engine's merge: fused
+      if (!st.ok()) {
+        std::fprintf(stderr, "planned launch failed: %s\n", std::string(st.message()).c_str());
+        std::exit(1);
+      }
+    };
+    planned_result = Result{label, "planned", time_launches(launch), kc::LaunchesPerCall(plan.kernel, p, kc::MergeMode::kFused)};
+    for (int32_t* m : d_plan_mem) {
+      if (m != nullptr) cudaFree(m);
+    }
+  }
   cudaFree(d_indptr);
   cudaFree(d_indices);
   cudaFree(d_last);
@@ -408,12 +478,15 @@ void Bench::RunCase(DType dtype, const Case& c, int64_t case_seed) {
   for (const Result& r : fi_results) {
     if (fi_best == nullptr || r.median_us < fi_best->median_us) fi_best = &r;
   }
-  // Speed ratio ours / FlashInfer (> 1: ours is faster); empty without FlashInfer.
-  std::string speedup;
+  // Speed ratios against FlashInfer (> 1: ours is faster) of the search's best configuration (an
+  // oracle) and of the planned one; empty without FlashInfer.
+  std::string speedup, planned_speedup;
   if (fi_best != nullptr) {
     char buf[32];
     std::snprintf(buf, sizeof(buf), "%.3f", fi_best->median_us / best->median_us);
     speedup = buf;
+    std::snprintf(buf, sizeof(buf), "%.3f", fi_best->median_us / planned_result.median_us);
+    planned_speedup = buf;
   }
   const double stream_gbps = start_.stream_gbps;  // same-run ceilings (start; the end is printed too)
   const double d2d_gbps = start_.d2d_gbps;
@@ -421,13 +494,14 @@ void Bench::RunCase(DType dtype, const Case& c, int64_t case_seed) {
   std::vector<const Result*> rows;
   for (const Result& r : results) rows.push_back(&r);
   for (const Result& r : fi_results) rows.push_back(&r);
+  rows.push_back(&planned_result);
   for (const Result* rp : rows) {
     const Result& r = *rp;
     const double gbps = kv_bytes / (r.median_us * 1e-6) / 1e9;
     csv_ << dt << ',' << c.name << ',' << c.group << ',' << B << ',' << tokens << ',' << static_cast<int64_t>(kv_bytes) << ','
          << r.family << ',' << r.label << ',' << r.launches << ',' << r.median_us << ',' << gbps << ','
          << 100.0 * gbps / stream_gbps << ',' << 100.0 * gbps / d2d_gbps << ',' << (best == &r ? 1 : 0) << ','
-         << copies << ',' << speedup << '\n';
+         << copies << ',' << (rp == &planned_result ? planned_speedup : speedup) << '\n';
   }
   csv_.flush();
   auto us = [&](const char* fam) -> std::string {
@@ -438,15 +512,18 @@ void Bench::RunCase(DType dtype, const Case& c, int64_t case_seed) {
     return buf;
   };
   const double best_gbps = kv_bytes / (best->median_us * 1e-6) / 1e9;
-  char line[512];
-  std::snprintf(line, sizeof(line), "| %s | %s | %.1f | %s | %s | %s | %s | %s | %.0f | %.1f | %.1f |\n", dt.c_str(),
+  const double planned_gbps = kv_bytes / (planned_result.median_us * 1e-6) / 1e9;
+  char line[768];
+  std::snprintf(line, sizeof(line),
+                "| %s | %s | %.1f | %s | %s | %s | %s | %s | %.0f | %.1f | %.1f | %s | %.1f | %.1f | %.3f |\n", dt.c_str(),
                 c.name.c_str(), kv_bytes / 1e6, us("per_request").c_str(), us("sequence_split").c_str(),
                 us("workqueue_fused").c_str(), us("workqueue_separate").c_str(), best->label.c_str(), best_gbps,
-                100.0 * best_gbps / stream_gbps, 100.0 * best_gbps / d2d_gbps);
-  if (fi_best != nullptr) {  // extra columns: fi_decode us | fi_prefill us | ours/FI speed
+                100.0 * best_gbps / stream_gbps, 100.0 * best_gbps / d2d_gbps, planned_result.label.c_str() + 8,
+                planned_result.median_us, 100.0 * planned_gbps / stream_gbps, best->median_us / planned_result.median_us);
+  if (fi_best != nullptr) {  // extra columns: fi_decode us | fi_prefill us | best/FI | planned/FI speed
     std::string l(line);
     l.pop_back();  // '\n'
-    l += " " + us("fi_decode") + " | " + us("fi_prefill") + " | " + speedup + " |\n";
+    l += " " + us("fi_decode") + " | " + us("fi_prefill") + " | " + speedup + " | " + planned_speedup + " |\n";
     std::snprintf(line, sizeof(line), "%s", l.c_str());
   }
   table_ << line;
@@ -456,12 +533,31 @@ void Bench::RunCase(DType dtype, const Case& c, int64_t case_seed) {
     auto& a = agg_[dt + "|" + c.group];
     a.first += kv_bytes;
     a.second += best->median_us;
+    agg_planned_[dt + "|" + c.group] += planned_result.median_us;
     if (fi_best != nullptr) agg_fi_[dt + "|" + c.group] += fi_best->median_us;
   }
 }
 
 int Bench::Run() {
   runs_ = std::max(o_.runs, 1);
+  {
+    scheduler::Scheduler::Options so;
+    so.available = {KernelId::kPerRequest, KernelId::kSequenceSplit, KernelId::kWorkQueue};
+    if (!o_.profile_path.empty()) {
+      absl::StatusOr<scheduler::CostProfile> profile = scheduler::LoadCostProfile(o_.profile_path);
+      if (!profile.ok()) {
+        std::fprintf(stderr, "pkv-bench kernels: --profile: %s\n", std::string(profile.status().message()).c_str());
+        return 2;
+      }
+      so.profile = *profile;
+    }
+    absl::StatusOr<scheduler::Scheduler> sched = scheduler::Scheduler::Create(so);
+    if (!sched.ok()) {
+      std::fprintf(stderr, "pkv-bench kernels: %s\n", std::string(sched.status().message()).c_str());
+      return 2;
+    }
+    scheduler_ = std::make_unique<scheduler::Scheduler>(*std::move(sched));
+  }
   int dev = 0;
   BENCH_CUDA(cudaGetDevice(&dev));
   BENCH_CUDA(cudaGetDeviceProperties(&prop_, dev));
@@ -517,14 +613,18 @@ int Bench::Run() {
     csv_ << "dtype,case,group,batch,tokens,kv_bytes,family,config,launches,median_us,gbps,pct_stream,pct_d2d,best,"
             "kv_copies,speedup_vs_fi\n";
   }
+  // "best": the fastest configuration the search found for the case (an oracle: the engine does
+  // not search); "planned": what the scheduler plans for it (what the engine runs).
   std::string header =
-      "| dtype | case | KV MB | per_request us | seq_split us | wq_fused us | wq_sep us | best | GB/s | % stream | % D2D |\n"
-      "|---|---|---|---|---|---|---|---|---|---|---|\n";
+      "| dtype | case | KV MB | per_request us | seq_split us | wq_fused us | wq_sep us | best (search, oracle) | "
+      "GB/s | % stream | % D2D | planned (engine) | planned us | planned % stream | best / planned speed |\n"
+      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
 #ifdef PKV_WITH_FLASHINFER
   header =
-      "| dtype | case | KV MB | per_request us | seq_split us | wq_fused us | wq_sep us | best | GB/s | % stream | % D2D "
-      "| fi_decode us | fi_prefill us | ours/FI speed |\n"
-      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+      "| dtype | case | KV MB | per_request us | seq_split us | wq_fused us | wq_sep us | best (search, oracle) | "
+      "GB/s | % stream | % D2D | planned (engine) | planned us | planned % stream | best / planned speed "
+      "| fi_decode us | fi_prefill us | best/FI speed | planned/FI speed |\n"
+      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
 #endif
   table_ << header;
   std::fputs(header.c_str(), stdout);
@@ -561,18 +661,24 @@ int Bench::Run() {
 
   std::ostringstream agg;
   const bool with_fi = !agg_fi_.empty();
-  agg << "\n| dtype | mixed workload (all steps) | KV MB | best us (sum) | GB/s | % stream |"
-      << (with_fi ? " FlashInfer best us (sum) | ours/FI speed |\n|---|---|---|---|---|---|---|---|\n" : "\n|---|---|---|---|---|---|\n");
+  agg << "\n| dtype | mixed workload (all steps) | KV MB | best (search, oracle) us (sum) | GB/s | % stream | "
+         "planned us (sum) | planned % stream |"
+      << (with_fi ? " FlashInfer best us (sum) | best/FI speed | planned/FI speed |\n"
+                    "|---|---|---|---|---|---|---|---|---|---|---|\n"
+                  : "\n|---|---|---|---|---|---|---|---|\n");
   for (const auto& [key, v] : agg_) {
     const double gbps = v.first / (v.second * 1e-6) / 1e9;
-    char line[256];
+    const double planned_us = agg_planned_[key];
+    const double planned_gbps = v.first / (planned_us * 1e-6) / 1e9;
+    char line[320];
     const size_t bar = key.find('|');
-    std::snprintf(line, sizeof(line), "| %s | %s | %.1f | %.1f | %.0f | %.1f |", key.substr(0, bar).c_str(),
-                  key.substr(bar + 1).c_str(), v.first / 1e6, v.second, gbps, 100.0 * gbps / start_.stream_gbps);
+    std::snprintf(line, sizeof(line), "| %s | %s | %.1f | %.1f | %.0f | %.1f | %.1f | %.1f |", key.substr(0, bar).c_str(),
+                  key.substr(bar + 1).c_str(), v.first / 1e6, v.second, gbps, 100.0 * gbps / start_.stream_gbps,
+                  planned_us, 100.0 * planned_gbps / start_.stream_gbps);
     agg << line;
     if (with_fi) {
       const double fi_us = agg_fi_.count(key) ? agg_fi_.at(key) : 0.0;
-      std::snprintf(line, sizeof(line), " %.1f | %.3f |", fi_us, fi_us / v.second);
+      std::snprintf(line, sizeof(line), " %.1f | %.3f | %.3f |", fi_us, fi_us / v.second, fi_us / planned_us);
       agg << line;
     }
     agg << '\n';

@@ -37,6 +37,9 @@ struct KernelBenchOptions {
   int warmup = 5;
   double max_kv_gib = 8.0;
   uint64_t seed = 20260622;
+  // Cost-model profile of the scheduler whose plan is timed next to the search (the "planned"
+  // column: the configuration the engine runs); empty: the built-in default profile.
+  std::string profile_path;
   std::string csv_path;  // empty: no CSV
   std::string md_path;   // empty: no markdown summary
   std::string commit = "unknown";

@@ -196,6 +196,9 @@ std::vector<Flag> KernelFlags(pkv::bench::KernelBenchOptions* o) {
       IntFlag("warmup", &o->warmup, "untimed launches per case"),
       DoubleFlag("max-kv-gib", &o->max_kv_gib, "device memory for KV, in GiB; larger cases are skipped"),
       Uint64Flag("seed", &o->seed, "seed of the data and the mixed workloads"),
+      StringFlag("profile", &o->profile_path,
+                 "cost-model profile (pkv-calibrate) of the scheduler whose plan is timed as the \"planned\" "
+                 "column, the configuration the engine runs; empty: the built-in default"),
       StringFlag("csv", &o->csv_path, "write one CSV row per case and route here; empty: none"),
       StringFlag("md", &o->md_path, "append the summary as markdown to this file; empty: none"),
       StringFlag("commit", &o->commit, "commit recorded with the results"),

@@ -2,17 +2,26 @@
 # shellcheck shell=bash
 # on the G=4 grid (Hq 32, Hkv 8, d 128, page 16; fp16 and bf16) with mixed steps, then G=1 (Hq 8)
 # and G=8 (Hq 64) on a reduced fp16 grid; FlashInfer columns when built with its arm.
+# Every case also times the scheduler's plan for it ("planned": the configuration the engine runs)
+# next to the search's best (an oracle); G=4 plans with PROFILE [the shipped profile of this GPU:
+# H200, else H100], G=1 and G=8 with the built-in default profile.
 # BENCH=full|quick|none (--quick: quick), G18=0 skips G=1 / G=8.
 # Output: kernels_g4.{csv,md}, kernels_g1.csv, kernels_g8.csv, kernels_g1_g8.md; key rows printed.
 suite_kernels() {
-  local bench="${BENCH:-full}" grid=() steps=3 rc=0 hq g
+  local bench="${BENCH:-full}" grid=() steps=3 rc=0 hq g profile="${PROFILE:-}"
+  if [[ -z "$profile" ]]; then
+    case "$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n1)" in
+      *H200*) profile=scheduler/profiles/h200-hq32-hkv8-d128-p16-fp16.json ;;
+      *) profile=scheduler/profiles/h100-hq32-hkv8-d128-p16-fp16.json ;;
+    esac
+  fi
   [[ "$QUICK" == 1 && -z "${BENCH:-}" ]] && bench=quick
   [[ "$bench" == none ]] && return 0
   pkv_host_info "$SUITE_OUT/host.txt"
   pkv_need pkv-bench || return 1
   # shellcheck disable=SC2054  # commas belong to the flag values
   if [[ "$bench" == quick ]]; then grid=(--batches=1,8,64 --contexts=2048,32768 --b1-extra=4096,16384); steps=1; fi
-  "$BIN/pkv-bench" kernels "${grid[@]}" --mixed-steps=$steps --commit="$COMMIT" \
+  "$BIN/pkv-bench" kernels "${grid[@]}" --mixed-steps=$steps --commit="$COMMIT" --profile="$profile" \
     --csv="$SUITE_OUT/kernels_g4.csv" --md="$SUITE_OUT/kernels_g4.md" >"$SUITE_OUT/kernels_g4.log" 2>&1 || rc=1
   echo "bench G=4: rc=$rc"
   if [[ "${G18:-1}" == 1 ]]; then
