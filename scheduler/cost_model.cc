@@ -111,7 +111,12 @@ ArmCost CostModel::BestOf(KernelId kernel, const StepShape& s) const {
       const int32_t heads = s.model.num_kv_heads;
       ArmCost best;
       best.us = std::numeric_limits<double>::infinity();
-      for (int64_t target : {concurrency / 4, concurrency / 2, concurrency, 2 * concurrency, 4 * concurrency}) {
+      // At least one full wave of the persistent grid: fewer tasks than resident CTAs leave SMs
+      // without a second CTA, and the model's per-CTA read rate (a lone CTA's) overstates what
+      // each of them gets then. On the H200, plans of half a wave (128 tasks on 264 CTAs) were
+      // 3-12% slower than one wave on every mixed B8, B4 and long B1 step where the model chose
+      // them (bench/results/h200-kernels-ac2f2c6/).
+      for (int64_t target : {concurrency, 2 * concurrency, 4 * concurrency}) {
         const int32_t per_task = PagesPerTaskFor(row_pages, heads, target);
         ArmCost c = WorkQueue(s, FitPagesPerTask(row_pages, heads, per_task, s.device.limits));
         if (c.us < best.us) best = c;
