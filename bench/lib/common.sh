@@ -36,6 +36,15 @@ pkv_gpu_tag() {
   echo "${tag:-gpu}"
 }
 
+# pkv_shipped_profile: the shipped G=4 cost-model profile of the first GPU (H200's on an H200,
+# else H100's; scheduler/profiles/), for suites that plan with a shipped profile.
+pkv_shipped_profile() {
+  case "$(pkv_gpu_name)" in
+    *H200*) echo scheduler/profiles/h200-hq32-hkv8-d128-p16-fp16.json ;;
+    *) echo scheduler/profiles/h100-hq32-hkv8-d128-p16-fp16.json ;;
+  esac
+}
+
 # pkv_host_info FILE: the GPU(s), driver, clocks, host CPU and commit; printed and written to FILE.
 pkv_host_info() {
   {

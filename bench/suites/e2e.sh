@@ -28,12 +28,7 @@
 suite_e2e() {
   local backend=cuda n24=24 naz=200 nmc=80 limit=600 scale=() pool=(--gpu_memory_fraction=0.5)
   local profile="${PROFILE:-}"
-  if [[ -z "$profile" ]]; then
-    case "$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n1)" in
-      *H200*) profile=scheduler/profiles/h200-hq32-hkv8-d128-p16-fp16.json ;;
-      *) profile=scheduler/profiles/h100-hq32-hkv8-d128-p16-fp16.json ;;
-    esac
-  fi
+  [[ -z "$profile" ]] && profile=$(pkv_shipped_profile)
   local model=(--num_layers=32 --num_q_heads=32 --num_kv_heads=8 --head_dim=128 --page_size=16 --dtype=fp16)
   if [[ "$SMOKE" == 1 ]]; then
     backend=cpu; scale=(--context_scale=0.015625 --max_output=8); pool=(--num_pages=8192); profile=""

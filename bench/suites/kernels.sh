@@ -8,13 +8,7 @@
 # BENCH=full|quick|none (--quick: quick), G18=0 skips G=1 / G=8.
 # Output: kernels_g4.{csv,md}, kernels_g1.csv, kernels_g8.csv, kernels_g1_g8.md; key rows printed.
 suite_kernels() {
-  local bench="${BENCH:-full}" grid=() steps=3 rc=0 hq g profile="${PROFILE:-}"
-  if [[ -z "$profile" ]]; then
-    case "$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n1)" in
-      *H200*) profile=scheduler/profiles/h200-hq32-hkv8-d128-p16-fp16.json ;;
-      *) profile=scheduler/profiles/h100-hq32-hkv8-d128-p16-fp16.json ;;
-    esac
-  fi
+  local bench="${BENCH:-full}" grid=() steps=3 rc=0 hq g profile="${PROFILE:-$(pkv_shipped_profile)}"
   [[ "$QUICK" == 1 && -z "${BENCH:-}" ]] && bench=quick
   [[ "$bench" == none ]] && return 0
   pkv_host_info "$SUITE_OUT/host.txt"

@@ -1,13 +1,13 @@
 # bench/suites/scaling.sh — the adaptive choice beyond the headline shape, sourced by bench/gpu.sh:
 # shellcheck shell=bash
 # G=1 (Hq 8) and G=8 (Hq 64), each with its own pkv-calibrate profile, and larger batches (B16,
-# B64) at G=4 under the shipped H100 profile (PROFILE=path for another). 8 layers per token step
+# B64) at G=4 under the shipped profile of this GPU (H200's, else H100's; PROFILE=path for another). 8 layers per token step
 # and 2 held-out seeds, shorter than the `serving` suite.
 # Output: <gpu>-hq{8,64}-hkv8-d128-p16-fp16.json, calibrate-hq*.log, trace-hq*.{md,csv,log},
 # trace-large-b.{md,csv,log}.
 suite_scaling() {
   local seeds=20260623,20260624 hq p rc=0
-  local base="${PROFILE:-scheduler/profiles/h100-hq32-hkv8-d128-p16-fp16.json}"
+  local base="${PROFILE:-$(pkv_shipped_profile)}"
   pkv_host_info "$SUITE_OUT/host.txt"
   pkv_need pkv-calibrate pkv-bench || return 1
   for hq in 8 64; do
