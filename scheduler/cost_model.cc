@@ -32,12 +32,31 @@ int64_t CostModel::KvBytes(const StepShape& shape) {
   return pages * shape.model.num_kv_heads * PageHeadBytes(shape);
 }
 
-double CostModel::UnitsUs(int64_t total_bytes, int64_t max_unit_bytes, int64_t units, double efficiency) const {
-  const double stream_us = static_cast<double>(total_bytes) / (profile_.stream_read_gbps * efficiency * 1e3);
-  const double longest_us = static_cast<double>(max_unit_bytes) / (profile_.cta_read_gbps * 1e3);
+double CostModel::UnitsUs(std::vector<UnitGroup> groups, double efficiency) const {
+  // Water-filling: all units start together and share the device's read bandwidth β; a unit
+  // alone reads at most β_cta, and at most `concurrency` units read at once. Equal units finish
+  // together, so walking the groups from the smallest unit up, the time to the next finish is the
+  // bytes each active unit still lacks over the rate each gets while that many are active. With
+  // equal units this is max(Σ bytes / β, unit bytes / β_cta); with a few long units it adds the
+  // tail in which they read alone, which max(...) left out.
   const int64_t concurrency = static_cast<int64_t>(profile_.num_sms) * profile_.resident_ctas_per_sm;
+  const double beta = profile_.stream_read_gbps * efficiency * 1e3;  // bytes per us
+  const double beta_cta = profile_.cta_read_gbps * 1e3;
+  std::sort(groups.begin(), groups.end(), [](const UnitGroup& a, const UnitGroup& b) { return a.bytes < b.bytes; });
+  int64_t active = 0;
+  for (const UnitGroup& g : groups) active += g.count;
+  const int64_t units = active;
+  double us = 0.0, progress = 0.0;  // bytes every still-active unit has read
+  for (const UnitGroup& g : groups) {
+    if (g.count <= 0) continue;
+    const double aggregate = std::min(beta_cta * static_cast<double>(std::min(active, concurrency)), beta);
+    const double rate = aggregate / static_cast<double>(active);
+    us += (static_cast<double>(g.bytes) - progress) / rate;
+    progress = static_cast<double>(g.bytes);
+    active -= g.count;
+  }
   const int64_t waves = units == 0 ? 0 : (units + concurrency - 1) / concurrency;
-  return std::max(stream_us, longest_us) + static_cast<double>(waves) * profile_.task_us;
+  return us + static_cast<double>(waves) * profile_.task_us;
 }
 
 ArmCost CostModel::PerRequest(const StepShape& s) const {
@@ -45,10 +64,10 @@ ArmCost CostModel::PerRequest(const StepShape& s) const {
   c.kernel = KernelId::kPerRequest;
   c.launches = 1;
   c.kv_bytes = KvBytes(s);
-  int64_t max_pages = 0;
-  for (size_t r = 0; r < s.row_tokens.size(); ++r) max_pages = std::max(max_pages, PagesOfRow(s, r));
+  std::vector<UnitGroup> groups;
+  for (size_t r = 0; r < s.row_tokens.size(); ++r) groups.push_back({PagesOfRow(s, r) * PageHeadBytes(s), s.model.num_kv_heads});
   c.units = static_cast<int64_t>(s.row_tokens.size()) * s.model.num_kv_heads;
-  c.us = UnitsUs(c.kv_bytes, max_pages * PageHeadBytes(s), c.units) + profile_.launch_us;
+  c.us = UnitsUs(std::move(groups)) + profile_.launch_us;
   return c;
 }
 
@@ -58,15 +77,24 @@ ArmCost CostModel::SequenceSplit(const StepShape& s, int32_t num_splits) const {
   c.num_splits = std::max(1, num_splits);
   c.launches = c.num_splits > 1 ? 2 : 1;
   c.kv_bytes = KvBytes(s);
-  int64_t max_unit_pages = 0;
+  // Every (row, KV head, split) is a CTA, empty splits included (they exit early): a row of p
+  // pages is cut into ranges of ceil(p / S) pages, the last one shorter.
+  std::vector<UnitGroup> groups;
+  const int64_t heads = s.model.num_kv_heads;
   for (size_t r = 0; r < s.row_tokens.size(); ++r) {
-    max_unit_pages = std::max(max_unit_pages, (PagesOfRow(s, r) + c.num_splits - 1) / c.num_splits);
+    const int64_t pages = PagesOfRow(s, r);
+    const int64_t per = (pages + c.num_splits - 1) / c.num_splits;
+    if (per == 0) {
+      groups.push_back({0, heads * c.num_splits});
+      continue;
+    }
+    const int64_t full = pages / per, rest = pages - full * per;
+    groups.push_back({per * PageHeadBytes(s), heads * full});
+    groups.push_back({rest * PageHeadBytes(s), heads * (c.num_splits - full)});
   }
-  // Every (row, KV head, split) is a CTA, empty splits included (they exit early).
   c.units = static_cast<int64_t>(s.row_tokens.size()) * s.model.num_kv_heads * c.num_splits;
   c.merge_bytes = c.num_splits > 1 ? MergeBytes(s, c.units) : 0;
-  c.us = UnitsUs(c.kv_bytes, max_unit_pages * PageHeadBytes(s), c.units,
-                 c.num_splits > 1 ? profile_.split_stream_efficiency : 1.0) +
+  c.us = UnitsUs(std::move(groups), c.num_splits > 1 ? profile_.split_stream_efficiency : 1.0) +
          c.launches * profile_.launch_us +
          static_cast<double>(c.merge_bytes) / (profile_.merge_gbps * 1e3);
   return c;
@@ -78,17 +106,23 @@ ArmCost CostModel::WorkQueue(const StepShape& s, int32_t pages_per_task) const {
   c.pages_per_task = std::max(1, pages_per_task);
   c.launches = 1;  // merge fused into the task kernel
   c.kv_bytes = KvBytes(s);
-  int64_t split_partials = 0, max_unit_pages = 0;
+  // A row of p pages is cut into ceil(p / pages_per_task) balanced ranges (their sizes differ by
+  // at most a page), per KV head.
+  int64_t split_partials = 0;
+  std::vector<UnitGroup> groups;
+  const int64_t heads = s.model.num_kv_heads;
   for (size_t r = 0; r < s.row_tokens.size(); ++r) {
     const int64_t pages = PagesOfRow(s, r);
     if (pages == 0) continue;
     const int64_t tasks = (pages + c.pages_per_task - 1) / c.pages_per_task;
-    max_unit_pages = std::max(max_unit_pages, (pages + tasks - 1) / tasks);
-    c.units += tasks * s.model.num_kv_heads;
-    if (tasks > 1) split_partials += tasks * s.model.num_kv_heads;
+    const int64_t small = pages / tasks, larger = pages % tasks;  // `larger` ranges of small + 1 pages
+    groups.push_back({(small + 1) * PageHeadBytes(s), heads * larger});
+    groups.push_back({small * PageHeadBytes(s), heads * (tasks - larger)});
+    c.units += tasks * heads;
+    if (tasks > 1) split_partials += tasks * heads;
   }
   c.merge_bytes = MergeBytes(s, split_partials);
-  c.us = UnitsUs(c.kv_bytes, max_unit_pages * PageHeadBytes(s), c.units) + profile_.launch_us +
+  c.us = UnitsUs(std::move(groups)) + profile_.launch_us +
          static_cast<double>(c.merge_bytes) / (profile_.merge_gbps * 1e3) +
          (split_partials > 0 ? profile_.wq_merge_us : 0.0);
   return c;

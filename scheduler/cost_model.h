@@ -2,7 +2,10 @@
 //
 // A route runs a set of work units (CTAs or tasks), each streaming some KV bytes. With the
 // calibrated constants of a CostProfile, one layer of a step is predicted to take
-//   max(Σ bytes / β, max unit bytes / β_cta)   streaming, bounded by the longest unit
+//   streaming time of the units sharing β     all start together; each active unit gets
+//                                             min(β_cta · min(active, SMs × resident), β) / active,
+//                                             so equal units take max(Σ bytes / β, unit bytes / β_cta)
+//                                             and a few long units add the tail they read alone in
 //   + ceil(units / (SMs × resident)) × task_us  per-unit fixed costs, per wave
 //   + launches × λ                              kernel launches
 //   + merge bytes / β_merge                     split partials written and read back
@@ -55,9 +58,14 @@ class CostModel {
   const CostProfile& profile() const { return profile_; }
 
  private:
-  // Cost of `units` units streaming `total_bytes` (the largest `max_unit_bytes`) at `efficiency`
-  // times the streaming bandwidth.
-  double UnitsUs(int64_t total_bytes, int64_t max_unit_bytes, int64_t units, double efficiency = 1.0) const;
+  // `count` units of `bytes` each.
+  struct UnitGroup {
+    int64_t bytes = 0;
+    int64_t count = 0;
+  };
+  // Streaming time of the units of `groups` sharing `efficiency` times the streaming bandwidth,
+  // plus their per-wave fixed costs (see the header comment).
+  double UnitsUs(std::vector<UnitGroup> groups, double efficiency = 1.0) const;
 
   CostProfile profile_;
 };

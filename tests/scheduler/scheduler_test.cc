@@ -4,6 +4,7 @@
 // one page of one KV head = 2 * 16 * 128 * 2 = 8192 bytes.
 #include "scheduler/scheduler.h"
 
+#include <algorithm>
 #include <optional>
 #include <random>
 #include <span>
@@ -61,6 +62,32 @@ TEST(CostModelTest, HandComputedSplitAndWorkQueueCosts) {
   EXPECT_EQ(wq.units, 64 * 8);
   EXPECT_EQ(wq.launches, 1);
   EXPECT_NEAR(wq.us, 33554432.0 / 2.5e6 + 0.5 + 6.0 + 2129920.0 / 1e6, 1e-6);
+}
+
+TEST(CostModelTest, UnequalUnitsAddTheTailTheLongOnesReadAlone) {
+  // 16 SMs x 1 resident, β = 100 GB/s, β_cta = 10 GB/s, no fixed costs; one KV head.
+  CostProfile p = DefaultCostProfile();
+  p.num_sms = 16;
+  p.resident_ctas_per_sm = 1;
+  p.stream_read_gbps = 100;
+  p.cta_read_gbps = 10;
+  p.launch_us = 0;
+  p.task_us = 0;
+  CostModel m(p);
+  StepShape s = Shape({});
+  s.model.num_q_heads = 4;
+  s.model.num_kv_heads = 1;
+  // Equal units: max(Σ bytes / β, unit bytes / β_cta). 16 rows of 10 pages: max(13.1, 8.2) µs.
+  s.row_tokens.assign(16, 160);
+  EXPECT_NEAR(m.PerRequest(s).us, std::max(16 * 10 * 8192 / 1e5, 10 * 8192 / 1e4), 1e-9);
+  // 15 rows of 1 page and one of 40: all 16 read at 100 / 16 GB/s until the short ones finish
+  // (8192 B each, 1.31 µs), then the long one alone at 10 GB/s for its other 39 pages: 33.26 µs,
+  // more than max(4.5, 32.8) µs.
+  s.row_tokens.assign(15, 16);
+  s.row_tokens.push_back(640);
+  const double want = 8192 / (1e5 / 16) + 39 * 8192 / 1e4;
+  EXPECT_NEAR(m.PerRequest(s).us, want, 1e-9);
+  EXPECT_GT(want, std::max(55 * 8192 / 1e5, 40 * 8192 / 1e4));
 }
 
 TEST(SchedulerTest, SingleLongRowGoesToTheWorkQueue) {
