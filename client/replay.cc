@@ -438,6 +438,18 @@ std::string ReplayReport::Format() const {
   return s;
 }
 
+std::string ReplayReport::TimelineCsv() const {
+  std::string csv = "kind,t_s,value,value2\n";
+  for (const auto& [t, n] : token_steps_at_s) absl::StrAppendFormat(&csv, "tokens,%.6f,%d,\n", t, n);
+  for (size_t i = 0; i < tbt_ms.size() && i < tbt_at_s.size(); ++i) {
+    absl::StrAppendFormat(&csv, "tbt,%.6f,%.4f,\n", tbt_at_s[i], tbt_ms[i]);
+  }
+  for (const PoolPoint& p : pool_at_s) {
+    absl::StrAppendFormat(&csv, "kv,%.6f,%.0f,%.0f\n", p.at_s, p.reserved_bytes, p.used_bytes);
+  }
+  return csv;
+}
+
 std::string ReplayReport::ToJson() const {
   auto max_of = [](const std::vector<double>& v) { return v.empty() ? 0.0 : *std::max_element(v.begin(), v.end()); };
   auto dist = [&](const std::vector<double>& v) {
@@ -847,9 +859,11 @@ absl::StatusOr<ReplayReport> RunReplay(WorkerClient& client, const ReplayOptions
           report.measured_tokens += static_cast<int64_t>(active.size());
           measured_spans.emplace_back(step_t0, step_t1);
           measured_completions.emplace_back(step_t1, static_cast<int64_t>(active.size()));
+          report.token_steps_at_s.emplace_back(Seconds(step_t1 - start), static_cast<int64_t>(active.size()));
           for (const Row& row : active) {
             if (row.has_last) {
               report.tbt_ms.push_back(Seconds(step_t1 - row.last_token_at - (group_stall - row.stall_at_last)) * 1e3);
+              report.tbt_at_s.push_back(Seconds(step_t1 - start));
             }
           }
         }
@@ -919,6 +933,7 @@ absl::StatusOr<ReplayReport> RunReplay(WorkerClient& client, const ReplayOptions
           const double reserved = static_cast<double>(pool->used_pages) * static_cast<double>(pool->page_bytes);
           const double used = static_cast<double>(pool->used_tokens) * static_cast<double>(token_bytes);
           ++report.pool_samples;
+          report.pool_at_s.push_back({Seconds(now - start), reserved, used});
           reserved_sum += reserved;
           used_sum += used;
           report.kv_reserved_peak_bytes = std::max(report.kv_reserved_peak_bytes, reserved);

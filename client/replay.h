@@ -136,6 +136,17 @@ struct ReplayReport {
   double max_rel_error = 0;
   double max_lse_error = 0;
   std::string first_failure;       // description of the first failed check
+  // Time series for plots, in seconds since the replay started: when each tbt_ms sample was
+  // taken (same order as tbt_ms), each measured token step's completion with its decode tokens,
+  // and each pool sample (reserved bytes, used bytes).
+  std::vector<double> tbt_at_s;
+  std::vector<std::pair<double, int64_t>> token_steps_at_s;
+  struct PoolPoint {
+    double at_s = 0;
+    double reserved_bytes = 0;
+    double used_bytes = 0;
+  };
+  std::vector<PoolPoint> pool_at_s;
 
   // Decode tokens per second over the measured token steps.
   double DecodeTokensPerSecond() const;
@@ -143,6 +154,10 @@ struct ReplayReport {
   std::string Format() const;
   // The same figures as one JSON object (for bench/results).
   std::string ToJson() const;
+  // The time series above as CSV (for plots): a header "kind,t_s,value,value2", then one row per
+  // measured token step ("tokens", t, decode tokens), per time-between-tokens sample ("tbt", t,
+  // ms) and per pool sample ("kv", t, reserved bytes, used bytes).
+  std::string TimelineCsv() const;
 };
 
 // Replays `requests` against the worker behind `client`. Errors: the worker's status for a

@@ -60,6 +60,9 @@ ABSL_FLAG(int64_t, payload_rows, 1024,
 ABSL_FLAG(double, pool_sample_ms, 100.0,
           "Milliseconds between Describe samples of the worker's pool (reserved vs used KV; 0: none).");
 ABSL_FLAG(std::string, report_json, "", "Also write the report as JSON to this file.");
+ABSL_FLAG(std::string, timeline_csv, "",
+          "Also write the run's time series as CSV to this file (decode tokens per token step, each "
+          "time-between-tokens sample, pool samples: reserved and used KV bytes), for bench/plots.py.");
 ABSL_FLAG(int32_t, num_requests, 24, "Requests to replay (first N of a trace; 0 = whole trace).");
 ABSL_FLAG(uint64_t, seed, 20260622, "Seed of the workload, the q/K/V data and the check sample.");
 ABSL_FLAG(double, context_scale, 1.0, "Multiply prompt lengths by this (0, 1] (small CPU runs).");
@@ -247,6 +250,14 @@ int Run() {
     std::FILE* f = std::fopen(path.c_str(), "w");
     if (f == nullptr || std::fprintf(f, "%s\n", report->ToJson().c_str()) < 0 || std::fclose(f) != 0) {
       PKV_LOG(ERROR) << "--report_json: cannot write " << path;
+      return 2;
+    }
+  }
+  if (const std::string path = absl::GetFlag(FLAGS_timeline_csv); !path.empty()) {
+    std::FILE* f = std::fopen(path.c_str(), "w");
+    const std::string csv = report->TimelineCsv();
+    if (f == nullptr || std::fwrite(csv.data(), 1, csv.size(), f) != csv.size() || std::fclose(f) != 0) {
+      PKV_LOG(ERROR) << "--timeline_csv: cannot write " << path;
       return 2;
     }
   }

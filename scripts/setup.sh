@@ -18,7 +18,7 @@ PACKAGES=(build-essential cmake ninja-build pkg-config
 # The Python client's tests (tests/python): Debian's CPU-only PyTorch and NumPy, seen by the
 # virtual environment made below (the PyPI torch wheel for x86-64 brings ~3 GB of CUDA packages).
 WITH_PYTHON="${PKV_WITH_PYTHON:-1}"
-if [ "$WITH_PYTHON" != 0 ]; then PACKAGES+=(python3-venv python3-torch python3-numpy); fi
+if [ "$WITH_PYTHON" != 0 ]; then PACKAGES+=(python3-venv python3-torch python3-numpy python3-matplotlib); fi
 missing=()
 # bench/flashinfer/fetch_headers.sh downloads wheels with pip: Debian's pip when python3 has none.
 python3 -m pip --version >/dev/null 2>&1 || PACKAGES+=(python3-pip)

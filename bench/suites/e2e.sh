@@ -22,7 +22,8 @@
 # pkv-replay (e.g. WORKER_ARGS="--grpc_arg=grpc.http2.max_frame_size=1048576").
 # --quick shortens every run; --smoke checks the suite without a
 # GPU (CPU backend, 2 layers, prompts scaled to 1/64).
-# Output: worker-*.log, replay-*.log, NAME.json (pkv-replay reports), kernel_only.{csv,log},
+# Output: worker-*.log, replay-*.log, NAME.json (pkv-replay reports), NAME.timeline.csv (their
+# time series, for bench/plots.py), kernel_only.{csv,log},
 # metrics-*.txt (the worker's /metrics at the end), e2e.log, summary.md (the tables printed last:
 # every run, then the ratios against kernel-only and against steady decode).
 suite_e2e() {
@@ -64,7 +65,8 @@ suite_e2e() {
     local name="$1"; shift
     echo "== $name: pkv-replay $*" | tee -a "$log"
     timeout "$limit" "$BIN/pkv-replay" --target=127.0.0.1:"$PORT" --progress_s=15 \
-      --report_json="$SUITE_OUT/$name.json" "$@" "${scale[@]}" ${REPLAY_ARGS:-} >"$SUITE_OUT/replay-$name.log" 2>&1
+      --report_json="$SUITE_OUT/$name.json" --timeline_csv="$SUITE_OUT/$name.timeline.csv" "$@" "${scale[@]}" \
+      ${REPLAY_ARGS:-} >"$SUITE_OUT/replay-$name.log" 2>&1
     echo "rc $?" >>"$SUITE_OUT/replay-$name.log"
     tail -n 16 "$SUITE_OUT/replay-$name.log" | tee -a "$log"
   }

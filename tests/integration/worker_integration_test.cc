@@ -1,6 +1,7 @@
 // Integration tests: the real gRPC server (service::WorkerServer, as pkv-worker builds it) on
 // 127.0.0.1:0 with a small CPU model and scattered pages, driven through the client library.
 // Outputs are checked against the client's independent double-precision reference.
+#include <algorithm>
 #include <chrono>
 #include <condition_variable>
 #include <fstream>
@@ -838,6 +839,25 @@ TEST_F(WorkerIntegrationTest, ReplayWithInterleavedMicroBatchesAndConcurrentPref
   EXPECT_GT(report->pool_samples, 0);
   EXPECT_GE(report->kv_reserved_peak_bytes, report->kv_used_peak_bytes);
   EXPECT_GT(report->decode_s, 0.0);
+  // The time series (pkv-replay --timeline_csv): one time per tbt sample, the measured tokens by
+  // token step, every pool sample, all in time order within [0, elapsed].
+  ASSERT_EQ(report->tbt_at_s.size(), report->tbt_ms.size());
+  int64_t series_tokens = 0;
+  for (const auto& [t, n] : report->token_steps_at_s) {
+    EXPECT_GE(t, 0.0);
+    EXPECT_LE(t, report->elapsed_s);
+    series_tokens += n;
+  }
+  EXPECT_EQ(series_tokens, report->measured_tokens);
+  ASSERT_EQ(static_cast<int64_t>(report->pool_at_s.size()), report->pool_samples);
+  for (size_t i = 1; i < report->pool_at_s.size(); ++i) {
+    EXPECT_GE(report->pool_at_s[i].at_s, report->pool_at_s[i - 1].at_s);
+    EXPECT_GE(report->pool_at_s[i].reserved_bytes, report->pool_at_s[i].used_bytes);
+  }
+  const std::string csv = report->TimelineCsv();
+  EXPECT_EQ(csv.rfind("kind,t_s,value,value2\n", 0), 0u);
+  EXPECT_EQ(static_cast<size_t>(std::count(csv.begin(), csv.end(), '\n')),
+            1 + report->token_steps_at_s.size() + report->tbt_ms.size() + report->pool_at_s.size());
   // The worker's own share of each layer-step: positive, within the client's round trip, and
   // the engine-thread wait within it.
   ASSERT_EQ(report->server_ms.size(), report->layer_step_ms.size());
