@@ -28,7 +28,7 @@ from collections import defaultdict
 DEFAULTS = {
     "kernels": "bench/results/h200-kernels-0cb078b/kernels/kernels_g4.csv",
     "trace": "bench/results/h200-kernels-0cb078b/serving/trace.csv",
-    "replay": "bench/results/h200-e2e-timeline/e2e",
+    "replay": "bench/results/h200-e2e-timeline-dc3a2da/e2e",
 }
 
 

@@ -16,7 +16,8 @@ PACKAGES=(build-essential cmake ninja-build pkg-config
           prometheus  # prometheus + promtool: tests/observability checks the dashboard and alerts
           unzip)      # bench/flashinfer/fetch_headers.sh unpacks the FlashInfer and CCCL header wheels
 # The Python client's tests (tests/python): Debian's CPU-only PyTorch and NumPy, seen by the
-# virtual environment made below (the PyPI torch wheel for x86-64 brings ~3 GB of CUDA packages).
+# virtual environment made below (the PyPI torch wheel for x86-64 brings ~3 GB of CUDA packages);
+# matplotlib for bench/plots.py (the figures of the records) and its test.
 WITH_PYTHON="${PKV_WITH_PYTHON:-1}"
 if [ "$WITH_PYTHON" != 0 ]; then PACKAGES+=(python3-venv python3-torch python3-numpy python3-matplotlib); fi
 missing=()
