@@ -90,7 +90,8 @@ ABSL_FLAG(std::string, tls_cert_file, "",
 ABSL_FLAG(std::string, tls_key_file, "", "PEM private key of --tls_cert_file.");
 ABSL_FLAG(std::vector<std::string>, grpc_arg, {},
           "Extra gRPC channel arguments, name=value, comma-separated or the flag repeated (e.g. "
-          "grpc.http2.max_frame_size=1048576); integers are passed as integers. See docs/OPERATIONS.md.");
+          "grpc.http2.max_frame_size=1048576); integers are passed as integers; not the message size "
+          "limits.");
 ABSL_FLAG(std::string, router_id, "pkv-replay",
           "Router id sent as request metadata (x-pkv-router-id): the worker's sequences and token steps "
           "of this run belong to it (a worker serving mutual TLS uses the client certificate instead).");
@@ -100,6 +101,7 @@ namespace {
 absl::StatusOr<pkv::client::ClientOptions> ClientOptionsFromFlags() {
   pkv::client::ClientOptions options;
   PKV_ASSIGN_OR_RETURN(options.channel_args, pkv::ParseChannelArgs(absl::GetFlag(FLAGS_grpc_arg), "--grpc_arg"));
+  PKV_RETURN_IF_ERROR(pkv::CheckChannelArgs(options.channel_args, "--grpc_arg", "pkv-replay's message size limit is 256 MiB"));
   options.target = absl::GetFlag(FLAGS_target);
   options.connect_timeout = absl::Seconds(absl::GetFlag(FLAGS_connect_timeout_s));
   options.tls_ca_file = absl::GetFlag(FLAGS_tls_ca_file);

@@ -344,6 +344,7 @@ struct WorkerClient::Impl {
 };
 
 absl::StatusOr<std::unique_ptr<WorkerClient>> WorkerClient::Connect(const ClientOptions& options) {
+  PKV_RETURN_IF_ERROR(CheckChannelArgs(options.channel_args, "channel_args", "the message size limit is max_message_bytes"));
   auto impl = std::make_unique<Impl>();
   impl->options = options;
   grpc::ChannelArguments args;

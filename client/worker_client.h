@@ -117,7 +117,8 @@ struct ClientOptions {
   // the prompt traffic. 0: WriteKV shares the decode connection.
   int32_t ingest_connections = 1;
   // Extra gRPC core channel arguments of every channel (HTTP/2 windows and frame sizes, TCP read
-  // sizes, ...), applied after the ones above.
+  // sizes, ...). Message size limits are max_message_bytes only (Connect refuses them here with
+  // INVALID_ARGUMENT).
   std::vector<ChannelArg> channel_args;
 };
 

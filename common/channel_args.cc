@@ -37,6 +37,22 @@ absl::StatusOr<std::vector<ChannelArg>> ParseChannelArgs(const std::vector<std::
   return out;
 }
 
+absl::Status CheckChannelArgs(const std::vector<ChannelArg>& args, absl::string_view flag, absl::string_view hint) {
+  for (const ChannelArg& a : args) {
+    if (a.name == "grpc.max_receive_message_length" || a.name == "grpc.max_send_message_length") {
+      return absl::InvalidArgumentError(absl::StrCat(flag, ": ", a.name, " is not accepted: ", hint));
+    }
+  }
+  return absl::OkStatus();
+}
+
+bool HasChannelArg(const std::vector<ChannelArg>& args, absl::string_view name) {
+  for (const ChannelArg& a : args) {
+    if (a.name == name) return true;
+  }
+  return false;
+}
+
 std::string ChannelArgsToString(const std::vector<ChannelArg>& args) {
   return absl::StrJoin(args, ",", [](std::string* s, const ChannelArg& a) {
     absl::StrAppend(s, a.name, "=", a.is_int ? absl::StrCat(a.int_value) : a.string_value);

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 
@@ -26,6 +27,15 @@ struct ChannelArg {
 // name or without '=', or an integer that does not fit an int (gRPC's integer arguments are int).
 absl::StatusOr<std::vector<ChannelArg>> ParseChannelArgs(const std::vector<std::string>& items,
                                                          absl::string_view flag);
+
+// OK unless `args` sets a message size limit (grpc.max_receive_message_length,
+// grpc.max_send_message_length): those come from the program's own limit, which gRPC applies over
+// any channel argument, so INVALID_ARGUMENT naming `flag`, the argument and `hint` (where the
+// limit is set instead).
+absl::Status CheckChannelArgs(const std::vector<ChannelArg>& args, absl::string_view flag, absl::string_view hint);
+
+// Whether `args` sets `name`.
+bool HasChannelArg(const std::vector<ChannelArg>& args, absl::string_view name);
 
 // "name=value,name=value" as given (for logs).
 std::string ChannelArgsToString(const std::vector<ChannelArg>& args);

@@ -135,8 +135,8 @@ ABSL_FLAG(double, keepalive_s, 30,
 ABSL_FLAG(double, keepalive_timeout_s, 10, "Seconds a keepalive ping may go unanswered.");
 ABSL_FLAG(std::vector<std::string>, grpc_arg, {},
           "Extra gRPC channel arguments of the API server, name=value, comma-separated or the flag "
-          "repeated (e.g. grpc.http2.max_frame_size=1048576); integers are passed as integers. They "
-          "win over the worker's own (keepalive, message sizes). See docs/OPERATIONS.md.");
+          "repeated (e.g. grpc.http2.max_frame_size=1048576); integers are passed as integers. One the "
+          "worker sets itself (keepalive) replaces its setting; message sizes are --max_message_bytes's.");
 ABSL_FLAG(double, liveness_stall_s, 60,
           "Liveness: the grpc.health.v1 service pkv.v1.Liveness turns NOT_SERVING when the engine "
           "heartbeat (a probe queued on the decode threads every second that takes the engine lock) has "
@@ -235,16 +235,18 @@ int Run() {
   options.keepalive_seconds = absl::GetFlag(FLAGS_keepalive_s);
   options.keepalive_timeout_seconds = absl::GetFlag(FLAGS_keepalive_timeout_s);
   options.liveness_stall_seconds = absl::GetFlag(FLAGS_liveness_stall_s);
-  if (absl::StatusOr<std::vector<pkv::ChannelArg>> args =
-          pkv::ParseChannelArgs(absl::GetFlag(FLAGS_grpc_arg), "--grpc_arg");
-      args.ok()) {
+  {
+    absl::StatusOr<std::vector<pkv::ChannelArg>> args =
+        pkv::ParseChannelArgs(absl::GetFlag(FLAGS_grpc_arg), "--grpc_arg");
+    absl::Status checked = args.ok() ? pkv::CheckChannelArgs(*args, "--grpc_arg", "the message size limit is --max_message_bytes") : args.status();
+    if (!checked.ok()) {
+      PKV_LOG(ERROR) << checked.message();
+      return 2;
+    }
     options.channel_args = *std::move(args);
     if (!options.channel_args.empty()) {
       PKV_LOG(INFO) << "gRPC channel arguments: " << pkv::ChannelArgsToString(options.channel_args);
     }
-  } else {
-    PKV_LOG(ERROR) << args.status().message();
-    return 2;
   }
   auto server = pkv::service::WorkerServer::Start(options, *std::move(engine));
   if (!server.ok()) {

@@ -19,6 +19,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "common/log.h"
+#include "common/status_macros.h"
 #include "common/metrics.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/grpcpp.h"
@@ -175,6 +176,7 @@ struct WorkerServer::Impl {
 absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Start(
     const ServerOptions& options, std::unique_ptr<engine::Engine> engine) {
   if (engine == nullptr) return absl::InvalidArgumentError("WorkerServer::Start: no engine");
+  PKV_RETURN_IF_ERROR(CheckChannelArgs(options.channel_args, "channel_args", "the message size limit is max_message_bytes"));
   if (options.max_message_bytes < (1 << 20) || options.max_message_bytes > INT32_MAX) {
     return absl::InvalidArgumentError(absl::StrCat(
         "max_message_bytes must be in [1 MiB, 2 GiB), got ", options.max_message_bytes));
@@ -223,14 +225,17 @@ absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Start(
   builder.RegisterService(impl->service.get());
   builder.SetMaxReceiveMessageSize(static_cast<int>(options.max_message_bytes));
   builder.SetMaxSendMessageSize(static_cast<int>(options.max_message_bytes));
+  // An argument of options.channel_args replaces the server's own setting of it (no duplicates).
+  auto set_own = [&](const char* name, int value) {
+    if (!HasChannelArg(options.channel_args, name)) builder.AddChannelArgument(name, value);
+  };
   if (options.keepalive_seconds > 0) {
     // Ping idle connections; a peer that does not answer within the timeout is dropped, which
     // cancels its streams (a prompt being written is released).
-    builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS, static_cast<int>(options.keepalive_seconds * 1000));
-    builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS,
-                               static_cast<int>(std::max(options.keepalive_timeout_seconds, 1.0) * 1000));
-    builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
-    builder.AddChannelArgument(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);
+    set_own(GRPC_ARG_KEEPALIVE_TIME_MS, static_cast<int>(options.keepalive_seconds * 1000));
+    set_own(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, static_cast<int>(std::max(options.keepalive_timeout_seconds, 1.0) * 1000));
+    set_own(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+    set_own(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);
   }
   for (const ChannelArg& arg : options.channel_args) {
     if (arg.is_int) {

@@ -80,8 +80,9 @@ struct ServerOptions {
   // heartbeat (liveness always SERVING). The heartbeat is sent every heartbeat_period_seconds.
   double liveness_stall_seconds = 60;
   double heartbeat_period_seconds = 1;
-  // Extra gRPC core channel arguments of the API server (pkv-worker --grpc_arg), applied after
-  // the ones above, so they win.
+  // Extra gRPC core channel arguments of the API server (pkv-worker --grpc_arg). One that the
+  // server sets itself (the keepalive ones above) replaces its setting; message size limits are
+  // max_message_bytes only (Start refuses them here with INVALID_ARGUMENT).
   std::vector<ChannelArg> channel_args;
 };
 

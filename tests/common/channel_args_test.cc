@@ -45,5 +45,20 @@ TEST(ChannelArgsTest, RefusesIntegersBeyondInt) {
   EXPECT_NE(args.status().message().find("32-bit"), std::string::npos) << args.status();
 }
 
+TEST(ChannelArgsTest, MessageSizeLimitsAreRefusedWithAHint) {
+  absl::StatusOr<std::vector<ChannelArg>> ok = ParseChannelArgs({"grpc.http2.max_frame_size=1048576"}, "--grpc_arg");
+  ASSERT_TRUE(ok.ok());
+  EXPECT_TRUE(CheckChannelArgs(*ok, "--grpc_arg", "set --max_message_bytes").ok());
+  EXPECT_TRUE(HasChannelArg(*ok, "grpc.http2.max_frame_size"));
+  EXPECT_FALSE(HasChannelArg(*ok, "grpc.keepalive_time_ms"));
+  for (const char* name : {"grpc.max_receive_message_length", "grpc.max_send_message_length"}) {
+    absl::StatusOr<std::vector<ChannelArg>> args = ParseChannelArgs({std::string(name) + "=1024"}, "--grpc_arg");
+    ASSERT_TRUE(args.ok());
+    const absl::Status st = CheckChannelArgs(*args, "--grpc_arg", "set --max_message_bytes");
+    EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_EQ(st.message(), std::string("--grpc_arg: ") + name + " is not accepted: set --max_message_bytes");
+  }
+}
+
 }  // namespace
 }  // namespace pkv

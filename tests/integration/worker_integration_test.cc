@@ -171,6 +171,7 @@ class WorkerIntegrationTest : public ::testing::Test {
     options.ingest_threads = ingest_threads;
     options.ingest_queue = ingest_queue;
     options.metrics = &metrics_;
+    options.channel_args = server_channel_args_;
     if (liveness_stall_seconds_ > 0) {
       options.liveness_stall_seconds = liveness_stall_seconds_;
       options.heartbeat_period_seconds = 0.02;
@@ -322,6 +323,7 @@ class WorkerIntegrationTest : public ::testing::Test {
   // Declared before server_: the server reports into it until it is destroyed.
   WorkerMetrics metrics_{BuildInfo{"test", "test", "cpu", "none", "fp16", "default"}};
   double liveness_stall_seconds_ = 0;  // > 0: StartWorker sets it, with a 20 ms heartbeat
+  std::vector<ChannelArg> server_channel_args_;  // ServerOptions::channel_args of StartWorker
   std::unique_ptr<service::WorkerServer> server_;
   std::unique_ptr<client::WorkerClient> client_;
   std::unique_ptr<client::KvDataGen> gen_;
@@ -439,6 +441,53 @@ TEST_F(WorkerIntegrationTest, MalformedRequestMidStreamGetsItsStatusAndTheStream
   EXPECT_TRUE((*stream)->Finish().ok());
   ASSERT_TRUE(client_->Release(rows).ok());
   EXPECT_TRUE(WaitAllFree());
+}
+
+TEST_F(WorkerIntegrationTest, ChannelArgumentsReachTheServerAndMessageSizesAreRefused) {
+  // The worker's --grpc_arg: at most one concurrent stream per connection. While a StepStream is
+  // open on the client's connection, a unary Describe over the same connection cannot start.
+  server_channel_args_ = {ChannelArg{.name = "grpc.max_concurrent_streams", .is_int = true, .int_value = 1}};
+  StartWorker(32);
+  client::ClientOptions copts;
+  copts.target = server_->address();
+  copts.rpc_timeout = absl::Milliseconds(500);
+  copts.ingest_connections = 0;
+  auto probe = client::WorkerClient::Connect(copts);
+  ASSERT_TRUE(probe.ok()) << probe.status();
+  {
+    auto stream = (*probe)->OpenStepStream();
+    ASSERT_TRUE(stream.ok()) << stream.status();
+    const absl::Time deadline = absl::Now() + absl::Seconds(5);
+    absl::Status described;
+    do {  // the stream's HEADERS reach the worker first; then Describe waits for a stream slot
+      described = (*probe)->Describe().status();
+    } while (described.ok() && absl::Now() < deadline);
+    EXPECT_EQ(described.code(), absl::StatusCode::kDeadlineExceeded) << described;
+    (*stream)->Cancel();
+  }
+  EXPECT_TRUE((*probe)->Describe().ok()) << "the slot is free again once the stream ended";
+  server_->Shutdown(absl::Seconds(1));
+
+  // Message size limits are max_message_bytes only: a channel argument for them is refused,
+  // naming it, by the server and by the client (gRPC would silently keep its own value).
+  engine::EngineConfig config;
+  config.shape = TestShape();
+  config.num_pages = 8;
+  config.backend = "cpu";
+  auto engine = engine::BuildEngine(config);
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  service::ServerOptions sopts;
+  sopts.listen_address = "127.0.0.1:0";
+  sopts.channel_args = {ChannelArg{.name = "grpc.max_receive_message_length", .is_int = true, .int_value = 4096}};
+  auto refused = service::WorkerServer::Start(sopts, *std::move(engine));
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(refused.status().message().find("grpc.max_receive_message_length"), std::string::npos) << refused.status();
+  copts.channel_args = {ChannelArg{.name = "grpc.max_send_message_length", .is_int = true, .int_value = 8}};
+  auto small = client::WorkerClient::Connect(copts);
+  ASSERT_FALSE(small.ok());
+  EXPECT_EQ(small.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(small.status().message().find("grpc.max_send_message_length"), std::string::npos) << small.status();
 }
 
 TEST_F(WorkerIntegrationTest, CancelledOrIncompleteWriteKvLeavesNothingBehind) {
