@@ -68,30 +68,49 @@ void BuildWorkList(std::span<const int32_t> row_pages, int32_t num_kv_heads, int
   plan->num_partials = 0;
   plan->tasks.clear();
   plan->tasks.reserve(WorkListUsageFor(row_pages, num_kv_heads, cap).tasks);
+  // Largest task first, ties in (row, KV head, split) order. A row's balanced ranges have one or
+  // two sizes (floor and ceil of pages / splits), so the order is that of the (size, row) blocks,
+  // sorted once, each emitting its tasks in (head, split) order: the same list as a stable sort
+  // of all tasks by size, without sorting them one by one on the step path.
+  struct Block {
+    int32_t pages;  // task size
+    int32_t row;
+  };
+  std::vector<Block> blocks;
+  blocks.reserve(2 * static_cast<size_t>(batch));
   for (int32_t b = 0; b < batch; ++b) {
     const int32_t pages = row_pages[b];
     const auto splits = static_cast<int32_t>(RowSplits(pages, cap));
     plan->row_splits[b] = splits;
     if (pages <= 0) {
-      // An empty row still owes zeros and lse = -inf: one empty task per KV head writes them.
-      for (int32_t h = 0; h < num_kv_heads; ++h) plan->tasks.push_back(DecodeTask{b, h, 0, 1, 0, 0});
+      blocks.push_back({0, b});
       continue;
     }
     if (splits > 1) {
       plan->partial_offset[b] = plan->num_partials;
       plan->num_partials += splits;
     }
+    const int32_t small = pages / splits;
+    blocks.push_back({small, b});
+    if (pages % splits != 0) blocks.push_back({small + 1, b});
+  }
+  std::stable_sort(blocks.begin(), blocks.end(), [](const Block& a, const Block& b) { return a.pages > b.pages; });
+  for (const Block& blk : blocks) {
+    const int32_t pages = row_pages[blk.row];
+    if (pages <= 0) {
+      // An empty row still owes zeros and lse = -inf: one empty task per KV head writes them.
+      for (int32_t h = 0; h < num_kv_heads; ++h) plan->tasks.push_back(DecodeTask{blk.row, h, 0, 1, 0, 0});
+      continue;
+    }
+    const int32_t splits = plan->row_splits[blk.row];
     for (int32_t h = 0; h < num_kv_heads; ++h) {
       for (int32_t s = 0; s < splits; ++s) {
         const auto begin = static_cast<int32_t>(static_cast<int64_t>(pages) * s / splits);
         const auto end = static_cast<int32_t>(static_cast<int64_t>(pages) * (s + 1) / splits);
-        plan->tasks.push_back(DecodeTask{b, h, s, splits, begin, end});
+        if (end - begin == blk.pages) plan->tasks.push_back(DecodeTask{blk.row, h, s, splits, begin, end});
       }
     }
   }
-  std::stable_sort(plan->tasks.begin(), plan->tasks.end(), [](const DecodeTask& a, const DecodeTask& b) {
-    return a.page_end - a.page_begin > b.page_end - b.page_begin;
-  });
 }
 
 int32_t FitNumSplits(int32_t num_splits, int32_t batch, const PlanLimits& limits) {

@@ -273,6 +273,40 @@ TEST(WorkListTest, UsageMatchesTheBuiltListOnRandomRows) {
   }
 }
 
+TEST(WorkListTest, TasksAreLargestFirstInTaskOrderAmongEqualSizes) {
+  // The definition: every (row, KV head, split) task in that order, then a stable sort by size,
+  // largest first. BuildWorkList must produce exactly this list (the kernels' tail depends on it).
+  std::mt19937 rng(20260702);
+  std::uniform_int_distribution<int32_t> len(0, 400), cap(1, 80), heads(1, 8), batch(1, 24);
+  for (int trial = 0; trial < 300; ++trial) {
+    std::vector<int32_t> pages(batch(rng));
+    for (int32_t& p : pages) p = len(rng) < 30 ? 0 : len(rng);
+    const int32_t h = heads(rng), c = cap(rng);
+    StepPlan plan;
+    BuildWorkList(pages, h, c, &plan);
+    std::vector<DecodeTask> want;
+    for (int32_t b = 0; b < static_cast<int32_t>(pages.size()); ++b) {
+      const int32_t splits = pages[b] > 0 ? (pages[b] + c - 1) / c : 1;
+      for (int32_t k = 0; k < h; ++k) {
+        for (int32_t s = 0; s < splits; ++s) {
+          want.push_back(DecodeTask{b, k, s, splits, pages[b] * s / splits, pages[b] * (s + 1) / splits});
+        }
+      }
+    }
+    std::stable_sort(want.begin(), want.end(), [](const DecodeTask& a, const DecodeTask& b) {
+      return a.page_end - a.page_begin > b.page_end - b.page_begin;
+    });
+    ASSERT_EQ(plan.tasks.size(), want.size()) << "trial " << trial;
+    for (size_t i = 0; i < want.size(); ++i) {
+      const DecodeTask& g = plan.tasks[i];
+      const DecodeTask& w = want[i];
+      ASSERT_TRUE(g.row == w.row && g.kv_head == w.kv_head && g.split == w.split && g.num_splits == w.num_splits &&
+                  g.page_begin == w.page_begin && g.page_end == w.page_end)
+          << "trial " << trial << " task " << i;
+    }
+  }
+}
+
 TEST(PagesPerTaskForTest, SmallestTaskSizeThatFitsTheTarget) {
   const std::vector<int32_t> pages = {10, 0, 3};
   // Task size 4 gives (3 + 1 + 1) x 2 = 10 tasks, size 3 gives (4 + 1 + 1) x 2 = 12.
