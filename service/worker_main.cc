@@ -66,6 +66,10 @@ ABSL_FLAG(int32_t, service_spin_us, -1,
           "of that much CPU after each step; at most 2 threads poll at once. 0: sleep at once. "
           "-1 (automatic): 1000 on the CUDA backend (a layer-step's answer comes back well within "
           "that), 0 on the CPU backend (its attention needs every core).");
+ABSL_FLAG(int32_t, stream_threads, 2,
+          "Threads that read and write StepStream messages, each polling its own completion queue "
+          "(a stream stays on one): after a message a thread keeps polling for --service_spin_us "
+          "before it blocks, so the next layer-step's request is read without a thread wake-up.");
 ABSL_FLAG(int32_t, service_queue, 64,
           "Engine tasks that may wait for a service thread before new work gets RESOURCE_EXHAUSTED.");
 ABSL_FLAG(int32_t, ingest_threads, 2,
@@ -224,6 +228,7 @@ int Run() {
   options.executor_threads = absl::GetFlag(FLAGS_service_threads);
   options.executor_queue = absl::GetFlag(FLAGS_service_queue);
   options.executor_spin_us = absl::GetFlag(FLAGS_service_spin_us);
+  options.stream_threads = absl::GetFlag(FLAGS_stream_threads);
   options.ingest_threads = absl::GetFlag(FLAGS_ingest_threads);
   options.ingest_queue = absl::GetFlag(FLAGS_ingest_queue);
   options.tls_cert_file = absl::GetFlag(FLAGS_tls_cert_file);

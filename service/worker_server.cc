@@ -28,6 +28,7 @@
 #include "service/executor.h"
 #include "service/health_server.h"
 #include "service/heartbeat.h"
+#include "service/step_stream.h"
 #include "service/tls_credentials.h"
 #include "service/worker_service.h"
 
@@ -48,6 +49,8 @@ struct WorkerServer::Impl {
   std::unique_ptr<BoundedExecutor> executor;
   std::unique_ptr<BoundedExecutor> ingest_executor;
   std::unique_ptr<WorkerService> service;
+  // StepStream's queues and threads: they outlive the server (destroyed after it).
+  std::unique_ptr<StepStreamServer> streams;
   std::unique_ptr<grpc::Server> server;
   // Plaintext grpc.health.v1 only (options.health_listen_address); null when not asked for.
   std::unique_ptr<HealthOnlyServer> health;
@@ -181,6 +184,9 @@ absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Start(
     return absl::InvalidArgumentError(absl::StrCat(
         "max_message_bytes must be in [1 MiB, 2 GiB), got ", options.max_message_bytes));
   }
+  if (options.stream_threads < 1 || options.stream_threads > 256) {
+    return absl::InvalidArgumentError(absl::StrCat("stream_threads must be in [1, 256], got ", options.stream_threads));
+  }
   std::string security_mode;
   absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials =
       ApiCredentials(ApiTlsFiles{.cert_file = options.tls_cert_file,
@@ -223,6 +229,10 @@ absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Start(
   grpc::ServerBuilder builder;
   builder.AddListeningPort(options.listen_address, *credentials, &impl->port);
   builder.RegisterService(impl->service.get());
+  impl->streams = std::make_unique<StepStreamServer>(builder, *impl->service, options.stream_threads,
+                                                     std::chrono::microseconds(spin_us));
+  PKV_LOG(INFO) << "StepStream: " << std::max(1, options.stream_threads)
+                << " completion-queue threads, each polling " << spin_us << " us after an event before it blocks";
   builder.SetMaxReceiveMessageSize(static_cast<int>(options.max_message_bytes));
   builder.SetMaxSendMessageSize(static_cast<int>(options.max_message_bytes));
   // An argument of options.channel_args replaces the server's own setting of it (no duplicates).
@@ -246,6 +256,11 @@ absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Start(
   }
   impl->server = builder.BuildAndStart();
   if (impl->server == nullptr || impl->port == 0) {
+    if (impl->server != nullptr) {
+      impl->server->Shutdown(absl::ToChronoTime(absl::Now()));
+      impl->server->Wait();
+    }
+    impl->streams->Stop();
     impl->executor->Shutdown();
     impl->ingest_executor->Shutdown();
     return absl::UnavailableError(absl::StrCat(
@@ -260,12 +275,14 @@ absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Start(
     if (!health.ok()) {
       impl->server->Shutdown(absl::ToChronoTime(absl::Now()));
       impl->server->Wait();
+      impl->streams->Stop();
       impl->executor->Shutdown();
       impl->ingest_executor->Shutdown();
       return health.status();
     }
     impl->health = *std::move(health);
   }
+  impl->streams->Start();
   PKV_LOG(INFO) << "API port " << HostOf(options.listen_address) << ":" << impl->port << ": "
                 << security_mode
                 << (security_mode == "mutual TLS" ? " (client certificates required)" : "")
@@ -347,13 +364,16 @@ void WorkerServer::Shutdown(absl::Duration grace) {
   impl_->StopSweeper();
   if (impl_->heartbeat != nullptr) impl_->heartbeat->Stop();  // before the executor stops
   // Then in-flight RPCs get a short moment to send their answers before they are cancelled;
-  // their reactors still finish through the executor, which is running until after this returns.
+  // their reactors and streams still finish through the executor, which is running until after
+  // this returns.
   impl_->server->Shutdown(absl::ToChronoTime(std::min(deadline, absl::Now() + absl::Milliseconds(200))));
   impl_->server->Wait();
   // Probes kept seeing NOT_SERVING during the grace period; now the health port goes too.
   if (impl_->health != nullptr) impl_->health->Stop();
   impl_->ingest_executor->Shutdown();
   impl_->executor->Shutdown();
+  // Every StepStream was cancelled or ended with the server, and the executor ran its last write.
+  impl_->streams->Stop();
   const engine::EngineInfo info = impl_->engine->Info();
   PKV_LOG(INFO) << "server stopped: " << info.pager.free_pages << "/" << info.pager.total_pages
                 << " pages free, " << info.pager.num_sequences << " sequences held";

@@ -48,6 +48,10 @@ struct ServerOptions {
   // (kAutoSpinUs on a GPU backend, whose layer-steps come back within a millisecond, 0 on the CPU
   // backend, whose attention needs every core). At most kMaxSpinners threads poll at once.
   int executor_spin_us = -1;
+  // StepStream is read and written by this many threads, each polling its own completion queue:
+  // after an event a thread keeps polling for executor_spin_us (as resolved above) before it
+  // blocks (service/step_stream.h). A stream stays on one thread.
+  int stream_threads = 2;
   // WriteKV (prefill ingest) runs on its own executor, so that prompt chunks never queue in
   // front of decode steps.
   int ingest_threads = 2;

@@ -1,5 +1,6 @@
-// The reactors of API v1 (service/worker_service.h) and the helpers they share: request
-// parsing, response serialization (a StepResponse's output bytes sent uncopied) and router ids.
+// The callback reactors of API v1 (service/worker_service.h): Describe, Step, Release and WriteKV.
+// StepStream is served from completion queues (service/step_stream.cc); the wire helpers both use
+// are service/rpc_wire.h.
 //
 // Threading model: gRPC threads only run reactor callbacks, which never block: they check
 // cheap things (draining) and hand engine work to the BoundedExecutor. Each RPC has at most one
@@ -24,107 +25,10 @@
 #include "common/status_macros.h"
 #include "service/grpc_status.h"
 #include "service/handlers.h"
+#include "service/rpc_wire.h"
 #include "service/write_kv_wire.h"
 
 namespace pkv::service {
-namespace {
-
-absl::Status DrainingError() {
-  return absl::UnavailableError("the worker is draining (shutting down) and takes no new work");
-}
-
-// StepResponse timing: the worker held the request from `received` (read on the API thread) to
-// now; it waited for an engine thread until `started`. Both ends also as wall-clock stamps.
-void SetServerTimes(std::chrono::steady_clock::time_point received, std::chrono::steady_clock::time_point started,
-                    v1::StepResponse* response) {
-  const auto now = std::chrono::steady_clock::now();
-  const int64_t now_unix = std::chrono::duration_cast<std::chrono::nanoseconds>(
-                               std::chrono::system_clock::now().time_since_epoch()).count();
-  const int64_t held = std::chrono::duration_cast<std::chrono::nanoseconds>(now - received).count();
-  response->set_server_seconds(std::chrono::duration<double>(now - received).count());
-  response->set_queue_seconds(std::chrono::duration<double>(std::max(started, received) - received).count());
-  response->set_received_unix_nanos(now_unix - held);
-  response->set_answered_unix_nanos(now_unix);
-}
-
-absl::Status BusyError(const BoundedExecutor& executor) {
-  return absl::ResourceExhaustedError(absl::StrCat(
-      "the worker's work queue is full (", executor.queued(),
-      " tasks waiting); retry later (a retried Step with the same token_step_id is safe)"));
-}
-
-// Request metadata key a router names itself with when the API port is not mutual TLS.
-constexpr char kRouterIdKey[] = "x-pkv-router-id";
-constexpr size_t kMaxRouterIdBytes = 256;
-
-// The router a call comes from (see worker.proto, Routers): the verified client certificate's
-// identity under mutual TLS, else the declared x-pkv-router-id, else "" (anonymous).
-absl::StatusOr<std::string> RouterOf(const grpc::CallbackServerContext* ctx) {
-  std::shared_ptr<const grpc::AuthContext> auth = ctx->auth_context();
-  if (auth != nullptr && auth->IsPeerAuthenticated()) {
-    const std::vector<grpc::string_ref> identity = auth->GetPeerIdentity();
-    if (!identity.empty()) return std::string(identity.front().data(), identity.front().size());
-  }
-  const auto& metadata = ctx->client_metadata();
-  auto it = metadata.find(kRouterIdKey);
-  if (it == metadata.end()) return std::string();
-  if (it->second.size() > kMaxRouterIdBytes) {
-    return absl::InvalidArgumentError(absl::StrCat("metadata ", kRouterIdKey, ": ", it->second.size(),
-                                                   " bytes, the most is ", kMaxRouterIdBytes));
-  }
-  return std::string(it->second.data(), it->second.size());
-}
-
-// Parses a raw request; INVALID_ARGUMENT (counted) when the bytes are not a `Message`.
-template <typename Message>
-absl::Status ParseRequest(const grpc::ByteBuffer& raw, Message* message, RpcMethod method, WorkerMetrics* metrics) {
-  grpc::ByteBuffer shallow(raw);  // shares the slices; parsing consumes the copy
-  if (grpc::SerializationTraits<Message>::Deserialize(&shallow, message).ok()) return absl::OkStatus();
-  if (metrics != nullptr) metrics->malformed(method).Increment();
-  return absl::InvalidArgumentError(absl::StrCat("request: cannot parse the message as ",
-                                                 Message::descriptor()->full_name()));
-}
-
-template <typename Message>
-void SerializeResponse(const Message& message, grpc::ByteBuffer* out) {
-  bool own = false;
-  const grpc::Status s = grpc::SerializationTraits<Message>::Serialize(message, out, &own);
-  PKV_CHECK(s.ok()) << "serializing " << Message::descriptor()->full_name() << ": " << s.error_message();
-}
-
-// A StepResponse whose out.data is `payload`: the message without it, then a second occurrence of
-// field `out` that carries only the data (protobuf merges repeated occurrences of a message
-// field), the bytes themselves as a slice that keeps `payload` alive instead of a copy.
-void SerializeStepResponse(const v1::StepResponse& response, const engine::OutputBytes& payload,
-                           grpc::ByteBuffer* out) {
-  if (payload.empty()) {
-    SerializeResponse(response, out);
-    return;
-  }
-  auto varint = [](std::string* s, uint64_t v) {
-    while (v >= 0x80) {
-      s->push_back(static_cast<char>((v & 0x7F) | 0x80));
-      v >>= 7;
-    }
-    s->push_back(static_cast<char>(v));
-  };
-  constexpr char kOutTag = (v1::StepResponse::kOutFieldNumber << 3) | 2;  // length-delimited
-  constexpr char kDataTag = (v1::Tensor::kDataFieldNumber << 3) | 2;
-  std::string head = response.SerializeAsString();
-  std::string data_key(1, kDataTag);
-  varint(&data_key, payload.size());
-  head.push_back(kOutTag);
-  varint(&head, data_key.size() + payload.size());
-  head += data_key;
-  auto* keep = new std::shared_ptr<const std::string>(payload.shared());
-  grpc::Slice slices[2] = {
-      grpc::Slice(head),
-      grpc::Slice(const_cast<char*>((*keep)->data()), (*keep)->size(),
-                  [](void* p) { delete static_cast<std::shared_ptr<const std::string>*>(p); }, keep)};
-  *out = grpc::ByteBuffer(slices, 2);
-}
-
-}  // namespace
 
 template <typename Work>
 grpc::ServerUnaryReactor* WorkerService::RunUnary(grpc::CallbackServerContext* ctx, RpcMethod method,
@@ -138,7 +42,7 @@ grpc::ServerUnaryReactor* WorkerService::RunUnary(grpc::CallbackServerContext* c
     stats_.End(method);
     reactor->Finish(status);
   };
-  absl::StatusOr<CallContext> call = CallOf(ctx);
+  absl::StatusOr<CallContext> call = CallOf(*ctx);
   if (!call.ok()) {
     finish(ToGrpcStatus(call.status()));
     return reactor;
@@ -204,111 +108,13 @@ grpc::ServerUnaryReactor* WorkerService::Release(grpc::CallbackServerContext* ct
   });
 }
 
-absl::StatusOr<CallContext> WorkerService::CallOf(const grpc::CallbackServerContext* ctx) const {
+absl::StatusOr<CallContext> WorkerService::CallOf(const grpc::ServerContextBase& ctx) const {
   absl::StatusOr<std::string> router = RouterOf(ctx);
   if (!router.ok()) return router.status();
   return CallContext{*std::move(router), incarnation_};
 }
 
 namespace {
-
-// StepStream: one StepResponse per StepRequest, in order; per-message errors (a message that
-// cannot be parsed included) in StepResponse.status.
-class StepStreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
- public:
-  StepStreamReactor(WorkerService* service, grpc::CallbackServerContext* ctx) : service_(service) {
-    service_->stats().Begin(RpcMethod::kStepStream);
-    absl::StatusOr<CallContext> call = service_->CallOf(ctx);
-    if (!call.ok()) {
-      Finish(ToGrpcStatus(call.status()));
-      return;
-    }
-    call_ = *std::move(call);
-    StartRead(&raw_request_);
-  }
-
-  void OnReadDone(bool ok) override {
-    if (!ok) {  // the client half-closed, or the stream broke / was cancelled
-      Finish(cancelled_.load() ? grpc::Status::CANCELLED : grpc::Status::OK);
-      return;
-    }
-    received_ = std::chrono::steady_clock::now();
-    if (!service_->executor().TrySubmit([this] { Process(); })) {
-      service_->stats().Rejected(WorkerMetrics::Queue::kDecode);
-      // Rare: parse here so that the refusal echoes the request's ids.
-      absl::Status parsed = Parse();
-      Answer(parsed.ok() ? BusyError(service_->executor()) : parsed);
-    }
-  }
-
-  void OnWriteDone(bool ok) override {
-    if (!ok) {
-      Finish(grpc::Status(grpc::StatusCode::CANCELLED, "StepStream: the response could not be sent"));
-      return;
-    }
-    StartRead(&raw_request_);
-  }
-
-  void OnCancel() override { cancelled_.store(true); }
-  void OnDone() override {
-    service_->stats().End(RpcMethod::kStepStream);
-    delete this;
-  }
-
- private:
-  absl::Status Parse() {
-    request_.Clear();
-    return ParseRequest(raw_request_, &request_, RpcMethod::kStepStream, service_->stats().metrics());
-  }
-
-  // Executor thread: the engine work for the request read.
-  void Process() {
-    started_ = std::chrono::steady_clock::now();
-    service_->stats().Started(RpcMethod::kStepStream, received_);
-    absl::Status parsed = Parse();
-    if (!parsed.ok()) {
-      Answer(parsed);
-      return;
-    }
-    if (cancelled_.load()) {
-      Answer(absl::CancelledError("StepStream was cancelled"));
-      return;
-    }
-    response_.Clear();
-    payload_ = engine::OutputBytes();
-    Answer(RunStep(service_->engine(), request_, &response_, call_, &payload_));
-  }
-
-  // Writes response_ with `status` (echoing the request's ids; 0 for an unparsable request).
-  void Answer(const absl::Status& status) {
-    if (!status.ok()) {
-      response_.Clear();
-      payload_ = engine::OutputBytes();
-    }
-    response_.set_token_step_id(request_.token_step_id());
-    response_.set_layer(request_.layer());
-    response_.set_incarnation(call_.incarnation);
-    ToRequestStatus(status, response_.mutable_status());
-    // A request refused before it reached an engine thread (queue full) has a stale started_,
-    // older than received_: SetServerTimes counts no queueing for it.
-    SetServerTimes(received_, started_, &response_);
-    service_->stats().Count(RpcMethod::kStepStream, ToGrpcStatus(status));
-    service_->stats().Answered(RpcMethod::kStepStream, received_);
-    raw_response_.Clear();
-    SerializeStepResponse(response_, payload_, &raw_response_);
-    payload_ = engine::OutputBytes();  // the slice keeps the bytes alive until gRPC sent them
-    StartWrite(&raw_response_);
-  }
-
-  WorkerService* const service_;
-  CallContext call_;
-  grpc::ByteBuffer raw_request_, raw_response_;
-  v1::StepRequest request_;
-  v1::StepResponse response_;
-  engine::OutputBytes payload_;  // response_'s out.data, sent uncopied
-  std::chrono::steady_clock::time_point received_, started_;  // request read; engine thread began
-  std::atomic<bool> cancelled_{false};
-};
 
 // WriteKV: header, chunks, then Commit on the client's half-close. Any error, a cancellation or
 // the prompt lease (no message for prompt_idle_seconds) finishes the stream and releases the
@@ -322,7 +128,7 @@ class WriteKvReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer> {
       Finish(ToGrpcStatus(DrainingError()));
       return;
     }
-    absl::StatusOr<CallContext> call = service_->CallOf(ctx);
+    absl::StatusOr<CallContext> call = service_->CallOf(*ctx);
     if (!call.ok()) {
       Finish(ToGrpcStatus(call.status()));
       return;
@@ -454,11 +260,6 @@ class WriteKvReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer> {
 };
 
 }  // namespace
-
-grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* WorkerService::StepStream(
-    grpc::CallbackServerContext* ctx) {
-  return new StepStreamReactor(this, ctx);
-}
 
 grpc::ServerReadReactor<grpc::ByteBuffer>* WorkerService::WriteKV(grpc::CallbackServerContext* ctx,
                                                                   grpc::ByteBuffer* response) {

@@ -1,7 +1,8 @@
-// service/worker_service.h — the callback service of API v1, on raw byte buffers.
+// service/worker_service.h — the service of API v1, on raw byte buffers.
 //
 // WorkerService is what WorkerServer registers on the API port: Describe, Step and Release as
-// unary reactors, StepStream and WriteKV as stream reactors (all in worker_service.cc). Every
+// unary callback reactors and WriteKV as a stream reactor (worker_service.cc); StepStream as an
+// async method that service/step_stream.h serves from its own completion-queue threads. Every
 // request is parsed by the worker itself, so a message that is not a valid request gets
 // INVALID_ARGUMENT (and a response on StepStream) rather than gRPC's generic failure. The engine
 // work behind each RPC is service/handlers.h, run on a BoundedExecutor.
@@ -132,8 +133,10 @@ class WriteKvRegistry {
   absl::flat_hash_set<std::shared_ptr<Entry>> live_;
 };
 
+// StepStream is an async (completion-queue) method, served by service/step_stream.h; the rest are
+// callback methods.
 using RawService = v1::PersistentKV::WithRawCallbackMethod_Describe<
-    v1::PersistentKV::WithRawCallbackMethod_Step<v1::PersistentKV::WithRawCallbackMethod_StepStream<
+    v1::PersistentKV::WithRawCallbackMethod_Step<v1::PersistentKV::WithRawMethod_StepStream<
         v1::PersistentKV::WithRawCallbackMethod_WriteKV<v1::PersistentKV::WithRawCallbackMethod_Release<
             v1::PersistentKV::Service>>>>>;
 
@@ -170,12 +173,11 @@ class WorkerService final : public RawService {
                                  grpc::ByteBuffer* response) override;
   grpc::ServerUnaryReactor* Release(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* request,
                                     grpc::ByteBuffer* response) override;
-  grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* StepStream(grpc::CallbackServerContext* ctx) override;
   grpc::ServerReadReactor<grpc::ByteBuffer>* WriteKV(grpc::CallbackServerContext* ctx,
                                                      grpc::ByteBuffer* response) override;
 
   // The call's router and this worker's incarnation; INVALID_ARGUMENT for a bad router id.
-  absl::StatusOr<CallContext> CallOf(const grpc::CallbackServerContext* ctx) const;
+  absl::StatusOr<CallContext> CallOf(const grpc::ServerContextBase& ctx) const;
 
  private:
   // Runs `work(call)` (returning absl::Status) on the executor and finishes the call with it.
