@@ -27,6 +27,8 @@
 #include <thread>
 #include <vector>
 
+#include "absl/status/statusor.h"
+
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
@@ -36,6 +38,7 @@
 #include "grpcpp/generic/generic_stub.h"
 #include "grpcpp/grpcpp.h"
 #include "grpcpp/impl/codegen/sync_stream.h"
+#include "common/channel_args.h"
 
 ABSL_FLAG(std::string, server, "poll", "Server mode: callback, poll or block.");
 ABSL_FLAG(std::string, client, "sync", "Client mode: sync or poll.");
@@ -45,6 +48,9 @@ ABSL_FLAG(int64_t, request_bytes, 98304, "Bytes per request (B8, Hq 32, d 128, f
 ABSL_FLAG(int64_t, response_bytes, 65536, "Bytes per response (B8: 64 KiB of outputs).");
 ABSL_FLAG(int, iterations, 20000, "Timed round trips per stream.");
 ABSL_FLAG(int, warmup, 2000, "Round trips per stream before timing.");
+ABSL_FLAG(std::vector<std::string>, grpc_arg, {},
+          "gRPC core channel arguments name=value, set on both the server and the client channels "
+          "(e.g. grpc.http2.lookahead_bytes=1048576).");
 
 namespace {
 
@@ -244,6 +250,11 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "--client: sync or poll, not %s\n", client_mode.c_str());
     return 1;
   }
+  absl::StatusOr<std::vector<pkv::ChannelArg>> extra = pkv::ParseChannelArgs(absl::GetFlag(FLAGS_grpc_arg), "--grpc_arg");
+  if (!extra.ok()) {
+    std::fprintf(stderr, "%s\n", extra.status().ToString().c_str());
+    return 1;
+  }
   const grpc::ByteBuffer request = Payload(absl::GetFlag(FLAGS_request_bytes));
   const grpc::ByteBuffer response = Payload(absl::GetFlag(FLAGS_response_bytes));
 
@@ -251,6 +262,13 @@ int main(int argc, char** argv) {
   int port = 0;
   builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
   builder.SetMaxMessageSize(64 << 20);
+  for (const pkv::ChannelArg& a : *extra) {
+    if (a.is_int) {
+      builder.AddChannelArgument(a.name, static_cast<int>(a.int_value));
+    } else {
+      builder.AddChannelArgument(a.name, a.string_value);
+    }
+  }
   CallbackEcho callback(&response);
   grpc::AsyncGenericService async;
   std::vector<std::unique_ptr<grpc::ServerCompletionQueue>> cqs;
@@ -270,6 +288,13 @@ int main(int argc, char** argv) {
 
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(64 << 20);
+  for (const pkv::ChannelArg& a : *extra) {
+    if (a.is_int) {
+      args.SetInt(a.name, static_cast<int>(a.int_value));
+    } else {
+      args.SetString(a.name, a.string_value);
+    }
+  }
   const int streams = std::max(1, absl::GetFlag(FLAGS_streams));
   std::vector<Result> results(streams);
   std::vector<std::thread> clients;

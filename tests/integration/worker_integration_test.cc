@@ -574,6 +574,48 @@ TEST_F(WorkerIntegrationTest, CancelledStepStreamLeavesAResumableTokenStep) {
   EXPECT_TRUE(WaitAllFree());
 }
 
+TEST_F(WorkerIntegrationTest, ShutdownEndsOpenStepStreamsIdleMidTokenStepAndQueued) {
+  StartWorker(32, /*executor_threads=*/1);
+  ASSERT_TRUE(WritePrompt(1, 30, 30, {0, 1, 2}).ok());
+  ASSERT_TRUE(WritePrompt(2, 20, 20, {0, 1, 2}).ok());
+  auto idle = client_->OpenStepStream();  // never sends
+  ASSERT_TRUE(idle.ok());
+  auto mid = client_->OpenStepStream();
+  ASSERT_TRUE(mid.ok());
+  ASSERT_TRUE((*mid)->Step(MakeStep(77, 0, {1})).ok());  // a token step left open
+  auto queued = client_->OpenStepStream();
+  ASSERT_TRUE(queued.ok());
+  // The only decode thread is busy: the next message waits in the executor's queue.
+  ExecutorBlocker blocker(server_->executor_for_testing());
+  ASSERT_TRUE(blocker.Block(/*fill_queue=*/false));
+  ASSERT_TRUE((*queued)->Send(MakeStep(78, 0, {2})).ok());
+  for (int i = 0; i < 5000 && server_->executor_for_testing().queued() == 0; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  ASSERT_EQ(server_->executor_for_testing().queued(), 1);
+  std::atomic<bool> stopped{false};
+  std::thread stopper([&] {
+    server_->Shutdown(absl::ZeroDuration());
+    stopped.store(true);
+  });
+  // Shutdown waits for the executor's last task, which needs the blocker gone.
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  EXPECT_FALSE(stopped.load());
+  blocker.Release();
+  stopper.join();
+  // Every stream ended; the queued message either ran or was refused, never lost in between.
+  EXPECT_FALSE((*idle)->Step(MakeStep(79, 0, {2})).ok());
+  EXPECT_FALSE((*mid)->Step(MakeStep(77, 1, {1})).ok());
+  auto answer = (*queued)->Receive();
+  if (answer.ok()) {
+    EXPECT_EQ(answer->token_step_id, 78u);
+  }
+  EXPECT_FALSE((*queued)->Step(MakeStep(78, 1, {2})).ok());
+  EXPECT_TRUE(server_->engine().CheckConsistency().ok());
+  const engine::EngineInfo info = server_->engine().Info();
+  EXPECT_EQ(info.pager.num_sequences, 2);
+}
+
 TEST_F(WorkerIntegrationTest, RetriedStepIdReturnsTheSameOutputsWithoutAppending) {
   StartWorker(32);
   ASSERT_TRUE(WritePrompt(11, 16, 16, {0, 1, 2}).ok());
