@@ -47,10 +47,6 @@ ABSL_FLAG(int32_t, ingest_connections, 1,
           "TCP connections of their own for WriteKV streams (taken in turn), apart from the decode "
           "connection, so that prompt bytes never queue ahead of decode steps; 0: WriteKV shares the "
           "decode connection.");
-ABSL_FLAG(int32_t, stream_poll_us, 0,
-          "Microseconds a decode thread polls for the worker's answer without sleeping before it "
-          "blocks, after each StepStream message: an answer within it is read without a thread "
-          "wake-up, at the price of that much CPU per layer-step; 0: block at once.");
 ABSL_FLAG(int32_t, prefill_ahead, 0,
           "Prompts written ahead of decode, waiting for a free row (0: batch * micro_batches).");
 ABSL_FLAG(bool, wait_for_prefill, false,
@@ -113,7 +109,6 @@ absl::StatusOr<pkv::client::ClientOptions> ClientOptionsFromFlags() {
   options.tls_key_file = absl::GetFlag(FLAGS_tls_key_file);
   options.router_id = absl::GetFlag(FLAGS_router_id);
   options.ingest_connections = absl::GetFlag(FLAGS_ingest_connections);
-  options.stream_poll_us = absl::GetFlag(FLAGS_stream_poll_us);
   return options;
 }
 
@@ -170,10 +165,6 @@ int Run() {
   }
   if (const int32_t n = absl::GetFlag(FLAGS_ingest_connections); n < 0 || n > 64) {
     PKV_LOG(ERROR) << "--ingest_connections: must be in [0, 64], got " << n;
-    return 2;
-  }
-  if (const int32_t n = absl::GetFlag(FLAGS_stream_poll_us); n < 0 || n > 1000000) {
-    PKV_LOG(ERROR) << "--stream_poll_us: must be in [0, 1000000], got " << n;
     return 2;
   }
   if (absl::GetFlag(FLAGS_payload_rows) < 0) {

@@ -4,7 +4,6 @@
 #include <atomic>
 #include <cerrno>
 #include <chrono>
-#include <cstdint>
 #include <cstring>
 #include <deque>
 #include <fstream>
@@ -14,7 +13,6 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "common/log.h"
 #include "common/status_macros.h"
 #include "grpcpp/generic/generic_stub.h"
 #include "grpcpp/grpcpp.h"
@@ -244,48 +242,42 @@ class GrpcPromptWriter final : public PromptWriter {
   absl::Status final_;
 };
 
-// StepStream on gRPC's async API, its completion queue polled by the calling thread: after an
-// operation starts, the thread polls without sleeping for `poll` (the worker's answer to a
-// layer-step comes back within it), then blocks until the operation completes. One write and one
-// read are in flight at most, each waited for by the call that started it.
 class GrpcStepStream final : public StepStreamSession {
  public:
-  GrpcStepStream(v1::PersistentKV::Stub* stub, ModelShape shape, const std::string& router_id, uint64_t incarnation,
-                 std::chrono::microseconds poll)
-      : shape_(shape), incarnation_(incarnation), poll_(poll) {
+  GrpcStepStream(v1::PersistentKV::Stub* stub, ModelShape shape, const std::string& router_id, uint64_t incarnation)
+      : shape_(shape), incarnation_(incarnation) {
     if (!router_id.empty()) ctx_.AddMetadata(kRouterIdKey, router_id);
-    stream_ = stub->PrepareAsyncStepStream(&ctx_, &cq_);
-    Begin(Op::kStart);
-    stream_->StartCall(TagOf(Op::kStart));
+    stream_ = stub->StepStream(&ctx_);
   }
   ~GrpcStepStream() override {
     if (!finished_) {
       ctx_.TryCancel();
-      Await(Op::kStart);
-      Begin(Op::kFinish);
-      stream_->Finish(&status_, TagOf(Op::kFinish));
-      Await(Op::kFinish);
-    }
-    cq_.Shutdown();
-    void* tag;
-    bool ok;
-    while (cq_.Next(&tag, &ok)) {
+      stream_->Finish().IgnoreError();
     }
   }
 
   absl::StatusOr<StepResult> Step(const StepArgs& args) override {
-    PKV_RETURN_IF_ERROR(Write(ToRequest(args, shape_, incarnation_)));
+    if (finished_) return absl::FailedPreconditionError("StepStream already finished");
+    SendStamp sent = StartSend();
+    if (!stream_->Write(ToRequest(args, shape_, incarnation_))) return Ended();
+    EndSend(&sent);
+    sent_.push_back(sent);
     return Receive();
   }
 
-  absl::Status Send(StepArgs&& args) override { return Write(ToRequest(std::move(args), shape_, incarnation_)); }
+  absl::Status Send(StepArgs&& args) override {
+    if (finished_) return absl::FailedPreconditionError("StepStream already finished");
+    SendStamp sent = StartSend();
+    if (!stream_->Write(ToRequest(std::move(args), shape_, incarnation_))) return Ended();
+    EndSend(&sent);
+    sent_.push_back(sent);
+    return absl::OkStatus();
+  }
 
   absl::StatusOr<StepResult> Receive() override {
     if (finished_) return final_.ok() ? absl::FailedPreconditionError("StepStream already finished") : final_;
     v1::StepResponse response;
-    Begin(Op::kRead);
-    stream_->Read(&response, TagOf(Op::kRead));
-    if (!Await(Op::kRead)) return Ended();
+    if (!stream_->Read(&response)) return Ended();
     const Clock::time_point read_at = Clock::now();
     SendStamp sent;
     if (!sent_.empty()) {
@@ -301,80 +293,26 @@ class GrpcStepStream final : public StepStreamSession {
 
   absl::Status Finish() override {
     if (finished_) return final_;
-    if (Await(Op::kStart)) {
-      Begin(Op::kWritesDone);
-      stream_->WritesDone(TagOf(Op::kWritesDone));
-      Await(Op::kWritesDone);
-    }
-    return End();
+    stream_->WritesDone();
+    finished_ = true;
+    final_ = FromGrpc(stream_->Finish());
+    return final_;
   }
 
   void Cancel() override { ctx_.TryCancel(); }
 
  private:
-  enum class Op { kStart, kWrite, kRead, kWritesDone, kFinish, kCount };
-
-  static void* TagOf(Op op) { return reinterpret_cast<void*>(static_cast<intptr_t>(op) + 1); }
-  void Begin(Op op) { pending_[static_cast<int>(op)] = true; }
-
-  // Polls the queue until `op` completed; its ok.
-  bool Await(Op op) {
-    const Clock::time_point poll_until = Clock::now() + poll_;
-    while (pending_[static_cast<int>(op)]) {
-      void* tag = nullptr;
-      bool ok = false;
-      const bool poll = poll_.count() > 0 && Clock::now() < poll_until;
-      const grpc::CompletionQueue::NextStatus s =
-          cq_.AsyncNext(&tag, &ok, poll ? gpr_time_0(GPR_CLOCK_MONOTONIC) : gpr_inf_future(GPR_CLOCK_MONOTONIC));
-      if (s == grpc::CompletionQueue::TIMEOUT) continue;
-      PKV_CHECK(s == grpc::CompletionQueue::GOT_EVENT) << "StepStream: its completion queue shut down early";
-      const int done = static_cast<int>(reinterpret_cast<intptr_t>(tag)) - 1;
-      pending_[done] = false;
-      ok_[done] = ok;
-    }
-    return ok_[static_cast<int>(op)];
-  }
-
-  absl::Status Write(v1::StepRequest request) {
-    if (finished_) return absl::FailedPreconditionError("StepStream already finished");
-    if (!Await(Op::kStart)) return Ended();
-    request_ = std::move(request);
-    SendStamp sent = StartSend();
-    Begin(Op::kWrite);
-    stream_->Write(request_, TagOf(Op::kWrite));
-    if (!Await(Op::kWrite)) return Ended();
-    EndSend(&sent);
-    sent_.push_back(sent);
-    return absl::OkStatus();
-  }
-
-  // The call's final status (waits for the worker to end the stream).
-  absl::Status End() {
-    finished_ = true;
-    Begin(Op::kFinish);
-    stream_->Finish(&status_, TagOf(Op::kFinish));
-    Await(Op::kFinish);
-    final_ = FromGrpc(status_);
-    return final_;
-  }
-
-  // The stream broke: its final status says why.
   absl::Status Ended() {
-    End().IgnoreError();
+    finished_ = true;
+    final_ = FromGrpc(stream_->Finish());
     if (final_.ok()) final_ = absl::UnavailableError("StepStream closed by the worker");
     return final_;
   }
 
   const ModelShape shape_;
   const uint64_t incarnation_;
-  const std::chrono::microseconds poll_;
   grpc::ClientContext ctx_;
-  grpc::CompletionQueue cq_;
-  std::unique_ptr<grpc::ClientAsyncReaderWriter<v1::StepRequest, v1::StepResponse>> stream_;
-  v1::StepRequest request_;  // the request being written (gRPC reads it until the write completes)
-  grpc::Status status_;
-  bool pending_[static_cast<int>(Op::kCount)] = {};
-  bool ok_[static_cast<int>(Op::kCount)] = {};
+  std::unique_ptr<grpc::ClientReaderWriter<v1::StepRequest, v1::StepResponse>> stream_;
   std::deque<SendStamp> sent_;  // of requests not yet answered, oldest first
   bool finished_ = false;
   absl::Status final_;
@@ -502,8 +440,7 @@ absl::StatusOr<StepResult> WorkerClient::Step(const StepArgs& args) {
 }
 
 absl::StatusOr<std::unique_ptr<StepStreamSession>> WorkerClient::OpenStepStream() {
-  return std::make_unique<GrpcStepStream>(impl_->stub.get(), shape_, impl_->options.router_id, impl_->incarnation,
-                                          std::chrono::microseconds(std::max(0, impl_->options.stream_poll_us)));
+  return std::make_unique<GrpcStepStream>(impl_->stub.get(), shape_, impl_->options.router_id, impl_->incarnation);
 }
 
 absl::StatusOr<std::unique_ptr<PromptWriter>> WorkerClient::BeginWriteKV(uint64_t sequence_id,

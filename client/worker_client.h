@@ -116,11 +116,6 @@ struct ClientOptions {
   // every decode message behind it (the transport is ordered), so decode latency would follow
   // the prompt traffic. 0: WriteKV shares the decode connection.
   int32_t ingest_connections = 1;
-  // A StepStream's caller polls for the worker's answer without sleeping for this many
-  // microseconds after each message before it blocks: a layer-step's answer that comes back
-  // within it is read without a thread wake-up, at the price of that much CPU per message.
-  // 0: block at once.
-  int32_t stream_poll_us = 0;
   // Extra gRPC core channel arguments of every channel (HTTP/2 windows and frame sizes, TCP read
   // sizes, ...). Message size limits are max_message_bytes only (Connect refuses them here with
   // INVALID_ARGUMENT).
