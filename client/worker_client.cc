@@ -328,6 +328,15 @@ struct WorkerClient::Impl {
   std::vector<std::shared_ptr<grpc::Channel>> ingest_channels;
   std::vector<std::unique_ptr<v1::PersistentKV::Stub>> ingest_stubs;
   std::atomic<uint64_t> next_ingest{0};
+  // StepStream's own connections (options.decode_connections), taken in turn; empty: `stub`.
+  std::vector<std::shared_ptr<grpc::Channel>> decode_channels;
+  std::vector<std::unique_ptr<v1::PersistentKV::Stub>> decode_stubs;
+  std::atomic<uint64_t> next_decode{0};
+
+  v1::PersistentKV::Stub* DecodeStub() {
+    if (decode_stubs.empty()) return stub.get();
+    return decode_stubs[next_decode.fetch_add(1, std::memory_order_relaxed) % decode_stubs.size()].get();
+  }
 
   v1::PersistentKV::Stub* IngestStub() {
     if (ingest_stubs.empty()) return stub.get();
@@ -378,6 +387,13 @@ absl::StatusOr<std::unique_ptr<WorkerClient>> WorkerClient::Connect(const Client
     ingest_args.SetString("pkv.connection_role", absl::StrCat("ingest-", i));
     impl->ingest_channels.push_back(grpc::CreateCustomChannel(options.target, credentials, ingest_args));
     impl->ingest_stubs.push_back(v1::PersistentKV::NewStub(impl->ingest_channels.back()));
+  }
+  for (int32_t i = 0; i < options.decode_connections; ++i) {
+    grpc::ChannelArguments decode_args = args;
+    decode_args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+    decode_args.SetString("pkv.connection_role", absl::StrCat("decode-", i));
+    impl->decode_channels.push_back(grpc::CreateCustomChannel(options.target, credentials, decode_args));
+    impl->decode_stubs.push_back(v1::PersistentKV::NewStub(impl->decode_channels.back()));
   }
   std::unique_ptr<WorkerClient> client(new WorkerClient(std::move(impl)));
   PKV_ASSIGN_OR_RETURN(const WorkerInfo info, client->Describe());
@@ -440,7 +456,7 @@ absl::StatusOr<StepResult> WorkerClient::Step(const StepArgs& args) {
 }
 
 absl::StatusOr<std::unique_ptr<StepStreamSession>> WorkerClient::OpenStepStream() {
-  return std::make_unique<GrpcStepStream>(impl_->stub.get(), shape_, impl_->options.router_id, impl_->incarnation);
+  return std::make_unique<GrpcStepStream>(impl_->DecodeStub(), shape_, impl_->options.router_id, impl_->incarnation);
 }
 
 absl::StatusOr<std::unique_ptr<PromptWriter>> WorkerClient::BeginWriteKV(uint64_t sequence_id,

@@ -116,6 +116,11 @@ struct ClientOptions {
   // every decode message behind it (the transport is ordered), so decode latency would follow
   // the prompt traffic. 0: WriteKV shares the decode connection.
   int32_t ingest_connections = 1;
+  // StepStreams are opened in turn over this many TCP connections of their own: each HTTP/2
+  // connection carries its streams' messages one after another (one transport, one socket), so
+  // micro-batches in flight at once wait for each other's bytes on a shared one. 0: StepStreams
+  // share the connection of unary calls.
+  int32_t decode_connections = 0;
   // Extra gRPC core channel arguments of every channel (HTTP/2 windows and frame sizes, TCP read
   // sizes, ...). Message size limits are max_message_bytes only (Connect refuses them here with
   // INVALID_ARGUMENT).

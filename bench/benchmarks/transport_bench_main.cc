@@ -46,6 +46,9 @@ ABSL_FLAG(int, server_threads, 2, "Completion-queue threads of the poll and bloc
 ABSL_FLAG(int, streams, 1, "Concurrent streams, one client thread each.");
 ABSL_FLAG(int64_t, request_bytes, 98304, "Bytes per request (B8, Hq 32, d 128, fp16: q + k + v = 96 KiB).");
 ABSL_FLAG(int64_t, response_bytes, 65536, "Bytes per response (B8: 64 KiB of outputs).");
+ABSL_FLAG(bool, own_connections, false,
+          "Each stream on a TCP connection of its own (false: gRPC shares one connection among "
+          "channels of the same target and arguments).");
 ABSL_FLAG(int, iterations, 20000, "Timed round trips per stream.");
 ABSL_FLAG(int, warmup, 2000, "Round trips per stream before timing.");
 ABSL_FLAG(std::vector<std::string>, grpc_arg, {},
@@ -301,8 +304,14 @@ int main(int argc, char** argv) {
   const double cpu0 = CpuSeconds();
   const auto wall0 = Clock::now();
   for (int i = 0; i < streams; ++i) {
-    // A channel per stream, as pkv-replay opens per micro-batch.
-    auto channel = grpc::CreateCustomChannel(absl::StrCat("127.0.0.1:", port), grpc::InsecureChannelCredentials(), args);
+    // A channel per stream; with --own_connections each also gets a connection of its own.
+    grpc::ChannelArguments channel_args = args;
+    if (absl::GetFlag(FLAGS_own_connections)) {
+      channel_args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+      channel_args.SetString("pkv.connection_role", absl::StrCat("stream-", i));
+    }
+    auto channel =
+        grpc::CreateCustomChannel(absl::StrCat("127.0.0.1:", port), grpc::InsecureChannelCredentials(), channel_args);
     clients.emplace_back([&, i, channel] {
       if (client_mode == "sync") {
         SyncClient(channel, request, &results[i]);
@@ -331,8 +340,8 @@ int main(int argc, char** argv) {
   for (double v : all) sum += v;
   auto q = [&](double p) { return all[std::min(all.size() - 1, static_cast<size_t>(p * all.size()))]; };
   const double rps = all.size() / wall;
-  std::printf("| %s | %s | %d | %lld / %lld | %.1f | %.1f | %.1f | %.0f | %.1f |\n", server_mode.c_str(),
-              client_mode.c_str(), streams, static_cast<long long>(absl::GetFlag(FLAGS_request_bytes)),
+  std::printf("| %s | %s | %d%s | %lld / %lld | %.1f | %.1f | %.1f | %.0f | %.1f |\n", server_mode.c_str(),
+              client_mode.c_str(), streams, absl::GetFlag(FLAGS_own_connections) ? " (own connections)" : "", static_cast<long long>(absl::GetFlag(FLAGS_request_bytes)),
               static_cast<long long>(absl::GetFlag(FLAGS_response_bytes)), q(0.5), q(0.99), sum / all.size(), rps,
               1e6 * cpu / (all.size() + static_cast<double>(streams) * absl::GetFlag(FLAGS_warmup)));
   return 0;
