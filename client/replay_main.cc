@@ -47,10 +47,11 @@ ABSL_FLAG(int32_t, ingest_connections, 1,
           "TCP connections of their own for WriteKV streams (taken in turn), apart from the decode "
           "connection, so that prompt bytes never queue ahead of decode steps; 0: WriteKV shares the "
           "decode connection.");
-ABSL_FLAG(int32_t, decode_connections, 0,
-          "TCP connections of their own for the decode StepStreams (one per micro-batch, taken in "
-          "turn): streams on one HTTP/2 connection send and receive one after another; 0: they "
-          "share the connection of unary calls.");
+ABSL_FLAG(int32_t, decode_connections, -1,
+          "TCP connections of their own for the decode StepStreams (taken in turn by the "
+          "micro-batches): streams on one HTTP/2 connection send and receive one after another; 0: "
+          "they share the connection of unary calls; -1: one per micro-batch when there are several, "
+          "else 0.");
 ABSL_FLAG(int32_t, prefill_ahead, 0,
           "Prompts written ahead of decode, waiting for a free row (0: batch * micro_batches).");
 ABSL_FLAG(bool, wait_for_prefill, false,
@@ -114,6 +115,10 @@ absl::StatusOr<pkv::client::ClientOptions> ClientOptionsFromFlags() {
   options.router_id = absl::GetFlag(FLAGS_router_id);
   options.ingest_connections = absl::GetFlag(FLAGS_ingest_connections);
   options.decode_connections = absl::GetFlag(FLAGS_decode_connections);
+  if (options.decode_connections < 0) {
+    const int32_t micro = absl::GetFlag(FLAGS_micro_batches);
+    options.decode_connections = micro > 1 ? std::min(micro, 64) : 0;
+  }
   return options;
 }
 
@@ -172,8 +177,8 @@ int Run() {
     PKV_LOG(ERROR) << "--ingest_connections: must be in [0, 64], got " << n;
     return 2;
   }
-  if (const int32_t n = absl::GetFlag(FLAGS_decode_connections); n < 0 || n > 64) {
-    PKV_LOG(ERROR) << "--decode_connections: must be in [0, 64], got " << n;
+  if (const int32_t n = absl::GetFlag(FLAGS_decode_connections); n < -1 || n > 64) {
+    PKV_LOG(ERROR) << "--decode_connections: must be -1 or in [0, 64], got " << n;
     return 2;
   }
   if (absl::GetFlag(FLAGS_payload_rows) < 0) {

@@ -885,6 +885,32 @@ TEST_F(WorkerIntegrationTest, WriteKvGoesOverConnectionsOfItsOwn) {
   }
 }
 
+TEST_F(WorkerIntegrationTest, StepStreamsGoOverDecodeConnectionsOfTheirOwn) {
+  StartWorker(256);
+  if (EstablishedConnectionsTo(server_->port()) < 0) GTEST_SKIP() << "no /proc/net/tcp";
+  ASSERT_TRUE(WritePrompt(1, 20, 8, {0, 1, 2}).ok());
+  EXPECT_EQ(WaitForConnections(server_->port(), 2), 2);  // the fixture's decode and ingest connections
+  client::ClientOptions copts;
+  copts.target = server_->address();
+  copts.ingest_connections = 0;
+  copts.decode_connections = 2;
+  copts.own_connection = true;
+  auto other = client::WorkerClient::Connect(copts);
+  ASSERT_TRUE(other.ok()) << other.status();
+  // Three streams over two decode connections taken in turn; each answers on its own.
+  std::vector<std::unique_ptr<client::StepStreamSession>> streams;
+  for (uint64_t id : {90, 91, 92}) {
+    auto s = (*other)->OpenStepStream();
+    ASSERT_TRUE(s.ok()) << s.status();
+    StepArgs a = MakeStep(id, 0, {1});
+    a.rows = {4242};  // an unknown sequence: refused in StepResponse.status, the stream goes on
+    EXPECT_EQ((*s)->Step(a).status().code(), absl::StatusCode::kNotFound);
+    streams.push_back(*std::move(s));
+  }
+  EXPECT_EQ(WaitForConnections(server_->port(), 2 + 1 + 2), 2 + 1 + 2);
+  for (auto& s : streams) EXPECT_TRUE(s->Finish().ok());
+}
+
 TEST_F(WorkerIntegrationTest, ReplayOfAShortWorkloadChecksOutAndFreesEverything) {
   StartWorker(256);
   std::vector<WorkloadRequest> requests = GenerateWorkload(WorkloadKind::kBimodal, 10, 7);
