@@ -33,7 +33,9 @@
 #include "service/worker_server.h"
 
 ABSL_FLAG(std::string, listen, "0.0.0.0:50051",
-          "Address to listen on, host:port (port 0 picks a free port; e.g. 127.0.0.1:0).");
+          "Address to listen on: host:port (port 0 picks a free port; e.g. 127.0.0.1:0), or "
+          "unix:PATH, a Unix domain socket for routers on the same host (no TCP stack on the decode "
+          "path).");
 ABSL_FLAG(int32_t, num_layers, 32, "Attention layers of the served model.");
 ABSL_FLAG(int32_t, num_q_heads, 32, "Query heads Hq.");
 ABSL_FLAG(int32_t, num_kv_heads, 8, "KV heads Hkv (Hq must be a multiple).");

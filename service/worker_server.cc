@@ -35,6 +35,8 @@
 namespace pkv::service {
 namespace {
 
+bool IsUnixAddress(const std::string& address) { return absl::StartsWith(address, "unix:"); }
+
 std::string HostOf(const std::string& address) {
   const size_t colon = address.rfind(':');
   return colon == std::string::npos ? address : address.substr(0, colon);
@@ -283,7 +285,11 @@ absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Start(
     impl->health = *std::move(health);
   }
   impl->streams->Start();
-  PKV_LOG(INFO) << "API port " << HostOf(options.listen_address) << ":" << impl->port << ": "
+  PKV_LOG(INFO) << "API "
+                << (IsUnixAddress(options.listen_address) ? options.listen_address
+                                                          : absl::StrCat("port ", HostOf(options.listen_address), ":",
+                                                                         impl->port))
+                << ": "
                 << security_mode
                 << (security_mode == "mutual TLS" ? " (client certificates required)" : "")
                 << "; health "
@@ -307,6 +313,7 @@ WorkerServer::~WorkerServer() { Shutdown(absl::ZeroDuration()); }
 int WorkerServer::port() const { return impl_->port; }
 
 std::string WorkerServer::address() const {
+  if (IsUnixAddress(impl_->options.listen_address)) return impl_->options.listen_address;
   return absl::StrCat(HostOf(impl_->options.listen_address), ":", impl_->port);
 }
 

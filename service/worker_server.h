@@ -39,7 +39,9 @@ namespace pkv::service {
 inline constexpr char kLivenessService[] = "pkv.v1.Liveness";
 
 struct ServerOptions {
-  std::string listen_address = "0.0.0.0:50051";  // host:port; port 0 picks a free one
+  // host:port (port 0 picks a free one), or unix:PATH for a Unix domain socket (a router on the
+  // same host: no TCP stack on the decode path).
+  std::string listen_address = "0.0.0.0:50051";
   int64_t max_message_bytes = 64LL << 20;         // gRPC max send/receive message size
   int executor_threads = 2;                       // threads for decode steps, Describe, Release
   int executor_queue = 64;                        // their tasks waiting before RESOURCE_EXHAUSTED
@@ -108,7 +110,7 @@ class WorkerServer final {
 
   // The bound port (the chosen one when the address asked for port 0).
   int port() const;
-  // host:port actually bound, e.g. "127.0.0.1:41234".
+  // host:port actually bound, e.g. "127.0.0.1:41234"; the listen address itself for unix:PATH.
   std::string address() const;
   // The bound port of the health-only server; 0 when there is none.
   int health_port() const;

@@ -13,9 +13,11 @@
 // Client modes: sync (ClientReaderWriter Write then Read, the thread blocks in gRPC's poller,
 // as pkv-replay's decode threads do) and poll (the async API on a per-stream completion queue
 // polled without sleeping).
+// --unix_socket=PATH serves and connects over a Unix domain socket instead of loopback TCP.
 // Prints round trip p50 / p99 / mean in microseconds and the process CPU per round trip; exit 0,
 // or 1 on any error.
 #include <sys/resource.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -49,6 +51,8 @@ ABSL_FLAG(int64_t, response_bytes, 65536, "Bytes per response (B8: 64 KiB of out
 ABSL_FLAG(bool, own_connections, false,
           "Each stream on a TCP connection of its own (false: gRPC shares one connection among "
           "channels of the same target and arguments).");
+ABSL_FLAG(std::string, unix_socket, "",
+          "Serve and connect over this Unix domain socket path instead of loopback TCP.");
 ABSL_FLAG(int, iterations, 20000, "Timed round trips per stream.");
 ABSL_FLAG(int, warmup, 2000, "Round trips per stream before timing.");
 ABSL_FLAG(std::vector<std::string>, grpc_arg, {},
@@ -263,7 +267,13 @@ int main(int argc, char** argv) {
 
   grpc::ServerBuilder builder;
   int port = 0;
-  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+  const std::string unix_path = absl::GetFlag(FLAGS_unix_socket);
+  if (unix_path.empty()) {
+    builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+  } else {
+    ::unlink(unix_path.c_str());
+    builder.AddListeningPort("unix:" + unix_path, grpc::InsecureServerCredentials(), &port);
+  }
   builder.SetMaxMessageSize(64 << 20);
   for (const pkv::ChannelArg& a : *extra) {
     if (a.is_int) {
@@ -311,7 +321,7 @@ int main(int argc, char** argv) {
       channel_args.SetString("pkv.connection_role", absl::StrCat("stream-", i));
     }
     auto channel =
-        grpc::CreateCustomChannel(absl::StrCat("127.0.0.1:", port), grpc::InsecureChannelCredentials(), channel_args);
+        grpc::CreateCustomChannel(unix_path.empty() ? absl::StrCat("127.0.0.1:", port) : "unix:" + unix_path, grpc::InsecureChannelCredentials(), channel_args);
     clients.emplace_back([&, i, channel] {
       if (client_mode == "sync") {
         SyncClient(channel, request, &results[i]);
@@ -340,8 +350,8 @@ int main(int argc, char** argv) {
   for (double v : all) sum += v;
   auto q = [&](double p) { return all[std::min(all.size() - 1, static_cast<size_t>(p * all.size()))]; };
   const double rps = all.size() / wall;
-  std::printf("| %s | %s | %d%s | %lld / %lld | %.1f | %.1f | %.1f | %.0f | %.1f |\n", server_mode.c_str(),
-              client_mode.c_str(), streams, absl::GetFlag(FLAGS_own_connections) ? " (own connections)" : "", static_cast<long long>(absl::GetFlag(FLAGS_request_bytes)),
+  std::printf("| %s%s | %s | %d%s | %lld / %lld | %.1f | %.1f | %.1f | %.0f | %.1f |\n", server_mode.c_str(),
+              unix_path.empty() ? "" : " (unix socket)", client_mode.c_str(), streams, absl::GetFlag(FLAGS_own_connections) ? " (own connections)" : "", static_cast<long long>(absl::GetFlag(FLAGS_request_bytes)),
               static_cast<long long>(absl::GetFlag(FLAGS_response_bytes)), q(0.5), q(0.99), sum / all.size(), rps,
               1e6 * cpu / (all.size() + static_cast<double>(streams) * absl::GetFlag(FLAGS_warmup)));
   return 0;

@@ -147,5 +147,25 @@ pkv_wait_port() {
   return 1
 }
 
+# pkv_listen NAME: the --listen address of a suite's worker NAME: loopback TCP on a free port, or
+# with TRANSPORT=unix a Unix domain socket in the suite's output folder.
+pkv_listen() {
+  if [[ "${TRANSPORT:-tcp}" == unix ]]; then echo "unix:$SUITE_OUT/$1.sock"; else echo "127.0.0.1:0"; fi
+}
+
+# pkv_wait_target LOG PID: waits for "pkv-worker listening on ADDRESS" in LOG while PID lives;
+# prints ADDRESS (127.0.0.1:PORT or unix:PATH), what pkv-replay's --target takes. Returns 1 when
+# the worker exits or a minute passes.
+pkv_wait_target() {
+  local target="" _
+  for _ in $(seq 1 600); do
+    target=$(sed -n 's/.*pkv-worker listening on \([^ ]*\).*/\1/p' "$1" | head -n1)
+    [[ -n "$target" ]] && { echo "$target"; return 0; }
+    kill -0 "$2" 2>/dev/null || break
+    sleep 0.1
+  done
+  return 1
+}
+
 # pkv_section TITLE: a heading in the printed summary.
 pkv_section() { printf '\n==== %s ====\n' "$*"; }

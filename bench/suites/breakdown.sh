@@ -23,6 +23,7 @@
 #   WORKER_ARGS  extra pkv-worker flags for both workers (e.g. "--service_spin_us=0") [none]
 #   REPLAY_ARGS  extra pkv-replay flags for every run [none]
 #   LABEL     a line for the summary's header (e.g. the machine) [none]
+#   TRANSPORT tcp (loopback) or unix (a Unix domain socket) between pkv-replay and pkv-worker [tcp]
 suite_breakdown() {
   local backend="${BACKEND:-}" context steps warmup batches micro check model_args=() pool=()
   if [[ -z "$backend" ]]; then
@@ -55,16 +56,17 @@ suite_breakdown() {
     echo "commit: $COMMIT"
     [[ -n "${WORKER_ARGS:-}" ]] && echo "worker flags: $WORKER_ARGS"
     [[ -n "${REPLAY_ARGS:-}" ]] && echo "replay flags: $REPLAY_ARGS"
+    echo "transport: ${TRANSPORT:-tcp}"
   } | tee "$SUITE_OUT/header.txt"
 
   local failed=0 mode b m n name rc wlog
   for mode in run skip; do
     wlog="$SUITE_OUT/worker-$mode.log"
-    "$BIN/pkv-worker" --listen=127.0.0.1:0 --metrics_listen= --backend="$backend" "${model_args[@]}" \
+    "$BIN/pkv-worker" --listen="$(pkv_listen "worker-$mode")" --metrics_listen= --backend="$backend" "${model_args[@]}" \
       "${pool[@]}" --service_threads="${SERVICE_THREADS:-4}" --max_message_bytes=268435456 \
       --attention="$mode" ${WORKER_ARGS:-} >"$wlog" 2>&1 &
     WPID=$!
-    if ! PORT=$(pkv_wait_port "$wlog" "$WPID"); then
+    if ! TARGET=$(pkv_wait_target "$wlog" "$WPID"); then
       tail -20 "$wlog"; echo "pkv-worker --attention=$mode did not start"; return 1
     fi
     for b in $batches; do
@@ -72,7 +74,7 @@ suite_breakdown() {
         n=$((b * m))
         name="$mode-b$b-m$m"
         echo "== $name" >&2
-        "$BIN/pkv-replay" --target=127.0.0.1:"$PORT" --workload=homogeneous --num_requests=$n \
+        "$BIN/pkv-replay" --target="$TARGET" --workload=homogeneous --num_requests=$n \
           --batch="$b" --micro_batches="$m" --prefill_ahead=$n --wait_for_prefill --max_context="$context" \
           --max_output="$steps" --warmup_steps="$warmup" --check_fraction="$check" --chunk_tokens=1024 \
           --progress_s=0 --pool_sample_ms=0 --report_json="$SUITE_OUT/$name.json" ${REPLAY_ARGS:-} >"$SUITE_OUT/replay-$name.log" 2>&1

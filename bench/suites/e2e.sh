@@ -19,7 +19,8 @@
 #                      (--static_slot_tokens=8192: max context reserved per sequence)
 #   mooncake_conv      Mooncake conversation slice with its arrival times (prompts scaled 1/4)
 # RUNS="name ..." runs only those. WORKER_ARGS and REPLAY_ARGS add flags to every pkv-worker and
-# pkv-replay (e.g. WORKER_ARGS="--grpc_arg=grpc.http2.max_frame_size=1048576").
+# pkv-replay (e.g. WORKER_ARGS="--grpc_arg=grpc.http2.max_frame_size=1048576"). TRANSPORT=unix
+# puts them on a Unix domain socket instead of loopback TCP.
 # --quick shortens every run; --smoke checks the suite without a
 # GPU (CPU backend, 2 layers, prompts scaled to 1/64).
 # Output: worker-*.log, replay-*.log, NAME.json (pkv-replay reports), NAME.timeline.csv (their
@@ -48,23 +49,23 @@ suite_e2e() {
   start_worker() {
     local name="$1"; shift
     local wlog="$SUITE_OUT/worker-$name.log"
-    "$BIN/pkv-worker" --listen=127.0.0.1:0 --metrics_listen=127.0.0.1:0 --backend=$backend "${model[@]}" \
+    "$BIN/pkv-worker" --listen="$(pkv_listen "worker-$name")" --metrics_listen=127.0.0.1:0 --backend=$backend "${model[@]}" \
       --max_message_bytes=268435456 --scatter_seed=20260622 ${profile:+--calibration_profile="$profile"} ${WORKER_ARGS:-} "$@" \
       >"$wlog" 2>&1 &
     WPID=$!
     E2E_PIDS+=("$WPID")
-    if ! PORT=$(pkv_wait_port "$wlog" "$WPID"); then
+    if ! TARGET=$(pkv_wait_target "$wlog" "$WPID"); then
       tail -20 "$wlog"; echo "worker $name did not start"; return 1
     fi
     MPORT=$(sed -n 's/.*pkv-worker metrics on port \([0-9]*\).*/\1/p' "$wlog" | head -n1)
-    echo "worker $name on $PORT (metrics $MPORT): $*" | tee -a "$log"
+    echo "worker $name on $TARGET (metrics $MPORT): $*" | tee -a "$log"
   }
   stop_worker() { kill -TERM "$WPID"; wait "$WPID"; echo "worker $1 exit $?" | tee -a "$log"; }
   # run_replay NAME ARGS...
   run_replay() {
     local name="$1"; shift
     echo "== $name: pkv-replay $*" | tee -a "$log"
-    timeout "$limit" "$BIN/pkv-replay" --target=127.0.0.1:"$PORT" --progress_s=15 \
+    timeout "$limit" "$BIN/pkv-replay" --target="$TARGET" --progress_s=15 \
       --report_json="$SUITE_OUT/$name.json" --timeline_csv="$SUITE_OUT/$name.timeline.csv" "$@" "${scale[@]}" \
       ${REPLAY_ARGS:-} >"$SUITE_OUT/replay-$name.log" 2>&1
     echo "rc $?" >>"$SUITE_OUT/replay-$name.log"
