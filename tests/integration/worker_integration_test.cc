@@ -1,6 +1,8 @@
 // Integration tests: the real gRPC server (service::WorkerServer, as pkv-worker builds it) on
 // 127.0.0.1:0 with a small CPU model and scattered pages, driven through the client library.
 // Outputs are checked against the client's independent double-precision reference.
+#include <unistd.h>
+
 #include <algorithm>
 #include <chrono>
 #include <condition_variable>
@@ -164,7 +166,7 @@ class WorkerIntegrationTest : public ::testing::Test {
     auto engine = engine::BuildEngine(config);
     ASSERT_TRUE(engine.ok()) << engine.status();
     service::ServerOptions options;
-    options.listen_address = "127.0.0.1:0";
+    options.listen_address = listen_address_;
     options.max_message_bytes = 8 << 20;
     options.executor_threads = executor_threads;
     options.executor_queue = executor_queue;
@@ -324,6 +326,7 @@ class WorkerIntegrationTest : public ::testing::Test {
   WorkerMetrics metrics_{BuildInfo{"test", "test", "cpu", "none", "fp16", "default"}};
   double liveness_stall_seconds_ = 0;  // > 0: StartWorker sets it, with a 20 ms heartbeat
   std::vector<ChannelArg> server_channel_args_;  // ServerOptions::channel_args of StartWorker
+  std::string listen_address_ = "127.0.0.1:0";     // ServerOptions::listen_address of StartWorker
   std::unique_ptr<service::WorkerServer> server_;
   std::unique_ptr<client::WorkerClient> client_;
   std::unique_ptr<client::KvDataGen> gen_;
@@ -909,6 +912,27 @@ TEST_F(WorkerIntegrationTest, StepStreamsGoOverDecodeConnectionsOfTheirOwn) {
   }
   EXPECT_EQ(WaitForConnections(server_->port(), 2 + 1 + 2), 2 + 1 + 2);
   for (auto& s : streams) EXPECT_TRUE(s->Finish().ok());
+}
+
+TEST_F(WorkerIntegrationTest, ServesOverAUnixDomainSocket) {
+  const std::string path = ::testing::TempDir() + "/pkv-worker-" + std::to_string(::getpid()) + ".sock";
+  ::unlink(path.c_str());
+  listen_address_ = "unix:" + path;
+  StartWorker(32);
+  EXPECT_EQ(server_->address(), "unix:" + path);
+  ASSERT_TRUE(WritePrompt(1, 20, 8, {0, 1, 2}).ok());
+  auto stream = client_->OpenStepStream();
+  ASSERT_TRUE(stream.ok()) << stream.status();
+  double max_err = 0;
+  for (int32_t layer = 0; layer < 3; ++layer) {
+    StepArgs a = MakeStep(7, layer, {1});
+    auto r = (*stream)->Step(a);
+    ASSERT_TRUE(r.ok()) << r.status();
+    CheckOutputs(a, *r, &max_err);
+  }
+  EXPECT_TRUE((*stream)->Finish().ok());
+  ASSERT_TRUE(client_->Release(std::vector<uint64_t>{1}).ok());
+  EXPECT_TRUE(WaitAllFree());
 }
 
 TEST_F(WorkerIntegrationTest, ReplayOfAShortWorkloadChecksOutAndFreesEverything) {
