@@ -54,6 +54,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "client/worker_client.h"
+#include "common/channel_args.h"
 #include "common/dtype.h"
 #include "common/model_shape.h"
 #include "engine/engine.h"
@@ -77,6 +78,9 @@ ABSL_FLAG(int32_t, ingest_threads, 2, "In-process worker: WriteKV executor threa
 ABSL_FLAG(bool, own_connections, true,
           "grpc mode: each stream on a TCP connection of its own (false: all streams share one "
           "connection, gRPC's default for clients of one target).");
+ABSL_FLAG(std::vector<std::string>, grpc_arg, {},
+          "gRPC core channel arguments name=value, set on the in-process worker's server and on the "
+          "clients (pkv-worker / pkv-replay --grpc_arg; e.g. grpc.http2.lookahead_bytes=8388608).");
 ABSL_FLAG(int32_t, repeats, 3, "Measured rounds per (mode, streams); the median is reported. One warm-up round precedes.");
 ABSL_FLAG(std::string, label, "", "Free text naming the machine, printed with the table (e.g. \"2-core VM, CPU backend\").");
 ABSL_FLAG(std::string, md, "", "Also append the table as markdown to this file.");
@@ -351,6 +355,12 @@ int Main() {
     }
     stream_counts.push_back(n);
   }
+  absl::StatusOr<std::vector<ChannelArg>> parsed_args = ParseChannelArgs(absl::GetFlag(FLAGS_grpc_arg), "--grpc_arg");
+  if (!parsed_args.ok()) {
+    std::fprintf(stderr, "pkv-ingest-bench: %s\n", parsed_args.status().ToString().c_str());
+    return 1;
+  }
+  const std::vector<ChannelArg> grpc_args = *std::move(parsed_args);
   const std::string modes = absl::GetFlag(FLAGS_modes);
   const std::string target = absl::GetFlag(FLAGS_target);
   const bool run_tcp = absl::StrContains(modes, "tcp");
@@ -393,6 +403,7 @@ int Main() {
       service::ServerOptions so;
       so.listen_address = "127.0.0.1:0";
       so.ingest_threads = absl::GetFlag(FLAGS_ingest_threads);
+      so.channel_args = grpc_args;
       so.max_message_bytes = std::max<int64_t>(64 << 20, 4 * plan.chunk * plan.row_bytes());
       absl::StatusOr<std::unique_ptr<service::WorkerServer>> started = service::WorkerServer::Start(so, *std::move(engine));
       if (!started.ok()) {
@@ -409,6 +420,7 @@ int Main() {
       client::ClientOptions co;
       co.target = address;
       co.own_connection = absl::GetFlag(FLAGS_own_connections);
+      co.channel_args = grpc_args;
       co.max_message_bytes = std::max<int64_t>(256 << 20, 4 * plan.chunk * plan.row_bytes());
       absl::StatusOr<std::unique_ptr<client::WorkerClient>> c = client::WorkerClient::Connect(co);
       if (!c.ok()) {
