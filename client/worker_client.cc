@@ -320,28 +320,40 @@ class GrpcStepStream final : public StepStreamSession {
 
 }  // namespace
 
+// Connections of one role's own (WriteKV, StepStream), taken in turn; none: the shared stub.
+struct OwnConnections {
+  std::vector<std::shared_ptr<grpc::Channel>> channels;
+  std::vector<std::unique_ptr<v1::PersistentKV::Stub>> stubs;
+  std::atomic<uint64_t> next{0};
+
+  // Opens `count` channels, each on a TCP connection of its own: a local subchannel pool, and a
+  // role argument that keeps gRPC from treating it as the same channel as another one.
+  void Open(int32_t count, const std::string& role, const std::string& target,
+            const std::shared_ptr<grpc::ChannelCredentials>& credentials, const grpc::ChannelArguments& args) {
+    for (int32_t i = 0; i < count; ++i) {
+      grpc::ChannelArguments own = args;
+      own.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+      own.SetString("pkv.connection_role", absl::StrCat(role, "-", i));
+      channels.push_back(grpc::CreateCustomChannel(target, credentials, own));
+      stubs.push_back(v1::PersistentKV::NewStub(channels.back()));
+    }
+  }
+
+  v1::PersistentKV::Stub* Take(v1::PersistentKV::Stub* shared) {
+    if (stubs.empty()) return shared;
+    return stubs[next.fetch_add(1, std::memory_order_relaxed) % stubs.size()].get();
+  }
+};
+
 struct WorkerClient::Impl {
   ClientOptions options;
   std::shared_ptr<grpc::Channel> channel;
   std::unique_ptr<v1::PersistentKV::Stub> stub;
-  // WriteKV's own connections (options.ingest_connections), taken in turn; empty: `stub`.
-  std::vector<std::shared_ptr<grpc::Channel>> ingest_channels;
-  std::vector<std::unique_ptr<v1::PersistentKV::Stub>> ingest_stubs;
-  std::atomic<uint64_t> next_ingest{0};
-  // StepStream's own connections (options.decode_connections), taken in turn; empty: `stub`.
-  std::vector<std::shared_ptr<grpc::Channel>> decode_channels;
-  std::vector<std::unique_ptr<v1::PersistentKV::Stub>> decode_stubs;
-  std::atomic<uint64_t> next_decode{0};
+  OwnConnections ingest;  // options.ingest_connections
+  OwnConnections decode;  // options.decode_connections
 
-  v1::PersistentKV::Stub* DecodeStub() {
-    if (decode_stubs.empty()) return stub.get();
-    return decode_stubs[next_decode.fetch_add(1, std::memory_order_relaxed) % decode_stubs.size()].get();
-  }
-
-  v1::PersistentKV::Stub* IngestStub() {
-    if (ingest_stubs.empty()) return stub.get();
-    return ingest_stubs[next_ingest.fetch_add(1, std::memory_order_relaxed) % ingest_stubs.size()].get();
-  }
+  v1::PersistentKV::Stub* IngestStub() { return ingest.Take(stub.get()); }
+  v1::PersistentKV::Stub* DecodeStub() { return decode.Take(stub.get()); }
 
   uint64_t incarnation = 0;  // pinned by Connect (options.pin_incarnation); 0: none
 
@@ -379,22 +391,8 @@ absl::StatusOr<std::unique_ptr<WorkerClient>> WorkerClient::Connect(const Client
             : " (plaintext channel: is the worker up? if it serves TLS, pass the TLS options)"));
   }
   impl->stub = v1::PersistentKV::NewStub(impl->channel);
-  for (int32_t i = 0; i < options.ingest_connections; ++i) {
-    // A local subchannel pool gives each channel a connection of its own; the role argument
-    // keeps gRPC from treating it as the same channel as the decode one.
-    grpc::ChannelArguments ingest_args = args;
-    ingest_args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
-    ingest_args.SetString("pkv.connection_role", absl::StrCat("ingest-", i));
-    impl->ingest_channels.push_back(grpc::CreateCustomChannel(options.target, credentials, ingest_args));
-    impl->ingest_stubs.push_back(v1::PersistentKV::NewStub(impl->ingest_channels.back()));
-  }
-  for (int32_t i = 0; i < options.decode_connections; ++i) {
-    grpc::ChannelArguments decode_args = args;
-    decode_args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
-    decode_args.SetString("pkv.connection_role", absl::StrCat("decode-", i));
-    impl->decode_channels.push_back(grpc::CreateCustomChannel(options.target, credentials, decode_args));
-    impl->decode_stubs.push_back(v1::PersistentKV::NewStub(impl->decode_channels.back()));
-  }
+  impl->ingest.Open(options.ingest_connections, "ingest", options.target, credentials, args);
+  impl->decode.Open(options.decode_connections, "decode", options.target, credentials, args);
   std::unique_ptr<WorkerClient> client(new WorkerClient(std::move(impl)));
   PKV_ASSIGN_OR_RETURN(const WorkerInfo info, client->Describe());
   if (options.pin_incarnation) client->impl_->incarnation = info.incarnation;

@@ -134,19 +134,6 @@ pkv_need() {
   BIN="$dir/bin"
 }
 
-# pkv_wait_port LOG PID: waits for "pkv-worker listening on 127.0.0.1:PORT" in LOG while PID
-# lives; prints PORT. Returns 1 when the worker exits or a minute passes.
-pkv_wait_port() {
-  local port="" _
-  for _ in $(seq 1 600); do
-    port=$(sed -n 's/.*pkv-worker listening on 127\.0\.0\.1:\([0-9]*\).*/\1/p' "$1" | head -n1)
-    [[ -n "$port" ]] && { echo "$port"; return 0; }
-    kill -0 "$2" 2>/dev/null || break
-    sleep 0.1
-  done
-  return 1
-}
-
 # pkv_listen NAME: the --listen address of a suite's worker NAME: loopback TCP on a free port, or
 # with TRANSPORT=unix a Unix domain socket in the suite's output folder.
 pkv_listen() {

@@ -26,13 +26,13 @@ suite_model() {
   [[ "$backend" == cpu ]] && pool=(--num_pages=2048)
   "$BIN/pkv-worker" --listen=127.0.0.1:0 --metrics_listen= --backend=$backend "${shape[@]}" --page_size=16 \
     --dtype=bf16 "${pool[@]}" --max_message_bytes=268435456 >"$wlog" 2>&1 &
-  local wpid=$! port
+  local wpid=$! target
   # shellcheck disable=SC2064
   trap "kill -TERM $wpid 2>/dev/null" EXIT
-  if ! port=$(pkv_wait_port "$wlog" "$wpid"); then tail -20 "$wlog"; echo "pkv-worker did not start"; return 1; fi
+  if ! target=$(pkv_wait_target "$wlog" "$wpid"); then tail -20 "$wlog"; echo "pkv-worker did not start"; return 1; fi
   for m in ${MICRO:-1 2}; do
     # shellcheck disable=SC2086
-    "$py" "$ROOT/python/examples/llama_decode_bench.py" --target=127.0.0.1:"$port" --device=$device "${dims[@]}" \
+    "$py" "$ROOT/python/examples/llama_decode_bench.py" --target="$target" --device=$device "${dims[@]}" \
       --batch="${BATCH:-8}" --micro_batches="$m" --prompt_len="${PROMPT:-512}" --steps="${STEPS:-64}" \
       --report_json="$SUITE_OUT/model-m$m.json" ${MODEL_ARGS:-} >"$SUITE_OUT/model-m$m.log" 2>&1 || rc=1
     tail -2 "$SUITE_OUT/model-m$m.log"
