@@ -8,6 +8,7 @@
 // (done comes only for a call that started).
 #include "service/step_stream.h"
 
+#include <algorithm>
 #include <utility>
 
 #include "absl/status/status.h"
