@@ -13,6 +13,12 @@
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
+// The AVX2 scan of FirstNonFinite is compiled for the host compiler's translation units only
+// (not under nvcc, which never calls it).
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__CUDACC__)
+#define PKV_DTYPE_AVX2 1
+#include <immintrin.h>
+#endif
 
 #include "absl/status/statusor.h"
 
@@ -102,19 +108,53 @@ inline uint16_t FromFloat(DType dtype, float f) {
   return dtype == DType::kF16 ? FloatToHalf(f) : FloatToBFloat16(f);
 }
 
+namespace dtype_internal {
+#if defined(PKV_DTYPE_AVX2)
+// The number of leading elements of `bytes` (a multiple of 64, at most n) that hold no element
+// with all of `mask`'s bits set, 64 elements (128 bytes) per loop with AVX2. Call only where the
+// CPU has AVX2 (HasAvx2).
+__attribute__((target("avx2"))) inline size_t FiniteBlocksAvx2(const uint8_t* bytes, size_t n, uint16_t mask) {
+  const __m256i m = _mm256_set1_epi16(static_cast<short>(mask));
+  size_t i = 0;
+  for (; i + 64 <= n; i += 64) {
+    const __m256i* p = reinterpret_cast<const __m256i*>(bytes + 2 * i);
+    const __m256i a = _mm256_cmpeq_epi16(_mm256_and_si256(_mm256_loadu_si256(p), m), m);
+    const __m256i b = _mm256_cmpeq_epi16(_mm256_and_si256(_mm256_loadu_si256(p + 1), m), m);
+    const __m256i c = _mm256_cmpeq_epi16(_mm256_and_si256(_mm256_loadu_si256(p + 2), m), m);
+    const __m256i d = _mm256_cmpeq_epi16(_mm256_and_si256(_mm256_loadu_si256(p + 3), m), m);
+    const __m256i any = _mm256_or_si256(_mm256_or_si256(a, b), _mm256_or_si256(c, d));
+    if (!_mm256_testz_si256(any, any)) break;  // a hit among these 64
+  }
+  return i;
+}
+inline bool HasAvx2() {
+  static const bool has = __builtin_cpu_supports("avx2");
+  return has;
+}
+#endif
+}  // namespace dtype_internal
+
 // Index of the first NaN or infinity among the 2-byte little-endian elements of `bytes` (an odd
-// trailing byte is ignored), or -1 when every element is finite. Eight elements per SSE2 compare
-// where the host has it (about 1 us per 100 KB), else a scalar loop; an element is non-finite
-// when all its exponent bits are set.
+// trailing byte is ignored), or -1 when every element is finite. Whole blocks first, with AVX2
+// where the CPU has it (64 elements per loop, about 2 us per 100 KB) or SSE2 (32 per loop), each
+// block's compares merged into one branch; the block holding a hit, and the tail, go through the
+// scalar loop. An element is non-finite when all its exponent bits are set.
 inline int64_t FirstNonFinite(DType dtype, const uint8_t* bytes, size_t size) {
   const uint16_t mask = dtype == DType::kF16 ? 0x7C00u : 0x7F80u;
   const size_t n = size / 2;
   size_t i = 0;
+#if defined(PKV_DTYPE_AVX2)
+  if (dtype_internal::HasAvx2()) i = dtype_internal::FiniteBlocksAvx2(bytes, n, mask);
+#endif
 #if defined(__SSE2__)
   const __m128i m = _mm_set1_epi16(static_cast<short>(mask));
-  for (; i + 8 <= n; i += 8) {
-    const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + 2 * i));
-    if (_mm_movemask_epi8(_mm_cmpeq_epi16(_mm_and_si128(x, m), m)) != 0) break;  // a hit among these 8
+  auto hit = [&](size_t at) {
+    const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + 2 * at));
+    return _mm_cmpeq_epi16(_mm_and_si128(x, m), m);
+  };
+  for (; i + 32 <= n; i += 32) {
+    const __m128i any = _mm_or_si128(_mm_or_si128(hit(i), hit(i + 8)), _mm_or_si128(hit(i + 16), hit(i + 24)));
+    if (_mm_movemask_epi8(any) != 0) break;  // a hit among these 32
   }
 #endif
   for (; i < n; ++i) {

@@ -45,6 +45,11 @@ struct RunStats {
   double attend_s = 0;
   double wall_s = 0;
   double kv_bytes = 0;  // KV bytes the attention read (all layers)
+  // Host time of the layer-steps (engine arms: the engine's validation and host work, the
+  // backend's staging, launches and output copy; FlashInfer arms: the same staging, launches and
+  // timing query done inline) and their count, for the time per layer beyond attention.
+  double host_s = 0;
+  int64_t layers = 0;
   std::vector<double> step_attend_s;
   std::vector<double> step_wall_s;
   std::map<std::string, int64_t> mix;  // kernel -> token steps
@@ -138,7 +143,7 @@ absl::StatusOr<RunStats> RunOnce(engine::Engine& e, const ModelShape& shape, Wor
     in.q = std::span<const uint8_t>(q).first(b * shape.num_q_heads * shape.head_dim * 2);
     in.k = std::span<const uint8_t>(kv).first(b * shape.num_kv_heads * shape.head_dim * 2);
     in.v = std::span<const uint8_t>(kv).subspan(kv.size() / 2, b * shape.num_kv_heads * shape.head_dim * 2);
-    double attend = 0;
+    double attend = 0, host = 0;
     KernelId kernel = KernelId::kReference;
     const auto t0 = std::chrono::steady_clock::now();
     for (int layer = 0; layer < shape.num_layers; ++layer) {
@@ -146,6 +151,7 @@ absl::StatusOr<RunStats> RunOnce(engine::Engine& e, const ModelShape& shape, Wor
       auto out = e.Step(in);
       if (!out.ok()) return out.status();
       attend += out->attend_seconds;
+      host += out->timings.validate_seconds + out->timings.host_seconds;
       kernel = out->kernel;
     }
     const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -153,6 +159,8 @@ absl::StatusOr<RunStats> RunOnce(engine::Engine& e, const ModelShape& shape, Wor
       st.tokens += static_cast<int64_t>(b);
       st.attend_s += attend;
       st.wall_s += wall;
+      st.host_s += host;
+      st.layers += shape.num_layers;
       st.step_attend_s.push_back(attend);
       st.step_wall_s.push_back(wall);
       st.kv_bytes += static_cast<double>(observer.last_kv_tokens) * shape.kv_bytes_per_token_layer() * shape.num_layers;
@@ -305,8 +313,9 @@ absl::StatusOr<RunStats> RunFlashInferOnce(FlashInferArm& arm, kvpool::KvArena& 
     ap.slots = d_table + (B + 1) + B;
     ap.k = static_cast<uint8_t*>(d_qkv) + bq;
     ap.v = static_cast<uint8_t*>(d_qkv) + bq + bkv;
-    double attend = 0;
+    double attend = 0, host = 0;
     for (int layer = 0; layer < shape.num_layers && status.ok(); ++layer) {
+      const auto h0 = std::chrono::steady_clock::now();
       std::memcpy(h_qkv, q.data(), bq);
       std::memcpy(h_qkv + bq, kv.data(), bkv);
       std::memcpy(h_qkv + bq + bkv, kv.data() + kv.size() / 2, bkv);
@@ -318,16 +327,21 @@ absl::StatusOr<RunStats> RunFlashInferOnce(FlashInferArm& arm, kvpool::KvArena& 
       cudaEventRecord(ev0, stream);
       if (status.ok()) status = arm.Run(p, stream);
       cudaEventRecord(ev1, stream);
+      const auto h1 = std::chrono::steady_clock::now();
       if (cudaError_t e = cudaStreamSynchronize(stream); e != cudaSuccess && status.ok()) status = fail(e);
+      const auto h2 = std::chrono::steady_clock::now();
       float ms = 0;
       cudaEventElapsedTime(&ms, ev0, ev1);
       attend += ms * 1e-3;
+      host += std::chrono::duration<double>(h1 - h0 + (std::chrono::steady_clock::now() - h2)).count();
     }
     const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     if (step >= warmup && status.ok()) {
       st.tokens += B;
       st.attend_s += attend;
       st.wall_s += wall;
+      st.host_s += host;
+      st.layers += shape.num_layers;
       st.step_attend_s.push_back(attend);
       st.step_wall_s.push_back(wall);
       st.kv_bytes += static_cast<double>(kv_tokens) * shape.kv_bytes_per_token_layer() * shape.num_layers;
@@ -378,7 +392,7 @@ int RunTraceBench(const TraceBenchOptions& o) {
   if (!o.csv_path.empty()) {
     csv.open(o.csv_path);
     csv << "dtype,workload,batch,seed,arm,tokens,attend_s,wall_s,tok_per_s_attend,tok_per_s_wall,"
-           "p50_step_attend_ms,p99_step_attend_ms,p50_step_wall_ms,p99_step_wall_ms,kv_gbps,mix\n";
+           "p50_step_attend_ms,p99_step_attend_ms,p50_step_wall_ms,p99_step_wall_ms,kv_gbps,beyond_attention_us_per_layer,host_us_per_layer,mix\n";
   }
   std::ostringstream md;
   std::vector<Arm> arms = {{"adaptive", std::nullopt},
@@ -458,7 +472,7 @@ int RunTraceBench(const TraceBenchOptions& o) {
                 shape.head_dim, shape.page_size, profile_name.c_str(), ceiling0);
     md << "\n### " << DTypeName(dt) << " on " << dev.name << " (ceiling " << static_cast<int>(ceiling0)
        << " GB/s)\n\n| workload | arm | tok/s (attention) | % of read ceiling | tok/s (wall) | p50 / p99 token-step attention ms | "
-          "mix | vs best fixed |\n|---|---|---|---|---|---|---|---|\n";
+          "us per layer beyond attention (host) | mix | vs best fixed |\n|---|---|---|---|---|---|---|---|---|\n";
     for (const std::string& w : o.workloads) {
       const size_t colon = w.find(':');
       auto kind = ParseWorkloadKind(w.substr(0, colon));
@@ -469,7 +483,8 @@ int RunTraceBench(const TraceBenchOptions& o) {
       }
       const int measured = o.measured_steps > 0 ? o.measured_steps : (batch == 1 ? 64 : 48);
       const int nreq = o.num_requests > 0 ? o.num_requests : (batch == 1 ? 16 : 24);
-      std::map<std::string, std::vector<double>> tps_attend, tps_wall, p50, p99, roof;
+      // beyond: (wall - attention) per layer-step, us; host: its host share (RunStats::host_s).
+      std::map<std::string, std::vector<double>> tps_attend, tps_wall, p50, p99, roof, beyond, host;
       std::map<std::string, std::map<std::string, int64_t>> mixes;
       for (uint64_t seed : o.seeds) {
         for (const Arm& arm : arms) {
@@ -497,6 +512,9 @@ int RunTraceBench(const TraceBenchOptions& o) {
           roof[arm.name].push_back(st->kv_bytes / st->attend_s / 1e9 / ceiling0 * 100.0);
           p50[arm.name].push_back(Percentile(st->step_attend_s, 0.5) * 1e3);
           p99[arm.name].push_back(Percentile(st->step_attend_s, 0.99) * 1e3);
+          const double layers = static_cast<double>(std::max<int64_t>(st->layers, 1));
+          beyond[arm.name].push_back((st->wall_s - st->attend_s) / layers * 1e6);
+          host[arm.name].push_back(st->host_s / layers * 1e6);
           for (const auto& [k, n] : st->mix) mixes[arm.name][k] += n;
           std::string mix;
           for (const auto& [k, n] : st->mix) mix += k + "=" + std::to_string(n) + ";";
@@ -505,7 +523,8 @@ int RunTraceBench(const TraceBenchOptions& o) {
                 << "," << st->tokens << "," << st->attend_s << "," << st->wall_s << "," << ta << "," << tw << ","
                 << Percentile(st->step_attend_s, 0.5) * 1e3 << "," << Percentile(st->step_attend_s, 0.99) * 1e3
                 << "," << Percentile(st->step_wall_s, 0.5) * 1e3 << "," << Percentile(st->step_wall_s, 0.99) * 1e3
-                << "," << st->kv_bytes / st->attend_s / 1e9 << "," << mix << "\n";
+                << "," << st->kv_bytes / st->attend_s / 1e9 << "," << beyond[arm.name].back() << ","
+                << host[arm.name].back() << "," << mix << "\n";
           }
         }
       }
@@ -522,24 +541,27 @@ int RunTraceBench(const TraceBenchOptions& o) {
       }
       for (const Arm& arm : arms) {
         if (tps_attend[arm.name].empty()) continue;  // an arm that did not run
-        double ma, sa, mw, sw, m50, s50, m99, s99, mr, sr;
+        double ma, sa, mw, sw, m50, s50, m99, s99, mr, sr, mb, sb, mh, sh;
         MeanStd(roof[arm.name], &mr, &sr);
+        MeanStd(beyond[arm.name], &mb, &sb);
+        MeanStd(host[arm.name], &mh, &sh);
         MeanStd(tps_attend[arm.name], &ma, &sa);
         MeanStd(tps_wall[arm.name], &mw, &sw);
         MeanStd(p50[arm.name], &m50, &s50);
         MeanStd(p99[arm.name], &m99, &s99);
         std::string mix;
         for (const auto& [k, n] : mixes[arm.name]) mix += k + ":" + std::to_string(n) + " ";
-        std::printf("%-12s B%-2d %-15s attn %9.0f ± %6.0f tok/s (%5.1f%% roof)  wall %9.0f ± %6.0f tok/s  step p50 %7.3f p99 %7.3f ms  %s%s\n",
-                    w.substr(0, colon).c_str(), batch, arm.name.c_str(), ma, sa, mr, mw, sw, m50, m99,
+        std::printf("%-12s B%-2d %-15s attn %9.0f ± %6.0f tok/s (%5.1f%% roof)  wall %9.0f ± %6.0f tok/s  step p50 %7.3f p99 %7.3f ms  "
+                    "beyond attention %5.1f us/layer (host %5.1f)  %s%s\n",
+                    w.substr(0, colon).c_str(), batch, arm.name.c_str(), ma, sa, mr, mw, sw, m50, m99, mb, mh,
                     arm.fixed || arm.flashinfer_path >= 0
                         ? ""
                         : ("vs best fixed (" + best_name + ") " + std::to_string(ma / best_fixed) + "  ").c_str(),
                     mix.c_str());
         char line[512];
-        std::snprintf(line, sizeof(line), "| %s B%d | %s | %.0f ± %.0f | %.1f | %.0f ± %.0f | %.3f / %.3f | %s | %.3f |\n",
-                      w.substr(0, colon).c_str(), batch, arm.name.c_str(), ma, sa, mr, mw, sw, m50, m99, mix.c_str(),
-                      ma / best_fixed);
+        std::snprintf(line, sizeof(line), "| %s B%d | %s | %.0f ± %.0f | %.1f | %.0f ± %.0f | %.3f / %.3f | %.1f (%.1f) | %s | %.3f |\n",
+                      w.substr(0, colon).c_str(), batch, arm.name.c_str(), ma, sa, mr, mw, sw, m50, m99, mb, mh,
+                      mix.c_str(), ma / best_fixed);
         md << line;
       }
       // adaptive vs FlashInfer's best path (by mean attention tok/s), attention and wall.
@@ -563,7 +585,7 @@ int RunTraceBench(const TraceBenchOptions& o) {
         std::printf("%-12s B%-2d adaptive / flashinfer (%s): attention %.3f, wall %.3f\n", w.substr(0, colon).c_str(),
                     batch, fi_name.c_str(), ma / fi_best, mw / fi_wall);
         char line[256];
-        std::snprintf(line, sizeof(line), "| %s B%d | adaptive / flashinfer (%s) | %.3f (attention) | | %.3f (wall) | | | |\n",
+        std::snprintf(line, sizeof(line), "| %s B%d | adaptive / flashinfer (%s) | %.3f (attention) | | %.3f (wall) | | | | |\n",
                       w.substr(0, colon).c_str(), batch, fi_name.c_str(), ma / fi_best, mw / fi_wall);
         md << line;
       }
