@@ -27,6 +27,7 @@
 #include "absl/status/statusor.h"
 #include "common/decode_types.h"
 #include "kvpool/kv_arena.h"
+#include "engine/output_pool.h"
 #include "scheduler/step_plan.h"
 
 namespace pkv::engine {
@@ -82,11 +83,17 @@ class ExecutionBackend {
 
   // One layer of an open token step (concurrency: see the file comment): writes `k`, `v`
   // [B, Hkv, d] into the rows' new-token slots, then runs attention of `q` [B, Hq, d] into `out`
-  // [B, Hq, d] (host buffers, model dtype) and `lse` [B, Hq] when not null. `info` (not null)
-  // receives the attention's device time and the layer's stage times.
+  // [B, Hq, d] (host buffers, model dtype) and `lse` [B, Hq] when not null. `out_device`: the
+  // device address of `out` when it is a block of output_memory() (the kernels then write it
+  // directly), else null. `info` (not null) receives the attention's device time and the layer's
+  // stage times.
   [[nodiscard]] virtual absl::Status RunLayer(int32_t slot, int32_t layer, const void* q,
-                                              const void* k, const void* v, void* out, float* lse,
-                                              LayerRunInfo* info) = 0;
+                                              const void* k, const void* v, void* out, void* out_device,
+                                              float* lse, LayerRunInfo* info) = 0;
+
+  // Memory the engine's output buffers come from while it has room (see engine/output_pool.h),
+  // or null (heap only). Owned by the backend.
+  virtual OutputMemory* output_memory() { return nullptr; }
 
   // Frees the descriptor slot of a completed or aborted token step.
   virtual void EndTokenStep(int32_t slot) = 0;

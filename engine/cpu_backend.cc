@@ -53,7 +53,8 @@ class CpuBackend final : public ExecutionBackend {
   }
 
   absl::Status RunLayer(int32_t slot, int32_t layer, const void* q, const void* k, const void* v,
-                        void* out, float* lse, LayerRunInfo* info) override {
+                        void* out, void* out_device, float* lse, LayerRunInfo* info) override {
+    (void)out_device;  // no output memory of its own: `out` is always host memory
     PKV_CHECK(slot >= 0 && slot < kSlots && slots_[slot].used) << "bad descriptor slot " << slot;
     const Slot& d = slots_[slot];
     // No copies on the host: the kernel stage is the KV write plus the reference kernel.

@@ -9,6 +9,8 @@
 
 #include <algorithm>
 #include <chrono>
+#include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -22,6 +24,58 @@
 
 namespace pkv::engine {
 namespace {
+
+// Mapped pinned host memory for layer-step outputs, allocated and populated once (Create) in
+// slabs and handed out in blocks that are never given back (OutputPool keeps them): the kernels
+// write a layer's outputs straight into the buffer the engine answers with, and no output buffer
+// page-faults or is allocated while serving. A block larger than a slab, or one past the total,
+// is refused (the pool then uses the heap and the slot copies the outputs out of its own
+// buffer). Thread-safety: Allocate locks.
+class PinnedOutputMemory final : public OutputMemory {
+ public:
+  static constexpr size_t kSlabBytes = size_t{32} << 20;
+
+  // `bytes` (> 0) rounded up to whole slabs. INTERNAL on a CUDA failure.
+  static absl::StatusOr<std::unique_ptr<PinnedOutputMemory>> Create(size_t bytes) {
+    auto memory = std::unique_ptr<PinnedOutputMemory>(new PinnedOutputMemory());
+    for (size_t done = 0; done < bytes; done += kSlabBytes) {
+      void* p = nullptr;
+      PKV_CUDA_RETURN(cudaHostAlloc(&p, kSlabBytes, cudaHostAllocMapped), "pinned output memory");
+      // The slab lives until the memory and every block carved from it are gone.
+      std::shared_ptr<void> slab(p, [](void* q) { cudaFreeHost(q); });
+      void* device = nullptr;
+      PKV_CUDA_RETURN(cudaHostGetDevicePointer(&device, p, 0), "pinned output memory");
+      memory->slabs_.push_back(Slab{std::move(slab), static_cast<char*>(p), static_cast<char*>(device), 0});
+    }
+    return memory;
+  }
+
+  Block Allocate(size_t bytes) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (; next_ < slabs_.size(); ++next_) {
+      Slab& s = slabs_[next_];
+      if (s.used + bytes > kSlabBytes) continue;  // the rest of this slab stays unused
+      Block b{s.host + s.used, s.device + s.used, s.mem};
+      s.used += bytes;
+      return b;
+    }
+    return Block{};
+  }
+
+  size_t total_bytes() const { return slabs_.size() * kSlabBytes; }
+
+ private:
+  struct Slab {
+    std::shared_ptr<void> mem;
+    char* host;
+    char* device;
+    size_t used;
+  };
+  PinnedOutputMemory() = default;
+  std::mutex mu_;
+  std::vector<Slab> slabs_;
+  size_t next_ = 0;  // slabs before it are full
+};
 
 class CudaBackend final : public ExecutionBackend {
  public:
@@ -68,13 +122,20 @@ class CudaBackend final : public ExecutionBackend {
       if (!slot.ok()) return slot.status();
       slots_[i].slot = std::move(*slot);
     }
+    if (options_.pinned_output_bytes > 0) {
+      auto memory = PinnedOutputMemory::Create(static_cast<size_t>(options_.pinned_output_bytes));
+      if (!memory.ok()) return memory.status();
+      output_memory_ = std::move(*memory);
+    }
     PKV_CUDA_RETURN(cudaDeviceSynchronize(), "init");
     PKV_LOG(INFO) << "cuda backend on " << info_.name << " (" << info_.num_sms << " SMs): "
                   << arena_->num_pages() << " pages (" << arena_->layer_bytes() * s.num_layers / (1 << 20)
                   << " MiB KV), " << slots_.size() << " descriptor slots with a stream (priority "
                   << greatest_priority << ", the highest; lowest " << least_priority << ") and "
                   << so.workspace_bytes / (1 << 20) << " MiB workspace each, persistent grid " << grid_
-                  << ", stage times on one layer-step in " << options_.stage_timing_interval << " per slot";
+                  << ", stage times on one layer-step in " << options_.stage_timing_interval << " per slot, "
+                  << (output_memory_ != nullptr ? output_memory_->total_bytes() >> 20 : 0)
+                  << " MiB of pinned host memory for outputs written in place";
     return absl::OkStatus();
   }
 
@@ -85,6 +146,7 @@ class CudaBackend final : public ExecutionBackend {
     return {KernelId::kPerRequest, KernelId::kSequenceSplit, KernelId::kWorkQueue};
   }
   int32_t max_open_token_steps() const override { return options_.max_open_token_steps; }
+  OutputMemory* output_memory() override { return output_memory_.get(); }
 
   absl::StatusOr<int32_t> BeginTokenStep(const scheduler::StepPlan& plan, const PageTableCsr& table,
                                          std::span<const kvpool::SlotAddr> new_slots) override {
@@ -109,16 +171,18 @@ class CudaBackend final : public ExecutionBackend {
   }
 
   absl::Status RunLayer(int32_t id, int32_t layer, const void* q, const void* k, const void* v, void* out,
-                        float* lse, LayerRunInfo* info) override {
+                        void* out_device, float* lse, LayerRunInfo* info) override {
     PKV_CHECK(id >= 0 && id < static_cast<int32_t>(slots_.size()) && slots_[id].used) << "bad slot " << id;
     CudaSlot& slot = *slots_[id].slot;
     const auto t0 = std::chrono::steady_clock::now();
     slot.StageInputs(q, k, v);
-    if (absl::Status st = slot.EnqueueLayer(layer, lse != nullptr); !st.ok()) return st;
+    // Outputs in a block of output_memory() are written there by the kernels; others are copied
+    // out of the slot's buffer.
+    if (absl::Status st = slot.EnqueueLayer(layer, lse != nullptr, out_device); !st.ok()) return st;
     const auto enqueued = std::chrono::steady_clock::now();
     if (absl::Status st = slot.Synchronize(); !st.ok()) return st;
     const auto synced = std::chrono::steady_clock::now();
-    slot.CopyOutputs(out, lse);
+    slot.CopyOutputs(out_device != nullptr ? nullptr : out, lse);
     if (absl::Status st = slot.ReadStageTimes(info); !st.ok()) return st;
     // Host work: staging and launching before the wait, copying the outputs out after it.
     info->host_seconds = std::chrono::duration<double>(enqueued - t0).count() +
@@ -166,6 +230,9 @@ class CudaBackend final : public ExecutionBackend {
 
   // Declared first: destroyed after the slots, whose streams' last work may touch its pages.
   std::unique_ptr<kvpool::DeviceKvArena> arena_;
+  // Before the slots: destroyed after them (their streams drain first); blocks still in use keep
+  // their slabs alive.
+  std::unique_ptr<PinnedOutputMemory> output_memory_;
   CudaBackendOptions options_;
   scheduler::DeviceInfo info_;
   std::vector<SlotEntry> slots_;

@@ -35,6 +35,10 @@ struct CudaBackendOptions {
   // >= 1: each slot times the upload and the append + attention (LayerRunInfo h2d_seconds,
   // kernel_seconds) on one layer-step in this many, the first included; 0 on the others.
   int32_t stage_timing_interval = 16;
+  // Mapped pinned host memory (allocated and populated at start, in 32 MiB slabs) that the kernels
+  // write layer-step outputs into directly, for the engine's output buffers (engine/output_pool.h);
+  // once used up, outputs go through a per-slot buffer and a copy. 0: none.
+  int64_t pinned_output_bytes = int64_t{256} << 20;
 };
 
 // True when the CUDA runtime sees at least one device (false without a driver).

@@ -193,10 +193,11 @@ kernels::DecodeParams CudaSlot::StepParams(int32_t layer) const {
   return p;
 }
 
-kernels::DecodeParams CudaSlot::LayerParams(int32_t layer, bool has_lse) const {
+kernels::DecodeParams CudaSlot::LayerParams(int32_t layer, bool has_lse, void* out_device) const {
   kernels::DecodeParams p = StepParams(layer);
+  if (out_device != nullptr) p.out = out_device;
   // Every route's last writes (the attention, or the merge of partial states from the workspace)
-  // go to out and lse: host memory, read after the stream synchronisation.
+  // go to out and lse: mapped host memory, read after the stream synchronisation.
   p.lse = has_lse ? reinterpret_cast<float*>(static_cast<char*>(out_mapped_) + Align16(QBytes())) : nullptr;
   return p;
 }
@@ -221,7 +222,7 @@ kvpool::cuda::AppendKvParams CudaSlot::AppendParams(int32_t layer) const {
   return ap;
 }
 
-absl::Status CudaSlot::EnqueueLayer(int32_t layer, bool has_lse) {
+absl::Status CudaSlot::EnqueueLayer(int32_t layer, bool has_lse, void* out_device) {
   const size_t qb = QBytes(), kvb = KvBytes();
   const size_t v_at = Align16(qb) + Align16(kvb);
   cudaStream_t stream = stream_.get();
@@ -232,7 +233,7 @@ absl::Status CudaSlot::EnqueueLayer(int32_t layer, bool has_lse) {
                   "q|k|v upload");
   if (stages_timed_) PKV_CUDA_RETURN(cudaEventRecord(h2d_done_.get(), stream), "event");
   PKV_CUDA_RETURN(kvpool::cuda::LaunchAppendKv(AppendParams(layer), stream), "append");
-  const kernels::DecodeParams p = LayerParams(layer, has_lse);
+  const kernels::DecodeParams p = LayerParams(layer, has_lse, out_device);
   PKV_CUDA_RETURN(cudaEventRecord(start_.get(), stream), "event");
   if (absl::Status st = kernels::cuda::Launch(step_.kernel, p, workspace_.get(), stream); !st.ok()) return st;
   PKV_CUDA_RETURN(cudaEventRecord(stop_.get(), stream), "event");
@@ -248,7 +249,7 @@ void CudaSlot::CopyOutputs(void* out, float* lse) const {
   // The kernels wrote out_host_ through its mapping; Synchronize made those writes visible.
   const ModelShape& s = options_.arena->shape();
   const size_t qb = QBytes();
-  std::memcpy(out, out_host_.get(), qb);
+  if (out != nullptr) std::memcpy(out, out_host_.get(), qb);
   if (lse != nullptr) {
     std::memcpy(lse, static_cast<const char*>(out_host_.get()) + Align16(qb),
                 static_cast<size_t>(step_.batch) * s.num_q_heads * 4);

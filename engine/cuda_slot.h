@@ -81,15 +81,17 @@ class CudaSlot {
   void StageInputs(const void* q, const void* k, const void* v);
 
   // Enqueues one layer on the stream: q|k|v upload (staged by StageInputs), append, the route's
-  // attention between the timing events, writing out (and lse when `has_lse`) into the mapped
-  // host buffer. Every stage_timing_interval-th call of the slot (the first included) also
-  // brackets the upload and the append + attention with events.
-  [[nodiscard]] absl::Status EnqueueLayer(int32_t layer, bool has_lse);
+  // attention between the timing events, writing out to `out_device` (mapped pinned host memory
+  // of the caller's, [B, Hq, d]) or, when it is null, into the slot's mapped host buffer, and lse
+  // (when `has_lse`) into the slot's. Every stage_timing_interval-th call of the slot (the first
+  // included) also brackets the upload and the append + attention with events.
+  [[nodiscard]] absl::Status EnqueueLayer(int32_t layer, bool has_lse, void* out_device);
 
   // Waits for this slot's stream only; other slots' layers keep running.
   [[nodiscard]] absl::Status Synchronize();
 
-  // After Synchronize: the layer's `out` [B, Hq, d] and, when `lse` is not null, `lse` [B, Hq].
+  // After Synchronize: the layer's `out` [B, Hq, d] (unless `out` is null: EnqueueLayer wrote it
+  // in place) and, when `lse` is not null, `lse` [B, Hq].
   void CopyOutputs(void* out, float* lse) const;
 
   // After Synchronize: the device time of the layer's stages into `info`: attend_seconds (the
@@ -116,7 +118,7 @@ class CudaSlot {
   // The arguments of the open token step's layer `layer`: the append launch's, and the attention
   // launch's (lse written when `has_lse`).
   kvpool::cuda::AppendKvParams AppendParams(int32_t layer) const;
-  kernels::DecodeParams LayerParams(int32_t layer, bool has_lse) const;
+  kernels::DecodeParams LayerParams(int32_t layer, bool has_lse, void* out_device) const;
   size_t QBytes() const;   // q or out of the open step: [B, Hq, d]
   size_t KvBytes() const;  // k or v of the open step: [B, Hkv, d]
 

@@ -164,6 +164,7 @@ Engine::Engine(const EngineOptions& options, ExecutionBackendPtr backend, schedu
     : options_(options),
       shape_(backend->arena().shape()),
       backend_(std::move(backend)),
+      output_pool_(size_t{64} << 20, backend_->output_memory()),
       scheduler_(std::move(scheduler)),
       pager_(kvpool::BlockPager::Options{backend_->arena().num_pages(), shape_.page_size,
                                          options.scatter_seed}) {
@@ -442,21 +443,20 @@ absl::StatusOr<StepOutput> Engine::RunLayer(std::unique_lock<std::mutex>& lock, 
   // neither completed nor aborted, see Release); only this thread touches the slot's buffers
   // (one running layer per token step).
   // Every byte is written by the backend (or the layer fails and the buffer is dropped).
-  std::shared_ptr<std::string> out =
-      output_pool_.Take(b * shape_.num_q_heads * shape_.head_dim * DTypeSize(shape_.dtype));
+  OutputBuffer out = output_pool_.Take(b * shape_.num_q_heads * shape_.head_dim * DTypeSize(shape_.dtype));
   if (in.want_lse) result.lse.resize(b * shape_.num_q_heads);
   absl::Status run = absl::OkStatus();
   LayerRunInfo info;
   std::chrono::steady_clock::duration in_backend{};
   if (b > 0) {
     const auto t0 = std::chrono::steady_clock::now();
-    run = backend_->RunLayer(slot, in.layer, in.q.data(), in.k.data(), in.v.data(), out->data(),
+    run = backend_->RunLayer(slot, in.layer, in.q.data(), in.k.data(), in.v.data(), out.data, out.device,
                              in.want_lse ? result.lse.data() : nullptr, &info);
     in_backend = std::chrono::steady_clock::now() - t0;
     result.attend_seconds = info.attend_seconds;
     result.attention_skipped = info.attention_skipped;
   }
-  result.out = OutputBytes(std::shared_ptr<const std::string>(std::move(out)));  // shared with the retry cache, not copied
+  result.out = OutputBytes(std::move(out.owner), out.size);  // shared with the retry cache, not copied
   lock.lock();
   ts.running_layer = -1;
   ts.last_activity = Clock::now();

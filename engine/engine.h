@@ -30,6 +30,7 @@
 #include <mutex>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
@@ -133,33 +134,39 @@ struct StepTimings {
 };
 
 // Immutable output bytes shared by the caller's response and the retry cache (no copy for
-// either). Reads like a const std::string.
+// either): a buffer of OutputPool (host memory, or pinned memory the backend's kernels wrote
+// directly), kept alive by whoever holds it.
 class OutputBytes {
  public:
   OutputBytes() = default;
-  explicit OutputBytes(std::string bytes) : bytes_(std::make_shared<const std::string>(std::move(bytes))) {}
-  // Takes a buffer (e.g. one of OutputPool's); it must not be written to afterwards.
-  explicit OutputBytes(std::shared_ptr<const std::string> bytes) : bytes_(std::move(bytes)) {}
-  const std::string& str() const { return bytes_ != nullptr ? *bytes_ : Empty(); }
-  operator const std::string&() const { return str(); }  // NOLINT: reads as the bytes
-  const char* data() const { return str().data(); }
-  size_t size() const { return str().size(); }
-  bool empty() const { return str().empty(); }
-  std::string::const_iterator begin() const { return str().begin(); }
-  std::string::const_iterator end() const { return str().end(); }
+  explicit OutputBytes(const std::string& bytes) {
+    auto copy = std::make_shared<const std::string>(bytes);
+    data_ = std::shared_ptr<const char>(copy, copy->data());
+    size_ = bytes.size();
+  }
+  // Takes a buffer (e.g. one of OutputPool's, its owner keeping the memory alive); it must not be
+  // written to afterwards.
+  OutputBytes(std::shared_ptr<const char> data, size_t size) : data_(std::move(data)), size_(size) {}
+  const char* data() const { return size_ > 0 ? data_.get() : ""; }
+  size_t size() const { return size_; }
+  bool empty() const { return size_ == 0; }
+  std::string_view view() const { return std::string_view(data(), size_); }
+  std::string str() const { return std::string(view()); }
+  operator std::string() const { return str(); }  // NOLINT: reads as the bytes
+  const char* begin() const { return data(); }
+  const char* end() const { return data() + size_; }
   // The buffer itself, for handing it on without a copy (e.g. as a gRPC slice).
-  const std::shared_ptr<const std::string>& shared() const { return bytes_; }
-  friend bool operator==(const OutputBytes& a, const OutputBytes& b) { return a.str() == b.str(); }
+  const std::shared_ptr<const char>& shared() const { return data_; }
+  friend bool operator==(const OutputBytes& a, const OutputBytes& b) { return a.view() == b.view(); }
   friend bool operator!=(const OutputBytes& a, const OutputBytes& b) { return !(a == b); }
-  friend bool operator==(const OutputBytes& a, const std::string& b) { return a.str() == b; }
-  friend bool operator==(const std::string& a, const OutputBytes& b) { return a == b.str(); }
+  friend bool operator==(const OutputBytes& a, const std::string& b) { return a.view() == b; }
+  friend bool operator==(const std::string& a, const OutputBytes& b) { return a == b.view(); }
+  friend bool operator!=(const OutputBytes& a, const std::string& b) { return !(a == b); }
+  friend bool operator!=(const std::string& a, const OutputBytes& b) { return !(a == b); }
 
  private:
-  static const std::string& Empty() {
-    static const std::string empty;
-    return empty;
-  }
-  std::shared_ptr<const std::string> bytes_;
+  std::shared_ptr<const char> data_;
+  size_t size_ = 0;
 };
 
 struct StepOutput {
@@ -374,7 +381,7 @@ class Engine {
   const ModelShape shape_;
   EngineLimits limits_;
   ExecutionBackendPtr backend_;
-  OutputPool output_pool_{64u << 20};  // layer-step output buffers, recycled
+  OutputPool output_pool_;  // layer-step output buffers, recycled (heap ones: up to 64 MiB idle)
   scheduler::Scheduler scheduler_;
 
   mutable std::mutex mu_;

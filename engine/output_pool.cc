@@ -5,11 +5,13 @@
 #include <algorithm>
 #include <bit>
 #include <cstdint>
+#include <cstdlib>
 #include <mutex>
 #include <utility>
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
+#include "common/log.h"
 
 #ifndef MADV_POPULATE_WRITE
 #define MADV_POPULATE_WRITE 23  // Linux 5.14; older kernels answer EINVAL and nothing happens
@@ -20,38 +22,58 @@ namespace {
 
 constexpr size_t kPage = 4096;
 
-// Faults in the whole pages of [data, data + n) with one call (best effort).
-void Populate(char* data, size_t n) {
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kPage - 1) & ~(kPage - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + n) & ~(kPage - 1);
-  if (end > begin) (void)madvise(reinterpret_cast<void*>(begin), end - begin, MADV_POPULATE_WRITE);
+// One buffer's memory: a heap allocation (keep null) or an OutputMemory block (keep set).
+struct Memory {
+  char* host = nullptr;
+  void* device = nullptr;
+  size_t capacity = 0;
+  std::shared_ptr<void> keep;
+  bool heap() const { return keep == nullptr; }
+};
+
+void FreeMemory(Memory& m) {
+  if (m.heap()) std::free(m.host);
+  m = Memory{};  // an OutputMemory block lives on while `keep` has other holders
 }
 
 }  // namespace
 
 struct OutputPool::State {
-  explicit State(size_t max_idle) : max_idle_bytes(max_idle) {}
+  explicit State(size_t max_idle) : max_idle_heap_bytes(max_idle) {}
 
-  // Keeps `buffer` for reuse if there is room, else frees it.
-  void Return(std::string* buffer) {
-    std::unique_ptr<std::string> owned(buffer);
-    const size_t cls = owned->capacity();
-    if (SizeClass(cls) != cls) return;  // not one of ours (cannot happen), or its capacity moved
-    std::lock_guard<std::mutex> lock(mu);
-    if (idle_bytes + cls > max_idle_bytes) return;
-    idle_bytes += cls;
-    ++idle_buffers;
-    idle[cls].push_back(std::move(owned));
+  // Keeps `m` for reuse (an OutputMemory block always, a heap buffer if there is room), else
+  // frees it.
+  void Return(Memory m) {
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      if (!m.heap() || idle_heap_bytes + m.capacity <= max_idle_heap_bytes) {
+        if (m.heap()) idle_heap_bytes += m.capacity;
+        idle_bytes += m.capacity;
+        ++idle_buffers;
+        const size_t cls = m.capacity;
+        idle[cls].push_back(std::move(m));
+        return;
+      }
+    }
+    FreeMemory(m);
   }
 
-  const size_t max_idle_bytes;
+  ~State() {
+    for (auto& [cls, list] : idle) {
+      for (Memory& m : list) FreeMemory(m);
+    }
+  }
+
+  const size_t max_idle_heap_bytes;
   mutable std::mutex mu;
-  absl::flat_hash_map<size_t, std::vector<std::unique_ptr<std::string>>> idle;  // by capacity
+  absl::flat_hash_map<size_t, std::vector<Memory>> idle;  // by capacity
+  size_t idle_heap_bytes = 0;
   size_t idle_bytes = 0;
   size_t idle_buffers = 0;
 };
 
-OutputPool::OutputPool(size_t max_idle_bytes) : state_(std::make_shared<State>(max_idle_bytes)) {}
+OutputPool::OutputPool(size_t max_idle_bytes, OutputMemory* memory)
+    : memory_(memory), state_(std::make_shared<State>(max_idle_bytes)) {}
 
 OutputPool::~OutputPool() = default;
 
@@ -61,38 +83,53 @@ size_t OutputPool::SizeClass(size_t bytes) {
   return (bytes + step - 1) / step * step;
 }
 
-std::shared_ptr<std::string> OutputPool::Take(size_t bytes) {
+OutputBuffer OutputPool::Take(size_t bytes) {
   const size_t cls = SizeClass(bytes);
-  std::unique_ptr<std::string> buffer;
+  Memory m;
   {
     // Its own class first, then up to two classes above (a batch that lost a row or two reuses
     // the buffers of the larger one; at most about half a buffer unused).
     std::lock_guard<std::mutex> lock(state_->mu);
     size_t c = cls;
-    for (int up = 0; up <= 2 && buffer == nullptr; ++up, c = SizeClass(c + 1)) {
+    for (int up = 0; up <= 2 && m.host == nullptr; ++up, c = SizeClass(c + 1)) {
       auto it = state_->idle.find(c);
       if (it == state_->idle.end() || it->second.empty()) continue;
-      buffer = std::move(it->second.back());
+      m = std::move(it->second.back());
       it->second.pop_back();
+      if (m.heap()) state_->idle_heap_bytes -= c;
       state_->idle_bytes -= c;
       --state_->idle_buffers;
     }
   }
-  if (buffer == nullptr) {
-    buffer = std::make_unique<std::string>();
-    buffer->reserve(cls);  // libstdc++ gives exactly cls (checked in Return)
-    Populate(buffer->data(), cls);
+  if (m.host == nullptr && memory_ != nullptr) {
+    OutputMemory::Block b = memory_->Allocate(cls);
+    if (b.host != nullptr) {
+      PKV_CHECK(b.keep != nullptr) << "an OutputMemory block must keep its memory";
+      m = Memory{b.host, b.device, cls, std::move(b.keep)};
+    }
   }
-  buffer->resize(bytes);  // within the capacity: no reallocation
+  if (m.host == nullptr) {
+    // Page-aligned, so that madvise populates exactly the buffer's pages.
+    m.host = static_cast<char*>(std::aligned_alloc(kPage, cls));
+    PKV_CHECK(m.host != nullptr) << "out of memory for a " << cls << "-byte output buffer";
+    m.capacity = cls;
+    (void)madvise(m.host, cls, MADV_POPULATE_WRITE);  // best effort
+  }
+  OutputBuffer out;
+  out.data = m.host;
+  out.device = m.device;
+  out.size = bytes;
+  out.capacity = m.capacity;
   // The deleter holds the pool's state weakly: a buffer released after the pool is gone is freed.
   std::weak_ptr<State> home = state_;
-  return std::shared_ptr<std::string>(buffer.release(), [home](std::string* b) {
+  out.owner = std::shared_ptr<char>(m.host, [home, m = std::move(m)](char*) mutable {
     if (std::shared_ptr<State> state = home.lock()) {
-      state->Return(b);
+      state->Return(std::move(m));
     } else {
-      delete b;
+      FreeMemory(m);
     }
   });
+  return out;
 }
 
 size_t OutputPool::idle_buffers() const {

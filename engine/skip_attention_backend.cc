@@ -42,8 +42,8 @@ class SkipAttentionBackend final : public ExecutionBackend {
   }
 
   absl::Status RunLayer(int32_t slot, int32_t layer, const void* q, const void* k, const void* v,
-                        void* out, float* lse, LayerRunInfo* info) override {
-    (void)layer, (void)q, (void)k, (void)v;
+                        void* out, void* out_device, float* lse, LayerRunInfo* info) override {
+    (void)layer, (void)q, (void)k, (void)v, (void)out_device;  // `out` is host memory either way
     const auto t0 = std::chrono::steady_clock::now();
     const ModelShape& s = inner_->arena().shape();
     const int64_t rows = batch_[slot] * s.num_q_heads;
@@ -56,6 +56,7 @@ class SkipAttentionBackend final : public ExecutionBackend {
   }
 
   void EndTokenStep(int32_t slot) override { inner_->EndTokenStep(slot); }
+  OutputMemory* output_memory() override { return inner_->output_memory(); }
 
  private:
   ExecutionBackendPtr inner_;

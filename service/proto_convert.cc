@@ -183,7 +183,7 @@ void ToStepResponse(engine::StepOutput&& output, const v1::StepRequest& request,
   if (payload != nullptr) {
     *payload = std::move(output.out);  // the caller sends these bytes as out.data, uncopied
   } else {
-    out->set_data(output.out.str());
+    out->set_data(output.out.data(), output.out.size());
   }
   if (!output.lse.empty()) {
     v1::Tensor* lse = response->mutable_lse();

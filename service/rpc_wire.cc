@@ -79,11 +79,11 @@ void SerializeStepResponse(const v1::StepResponse& response, const engine::Outpu
   head.push_back(kOutTag);
   varint(&head, data_key.size() + payload.size());
   head += data_key;
-  auto* keep = new std::shared_ptr<const std::string>(payload.shared());
+  auto* keep = new std::shared_ptr<const char>(payload.shared());
   grpc::Slice slices[2] = {
       grpc::Slice(head),
-      grpc::Slice(const_cast<char*>((*keep)->data()), (*keep)->size(),
-                  [](void* p) { delete static_cast<std::shared_ptr<const std::string>*>(p); }, keep)};
+      grpc::Slice(const_cast<char*>(payload.data()), payload.size(),
+                  [](void* p) { delete static_cast<std::shared_ptr<const char>*>(p); }, keep)};
   *out = grpc::ByteBuffer(slices, 2);
 }
 

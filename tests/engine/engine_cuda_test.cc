@@ -70,12 +70,15 @@ double RelL2(DType dt, const std::string& got, const std::string& want) {
 
 // static_slot_tokens > 0: the GPU engine runs the static baseline (every sequence holds pages
 // for that many tokens from the start); the CPU reference engine pages as usual.
+// pinned_output_bytes >= 0 replaces the backend's default (0: outputs copied out of the slots'
+// buffers instead of written in place).
 void RunAgainstCpu(DType dt, std::optional<KernelId> fixed, const std::vector<int64_t>& prompts,
-                   int64_t static_slot_tokens = 0) {
+                   int64_t static_slot_tokens = 0, int64_t pinned_output_bytes = -1) {
   const ModelShape shape = Shape(dt);
   CudaBackendOptions co;
   co.num_pages = 4096;
   co.max_batch = 16;
+  if (pinned_output_bytes >= 0) co.pinned_output_bytes = pinned_output_bytes;
   auto gpu_backend = CreateCudaBackend(shape, co);
   ASSERT_TRUE(gpu_backend.ok()) << gpu_backend.status();
   auto cpu_backend = CreateCpuBackend(shape, 4096, 4);
@@ -145,6 +148,16 @@ TEST_F(EngineCudaTest, EveryRouteMatchesTheCpuReference) {
     RunAgainstCpu(dt, KernelId::kSequenceSplit, ragged);
     RunAgainstCpu(dt, KernelId::kWorkQueue, ragged);
   }
+}
+
+// Without pinned output memory every layer's outputs are copied out of the slot's mapped buffer
+// (the path the engine falls back to once that memory is used up); with it (the default, every
+// other test) the kernels write them into the engine's buffers directly.
+TEST_F(EngineCudaTest, OutputsCopiedOutOfTheSlotMatchTheCpuReference) {
+  const std::vector<int64_t> ragged = {3000, 17, 1, 700, 4096, 33};
+  RunAgainstCpu(DType::kF16, std::nullopt, ragged, 0, 0);
+  RunAgainstCpu(DType::kBF16, KernelId::kWorkQueue, ragged, 0, 0);
+  RunAgainstCpu(DType::kF16, KernelId::kSequenceSplit, ragged, 0, 0);
 }
 
 // The static-reservation baseline (--static_slot_tokens) reads only the tokens a sequence holds,

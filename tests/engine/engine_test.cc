@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
+#include <cstdlib>
 #include <mutex>
 #include <random>
 #include <thread>
@@ -181,51 +182,106 @@ TEST(OutputPoolTest, SizeClassesAreQuartersOfAPowerOfTwoAndAtLeastAPage) {
 TEST(OutputPoolTest, ReleasedBuffersComeBackUpToTheCap) {
   constexpr size_t kB8 = 65536;  // one class
   OutputPool pool(/*max_idle_bytes=*/3 * kB8);
-  std::shared_ptr<std::string> a = pool.Take(kB8);
-  ASSERT_EQ(a->size(), kB8);
-  const char* a_bytes = a->data();
-  std::shared_ptr<std::string> b = pool.Take(kB8);
-  EXPECT_NE(b->data(), a_bytes);
+  OutputBuffer a = pool.Take(kB8);
+  ASSERT_EQ(a.size, kB8);
+  EXPECT_EQ(a.device, nullptr);  // heap memory: no device address
+  const char* a_bytes = a.data;
+  OutputBuffer b = pool.Take(kB8);
+  EXPECT_NE(b.data, a_bytes);
   // The last reference returns the buffer: the next Take of that class gets it back.
-  std::shared_ptr<const std::string> shared = a;
-  a.reset();
+  std::shared_ptr<const char> shared = a.owner;
+  a = OutputBuffer{};
   EXPECT_EQ(pool.idle_buffers(), 0u);  // still referenced
   shared.reset();
   EXPECT_EQ(pool.idle_buffers(), 1u);
   EXPECT_EQ(pool.idle_bytes(), kB8);
-  // Fewer rows (B7: one class below) reuse it, resized in place.
-  std::shared_ptr<std::string> again = pool.Take(kB8 - 8192);
-  EXPECT_EQ(again->data(), a_bytes);
-  EXPECT_EQ(again->size(), kB8 - 8192);
-  EXPECT_EQ(again->capacity(), kB8);
+  // Fewer rows (B7: one class below) reuse it.
+  OutputBuffer again = pool.Take(kB8 - 8192);
+  EXPECT_EQ(again.data, a_bytes);
+  EXPECT_EQ(again.size, kB8 - 8192);
+  EXPECT_EQ(again.capacity, kB8);
   EXPECT_EQ(pool.idle_buffers(), 0u);
   // A size of another class is a new buffer of that class.
-  EXPECT_EQ(pool.Take(1000)->size(), 1000u);  // returned at once: one page idle
+  EXPECT_EQ(pool.Take(1000).size, 1000u);  // returned at once: one page idle
   EXPECT_EQ(pool.idle_bytes(), 4096u);
   // Past max_idle_bytes, released buffers are freed instead of kept.
-  std::vector<std::shared_ptr<std::string>> many;
+  std::vector<OutputBuffer> many;
   for (int i = 0; i < 4; ++i) many.push_back(pool.Take(kB8));
-  for (const auto& m : many) std::memset(m->data(), 7, m->size());  // writable to the last byte
+  for (const auto& m : many) std::memset(m.data, 7, m.size);  // writable to the last byte
   many.clear();
   EXPECT_LE(pool.idle_bytes(), 3 * kB8);
   EXPECT_EQ(pool.idle_bytes(), 4096u + 2 * kB8);
-  again.reset();  // back to its own class (its capacity)
-  b.reset();
+  again = OutputBuffer{};  // back to its own class (its capacity)
+  b = OutputBuffer{};
   EXPECT_LE(pool.idle_bytes(), 3 * kB8);
   // Three classes down is too far: a new buffer.
-  EXPECT_EQ(pool.Take(OutputPool::SizeClass(40000))->capacity(), OutputPool::SizeClass(40000));
+  EXPECT_EQ(pool.Take(OutputPool::SizeClass(40000)).capacity, OutputPool::SizeClass(40000));
 }
 
 TEST(OutputPoolTest, BuffersOutlivingThePoolAreFreed) {
-  std::shared_ptr<std::string> kept;
+  std::shared_ptr<char> kept;
   {
     OutputPool pool(1 << 20);
-    kept = pool.Take(4096);
-    (*kept)[0] = 'x';
+    OutputBuffer b = pool.Take(4096);
+    b.data[0] = 'x';
+    kept = b.owner;
   }
-  EXPECT_EQ(kept->size(), 4096u);
-  EXPECT_EQ((*kept)[0], 'x');
+  EXPECT_EQ(kept.get()[0], 'x');
   kept.reset();  // the pool is gone: freed, not returned (ASan/valgrind would see a leak or a use after free)
+}
+
+// An OutputMemory of `blocks` blocks carved from one host allocation, with made-up device
+// addresses (host + 1 TiB), counting what it hands out.
+class FakeOutputMemory final : public OutputMemory {
+ public:
+  FakeOutputMemory(size_t block_bytes, int blocks)
+      : block_bytes_(block_bytes), left_(blocks),
+        memory_(static_cast<char*>(std::aligned_alloc(4096, block_bytes * blocks)), [](char* p) { std::free(p); }) {}
+  Block Allocate(size_t bytes) override {
+    if (bytes != block_bytes_ || left_ == 0) return Block{};
+    char* host = memory_.get() + (handed_out_++) * block_bytes_;
+    --left_;
+    return Block{host, host + (size_t{1} << 40), memory_};
+  }
+  int handed_out() const { return handed_out_; }
+  long memory_users() const { return memory_.use_count(); }
+
+ private:
+  const size_t block_bytes_;
+  int left_;
+  int handed_out_ = 0;
+  std::shared_ptr<char> memory_;
+};
+
+TEST(OutputPoolTest, OutputMemoryBlocksFirstAreAlwaysKeptThenTheHeap) {
+  constexpr size_t kB8 = 65536;
+  FakeOutputMemory memory(kB8, 2);
+  std::shared_ptr<char> outliving;
+  {
+    OutputPool pool(/*max_idle_bytes=*/0, &memory);  // no idle heap buffers at all
+    OutputBuffer a = pool.Take(kB8), b = pool.Take(kB8), c = pool.Take(kB8);
+    EXPECT_EQ(memory.handed_out(), 2);
+    EXPECT_EQ(a.device, a.data + (size_t{1} << 40));  // the memory's blocks carry their device address
+    EXPECT_EQ(b.device, b.data + (size_t{1} << 40));
+    EXPECT_EQ(c.device, nullptr);  // the memory is used up: the heap
+    const char* a_bytes = a.data;
+    a = OutputBuffer{};
+    c = OutputBuffer{};
+    // The block is kept despite max_idle_bytes 0; the heap buffer is freed.
+    EXPECT_EQ(pool.idle_buffers(), 1u);
+    EXPECT_EQ(pool.idle_bytes(), kB8);
+    OutputBuffer again = pool.Take(kB8 - 4096);  // one class below: the block again
+    EXPECT_EQ(again.data, a_bytes);
+    EXPECT_NE(again.device, nullptr);
+    EXPECT_EQ(memory.handed_out(), 2);
+    outliving = b.owner;
+  }
+  // A block released after the pool is gone keeps the memory alive until then, then lets go.
+  outliving.get()[0] = 'x';
+  const long users = memory.memory_users();
+  outliving.reset();
+  EXPECT_EQ(memory.memory_users(), users - 1);
+  EXPECT_EQ(memory.memory_users(), 1);
 }
 
 TEST(EngineTest, StepMatchesDoubleReferenceIncludingTheNewToken) {
@@ -556,7 +612,7 @@ class GatedBackend final : public ExecutionBackend {
   void EndTokenStep(int32_t slot) override { inner_->EndTokenStep(slot); }
 
   absl::Status RunLayer(int32_t slot, int32_t layer, const void* q, const void* k, const void* v, void* out,
-                        float* lse, LayerRunInfo* info) override {
+                        void* out_device, float* lse, LayerRunInfo* info) override {
     const int now = ++running_;
     for (int m = max_running_.load(); now > m && !max_running_.compare_exchange_weak(m, now);) {
     }
@@ -569,7 +625,7 @@ class GatedBackend final : public ExecutionBackend {
       }
     }
     if (delay_.count() > 0) std::this_thread::sleep_for(delay_);
-    absl::Status s = inner_->RunLayer(slot, layer, q, k, v, out, lse, info);
+    absl::Status s = inner_->RunLayer(slot, layer, q, k, v, out, out_device, lse, info);
     --running_;
     return s;
   }
@@ -1258,8 +1314,8 @@ class PlanRecordingBackend final : public ExecutionBackend {
   }
   void EndTokenStep(int32_t slot) override { inner_->EndTokenStep(slot); }
   absl::Status RunLayer(int32_t slot, int32_t layer, const void* q, const void* k, const void* v, void* out,
-                        float* lse, LayerRunInfo* info) override {
-    return inner_->RunLayer(slot, layer, q, k, v, out, lse, info);
+                        void* out_device, float* lse, LayerRunInfo* info) override {
+    return inner_->RunLayer(slot, layer, q, k, v, out, out_device, lse, info);
   }
 
   std::vector<scheduler::StepPlan> plans;
