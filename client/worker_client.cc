@@ -327,9 +327,13 @@ struct OwnConnections {
   std::atomic<uint64_t> next{0};
 
   // Opens `count` channels, each on a TCP connection of its own: a local subchannel pool, and a
-  // role argument that keeps gRPC from treating it as the same channel as another one.
-  void Open(int32_t count, const std::string& role, const std::string& target,
-            const std::shared_ptr<grpc::ChannelCredentials>& credentials, const grpc::ChannelArguments& args) {
+  // role argument that keeps gRPC from treating it as the same channel as another one. Each is
+  // connected before Open returns (gRPC retries a failed attempt with backoff until `deadline`),
+  // so that the first call on it does not fail on a transient connect error; UNAVAILABLE naming
+  // the connection when one cannot connect by then.
+  absl::Status Open(int32_t count, const std::string& role, const std::string& target,
+                    const std::shared_ptr<grpc::ChannelCredentials>& credentials, const grpc::ChannelArguments& args,
+                    absl::Time deadline) {
     for (int32_t i = 0; i < count; ++i) {
       grpc::ChannelArguments own = args;
       own.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
@@ -337,6 +341,13 @@ struct OwnConnections {
       channels.push_back(grpc::CreateCustomChannel(target, credentials, own));
       stubs.push_back(v1::PersistentKV::NewStub(channels.back()));
     }
+    for (size_t i = 0; i < channels.size(); ++i) {
+      if (!channels[i]->WaitForConnected(absl::ToChronoTime(deadline))) {
+        return absl::UnavailableError(absl::StrCat("cannot open ", role, " connection ", i, " of ", channels.size(),
+                                                   " to ", target, " (the main connection is up)"));
+      }
+    }
+    return absl::OkStatus();
   }
 
   v1::PersistentKV::Stub* Take(v1::PersistentKV::Stub* shared) {
@@ -391,8 +402,9 @@ absl::StatusOr<std::unique_ptr<WorkerClient>> WorkerClient::Connect(const Client
             : " (plaintext channel: is the worker up? if it serves TLS, pass the TLS options)"));
   }
   impl->stub = v1::PersistentKV::NewStub(impl->channel);
-  impl->ingest.Open(options.ingest_connections, "ingest", options.target, credentials, args);
-  impl->decode.Open(options.decode_connections, "decode", options.target, credentials, args);
+  const absl::Time deadline = absl::Now() + options.connect_timeout;
+  PKV_RETURN_IF_ERROR(impl->ingest.Open(options.ingest_connections, "ingest", options.target, credentials, args, deadline));
+  PKV_RETURN_IF_ERROR(impl->decode.Open(options.decode_connections, "decode", options.target, credentials, args, deadline));
   std::unique_ptr<WorkerClient> client(new WorkerClient(std::move(impl)));
   PKV_ASSIGN_OR_RETURN(const WorkerInfo info, client->Describe());
   if (options.pin_incarnation) client->impl_->incarnation = info.incarnation;

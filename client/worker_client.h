@@ -169,8 +169,9 @@ using ChunkFiller = std::function<void(int32_t layer, int64_t token_offset, int6
 
 class WorkerClient final {
  public:
-  // Creates the channel (plaintext, or TLS per the tls_* options) and waits up to
-  // connect_timeout for it (UNAVAILABLE otherwise; INVALID_ARGUMENT for unusable TLS options).
+  // Creates the channel (plaintext, or TLS per the tls_* options) and the ingest and decode
+  // connections of their own, and waits up to connect_timeout for all of them (UNAVAILABLE naming
+  // the one that did not connect; INVALID_ARGUMENT for unusable TLS options).
   static absl::StatusOr<std::unique_ptr<WorkerClient>> Connect(const ClientOptions& options);
   ~WorkerClient();
 
