@@ -52,6 +52,9 @@ ABSL_FLAG(int32_t, decode_connections, -1,
           "micro-batches): streams on one HTTP/2 connection send and receive one after another; 0: "
           "they share the connection of unary calls; -1: one per micro-batch when there are several, "
           "else 0.");
+ABSL_FLAG(bool, shared_memory, false,
+          "Decode StepStreams pass q, k, v and the outputs through POSIX shared memory instead of in the "
+          "messages (a worker on this host, same user, --shared_memory_max_bytes > 0 there).");
 ABSL_FLAG(int32_t, prefill_ahead, 0,
           "Prompts written ahead of decode, waiting for a free row (0: batch * micro_batches).");
 ABSL_FLAG(bool, wait_for_prefill, false,
@@ -115,6 +118,7 @@ absl::StatusOr<pkv::client::ClientOptions> ClientOptionsFromFlags() {
   options.router_id = absl::GetFlag(FLAGS_router_id);
   options.ingest_connections = absl::GetFlag(FLAGS_ingest_connections);
   options.decode_connections = absl::GetFlag(FLAGS_decode_connections);
+  options.shared_memory = absl::GetFlag(FLAGS_shared_memory);
   if (options.decode_connections < 0) {
     const int32_t micro = absl::GetFlag(FLAGS_micro_batches);
     options.decode_connections = micro > 1 ? std::min(micro, 64) : 0;

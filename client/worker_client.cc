@@ -2,6 +2,10 @@
 
 #include <algorithm>
 #include <atomic>
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <cerrno>
 #include <chrono>
 #include <cstring>
@@ -77,6 +81,85 @@ void SetTensor(v1::Tensor* t, DType dtype, std::initializer_list<int64_t> shape,
   t->set_data(std::move(data));
 }
 
+// Request metadata key naming a StepStream's shared memory (see worker.proto, Shared memory).
+constexpr char kSharedMemoryKey[] = "x-pkv-shared-memory";
+
+int64_t Align64(int64_t n) { return (n + 63) & ~int64_t{63}; }
+
+// A POSIX shared-memory object this client created and mapped, for one StepStream. The name is
+// unlinked once the worker has mapped it (after the stream's first response), or on destruction.
+class SharedRegion final {
+ public:
+  static absl::StatusOr<std::unique_ptr<SharedRegion>> Create(int64_t bytes) {
+    static std::atomic<uint64_t> counter{0};
+    const uint64_t nonce = std::chrono::steady_clock::now().time_since_epoch().count() ^
+                           reinterpret_cast<uintptr_t>(&counter);
+    const std::string name = absl::StrCat("/pkv-", getpid(), "-", counter.fetch_add(1), "-", nonce % 1000000007);
+    const int fd = shm_open(name.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
+    if (fd < 0) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("shared memory: cannot create ", name, ": ", std::strerror(errno)));
+    }
+    if (ftruncate(fd, bytes) != 0) {
+      const int err = errno;
+      close(fd);
+      shm_unlink(name.c_str());
+      return absl::ResourceExhaustedError(
+          absl::StrCat("shared memory: cannot size ", name, " to ", bytes, " bytes: ", std::strerror(err)));
+    }
+    void* base = mmap(nullptr, static_cast<size_t>(bytes), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    const int err = errno;
+    close(fd);
+    if (base == MAP_FAILED) {
+      shm_unlink(name.c_str());
+      return absl::ResourceExhaustedError(absl::StrCat("shared memory: cannot map ", name, ": ", std::strerror(err)));
+    }
+    return std::unique_ptr<SharedRegion>(new SharedRegion(name, static_cast<uint8_t*>(base), bytes));
+  }
+  ~SharedRegion() {
+    Unlink();
+    munmap(base_, static_cast<size_t>(size_));
+  }
+  void Unlink() {
+    if (linked_) shm_unlink(name_.c_str());
+    linked_ = false;
+  }
+  uint8_t* base() const { return base_; }
+  const std::string& name() const { return name_; }
+
+ private:
+  SharedRegion(std::string name, uint8_t* base, int64_t size) : name_(std::move(name)), base_(base), size_(size) {}
+  const std::string name_;
+  uint8_t* const base_;
+  const int64_t size_;
+  bool linked_ = true;
+};
+
+// Where a request's tensors lie in its slot of a StepStream's shared memory.
+struct SlotLayout {
+  int64_t q = 0, k = 0, v = 0, out = 0;  // offsets within the slot
+  int64_t bytes = 0;                     // the slot's size
+  int32_t max_rows = 0;
+
+  static SlotLayout For(const ModelShape& shape, int32_t max_rows) {
+    SlotLayout l;
+    const int64_t row_q = int64_t{shape.num_q_heads} * shape.head_dim * static_cast<int64_t>(DTypeSize(shape.dtype));
+    const int64_t row_kv = int64_t{shape.num_kv_heads} * shape.head_dim * static_cast<int64_t>(DTypeSize(shape.dtype));
+    l.max_rows = max_rows;
+    l.k = Align64(row_q * max_rows);
+    l.v = l.k + Align64(row_kv * max_rows);
+    l.out = l.v + Align64(row_kv * max_rows);
+    l.bytes = l.out + Align64(row_q * max_rows);
+    return l;
+  }
+};
+
+void SetSharedTensor(v1::Tensor* t, DType dtype, std::initializer_list<int64_t> shape, uint64_t offset) {
+  t->set_dtype(WireDType(dtype));
+  for (int64_t s : shape) t->add_shape(s);
+  t->mutable_shm()->set_offset(offset);
+}
+
 // `a`'s tensors are copied, or moved when `a` is an rvalue.
 template <typename Args>
 v1::StepRequest ToRequest(Args&& a, const ModelShape& shape, uint64_t incarnation) {
@@ -95,6 +178,37 @@ v1::StepRequest ToRequest(Args&& a, const ModelShape& shape, uint64_t incarnatio
   return r;
 }
 
+// A request whose tensors are copied into shared memory at `slot` (offset `slot_offset` of the
+// region), with the outputs asked for in the same slot.
+v1::StepRequest ToSharedRequest(const StepArgs& a, const ModelShape& shape, uint64_t incarnation, const SlotLayout& l,
+                                uint8_t* slot, uint64_t slot_offset) {
+  v1::StepRequest r;
+  r.set_expected_incarnation(incarnation);
+  r.set_token_step_id(a.token_step_id);
+  r.set_layer(a.layer);
+  r.mutable_rows()->Add(a.rows.begin(), a.rows.end());
+  r.mutable_open()->Add(a.open.begin(), a.open.end());
+  r.mutable_free()->Add(a.free.begin(), a.free.end());
+  const int64_t b = static_cast<int64_t>(a.rows.size());
+  // A size that does not match the shape goes as it is, for the worker to refuse by name.
+  auto put = [&](v1::Tensor* t, std::initializer_list<int64_t> dims, const std::string& data, int64_t at) {
+    int64_t want = static_cast<int64_t>(DTypeSize(shape.dtype));
+    for (int64_t d : dims) want *= d;
+    if (static_cast<int64_t>(data.size()) != want) {
+      SetTensor(t, shape.dtype, dims, data);
+      return;
+    }
+    std::memcpy(slot + at, data.data(), data.size());
+    SetSharedTensor(t, shape.dtype, dims, slot_offset + at);
+  };
+  put(r.mutable_q(), {b, shape.num_q_heads, shape.head_dim}, a.q, l.q);
+  put(r.mutable_k(), {b, shape.num_kv_heads, shape.head_dim}, a.k, l.k);
+  put(r.mutable_v(), {b, shape.num_kv_heads, shape.head_dim}, a.v, l.v);
+  r.mutable_out_shm()->set_offset(slot_offset + l.out);
+  r.set_want_lse(a.want_lse);
+  return r;
+}
+
 using Clock = std::chrono::steady_clock;
 
 int64_t UnixNanos() {
@@ -108,6 +222,17 @@ struct SendStamp {
   int64_t start_unix_nanos = 0;
   double seconds = 0;
 };
+
+// The outputs [B, Hq, d] of a response read from shared memory at `base` + out.shm.offset.
+absl::Status ReadSharedOutputs(const v1::StepResponse& r, const ModelShape& shape, const uint8_t* base,
+                               std::string* out) {
+  if (!r.out().has_shm()) return absl::OkStatus();
+  if (base == nullptr) return absl::InternalError("StepResponse: outputs in shared memory on a stream without it");
+  const size_t bytes = static_cast<size_t>(r.out().shape_size() > 0 ? r.out().shape(0) : 0) * shape.num_q_heads *
+                       shape.head_dim * DTypeSize(shape.dtype);
+  out->assign(reinterpret_cast<const char*>(base + r.out().shm().offset()), bytes);
+  return absl::OkStatus();
+}
 
 SendStamp StartSend() {
   SendStamp s;
@@ -244,9 +369,12 @@ class GrpcPromptWriter final : public PromptWriter {
 
 class GrpcStepStream final : public StepStreamSession {
  public:
-  GrpcStepStream(v1::PersistentKV::Stub* stub, ModelShape shape, const std::string& router_id, uint64_t incarnation)
-      : shape_(shape), incarnation_(incarnation) {
+  // With `region`, requests travel through its slots (ClientOptions::shared_memory).
+  GrpcStepStream(v1::PersistentKV::Stub* stub, ModelShape shape, const std::string& router_id, uint64_t incarnation,
+                 std::unique_ptr<SharedRegion> region = nullptr, SlotLayout layout = {}, int32_t slots = 0)
+      : shape_(shape), incarnation_(incarnation), region_(std::move(region)), layout_(layout), slots_(slots) {
     if (!router_id.empty()) ctx_.AddMetadata(kRouterIdKey, router_id);
+    if (region_ != nullptr) ctx_.AddMetadata(kSharedMemoryKey, region_->name());
     stream_ = stub->StepStream(&ctx_);
   }
   ~GrpcStepStream() override {
@@ -257,28 +385,18 @@ class GrpcStepStream final : public StepStreamSession {
   }
 
   absl::StatusOr<StepResult> Step(const StepArgs& args) override {
-    if (finished_) return absl::FailedPreconditionError("StepStream already finished");
-    SendStamp sent = StartSend();
-    if (!stream_->Write(ToRequest(args, shape_, incarnation_))) return Ended();
-    EndSend(&sent);
-    sent_.push_back(sent);
+    PKV_RETURN_IF_ERROR(Write(args));
     return Receive();
   }
 
-  absl::Status Send(StepArgs&& args) override {
-    if (finished_) return absl::FailedPreconditionError("StepStream already finished");
-    SendStamp sent = StartSend();
-    if (!stream_->Write(ToRequest(std::move(args), shape_, incarnation_))) return Ended();
-    EndSend(&sent);
-    sent_.push_back(sent);
-    return absl::OkStatus();
-  }
+  absl::Status Send(StepArgs&& args) override { return Write(std::move(args)); }
 
   absl::StatusOr<StepResult> Receive() override {
     if (finished_) return final_.ok() ? absl::FailedPreconditionError("StepStream already finished") : final_;
     v1::StepResponse response;
     if (!stream_->Read(&response)) return Ended();
     const Clock::time_point read_at = Clock::now();
+    if (region_ != nullptr) region_->Unlink();  // the worker mapped it when the stream began
     SendStamp sent;
     if (!sent_.empty()) {
       sent = sent_.front();
@@ -288,7 +406,12 @@ class GrpcStepStream final : public StepStreamSession {
       return absl::Status(static_cast<absl::StatusCode>(response.status().code()),
                           response.status().message());
     }
-    return FromResponse(std::move(response), sent, read_at);
+    std::string shared_out;
+    PKV_RETURN_IF_ERROR(
+        ReadSharedOutputs(response, shape_, region_ != nullptr ? region_->base() : nullptr, &shared_out));
+    StepResult result = FromResponse(std::move(response), sent, read_at);
+    if (!shared_out.empty()) result.out = std::move(shared_out);
+    return result;
   }
 
   absl::Status Finish() override {
@@ -302,6 +425,31 @@ class GrpcStepStream final : public StepStreamSession {
   void Cancel() override { ctx_.TryCancel(); }
 
  private:
+  // Writes one request: through the next shared-memory slot when the stream has them and the
+  // rows fit, else in the message (tensors moved when `args` is an rvalue).
+  template <typename Args>
+  absl::Status Write(Args&& args) {
+    if (finished_) return absl::FailedPreconditionError("StepStream already finished");
+    SendStamp sent = StartSend();
+    bool ok = false;
+    if (region_ != nullptr && static_cast<int64_t>(args.rows.size()) <= layout_.max_rows) {
+      if (static_cast<int32_t>(sent_.size()) >= slots_) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "StepStream: ", sent_.size(), " requests in flight already, the most its shared memory holds "
+            "(ClientOptions::shared_memory_slots); Receive first"));
+      }
+      const uint64_t offset = static_cast<uint64_t>(next_slot_) * layout_.bytes;
+      next_slot_ = (next_slot_ + 1) % slots_;
+      ok = stream_->Write(ToSharedRequest(args, shape_, incarnation_, layout_, region_->base() + offset, offset));
+    } else {
+      ok = stream_->Write(ToRequest(std::forward<Args>(args), shape_, incarnation_));
+    }
+    if (!ok) return Ended();
+    EndSend(&sent);
+    sent_.push_back(sent);
+    return absl::OkStatus();
+  }
+
   absl::Status Ended() {
     finished_ = true;
     final_ = FromGrpc(stream_->Finish());
@@ -316,6 +464,12 @@ class GrpcStepStream final : public StepStreamSession {
   std::deque<SendStamp> sent_;  // of requests not yet answered, oldest first
   bool finished_ = false;
   absl::Status final_;
+  // Shared memory: slots taken in turn (responses come in request order, so the oldest
+  // unanswered request's slot is the next to be reused).
+  const std::unique_ptr<SharedRegion> region_;
+  const SlotLayout layout_;
+  const int32_t slots_;
+  int32_t next_slot_ = 0;
 };
 
 }  // namespace
@@ -367,6 +521,7 @@ struct WorkerClient::Impl {
   v1::PersistentKV::Stub* DecodeStub() { return decode.Take(stub.get()); }
 
   uint64_t incarnation = 0;  // pinned by Connect (options.pin_incarnation); 0: none
+  int32_t max_batch = 0;     // the worker's, from Connect's Describe (sizes shared-memory slots)
 
   // Deadline and router id of a unary call.
   void SetDeadline(grpc::ClientContext* ctx) const {
@@ -408,6 +563,24 @@ absl::StatusOr<std::unique_ptr<WorkerClient>> WorkerClient::Connect(const Client
   std::unique_ptr<WorkerClient> client(new WorkerClient(std::move(impl)));
   PKV_ASSIGN_OR_RETURN(const WorkerInfo info, client->Describe());
   if (options.pin_incarnation) client->impl_->incarnation = info.incarnation;
+  client->impl_->max_batch = info.max_batch;
+  if (options.shared_memory) {
+    if (info.shared_memory_max_bytes <= 0) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "shared_memory: the worker at ", options.target, " has shared memory off (--shared_memory_max_bytes=0)"));
+    }
+    if (options.shared_memory_slots < 1) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("shared_memory_slots must be >= 1, got ", options.shared_memory_slots));
+    }
+    const int64_t bytes = SlotLayout::For(info.shape, info.max_batch).bytes * options.shared_memory_slots;
+    if (bytes > info.shared_memory_max_bytes) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "shared_memory: ", options.shared_memory_slots, " slots for ", info.max_batch, " rows need ", bytes,
+          " bytes per StepStream; the worker takes at most ", info.shared_memory_max_bytes,
+          " (fewer shared_memory_slots, or a larger --shared_memory_max_bytes on the worker)"));
+    }
+  }
   return client;
 }
 
@@ -446,6 +619,7 @@ absl::StatusOr<WorkerInfo> WorkerClient::Describe() {
   info.used_tokens = r.pool().used_tokens();
   info.max_batch = r.limits().max_batch();
   info.max_message_bytes = r.limits().max_message_bytes();
+  info.shared_memory_max_bytes = r.limits().shared_memory_max_bytes();
   info.active_sequences = r.active_sequences();
   info.writing_sequences = r.writing_sequences();
   info.open_token_steps = r.open_token_steps();
@@ -466,7 +640,15 @@ absl::StatusOr<StepResult> WorkerClient::Step(const StepArgs& args) {
 }
 
 absl::StatusOr<std::unique_ptr<StepStreamSession>> WorkerClient::OpenStepStream() {
-  return std::make_unique<GrpcStepStream>(impl_->DecodeStub(), shape_, impl_->options.router_id, impl_->incarnation);
+  if (!impl_->options.shared_memory) {
+    return std::make_unique<GrpcStepStream>(impl_->DecodeStub(), shape_, impl_->options.router_id,
+                                            impl_->incarnation);
+  }
+  const SlotLayout layout = SlotLayout::For(shape_, impl_->max_batch);
+  const int32_t slots = impl_->options.shared_memory_slots;
+  PKV_ASSIGN_OR_RETURN(std::unique_ptr<SharedRegion> region, SharedRegion::Create(layout.bytes * slots));
+  return std::make_unique<GrpcStepStream>(impl_->DecodeStub(), shape_, impl_->options.router_id, impl_->incarnation,
+                                          std::move(region), layout, slots);
 }
 
 absl::StatusOr<std::unique_ptr<PromptWriter>> WorkerClient::BeginWriteKV(uint64_t sequence_id,

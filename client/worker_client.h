@@ -44,6 +44,7 @@ struct WorkerInfo {
   int64_t open_token_steps = 0;
   bool serving = false;
   uint64_t incarnation = 0;  // the worker run that answered (see worker.proto)
+  int64_t shared_memory_max_bytes = 0;  // largest shared memory of a StepStream; 0: off
 };
 
 // One layer of one token step (see StepRequest in proto/pkv/v1/worker.proto).
@@ -121,6 +122,16 @@ struct ClientOptions {
   // micro-batches in flight at once wait for each other's bytes on a shared one. 0: StepStreams
   // share the connection of unary calls.
   int32_t decode_connections = 0;
+  // StepStreams pass q, k, v and the outputs through a POSIX shared-memory region of their own
+  // instead of in the messages (see Shared memory in proto/pkv/v1/worker.proto), which spares the
+  // transport most of a layer-step's bytes. Only for a client on the worker's host (or sharing its
+  // /dev/shm) running as the same user; Connect refuses it (FAILED_PRECONDITION) when the worker
+  // has shared memory off. Unary Step and WriteKV are unchanged.
+  bool shared_memory = false;
+  // With shared_memory: requests one StepStream may have in flight (Send before Receive), each in
+  // a slot of the region sized for the worker's max_batch rows (q, k, v and out). A Send beyond
+  // that gets FAILED_PRECONDITION; a request of more rows goes in the message.
+  int32_t shared_memory_slots = 8;
   // Extra gRPC core channel arguments of every channel (HTTP/2 windows and frame sizes, TCP read
   // sizes, ...). Message size limits are max_message_bytes only (Connect refuses them here with
   // INVALID_ARGUMENT).

@@ -1,6 +1,8 @@
 #include "service/handlers.h"
 
+#include <algorithm>
 #include <chrono>
+#include <cstring>
 #include <span>
 #include <utility>
 #include <vector>
@@ -21,14 +23,36 @@ absl::Status RunStep(engine::Engine& engine, const v1::StepRequest& request,
   PKV_RETURN_IF_ERROR(CheckIncarnation(request.expected_incarnation(), call));
   // List sizes first: nothing is copied out of an oversized request.
   PKV_RETURN_IF_ERROR(engine.ValidateListSizes(request.rows_size(), request.open_size(), request.free_size()));
-  PKV_ASSIGN_OR_RETURN(engine::StepInput input, ToStepInput(request, engine.shape()));
+  const SharedMemoryRegion* shm = call.shared_memory.get();
+  if (shm != nullptr) PKV_RETURN_IF_ERROR(shm->CheckIntact());
+  PKV_ASSIGN_OR_RETURN(engine::StepInput input, ToStepInput(request, engine.shape(), shm));
   input.owner = call.router;
+  // Where the outputs go when they go into shared memory: checked before anything runs.
+  std::span<uint8_t> out_shm;
+  if (request.has_out_shm()) {
+    if (shm == nullptr) return NoSharedMemory("out_shm");
+    const ModelShape& shape = engine.shape();
+    const uint64_t bytes = static_cast<uint64_t>(request.rows_size()) * shape.num_q_heads * shape.head_dim *
+                           DTypeSize(shape.dtype);
+    PKV_ASSIGN_OR_RETURN(out_shm, shm->Slice(request.out_shm().offset(), bytes, "out_shm.offset"));
+  }
   const Clock::time_point t1 = Clock::now();
   PKV_ASSIGN_OR_RETURN(engine::StepOutput output, engine.Step(input));
   // The wire checks count as validation, next to the engine's own.
   output.timings.validate_seconds += std::chrono::duration<double>(t1 - t0).count();
   const Clock::time_point t2 = Clock::now();
-  ToStepResponse(std::move(output), request, engine.shape(), response, payload);
+  engine::OutputBytes local;
+  engine::OutputBytes* out_bytes = payload != nullptr ? payload : &local;
+  if (request.has_out_shm()) {
+    ToStepResponse(std::move(output), request, engine.shape(), response, out_bytes);
+    std::memcpy(out_shm.data(), out_bytes->data(), std::min(out_shm.size(), out_bytes->size()));
+    *out_bytes = engine::OutputBytes();
+    response->mutable_out()->mutable_shm()->set_offset(request.out_shm().offset());
+  } else {
+    ToStepResponse(std::move(output), request, engine.shape(), response, payload);
+  }
+  // The router shrank its region while the step read or wrote it: the layer ran on zeros.
+  if (shm != nullptr) PKV_RETURN_IF_ERROR(shm->CheckIntact());
   response->set_incarnation(call.incarnation);
   response->set_serialize_seconds(std::chrono::duration<double>(Clock::now() - t2).count());
   return absl::OkStatus();

@@ -90,6 +90,7 @@ void FillDescribe(const engine::EngineInfo& info, const ServiceLimits& limits, b
   l->set_prompt_idle_seconds(limits.prompt_idle_seconds);
   l->set_sequence_idle_seconds(info.limits.sequence_idle_seconds);
   l->set_check_finite(info.limits.check_finite);
+  l->set_shared_memory_max_bytes(limits.shared_memory_max_bytes);
   out->set_incarnation(call.incarnation);
   out->set_router(call.router);
   for (const engine::OpenTokenStepInfo& o : info.open_steps) {
@@ -113,6 +114,7 @@ TensorRef TensorRefOf(const v1::Tensor& tensor) {
   t.dtype = tensor.dtype();
   t.shape.assign(tensor.shape().begin(), tensor.shape().end());
   t.data = Bytes(tensor.data());
+  t.in_shared_memory = tensor.has_shm();
   return t;
 }
 
@@ -140,6 +142,10 @@ absl::Status CheckTensor(const TensorRef& tensor, DType dtype, std::initializer_
     return absl::InvalidArgumentError(absl::StrCat(field, ".dtype is ", std::string(DTypeName(got)),
                                                    " but the model dtype is ", std::string(DTypeName(dtype))));
   }
+  if (tensor.in_shared_memory) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        field, ".shm: this call carries its tensors in the message (shared memory is for StepStream only)"));
+  }
   const std::span<const int64_t> want(shape.begin(), shape.size());
   const std::span<const int64_t> have(tensor.shape.data(), tensor.shape.size());
   if (!std::equal(want.begin(), want.end(), have.begin(), have.end())) {
@@ -150,22 +156,54 @@ absl::Status CheckTensor(const TensorRef& tensor, DType dtype, std::initializer_
   return absl::OkStatus();
 }
 
-absl::StatusOr<engine::StepInput> ToStepInput(const v1::StepRequest& request,
-                                              const ModelShape& shape) {
+namespace {
+
+// The bytes of StepRequest tensor `tensor` (field `field`): its data, or its slice of the
+// stream's shared memory.
+absl::StatusOr<std::span<const uint8_t>> StepTensorBytes(const v1::Tensor& tensor, DType dtype,
+                                                         std::initializer_list<int64_t> shape,
+                                                         absl::string_view field,
+                                                         const SharedMemoryRegion* shared_memory) {
+  TensorRef t = TensorRefOf(tensor);
+  const bool in_shared_memory = t.in_shared_memory;
+  t.in_shared_memory = false;
+  PKV_RETURN_IF_ERROR(CheckTensor(t, dtype, shape, field));
+  if (!in_shared_memory) return t.data;
+  if (!tensor.data().empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, ".data: give the elements in data or in shared memory (shm), not both"));
+  }
+  if (shared_memory == nullptr) return NoSharedMemory(absl::StrCat(field, ".shm"));
+  uint64_t bytes = DTypeSize(dtype);
+  for (int64_t s : shape) bytes *= static_cast<uint64_t>(s);
+  PKV_ASSIGN_OR_RETURN(std::span<uint8_t> slice,
+                       shared_memory->Slice(tensor.shm().offset(), bytes, absl::StrCat(field, ".shm.offset")));
+  return std::span<const uint8_t>(slice.data(), slice.size());
+}
+
+}  // namespace
+
+absl::Status NoSharedMemory(absl::string_view field) {
+  return absl::InvalidArgumentError(absl::StrCat(
+      field, ": this call has no shared memory (open a StepStream with the metadata ", kSharedMemoryKey, ")"));
+}
+
+absl::StatusOr<engine::StepInput> ToStepInput(const v1::StepRequest& request, const ModelShape& shape,
+                                              const SharedMemoryRegion* shared_memory) {
   // token_step_id, layer and the data sizes are the engine's to check (engine::Engine::Step).
   const int64_t b = request.rows_size();
-  PKV_RETURN_IF_ERROR(CheckTensor(request.q(), shape.dtype, {b, shape.num_q_heads, shape.head_dim}, "q"));
-  PKV_RETURN_IF_ERROR(CheckTensor(request.k(), shape.dtype, {b, shape.num_kv_heads, shape.head_dim}, "k"));
-  PKV_RETURN_IF_ERROR(CheckTensor(request.v(), shape.dtype, {b, shape.num_kv_heads, shape.head_dim}, "v"));
   engine::StepInput in;
+  PKV_ASSIGN_OR_RETURN(in.q, StepTensorBytes(request.q(), shape.dtype, {b, shape.num_q_heads, shape.head_dim}, "q",
+                                             shared_memory));
+  PKV_ASSIGN_OR_RETURN(in.k, StepTensorBytes(request.k(), shape.dtype, {b, shape.num_kv_heads, shape.head_dim}, "k",
+                                             shared_memory));
+  PKV_ASSIGN_OR_RETURN(in.v, StepTensorBytes(request.v(), shape.dtype, {b, shape.num_kv_heads, shape.head_dim}, "v",
+                                             shared_memory));
   in.token_step_id = request.token_step_id();
   in.layer = request.layer();
   in.rows.assign(request.rows().begin(), request.rows().end());
   in.open.assign(request.open().begin(), request.open().end());
   in.free.assign(request.free().begin(), request.free().end());
-  in.q = Bytes(request.q().data());
-  in.k = Bytes(request.k().data());
-  in.v = Bytes(request.v().data());
   in.want_lse = request.want_lse();
   return in;
 }

@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <initializer_list>
+#include <memory>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -18,6 +19,7 @@
 #include "common/model_shape.h"
 #include "engine/engine.h"
 #include "pkv/v1/worker.pb.h"
+#include "service/shared_memory.h"
 #include "service/write_kv_wire.h"
 
 namespace pkv::service {
@@ -26,6 +28,8 @@ namespace pkv::service {
 struct ServiceLimits {
   int64_t max_message_bytes = 64LL << 20;
   double prompt_idle_seconds = 0;  // WriteKV streams idle this long are cancelled (0: never)
+  // Largest shared-memory object a StepStream may name (service/shared_memory.h); 0: off.
+  int64_t shared_memory_max_bytes = 0;
 };
 
 // Who is calling and which worker answers: the router identity (see worker.proto, Routers) and
@@ -33,6 +37,8 @@ struct ServiceLimits {
 struct CallContext {
   std::string router;
   uint64_t incarnation = 0;
+  // The StepStream's shared memory (service/shared_memory.h); null on every other call.
+  std::shared_ptr<const SharedMemoryRegion> shared_memory;
 };
 
 // FAILED_PRECONDITION when the request expects another incarnation than the worker's.
@@ -56,8 +62,14 @@ absl::Status CheckTensor(const TensorRef& tensor, DType dtype, std::initializer_
                          absl::string_view field);
 
 // Checks the dtype and shape of the request's tensors against the model shape and returns the
-// engine's view of it (spans into `request`, which must outlive the result).
-absl::StatusOr<engine::StepInput> ToStepInput(const v1::StepRequest& request, const ModelShape& shape);
+// engine's view of it (spans into `request`, or into `shared_memory` for tensors given as
+// Tensor.shm; both must outlive the result). A Tensor.shm without `shared_memory`, outside it, or
+// next to data is INVALID_ARGUMENT naming the field; a broken region FAILED_PRECONDITION.
+absl::StatusOr<engine::StepInput> ToStepInput(const v1::StepRequest& request, const ModelShape& shape,
+                                              const SharedMemoryRegion* shared_memory = nullptr);
+
+// INVALID_ARGUMENT: `field` names shared memory on a call that has none.
+absl::Status NoSharedMemory(absl::string_view field);
 
 // Moves an engine output into `response` (out [B, Hq, d], lse [B, Hq] fp32 when present, the
 // engine's stage timings) and echoes the request's token_step_id and layer.

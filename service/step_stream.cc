@@ -14,9 +14,11 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "common/log.h"
+#include "common/status_macros.h"
 #include "service/grpc_status.h"
 #include "service/handlers.h"
 #include "service/rpc_wire.h"
+#include "service/shared_memory.h"
 
 namespace pkv::service {
 
@@ -48,6 +50,10 @@ class StepStreamCall final {
         service_.stats().Begin(RpcMethod::kStepStream);
         if (absl::StatusOr<CallContext> call = service_.CallOf(ctx_); call.ok()) {
           call_ = *std::move(call);
+          if (const absl::Status shm = MapSharedMemory(); !shm.ok()) {
+            StartFinish(ToGrpcStatus(shm));
+            return;
+          }
           StartRead();
         } else {
           StartFinish(ToGrpcStatus(call.status()));
@@ -95,6 +101,23 @@ class StepStreamCall final {
     StepStreamServer* owner = owner_;
     delete this;
     owner->CallEnded();
+  }
+
+  // The shared memory the stream's metadata names, if any (see Shared memory in worker.proto).
+  absl::Status MapSharedMemory() {
+    const auto& metadata = ctx_.client_metadata();
+    auto it = metadata.find(kSharedMemoryKey);
+    if (it == metadata.end()) return absl::OkStatus();
+    const int64_t max_bytes = service_.limits().shared_memory_max_bytes;
+    if (max_bytes <= 0) {
+      return absl::FailedPreconditionError(absl::StrCat("metadata ", kSharedMemoryKey,
+                                                        ": shared memory is off on this worker (--shared_memory_max_bytes=0)"));
+    }
+    PKV_ASSIGN_OR_RETURN(call_.shared_memory, SharedMemoryRegion::Open(
+                                                  absl::string_view(it->second.data(), it->second.size()), max_bytes));
+    PKV_LOG(DEBUG) << "StepStream: mapped " << call_.shared_memory->name() << " (" << call_.shared_memory->size()
+                   << " bytes)";
+    return absl::OkStatus();
   }
 
   absl::Status Parse() {

@@ -132,6 +132,10 @@ ABSL_FLAG(double, token_step_idle_s, 30,
 ABSL_FLAG(double, prompt_idle_s, 60,
           "Lease of a WriteKV stream: cancelled (its sequence and pages released) when no message came for "
           "this many seconds; 0: never.");
+ABSL_FLAG(int64_t, shared_memory_max_bytes, int64_t{1} << 30,
+          "Largest POSIX shared-memory object a StepStream may name (request metadata x-pkv-shared-memory): "
+          "a router on the same host then passes q, k, v and the outputs through it instead of in the "
+          "messages. 0: off.");
 ABSL_FLAG(double, sequence_idle_s, 0,
           "Lease of a sequence: released when it was in no token step for this many seconds; 0: never "
           "(routers free their sequences with Release or `free`).");
@@ -239,6 +243,7 @@ int Run() {
   options.tls_reload_seconds = absl::GetFlag(FLAGS_tls_reload_s);
   options.health_listen_address = absl::GetFlag(FLAGS_health_listen);
   options.prompt_idle_seconds = absl::GetFlag(FLAGS_prompt_idle_s);
+  options.shared_memory_max_bytes = absl::GetFlag(FLAGS_shared_memory_max_bytes);
   options.keepalive_seconds = absl::GetFlag(FLAGS_keepalive_s);
   options.keepalive_timeout_seconds = absl::GetFlag(FLAGS_keepalive_timeout_s);
   options.liveness_stall_seconds = absl::GetFlag(FLAGS_liveness_stall_s);

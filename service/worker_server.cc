@@ -189,6 +189,10 @@ absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Start(
   if (options.stream_threads < 1 || options.stream_threads > 256) {
     return absl::InvalidArgumentError(absl::StrCat("stream_threads must be in [1, 256], got ", options.stream_threads));
   }
+  if (options.shared_memory_max_bytes < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("shared_memory_max_bytes must be >= 0 (0: off), got ", options.shared_memory_max_bytes));
+  }
   std::string security_mode;
   absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials =
       ApiCredentials(ApiTlsFiles{.cert_file = options.tls_cert_file,
@@ -223,7 +227,9 @@ absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Start(
   }
   impl->service = std::make_unique<WorkerService>(
       *impl->engine, *impl->executor, *impl->ingest_executor,
-      ServiceLimits{.max_message_bytes = options.max_message_bytes, .prompt_idle_seconds = options.prompt_idle_seconds},
+      ServiceLimits{.max_message_bytes = options.max_message_bytes,
+                    .prompt_idle_seconds = options.prompt_idle_seconds,
+                    .shared_memory_max_bytes = options.shared_memory_max_bytes},
       options.metrics, impl->incarnation);
 
   grpc::EnableDefaultHealthCheckService(true);

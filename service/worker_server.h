@@ -78,6 +78,10 @@ struct ServerOptions {
   // Leases (see worker.proto): a WriteKV stream with no message for this long is cancelled and
   // its prompt released; 0: never. Token-step and sequence leases are engine options.
   double prompt_idle_seconds = 60;
+  // Shared memory (see worker.proto): a StepStream may name a POSIX shared-memory object of at
+  // most this many bytes, which the worker maps for the stream's life and reads q, k, v from and
+  // writes outputs to; 0: off (such a stream ends with FAILED_PRECONDITION).
+  int64_t shared_memory_max_bytes = 1LL << 30;
   // HTTP/2 keepalive: ping every keepalive_seconds; drop a peer that does not answer within
   // keepalive_timeout_seconds. 0: no pings.
   double keepalive_seconds = 30;

@@ -111,7 +111,10 @@ grpc::ServerUnaryReactor* WorkerService::Release(grpc::CallbackServerContext* ct
 absl::StatusOr<CallContext> WorkerService::CallOf(const grpc::ServerContextBase& ctx) const {
   absl::StatusOr<std::string> router = RouterOf(ctx);
   if (!router.ok()) return router.status();
-  return CallContext{*std::move(router), incarnation_};
+  CallContext call;
+  call.router = *std::move(router);
+  call.incarnation = incarnation_;
+  return call;
 }
 
 namespace {

@@ -10,7 +10,7 @@ namespace {
 constexpr uint32_t kVarint = 0, kFixed64 = 1, kLengthDelimited = 2, kFixed32 = 5;
 constexpr uint32_t kRequestChunk = 2;
 constexpr uint32_t kChunkLayer = 1, kChunkTokenOffset = 2, kChunkNumTokens = 3, kChunkK = 4, kChunkV = 5;
-constexpr uint32_t kTensorDtype = 1, kTensorShape = 2, kTensorData = 3;
+constexpr uint32_t kTensorDtype = 1, kTensorShape = 2, kTensorData = 3, kTensorShm = 4;
 
 // A cursor over the message's pieces. Every read fails (false) rather than run past the end.
 class PieceReader {
@@ -154,8 +154,8 @@ bool ReadTensor(PieceReader& r, int64_t end, std::string* scratch, TensorRef* t)
     } else if (field == kTensorData) {
       int64_t n = 0;
       if (wire != kLengthDelimited || !r.ReadLength(end, &n) || !r.ReadBytes(n, scratch, &t->data)) return false;
-    } else if (field == kTensorShape || !r.SkipField(wire, end)) {
-      return false;
+    } else if (field == kTensorShm || field == kTensorShape || !r.SkipField(wire, end)) {
+      return false;  // a tensor in shared memory is the full parse's to refuse
     }
   }
   return r.pos() == end;

@@ -28,6 +28,7 @@ struct TensorRef {
   int32_t dtype = 0;
   absl::InlinedVector<int64_t, 4> shape;
   std::span<const uint8_t> data;
+  bool in_shared_memory = false;  // Tensor.shm is set (only StepStream takes it)
 };
 
 // A KVChunk message seen in place.

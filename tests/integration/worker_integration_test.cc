@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <chrono>
 #include <condition_variable>
+#include <filesystem>
 #include <fstream>
 #include <mutex>
 #include <map>
@@ -933,6 +934,123 @@ TEST_F(WorkerIntegrationTest, ServesOverAUnixDomainSocket) {
   EXPECT_TRUE((*stream)->Finish().ok());
   ASSERT_TRUE(client_->Release(std::vector<uint64_t>{1}).ok());
   EXPECT_TRUE(WaitAllFree());
+}
+
+// A client with ClientOptions::shared_memory: q, k, v and the outputs of its StepStreams go
+// through a shared-memory region of their own; every output matches the double reference, a
+// request of more rows than a slot holds goes in the message, and a replay with micro-batches
+// checks out over it.
+TEST_F(WorkerIntegrationTest, SharedMemoryStepStreamsMatchTheReference) {
+  StartWorker(128, /*executor_threads=*/3);
+  client::ClientOptions copts;
+  copts.target = server_->address();
+  copts.shared_memory = true;
+  copts.shared_memory_slots = 2;
+  auto shm_client = client::WorkerClient::Connect(copts);
+  ASSERT_TRUE(shm_client.ok()) << shm_client.status();
+  EXPECT_GT(Describe().shared_memory_max_bytes, 0);
+  ASSERT_TRUE(WritePrompt(11, 20, 8, {0, 1, 2}).ok());
+  ASSERT_TRUE(WritePrompt(12, 37, 16, {2, 1, 0}).ok());
+  auto stream = (*shm_client)->OpenStepStream();
+  ASSERT_TRUE(stream.ok()) << stream.status();
+  const std::vector<uint64_t> rows = {11, 12};
+  double max_err = 0;
+  for (int step = 0; step < 6; ++step) {
+    for (int32_t layer = 0; layer < 3; ++layer) {
+      StepArgs a = MakeStep(700 + step, layer, rows);
+      auto r = (*stream)->Step(a);
+      ASSERT_TRUE(r.ok()) << "step " << step << " layer " << layer << ": " << r.status();
+      CheckOutputs(a, *r, &max_err);
+    }
+    Advance(rows);
+  }
+  // Two slots: a third request in flight is refused before anything is sent.
+  StepArgs a0 = MakeStep(800, 0, rows);
+  ASSERT_TRUE((*stream)->Send(StepArgs(a0)).ok());
+  auto r0 = (*stream)->Receive();
+  ASSERT_TRUE(r0.ok()) << r0.status();
+  CheckOutputs(a0, *r0, &max_err);
+  for (int32_t layer = 1; layer < 3; ++layer) {
+    StepArgs a = MakeStep(800, layer, rows);
+    auto r = (*stream)->Step(a);
+    ASSERT_TRUE(r.ok()) << r.status();
+    CheckOutputs(a, *r, &max_err);
+  }
+  Advance(rows);
+  EXPECT_TRUE((*stream)->Finish().ok());
+  RecordProperty("max_rel_error", std::to_string(max_err));
+  ASSERT_TRUE(client_->Release(rows).ok());
+
+  // A replay over shared memory, two micro-batches with prompts streaming in.
+  std::vector<WorkloadRequest> requests = GenerateWorkload(WorkloadKind::kUniform, 8, 5);
+  ScaleWorkload(requests, 0.005, 0, 8);
+  client::ReplayOptions options;
+  options.batch = 2;
+  options.micro_batches = 2;
+  options.check_fraction = 0.5;
+  options.chunk_tokens = 16;
+  options.warmup_steps = 1;
+  options.verbose = false;
+  auto report = client::RunReplay(**shm_client, options, requests);
+  ASSERT_TRUE(report.ok()) << report.status();
+  EXPECT_EQ(report->requests_done, 8);
+  EXPECT_GT(report->outputs_checked, 10);
+  EXPECT_EQ(report->check_failures, 0) << report->first_failure;
+  EXPECT_TRUE(WaitAllFree());
+}
+
+TEST_F(WorkerIntegrationTest, SharedMemoryClientSlotsAreBoundedAndTooManyRowsGoInTheMessage) {
+  StartWorker(64);
+  client::ClientOptions copts;
+  copts.target = server_->address();
+  copts.shared_memory = true;
+  copts.shared_memory_slots = 1;
+  auto shm_client = client::WorkerClient::Connect(copts);
+  ASSERT_TRUE(shm_client.ok()) << shm_client.status();
+  ASSERT_TRUE(WritePrompt(21, 9, 9, {0, 1, 2}).ok());
+  ASSERT_TRUE(WritePrompt(22, 9, 9, {0, 1, 2}).ok());
+  auto s1 = (*shm_client)->OpenStepStream();
+  auto s2 = (*shm_client)->OpenStepStream();
+  ASSERT_TRUE(s1.ok() && s2.ok());
+  StepArgs a = MakeStep(900, 0, {21});
+  StepArgs b = MakeStep(901, 0, {22});
+  ASSERT_TRUE((*s1)->Send(StepArgs(a)).ok());
+  // One slot: the second request waits for the first answer.
+  const absl::Status second = (*s1)->Send(StepArgs(a));
+  EXPECT_EQ(second.code(), absl::StatusCode::kFailedPrecondition) << second;
+  ASSERT_TRUE((*s2)->Send(StepArgs(b)).ok());  // another stream, another region
+  auto ra = (*s1)->Receive();
+  auto rb = (*s2)->Receive();
+  ASSERT_TRUE(ra.ok()) << ra.status();
+  ASSERT_TRUE(rb.ok()) << rb.status();
+  double max_err = 0;
+  CheckOutputs(a, *ra, &max_err);
+  CheckOutputs(b, *rb, &max_err);
+  // More rows than the worker's max_batch: sent in the message, refused by the worker by name.
+  std::vector<uint64_t> many(17);
+  for (size_t i = 0; i < many.size(); ++i) many[i] = 1000 + i;
+  StepArgs big;
+  big.token_step_id = 902;
+  big.rows = many;
+  big.q.assign(many.size() * TestShape().num_q_heads * TestShape().head_dim * 2, '\0');
+  big.k.assign(many.size() * TestShape().num_kv_heads * TestShape().head_dim * 2, '\0');
+  big.v = big.k;
+  auto rbig = (*s1)->Step(big);
+  EXPECT_EQ(rbig.status().code(), absl::StatusCode::kInvalidArgument) << rbig.status();
+  EXPECT_NE(rbig.status().message().find("rows"), std::string::npos) << rbig.status();
+  for (int32_t layer = 1; layer < 3; ++layer) {
+    ASSERT_TRUE((*s1)->Step(MakeStep(900, layer, {21})).ok());
+    ASSERT_TRUE((*s2)->Step(MakeStep(901, layer, {22})).ok());
+  }
+  EXPECT_TRUE((*s1)->Finish().ok());
+  EXPECT_TRUE((*s2)->Finish().ok());
+  // The client unlinked its objects' names once the worker had mapped them: none is left behind.
+  int left = 0;
+  const std::string prefix = "pkv-" + std::to_string(::getpid()) + "-";
+  for (const auto& entry : std::filesystem::directory_iterator("/dev/shm")) {
+    if (entry.path().filename().string().rfind(prefix, 0) == 0) ++left;
+  }
+  EXPECT_EQ(left, 0);
 }
 
 TEST_F(WorkerIntegrationTest, ReplayOfAShortWorkloadChecksOutAndFreesEverything) {

@@ -3,8 +3,13 @@
 // generated stubs, and raw byte buffers where a message must be malformed. Each test names the
 // guarantee it checks: unparsable messages, ownership, incarnation, the leases (a stalled WriteKV
 // stream, abandoned token steps) and drain.
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <chrono>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <random>
 #include <string>
@@ -72,7 +77,8 @@ void SetTensor(v1::Tensor* t, std::vector<int64_t> shape, std::mt19937_64& rng) 
 
 class WorkerRobustnessTest : public ::testing::Test {
  protected:
-  void StartWorker(double token_step_idle_seconds = 30, double prompt_idle_seconds = 60) {
+  void StartWorker(double token_step_idle_seconds = 30, double prompt_idle_seconds = 60,
+                   int64_t shared_memory_max_bytes = 1 << 20) {
     engine::EngineConfig config;
     config.shape = Shape();
     config.num_pages = 32;
@@ -88,6 +94,7 @@ class WorkerRobustnessTest : public ::testing::Test {
     options.listen_address = "127.0.0.1:0";
     options.metrics = metrics_.get();
     options.prompt_idle_seconds = prompt_idle_seconds;
+    options.shared_memory_max_bytes = shared_memory_max_bytes;
     auto server = service::WorkerServer::Start(options, *std::move(engine));
     ASSERT_TRUE(server.ok()) << server.status();
     server_ = *std::move(server);
@@ -407,6 +414,241 @@ TEST_F(WorkerRobustnessTest, DrainLetsAnOpenTokenStepFinishWithinTheGracePeriod)
   stopper.join();
   EXPECT_LT(absl::Now() - start, absl::Seconds(10)) << "shutdown waited although nothing was open";
   EXPECT_EQ(server_->engine().Info().open_token_steps, 0);
+}
+
+// A POSIX shared-memory object of `bytes` bytes made by a test router, mapped; unlinked and
+// unmapped on destruction.
+class TestRegion {
+ public:
+  explicit TestRegion(int64_t bytes) : name_("/pkv-test-" + std::to_string(getpid()) + "-" + std::to_string(next_++)) {
+    fd_ = shm_open(name_.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
+    EXPECT_GE(fd_, 0) << name_;
+    EXPECT_EQ(ftruncate(fd_, bytes), 0);
+    void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd_, 0);
+    EXPECT_NE(p, MAP_FAILED);
+    base_ = static_cast<char*>(p);
+    size_ = bytes;
+  }
+  ~TestRegion() {
+    munmap(base_, size_);
+    close(fd_);
+    shm_unlink(name_.c_str());
+  }
+  // Moves `t`'s data into the region at `offset` and points the tensor there.
+  void Place(v1::Tensor* t, uint64_t offset) {
+    std::memcpy(base_ + offset, t->data().data(), t->data().size());
+    t->clear_data();
+    t->mutable_shm()->set_offset(offset);
+  }
+  // The router shrinks its object under the worker.
+  void Shrink() { EXPECT_EQ(ftruncate(fd_, 0), 0); }
+  const std::string& name() const { return name_; }
+  const char* base() const { return base_; }
+  int64_t size() const { return size_; }
+
+ private:
+  static inline int next_ = 0;
+  std::string name_;
+  int fd_ = -1;
+  char* base_ = nullptr;
+  int64_t size_ = 0;
+};
+
+// One StepStream of `router` naming `region` (none: "") in its metadata.
+struct RawStream {
+  RawStream(v1::PersistentKV::Stub& stub, const std::string& router, const std::string& region) {
+    ctx.AddMetadata("x-pkv-router-id", router);
+    if (!region.empty()) ctx.AddMetadata("x-pkv-shared-memory", region);
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(20));
+    stream = stub.StepStream(&ctx);
+  }
+  // Sends `request` and returns its response (status in response.status()); false when the
+  // stream ended instead.
+  bool Step(const v1::StepRequest& request, v1::StepResponse* response) {
+    return stream->Write(request) && stream->Read(response);
+  }
+  grpc::Status Finish() {
+    stream->WritesDone();
+    return stream->Finish();
+  }
+  grpc::ClientContext ctx;
+  std::unique_ptr<grpc::ClientReaderWriter<v1::StepRequest, v1::StepResponse>> stream;
+};
+
+TEST_F(WorkerRobustnessTest, SharedMemoryTensorsAreReadAndWrittenInPlaceAndBadReferencesAreRefusedByName) {
+  StartWorker();
+  ASSERT_TRUE(WritePrompt("r", 1, 5).ok());
+  ASSERT_TRUE(WritePrompt("r", 2, 9).ok());
+  TestRegion region(64 << 10);
+  RawStream stream(*stub_, "r", region.name());
+  const int64_t out_bytes = 2LL * Shape().num_q_heads * Shape().head_dim * 2;
+
+  // Layer 0 through shared memory: the response carries no output bytes; they are in the region.
+  const v1::StepRequest in_message = StepRequest(300, 0, {1, 2});
+  v1::StepRequest shared = in_message;
+  region.Place(shared.mutable_q(), 0);
+  region.Place(shared.mutable_k(), 8192);
+  region.Place(shared.mutable_v(), 12288);
+  shared.mutable_out_shm()->set_offset(32768);
+  v1::StepResponse r;
+  ASSERT_TRUE(stream.Step(shared, &r));
+  ASSERT_EQ(r.status().code(), 0) << r.status().message();
+  EXPECT_TRUE(r.out().data().empty());
+  ASSERT_TRUE(r.out().has_shm());
+  EXPECT_EQ(r.out().shm().offset(), 32768u);
+  EXPECT_EQ(r.out().shape(0), 2);
+  const std::string written(region.base() + 32768, out_bytes);
+  // The retry cache holds what the layer computed: the same request in the message replays it.
+  v1::StepResponse replay;
+  ASSERT_TRUE(Step("r", in_message, &replay).ok());
+  EXPECT_TRUE(replay.replayed());
+  EXPECT_EQ(replay.out().data(), written);
+  EXPECT_NE(written, std::string(out_bytes, '\0'));
+
+  // Bad references: each refused naming its field; the stream goes on and nothing changed.
+  const v1::DescribeResponse before = Describe("r");
+  struct Case {
+    const char* field;
+    std::function<void(v1::StepRequest*)> spoil;
+  };
+  const std::vector<Case> cases = {
+      {"q.shm.offset", [&](v1::StepRequest* q) { q->mutable_q()->mutable_shm()->set_offset(region.size() - 100); }},
+      {"k.shm.offset", [&](v1::StepRequest* q) { q->mutable_k()->mutable_shm()->set_offset(~uint64_t{0} - 8); }},
+      {"v.data", [&](v1::StepRequest* q) { q->mutable_v()->set_data("xx"); }},
+      {"out_shm.offset", [&](v1::StepRequest* q) { q->mutable_out_shm()->set_offset(region.size() - 64); }},
+  };
+  for (const Case& c : cases) {
+    v1::StepRequest bad = shared;
+    bad.set_token_step_id(301);
+    c.spoil(&bad);
+    ASSERT_TRUE(stream.Step(bad, &r)) << c.field;
+    EXPECT_EQ(r.status().code(), grpc::StatusCode::INVALID_ARGUMENT) << c.field;
+    EXPECT_EQ(r.status().message().rfind(c.field, 0), 0u) << c.field << ": " << r.status().message();
+  }
+  // Unary Step and a stream without a region have no shared memory.
+  EXPECT_EQ(Step("r", shared, &r).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  {
+    RawStream plain(*stub_, "r", "");
+    v1::StepRequest out_only = in_message;
+    out_only.set_layer(1);
+    out_only.mutable_out_shm()->set_offset(0);
+    ASSERT_TRUE(plain.Step(out_only, &r));
+    EXPECT_EQ(r.status().code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_NE(r.status().message().find("out_shm: this call has no shared memory"), std::string::npos)
+        << r.status().message();
+    EXPECT_TRUE(plain.Finish().ok());
+  }
+  // WriteKV takes no shared memory.
+  {
+    auto ctx = Context("r");
+    v1::WriteKVResponse response;
+    auto writer = stub_->WriteKV(ctx.get(), &response);
+    v1::WriteKVRequest header;
+    header.mutable_header()->set_sequence_id(9);
+    header.mutable_header()->set_num_tokens(1);
+    writer->Write(header);
+    v1::WriteKVRequest chunk;
+    chunk.mutable_chunk()->set_num_tokens(1);
+    SetTensor(chunk.mutable_chunk()->mutable_k(), {1, Shape().num_kv_heads, Shape().head_dim}, rng_);
+    SetTensor(chunk.mutable_chunk()->mutable_v(), {1, Shape().num_kv_heads, Shape().head_dim}, rng_);
+    region.Place(chunk.mutable_chunk()->mutable_k(), 0);
+    writer->Write(chunk);
+    writer->WritesDone();
+    const grpc::Status s = writer->Finish();
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_EQ(s.error_message().rfind("chunk.k.shm", 0), 0u) << s.error_message();
+  }
+  const v1::DescribeResponse after = Describe("r");
+  EXPECT_EQ(after.pool().used_tokens(), before.pool().used_tokens());
+  EXPECT_EQ(after.pool().free_pages(), before.pool().free_pages());
+  EXPECT_EQ(after.pool().num_sequences(), before.pool().num_sequences());
+
+  // The rest of the token step through shared memory.
+  for (int32_t layer = 1; layer < Shape().num_layers; ++layer) {
+    v1::StepRequest next = StepRequest(300, layer, {1, 2});
+    region.Place(next.mutable_q(), 0);
+    region.Place(next.mutable_k(), 8192);
+    region.Place(next.mutable_v(), 12288);
+    next.mutable_out_shm()->set_offset(32768);
+    ASSERT_TRUE(stream.Step(next, &r));
+    EXPECT_EQ(r.status().code(), 0) << r.status().message();
+  }
+  EXPECT_TRUE(stream.Finish().ok());
+  EXPECT_EQ(server_->engine().Info().open_token_steps, 0);
+}
+
+TEST_F(WorkerRobustnessTest, SharedMemoryThatCannotBeMappedEndsTheStreamAndAShrunkRegionCannotCrashTheWorker) {
+  StartWorker();
+  ASSERT_TRUE(WritePrompt("r", 1, 5).ok());
+  v1::StepResponse r;
+  // Names that cannot be mapped: the stream ends before its first answer.
+  const std::vector<std::pair<std::string, grpc::StatusCode>> refused = {
+      {"/pkv-test-no-such-object", grpc::StatusCode::FAILED_PRECONDITION},
+      {"no-slash", grpc::StatusCode::INVALID_ARGUMENT},
+  };
+  for (const auto& [name, code] : refused) {
+    RawStream stream(*stub_, "r", name);
+    EXPECT_FALSE(stream.Step(StepRequest(400, 0, {1}), &r)) << name;
+    const grpc::Status s = stream.stream->Finish();
+    EXPECT_EQ(s.error_code(), code) << name << ": " << s.error_message();
+    EXPECT_NE(s.error_message().find("x-pkv-shared-memory"), std::string::npos) << s.error_message();
+  }
+  {
+    TestRegion too_large(2 << 20);  // above the worker's 1 MiB
+    RawStream stream(*stub_, "r", too_large.name());
+    EXPECT_FALSE(stream.Step(StepRequest(400, 0, {1}), &r));
+    EXPECT_EQ(stream.stream->Finish().error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  }
+  EXPECT_EQ(server_->engine().Info().open_token_steps, 0);
+
+  // The router shrinks its object while the stream uses it: the worker survives; that request
+  // and every later one of the stream are refused.
+  TestRegion region(64 << 10);
+  RawStream stream(*stub_, "r", region.name());
+  auto place = [&](v1::StepRequest* q) {
+    region.Place(q->mutable_q(), 0);
+    region.Place(q->mutable_k(), 8192);
+    region.Place(q->mutable_v(), 12288);
+    q->mutable_out_shm()->set_offset(32768);
+  };
+  v1::StepRequest layer0 = StepRequest(401, 0, {1});
+  place(&layer0);
+  ASSERT_TRUE(stream.Step(layer0, &r));
+  ASSERT_EQ(r.status().code(), 0) << r.status().message();
+  v1::StepRequest layer1 = StepRequest(401, 1, {1});
+  place(&layer1);
+  region.Shrink();
+  ASSERT_TRUE(stream.Step(layer1, &r));
+  EXPECT_EQ(r.status().code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_NE(r.status().message().find("shrank"), std::string::npos) << r.status().message();
+  ASSERT_TRUE(stream.Step(layer1, &r));
+  EXPECT_EQ(r.status().code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_TRUE(stream.Finish().ok());
+
+  // The worker serves on; the token step is finished in the messages and the pool is exact.
+  v1::StepRequest retry = StepRequest(401, 1, {1});
+  ASSERT_TRUE(Step("r", retry, &r).ok());
+  EXPECT_TRUE(r.replayed());  // layer 1 had run (on zeros) before the refusal
+  ASSERT_TRUE(Step("r", StepRequest(401, 2, {1}), &r).ok());
+  EXPECT_EQ(Describe("r").pool().used_tokens(), 6);
+  v1::ReleaseRequest release;
+  release.add_sequence_ids(1);
+  v1::ReleaseResponse released;
+  auto ctx = Context("r");
+  ASSERT_TRUE(stub_->Release(ctx.get(), release, &released).ok());
+  EXPECT_EQ(released.free_pages(), Describe().pool().total_pages());
+}
+
+TEST_F(WorkerRobustnessTest, SharedMemoryOffIsAClearRefusal) {
+  StartWorker(30, 60, /*shared_memory_max_bytes=*/0);
+  EXPECT_EQ(Describe().limits().shared_memory_max_bytes(), 0);
+  TestRegion region(4096);
+  RawStream stream(*stub_, "r", region.name());
+  v1::StepResponse r;
+  EXPECT_FALSE(stream.Step(StepRequest(1, 0, {1}), &r));
+  const grpc::Status s = stream.stream->Finish();
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_NE(s.error_message().find("shared memory is off"), std::string::npos) << s.error_message();
 }
 
 }  // namespace
