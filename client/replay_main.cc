@@ -55,6 +55,9 @@ ABSL_FLAG(int32_t, decode_connections, -1,
 ABSL_FLAG(bool, shared_memory, false,
           "Decode StepStreams pass q, k, v and the outputs through POSIX shared memory instead of in the "
           "messages (a worker on this host, same user, --shared_memory_max_bytes > 0 there).");
+ABSL_FLAG(bool, shared_memory_ring, false,
+          "With --shared_memory: the decode requests and responses themselves go through a ring in the "
+          "shared memory that the worker and pkv-replay poll (no gRPC message per layer-step).");
 ABSL_FLAG(int32_t, prefill_ahead, 0,
           "Prompts written ahead of decode, waiting for a free row (0: batch * micro_batches).");
 ABSL_FLAG(bool, wait_for_prefill, false,
@@ -119,6 +122,7 @@ absl::StatusOr<pkv::client::ClientOptions> ClientOptionsFromFlags() {
   options.ingest_connections = absl::GetFlag(FLAGS_ingest_connections);
   options.decode_connections = absl::GetFlag(FLAGS_decode_connections);
   options.shared_memory = absl::GetFlag(FLAGS_shared_memory);
+  options.shared_memory_ring = absl::GetFlag(FLAGS_shared_memory_ring);
   if (options.decode_connections < 0) {
     const int32_t micro = absl::GetFlag(FLAGS_micro_batches);
     options.decode_connections = micro > 1 ? std::min(micro, 64) : 0;

@@ -13,10 +13,12 @@
 #include <fstream>
 #include <initializer_list>
 #include <sstream>
+#include <thread>
 #include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "common/shared_memory_ring.h"
 #include "common/status_macros.h"
 #include "grpcpp/generic/generic_stub.h"
 #include "grpcpp/grpcpp.h"
@@ -140,6 +142,7 @@ struct SlotLayout {
   int64_t q = 0, k = 0, v = 0, out = 0;  // offsets within the slot
   int64_t bytes = 0;                     // the slot's size
   int32_t max_rows = 0;
+  int64_t base = 0;                      // offset of the first slot in the region
 
   static SlotLayout For(const ModelShape& shape, int32_t max_rows) {
     SlotLayout l;
@@ -153,6 +156,17 @@ struct SlotLayout {
     return l;
   }
 };
+
+// A ring's message slot: room for a request of max_rows rows and a few thousand open / free ids,
+// and for a response with the log-sum-exp of max_rows rows (common/shared_memory_ring.h).
+int64_t RingMessageBytes(const ModelShape& shape, int32_t max_rows) {
+  const int64_t lse = int64_t{4} * max_rows * shape.num_q_heads + 1024;
+  const int64_t request = int64_t{10} * (2 * int64_t{max_rows} + 4096) + 1024;
+  return (2 * std::max(lse, request) + 4095) / 4096 * 4096;
+}
+
+// The whole region of a StepStream: the ring (when asked for) and `slots` tensor slots.
+int64_t RegionBytes(const SlotLayout& l, int32_t slots) { return l.base + l.bytes * slots; }
 
 void SetSharedTensor(v1::Tensor* t, DType dtype, std::initializer_list<int64_t> shape, uint64_t offset) {
   t->set_dtype(WireDType(dtype));
@@ -367,19 +381,52 @@ class GrpcPromptWriter final : public PromptWriter {
   absl::Status final_;
 };
 
+// Shared memory of a StepStream (ClientOptions::shared_memory): the region, where its tensor
+// slots lie, and whether requests go through its ring.
+struct SharedSession {
+  std::unique_ptr<SharedRegion> region;
+  SlotLayout layout;
+  int32_t slots = 0;
+  bool ring = false;
+  int64_t message_bytes = 0;  // of a ring's message slot
+  int64_t spin_ns = 0;        // a Receive's polling before it sleeps
+};
+
+int64_t NowNs() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch()).count();
+}
+
 class GrpcStepStream final : public StepStreamSession {
  public:
-  // With `region`, requests travel through its slots (ClientOptions::shared_memory).
   GrpcStepStream(v1::PersistentKV::Stub* stub, ModelShape shape, const std::string& router_id, uint64_t incarnation,
-                 std::unique_ptr<SharedRegion> region = nullptr, SlotLayout layout = {}, int32_t slots = 0)
-      : shape_(shape), incarnation_(incarnation), region_(std::move(region)), layout_(layout), slots_(slots) {
+                 SharedSession shared = {})
+      : shape_(shape), incarnation_(incarnation), shared_(std::move(shared)) {
     if (!router_id.empty()) ctx_.AddMetadata(kRouterIdKey, router_id);
-    if (region_ != nullptr) ctx_.AddMetadata(kSharedMemoryKey, region_->name());
+    if (shared_.region != nullptr) ctx_.AddMetadata(kSharedMemoryKey, shared_.region->name());
+    if (shared_.ring) {
+      ctx_.AddMetadata(kSharedMemoryRingKey, "1");
+      ring_ = reinterpret_cast<RingHeader*>(shared_.region->base());
+      ring_->magic = kRingMagic;
+      ring_->version = kRingVersion;
+      ring_->slots = static_cast<uint32_t>(shared_.slots);
+      ring_->message_bytes = static_cast<uint32_t>(shared_.message_bytes);
+    }
     stream_ = stub->StepStream(&ctx_);
+    if (ring_ != nullptr) {
+      // The worker sends no message on a ring's stream: a Read returns only when the stream ends.
+      reader_ = std::thread([this] {
+        v1::StepResponse ignored;
+        while (stream_->Read(&ignored)) {
+        }
+        ended_.store(true);
+        FutexWakeAll(&ring_->response_seq);
+      });
+    }
   }
   ~GrpcStepStream() override {
     if (!finished_) {
       ctx_.TryCancel();
+      if (reader_.joinable()) reader_.join();
       stream_->Finish().IgnoreError();
     }
   }
@@ -394,9 +441,25 @@ class GrpcStepStream final : public StepStreamSession {
   absl::StatusOr<StepResult> Receive() override {
     if (finished_) return final_.ok() ? absl::FailedPreconditionError("StepStream already finished") : final_;
     v1::StepResponse response;
-    if (!stream_->Read(&response)) return Ended();
+    if (ring_ != nullptr) {
+      if (sent_.empty()) return absl::FailedPreconditionError("StepStream: Receive without a request in flight");
+      const uint32_t seen = RingWait(
+          &ring_->response_seq, &ring_->router_waiting, answered_, shared_.spin_ns, 20'000'000,
+          [this] { return ended_.load() || ring_->closed.load() != 0; }, NowNs);
+      if (seen == answered_) return Ended();
+      const uint8_t* slot = MessageSlot(answered_);
+      RingMessage m;
+      std::memcpy(&m, slot, sizeof(m));
+      if (m.response_bytes > shared_.message_bytes / 2 ||
+          !response.ParseFromArray(slot + shared_.message_bytes / 2, static_cast<int>(m.response_bytes))) {
+        return absl::InternalError("StepStream: unreadable response in the shared-memory ring");
+      }
+      ++answered_;
+    } else if (!stream_->Read(&response)) {
+      return Ended();
+    }
     const Clock::time_point read_at = Clock::now();
-    if (region_ != nullptr) region_->Unlink();  // the worker mapped it when the stream began
+    if (shared_.region != nullptr) shared_.region->Unlink();  // the worker mapped it when the stream began
     SendStamp sent;
     if (!sent_.empty()) {
       sent = sent_.front();
@@ -407,8 +470,8 @@ class GrpcStepStream final : public StepStreamSession {
                           response.status().message());
     }
     std::string shared_out;
-    PKV_RETURN_IF_ERROR(
-        ReadSharedOutputs(response, shape_, region_ != nullptr ? region_->base() : nullptr, &shared_out));
+    PKV_RETURN_IF_ERROR(ReadSharedOutputs(response, shape_,
+                                          shared_.region != nullptr ? shared_.region->base() : nullptr, &shared_out));
     StepResult result = FromResponse(std::move(response), sent, read_at);
     if (!shared_out.empty()) result.out = std::move(shared_out);
     return result;
@@ -417,42 +480,77 @@ class GrpcStepStream final : public StepStreamSession {
   absl::Status Finish() override {
     if (finished_) return final_;
     stream_->WritesDone();
-    finished_ = true;
-    final_ = FromGrpc(stream_->Finish());
-    return final_;
+    return Close();
   }
 
   void Cancel() override { ctx_.TryCancel(); }
 
  private:
-  // Writes one request: through the next shared-memory slot when the stream has them and the
-  // rows fit, else in the message (tensors moved when `args` is an rvalue).
+  uint8_t* MessageSlot(uint32_t n) const {
+    return shared_.region->base() + kRingHeaderBytes + static_cast<uint64_t>(n % shared_.slots) * shared_.message_bytes;
+  }
+
+  // Writes one request: through the ring, or in a message with its tensors in the next
+  // shared-memory slot when the stream has them and the rows fit, else all in the message
+  // (tensors moved when `args` is an rvalue).
   template <typename Args>
   absl::Status Write(Args&& args) {
     if (finished_) return absl::FailedPreconditionError("StepStream already finished");
     SendStamp sent = StartSend();
-    bool ok = false;
-    if (region_ != nullptr && static_cast<int64_t>(args.rows.size()) <= layout_.max_rows) {
-      if (static_cast<int32_t>(sent_.size()) >= slots_) {
+    const bool fits = static_cast<int64_t>(args.rows.size()) <= shared_.layout.max_rows;
+    if (shared_.region != nullptr && (fits || ring_ != nullptr)) {
+      if (!fits) {
+        return absl::InvalidArgumentError(absl::StrCat("rows: ", args.rows.size(), " rows, more than the worker's max_batch (",
+                                                       shared_.layout.max_rows, ")"));
+      }
+      if (static_cast<int32_t>(sent_.size()) >= shared_.slots) {
         return absl::FailedPreconditionError(absl::StrCat(
             "StepStream: ", sent_.size(), " requests in flight already, the most its shared memory holds "
             "(ClientOptions::shared_memory_slots); Receive first"));
       }
-      const uint64_t offset = static_cast<uint64_t>(next_slot_) * layout_.bytes;
-      next_slot_ = (next_slot_ + 1) % slots_;
-      ok = stream_->Write(ToSharedRequest(args, shape_, incarnation_, layout_, region_->base() + offset, offset));
-    } else {
-      ok = stream_->Write(ToRequest(std::forward<Args>(args), shape_, incarnation_));
+      const uint64_t offset = shared_.layout.base + static_cast<uint64_t>(next_slot_) * shared_.layout.bytes;
+      next_slot_ = (next_slot_ + 1) % shared_.slots;
+      const v1::StepRequest request =
+          ToSharedRequest(args, shape_, incarnation_, shared_.layout, shared_.region->base() + offset, offset);
+      if (ring_ != nullptr) {
+        const size_t size = request.ByteSizeLong();
+        const size_t room = shared_.message_bytes / 2 - sizeof(RingMessage);
+        if (size > room) {
+          return absl::InvalidArgumentError(absl::StrCat("StepStream: a request of ", size,
+                                                         " bytes (rows, open, free) exceeds a ring message slot's ", room));
+        }
+        uint8_t* slot = MessageSlot(requested_);
+        request.SerializeWithCachedSizesToArray(slot + sizeof(RingMessage));
+        const uint32_t bytes = static_cast<uint32_t>(size);
+        std::memcpy(slot + offsetof(RingMessage, request_bytes), &bytes, sizeof(bytes));
+        ++requested_;
+        RingPublish(&ring_->request_seq, &ring_->worker_waiting, requested_);
+        EndSend(&sent);
+        sent_.push_back(sent);
+        return absl::OkStatus();
+      }
+      if (!stream_->Write(request)) return Ended();
+    } else if (!stream_->Write(ToRequest(std::forward<Args>(args), shape_, incarnation_))) {
+      return Ended();
     }
-    if (!ok) return Ended();
     EndSend(&sent);
     sent_.push_back(sent);
     return absl::OkStatus();
   }
 
-  absl::Status Ended() {
+  // After the half-close (or the stream's end): waits for the end and keeps its status.
+  absl::Status Close() {
     finished_ = true;
+    if (reader_.joinable()) reader_.join();
     final_ = FromGrpc(stream_->Finish());
+    return final_;
+  }
+
+  // A read or write failed, or the worker closed the ring: the stream's final status, UNAVAILABLE
+  // when that is OK.
+  absl::Status Ended() {
+    if (ring_ != nullptr && !ended_.load()) stream_->WritesDone();
+    Close().IgnoreError();
     if (final_.ok()) final_ = absl::UnavailableError("StepStream closed by the worker");
     return final_;
   }
@@ -464,12 +562,15 @@ class GrpcStepStream final : public StepStreamSession {
   std::deque<SendStamp> sent_;  // of requests not yet answered, oldest first
   bool finished_ = false;
   absl::Status final_;
-  // Shared memory: slots taken in turn (responses come in request order, so the oldest
+  // Shared memory: tensor slots taken in turn (responses come in request order, so the oldest
   // unanswered request's slot is the next to be reused).
-  const std::unique_ptr<SharedRegion> region_;
-  const SlotLayout layout_;
-  const int32_t slots_;
+  SharedSession shared_;
   int32_t next_slot_ = 0;
+  // The ring: requests written and responses read so far; the thread that notices the stream's end.
+  RingHeader* ring_ = nullptr;
+  uint32_t requested_ = 0, answered_ = 0;
+  std::atomic<bool> ended_{false};
+  std::thread reader_;
 };
 
 }  // namespace
@@ -523,6 +624,16 @@ struct WorkerClient::Impl {
   uint64_t incarnation = 0;  // pinned by Connect (options.pin_incarnation); 0: none
   int32_t max_batch = 0;     // the worker's, from Connect's Describe (sizes shared-memory slots)
 
+  // Where a StepStream's tensor slots lie in its shared memory: after the ring, when there is one.
+  SlotLayout Layout(const ModelShape& shape) const {
+    SlotLayout l = SlotLayout::For(shape, max_batch);
+    if (options.shared_memory_ring) {
+      l.base = static_cast<int64_t>(kRingHeaderBytes) +
+               RingMessageBytes(shape, max_batch) * options.shared_memory_slots;
+    }
+    return l;
+  }
+
   // Deadline and router id of a unary call.
   void SetDeadline(grpc::ClientContext* ctx) const {
     ctx->set_deadline(absl::ToChronoTime(absl::Now() + options.rpc_timeout));
@@ -573,13 +684,16 @@ absl::StatusOr<std::unique_ptr<WorkerClient>> WorkerClient::Connect(const Client
       return absl::InvalidArgumentError(
           absl::StrCat("shared_memory_slots must be >= 1, got ", options.shared_memory_slots));
     }
-    const int64_t bytes = SlotLayout::For(info.shape, info.max_batch).bytes * options.shared_memory_slots;
+    const int64_t bytes = client->impl_->Layout(info.shape).bytes * options.shared_memory_slots +
+                          client->impl_->Layout(info.shape).base;
     if (bytes > info.shared_memory_max_bytes) {
       return absl::FailedPreconditionError(absl::StrCat(
           "shared_memory: ", options.shared_memory_slots, " slots for ", info.max_batch, " rows need ", bytes,
           " bytes per StepStream; the worker takes at most ", info.shared_memory_max_bytes,
           " (fewer shared_memory_slots, or a larger --shared_memory_max_bytes on the worker)"));
     }
+  } else if (options.shared_memory_ring) {
+    return absl::InvalidArgumentError("shared_memory_ring needs shared_memory");
   }
   return client;
 }
@@ -644,11 +758,15 @@ absl::StatusOr<std::unique_ptr<StepStreamSession>> WorkerClient::OpenStepStream(
     return std::make_unique<GrpcStepStream>(impl_->DecodeStub(), shape_, impl_->options.router_id,
                                             impl_->incarnation);
   }
-  const SlotLayout layout = SlotLayout::For(shape_, impl_->max_batch);
-  const int32_t slots = impl_->options.shared_memory_slots;
-  PKV_ASSIGN_OR_RETURN(std::unique_ptr<SharedRegion> region, SharedRegion::Create(layout.bytes * slots));
+  SharedSession shared;
+  shared.layout = impl_->Layout(shape_);
+  shared.slots = impl_->options.shared_memory_slots;
+  shared.ring = impl_->options.shared_memory_ring;
+  shared.message_bytes = RingMessageBytes(shape_, impl_->max_batch);
+  shared.spin_ns = int64_t{impl_->options.shared_memory_spin_us} * 1000;
+  PKV_ASSIGN_OR_RETURN(shared.region, SharedRegion::Create(RegionBytes(shared.layout, shared.slots)));
   return std::make_unique<GrpcStepStream>(impl_->DecodeStub(), shape_, impl_->options.router_id, impl_->incarnation,
-                                          std::move(region), layout, slots);
+                                          std::move(shared));
 }
 
 absl::StatusOr<std::unique_ptr<PromptWriter>> WorkerClient::BeginWriteKV(uint64_t sequence_id,

@@ -132,6 +132,13 @@ struct ClientOptions {
   // a slot of the region sized for the worker's max_batch rows (q, k, v and out). A Send beyond
   // that gets FAILED_PRECONDITION; a request of more rows goes in the message.
   int32_t shared_memory_slots = 8;
+  // With shared_memory: the requests and responses themselves go through a ring in the region
+  // (common/shared_memory_ring.h) that the worker and this client poll, so a layer-step sends no
+  // gRPC message at all; the StepStream stays open as the session. Every request must fit the
+  // worker's max_batch rows. A Receive polls for its response for shared_memory_spin_us, then
+  // sleeps on a futex.
+  bool shared_memory_ring = false;
+  int32_t shared_memory_spin_us = 1000;
   // Extra gRPC core channel arguments of every channel (HTTP/2 windows and frame sizes, TCP read
   // sizes, ...). Message size limits are max_message_bytes only (Connect refuses them here with
   // INVALID_ARGUMENT).

@@ -53,6 +53,8 @@ class SharedMemoryRegion final {
   // FAILED_PRECONDITION naming the region when broken, else OK.
   absl::Status CheckIntact() const;
 
+  // The first byte of the mapping, valid for the region's life (zeros once broken).
+  uint8_t* base() const { return base_; }
   const std::string& name() const { return name_; }
   uint64_t size() const { return size_; }
 

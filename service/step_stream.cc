@@ -19,6 +19,8 @@
 #include "service/handlers.h"
 #include "service/rpc_wire.h"
 #include "service/shared_memory.h"
+#include "service/step_stream_ring.h"
+#include "common/shared_memory_ring.h"
 
 namespace pkv::service {
 
@@ -65,6 +67,19 @@ class StepStreamCall final {
         if (finished_) Delete();
         return;
       case Op::kRead:
+        if (ring_ != nullptr) {  // requests come through the ring; the stream only has to end
+          ring_->Stop();
+          const absl::Status failure = ring_->failure();
+          if (ok) {
+            StartFinish(ToGrpcStatus(absl::InvalidArgumentError(
+                "StepStream: this stream serves its requests through its shared-memory ring, not in messages")));
+          } else if (!failure.ok()) {
+            StartFinish(ToGrpcStatus(failure));
+          } else {
+            StartFinish(cancelled_.load() ? grpc::Status::CANCELLED : grpc::Status::OK);
+          }
+          return;
+        }
         if (!ok) {  // the client half-closed, or the stream broke / was cancelled
           StartFinish(cancelled_.load() ? grpc::Status::CANCELLED : grpc::Status::OK);
           return;
@@ -107,7 +122,14 @@ class StepStreamCall final {
   absl::Status MapSharedMemory() {
     const auto& metadata = ctx_.client_metadata();
     auto it = metadata.find(kSharedMemoryKey);
-    if (it == metadata.end()) return absl::OkStatus();
+    auto ring = metadata.find(kSharedMemoryRingKey);
+    if (it == metadata.end()) {
+      if (ring != metadata.end()) {
+        return absl::InvalidArgumentError(absl::StrCat("metadata ", kSharedMemoryRingKey, ": a ring lives in the "
+                                                       "stream's shared memory: name it with ", kSharedMemoryKey));
+      }
+      return absl::OkStatus();
+    }
     const int64_t max_bytes = service_.limits().shared_memory_max_bytes;
     if (max_bytes <= 0) {
       return absl::FailedPreconditionError(absl::StrCat("metadata ", kSharedMemoryKey,
@@ -117,6 +139,12 @@ class StepStreamCall final {
                                                   absl::string_view(it->second.data(), it->second.size()), max_bytes));
     PKV_LOG(DEBUG) << "StepStream: mapped " << call_.shared_memory->name() << " (" << call_.shared_memory->size()
                    << " bytes)";
+    if (ring != metadata.end()) {
+      if (absl::string_view(ring->second.data(), ring->second.size()) != "1") {
+        return absl::InvalidArgumentError(absl::StrCat("metadata ", kSharedMemoryRingKey, ": \"1\" or absent"));
+      }
+      PKV_ASSIGN_OR_RETURN(ring_, StepStreamRing::Start(service_, call_, owner_->spin_));
+    }
     return absl::OkStatus();
   }
 
@@ -175,6 +203,7 @@ class StepStreamCall final {
   v1::StepRequest request_;
   v1::StepResponse response_;
   engine::OutputBytes payload_;  // response_'s out.data, sent uncopied
+  std::unique_ptr<StepStreamRing> ring_;  // requests through the shared-memory ring
   std::chrono::steady_clock::time_point received_, started_at_;  // request read; engine thread began
   std::atomic<bool> cancelled_{false};
   bool started_ = false, done_ = false, finished_ = false;  // the queue's thread only

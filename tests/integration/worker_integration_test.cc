@@ -937,14 +937,21 @@ TEST_F(WorkerIntegrationTest, ServesOverAUnixDomainSocket) {
 }
 
 // A client with ClientOptions::shared_memory: q, k, v and the outputs of its StepStreams go
-// through a shared-memory region of their own; every output matches the double reference, a
-// request of more rows than a slot holds goes in the message, and a replay with micro-batches
-// checks out over it.
-TEST_F(WorkerIntegrationTest, SharedMemoryStepStreamsMatchTheReference) {
+// through a shared-memory region of their own (with the ring, the requests and responses too);
+// every output matches the double reference, a Send beyond the slots is refused, and a replay
+// with micro-batches checks out over it.
+class WorkerSharedMemoryTest : public WorkerIntegrationTest, public ::testing::WithParamInterface<bool> {};
+
+INSTANTIATE_TEST_SUITE_P(TensorsOrRing, WorkerSharedMemoryTest, ::testing::Bool(),
+                         [](const ::testing::TestParamInfo<bool>& p) { return p.param ? "Ring" : "Tensors"; });
+
+TEST_P(WorkerSharedMemoryTest, StepStreamsMatchTheReference) {
   StartWorker(128, /*executor_threads=*/3);
   client::ClientOptions copts;
   copts.target = server_->address();
   copts.shared_memory = true;
+  copts.shared_memory_ring = GetParam();
+  copts.shared_memory_spin_us = 50;
   copts.shared_memory_slots = 2;
   auto shm_client = client::WorkerClient::Connect(copts);
   ASSERT_TRUE(shm_client.ok()) << shm_client.status();
@@ -964,7 +971,7 @@ TEST_F(WorkerIntegrationTest, SharedMemoryStepStreamsMatchTheReference) {
     }
     Advance(rows);
   }
-  // Two slots: a third request in flight is refused before anything is sent.
+  // Send and Receive apart.
   StepArgs a0 = MakeStep(800, 0, rows);
   ASSERT_TRUE((*stream)->Send(StepArgs(a0)).ok());
   auto r0 = (*stream)->Receive();
@@ -999,11 +1006,13 @@ TEST_F(WorkerIntegrationTest, SharedMemoryStepStreamsMatchTheReference) {
   EXPECT_TRUE(WaitAllFree());
 }
 
-TEST_F(WorkerIntegrationTest, SharedMemoryClientSlotsAreBoundedAndTooManyRowsGoInTheMessage) {
+TEST_P(WorkerSharedMemoryTest, ClientSlotsAreBoundedAndNothingIsLeftBehind) {
   StartWorker(64);
   client::ClientOptions copts;
   copts.target = server_->address();
   copts.shared_memory = true;
+  copts.shared_memory_ring = GetParam();
+  copts.shared_memory_spin_us = 50;
   copts.shared_memory_slots = 1;
   auto shm_client = client::WorkerClient::Connect(copts);
   ASSERT_TRUE(shm_client.ok()) << shm_client.status();
@@ -1026,7 +1035,8 @@ TEST_F(WorkerIntegrationTest, SharedMemoryClientSlotsAreBoundedAndTooManyRowsGoI
   double max_err = 0;
   CheckOutputs(a, *ra, &max_err);
   CheckOutputs(b, *rb, &max_err);
-  // More rows than the worker's max_batch: sent in the message, refused by the worker by name.
+  // More rows than the worker's max_batch: refused by name (by the worker, from the message; by
+  // the client, with the ring).
   std::vector<uint64_t> many(17);
   for (size_t i = 0; i < many.size(); ++i) many[i] = 1000 + i;
   StepArgs big;
