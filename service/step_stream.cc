@@ -70,11 +70,11 @@ class StepStreamCall final {
         if (ring_ != nullptr) {  // requests come through the ring; the stream only has to end
           ring_->Stop();
           const absl::Status failure = ring_->failure();
-          if (ok) {
+          if (!failure.ok()) {
+            StartFinish(ToGrpcStatus(failure));
+          } else if (ok) {
             StartFinish(ToGrpcStatus(absl::InvalidArgumentError(
                 "StepStream: this stream serves its requests through its shared-memory ring, not in messages")));
-          } else if (!failure.ok()) {
-            StartFinish(ToGrpcStatus(failure));
           } else {
             StartFinish(cancelled_.load() ? grpc::Status::CANCELLED : grpc::Status::OK);
           }

@@ -19,6 +19,7 @@
 #include "absl/time/clock.h"
 #include "common/dtype.h"
 #include "common/metrics.h"
+#include "common/shared_memory_ring.h"
 #include "engine/engine_factory.h"
 #include "grpcpp/generic/generic_stub.h"
 #include "grpcpp/grpcpp.h"
@@ -443,7 +444,7 @@ class TestRegion {
   // The router shrinks its object under the worker.
   void Shrink() { EXPECT_EQ(ftruncate(fd_, 0), 0); }
   const std::string& name() const { return name_; }
-  const char* base() const { return base_; }
+  char* base() const { return base_; }
   int64_t size() const { return size_; }
 
  private:
@@ -456,9 +457,10 @@ class TestRegion {
 
 // One StepStream of `router` naming `region` (none: "") in its metadata.
 struct RawStream {
-  RawStream(v1::PersistentKV::Stub& stub, const std::string& router, const std::string& region) {
+  RawStream(v1::PersistentKV::Stub& stub, const std::string& router, const std::string& region, bool ring = false) {
     ctx.AddMetadata("x-pkv-router-id", router);
     if (!region.empty()) ctx.AddMetadata("x-pkv-shared-memory", region);
+    if (ring) ctx.AddMetadata("x-pkv-shared-memory-ring", "1");
     ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(20));
     stream = stub.StepStream(&ctx);
   }
@@ -637,6 +639,132 @@ TEST_F(WorkerRobustnessTest, SharedMemoryThatCannotBeMappedEndsTheStreamAndAShru
   auto ctx = Context("r");
   ASSERT_TRUE(stub_->Release(ctx.get(), release, &released).ok());
   EXPECT_EQ(released.free_pages(), Describe().pool().total_pages());
+}
+
+// A ring in a test router's region (common/shared_memory_ring.h), written by hand.
+class TestRing {
+ public:
+  static constexpr uint32_t kSlots = 2, kMessageBytes = 8192;
+  explicit TestRing(TestRegion& region) : region_(region), h_(reinterpret_cast<RingHeader*>(region.base())) {
+    h_->magic = kRingMagic;
+    h_->version = kRingVersion;
+    h_->slots = kSlots;
+    h_->message_bytes = kMessageBytes;
+  }
+  // Writes `bytes` as request n (the next one) and waits for its response; false when none came
+  // within 10 s.
+  bool Call(const std::string& bytes, v1::StepResponse* response) {
+    char* slot = region_.base() + kRingHeaderBytes + (n_ % kSlots) * kMessageBytes;
+    const uint32_t size = static_cast<uint32_t>(bytes.size());
+    std::memcpy(slot, &size, 4);
+    std::memcpy(slot + sizeof(RingMessage), bytes.data(), std::min<size_t>(bytes.size(), kMessageBytes - 8));
+    ++n_;
+    RingPublish(&h_->request_seq, &h_->worker_waiting, n_);
+    const absl::Time deadline = absl::Now() + absl::Seconds(10);
+    while (h_->response_seq.load() != n_) {
+      if (absl::Now() > deadline) return false;
+      std::this_thread::yield();
+    }
+    uint32_t got = 0;
+    std::memcpy(&got, slot + 4, 4);
+    return response->ParseFromArray(slot + kMessageBytes / 2, static_cast<int>(got));
+  }
+  bool closed() const { return h_->closed.load() != 0; }
+
+ private:
+  TestRegion& region_;
+  RingHeader* h_;
+  uint32_t n_ = 0;
+};
+
+TEST_F(WorkerRobustnessTest, SharedMemoryRingAnswersEveryRequestByNameAndEndsWithItsStream) {
+  StartWorker();
+  ASSERT_TRUE(WritePrompt("r", 1, 5).ok());
+  v1::StepResponse r;
+  // A region that does not start with a ring header, and a ring without shared memory: refused.
+  {
+    TestRegion blank(64 << 10);
+    RawStream stream(*stub_, "r", blank.name(), /*ring=*/true);
+    EXPECT_FALSE(stream.Step(StepRequest(1, 0, {1}), &r));
+    const grpc::Status s = stream.stream->Finish();
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_NE(s.error_message().find("x-pkv-shared-memory-ring"), std::string::npos) << s.error_message();
+  }
+  {
+    RawStream stream(*stub_, "r", "", /*ring=*/true);
+    EXPECT_FALSE(stream.Step(StepRequest(1, 0, {1}), &r));
+    EXPECT_EQ(stream.stream->Finish().error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  }
+
+  TestRegion region(64 << 10);
+  TestRing ring(region);
+  RawStream stream(*stub_, "r", region.name(), /*ring=*/true);
+  const uint64_t tensors = kRingHeaderBytes + TestRing::kSlots * TestRing::kMessageBytes;
+  auto place = [&](v1::StepRequest* q) {
+    region.Place(q->mutable_q(), tensors);
+    region.Place(q->mutable_k(), tensors + 4096);
+    region.Place(q->mutable_v(), tensors + 8192);
+    q->mutable_out_shm()->set_offset(tensors + 12288);
+  };
+  // Bad requests through the ring: each answered with its status, nothing runs.
+  ASSERT_TRUE(ring.Call(kGarbage, &r));
+  EXPECT_EQ(r.status().code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(r.status().message().rfind("request: cannot parse", 0), 0u) << r.status().message();
+  v1::StepRequest no_out = StepRequest(500, 0, {1});
+  place(&no_out);
+  no_out.clear_out_shm();
+  ASSERT_TRUE(ring.Call(no_out.SerializeAsString(), &r));
+  EXPECT_EQ(r.status().code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(r.status().message().rfind("out_shm", 0), 0u) << r.status().message();
+  v1::StepRequest out_of_range = StepRequest(500, 0, {1});
+  place(&out_of_range);
+  out_of_range.mutable_q()->mutable_shm()->set_offset(region.size());
+  ASSERT_TRUE(ring.Call(out_of_range.SerializeAsString(), &r));
+  EXPECT_EQ(r.status().message().rfind("q.shm.offset", 0), 0u) << r.status().message();
+  EXPECT_EQ(Describe("r").pool().used_tokens(), 5);
+  EXPECT_EQ(server_->engine().Info().open_token_steps, 0);
+
+  // A whole token step through the ring; its layer 0 replayed in a message matches.
+  for (int32_t layer = 0; layer < Shape().num_layers; ++layer) {
+    v1::StepRequest q = StepRequest(500, layer, {1});
+    place(&q);
+    ASSERT_TRUE(ring.Call(q.SerializeAsString(), &r)) << layer;
+    ASSERT_EQ(r.status().code(), 0) << r.status().message();
+    EXPECT_EQ(r.token_step_id(), 500u);
+    EXPECT_EQ(r.layer(), layer);
+    EXPECT_GT(r.server_seconds(), 0);
+    EXPECT_TRUE(r.out().has_shm());
+    if (layer == Shape().num_layers - 1) {
+      const std::string out(region.base() + tensors + 12288, 2 * Shape().num_q_heads * Shape().head_dim);
+      v1::StepResponse replay;
+      ASSERT_TRUE(Step("r", StepRequest(500, layer, {1}), &replay).ok());
+      EXPECT_TRUE(replay.replayed());
+      EXPECT_EQ(replay.out().data(), out);
+    }
+  }
+  EXPECT_EQ(Describe("r").pool().used_tokens(), 6);
+  // A message on the ring's stream ends it; the worker closes the ring.
+  EXPECT_FALSE(stream.Step(StepRequest(501, 0, {1}), &r));
+  const grpc::Status s = stream.stream->Finish();
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << s.error_message();
+  EXPECT_TRUE(ring.closed());
+  EXPECT_EQ(server_->engine().Info().open_token_steps, 0);
+
+  // The router shrinks its ring's region: the worker survives and the stream ends with why.
+  TestRegion doomed(64 << 10);
+  TestRing doomed_ring(doomed);
+  RawStream doomed_stream(*stub_, "r", doomed.name(), /*ring=*/true);
+  v1::StepRequest q = StepRequest(502, 0, {1});
+  region.Place(q.mutable_q(), tensors);  // any bytes: the region is gone before they are read
+  q.mutable_out_shm()->set_offset(tensors);
+  ASSERT_TRUE(doomed_ring.Call(q.SerializeAsString(), &r));  // an answer (out_shm then is fine)
+  doomed.Shrink();
+  absl::SleepFor(absl::Milliseconds(200));  // the ring's thread touches the region within its 50 ms futex slice
+  EXPECT_FALSE(doomed_stream.Step(StepRequest(503, 0, {1}), &r));
+  const grpc::Status ended = doomed_stream.stream->Finish();
+  EXPECT_EQ(ended.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << ended.error_message();
+  EXPECT_NE(ended.error_message().find("shrank"), std::string::npos) << ended.error_message();
+  EXPECT_TRUE(Describe("r").serving());
 }
 
 TEST_F(WorkerRobustnessTest, SharedMemoryOffIsAClearRefusal) {
