@@ -63,9 +63,9 @@ Environment (defaults in brackets):
   e2e        RUNS="kernel_only steady_b8 steady_b4x2 steady_b2x4 bimodal_b8 bimodal_b4x2 azure_conv
              azure_conv_static mooncake_conv" (a subset runs only those) [all];
              PROFILE [the shipped profile of the GPU: H200, else H100]; WORKER_ARGS,
-             REPLAY_ARGS (extra pkv-worker / pkv-replay flags); TRANSPORT=tcp|unix [tcp]
+             REPLAY_ARGS (extra pkv-worker / pkv-replay flags); TRANSPORT=tcp|unix|shm [tcp]
   breakdown  BACKEND, CONTEXT, STEPS, WARMUP, BATCHES, MICRO, MODEL, CPU_THREADS,
-             SERVICE_THREADS, CHECK, WORKER_ARGS, REPLAY_ARGS, LABEL, TRANSPORT=tcp|unix
+             SERVICE_THREADS, CHECK, WORKER_ARGS, REPLAY_ARGS, LABEL, TRANSPORT=tcp|unix|shm
              (see bench/suites/breakdown.sh)
   ingest     INGEST_THREADS [8]
   model      PKV_PYTHON, BATCH, MICRO, PROMPT, STEPS, MODEL_ARGS (see bench/suites/model.sh)

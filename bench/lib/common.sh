@@ -135,9 +135,25 @@ pkv_need() {
 }
 
 # pkv_listen NAME: the --listen address of a suite's worker NAME: loopback TCP on a free port, or
-# with TRANSPORT=unix a Unix domain socket in the suite's output folder.
+# with TRANSPORT=unix a Unix domain socket in the suite's output folder (TRANSPORT=shm: loopback
+# TCP for the session, the layer-steps through shared memory, see pkv_transport_flags).
 pkv_listen() {
   if [[ "${TRANSPORT:-tcp}" == unix ]]; then echo "unix:$SUITE_OUT/$1.sock"; else echo "127.0.0.1:0"; fi
+}
+
+# pkv_transport_flags: the pkv-replay flags of TRANSPORT: with shm, decode requests, responses and
+# tensors go through a shared-memory ring (--shared_memory --shared_memory_ring); else none.
+pkv_transport_flags() {
+  if [[ "${TRANSPORT:-tcp}" == shm ]]; then echo "--shared_memory --shared_memory_ring"; fi
+}
+
+# pkv_transport_name: the transport in words, for summaries.
+pkv_transport_name() {
+  case "${TRANSPORT:-tcp}" in
+    unix) echo "gRPC on a Unix domain socket" ;;
+    shm) echo "shared-memory ring (gRPC on loopback for the session)" ;;
+    *) echo "loopback gRPC" ;;
+  esac
 }
 
 # pkv_wait_target LOG PID: waits for "pkv-worker listening on ADDRESS" in LOG while PID lives;

@@ -23,7 +23,8 @@
 #   WORKER_ARGS  extra pkv-worker flags for both workers (e.g. "--service_spin_us=0") [none]
 #   REPLAY_ARGS  extra pkv-replay flags for every run [none]
 #   LABEL     a line for the summary's header (e.g. the machine) [none]
-#   TRANSPORT tcp (loopback) or unix (a Unix domain socket) between pkv-replay and pkv-worker [tcp]
+#   TRANSPORT tcp (loopback) or unix (a Unix domain socket) between pkv-replay and pkv-worker, or
+#             shm (decode layer-steps through a shared-memory ring, the session on loopback) [tcp]
 suite_breakdown() {
   local backend="${BACKEND:-}" context steps warmup batches micro check model_args=() pool=()
   if [[ -z "$backend" ]]; then
@@ -56,7 +57,7 @@ suite_breakdown() {
     echo "commit: $COMMIT"
     [[ -n "${WORKER_ARGS:-}" ]] && echo "worker flags: $WORKER_ARGS"
     [[ -n "${REPLAY_ARGS:-}" ]] && echo "replay flags: $REPLAY_ARGS"
-    echo "transport: ${TRANSPORT:-tcp}"
+    echo "transport: $(pkv_transport_name)"
   } | tee "$SUITE_OUT/header.txt"
 
   local failed=0 mode b m n name rc wlog
@@ -77,7 +78,7 @@ suite_breakdown() {
         "$BIN/pkv-replay" --target="$TARGET" --workload=homogeneous --num_requests=$n \
           --batch="$b" --micro_batches="$m" --prefill_ahead=$n --wait_for_prefill --max_context="$context" \
           --max_output="$steps" --warmup_steps="$warmup" --check_fraction="$check" --chunk_tokens=1024 \
-          --progress_s=0 --pool_sample_ms=0 --report_json="$SUITE_OUT/$name.json" ${REPLAY_ARGS:-} >"$SUITE_OUT/replay-$name.log" 2>&1
+          --progress_s=0 --pool_sample_ms=0 --report_json="$SUITE_OUT/$name.json" $(pkv_transport_flags) ${REPLAY_ARGS:-} >"$SUITE_OUT/replay-$name.log" 2>&1
         rc=$?
         if ((rc != 0)); then failed=1; echo "pkv-replay $name exited $rc:"; tail -5 "$SUITE_OUT/replay-$name.log"; fi
       done

@@ -20,7 +20,8 @@
 #   mooncake_conv      Mooncake conversation slice with its arrival times (prompts scaled 1/4)
 # RUNS="name ..." runs only those. WORKER_ARGS and REPLAY_ARGS add flags to every pkv-worker and
 # pkv-replay (e.g. WORKER_ARGS="--grpc_arg=grpc.http2.max_frame_size=1048576"). TRANSPORT=unix
-# puts them on a Unix domain socket instead of loopback TCP.
+# puts them on a Unix domain socket instead of loopback TCP; TRANSPORT=shm passes the decode
+# layer-steps through a shared-memory ring (pkv-replay --shared_memory --shared_memory_ring).
 # --quick shortens every run; --smoke checks the suite without a
 # GPU (CPU backend, 2 layers, prompts scaled to 1/64).
 # Output: worker-*.log, replay-*.log, NAME.json (pkv-replay reports), NAME.timeline.csv (their
@@ -67,7 +68,7 @@ suite_e2e() {
     echo "== $name: pkv-replay $*" | tee -a "$log"
     timeout "$limit" "$BIN/pkv-replay" --target="$TARGET" --progress_s=15 \
       --report_json="$SUITE_OUT/$name.json" --timeline_csv="$SUITE_OUT/$name.timeline.csv" "$@" "${scale[@]}" \
-      ${REPLAY_ARGS:-} >"$SUITE_OUT/replay-$name.log" 2>&1
+      $(pkv_transport_flags) ${REPLAY_ARGS:-} >"$SUITE_OUT/replay-$name.log" 2>&1
     echo "rc $?" >>"$SUITE_OUT/replay-$name.log"
     tail -n 16 "$SUITE_OUT/replay-$name.log" | tee -a "$log"
   }
@@ -115,7 +116,7 @@ suite_e2e() {
   fi
   trap - EXIT
   pkv_section "e2e"
-  python3 - "$SUITE_OUT" "$COMMIT" "${model[*]}" <<'PY' | tee "$SUITE_OUT/summary.md"
+  python3 - "$SUITE_OUT" "$COMMIT" "${model[*]}" "$(pkv_transport_name)" <<'PY' | tee "$SUITE_OUT/summary.md"
 import json, os, sys
 out, commit, model = sys.argv[1], sys.argv[2], sys.argv[3]
 rows, failed = [], 0
@@ -138,7 +139,7 @@ for name in ["steady_b8", "steady_b4x2", "steady_b2x4", "bimodal_b8", "bimodal_b
         r["tbt_ms"]["p50"], r["tbt_ms"]["p99"], r["tbt_ms"]["max"], r["worst_window_tokens_per_s"],
         r["kv_reserved_mean_bytes"] / mib, r["kv_reserved_peak_bytes"] / mib, r["kv_used_mean_bytes"] / mib,
         r["outputs_checked"], r["check_failures"]))
-print("commit %s; %s; loopback gRPC" % (commit, model))
+print("commit %s; %s; %s" % (commit, model, sys.argv[4]))
 print()
 print("| run | done | decode tok/s | layer step ms p50 / p99 | beyond attention ms p50 / p99 | transport+client ms p50 / engine-thread wait ms p99 | between tokens ms p50 / p99 / max | worst 1 s window tok/s | KV reserved MiB mean / peak | KV used MiB mean | checked / failed |")
 print("|---|---|---|---|---|---|---|---|---|---|---|")
