@@ -218,8 +218,8 @@ class Checker:
 
     def run_scenarios(self):
         scenarios = self.scenarios()
-        self.check("ci/ has scenarios (default, cpu-only, monitoring, tls)",
-                   {"default", "cpu-only", "monitoring", "tls"} <= {n for n, _ in scenarios},
+        self.check("ci/ has scenarios (default, cpu-only, monitoring, tls, shared-memory)",
+                   {"default", "cpu-only", "monitoring", "tls", "shared-memory"} <= {n for n, _ in scenarios},
                    str([n for n, _ in scenarios]))
         for name, values_file in scenarios:
             extra = ["-f", values_file] if values_file else []
@@ -326,6 +326,22 @@ class Checker:
         c("exactly one KV pool size flag", len(sized_by) == 1, str(sized_by))
         want = pool_flag(pool)
         c(f"--{want[0]}={want[1]} from worker.kvPool", flag(want[0]) == want[1], str(sized_by))
+        # Shared memory: the region limit, and a memory-backed /dev/shm that extra containers can mount.
+        shm = values["sharedMemory"]
+        c("--shared_memory_max_bytes from sharedMemory.maxBytes",
+          flag("shared_memory_max_bytes") == str(int(shm["maxBytes"])), str(flag("shared_memory_max_bytes")))
+        dshm = [v for v in spec.get("volumes", []) if v["name"] == "dshm"]
+        mounts = [m for m in worker.get("volumeMounts", []) if m["name"] == "dshm"]
+        if shm["sizeLimit"]:
+            c("a memory-backed /dev/shm of sharedMemory.sizeLimit in the worker",
+              len(dshm) == 1 and dshm[0].get("emptyDir", {}).get("medium") == "Memory"
+              and dshm[0]["emptyDir"].get("sizeLimit") == shm["sizeLimit"]
+              and [m["mountPath"] for m in mounts] == ["/dev/shm"], json.dumps(dshm) + json.dumps(mounts))
+        else:
+            c("no /dev/shm volume without sharedMemory.sizeLimit", not dshm and not mounts, json.dumps(dshm))
+        c("extraContainers next to the worker",
+          [x["name"] for x in containers if x["name"] != "worker"] == [x["name"] for x in values["extraContainers"]],
+          str([x["name"] for x in containers]))
         if values["metrics"]["enabled"]:
             c("--metrics_listen on the metrics port",
               flag("metrics_listen") == f"0.0.0.0:{values['ports']['metrics']}", str(flag("metrics_listen")))
