@@ -17,4 +17,12 @@ namespace pkv::service {
 // other C libraries). pkv-worker and pkv-ingest-bench call it first thing in main.
 void KeepFreedBuffersMapped();
 
+// Caps glibc's malloc arenas at `arenas` (0: glibc's default, 8 per core), unless the environment
+// sets MALLOC_ARENA_MAX, which wins. With WriteKV on 8 streams the gRPC receive buffers of many
+// threads spread over as many arenas; on the H200 host (16 cores) pkv-ingest-bench moved 6.1-8.0
+// GB/s over loopback gRPC with the default and 11.2-13.0 GB/s with 2 arenas, at 0.8-1.0 instead
+// of 1.2-1.5 CPU s/GB (bench/results/h200-ingest-arenas-fac841b/). A no-op with other C
+// libraries. Call before the process starts threads.
+void LimitMallocArenas(int arenas);
+
 }  // namespace pkv::service

@@ -136,6 +136,9 @@ ABSL_FLAG(int64_t, shared_memory_max_bytes, int64_t{1} << 30,
           "Largest POSIX shared-memory object a StepStream may name (request metadata x-pkv-shared-memory): "
           "a router on the same host then passes q, k, v and the outputs through it instead of in the "
           "messages. 0: off.");
+ABSL_FLAG(int32_t, malloc_arenas, 2,
+          "Cap glibc's malloc arenas at this many (0: glibc's default, 8 per core; the MALLOC_ARENA_MAX "
+          "environment variable wins). Fewer arenas made WriteKV on 8 streams faster on a 16-core host.");
 ABSL_FLAG(double, sequence_idle_s, 0,
           "Lease of a sequence: released when it was in no token step for this many seconds; 0: never "
           "(routers free their sequences with Release or `free`).");
@@ -304,5 +307,6 @@ int main(int argc, char** argv) {
   usage.contains_helpshort_flags = usage.contains_help_flags;
   absl::SetFlagsUsageConfig(usage);
   absl::ParseCommandLine(argc, argv);
+  pkv::service::LimitMallocArenas(absl::GetFlag(FLAGS_malloc_arenas));  // before any thread starts
   return Run();
 }

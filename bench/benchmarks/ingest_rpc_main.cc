@@ -81,6 +81,9 @@ ABSL_FLAG(bool, own_connections, true,
 ABSL_FLAG(std::vector<std::string>, grpc_arg, {},
           "gRPC core channel arguments name=value, set on the in-process worker's server and on the "
           "clients (pkv-worker / pkv-replay --grpc_arg; e.g. grpc.http2.lookahead_bytes=8388608).");
+ABSL_FLAG(int32_t, malloc_arenas, 2,
+          "Cap glibc's malloc arenas at this many, as pkv-worker --malloc_arenas (0: glibc's default; "
+          "MALLOC_ARENA_MAX wins).");
 ABSL_FLAG(int32_t, repeats, 3, "Measured rounds per (mode, streams); the median is reported. One warm-up round precedes.");
 ABSL_FLAG(std::string, label, "", "Free text naming the machine, printed with the table (e.g. \"2-core VM, CPU backend\").");
 ABSL_FLAG(std::string, md, "", "Also append the table as markdown to this file.");
@@ -521,5 +524,6 @@ int main(int argc, char** argv) {
   usage.contains_helpshort_flags = usage.contains_help_flags;
   absl::SetFlagsUsageConfig(usage);
   absl::ParseCommandLine(argc, argv);
+  pkv::service::LimitMallocArenas(absl::GetFlag(FLAGS_malloc_arenas));  // as pkv-worker does
   return pkv::bench::Main();
 }
