@@ -289,7 +289,7 @@ double Mean(const std::vector<double>& v) {
 constexpr const char* kStageRows[kNumStages][2] = {
     {"client build", "q/k/v rows copied from the payload pool (overlaps the previous layer)"},
     {"client send", "request message built, encoded, written (until the worker read it)"},
-    {"to worker", "wire + gRPC decode up to the worker's read (split by wall clocks)"},
+    {"to worker", "transport (gRPC or the shared-memory ring) up to the worker's read (split by wall clocks)"},
     {"worker queue", "waiting for an engine thread"},
     {"worker validation", "wire checks + engine validation (incl. engine lock wait)"},
     {"worker host", "pager, plan, descriptor; staging, launches, output copies"},
@@ -298,7 +298,7 @@ constexpr const char* kStageRows[kNumStages][2] = {
     {"D2H", "device: out/lse download (none on the CUDA backend: kernels write host memory)"},
     {"worker serialize", "response message built"},
     {"worker other", "held by the worker, in no stage above (device waits, thread hand-offs)"},
-    {"back to client", "gRPC encode, wire, the client's read"},
+    {"back to client", "transport back (gRPC or the ring) and the client's read"},
     {"client receive", "response converted"},
     {"round trip", "client send .. client receive"},
 };

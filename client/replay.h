@@ -76,7 +76,7 @@ enum class Stage : int32_t {
   kD2H,          // device: out/lse download (0 on the CUDA backend: kernels write host memory)
   kSerialize,    // worker: response message built
   kWorkerOther,  // worker: the part of its hold time that no stage above covers
-  kBack,         // transport back: gRPC encode, wire, the client's read
+  kBack,         // transport back (gRPC encode and wire, or the ring), the client's read
   kReceive,      // client: response message converted
   kRoundTrip,    // kSend .. kReceive
 };
