@@ -88,8 +88,9 @@ constexpr char kSharedMemoryKey[] = "x-pkv-shared-memory";
 
 int64_t Align64(int64_t n) { return (n + 63) & ~int64_t{63}; }
 
-// A POSIX shared-memory object this client created and mapped, for one StepStream. The name is
-// unlinked once the worker has mapped it (after the stream's first response), or on destruction.
+// A POSIX shared-memory object this client created and mapped, for one StepStream. The worker
+// unlinks the name when it maps the object; the client unlinks it too after the stream's first
+// response or on destruction (for a stream the worker never mapped).
 class SharedRegion final {
  public:
   static absl::StatusOr<std::unique_ptr<SharedRegion>> Create(int64_t bytes) {

@@ -111,6 +111,9 @@ absl::StatusOr<std::shared_ptr<SharedMemoryRegion>> SharedMemoryRegion::Open(abs
   if (base == MAP_FAILED) {
     return absl::FailedPreconditionError(absl::StrCat(key, ": cannot map ", path, ": ", Errno(map_err)));
   }
+  // Both sides hold their mappings now: the name is no longer needed, and without it nothing is
+  // left in /dev/shm whichever side dies first.
+  shm_unlink(path.c_str());
   int slot = -1;
   {
     std::lock_guard<std::mutex> lock(g_mu);

@@ -33,7 +33,7 @@ inline constexpr char kSharedMemoryKey[] = "x-pkv-shared-memory";
 class SharedMemoryRegion final {
  public:
   // Opens the POSIX shared-memory object `name` ("/" then up to 254 characters, no other "/")
-  // read-write and maps all of it. INVALID_ARGUMENT for a bad name, an empty object or one above
+  // read-write, maps all of it and unlinks the name (the mappings stay). INVALID_ARGUMENT for a bad name, an empty object or one above
   // `max_bytes`; FAILED_PRECONDITION when it cannot be opened or mapped (the message gives the
   // system's reason: a router on another host, another user, a name already unlinked, ...);
   // RESOURCE_EXHAUSTED when kMaxRegions regions are mapped.

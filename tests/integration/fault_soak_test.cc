@@ -13,6 +13,8 @@
 //     touch another router's sequences and token steps (the well-behaved router's open token
 //     steps among them): INVALID_ARGUMENT, FAILED_PRECONDITION, NOT_FOUND or PERMISSION_DENIED,
 //     never a crash and never a disturbed neighbour.
+// Every other well-behaved replay decodes through the shared-memory ring (--shared_memory
+// --shared_memory_ring), and after the chaos a ring router is SIGKILLed mid-decode.
 // Two rounds with a worker restart between them: SIGTERM exits 0, and the new worker has another
 // incarnation (a request expecting the old one is refused). After each round, once the leases had
 // time to act, the worker is alive and holds nothing (every page free, no sequence, no prompt
@@ -951,7 +953,8 @@ struct ReplayRun {
 
 constexpr int kReplayRequests = 10;
 
-ReplayRun RunReplay(const std::string& target, uint64_t seed, const std::string& tag) {
+// With `ring`, its decode goes through the shared-memory ring (--shared_memory --shared_memory_ring).
+ReplayRun RunReplay(const std::string& target, uint64_t seed, const std::string& tag, bool ring = false) {
   const std::string prefix =
       ::testing::TempDir() + "/pkv_fault_soak_replay_" + std::to_string(getpid()) + "_" + tag;
   const std::string json = prefix + ".json";
@@ -963,7 +966,9 @@ ReplayRun RunReplay(const std::string& target, uint64_t seed, const std::string&
                            "--num_requests=" + std::to_string(kReplayRequests), "--batch=4", "--micro_batches=2",
                            "--prefill_streams=2", "--context_scale=0.004", "--max_output=20", "--check_fraction=1",
                            "--payload_rows=128", "--progress_s=0",
-                           "--seed=" + std::to_string(seed), "--report_json=" + json},
+                           "--seed=" + std::to_string(seed), "--report_json=" + json,
+                           ring ? "--shared_memory_ring" : "--shared_memory_ring=false",
+                           ring ? "--shared_memory" : "--shared_memory=false"},
                           {}, log);
   if (pid <= 0) return run;
   run.status = WaitExit(pid, std::chrono::seconds(180));
@@ -1020,7 +1025,9 @@ uint64_t FaultSoakTest::RunRound(int round, uint64_t previous_incarnation) {
   int64_t checked = 0;
   do {
     const uint64_t seed = 1000 * round + replays;
-    const ReplayRun run = RunReplay(worker.address(), seed, std::to_string(round) + "_" + std::to_string(replays));
+    // Every other replay decodes through the shared-memory ring.
+    const ReplayRun run =
+        RunReplay(worker.address(), seed, std::to_string(round) + "_" + std::to_string(replays), replays % 2 == 1);
     ++replays;
     const bool ok = run.status != -1 && WIFEXITED(run.status) && WEXITSTATUS(run.status) == 0 &&
                     JsonInt(run.report, "check_failures") == 0 &&
@@ -1034,6 +1041,23 @@ uint64_t FaultSoakTest::RunRound(int round, uint64_t previous_incarnation) {
   } while (Clock::now() < chaos_end);
   stop = true;
   for (auto& t : chaos) t.join();
+  // A router decoding through the shared-memory ring, SIGKILLed mid-run: the worker stops its ring
+  // when the stream is cut, and the leases free what it held (checked with the rest below).
+  {
+    const std::string log = ::testing::TempDir() + "/pkv_fault_soak_ring_" + std::to_string(getpid()) + ".log";
+    const pid_t pid = Spawn({PKV_REPLAY_BIN, "--target=" + worker.address(), "--workload=bimodal", "--num_requests=4",
+                             "--batch=2", "--context_scale=0.004", "--max_output=200", "--payload_rows=64",
+                             "--progress_s=0", "--router_id=chaos-ring-" + std::to_string(round),
+                             "--seed=" + std::to_string(round), "--shared_memory", "--shared_memory_ring"},
+                            {}, log);
+    if (pid > 0) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(800));
+      kill(pid, SIGKILL);
+      waitpid(pid, nullptr, 0);
+      ++stats.killed;
+    }
+    std::remove(log.c_str());
+  }
   int findings = 0;
   for (const std::string& f : findings_.Take(&findings)) ADD_FAILURE() << "round " << round << ": " << f;
   EXPECT_EQ(findings, 0) << "unexpected answers to the hostile routers (first 50 above)\nworker log:\n"

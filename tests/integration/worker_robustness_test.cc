@@ -500,6 +500,9 @@ TEST_F(WorkerRobustnessTest, SharedMemoryTensorsAreReadAndWrittenInPlaceAndBadRe
   EXPECT_EQ(r.out().shm().offset(), 32768u);
   EXPECT_EQ(r.out().shape(0), 2);
   const std::string written(region.base() + 32768, out_bytes);
+  // The worker unlinked the name once it had mapped the object.
+  EXPECT_LT(shm_open(region.name().c_str(), O_RDWR, 0), 0);
+  EXPECT_EQ(errno, ENOENT);
   // The retry cache holds what the layer computed: the same request in the message replays it.
   v1::StepResponse replay;
   ASSERT_TRUE(Step("r", in_message, &replay).ok());
