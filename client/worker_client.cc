@@ -175,9 +175,8 @@ void SetSharedTensor(v1::Tensor* t, DType dtype, std::initializer_list<int64_t> 
   t->mutable_shm()->set_offset(offset);
 }
 
-// `a`'s tensors are copied, or moved when `a` is an rvalue.
-template <typename Args>
-v1::StepRequest ToRequest(Args&& a, const ModelShape& shape, uint64_t incarnation) {
+// A request's ids, rows and deltas (everything but its tensors and want_lse).
+v1::StepRequest RequestHead(const StepArgs& a, uint64_t incarnation) {
   v1::StepRequest r;
   r.set_expected_incarnation(incarnation);
   r.set_token_step_id(a.token_step_id);
@@ -185,6 +184,13 @@ v1::StepRequest ToRequest(Args&& a, const ModelShape& shape, uint64_t incarnatio
   r.mutable_rows()->Add(a.rows.begin(), a.rows.end());
   r.mutable_open()->Add(a.open.begin(), a.open.end());
   r.mutable_free()->Add(a.free.begin(), a.free.end());
+  return r;
+}
+
+// `a`'s tensors are copied, or moved when `a` is an rvalue.
+template <typename Args>
+v1::StepRequest ToRequest(Args&& a, const ModelShape& shape, uint64_t incarnation) {
+  v1::StepRequest r = RequestHead(a, incarnation);
   const int64_t b = static_cast<int64_t>(a.rows.size());
   SetTensor(r.mutable_q(), shape.dtype, {b, shape.num_q_heads, shape.head_dim}, std::forward<Args>(a).q);
   SetTensor(r.mutable_k(), shape.dtype, {b, shape.num_kv_heads, shape.head_dim}, std::forward<Args>(a).k);
@@ -197,13 +203,7 @@ v1::StepRequest ToRequest(Args&& a, const ModelShape& shape, uint64_t incarnatio
 // region), with the outputs asked for in the same slot.
 v1::StepRequest ToSharedRequest(const StepArgs& a, const ModelShape& shape, uint64_t incarnation, const SlotLayout& l,
                                 uint8_t* slot, uint64_t slot_offset) {
-  v1::StepRequest r;
-  r.set_expected_incarnation(incarnation);
-  r.set_token_step_id(a.token_step_id);
-  r.set_layer(a.layer);
-  r.mutable_rows()->Add(a.rows.begin(), a.rows.end());
-  r.mutable_open()->Add(a.open.begin(), a.open.end());
-  r.mutable_free()->Add(a.free.begin(), a.free.end());
+  v1::StepRequest r = RequestHead(a, incarnation);
   const int64_t b = static_cast<int64_t>(a.rows.size());
   // A size that does not match the shape goes as it is, for the worker to refuse by name.
   auto put = [&](v1::Tensor* t, std::initializer_list<int64_t> dims, const std::string& data, int64_t at) {

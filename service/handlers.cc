@@ -41,12 +41,10 @@ absl::Status RunStep(engine::Engine& engine, const v1::StepRequest& request,
   // The wire checks count as validation, next to the engine's own.
   output.timings.validate_seconds += std::chrono::duration<double>(t1 - t0).count();
   const Clock::time_point t2 = Clock::now();
-  engine::OutputBytes local;
-  engine::OutputBytes* out_bytes = payload != nullptr ? payload : &local;
   if (request.has_out_shm()) {
-    ToStepResponse(std::move(output), request, engine.shape(), response, out_bytes);
-    std::memcpy(out_shm.data(), out_bytes->data(), std::min(out_shm.size(), out_bytes->size()));
-    *out_bytes = engine::OutputBytes();
+    engine::OutputBytes out;  // copied into the region, not sent
+    ToStepResponse(std::move(output), request, engine.shape(), response, &out);
+    std::memcpy(out_shm.data(), out.data(), std::min(out_shm.size(), out.size()));
     response->mutable_out()->mutable_shm()->set_offset(request.out_shm().offset());
   } else {
     ToStepResponse(std::move(output), request, engine.shape(), response, payload);

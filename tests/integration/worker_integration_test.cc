@@ -940,25 +940,34 @@ TEST_F(WorkerIntegrationTest, ServesOverAUnixDomainSocket) {
 // through a shared-memory region of their own (with the ring, the requests and responses too);
 // every output matches the double reference, a Send beyond the slots is refused, and a replay
 // with micro-batches checks out over it.
-class WorkerSharedMemoryTest : public WorkerIntegrationTest, public ::testing::WithParamInterface<bool> {};
+class WorkerSharedMemoryTest : public WorkerIntegrationTest, public ::testing::WithParamInterface<bool> {
+ protected:
+  // A client of the worker with shared memory (the ring when the parameter says so) and `slots`
+  // requests in flight per stream.
+  std::unique_ptr<client::WorkerClient> ConnectSharedMemoryClient(int32_t slots) {
+    client::ClientOptions copts;
+    copts.target = server_->address();
+    copts.shared_memory = true;
+    copts.shared_memory_ring = GetParam();
+    copts.shared_memory_spin_us = 50;
+    copts.shared_memory_slots = slots;
+    auto c = client::WorkerClient::Connect(copts);
+    EXPECT_TRUE(c.ok()) << c.status();
+    return c.ok() ? *std::move(c) : nullptr;
+  }
+};
 
 INSTANTIATE_TEST_SUITE_P(TensorsOrRing, WorkerSharedMemoryTest, ::testing::Bool(),
                          [](const ::testing::TestParamInfo<bool>& p) { return p.param ? "Ring" : "Tensors"; });
 
 TEST_P(WorkerSharedMemoryTest, StepStreamsMatchTheReference) {
   StartWorker(128, /*executor_threads=*/3);
-  client::ClientOptions copts;
-  copts.target = server_->address();
-  copts.shared_memory = true;
-  copts.shared_memory_ring = GetParam();
-  copts.shared_memory_spin_us = 50;
-  copts.shared_memory_slots = 2;
-  auto shm_client = client::WorkerClient::Connect(copts);
-  ASSERT_TRUE(shm_client.ok()) << shm_client.status();
+  std::unique_ptr<client::WorkerClient> shm_client = ConnectSharedMemoryClient(2);
+  ASSERT_NE(shm_client, nullptr);
   EXPECT_GT(Describe().shared_memory_max_bytes, 0);
   ASSERT_TRUE(WritePrompt(11, 20, 8, {0, 1, 2}).ok());
   ASSERT_TRUE(WritePrompt(12, 37, 16, {2, 1, 0}).ok());
-  auto stream = (*shm_client)->OpenStepStream();
+  auto stream = shm_client->OpenStepStream();
   ASSERT_TRUE(stream.ok()) << stream.status();
   const std::vector<uint64_t> rows = {11, 12};
   double max_err = 0;
@@ -998,7 +1007,7 @@ TEST_P(WorkerSharedMemoryTest, StepStreamsMatchTheReference) {
   options.chunk_tokens = 16;
   options.warmup_steps = 1;
   options.verbose = false;
-  auto report = client::RunReplay(**shm_client, options, requests);
+  auto report = client::RunReplay(*shm_client, options, requests);
   ASSERT_TRUE(report.ok()) << report.status();
   EXPECT_EQ(report->requests_done, 8);
   EXPECT_GT(report->outputs_checked, 10);
@@ -1008,18 +1017,12 @@ TEST_P(WorkerSharedMemoryTest, StepStreamsMatchTheReference) {
 
 TEST_P(WorkerSharedMemoryTest, ClientSlotsAreBoundedAndNothingIsLeftBehind) {
   StartWorker(64);
-  client::ClientOptions copts;
-  copts.target = server_->address();
-  copts.shared_memory = true;
-  copts.shared_memory_ring = GetParam();
-  copts.shared_memory_spin_us = 50;
-  copts.shared_memory_slots = 1;
-  auto shm_client = client::WorkerClient::Connect(copts);
-  ASSERT_TRUE(shm_client.ok()) << shm_client.status();
+  std::unique_ptr<client::WorkerClient> shm_client = ConnectSharedMemoryClient(1);
+  ASSERT_NE(shm_client, nullptr);
   ASSERT_TRUE(WritePrompt(21, 9, 9, {0, 1, 2}).ok());
   ASSERT_TRUE(WritePrompt(22, 9, 9, {0, 1, 2}).ok());
-  auto s1 = (*shm_client)->OpenStepStream();
-  auto s2 = (*shm_client)->OpenStepStream();
+  auto s1 = shm_client->OpenStepStream();
+  auto s2 = shm_client->OpenStepStream();
   ASSERT_TRUE(s1.ok() && s2.ok());
   StepArgs a = MakeStep(900, 0, {21});
   StepArgs b = MakeStep(901, 0, {22});
