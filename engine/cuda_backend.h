@@ -39,6 +39,9 @@ struct CudaBackendOptions {
   // write layer-step outputs into directly, for the engine's output buffers (engine/output_pool.h);
   // once used up, outputs go through a per-slot buffer and a copy. 0: none.
   int64_t pinned_output_bytes = int64_t{256} << 20;
+  // Threads that help copy prompt KV (WriteKV) into the pinned ingest buffers, next to the
+  // threads writing it (kvpool::DeviceKvArena::Options::ingest_copy_threads); 0: none.
+  int32_t ingest_copy_threads = 4;
 };
 
 // True when the CUDA runtime sees at least one device (false without a driver).

@@ -76,6 +76,10 @@ absl::StatusOr<std::unique_ptr<Engine>> BuildEngine(const EngineConfig& config) 
   if (config.max_batch < 1) {
     return absl::InvalidArgumentError(absl::StrCat("max_batch must be >= 1, got ", config.max_batch));
   }
+  if (config.ingest_copy_threads < 0 || config.ingest_copy_threads > 64) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("ingest_copy_threads must be in [0, 64], got ", config.ingest_copy_threads));
+  }
   if (config.backend != "auto" && config.backend != "cpu" && config.backend != "cuda") {
     return absl::InvalidArgumentError(
         absl::StrCat("backend must be auto, cpu or cuda, got '", config.backend, "'"));
@@ -112,6 +116,7 @@ absl::StatusOr<std::unique_ptr<Engine>> BuildEngine(const EngineConfig& config) 
     co.num_pages = pool.pages;
     co.free_memory_fraction = pool.gpu_memory_fraction;
     co.max_batch = config.max_batch;
+    co.ingest_copy_threads = config.ingest_copy_threads;
     PKV_ASSIGN_OR_RETURN(backend, CreateCudaBackend(config.shape, co));
 #endif
   } else {

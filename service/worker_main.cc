@@ -77,6 +77,10 @@ ABSL_FLAG(int32_t, service_queue, 64,
 ABSL_FLAG(int32_t, ingest_threads, 2,
           "Threads that write prompt KV (WriteKV); separate from --service_threads so that prefill "
           "ingest never queues in front of decode steps.");
+ABSL_FLAG(int32_t, ingest_copy_threads, 4,
+          "CUDA backend: threads that help the --ingest_threads copy prompt KV into the pinned buffers "
+          "the GPU's copy engine reads (one core copies a fraction of what the copy engine takes); "
+          "idle while no prompt arrives. 0: each ingest thread copies alone.");
 ABSL_FLAG(int32_t, ingest_queue, 64,
           "WriteKV tasks that may wait for an ingest thread before a new WriteKV gets RESOURCE_EXHAUSTED.");
 ABSL_FLAG(std::string, metrics_listen, "0.0.0.0:9400",
@@ -183,6 +187,7 @@ int Run() {
   config.kv_pool_bytes = absl::GetFlag(FLAGS_kv_pool_bytes);
   config.backend = absl::GetFlag(FLAGS_backend);
   config.cpu_threads = absl::GetFlag(FLAGS_cpu_threads);
+  config.ingest_copy_threads = absl::GetFlag(FLAGS_ingest_copy_threads);
   config.max_batch = absl::GetFlag(FLAGS_max_batch);
   config.scatter_seed = absl::GetFlag(FLAGS_scatter_seed);
   config.gpu_memory_fraction = absl::GetFlag(FLAGS_gpu_memory_fraction);

@@ -75,6 +75,9 @@ ABSL_FLAG(int32_t, d, 128, "In-process worker: head size.");
 ABSL_FLAG(int32_t, page, 16, "In-process worker: tokens per page.");
 ABSL_FLAG(std::string, backend, "cpu", "In-process worker and engine mode: cpu, cuda or auto.");
 ABSL_FLAG(int32_t, ingest_threads, 2, "In-process worker: WriteKV executor threads (pkv-worker --ingest_threads).");
+ABSL_FLAG(int32_t, ingest_copy_threads, 4,
+          "In-process worker and engine mode, CUDA backend: prompt KV copy helpers (pkv-worker "
+          "--ingest_copy_threads).");
 ABSL_FLAG(bool, own_connections, true,
           "grpc mode: each stream on a TCP connection of its own (false: all streams share one "
           "connection, gRPC's default for clients of one target).");
@@ -345,6 +348,7 @@ engine::EngineConfig EngineConfigFor(const ModelShape& shape, int64_t pages) {
   c.num_pages = pages;
   c.max_batch = 8;
   c.scatter_seed = 20260701;  // scattered physical pages, as in a long-running pool
+  c.ingest_copy_threads = absl::GetFlag(FLAGS_ingest_copy_threads);
   return c;
 }
 
@@ -452,7 +456,8 @@ int Main() {
   const std::string label = absl::GetFlag(FLAGS_label);
   const std::string where =
       target.empty() ? absl::StrCat("in-process worker (", absl::GetFlag(FLAGS_backend), " backend, ",
-                                    absl::GetFlag(FLAGS_ingest_threads), " ingest threads)")
+                                    absl::GetFlag(FLAGS_ingest_threads), " ingest threads, ",
+                                    absl::GetFlag(FLAGS_ingest_copy_threads), " copy helpers)")
                      : absl::StrCat("worker at ", target);
   const std::string setup = absl::StrCat(
       plan.tokens, "-token prompts, ", plan.shape.num_layers, " layers, Hkv ", plan.shape.num_kv_heads, ", d ",

@@ -217,6 +217,8 @@ std::vector<Flag> IngestFlags(pkv::bench::IngestBenchOptions* o) {
       IntFlag("page", &o->page_size, "tokens per KV page"),
       IntFlag("repeats", &o->repeats, "measured rounds (a warm-up round precedes them)"),
       IntFlag("writers", &o->writers, "threads writing the prompts concurrently (prompt i on thread i % writers)"),
+      IntFlag("copy_threads", &o->copy_threads,
+              "threads helping the writers copy into the pinned ingest buffers (pkv-worker --ingest_copy_threads)"),
       StringFlag("md", &o->md_path, "append the result as markdown to this file; empty: none"),
       StringFlag("commit", &o->commit, "commit recorded with the results"),
   };

@@ -5,7 +5,8 @@
 #      path next to a pinned cudaMemcpy of the same bytes;
 #   2. when pkv-ingest-bench is built (it needs the service), it on the CUDA backend for 1 and 8
 #      streams: raw loopback TCP, the engine alone and WriteKV over loopback gRPC, same bytes,
-#      same run. INGEST_THREADS: the worker's ingest executor threads [8].
+#      same run. INGEST_THREADS: the worker's ingest executor threads [8]. COPY_THREADS: the
+#      threads helping them copy prompt KV into pinned memory (--ingest_copy_threads) [4].
 # Output: device_kv_arena_test.log, ingest.md (every table), ingest-writers{1,8}.log, ingest-rpc.*.
 suite_ingest() {
   local w rc=0
@@ -15,12 +16,12 @@ suite_ingest() {
   echo "device_kv_arena_test rc=$rc"
   grep -E "^\[  (PASSED|FAILED) |Failure|staged ingest" "$SUITE_OUT/device_kv_arena_test.log"
   for w in 1 8; do
-    "$BIN/pkv-bench" ingest --writers=$w --md="$SUITE_OUT/ingest.md" --commit="$COMMIT" 2>&1 |
+    "$BIN/pkv-bench" ingest --writers=$w --copy_threads="${COPY_THREADS:-4}" --md="$SUITE_OUT/ingest.md" --commit="$COMMIT" 2>&1 |
       tee "$SUITE_OUT/ingest-writers$w.log" | tail -3
   done
   if [[ -x "$BIN/pkv-ingest-bench" ]]; then
     "$BIN/pkv-ingest-bench" --backend=cuda --streams=1,8 --prompt_tokens=4096 --layers=32 \
-      --ingest_threads="${INGEST_THREADS:-8}" --label="$(pkv_gpu_name), $(nproc) cores" \
+      --ingest_threads="${INGEST_THREADS:-8}" --ingest_copy_threads="${COPY_THREADS:-4}" --label="$(pkv_gpu_name), $(nproc) cores" \
       --md="$SUITE_OUT/ingest.md" --commit="$COMMIT" 2>"$SUITE_OUT/ingest-rpc.err" | tee "$SUITE_OUT/ingest-rpc.log"
     tail -3 "$SUITE_OUT/ingest-rpc.err"
   else

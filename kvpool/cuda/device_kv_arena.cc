@@ -34,6 +34,7 @@ absl::StatusOr<std::unique_ptr<DeviceKvArena>> DeviceKvArena::Create(const Model
   if (absl::Status s = shape.Validate(); !s.ok()) return s;
   if (shape.head_dim % 8 != 0) return absl::InvalidArgumentError("head_dim must be a multiple of 8");
   if (o.staging_bytes < (1 << 20)) return absl::InvalidArgumentError("staging_bytes must be >= 1 MiB");
+  if (o.ingest_copy_threads < 0) return absl::InvalidArgumentError("ingest_copy_threads must be >= 0");
   const int64_t page_bytes_all = shape.page_bytes_all_layers();
   int64_t pages = o.num_pages;
   if (pages <= 0) {
@@ -69,6 +70,7 @@ absl::StatusOr<std::unique_ptr<DeviceKvArena>> DeviceKvArena::Create(const Model
     PKV_CUDA_RETURN(cudaEventCreateWithFlags(&a->ingest_done_[i], cudaEventDisableTiming), "cudaEventCreate");
   }
   for (auto& packer : a->packers_) packer = std::make_unique<IngestPacker>(shape, o.ingest_bytes);
+  a->copier_ = std::make_unique<ParallelCopier>(o.ingest_copy_threads);
   a->scratch_bytes_ = o.staging_bytes;
   PKV_CUDA_RETURN(cudaMalloc(&a->scratch_, static_cast<size_t>(a->scratch_bytes_)), "cudaMalloc scratch");
   PKV_CUDA_RETURN(cudaStreamSynchronize(a->stream_), "cudaStreamSynchronize");
@@ -255,8 +257,10 @@ absl::Status DeviceKvArena::StageTokens(int32_t layer, std::span<const SlotAddr>
     lock.unlock();
     const int64_t row = packer.row_bytes();
     char* base = static_cast<char*>(ingest_host_[buffer]);
-    CopyRows(base + at.k_offset, static_cast<const char*>(k) + done * row, static_cast<size_t>(at.tokens * row));
-    CopyRows(base + at.v_offset, static_cast<const char*>(v) + done * row, static_cast<size_t>(at.tokens * row));
+    const size_t bytes = static_cast<size_t>(at.tokens * row);
+    const ParallelCopier::Span spans[] = {{base + at.k_offset, static_cast<const char*>(k) + done * row, bytes},
+                                          {base + at.v_offset, static_cast<const char*>(v) + done * row, bytes}};
+    copier_->Copy(spans);
     lock.lock();
     if (--copying_[buffer] == 0) ingest_cv_.notify_all();
     done += at.tokens;

@@ -13,8 +13,9 @@
 // scatter launch on the arena's stream while the other buffer fills; FlushStaged flushes and
 // synchronises that stream. Packing is the host's share of the bandwidth (one core's memcpy is a
 // fraction of what the copy engine takes), so concurrent StageTokens calls copy their rows in
-// parallel: each reserves its room under the mutex and copies without it, and a flush waits for
-// the copies into its buffer to land.
+// parallel: each reserves its room under the mutex and copies without it, spread over the
+// arena's copy helpers (Options::ingest_copy_threads), and a flush waits for the copies into its
+// buffer to land.
 // Thread-safety: StageTokens, FlushStaged and staged_stats may be called from several threads at
 // once, without the engine lock (their own mutex orders them); everything else is serialised
 // by the engine, like every KvArena. The stream is
@@ -36,6 +37,7 @@
 #include "kvpool/cuda/append_kv.h"
 #include "kvpool/ingest_staging.h"
 #include "kvpool/kv_arena.h"
+#include "kvpool/parallel_copy.h"
 
 namespace pkv::kvpool {
 
@@ -53,6 +55,9 @@ class DeviceKvArena final : public KvArena {
     double free_memory_fraction = 0;  // else: this share of the free device memory (0, 1]
     int64_t staging_bytes = 64 << 20; // each of the two pinned staging buffers
     int64_t ingest_bytes = 64 << 20;  // each of the two pinned (and device) merged-ingest buffers
+    // Helper threads that copy merged-ingest rows into the pinned buffers next to the threads
+    // calling StageTokens (kvpool/parallel_copy.h); 0: each caller copies its rows alone.
+    int32_t ingest_copy_threads = 0;
   };
 
   // RESOURCE_EXHAUSTED when the memory is not there, INVALID_ARGUMENT for a bad shape/option,
@@ -121,6 +126,7 @@ class DeviceKvArena final : public KvArena {
   bool sealing_[2] = {false, false};   // a flush waits for the copies into it, then issues it
   absl::Status ingest_error_;
   IngestStats staged_stats_;
+  std::unique_ptr<ParallelCopier> copier_;  // StageTokens' row copies (thread-safe on its own)
 };
 
 }  // namespace pkv::kvpool

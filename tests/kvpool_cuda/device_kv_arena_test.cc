@@ -279,6 +279,57 @@ TEST_F(DeviceKvArenaTest, ConcurrentStagingFromSeveralThreadsMatchesHostWrites) 
   }
 }
 
+TEST_F(DeviceKvArenaTest, StagedIngestWithCopyHelpersMatchesHostWrites) {
+  // Chunks of 256 tokens of Hkv 8 x d 128 (512 KiB of K and of V each) are large enough for the
+  // copy helpers to split; two writers share three helpers, and a 3 MiB buffer makes flushes
+  // land between pieces being copied.
+  ModelShape s;
+  s.num_layers = 2;
+  s.num_q_heads = 32;
+  s.num_kv_heads = 8;
+  s.head_dim = 128;
+  s.page_size = 16;
+  const int64_t pages = 160;
+  auto dev = DeviceKvArena::Create(s, {.num_pages = pages, .ingest_bytes = 3 << 20, .ingest_copy_threads = 3});
+  ASSERT_TRUE(dev.ok()) << dev.status();
+  auto host = HostKvArena::Create(s, pages);
+  ASSERT_TRUE(host.ok());
+  const int64_t tokens[] = {1280, 1000};  // 80 + 63 pages, scattered: 37 is coprime with 160
+  std::vector<std::vector<SlotAddr>> seq_slots(2);
+  int32_t next_page = 0;
+  for (int q = 0; q < 2; ++q) {
+    for (int64_t t = 0; t < tokens[q]; ++t) {
+      if (t % s.page_size == 0) next_page = (next_page + 37) % pages;
+      seq_slots[q].push_back(SlotAddr{next_page, static_cast<int32_t>(t % s.page_size)});
+    }
+  }
+  const size_t tok = static_cast<size_t>(s.num_kv_heads) * s.head_dim;
+  std::vector<std::thread> writers;
+  std::vector<int> failures(2, 0);
+  for (int q = 0; q < 2; ++q) {
+    writers.emplace_back([&, q] {
+      uint64_t seed = 5000 * (q + 1);
+      for (int32_t layer = 0; layer < s.num_layers; ++layer) {
+        for (int64_t t0 = 0; t0 < tokens[q]; t0 += 256) {
+          const int64_t n = std::min<int64_t>(256, tokens[q] - t0);
+          const auto k = Random(n * tok, ++seed), v = Random(n * tok, ++seed);
+          const std::span<const SlotAddr> slots(seq_slots[q].data() + t0, n);
+          if (!(*dev)->StageTokens(layer, slots, k.data(), v.data()).ok()) ++failures[q];
+          if (!(*host)->WriteTokens(layer, slots, k.data(), v.data()).ok()) ++failures[q];  // disjoint pages
+        }
+      }
+      if (!(*dev)->FlushStaged().ok()) ++failures[q];
+    });
+  }
+  for (auto& t : writers) t.join();
+  for (int q = 0; q < 2; ++q) EXPECT_EQ(failures[q], 0) << "writer " << q;
+  EXPECT_EQ((*dev)->staged_stats().bytes, (1280 + 1000) * s.num_layers * 2 * static_cast<int64_t>(tok) * 2);
+  for (int32_t layer = 0; layer < s.num_layers; ++layer) {
+    const auto d = Download(**dev, layer);
+    EXPECT_EQ(std::memcmp(d.data(), (*host)->layer_data(layer), (*dev)->layer_bytes()), 0) << "layer " << layer;
+  }
+}
+
 TEST_F(DeviceKvArenaTest, CapacityFromFreeMemoryFraction) {
   ModelShape s = SmallShape();
   auto dev = DeviceKvArena::Create(s, {.free_memory_fraction = 0.01});

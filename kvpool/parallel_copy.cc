@@ -1,0 +1,86 @@
+#include "kvpool/parallel_copy.h"
+
+#include <algorithm>
+
+#include "common/log.h"
+#include "kvpool/ingest_staging.h"
+
+namespace pkv::kvpool {
+
+ParallelCopier::ParallelCopier(int helpers, size_t min_piece) : min_piece_((std::max<size_t>(min_piece, 64) + 63) / 64 * 64) {
+  PKV_CHECK(helpers >= 0) << "helper count must be >= 0";
+  threads_.reserve(static_cast<size_t>(helpers));
+  for (int i = 0; i < helpers; ++i) threads_.emplace_back([this] { HelperLoop(); });
+}
+
+ParallelCopier::~ParallelCopier() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_ = true;
+  }
+  work_cv_.notify_all();
+  for (std::thread& t : threads_) t.join();
+}
+
+const ParallelCopier::Piece& ParallelCopier::Claim(Job& job) {
+  const Piece& piece = job.pieces[job.claimed++];
+  if (job.claimed == job.pieces.size()) {
+    // Nobody may claim from it any more: the caller may return once its pieces are done.
+    queue_.erase(std::find(queue_.begin(), queue_.end(), &job));
+  }
+  return piece;
+}
+
+void ParallelCopier::Copy(std::span<const Span> spans) {
+  size_t total = 0;
+  for (const Span& s : spans) total += s.bytes;
+  const size_t workers = threads_.size() + 1;
+  if (threads_.empty() || total < 2 * min_piece_) {
+    for (const Span& s : spans) CopyRows(s.dst, s.src, s.bytes);
+    return;
+  }
+  // Pieces of about total / workers, never below min_piece_, cut at 64-byte steps so that every
+  // piece's destination keeps the span's 16-byte alignment.
+  const size_t piece = std::max(min_piece_, (total / workers + 63) / 64 * 64);
+  Job job;
+  job.pieces.reserve(total / piece + spans.size());
+  for (const Span& s : spans) {
+    for (size_t at = 0; at < s.bytes; at += piece) {
+      job.pieces.push_back(Piece{static_cast<char*>(s.dst) + at, static_cast<const char*>(s.src) + at,
+                                 std::min(piece, s.bytes - at)});
+    }
+  }
+  std::unique_lock<std::mutex> lock(mu_);
+  queue_.push_back(&job);
+  lock.unlock();
+  work_cv_.notify_all();
+  lock.lock();
+  // Copy this call's own pieces until none is left to claim, then wait for those the helpers took.
+  while (job.claimed < job.pieces.size()) {
+    const Piece& p = Claim(job);
+    lock.unlock();
+    CopyRows(p.dst, p.src, p.bytes);
+    lock.lock();
+    ++job.done;
+  }
+  done_cv_.wait(lock, [&] { return job.done == job.pieces.size(); });
+}
+
+void ParallelCopier::HelperLoop() {
+  std::unique_lock<std::mutex> lock(mu_);
+  for (;;) {
+    work_cv_.wait(lock, [&] { return stop_ || !queue_.empty(); });
+    if (stop_) return;
+    Job& job = *queue_.front();
+    const Piece& p = Claim(job);
+    lock.unlock();
+    CopyRows(p.dst, p.src, p.bytes);
+    helper_pieces_.fetch_add(1, std::memory_order_relaxed);
+    lock.lock();
+    // The caller frees `job` once done reaches its size, which it can only see under mu_: after
+    // this thread has released the lock for good with respect to this job.
+    if (++job.done == job.pieces.size()) done_cv_.notify_all();
+  }
+}
+
+}  // namespace pkv::kvpool
