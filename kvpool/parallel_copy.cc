@@ -1,26 +1,13 @@
 #include "kvpool/parallel_copy.h"
 
 #include <algorithm>
-#include <chrono>
 
 #include "common/log.h"
 #include "kvpool/ingest_staging.h"
 
 namespace pkv::kvpool {
-namespace {
 
-void CpuRelax() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#elif defined(__aarch64__)
-  asm volatile("yield");
-#endif
-}
-
-}  // namespace
-
-ParallelCopier::ParallelCopier(int helpers, size_t min_piece, int spin_us)
-    : min_piece_((std::max<size_t>(min_piece, 64) + 63) / 64 * 64), spin_us_(std::max(spin_us, 0)) {
+ParallelCopier::ParallelCopier(int helpers, size_t min_piece) : min_piece_((std::max<size_t>(min_piece, 64) + 63) / 64 * 64) {
   PKV_CHECK(helpers >= 0) << "helper count must be >= 0";
   threads_.reserve(static_cast<size_t>(helpers));
   for (int i = 0; i < helpers; ++i) threads_.emplace_back([this] { HelperLoop(); });
@@ -40,7 +27,6 @@ const ParallelCopier::Piece& ParallelCopier::Claim(Job& job) {
   if (job.claimed == job.pieces.size()) {
     // Nobody may claim from it any more: the caller may return once its pieces are done.
     queue_.erase(std::find(queue_.begin(), queue_.end(), &job));
-    queued_.store(queue_.size(), std::memory_order_relaxed);
   }
   return piece;
 }
@@ -66,7 +52,6 @@ void ParallelCopier::Copy(std::span<const Span> spans) {
   }
   std::unique_lock<std::mutex> lock(mu_);
   queue_.push_back(&job);
-  queued_.store(queue_.size(), std::memory_order_relaxed);
   lock.unlock();
   work_cv_.notify_all();
   lock.lock();
@@ -84,15 +69,6 @@ void ParallelCopier::Copy(std::span<const Span> spans) {
 void ParallelCopier::HelperLoop() {
   std::unique_lock<std::mutex> lock(mu_);
   for (;;) {
-    if (queue_.empty() && !stop_ && spin_us_ > 0) {
-      // Poll without the lock for a while: the next chunk usually comes sooner than a wake-up.
-      lock.unlock();
-      const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(spin_us_);
-      while (queued_.load(std::memory_order_relaxed) == 0 && std::chrono::steady_clock::now() < until) {
-        for (int i = 0; i < 32; ++i) CpuRelax();
-      }
-      lock.lock();
-    }
     work_cv_.wait(lock, [&] { return stop_ || !queue_.empty(); });
     if (stop_) return;
     Job& job = *queue_.front();

@@ -7,11 +7,7 @@
 // core. ParallelCopier splits a call's copies into pieces and copies them on its helper threads
 // and on the calling thread together. Concurrent calls share the helpers; each caller also copies
 // its own pieces, so a call never waits for helpers that are busy elsewhere — at worst it copies
-// everything itself, as without helpers. A helper that runs out of pieces polls for new ones for
-// `spin_us` before it sleeps: prompt chunks arrive every few hundred microseconds while a prompt
-// streams in, and a sleeping thread's wake-up (tens of microseconds, more in a virtual machine)
-// would otherwise cost as much as its share of the copy (measured on a 2-core machine with one
-// helper: 6.5 GB/s waking the helper each time, 13.8 GB/s with it polling).
+// everything itself, as without helpers.
 // Thread-safety: Copy may be called from any number of threads at once. The destructor joins the
 // helpers; no call may be running then.
 #pragma once
@@ -40,12 +36,9 @@ class ParallelCopier {
   // Smallest piece handed to another thread: below it a wake-up costs more than the copy saves.
   static constexpr size_t kDefaultMinPiece = size_t{128} << 10;
 
-  // How long an idle helper polls for new pieces before it sleeps.
-  static constexpr int kDefaultSpinUs = 200;
-
   // `helpers` threads (0: every call copies on its own thread); pieces of at least `min_piece`
-  // bytes (rounded up to 64); idle helpers poll for `spin_us` microseconds before they sleep.
-  explicit ParallelCopier(int helpers, size_t min_piece = kDefaultMinPiece, int spin_us = kDefaultSpinUs);
+  // bytes (rounded up to 64).
+  explicit ParallelCopier(int helpers, size_t min_piece = kDefaultMinPiece);
   ~ParallelCopier();
   ParallelCopier(const ParallelCopier&) = delete;
   ParallelCopier& operator=(const ParallelCopier&) = delete;
@@ -76,9 +69,7 @@ class ParallelCopier {
   void HelperLoop();
 
   size_t min_piece_;
-  int spin_us_;
   std::mutex mu_;
-  std::atomic<size_t> queued_{0};    // queue_.size(), for helpers polling without mu_
   std::condition_variable work_cv_;  // a job with pieces to claim was queued, or stop_
   std::condition_variable done_cv_;  // a job's last piece landed
   std::deque<Job*> queue_;           // jobs with unclaimed pieces, oldest first
