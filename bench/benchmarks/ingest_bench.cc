@@ -172,6 +172,7 @@ int RunIngestBench(const IngestBenchOptions& o) {
   engine::EngineOptions eo;
   eo.max_batch = 8;
   eo.scatter_seed = 20260701;  // scattered physical pages, as in a long-running pool
+  eo.check_finite = o.check_finite;
   auto eng = engine::Engine::Create(eo, std::move(*backend), std::move(*sched));
   if (!eng.ok()) {
     std::fprintf(stderr, "pkv-bench ingest: %s\n", eng.status().ToString().c_str());
@@ -186,10 +187,10 @@ int RunIngestBench(const IngestBenchOptions& o) {
   for (size_t i = 0; i < v_src.size(); ++i) v_src[i] = static_cast<uint8_t>(rng()) & (i % 2 ? 0xBF : 0xFF);
 
   std::printf("ingest: %d prompts of %lld..%lld tokens, %d layers, Hkv %d, d %d, page %d, %d-token chunks, %d writer "
-              "threads, %d copy helpers: %.2f GiB of K,V per round\n",
+              "threads, %d copy helpers%s: %.2f GiB of K,V per round\n",
               o.num_prompts, static_cast<long long>(o.min_tokens), static_cast<long long>(o.max_tokens), o.num_layers,
               o.num_kv_heads, o.head_dim, o.page_size, o.chunk_tokens, o.writers, o.copy_threads,
-              bytes / double(1 << 30));
+              o.check_finite ? "" : ", no NaN/inf scan", bytes / double(1 << 30));
   if (IngestRound(**eng, shape, lengths, o.chunk_tokens, o.writers, k_src, v_src, 1) < 0) return 1;  // warm-up
   const kvpool::IngestStats before = arena != nullptr ? arena->staged_stats() : kvpool::IngestStats{};
   double best = 1e30, sum = 0;

@@ -30,14 +30,16 @@ struct IngestBenchOptions {
   int writers = 1;             // threads writing the prompts (prompt i on thread i % writers), like
                                // concurrent WriteKV streams on the worker's ingest executor
   int copy_threads = 4;        // the arena's copy helpers (pkv-worker --ingest_copy_threads)
+  bool check_finite = true;    // the engine scans every chunk for NaN/inf (pkv-worker
+                               // --check_finite); 0 measures the path without that scan
   std::string md_path;         // also append the result as markdown here
   std::string commit = "unknown";
   std::string command;
 };
 
 // Runs the benchmark; returns a process exit code. Flags (bench/benchmarks/pkv_bench_main.cc): --prompts
-// --min_tokens --max_tokens --chunk_tokens --layers --hkv --d --page --repeats --writers --copy_threads --md
-// --commit.
+// --min_tokens --max_tokens --chunk_tokens --layers --hkv --d --page --repeats --writers --copy_threads
+// --check_finite --md --commit.
 int RunIngestBench(const IngestBenchOptions& options);
 
 }  // namespace pkv::bench

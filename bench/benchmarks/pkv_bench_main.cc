@@ -219,6 +219,8 @@ std::vector<Flag> IngestFlags(pkv::bench::IngestBenchOptions* o) {
       IntFlag("writers", &o->writers, "threads writing the prompts concurrently (prompt i on thread i % writers)"),
       IntFlag("copy_threads", &o->copy_threads,
               "threads helping the writers copy into the pinned ingest buffers (pkv-worker --ingest_copy_threads)"),
+      BoolFlag("check_finite", &o->check_finite,
+               "the engine scans every chunk for NaN/inf, as pkv-worker does by default; 0: without the scan"),
       StringFlag("md", &o->md_path, "append the result as markdown to this file; empty: none"),
       StringFlag("commit", &o->commit, "commit recorded with the results"),
   };
