@@ -67,7 +67,7 @@ Environment (defaults in brackets):
   breakdown  BACKEND, CONTEXT, STEPS, WARMUP, BATCHES, MICRO, MODEL, CPU_THREADS,
              SERVICE_THREADS, CHECK, WORKER_ARGS, REPLAY_ARGS, LABEL, TRANSPORT=tcp|unix|shm
              (see bench/suites/breakdown.sh)
-  ingest     INGEST_THREADS [8], COPY_THREADS [4]
+  ingest     INGEST_THREADS [4], COPY_THREADS [4]
   model      PKV_PYTHON, BATCH, MICRO, PROMPT, STEPS, MODEL_ARGS (see bench/suites/model.sh)
   overhead   REPLAY_ARGS (extra pkv-replay flags)
 

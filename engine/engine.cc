@@ -74,10 +74,6 @@ absl::Status PromptWrite::Write(int32_t layer, int64_t token_offset, int64_t n,
   }
   PKV_RETURN_IF_ERROR(CheckTensorBytes("k", k.size(), n, s.num_kv_heads, s));
   PKV_RETURN_IF_ERROR(CheckTensorBytes("v", v.size(), n, s.num_kv_heads, s));
-  if (engine_->limits_.check_finite) {
-    PKV_RETURN_IF_ERROR(engine_->CheckFinite("k", k, s.num_kv_heads));
-    PKV_RETURN_IF_ERROR(engine_->CheckFinite("v", v, s.num_kv_heads));
-  }
   std::vector<kvpool::SlotAddr> slots(n);
   {
     std::lock_guard<std::mutex> lock(engine_->mu_);
@@ -89,8 +85,13 @@ absl::Status PromptWrite::Write(int32_t layer, int64_t token_offset, int64_t n,
   // Staged without the engine lock (decode steps never wait for prompt bytes): the slots are
   // this prompt's own pages, which nothing else reads or writes until Commit or Abort, and this
   // PromptWrite is used by one thread. On the device the chunk joins a merged copy + scatter;
-  // Commit flushes it.
-  PKV_RETURN_IF_ERROR(engine_->backend_->arena().StageTokens(layer, slots, k.data(), v.data()));
+  // Commit flushes it. The arena scans the rows for NaN/inf before it stages anything (on the
+  // device spread over its copy helpers: one core's scan bounds a single prompt stream).
+  kvpool::StageScan scan;
+  PKV_RETURN_IF_ERROR(engine_->backend_->arena().StageTokens(layer, slots, k.data(), v.data(),
+                                                             engine_->limits_.check_finite ? &scan : nullptr));
+  if (scan.first_k >= 0) return engine_->NonFiniteError("k", k, scan.first_k, s.num_kv_heads);
+  if (scan.first_v >= 0) return engine_->NonFiniteError("v", v, scan.first_v, s.num_kv_heads);
   for (int64_t t = token_offset; t < token_offset + n; ++t) {
     if (!written_[layer][t]) {
       written_[layer][t] = true;
@@ -204,6 +205,11 @@ absl::Status Engine::ValidateTensors(const StepInput& in) const {
 absl::Status Engine::CheckFinite(absl::string_view field, std::span<const uint8_t> data, int32_t heads) const {
   const int64_t i = FirstNonFinite(shape_.dtype, data.data(), data.size());
   if (i < 0) return absl::OkStatus();
+  return NonFiniteError(field, data, i, heads);
+}
+
+absl::Status Engine::NonFiniteError(absl::string_view field, std::span<const uint8_t> data, int64_t i,
+                                    int32_t heads) const {
   const int64_t d = shape_.head_dim;
   const float value = ToFloat(shape_.dtype, static_cast<uint16_t>(data[2 * i] | (data[2 * i + 1] << 8)));
   return absl::InvalidArgumentError(absl::StrCat(field, ": element [", i / (heads * d), ", ", (i / d) % heads, ", ",

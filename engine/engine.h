@@ -348,6 +348,9 @@ class Engine {
   absl::Status ValidateTensors(const StepInput& in) const;
   // INVALID_ARGUMENT naming `field` and the [row, head, dim] of its first NaN or infinity.
   absl::Status CheckFinite(absl::string_view field, std::span<const uint8_t> data, int32_t heads) const;
+  // The refusal of `data` (a [rows, heads, head_dim] tensor named `field`) for its non-finite
+  // element `i`: INVALID_ARGUMENT naming the element and what it is.
+  absl::Status NonFiniteError(absl::string_view field, std::span<const uint8_t> data, int64_t i, int32_t heads) const;
   absl::Status ValidateLayerZero(const StepInput& in) const;
   absl::Status ValidateLaterLayer(const StepInput& in, const TokenStep& ts) const;
   // Applies the deltas and commits the step, under the engine's key `key`, to the backend. Fails

@@ -13,6 +13,7 @@
 #include <string_view>
 
 #include "absl/status/status.h"
+#include "common/dtype.h"
 #include "common/model_shape.h"
 
 namespace pkv::kvpool {
@@ -23,6 +24,14 @@ using PageId = int32_t;
 struct SlotAddr {
   PageId page;
   int32_t slot;
+};
+
+// StageTokens' scan for NaN and infinity in the rows it is given (element indices into the K
+// and V tensors, [tokens, num_kv_heads, head_dim]; -1: all finite).
+struct StageScan {
+  int64_t first_k = -1;
+  int64_t first_v = -1;
+  bool clean() const { return first_k < 0 && first_v < 0; }
 };
 
 class KvArena {
@@ -44,12 +53,22 @@ class KvArena {
   // launch, kvpool/ingest_staging.h). Until FlushStaged returns OK nothing may rely on the
   // bytes being in the pages. After a failed flush the arena refuses staging (the error is
   // sticky), so no prompt whose bytes may be missing can complete. The host arena copies at once.
+  // With `scan` (may be null), the rows are first scanned for NaN and infinity (the device arena
+  // spreads the scan over its copy helpers, kvpool/parallel_copy.h): when one is found, nothing
+  // is staged, and the call returns OK with scan->first_k / first_v set — the caller words the
+  // refusal.
   // Unlike the rest of the arena, StageTokens and FlushStaged may be called without the engine
   // lock and from several threads at once (each implementation serialises them itself), as long
   // as the slots belong to prompts being written, which nothing else reads or writes: so prompt
   // ingest never holds the engine lock while decode steps wait for it.
   [[nodiscard]] virtual absl::Status StageTokens(int32_t layer, std::span<const SlotAddr> slots, const void* k,
-                                                 const void* v) {
+                                                 const void* v, StageScan* scan) {
+    if (scan != nullptr) {
+      const size_t bytes = slots.size() * static_cast<size_t>(shape().kv_bytes_per_token_layer() / 2);
+      scan->first_k = FirstNonFinite(shape().dtype, static_cast<const uint8_t*>(k), bytes);
+      scan->first_v = FirstNonFinite(shape().dtype, static_cast<const uint8_t*>(v), bytes);
+      if (!scan->clean()) return absl::OkStatus();
+    }
     return WriteTokens(layer, slots, k, v);
   }
   // Applies everything staged and returns when it is in the arena's memory (on the device:

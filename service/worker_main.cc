@@ -74,7 +74,7 @@ ABSL_FLAG(int32_t, stream_threads, 2,
           "before it blocks, so the next layer-step's request is read without a thread wake-up.");
 ABSL_FLAG(int32_t, service_queue, 64,
           "Engine tasks that may wait for a service thread before new work gets RESOURCE_EXHAUSTED.");
-ABSL_FLAG(int32_t, ingest_threads, 2,
+ABSL_FLAG(int32_t, ingest_threads, 4,
           "Threads that write prompt KV (WriteKV); separate from --service_threads so that prefill "
           "ingest never queues in front of decode steps.");
 ABSL_FLAG(int32_t, ingest_copy_threads, 4,

@@ -56,7 +56,7 @@ struct ServerOptions {
   int stream_threads = 2;
   // WriteKV (prefill ingest) runs on its own executor, so that prompt chunks never queue in
   // front of decode steps.
-  int ingest_threads = 2;
+  int ingest_threads = 4;
   int ingest_queue = 64;
   // RPC counters, in-flight gauges and queue rejections go here when set (not owned; must
   // outlive the server). Engine events are bound separately (service/metrics_observer.h).

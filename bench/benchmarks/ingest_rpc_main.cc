@@ -74,7 +74,7 @@ ABSL_FLAG(int32_t, hkv, 8, "In-process worker: KV heads.");
 ABSL_FLAG(int32_t, d, 128, "In-process worker: head size.");
 ABSL_FLAG(int32_t, page, 16, "In-process worker: tokens per page.");
 ABSL_FLAG(std::string, backend, "cpu", "In-process worker and engine mode: cpu, cuda or auto.");
-ABSL_FLAG(int32_t, ingest_threads, 2, "In-process worker: WriteKV executor threads (pkv-worker --ingest_threads).");
+ABSL_FLAG(int32_t, ingest_threads, 4, "In-process worker: WriteKV executor threads (pkv-worker --ingest_threads).");
 ABSL_FLAG(int32_t, ingest_copy_threads, 4,
           "In-process worker and engine mode, CUDA backend: prompt KV copy helpers (pkv-worker "
           "--ingest_copy_threads).");

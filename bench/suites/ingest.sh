@@ -5,7 +5,7 @@
 #      path next to a pinned cudaMemcpy of the same bytes;
 #   2. when pkv-ingest-bench is built (it needs the service), it on the CUDA backend for 1 and 8
 #      streams: raw loopback TCP, the engine alone and WriteKV over loopback gRPC, same bytes,
-#      same run. INGEST_THREADS: the worker's ingest executor threads [8]. COPY_THREADS: the
+#      same run. INGEST_THREADS: the worker's ingest executor threads [4]. COPY_THREADS: the
 #      threads helping them copy prompt KV into pinned memory (--ingest_copy_threads) [4].
 # Output: device_kv_arena_test.log, ingest.md (every table), ingest-writers{1,8}.log, ingest-rpc.*.
 suite_ingest() {
@@ -21,7 +21,7 @@ suite_ingest() {
   done
   if [[ -x "$BIN/pkv-ingest-bench" ]]; then
     "$BIN/pkv-ingest-bench" --backend=cuda --streams=1,8 --prompt_tokens=4096 --layers=32 \
-      --ingest_threads="${INGEST_THREADS:-8}" --ingest_copy_threads="${COPY_THREADS:-4}" --label="$(pkv_gpu_name), $(nproc) cores" \
+      --ingest_threads="${INGEST_THREADS:-4}" --ingest_copy_threads="${COPY_THREADS:-4}" --label="$(pkv_gpu_name), $(nproc) cores" \
       --md="$SUITE_OUT/ingest.md" --commit="$COMMIT" 2>"$SUITE_OUT/ingest-rpc.err" | tee "$SUITE_OUT/ingest-rpc.log"
     tail -3 "$SUITE_OUT/ingest-rpc.err"
   else

@@ -235,9 +235,19 @@ absl::Status DeviceKvArena::FlushIngestBuffer(std::unique_lock<std::mutex>& lock
 }
 
 absl::Status DeviceKvArena::StageTokens(int32_t layer, std::span<const SlotAddr> slots, const void* k,
-                                        const void* v) {
+                                        const void* v, StageScan* scan) {
   if (absl::Status s = CheckAccess(layer, slots); !s.ok()) return s;
   const auto t0 = std::chrono::steady_clock::now();
+  if (scan != nullptr) {
+    // Before anything is reserved: a refused chunk leaves the buffers as they were.
+    const size_t bytes = slots.size() * static_cast<size_t>(shape_.kv_bytes_per_token_layer() / 2);
+    const ParallelCopier::Span spans[] = {{nullptr, k, bytes}, {nullptr, v, bytes}};
+    int64_t first[2] = {-1, -1};
+    copier_->FirstNonFinite(spans, shape_.dtype, first);
+    scan->first_k = first[0];
+    scan->first_v = first[1];
+    if (!scan->clean()) return absl::OkStatus();
+  }
   std::unique_lock<std::mutex> lock(ingest_mu_);
   const int64_t n = static_cast<int64_t>(slots.size());
   for (int64_t done = 0; done < n;) {

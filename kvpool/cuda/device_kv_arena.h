@@ -15,7 +15,8 @@
 // fraction of what the copy engine takes), so concurrent StageTokens calls copy their rows in
 // parallel: each reserves its room under the mutex and copies without it, spread over the
 // arena's copy helpers (Options::ingest_copy_threads), and a flush waits for the copies into its
-// buffer to land.
+// buffer to land. The NaN/inf scan a caller asks for runs on the same helpers, before anything is
+// reserved.
 // Thread-safety: StageTokens, FlushStaged and staged_stats may be called from several threads at
 // once, without the engine lock (their own mutex orders them); everything else is serialised
 // by the engine, like every KvArena. The stream is
@@ -73,7 +74,8 @@ class DeviceKvArena final : public KvArena {
   absl::Status WriteTokens(int32_t layer, std::span<const SlotAddr> slots, const void* k, const void* v) override;
   absl::Status ReadTokens(int32_t layer, std::span<const SlotAddr> slots, void* k, void* v) const override;
   absl::Status CopyPage(PageId src, PageId dst) override;
-  absl::Status StageTokens(int32_t layer, std::span<const SlotAddr> slots, const void* k, const void* v) override;
+  absl::Status StageTokens(int32_t layer, std::span<const SlotAddr> slots, const void* k, const void* v,
+                           StageScan* scan) override;
   absl::Status FlushStaged() override;
   void* layer_data(int32_t layer) override { return static_cast<char*>(data_) + layer * layer_bytes(); }
   const void* layer_data(int32_t layer) const override {

@@ -1,6 +1,7 @@
 // ParallelCopier: every byte lands where CopyRows would put it, whatever the split — spans of odd
 // lengths, more spans than helpers, copies too small to split, many callers at once sharing the
-// helpers, and a copier without helpers.
+// helpers, and a copier without helpers; its NaN/inf scan reports the earliest bad element of
+// each span, whichever piece holds it.
 #include "kvpool/parallel_copy.h"
 
 #include <cstdint>
@@ -99,6 +100,38 @@ TEST(ParallelCopierTest, HelpersTakePiecesOfALargeCopy) {
     ExpectCopied(c);
   }
   EXPECT_EQ(small.helper_pieces(), 0);
+}
+
+TEST(ParallelCopierTest, FirstNonFiniteFindsTheEarliestWhateverPieceHoldsIt) {
+  // fp16 and bf16 spans of finite values with NaN / infinity planted at element indices that fall
+  // in different pieces; the scan must report the earliest per span, exactly as the serial
+  // FirstNonFinite does, with helpers and without.
+  std::mt19937_64 rng(11);
+  for (DType dtype : {DType::kF16, DType::kBF16}) {
+    const uint16_t inf = dtype == DType::kF16 ? 0x7C00 : 0x7F80;
+    const uint16_t nan = dtype == DType::kF16 ? 0x7E01 : 0xFFC1;
+    for (int helpers : {0, 3}) {
+      ParallelCopier copier(helpers, /*min_piece=*/4096);
+      const size_t n = 100000;  // elements per span: about 49 pieces of 4 KiB
+      std::vector<uint16_t> a(n), b(n), c(n);
+      for (auto* vec : {&a, &b, &c}) {
+        for (auto& x : *vec) x = static_cast<uint16_t>(rng() & 0x3BFF);  // finite in both dtypes
+      }
+      a[n - 1] = inf;        // last element, last piece
+      a[77777] = nan;        // earlier, another piece: the answer
+      b[5] = nan;            // first piece
+      b[99999] = inf;
+      // c: all finite
+      const ParallelCopier::Span spans[] = {{nullptr, a.data(), 2 * n}, {nullptr, b.data(), 2 * n},
+                                            {nullptr, c.data(), 2 * n}};
+      int64_t first[3] = {0, 0, 0};
+      copier.FirstNonFinite(spans, dtype, first);
+      EXPECT_EQ(first[0], 77777) << DTypeName(dtype) << " helpers " << helpers;
+      EXPECT_EQ(first[1], 5) << DTypeName(dtype) << " helpers " << helpers;
+      EXPECT_EQ(first[2], -1) << DTypeName(dtype) << " helpers " << helpers;
+      EXPECT_EQ(first[0], FirstNonFinite(dtype, reinterpret_cast<const uint8_t*>(a.data()), 2 * n));
+    }
+  }
 }
 
 }  // namespace

@@ -215,7 +215,7 @@ TEST_F(DeviceKvArenaTest, StagedIngestOfInterleavedChunksMatchesHostWrites) {
         const int64_t n = std::min<int64_t>(24, tokens[q] - t0);
         const auto k = Random(n * tok, ++seed), v = Random(n * tok, ++seed);
         const std::span<const SlotAddr> slots(seq_slots[q].data() + t0, n);
-        ASSERT_TRUE((*dev)->StageTokens(layer, slots, k.data(), v.data()).ok());
+        ASSERT_TRUE((*dev)->StageTokens(layer, slots, k.data(), v.data(), nullptr).ok());
         ASSERT_TRUE((*host)->WriteTokens(layer, slots, k.data(), v.data()).ok());
       }
     }
@@ -262,7 +262,7 @@ TEST_F(DeviceKvArenaTest, ConcurrentStagingFromSeveralThreadsMatchesHostWrites) 
           const int64_t n = std::min<int64_t>(16, tokens[q] - t0);
           const auto k = Random(n * tok, ++seed), v = Random(n * tok, ++seed);
           const std::span<const SlotAddr> slots(seq_slots[q].data() + t0, n);
-          if (!(*dev)->StageTokens(layer, slots, k.data(), v.data()).ok()) ++failures[q];
+          if (!(*dev)->StageTokens(layer, slots, k.data(), v.data(), nullptr).ok()) ++failures[q];
           if (!(*host)->WriteTokens(layer, slots, k.data(), v.data()).ok()) ++failures[q];  // disjoint pages
         }
       }
@@ -314,7 +314,7 @@ TEST_F(DeviceKvArenaTest, StagedIngestWithCopyHelpersMatchesHostWrites) {
           const int64_t n = std::min<int64_t>(256, tokens[q] - t0);
           const auto k = Random(n * tok, ++seed), v = Random(n * tok, ++seed);
           const std::span<const SlotAddr> slots(seq_slots[q].data() + t0, n);
-          if (!(*dev)->StageTokens(layer, slots, k.data(), v.data()).ok()) ++failures[q];
+          if (!(*dev)->StageTokens(layer, slots, k.data(), v.data(), nullptr).ok()) ++failures[q];
           if (!(*host)->WriteTokens(layer, slots, k.data(), v.data()).ok()) ++failures[q];  // disjoint pages
         }
       }
@@ -328,6 +328,48 @@ TEST_F(DeviceKvArenaTest, StagedIngestWithCopyHelpersMatchesHostWrites) {
     const auto d = Download(**dev, layer);
     EXPECT_EQ(std::memcmp(d.data(), (*host)->layer_data(layer), (*dev)->layer_bytes()), 0) << "layer " << layer;
   }
+}
+
+TEST_F(DeviceKvArenaTest, StagingScanRefusesNonFiniteRowsAndStagesNothing) {
+  // A 256-token chunk (512 KiB of K and of V, split over the copy helpers) with an infinity in V
+  // well past its first piece: the scan reports that element and nothing reaches the pool; the
+  // same chunk made finite then stages and lands.
+  ModelShape s;
+  s.num_layers = 1;
+  s.num_q_heads = 32;
+  s.num_kv_heads = 8;
+  s.head_dim = 128;
+  s.page_size = 16;
+  auto dev = DeviceKvArena::Create(s, {.num_pages = 32, .ingest_copy_threads = 3});
+  ASSERT_TRUE(dev.ok()) << dev.status();
+  std::vector<SlotAddr> slots;
+  for (int32_t t = 0; t < 256; ++t) slots.push_back(SlotAddr{31 - t / 16, t % 16});
+  const size_t elems = 256 * static_cast<size_t>(s.num_kv_heads) * s.head_dim;
+  std::vector<uint16_t> k(elems), v(elems);
+  std::mt19937_64 rng(3);
+  for (auto& x : k) x = static_cast<uint16_t>(rng() & 0x3BFF);  // finite fp16
+  for (auto& x : v) x = static_cast<uint16_t>(rng() & 0x3BFF);
+  const int64_t bad = 200000;  // token 195, head 2, dim 64
+  v[bad] = 0xFC00;             // -infinity
+  v[bad + 5000] = 0x7E00;      // a later NaN
+  const auto before = Download(**dev, 0);
+  StageScan scan;
+  ASSERT_TRUE((*dev)->StageTokens(0, slots, k.data(), v.data(), &scan).ok());
+  EXPECT_EQ(scan.first_k, -1);
+  EXPECT_EQ(scan.first_v, bad);
+  ASSERT_TRUE((*dev)->FlushStaged().ok());
+  EXPECT_EQ((*dev)->staged_stats().bytes, 0);
+  EXPECT_EQ(Download(**dev, 0), before) << "a refused chunk changed the pool";
+  v[bad] = 0x3C00;
+  v[bad + 5000] = 0x3C00;
+  StageScan clean;
+  ASSERT_TRUE((*dev)->StageTokens(0, slots, k.data(), v.data(), &clean).ok());
+  EXPECT_TRUE(clean.clean());
+  ASSERT_TRUE((*dev)->FlushStaged().ok());
+  std::vector<uint16_t> k_back(elems), v_back(elems);
+  ASSERT_TRUE((*dev)->ReadTokens(0, slots, k_back.data(), v_back.data()).ok());
+  EXPECT_EQ(k_back, k);
+  EXPECT_EQ(v_back, v);
 }
 
 TEST_F(DeviceKvArenaTest, CapacityFromFreeMemoryFraction) {
