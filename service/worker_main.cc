@@ -78,9 +78,10 @@ ABSL_FLAG(int32_t, ingest_threads, 4,
           "Threads that write prompt KV (WriteKV); separate from --service_threads so that prefill "
           "ingest never queues in front of decode steps.");
 ABSL_FLAG(int32_t, ingest_copy_threads, 4,
-          "CUDA backend: threads that help the --ingest_threads copy prompt KV into the pinned buffers "
-          "the GPU's copy engine reads (one core copies a fraction of what the copy engine takes); "
-          "idle while no prompt arrives. 0: each ingest thread copies alone.");
+          "CUDA backend: threads that help the --ingest_threads scan prompt KV for NaN/inf and copy "
+          "it into the pinned buffers the GPU's copy engine reads (one core does either at a fraction "
+          "of what the copy engine takes); asleep while no prompt arrives. 0: each ingest thread "
+          "works alone, which can be faster when every core is already busy with WriteKV streams.");
 ABSL_FLAG(int32_t, ingest_queue, 64,
           "WriteKV tasks that may wait for an ingest thread before a new WriteKV gets RESOURCE_EXHAUSTED.");
 ABSL_FLAG(std::string, metrics_listen, "0.0.0.0:9400",
