@@ -31,7 +31,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import grpc
 
-from persistentkv import errors, tensors
+from persistentkv import errors, shared_memory, tensors
 from persistentkv.types import (Limits, ModelShape, OpenTokenStep, PoolInfo, PromptResult,
                                 ReleaseResult, StepResult, WorkerInfo)
 
@@ -43,7 +43,7 @@ except ImportError as e:  # pragma: no cover - a source checkout that was never 
         "persistentkv: the gRPC stubs are generated when the package is built; install it with "
         "`pip install ./python` from the repository root") from e
 
-__all__ = ["Client", "RetryPolicy", "PromptWriter", "StepStream", "TokenStep", "PendingLayer",
+__all__ = ["Client", "RetryPolicy", "PromptWriter", "StepStream", "RingStepStream", "TokenStep", "PendingLayer",
            "MicroBatch"]
 
 # Request metadata key naming the router (worker.proto, Routers).
@@ -293,8 +293,18 @@ class Client:
 
     # -- decode -------------------------------------------------------------------------------
 
-    def step_stream(self) -> "StepStream":
-        """Opens a StepStream: several micro-batches' layers in flight on one stream."""
+    def step_stream(self, *, shared_memory_ring: bool = False, slots: int = 8, max_rows: int = 64,
+                    spin_us: float = 1000.0) -> "StepStream":
+        """Opens a StepStream: several micro-batches' layers in flight on one stream.
+
+        shared_memory_ring: pass the layer-steps through a shared-memory ring instead of gRPC
+          messages (a router on the worker's host or in its pod, sharing /dev/shm; Linux on
+          x86-64; the worker's --shared_memory_max_bytes must allow the region): at most `slots`
+          layer-steps in flight, each of at most `max_rows` rows; after each answer the client
+          polls for the next one for `spin_us` before it sleeps (persistentkv/shared_memory.py).
+        """
+        if shared_memory_ring:
+            return RingStepStream(self, slots=slots, max_rows=max_rows, spin_s=spin_us * 1e-6)
         return StepStream(self)
 
     def token_step(self, rows: Sequence[int], *, open: Sequence[int] = (), free: Sequence[int] = (),
@@ -541,6 +551,119 @@ class StepStream:
             self.close()
         else:
             self.cancel()
+
+
+class RingStepStream(StepStream):
+    """A StepStream whose requests and responses go through a shared-memory ring
+    (Client.step_stream(shared_memory_ring=True)). The gRPC stream carries no message: it is the
+    session, and its end (or the worker closing the ring) fails what is unanswered. A per-request
+    error that the RetryPolicy allows is resent through the ring; a broken stream is not reopened.
+    """
+
+    def __init__(self, client: Client, *, slots: int, max_rows: int, spin_s: float) -> None:
+        if slots < 1 or max_rows < 1:
+            raise ValueError("slots and max_rows must be >= 1")
+        s = client.shape
+        row_q = s.num_q_heads * s.head_dim * 2
+        row_kv = s.num_kv_heads * s.head_dim * 2
+        self._max_rows = max_rows
+        self._spin_s = spin_s
+        # One tensor slot per message slot: [q | k | v | out], each 64-byte aligned.
+        self._at_k = shared_memory.align64(row_q * max_rows)
+        self._at_v = self._at_k + shared_memory.align64(row_kv * max_rows)
+        self._at_out = self._at_v + shared_memory.align64(row_kv * max_rows)
+        tensor_slot = self._at_out + shared_memory.align64(row_q * max_rows)
+        self._ring = shared_memory.Ring(slots, shared_memory.message_bytes(max_rows, s.num_q_heads), tensor_slot)
+        super().__init__(client)
+
+    def _open(self) -> None:
+        self._requests = queue.SimpleQueue()
+        metadata = self._client._metadata + ((shared_memory.SHARED_MEMORY_KEY, self._ring.name),
+                                             (shared_memory.RING_KEY, "1"))
+        self._call = self._client._stub.StepStream(iter(self._requests.get, _CLOSE), metadata=metadata)
+
+    def send(self, request: Any, like: Any, batch: int) -> PendingLayer:
+        if self._closed:
+            raise errors.FailedPrecondition("the StepStream is closed", method="StepStream")
+        if batch > self._max_rows:
+            raise ValueError(f"{batch} rows exceed this ring's max_rows {self._max_rows}")
+        while len(self._pending) >= self._ring.slots:  # the ring holds `slots` unanswered requests
+            self._read_one()
+        pending = PendingLayer(self, request, like, batch)
+        self._pending.append(pending)
+        self._publish(request)
+        return pending
+
+    def _publish(self, request: Any) -> None:
+        """Copies the request's tensors into its tensor slot and the rest into its message slot."""
+        ring = self._ring
+        slot = ring.tensor_slot_at(ring.requested)
+        shared = pb.StepRequest()
+        shared.CopyFrom(request)
+        for t, at, room in ((shared.q, 0, self._at_k), (shared.k, self._at_k, self._at_v - self._at_k),
+                            (shared.v, self._at_v, self._at_out - self._at_v)):
+            data = t.data
+            if len(data) <= room:  # else it stays in the message, for the worker to refuse
+                ring.mm[slot + at:slot + at + len(data)] = data
+                t.ClearField("data")
+                t.shm.offset = slot + at
+        shared.out_shm.offset = slot + self._at_out
+        ring.publish(shared.SerializeToString())
+
+    def _read_one(self) -> None:
+        head = self._pending[0]
+        raw = self._ring.wait_response(self._spin_s, self._call.done)
+        if raw is None:
+            self._stream_failed(self._final_error())
+            return
+        self._ring.unlink()  # the worker mapped it when the stream began
+        response = pb.StepResponse.FromString(raw)
+        if response.out.HasField("shm"):
+            size = 2
+            for d in response.out.shape:
+                size *= d
+            at = response.out.shm.offset
+            response.out.data = bytes(self._ring.mm[at:at + size])
+        self._pending.popleft()
+        if response.status.code != 0:
+            error = errors.error_from_code(response.status.code, response.status.message, "StepStream")
+            policy = self._client.retry
+            if head.attempts < policy.max_attempts and policy.retryable(error):
+                time.sleep(policy.backoff_s(head.attempts))
+                head.attempts += 1
+                self._pending.append(head)
+                self._publish(head.request)
+            else:
+                head._resolve(None, error)
+            return
+        head._resolve(self._client._step_result(response, head.like, head.batch, head.attempts,
+                                                head.start), None)
+
+    def _final_error(self) -> errors.WorkerError:
+        if self._call.done():
+            try:
+                code = self._call.code()
+            except Exception:  # noqa: BLE001 - a call that never started
+                code = None
+            if code is not None and code != grpc.StatusCode.OK:
+                return errors.error_from_rpc(self._call, "StepStream")
+        return errors.Unavailable("StepStream: the worker closed the shared-memory ring", method="StepStream")
+
+    def _stream_failed(self, error: errors.WorkerError) -> None:
+        for p in self._pending:
+            p._resolve(None, error)
+        self._pending.clear()
+        self._closed = True
+        self._call.cancel()
+        self._ring.unlink()
+
+    def close(self) -> None:
+        super().close()
+        self._ring.unlink()
+
+    def cancel(self) -> None:
+        super().cancel()
+        self._ring.unlink()
 
 
 class TokenStep:

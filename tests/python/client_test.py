@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 
 import persistentkv as pkv
-from persistentkv import errors
+from persistentkv import errors, shared_memory
 from worker_process import WorkerProcess
 
 SEED = 20260702
@@ -156,6 +156,46 @@ class ClientTest(unittest.TestCase):
                 self.assertEqual(results[0].lse.shape, (1, 4))
         self.assertEqual(self.client.describe().pool.used_tokens - base, 7 + 10)
         self.client.release([a, b])
+
+    @unittest.skipUnless(shared_memory.supported(), "the shared-memory ring needs Linux on x86-64")
+    def test_ring_step_stream_matches_reference_and_leaves_nothing(self) -> None:
+        """Two micro-batches through the shared-memory ring (two slots, so a third request waits
+        for the first answer), every output against the float64 reference; a bad request is
+        refused by field and the ring goes on; the region's name is gone afterwards."""
+        s = self.client.shape
+        base = self.client.describe().pool.used_tokens
+        (a, ka, va), (b, kb, vb) = self.prompt(5), self.prompt(9)
+        history = {a: [list(ka[l]) for l in range(2)], b: [list(kb[l]) for l in range(2)]}
+        values = {a: [list(va[l]) for l in range(2)], b: [list(vb[l]) for l in range(2)]}
+        with self.client.step_stream(shared_memory_ring=True, slots=2, max_rows=4) as stream:
+            name = stream._ring.name
+            first, second = stream.token_step([a], want_lse=True), stream.token_step([b])
+            for layer in range(s.num_layers):
+                inputs = {a: self.qkv(1), b: self.qkv(1)}
+                pending = [first.send(layer, *inputs[a]), second.send(layer, *inputs[b])]
+                if layer == 0:
+                    q, k, v = self.qkv(1)
+                    bad = stream.token_step([a]).send(0, q[:, :2], k, v)  # waits for a slot first
+                results = [p.result() for p in pending]
+                self.assertEqual([r.token_step_id for r in results], [first.id, second.id])
+                self.assertEqual(results[0].lse.shape, (1, 4))
+                self.assertIsNone(results[1].lse)
+                for seq, result in zip((a, b), results):
+                    q, k, v = inputs[seq]
+                    history[seq][layer].append(k[0])
+                    values[seq][layer].append(v[0])
+                    want = reference_attention(q[0], np.array(history[seq][layer]), np.array(values[seq][layer]))
+                    np.testing.assert_allclose(result.out[0].astype(np.float64), want, atol=2e-3, rtol=2e-3)
+                if layer == 0:
+                    with self.assertRaises(pkv.InvalidArgument) as caught:
+                        bad.result()
+                    self.assertEqual(caught.exception.field, "q.shape")
+        self.assertFalse(os.path.exists("/dev/shm" + name), "the region's name was left behind")
+        self.assertEqual(self.client.describe().pool.used_tokens - base, (5 + 1) + (9 + 1))
+        self.client.release([a, b])
+        with self.assertRaises(ValueError):
+            with self.client.step_stream(shared_memory_ring=True, max_rows=1) as stream:
+                stream.token_step([a, b]).send(0, *self.qkv(2))
 
     # -- errors ------------------------------------------------------------------------------------
 
