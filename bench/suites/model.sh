@@ -9,7 +9,8 @@
 # and compares the first micro-batch's tokens with the model's own generate.
 # Environment: PKV_PYTHON (a python with torch, transformers, grpcio and persistentkv)
 # [.venv/bin/python when scripts/setup.sh made it, else python3]; BATCH [8]; MICRO [1 2]
-# (one run each); PROMPT [512]; STEPS [64]; MODEL_ARGS (more flags for the script).
+# (one run each); PROMPT [512]; STEPS [64]; MODEL_ARGS (more flags for the script, e.g.
+# --shared_memory_ring=1: the layer-steps through the worker's shared-memory ring).
 # --smoke: CPU backend and a tiny model (no GPU needed).
 # Output: worker.log, model-mN.log and model-mN.json per micro-batch count, summary.md.
 suite_model() {

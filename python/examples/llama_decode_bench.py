@@ -65,6 +65,9 @@ def main() -> int:
                          "with an fp32 forward pass of the same weights (needs room for an fp32 copy)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--router_id", default="llama-decode-bench")
+    ap.add_argument("--shared_memory_ring", type=int, default=0,
+                    help="1: the micro-batches' StepStream goes through the worker's shared-memory ring "
+                         "(this script on the worker's host, Linux x86-64)")
     ap.add_argument("--report_json", default="", help="also write the report as JSON here")
     args = ap.parse_args()
 
@@ -90,7 +93,7 @@ def main() -> int:
 
     # Prompts: prefilled by the model, K,V written to the worker. Every micro-batch steps on one
     # StepStream.
-    stream = client.step_stream()
+    stream = client.step_stream(shared_memory_ring=bool(args.shared_memory_ring), max_rows=args.batch)
     batches, tokens, lengths, seq = [], [], [], 1 + (args.seed << 20)
     prefill_s = 0.0
     for _ in range(args.micro_batches):

@@ -32,7 +32,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from local_attention import LocalAttention
-from persistentkv import Client
+from persistentkv import Client, shared_memory
 from persistentkv.llama import LlamaDecoder, run_micro_batches, run_token_step
 from worker_process import WorkerProcess
 
@@ -145,13 +145,17 @@ class LlamaThroughWorkerTest(unittest.TestCase):
                     row.take(finished.value[0])
         return row
 
-    def worker_decode(self, groups: list[list[tuple[int, bool]]], *, use_stream: bool,
+    def worker_decode(self, groups: list[list[tuple[int, bool]]], *, use_stream: bool | str,
                       forced: bool = False) -> list[list[Row]]:
         """Decodes micro-batches of (prompt index, written) through the worker until every row has
         STEPS + 1 tokens. Written rows are prefilled by the model and their K,V sent with WriteKV;
         the others are opened empty and fed their prompt one token step per token. `forced`: feed
-        generate's tokens back instead of the worker's argmax (teacher forcing)."""
-        stream = self.client.step_stream() if use_stream else None
+        generate's tokens back instead of the worker's argmax (teacher forcing). `use_stream`:
+        False (unary Step), True (a StepStream) or "ring" (a StepStream through shared memory)."""
+        if use_stream == "ring":
+            stream = self.client.step_stream(shared_memory_ring=True)
+        else:
+            stream = self.client.step_stream() if use_stream else None
         batches, rows = [], []
         for group in groups:
             batch = self.client.micro_batch(stream=stream)
@@ -197,7 +201,7 @@ class LlamaThroughWorkerTest(unittest.TestCase):
 
     # -- checks -----------------------------------------------------------------------------------
 
-    def check_config(self, groups: list[list[tuple[int, bool]]], *, use_stream: bool, what: str) -> None:
+    def check_config(self, groups: list[list[tuple[int, bool]]], *, use_stream: bool | str, what: str) -> None:
         """Decodes `groups` through the worker twice and checks every row:
           teacher-forced (generate's tokens fed back): at each of the STEPS + 1 positions the
             logits are within LOGITS_VS_FP32 of generate's, and the argmax is generate's token
@@ -259,6 +263,14 @@ class LlamaThroughWorkerTest(unittest.TestCase):
     def test_two_micro_batches_with_open_and_free(self) -> None:
         self.check_config([[(0, True), (3, False)], [(2, True), (1, True)]], use_stream=True,
                           what="2 micro-batches x B=2 stream")
+        info = self.client.describe()
+        self.assertEqual(info.pool.used_pages, 0, "every sequence was freed")
+        self.assertEqual(info.open_token_steps, 0)
+
+    @unittest.skipUnless(shared_memory.supported(), "the shared-memory ring needs Linux on x86-64")
+    def test_two_micro_batches_through_the_shared_memory_ring(self) -> None:
+        self.check_config([[(0, True), (3, False)], [(2, True), (1, True)]], use_stream="ring",
+                          what="2 micro-batches x B=2 ring")
         info = self.client.describe()
         self.assertEqual(info.pool.used_pages, 0, "every sequence was freed")
         self.assertEqual(info.open_token_steps, 0)
