@@ -497,6 +497,11 @@ class StepStream:
         except grpc.RpcError as e:
             self._stream_failed(errors.error_from_rpc(e, "StepStream"))
             return
+        self._answer(head, response)
+
+    def _answer(self, head: PendingLayer, response: Any) -> None:
+        """Resolves the oldest request with its response, or resends it after a backoff when its
+        error is one the RetryPolicy allows."""
         self._pending.popleft()
         if response.status.code != 0:
             error = errors.error_from_code(response.status.code, response.status.message, "StepStream")
@@ -505,12 +510,15 @@ class StepStream:
                 time.sleep(policy.backoff_s(head.attempts))
                 head.attempts += 1
                 self._pending.append(head)
-                self._requests.put(head.request)
+                self._resend(head.request)
             else:
                 head._resolve(None, error)
             return
         head._resolve(self._client._step_result(response, head.like, head.batch, head.attempts,
                                                 head.start), None)
+
+    def _resend(self, request: Any) -> None:
+        self._requests.put(request)
 
     def _stream_failed(self, error: errors.WorkerError) -> None:
         """The stream ended: reopen it and resend what is unanswered, or fail all of it."""
@@ -624,20 +632,10 @@ class RingStepStream(StepStream):
                 size *= d
             at = response.out.shm.offset
             response.out.data = bytes(self._ring.mm[at:at + size])
-        self._pending.popleft()
-        if response.status.code != 0:
-            error = errors.error_from_code(response.status.code, response.status.message, "StepStream")
-            policy = self._client.retry
-            if head.attempts < policy.max_attempts and policy.retryable(error):
-                time.sleep(policy.backoff_s(head.attempts))
-                head.attempts += 1
-                self._pending.append(head)
-                self._publish(head.request)
-            else:
-                head._resolve(None, error)
-            return
-        head._resolve(self._client._step_result(response, head.like, head.batch, head.attempts,
-                                                head.start), None)
+        self._answer(head, response)
+
+    def _resend(self, request: Any) -> None:
+        self._publish(request)
 
     def _final_error(self) -> errors.WorkerError:
         if self._call.done():
