@@ -217,6 +217,13 @@ class CudaBackend final : public ExecutionBackend {
           plan.tasks.empty()) {
         return absl::InvalidArgumentError("plan has no work list for this batch");
       }
+      if (!plan.cta_task_begin.empty() &&
+          (plan.balanced_ctas < 1 || static_cast<int32_t>(plan.cta_task_begin.size()) != plan.balanced_ctas + 1 ||
+           plan.cta_task_begin.front() != 0 ||
+           plan.cta_task_begin.back() != static_cast<int32_t>(plan.tasks.size()) ||
+           !std::is_sorted(plan.cta_task_begin.begin(), plan.cta_task_begin.end()))) {
+        return absl::InvalidArgumentError("plan's CTA ranges do not cover its work list");
+      }
       if (plan.num_partials > options_.max_partial_slots ||
           static_cast<int64_t>(plan.tasks.size()) > tasks_capacity_) {
         return absl::ResourceExhaustedError(absl::StrCat("plan's work list (", plan.tasks.size(), " tasks, ",

@@ -73,9 +73,11 @@ absl::StatusOr<CudaSlotPtr> CudaSlot::Create(const Options& options) {
   const size_t out_bytes = Align16(q_bytes) + static_cast<size_t>(b) * s.num_q_heads * sizeof(float);
 
   CudaSlotPtr slot(new CudaSlot(options));
-  // [indptr: B + 1 | last, row_splits, partial_offset: B each | slots: 2B | indices | tasks].
+  // [indptr: B + 1 | last, row_splits, partial_offset: B each | slots: 2B | indices | tasks |
+  //  CTA ranges: one more than the tasks at most (every CTA of a balanced list runs a task)].
   slot->descriptor_bytes_ = Align16((b + 1) * 4) + 4 * Align16(2 * b * 4) + Align16(options.indices_capacity * 4) +
-                            Align16(options.tasks_capacity * sizeof(DecodeTask));
+                            Align16(options.tasks_capacity * sizeof(DecodeTask)) +
+                            Align16((options.tasks_capacity + 1) * 4);
   cudaStream_t stream = nullptr;
   PKV_CUDA_RETURN(cudaStreamCreateWithPriority(&stream, cudaStreamNonBlocking, options.stream_priority), "stream");
   slot->stream_.reset(stream);
@@ -117,6 +119,7 @@ absl::Status CudaSlot::BeginTokenStep(const scheduler::StepPlan& plan, const Pag
   const Ints row_splits = work_queue ? Ints(plan.row_splits) : Ints();
   const Ints partial_offset = work_queue ? Ints(plan.partial_offset) : Ints();
   const Tasks tasks = work_queue ? Tasks(plan.tasks) : Tasks();
+  const Ints cta_task_begin = work_queue ? Ints(plan.cta_task_begin) : Ints();
   // The backend refused larger steps and plans (CudaBackend::BeginTokenStep), so the descriptor
   // holds them.
   PKV_CHECK(b <= options_.max_batch && static_cast<int64_t>(table.indices.size()) <= options_.indices_capacity &&
@@ -126,6 +129,7 @@ absl::Status CudaSlot::BeginTokenStep(const scheduler::StepPlan& plan, const Pag
   step_.num_splits = plan.kernel == KernelId::kSequenceSplit ? plan.num_splits : 1;
   step_.num_partials = work_queue ? plan.num_partials : 0;
   step_.num_tasks = static_cast<int32_t>(tasks.size());
+  step_.num_ctas = cta_task_begin.empty() ? 0 : static_cast<int32_t>(cta_task_begin.size()) - 1;
 
   // The previous upload read host_descriptor_; it finished unless that token step ran no layer
   // (then this returns at once, as after every layer, which waits for the stream).
@@ -146,6 +150,7 @@ absl::Status CudaSlot::BeginTokenStep(const scheduler::StepPlan& plan, const Pag
   step_.off_slots = put(new_slots.data(), new_slots.size() * sizeof(kvpool::SlotAddr));
   step_.off_indices = put(table.indices.data(), table.indices.size() * 4);
   step_.off_tasks = put(tasks.data(), tasks.size() * sizeof(DecodeTask));
+  step_.off_cta_task_begin = put(cta_task_begin.data(), cta_task_begin.size() * 4);
   step_.batch = b;
   PKV_CUDA_RETURN(cudaMemcpyAsync(device_descriptor_.get(), h, off, cudaMemcpyHostToDevice, stream_.get()),
                   "descriptor upload");
@@ -189,6 +194,10 @@ kernels::DecodeParams CudaSlot::StepParams(int32_t layer) const {
     p.row_splits = reinterpret_cast<const int32_t*>(d + step_.off_row_splits);
     p.partial_offset = reinterpret_cast<const int32_t*>(d + step_.off_partial_offset);
     p.num_partials = step_.num_partials;
+    if (step_.num_ctas > 0) {
+      p.cta_task_begin = reinterpret_cast<const int32_t*>(d + step_.off_cta_task_begin);
+      p.num_ctas = step_.num_ctas;
+    }
   }
   return p;
 }

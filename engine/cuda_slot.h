@@ -68,9 +68,10 @@ class CudaSlot {
   CudaSlot& operator=(const CudaSlot&) = delete;
 
   // Commits a token step to the slot: waits until the previous step's descriptor upload read the
-  // pinned descriptor, packs [indptr | last | row_splits | partial_offset | slots | indices | tasks]
-  // into it and uploads it. `plan` as the scheduler made it: its kernel, kSequenceSplit's
-  // num_splits, kWorkQueue's work list (row_splits, partial_offset, num_partials, tasks).
+  // pinned descriptor, packs [indptr | last | row_splits | partial_offset | slots | indices | tasks |
+  // CTA ranges] into it and uploads it. `plan` as the scheduler made it: its kernel, kSequenceSplit's
+  // num_splits, kWorkQueue's work list (row_splits, partial_offset, num_partials, tasks and, when
+  // balanced, cta_task_begin).
   // Precondition (the backend checks it): the batch, page table and plan fit the capacities of
   // Options. An error of CanImplement when the route cannot run these params.
   [[nodiscard]] absl::Status BeginTokenStep(const scheduler::StepPlan& plan, const PageTableCsr& table,
@@ -109,8 +110,9 @@ class CudaSlot {
     int32_t num_splits = 1;
     int32_t num_partials = 0;
     int32_t num_tasks = 0;
+    int32_t num_ctas = 0;  // CTA ranges of a balanced work list (0: strided)
     size_t off_indptr = 0, off_last = 0, off_row_splits = 0, off_partial_offset = 0, off_slots = 0,
-           off_indices = 0, off_tasks = 0;
+           off_indices = 0, off_tasks = 0, off_cta_task_begin = 0;
   };
 
   explicit CudaSlot(const Options& options) : options_(options) {}

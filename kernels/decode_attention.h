@@ -48,6 +48,11 @@ struct DecodeParams {
   const int32_t* row_splits = nullptr;  // [B] per-row split count, or null for uniform
   const int32_t* partial_offset = nullptr;  // [B] first partial slot of each row, or null
   int32_t num_partials = 0;  // partial slots the plan uses (kWorkQueue: sum of row_splits > 1)
+  // kWorkQueue's CTA ranges, or null: CTA c of a grid of num_ctas runs tasks
+  // [cta_task_begin[c], cta_task_begin[c + 1]) in order ([num_ctas + 1], cta_task_begin[0] == 0,
+  // cta_task_begin[num_ctas] == num_tasks). Null: a persistent grid strides over the list.
+  const int32_t* cta_task_begin = nullptr;
+  int32_t num_ctas = 0;
 };
 static_assert(std::is_trivially_copyable_v<DecodeParams>);
 

@@ -128,6 +128,41 @@ ArmCost CostModel::WorkQueue(const StepShape& s, int32_t pages_per_task) const {
   return c;
 }
 
+int32_t CostModel::PieceCostPages(const StepShape& s) const {
+  const double concurrency = std::max(1.0, static_cast<double>(profile_.num_sms) * profile_.resident_ctas_per_sm);
+  const double share = profile_.stream_read_gbps * 1e3 / concurrency;  // bytes per us per CTA
+  return std::max(1, static_cast<int32_t>(std::lround(profile_.task_us * share / PageHeadBytes(s))));
+}
+
+ArmCost CostModel::BalancedWorkQueue(const StepShape& s, int32_t ctas) const {
+  ArmCost c;
+  c.kernel = KernelId::kWorkQueue;
+  c.launches = 1;
+  c.kv_bytes = KvBytes(s);
+  const int32_t heads = std::max(1, s.model.num_kv_heads);
+  c.piece_cost_pages = PieceCostPages(s);
+  const BalancedCut cut = CutBalanced(RowPages(s), std::max(1, ctas / heads), c.piece_cost_pages);
+  c.balanced_ctas = cut.ctas_per_head * heads;
+  c.pages_per_task = cut.max_cta_pages;
+  c.units = c.balanced_ctas;
+  int64_t split_partials = 0;
+  std::vector<int32_t> pieces(s.row_tokens.size(), 0);
+  for (const BalancedPiece& piece : cut.pieces) pieces[piece.row] += 1;
+  for (int32_t n : pieces) {
+    if (n > 1) c.partial_slots += n;
+  }
+  split_partials = c.partial_slots * heads;
+  c.tasks = static_cast<int64_t>(cut.pieces.size()) * heads;
+  c.merge_bytes = MergeBytes(s, split_partials);
+  // Every CTA's load is the budget: its pages plus a task's cost per piece; the first piece's
+  // cost is the per-unit cost UnitsUs adds.
+  const int64_t unit_pages = std::max<int64_t>(0, cut.budget_pages - c.piece_cost_pages);
+  c.us = UnitsUs({UnitGroup{unit_pages * PageHeadBytes(s), c.balanced_ctas}}) + profile_.launch_us +
+         static_cast<double>(c.merge_bytes) / (profile_.merge_gbps * 1e3) +
+         (split_partials > 0 ? profile_.wq_merge_us : 0.0);
+  return c;
+}
+
 ArmCost CostModel::BestOf(KernelId kernel, const StepShape& s) const {
   switch (kernel) {
     case KernelId::kSequenceSplit: {
@@ -150,7 +185,17 @@ ArmCost CostModel::BestOf(KernelId kernel, const StepShape& s) const {
       // each of them gets then. On the H200, plans of half a wave (128 tasks on 264 CTAs) were
       // 3-12% slower than one wave on every mixed B8, B4 and long B1 step where the model chose
       // them (bench/results/h200-kernels-ac2f2c6/).
-      for (int64_t target : {concurrency, 2 * concurrency, 4 * concurrency}) {
+      // One wave is balanced: one CTA per resident slot, every CTA the same pages. Strided lists
+      // of more waves are the fallback (and the form a pinned task size runs).
+      {
+        ArmCost c = BalancedWorkQueue(s, static_cast<int32_t>(concurrency));
+        const PlanLimits& limits = s.device.limits;
+        if ((limits.max_partial_slots <= 0 || c.partial_slots <= limits.max_partial_slots) &&
+            (limits.max_tasks <= 0 || c.tasks <= limits.max_tasks)) {
+          best = c;
+        }
+      }
+      for (int64_t target : {2 * concurrency, 4 * concurrency}) {
         const int32_t per_task = PagesPerTaskFor(row_pages, heads, target);
         ArmCost c = WorkQueue(s, FitPagesPerTask(row_pages, heads, per_task, s.device.limits));
         if (c.us < best.us) best = c;

@@ -14,7 +14,8 @@
 // when some row is split (the last task of the row merges after all others).
 // Routes differ in their units: per-request has one per (row, KV head); sequence-split cuts every
 // row into S equal page ranges (uniform S, two launches); the work queue cuts rows into tasks of
-// at most `pages_per_task` pages (only non-empty tasks, one launch with the merge fused).
+// at most `pages_per_task` pages (only non-empty tasks, one launch with the merge fused), or, in
+// its balanced form, gives every CTA the same pages (a CTA may end one row and start the next).
 // Thread-safety: const methods, safe to share.
 #pragma once
 
@@ -30,8 +31,12 @@ namespace pkv::scheduler {
 struct ArmCost {
   KernelId kernel = KernelId::kPerRequest;
   int32_t num_splits = 1;      // kSequenceSplit
-  int32_t pages_per_task = 0;  // kWorkQueue
+  int32_t pages_per_task = 0;  // kWorkQueue (balanced: the largest CTA's pages)
+  int32_t balanced_ctas = 0;   // kWorkQueue balanced over this many CTAs (0: a strided task list)
+  int32_t piece_cost_pages = 0;  // kWorkQueue balanced: the fixed cost of a task, in pages
   int64_t units = 0;           // CTAs or tasks
+  int64_t tasks = 0;           // kWorkQueue balanced: descriptor entries of its work list
+  int64_t partial_slots = 0;   // kWorkQueue balanced: partial slots of its work list
   int32_t launches = 1;
   int64_t kv_bytes = 0;
   int64_t merge_bytes = 0;
@@ -48,11 +53,17 @@ class CostModel {
   ArmCost PerRequest(const StepShape& shape) const;
   ArmCost SequenceSplit(const StepShape& shape, int32_t num_splits) const;
   ArmCost WorkQueue(const StepShape& shape, int32_t pages_per_task) const;
+  // The work queue balanced over `ctas` CTAs (scheduler/work_list.h's CutBalanced with
+  // PieceCostPages): every CTA streams about the same pages, a task's start priced in pages.
+  ArmCost BalancedWorkQueue(const StepShape& shape, int32_t ctas) const;
+  // task_us in pages of one KV head that a CTA streams at its share of β meanwhile (>= 1).
+  int32_t PieceCostPages(const StepShape& shape) const;
 
-  // The cheapest parameter of one route (splits in {2..128}, task sizes for one balanced wave of
-  // a quarter to four times the device's concurrency, scheduler/work_list.h's PagesPerTaskFor),
-  // each first fitted to the step's capacity (shape.device.limits: FitNumSplits,
-  // FitPagesPerTask), or the route's only form for per-request.
+  // The cheapest parameter of one route (splits in {2..128}; for the work queue one balanced
+  // wave over the device's concurrency, or strided task lists of two and four waves,
+  // scheduler/work_list.h's PagesPerTaskFor), each first fitted to the step's capacity
+  // (shape.device.limits: FitNumSplits, FitPagesPerTask), or the route's only form for
+  // per-request.
   ArmCost BestOf(KernelId kernel, const StepShape& shape) const;
 
   const CostProfile& profile() const { return profile_; }

@@ -53,7 +53,15 @@ StepPlan Scheduler::Plan(const StepShape& shape) const {
   plan.kernel = best.kernel;
   plan.num_splits = best.num_splits;
   plan.pages_per_task = best.pages_per_task;
-  if (plan.kernel == KernelId::kWorkQueue) BuildWorkList(row_pages, heads, best.pages_per_task, &plan);
+  if (plan.kernel == KernelId::kWorkQueue) {
+    if (best.balanced_ctas > 0) {
+      const BalancedCut cut =
+          CutBalanced(row_pages, std::max(1, best.balanced_ctas / std::max(1, heads)), best.piece_cost_pages);
+      BuildBalancedWorkList(row_pages, heads, cut, &plan);
+    } else {
+      BuildWorkList(row_pages, heads, best.pages_per_task, &plan);
+    }
+  }
   plan.launches_per_layer = best.launches;
   plan.predicted_us = best.us;
   return plan;

@@ -48,7 +48,11 @@ struct StepPlan {
   std::vector<int32_t> row_splits;      // [B] partials each row is cut into (1: not split)
   std::vector<int32_t> partial_offset;  // [B] first partial slot of a split row
   int32_t num_partials = 0;             // partial slots the work list uses
-  std::vector<DecodeTask> tasks;        // the tasks, largest first
+  std::vector<DecodeTask> tasks;        // the tasks: largest first, or grouped by CTA when balanced
+  // A balanced work list (BuildBalancedWorkList): CTA c runs tasks [cta_task_begin[c],
+  // cta_task_begin[c + 1]) ([balanced_ctas + 1]); empty when a persistent grid strides the list.
+  std::vector<int32_t> cta_task_begin;
+  int32_t balanced_ctas = 0;
   int64_t workspace_bytes = 0;       // scratch for partial (m, l, acc) states
   int32_t launches_per_layer = 1;    // kernel launches each layer costs
   double predicted_us = 0.0;         // cost model's prediction per layer (0 when not modelled)

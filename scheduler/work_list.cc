@@ -2,6 +2,8 @@
 
 #include <algorithm>
 
+#include "common/log.h"
+
 namespace pkv::scheduler {
 namespace {
 
@@ -63,6 +65,8 @@ void BuildWorkList(std::span<const int32_t> row_pages, int32_t num_kv_heads, int
   const int32_t cap = std::max(1, pages_per_task);
   const auto batch = static_cast<int32_t>(row_pages.size());
   plan->pages_per_task = cap;
+  plan->cta_task_begin.clear();
+  plan->balanced_ctas = 0;
   plan->row_splits.assign(batch, 0);
   plan->partial_offset.assign(batch, 0);
   plan->num_partials = 0;
@@ -111,6 +115,130 @@ void BuildWorkList(std::span<const int32_t> row_pages, int32_t num_kv_heads, int
       }
     }
   }
+}
+
+namespace {
+
+// Walks one head's rows with CTA budget `budget` (pages, each piece also costing `cost`); false
+// when more than `ctas` CTAs would be needed. A CTA with less than a piece's cost and a page left
+// is closed; the first piece of a CTA always takes at least one page.
+bool WalkBalanced(std::span<const int32_t> row_pages, int64_t budget, int64_t cost, int32_t ctas,
+                  std::vector<BalancedPiece>* out) {
+  out->clear();
+  int32_t cta = 0;
+  int64_t left = budget;
+  bool used = false;  // the current CTA holds a piece
+  auto next_cta = [&] {
+    ++cta;
+    left = budget;
+    used = false;
+  };
+  for (int32_t r = 0; r < static_cast<int32_t>(row_pages.size()); ++r) {
+    const int32_t pages = row_pages[r];
+    if (pages <= 0) {
+      if (used && left < cost) next_cta();
+      if (cta >= ctas) return false;
+      out->push_back({r, 0, 0, cta});
+      left -= cost;
+      used = true;
+      continue;
+    }
+    int32_t at = 0;
+    while (at < pages) {
+      if (used && left - cost < 1) {
+        next_cta();
+        continue;
+      }
+      if (cta >= ctas) return false;
+      const int64_t take = std::clamp<int64_t>(left - cost, 1, pages - at);
+      out->push_back({r, at, static_cast<int32_t>(at + take), cta});
+      at += static_cast<int32_t>(take);
+      left -= take + cost;
+      used = true;
+    }
+  }
+  return true;
+}
+
+}  // namespace
+
+BalancedCut CutBalanced(std::span<const int32_t> row_pages, int32_t ctas_per_head, int32_t piece_cost_pages) {
+  const int32_t ctas = std::max(1, ctas_per_head);
+  const int64_t cost = std::max(0, piece_cost_pages);
+  int64_t total = 0;
+  for (int32_t p : row_pages) total += std::max(0, p);
+  // One CTA taking every piece always fits; search the smallest budget that fits `ctas`.
+  int64_t lo = std::max<int64_t>(1, (total + ctas - 1) / ctas), hi = total + cost * (2 * row_pages.size() + 1) + 1;
+  std::vector<BalancedPiece> pieces;
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (WalkBalanced(row_pages, mid, cost, ctas, &pieces)) {
+      hi = mid;
+    } else {
+      lo = mid + 1;
+    }
+  }
+  BalancedCut cut;
+  cut.budget_pages = lo;
+  PKV_CHECK(WalkBalanced(row_pages, lo, cost, ctas, &cut.pieces)) << "balanced cut: the searched budget must fit";
+  std::vector<int32_t> pages, count;
+  for (const BalancedPiece& piece : cut.pieces) {
+    if (piece.cta >= static_cast<int32_t>(pages.size())) {
+      pages.resize(piece.cta + 1, 0);
+      count.resize(piece.cta + 1, 0);
+    }
+    pages[piece.cta] += piece.page_end - piece.page_begin;
+    count[piece.cta] += 1;
+  }
+  cut.ctas_per_head = static_cast<int32_t>(pages.size());
+  for (size_t c = 0; c < pages.size(); ++c) {
+    cut.max_cta_pages = std::max(cut.max_cta_pages, pages[c]);
+    cut.max_cta_pieces = std::max(cut.max_cta_pieces, count[c]);
+  }
+  return cut;
+}
+
+void BuildBalancedWorkList(std::span<const int32_t> row_pages, int32_t num_kv_heads, const BalancedCut& cut,
+                           StepPlan* plan) {
+  const auto batch = static_cast<int32_t>(row_pages.size());
+  const int32_t heads = std::max(1, num_kv_heads);
+  plan->row_splits.assign(batch, 0);
+  plan->partial_offset.assign(batch, 0);
+  plan->num_partials = 0;
+  for (const BalancedPiece& piece : cut.pieces) plan->row_splits[piece.row] += 1;
+  for (int32_t b = 0; b < batch; ++b) {
+    if (plan->row_splits[b] > 1) {
+      plan->partial_offset[b] = plan->num_partials;
+      plan->num_partials += plan->row_splits[b];
+    }
+  }
+  // Each piece's split index within its row (pieces come in row order).
+  std::vector<int32_t> split_of(cut.pieces.size());
+  for (size_t i = 0; i < cut.pieces.size(); ++i) {
+    split_of[i] = (i > 0 && cut.pieces[i - 1].row == cut.pieces[i].row) ? split_of[i - 1] + 1 : 0;
+  }
+  const int32_t ctas = cut.ctas_per_head * heads;
+  plan->tasks.clear();
+  plan->tasks.reserve(cut.pieces.size() * heads);
+  plan->cta_task_begin.assign(1, 0);
+  plan->cta_task_begin.reserve(ctas + 1);
+  // CTA c = j * heads + h runs head h's pieces of CTA j; pieces of one CTA are consecutive.
+  size_t first = 0;
+  for (int32_t j = 0; j < cut.ctas_per_head; ++j) {
+    size_t last = first;
+    while (last < cut.pieces.size() && cut.pieces[last].cta == j) ++last;
+    for (int32_t h = 0; h < heads; ++h) {
+      for (size_t i = first; i < last; ++i) {
+        const BalancedPiece& piece = cut.pieces[i];
+        plan->tasks.push_back(DecodeTask{piece.row, h, split_of[i], plan->row_splits[piece.row], piece.page_begin,
+                                         piece.page_end});
+      }
+      plan->cta_task_begin.push_back(static_cast<int32_t>(plan->tasks.size()));
+    }
+    first = last;
+  }
+  plan->pages_per_task = cut.max_cta_pages;
+  plan->balanced_ctas = ctas;
 }
 
 int32_t FitNumSplits(int32_t num_splits, int32_t batch, const PlanLimits& limits) {

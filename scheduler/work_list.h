@@ -48,6 +48,36 @@ int32_t PagesPerTaskFor(std::span<const int32_t> row_pages, int32_t num_kv_heads
 void BuildWorkList(std::span<const int32_t> row_pages, int32_t num_kv_heads, int32_t pages_per_task,
                    StepPlan* plan);
 
+// A balanced cut of every KV head's rows over `ctas_per_head` CTAs (BalancedCut): the rows of a
+// head are laid end to end and cut into consecutive pieces, each CTA taking the next pieces up to
+// a budget of `budget_pages`, where each piece also costs `piece_cost_pages` (the fixed cost of
+// starting a task, in pages of reading). A CTA may end one row and begin the next; a row is cut
+// at the same pages for every KV head. A row with 0 pages is one empty piece.
+struct BalancedPiece {
+  int32_t row = 0;
+  int32_t page_begin = 0;
+  int32_t page_end = 0;
+  int32_t cta = 0;  // of this head's CTAs, 0-based
+};
+struct BalancedCut {
+  int64_t budget_pages = 0;       // the smallest budget whose walk fits the CTAs
+  int32_t ctas_per_head = 0;      // CTAs the cut uses per KV head (<= the ones offered)
+  int32_t max_cta_pages = 0;      // most pages one CTA reads
+  int32_t max_cta_pieces = 0;     // most pieces (tasks) one CTA runs
+  std::vector<BalancedPiece> pieces;  // one head's pieces, in row order
+};
+// The balanced cut with the smallest budget that fits `ctas_per_head` (>= 1) CTAs per KV head.
+BalancedCut CutBalanced(std::span<const int32_t> row_pages, int32_t ctas_per_head, int32_t piece_cost_pages);
+
+// kWorkQueue's balanced work list into `plan` (replacing row_splits, partial_offset,
+// num_partials, tasks and cta_task_begin): `cut` (CutBalanced of these rows) repeated for every
+// KV head, CTA (piece.cta * num_kv_heads + head) running its pieces of that head in row order as
+// the contiguous task range [cta_task_begin[c], cta_task_begin[c + 1]). A row cut into n > 1
+// pieces takes n consecutive partial slots (split i = its i-th piece). Sets plan.pages_per_task
+// to the cut's largest CTA load and plan.balanced_ctas to the CTA count.
+void BuildBalancedWorkList(std::span<const int32_t> row_pages, int32_t num_kv_heads, const BalancedCut& cut,
+                           StepPlan* plan);
+
 // kSequenceSplit's split count for `batch` rows: `num_splits` clamped to [1, max_partial_slots /
 // batch] (at least 1; a single split uses no partial slots). Unbounded when max_partial_slots is 0.
 int32_t FitNumSplits(int32_t num_splits, int32_t batch, const PlanLimits& limits);

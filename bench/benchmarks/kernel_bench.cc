@@ -47,6 +47,39 @@ namespace kc = kernels::cuda;
     }                                                                                            \
   } while (0)
 
+// A work-queue plan's arrays in device memory (tasks, row splits, partial offsets, CTA ranges),
+// pointed to by the DecodeParams they were uploaded for; freed with the object.
+class PlanMemory {
+ public:
+  PlanMemory() = default;
+  PlanMemory(const PlanMemory&) = delete;
+  PlanMemory& operator=(const PlanMemory&) = delete;
+  ~PlanMemory() {
+    for (void* m : mem_) cudaFree(m);
+  }
+  void Upload(const scheduler::StepPlan& plan, DecodeParams* p) {
+    p->tasks = static_cast<const DecodeTask*>(Put(plan.tasks.data(), plan.tasks.size() * sizeof(DecodeTask)));
+    p->num_tasks = static_cast<int32_t>(plan.tasks.size());
+    p->row_splits = static_cast<const int32_t*>(Put(plan.row_splits.data(), plan.row_splits.size() * 4));
+    p->partial_offset = static_cast<const int32_t*>(Put(plan.partial_offset.data(), plan.partial_offset.size() * 4));
+    p->num_partials = plan.num_partials;
+    if (plan.balanced_ctas > 0) {
+      p->cta_task_begin = static_cast<const int32_t*>(Put(plan.cta_task_begin.data(), plan.cta_task_begin.size() * 4));
+      p->num_ctas = plan.balanced_ctas;
+    }
+  }
+
+ private:
+  const void* Put(const void* src, size_t bytes) {
+    void* d = nullptr;
+    BENCH_CUDA(cudaMalloc(&d, std::max<size_t>(bytes, 4)));
+    mem_.push_back(d);
+    BENCH_CUDA(cudaMemcpy(d, src, bytes, cudaMemcpyHostToDevice));
+    return d;
+  }
+  std::vector<void*> mem_;
+};
+
 // ---- the MISSION.md workloads (prompts rounded up to a multiple of 16) ----
 int64_t Round16(int64_t x) { return (x + 15) / 16 * 16; }
 int64_t Uniform(std::mt19937_64& rng, int64_t lo, int64_t hi) {
@@ -92,15 +125,17 @@ struct Case {
 struct Config {
   KernelId kernel;
   int splits = 1;       // kSequenceSplit
-  int64_t target = 0;   // kWorkQueue target task count
+  int64_t target = 0;   // kWorkQueue target task count (strided) or CTA count (balanced)
   kc::MergeMode merge = kc::MergeMode::kFused;
+  bool balanced = false;  // kWorkQueue: every CTA the same pages (scheduler's CutBalanced)
   std::string Label() const {
     switch (kernel) {
       case KernelId::kPerRequest: return "per_request";
       case KernelId::kSequenceSplit:
         return std::string(merge == kc::MergeMode::kFused ? "split_fused/S" : "split_sep/S") + std::to_string(splits);
       default:
-        return std::string(merge == kc::MergeMode::kFused ? "wq_fused" : "wq_sep") + "/T" + std::to_string(target);
+        return std::string(merge == kc::MergeMode::kFused ? "wq_fused" : "wq_sep") + (balanced ? "/C" : "/T") +
+               std::to_string(target);
     }
   }
   std::string Family() const {
@@ -140,6 +175,8 @@ class Bench {
   Ceilings MeasureCeilings();
   std::vector<Case> BuildCases() const;
   void RunCase(DType dtype, const Case& c, int64_t case_seed);
+  // The scheduler's view of one case's step, fitted to the CUDA backend's default limits.
+  scheduler::StepShape PlanShape(const std::vector<int64_t>& lengths, int32_t page_size, DType dtype) const;
 
   const KernelBenchOptions& o_;
   cudaStream_t stream_ = nullptr;
@@ -167,6 +204,23 @@ class Bench {
   int runs_ = 50;
   double floor_us_ = 0;
 };
+
+scheduler::StepShape Bench::PlanShape(const std::vector<int64_t>& lengths, int32_t page_size, DType dtype) const {
+  scheduler::StepShape shape;
+  shape.model.num_layers = 1;
+  shape.model.num_q_heads = o_.num_q_heads;
+  shape.model.num_kv_heads = o_.num_kv_heads;
+  shape.model.head_dim = o_.head_dim;
+  shape.model.page_size = page_size;
+  shape.model.dtype = dtype;
+  shape.row_tokens = lengths;
+  shape.device.name = prop_.name;
+  shape.device.is_gpu = true;
+  shape.device.num_sms = prop_.multiProcessorCount;
+  shape.device.limits.max_partial_slots = kPlanMaxPartialSlots;
+  shape.device.limits.max_tasks = kPlanMaxTasks;
+  return shape;
+}
 
 Ceilings Bench::MeasureCeilings() {
   Ceilings c;
@@ -315,6 +369,9 @@ void Bench::RunCase(DType dtype, const Case& c, int64_t case_seed) {
     configs.push_back(Config{KernelId::kWorkQueue, 1, waves * grid, kc::MergeMode::kFused});
     configs.push_back(Config{KernelId::kWorkQueue, 1, waves * grid, kc::MergeMode::kSeparate});
   }
+  // One balanced wave: `grid` CTAs, each the same pages (a task's start priced as the planner does).
+  configs.push_back(Config{KernelId::kWorkQueue, 1, grid, kc::MergeMode::kFused, true});
+  configs.push_back(Config{KernelId::kWorkQueue, 1, grid, kc::MergeMode::kSeparate, true});
 
   // Warm-up, a spin kernel to queue behind, then runs_ launches each between two events: median us.
   auto time_launches = [&](const auto& launch) {
@@ -335,24 +392,23 @@ void Bench::RunCase(DType dtype, const Case& c, int64_t case_seed) {
   std::vector<Result> results;
   for (const Config& cfg : configs) {
     DecodeParams p = base;
-    int32_t* d_tasks_mem[3] = {nullptr, nullptr, nullptr};
+    PlanMemory plan_mem;
     if (cfg.kernel == KernelId::kSequenceSplit) p.num_splits = cfg.splits;
     if (cfg.kernel == KernelId::kWorkQueue) {
-      // The scheduler's task size for one wave of `target` CTAs and its work list (scheduler/work_list.h).
-      const int32_t ppt = scheduler::PagesPerTaskFor(row_pages, o_.num_kv_heads, cfg.target);
+      // The scheduler's work list (scheduler/work_list.h): the task size for one wave of `target`
+      // CTAs, or the balanced cut over `target` CTAs.
       scheduler::StepPlan plan;
-      scheduler::BuildWorkList(row_pages, o_.num_kv_heads, ppt, &plan);
-      BENCH_CUDA(cudaMalloc(&d_tasks_mem[0], plan.tasks.size() * sizeof(DecodeTask)));
-      BENCH_CUDA(cudaMalloc(&d_tasks_mem[1], B * 4));
-      BENCH_CUDA(cudaMalloc(&d_tasks_mem[2], B * 4));
-      BENCH_CUDA(cudaMemcpy(d_tasks_mem[0], plan.tasks.data(), plan.tasks.size() * sizeof(DecodeTask), cudaMemcpyHostToDevice));
-      BENCH_CUDA(cudaMemcpy(d_tasks_mem[1], plan.row_splits.data(), B * 4, cudaMemcpyHostToDevice));
-      BENCH_CUDA(cudaMemcpy(d_tasks_mem[2], plan.partial_offset.data(), B * 4, cudaMemcpyHostToDevice));
-      p.tasks = reinterpret_cast<const DecodeTask*>(d_tasks_mem[0]);
-      p.num_tasks = static_cast<int32_t>(plan.tasks.size());
-      p.row_splits = d_tasks_mem[1];
-      p.partial_offset = d_tasks_mem[2];
-      p.num_partials = plan.num_partials;
+      if (cfg.balanced) {
+        const scheduler::CostModel model(scheduler_->options().profile);
+        const int32_t per_head = std::max<int32_t>(1, static_cast<int32_t>(cfg.target) / o_.num_kv_heads);
+        scheduler::BuildBalancedWorkList(
+            row_pages, o_.num_kv_heads,
+            scheduler::CutBalanced(row_pages, per_head, model.PieceCostPages(PlanShape(c.lengths, P, dtype))), &plan);
+      } else {
+        const int32_t ppt = scheduler::PagesPerTaskFor(row_pages, o_.num_kv_heads, cfg.target);
+        scheduler::BuildWorkList(row_pages, o_.num_kv_heads, ppt, &plan);
+      }
+      plan_mem.Upload(plan, &p);
     }
     const bool ok = kc::CanImplement(cfg.kernel, p).ok() && kc::WorkspaceBytes(cfg.kernel, p) <= ws_bytes_;
     if (ok) {
@@ -366,9 +422,6 @@ void Bench::RunCase(DType dtype, const Case& c, int64_t case_seed) {
         }
       };
       results.push_back(Result{cfg.Label(), cfg.Family(), time_launches(launch), kc::LaunchesPerCall(cfg.kernel, p, cfg.merge)});
-    }
-    for (int32_t* m : d_tasks_mem) {
-      if (m != nullptr) cudaFree(m);
     }
   }
   // FlashInfer's paths on the same inputs and rotated page tables, timed the same way. Its planner
@@ -403,39 +456,18 @@ void Bench::RunCase(DType dtype, const Case& c, int64_t case_seed) {
   // oracle the engine does not run).
   Result planned_result;
   {
-    scheduler::StepShape shape;
-    shape.model.num_layers = 1;
-    shape.model.num_q_heads = o_.num_q_heads;
-    shape.model.num_kv_heads = o_.num_kv_heads;
-    shape.model.head_dim = o_.head_dim;
-    shape.model.page_size = P;
-    shape.model.dtype = dtype;
-    shape.row_tokens = c.lengths;
-    shape.device.name = prop_.name;
-    shape.device.is_gpu = true;
-    shape.device.num_sms = prop_.multiProcessorCount;
-    shape.device.limits.max_partial_slots = kPlanMaxPartialSlots;
-    shape.device.limits.max_tasks = kPlanMaxTasks;
-    const scheduler::StepPlan plan = scheduler_->Plan(shape);
+    const scheduler::StepPlan plan = scheduler_->Plan(PlanShape(c.lengths, P, dtype));
     DecodeParams p = base;
-    int32_t* d_plan_mem[3] = {nullptr, nullptr, nullptr};
+    PlanMemory plan_mem;
     std::string label = "planned:";
     if (plan.kernel == KernelId::kSequenceSplit) {
       p.num_splits = plan.num_splits;
       label += "split_fused/S" + std::to_string(plan.num_splits);
     } else if (plan.kernel == KernelId::kWorkQueue) {
-      BENCH_CUDA(cudaMalloc(&d_plan_mem[0], plan.tasks.size() * sizeof(DecodeTask)));
-      BENCH_CUDA(cudaMalloc(&d_plan_mem[1], B * 4));
-      BENCH_CUDA(cudaMalloc(&d_plan_mem[2], B * 4));
-      BENCH_CUDA(cudaMemcpy(d_plan_mem[0], plan.tasks.data(), plan.tasks.size() * sizeof(DecodeTask), cudaMemcpyHostToDevice));
-      BENCH_CUDA(cudaMemcpy(d_plan_mem[1], plan.row_splits.data(), B * 4, cudaMemcpyHostToDevice));
-      BENCH_CUDA(cudaMemcpy(d_plan_mem[2], plan.partial_offset.data(), B * 4, cudaMemcpyHostToDevice));
-      p.tasks = reinterpret_cast<const DecodeTask*>(d_plan_mem[0]);
-      p.num_tasks = static_cast<int32_t>(plan.tasks.size());
-      p.row_splits = d_plan_mem[1];
-      p.partial_offset = d_plan_mem[2];
-      p.num_partials = plan.num_partials;
-      label += "wq_fused/P" + std::to_string(plan.pages_per_task) + "x" + std::to_string(plan.tasks.size());
+      plan_mem.Upload(plan, &p);
+      label += plan.balanced_ctas > 0
+                   ? "wq_fused/C" + std::to_string(plan.balanced_ctas) + "x" + std::to_string(plan.tasks.size())
+                   : "wq_fused/P" + std::to_string(plan.pages_per_task) + "x" + std::to_string(plan.tasks.size());
     } else {
       label += "per_request";
     }
@@ -454,9 +486,6 @@ void Bench::RunCase(DType dtype, const Case& c, int64_t case_seed) {
       }
     };
     planned_result = Result{label, "planned", time_launches(launch), kc::LaunchesPerCall(plan.kernel, p, kc::MergeMode::kFused)};
-    for (int32_t* m : d_plan_mem) {
-      if (m != nullptr) cudaFree(m);
-    }
   }
   cudaFree(d_indptr);
   cudaFree(d_indices);

@@ -58,6 +58,7 @@ class Calibrator {
     so.available = {KernelId::kPerRequest, KernelId::kSequenceSplit, KernelId::kWorkQueue};
     so.fixed_kernel = kernel;
     so.fixed_parameter = parameter;
+    so.profile = profile_;  // a parameter of 0 runs the plan this profile's model picks
     PKV_CHECK(e_->SetScheduler(*pkv::scheduler::Scheduler::Create(so)).ok()) << "scheduler";
     std::vector<pkv::engine::SeqId> rows;
     for (int64_t len : lens) {
@@ -87,13 +88,26 @@ class Calibrator {
     return t[t.size() / 2];
   }
 
+  // The profile the pinned routes plan with (the constants fitted so far).
+  void SetProfile(const pkv::scheduler::CostProfile& p) { profile_ = p; }
+
  private:
+  pkv::scheduler::CostProfile profile_ = pkv::scheduler::DefaultCostProfile();
   Engine* e_;
   pkv::ModelShape shape_;
   int samples_;
   std::vector<uint8_t> q_, kv_;
   uint64_t next_id_ = 0, step_id_ = 0;
 };
+
+// The parameter that makes a fixed-route scheduler run `c`'s plan: the split count, the task size
+// of a strided work queue, or 0 (the cost model's own pick) for the balanced work queue, which a
+// task size cannot pin.
+int32_t PinnedParameter(const pkv::scheduler::ArmCost& c) {
+  if (c.kernel == KernelId::kSequenceSplit) return c.num_splits;
+  if (c.kernel == KernelId::kWorkQueue) return c.balanced_ctas > 0 ? 0 : c.pages_per_task;
+  return 0;
+}
 
 pkv::scheduler::StepShape ShapeOf(const pkv::ModelShape& m, const std::vector<int64_t>& lens) {
   pkv::scheduler::StepShape s;
@@ -240,17 +254,19 @@ int main(int argc, char** argv) {
                 c.us, p.split_stream_efficiency);
   }
   // 7. The work queue's fused merge tail: one long row (bucketed B1 of the calibration seed).
+  cal.SetProfile(p);
   {
     const std::vector<int64_t> row = lens_of(pkv::WorkloadKind::kBucketed, 1);
     const auto ss = ShapeOf(shape, row);
     const pkv::scheduler::ArmCost c = pkv::scheduler::CostModel(p).BestOf(KernelId::kWorkQueue, ss);
-    const double t = cal.Measure(row, KernelId::kWorkQueue, c.pages_per_task) * 1e6;
+    const double t = cal.Measure(row, KernelId::kWorkQueue, PinnedParameter(c)) * 1e6;
     p.wq_merge_us = c.merge_bytes > 0 ? std::clamp(t - c.us, 0.0, 50.0) : 0.0;
     std::printf("  bucketed B1 workqueue %d pages/task %.1f us (model %.1f us) -> wq_merge_us %.2f\n",
                 c.pages_per_task, t, c.us, p.wq_merge_us);
   }
 
   // Check on mixed-length steps of the paper's workloads (calibration seed; the trace benchmark holds out 20260623-27).
+  cal.SetProfile(p);
   pkv::scheduler::CostModel model(p);
   std::printf("  check on mixed steps of the calibration seed 20260622: measured / predicted us per route\n");
   double err_sum = 0;
@@ -266,8 +282,7 @@ int main(int argc, char** argv) {
     KernelId meas_k = KernelId::kPerRequest, pred_k = KernelId::kPerRequest;
     for (KernelId k : {KernelId::kPerRequest, KernelId::kSequenceSplit, KernelId::kWorkQueue}) {
       const pkv::scheduler::ArmCost c = model.BestOf(k, ss);
-      const int32_t param = k == KernelId::kSequenceSplit ? c.num_splits : (k == KernelId::kWorkQueue ? c.pages_per_task : 0);
-      const double t = cal.Measure(lens, k, param) * 1e6;
+      const double t = cal.Measure(lens, k, PinnedParameter(c)) * 1e6;
       std::printf("    %-8s B%d %-15s %9.1f / %9.1f\n", std::string(pkv::WorkloadKindName(kind)).c_str(), batch,
                   pkv::KernelName(k), t, c.us);
       err_sum += std::fabs(t - c.us) / t;

@@ -97,7 +97,8 @@ struct WorkQueueL {
   template <typename T, int D>
   cudaError_t operator()() const {
     const internal::KernelShape shape = internal::WorkQueueShape<T, D>();
-    const int grid = std::min(p.num_tasks, shape.num_sms * shape.ctas_per_sm);
+    const int grid =
+        p.cta_task_begin != nullptr ? p.num_ctas : std::min(p.num_tasks, shape.num_sms * shape.ctas_per_sm);
     return internal::LaunchWorkQueue<T, D>(p, ws, fused, grid, s);
   }
 };
@@ -144,6 +145,9 @@ absl::Status CanImplement(KernelId kernel, const DecodeParams& p) {
     }
     if (p.num_partials > 0 && (p.partial_offset == nullptr || p.row_splits == nullptr)) {
       return absl::InvalidArgumentError("kWorkQueue with split rows needs row_splits and partial_offset");
+    }
+    if (p.cta_task_begin != nullptr && (p.num_ctas < 1 || p.num_ctas > p.num_tasks)) {
+      return absl::InvalidArgumentError("kWorkQueue's CTA ranges need 1 <= num_ctas <= num_tasks");
     }
   }
   return absl::OkStatus();

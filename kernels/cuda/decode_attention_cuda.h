@@ -7,11 +7,14 @@
 //                  writes a partial (o, lse); the S partials are merged exactly, fused (last
 //                  finisher, one launch) or by a second launch (MergeMode::kSeparate).
 //                  S = params.num_splits (S = 1 writes out directly, one launch).
-//   kWorkQueue     a persistent grid (sized to the resident-CTA capacity of the device) walks the
-//                  compact task list params.tasks; a task with num_splits == 1 writes out directly,
-//                  others write partial slot (partial_offset[row] + split). The merge is fused
-//                  (the last task of a (row, KV head) to finish merges, via a counter) or one more
-//                  launch (MergeMode::kSeparate).
+//   kWorkQueue     runs the compact task list params.tasks: either a persistent grid (sized to
+//                  the resident-CTA capacity of the device) strides over it, or, when the plan
+//                  gives params.cta_task_begin, a grid of params.num_ctas CTAs runs one contiguous
+//                  range of tasks each (a balanced plan: every CTA the same pages). A task with
+//                  num_splits == 1 writes out directly, others write partial slot
+//                  (partial_offset[row] + split). The merge is fused (the last task of a
+//                  (row, KV head) to finish merges, via a counter) or one more launch
+//                  (MergeMode::kSeparate).
 // Every route: the G = Hq/Hkv query heads of a group share each K,V tile; K,V tiles of 16 tokens
 // go global -> shared memory with 16-byte cp.async in a per-warp multi-stage pipeline; QK^T and PV
 // run on tensor cores (mma.sync m16n8k16, the G heads padded to 16 rows) with fp32 accumulation

@@ -61,10 +61,17 @@ struct Route {
   int splits = 1;             // kSequenceSplit
   int pages_per_task = 0;     // kWorkQueue (0: about 2 tasks per SM slot)
   MergeMode merge = MergeMode::kFused;
+  // kWorkQueue balanced over this many CTAs per KV head (-1: the device's persistent grid), each
+  // task's start costing `piece_cost` pages; 0: a strided list of `pages_per_task`.
+  int balanced_per_head = 0;
+  int piece_cost = 0;
   std::string Name() const {
     std::string n(KernelName(kernel));
     if (kernel == KernelId::kSequenceSplit) n += "/S" + std::to_string(splits);
-    if (kernel == KernelId::kWorkQueue) n += "/ppt" + std::to_string(pages_per_task);
+    if (kernel == KernelId::kWorkQueue && balanced_per_head == 0) n += "/ppt" + std::to_string(pages_per_task);
+    if (kernel == KernelId::kWorkQueue && balanced_per_head != 0) {
+      n += "/balanced" + std::to_string(balanced_per_head) + "c" + std::to_string(piece_cost);
+    }
     if (kernel != KernelId::kPerRequest) n += merge == MergeMode::kFused ? "/fused" : "/separate";
     return n;
   }
@@ -241,15 +248,24 @@ void RunCase(const Case& c, const std::vector<Route>& routes) {
     p.last_page_len = static_cast<const int32_t*>(last.ptr);
     p.out = out.ptr;
     p.lse = static_cast<float*>(lse.ptr);
-    DevBuf tasks, row_splits, partial_offset, ws;
+    DevBuf tasks, row_splits, partial_offset, cta_ranges, ws;
     if (r.kernel == KernelId::kSequenceSplit) p.num_splits = r.splits;
     if (r.kernel == KernelId::kWorkQueue) {
       // The scheduler's work list (scheduler/work_list.h), as the engine hands it to the backend.
-      const int ppt = r.pages_per_task > 0
-                          ? r.pages_per_task
-                          : scheduler::PagesPerTaskFor(row_pages, c.hkv, 2LL * PersistentGridSize(p));
       scheduler::StepPlan plan;
-      scheduler::BuildWorkList(row_pages, c.hkv, ppt, &plan);
+      if (r.balanced_per_head != 0) {
+        const int per_head = r.balanced_per_head > 0 ? r.balanced_per_head : PersistentGridSize(p) / c.hkv;
+        scheduler::BuildBalancedWorkList(row_pages, c.hkv, scheduler::CutBalanced(row_pages, per_head, r.piece_cost),
+                                         &plan);
+        CUDA_OK(cta_ranges.Upload(plan.cta_task_begin));
+        p.cta_task_begin = static_cast<const int32_t*>(cta_ranges.ptr);
+        p.num_ctas = plan.balanced_ctas;
+      } else {
+        const int ppt = r.pages_per_task > 0
+                            ? r.pages_per_task
+                            : scheduler::PagesPerTaskFor(row_pages, c.hkv, 2LL * PersistentGridSize(p));
+        scheduler::BuildWorkList(row_pages, c.hkv, ppt, &plan);
+      }
       CUDA_OK(tasks.Upload(plan.tasks));
       CUDA_OK(row_splits.Upload(plan.row_splits));
       CUDA_OK(partial_offset.Upload(plan.partial_offset));
@@ -295,7 +311,11 @@ std::vector<Route> AllRoutes(int splits, int ppt) {
           Route{KernelId::kSequenceSplit, splits, 0, MergeMode::kFused},
           Route{KernelId::kSequenceSplit, splits, 0, MergeMode::kSeparate},
           Route{KernelId::kWorkQueue, 1, ppt, MergeMode::kFused},
-          Route{KernelId::kWorkQueue, 1, ppt, MergeMode::kSeparate}};
+          Route{KernelId::kWorkQueue, 1, ppt, MergeMode::kSeparate},
+          // Balanced over 3 CTAs per KV head: CTAs that end one row and start the next (an
+          // empty row and single-page rows among them).
+          Route{KernelId::kWorkQueue, 1, 0, MergeMode::kFused, 3, 2},
+          Route{KernelId::kWorkQueue, 1, 0, MergeMode::kSeparate, 3, 2}};
 }
 
 class DecodeAttentionCudaTest : public ::testing::Test {
@@ -357,7 +377,8 @@ TEST_F(DecodeAttentionCudaTest, LongRows) {
       RunCase(c, {Route{KernelId::kPerRequest}, Route{KernelId::kSequenceSplit, 64},
                   Route{KernelId::kSequenceSplit, 64, 0, MergeMode::kSeparate},
                   Route{KernelId::kWorkQueue, 1, 0, MergeMode::kFused},
-                  Route{KernelId::kWorkQueue, 1, 0, MergeMode::kSeparate}});
+                  Route{KernelId::kWorkQueue, 1, 0, MergeMode::kSeparate},
+                  Route{KernelId::kWorkQueue, 1, 0, MergeMode::kFused, -1, 7}});
       if (HasFailure()) return;
     }
   }
@@ -377,6 +398,11 @@ TEST_F(DecodeAttentionCudaTest, MixedBatch) {
     // One page per task: ~90 tasks per persistent CTA and ~750-way merges.
     routes.push_back(Route{KernelId::kWorkQueue, 1, 1, MergeMode::kFused});
     routes.push_back(Route{KernelId::kWorkQueue, 1, 1, MergeMode::kSeparate});
+    // Balanced as the planner cuts it for the device, and over many CTAs: short pieces, CTAs
+    // that span several rows, rows cut into many pieces.
+    routes.push_back(Route{KernelId::kWorkQueue, 1, 0, MergeMode::kFused, -1, 7});
+    routes.push_back(Route{KernelId::kWorkQueue, 1, 0, MergeMode::kFused, 200, 1});
+    routes.push_back(Route{KernelId::kWorkQueue, 1, 0, MergeMode::kSeparate, 200, 1});
     RunCase(c, routes);
     if (HasFailure()) return;
   }

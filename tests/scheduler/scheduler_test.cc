@@ -243,6 +243,116 @@ void ExpectWorkListCovers(std::span<const int32_t> row_pages, int32_t heads, con
   EXPECT_EQ(next_partial, plan.num_partials);
 }
 
+// A balanced work list: every page of every (row, KV head) in exactly one task; a row's tasks
+// are its consecutive splits 0..n-1 in page order, cut at the same pages for every KV head; the
+// CTA ranges cover the list and each CTA runs one head's tasks within the cut's budget.
+void ExpectBalancedWorkListCovers(std::span<const int32_t> row_pages, int32_t heads, const BalancedCut& cut,
+                                  const StepPlan& plan) {
+  const auto batch = static_cast<int32_t>(row_pages.size());
+  ASSERT_EQ(static_cast<int32_t>(plan.row_splits.size()), batch);
+  ASSERT_EQ(static_cast<int32_t>(plan.partial_offset.size()), batch);
+  ASSERT_EQ(plan.balanced_ctas, cut.ctas_per_head * heads);
+  ASSERT_EQ(static_cast<int32_t>(plan.cta_task_begin.size()), plan.balanced_ctas + 1);
+  EXPECT_EQ(plan.cta_task_begin.front(), 0);
+  EXPECT_EQ(plan.cta_task_begin.back(), static_cast<int32_t>(plan.tasks.size()));
+  // (row, head) -> the end of the pages covered so far and the next split expected.
+  std::vector<int32_t> at(static_cast<size_t>(batch) * heads, 0), split(static_cast<size_t>(batch) * heads, 0);
+  for (int32_t c = 0; c < plan.balanced_ctas; ++c) {
+    ASSERT_LT(plan.cta_task_begin[c], plan.cta_task_begin[c + 1]) << "CTA " << c << " runs no task";
+    int64_t load = 0;
+    for (int32_t i = plan.cta_task_begin[c]; i < plan.cta_task_begin[c + 1]; ++i) {
+      const DecodeTask& t = plan.tasks[i];
+      ASSERT_GE(t.row, 0);
+      ASSERT_LT(t.row, batch);
+      EXPECT_EQ(t.kv_head, c % heads) << "CTA " << c;
+      EXPECT_EQ(t.num_splits, plan.row_splits[t.row]);
+      const size_t key = static_cast<size_t>(t.row) * heads + t.kv_head;
+      EXPECT_EQ(t.page_begin, at[key]) << "row " << t.row << " head " << t.kv_head;
+      EXPECT_EQ(t.split, split[key]) << "row " << t.row << " head " << t.kv_head;
+      EXPECT_GE(t.page_end, t.page_begin);
+      at[key] = t.page_end;
+      split[key] += 1;
+      load += t.page_end - t.page_begin;
+    }
+    EXPECT_LE(load, cut.max_cta_pages) << "CTA " << c;
+  }
+  int32_t next_partial = 0;
+  for (int32_t b = 0; b < batch; ++b) {
+    for (int32_t h = 0; h < heads; ++h) {
+      EXPECT_EQ(at[static_cast<size_t>(b) * heads + h], std::max(0, row_pages[b])) << "row " << b;
+      EXPECT_EQ(split[static_cast<size_t>(b) * heads + h], plan.row_splits[b]) << "row " << b;
+    }
+    if (plan.row_splits[b] > 1) {
+      EXPECT_EQ(plan.partial_offset[b], next_partial) << "row " << b;
+      next_partial += plan.row_splits[b];
+    }
+  }
+  EXPECT_EQ(next_partial, plan.num_partials);
+}
+
+TEST(BalancedWorkListTest, OneCtaTakesEveryRowAndEmptyRowsGetATask) {
+  const std::vector<int32_t> pages = {10, 0, 3};
+  const BalancedCut cut = CutBalanced(pages, 1, 2);
+  EXPECT_EQ(cut.ctas_per_head, 1);
+  EXPECT_EQ(cut.max_cta_pages, 13);
+  EXPECT_EQ(cut.max_cta_pieces, 3);
+  StepPlan plan;
+  BuildBalancedWorkList(pages, 2, cut, &plan);
+  EXPECT_EQ(plan.row_splits, (std::vector<int32_t>{1, 1, 1}));
+  EXPECT_EQ(plan.num_partials, 0);
+  EXPECT_EQ(plan.cta_task_begin, (std::vector<int32_t>{0, 3, 6}));
+  EXPECT_EQ(plan.tasks[1].page_begin, plan.tasks[1].page_end);  // the empty row
+  ExpectBalancedWorkListCovers(pages, 2, cut, plan);
+}
+
+TEST(BalancedWorkListTest, CtasEndOneRowAndStartTheNext) {
+  // 30 pages over 3 CTAs, a piece costing 1 page. A budget of 11 needs a fourth CTA
+  // ([0,10) | [10,15) [0,4) | [4,14) | [14,15)); 12 fits: [0,11) | [11,15) [0,6) | [6,15).
+  const std::vector<int32_t> pages = {15, 15};
+  const BalancedCut cut = CutBalanced(pages, 3, 1);
+  EXPECT_EQ(cut.budget_pages, 12);
+  EXPECT_EQ(cut.ctas_per_head, 3);
+  StepPlan plan;
+  BuildBalancedWorkList(pages, 1, cut, &plan);
+  EXPECT_EQ(plan.row_splits, (std::vector<int32_t>{2, 2}));
+  EXPECT_EQ(plan.num_partials, 4);
+  EXPECT_EQ(plan.partial_offset, (std::vector<int32_t>{0, 2}));
+  ASSERT_EQ(plan.tasks.size(), 4u);
+  EXPECT_EQ(plan.cta_task_begin, (std::vector<int32_t>{0, 1, 3, 4}));
+  EXPECT_EQ(plan.tasks[1].row, 0);
+  EXPECT_EQ(plan.tasks[2].row, 1);
+  ExpectBalancedWorkListCovers(pages, 1, cut, plan);
+}
+
+TEST(BalancedWorkListTest, RandomRowsAreCoveredAndEveryCtaCarriesItsShare) {
+  std::mt19937 rng(20261203);
+  std::uniform_int_distribution<int32_t> len(0, 3000), heads(1, 8), batch(1, 24), ctas(1, 300), cost(0, 12);
+  for (int trial = 0; trial < 300; ++trial) {
+    std::vector<int32_t> pages(batch(rng));
+    for (int32_t& p : pages) p = len(rng) < 300 ? 0 : len(rng);
+    const int32_t h = heads(rng), c = ctas(rng), f = cost(rng);
+    SCOPED_TRACE(testing::Message() << "trial " << trial);
+    const BalancedCut cut = CutBalanced(pages, c, f);
+    ASSERT_GE(cut.ctas_per_head, 1);
+    ASSERT_LE(cut.ctas_per_head, c);
+    int64_t total = 0;
+    for (int32_t p : pages) total += p;
+    // Every CTA but the last is closed only when a piece no longer fits, so the smallest budget
+    // is at most the mean load with a piece's cost for every row and every CTA, plus one piece.
+    const int64_t bound =
+        (total + int64_t{f} * (static_cast<int64_t>(pages.size()) + c) + c - 1) / c + f + 1;
+    EXPECT_LE(cut.budget_pages, std::max<int64_t>(bound, 1));
+    EXPECT_LE(cut.max_cta_pages, cut.budget_pages);
+    StepPlan plan;
+    BuildBalancedWorkList(pages, h, cut, &plan);
+    ExpectBalancedWorkListCovers(pages, h, cut, plan);
+    // The strided list's fields are replaced, not left over.
+    BuildWorkList(pages, h, 7, &plan);
+    EXPECT_TRUE(plan.cta_task_begin.empty());
+    EXPECT_EQ(plan.balanced_ctas, 0);
+  }
+}
+
 TEST(WorkListTest, SplitsAndSlots) {
   const std::vector<int32_t> pages = {10, 0, 3};
   StepPlan plan;
@@ -368,8 +478,17 @@ void ExpectPlanFits(const StepShape& s, const StepPlan& p) {
     ASSERT_GE(p.pages_per_task, 1);
     EXPECT_LE(p.num_partials, limits.max_partial_slots);
     EXPECT_LE(static_cast<int64_t>(p.tasks.size()), limits.max_tasks);
-    ExpectWorkListCovers(pages, s.model.num_kv_heads, p);
-    EXPECT_DOUBLE_EQ(p.predicted_us, model.WorkQueue(s, p.pages_per_task).us);
+    if (p.balanced_ctas > 0) {
+      const ArmCost c = model.BalancedWorkQueue(s, p.balanced_ctas);
+      const BalancedCut cut =
+          CutBalanced(pages, p.balanced_ctas / s.model.num_kv_heads, model.PieceCostPages(s));
+      ExpectBalancedWorkListCovers(pages, s.model.num_kv_heads, cut, p);
+      EXPECT_EQ(c.balanced_ctas, p.balanced_ctas);
+      EXPECT_DOUBLE_EQ(p.predicted_us, c.us);
+    } else {
+      ExpectWorkListCovers(pages, s.model.num_kv_heads, p);
+      EXPECT_DOUBLE_EQ(p.predicted_us, model.WorkQueue(s, p.pages_per_task).us);
+    }
   } else {
     EXPECT_TRUE(p.tasks.empty());
     EXPECT_EQ(p.num_splits, 1);

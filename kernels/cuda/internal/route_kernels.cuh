@@ -66,16 +66,27 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Work queue: a persistent grid strides over the compact task list. A task of a row with one
-// split writes the output; otherwise it writes partial slot partial_offset[row] + split and, with
+// Work queue: each CTA runs its tasks of the compact task list in order: the contiguous range
+// [cta_task_begin[c], cta_task_begin[c + 1]) when the plan assigns ranges, else every gridDim.x-th
+// task from blockIdx.x (a persistent grid striding over the list). A task of a row with one split
+// writes the output; otherwise it writes partial slot partial_offset[row] + split and, with
 // kFused, the last task of its (row, KV head) to finish merges the group's partials. The next
 // task's Q, page ids and first chunks are issued before the current task's epilogue, so its load
 // latency hides behind the merge, the partial write and the completion counter.
 template <typename T, int D, bool kFused>
 __global__ void __launch_bounds__(kThreads) WorkQueueKernel(const __grid_constant__ DecodeParams p, Workspace ws) {
   extern __shared__ __align__(128) char smem[];
+  // The end of this CTA's range lives in shared memory (read once per task; registers are tight).
+  __shared__ int task_end;
   int t = blockIdx.x;
-  if (t >= p.num_tasks) return;
+  if (p.cta_task_begin != nullptr) {
+    t = p.cta_task_begin[blockIdx.x];
+    if (threadIdx.x == 0) task_end = p.cta_task_begin[blockIdx.x + 1];
+  } else if (threadIdx.x == 0) {
+    task_end = p.num_tasks;
+  }
+  __syncthreads();
+  if (t >= task_end) return;
   DecodeTask cur = p.tasks[t];
   RangeState<D> r;
   BeginRange<T, D>(p, cur.row, cur.kv_head, cur.page_begin, cur.page_end, smem, r);
@@ -83,9 +94,9 @@ __global__ void __launch_bounds__(kThreads) WorkQueueKernel(const __grid_constan
     float m_run, l_run, o[D / 8][2];
     RunRange<T, D>(p, smem, r, m_run, l_run, o);
     const MergeView<D> v = StashWarpState<D>(smem, m_run, l_run, o);
-    const int nt = t + gridDim.x;
+    const int nt = t + (p.cta_task_begin != nullptr ? 1 : static_cast<int>(gridDim.x));
     DecodeTask next = cur;
-    if (nt < p.num_tasks) {
+    if (nt < task_end) {
       next = p.tasks[nt];
       BeginRange<T, D>(p, next.row, next.kv_head, next.page_begin, next.page_end, smem, r);
     }
@@ -98,7 +109,7 @@ __global__ void __launch_bounds__(kThreads) WorkQueueKernel(const __grid_constan
       if constexpr (kFused) CountAndMerge<T, D>(p, ws, cur.row, cur.kv_head, first, cur.num_splits);
     }
     __syncthreads();  // the merge area is read; the next stash may overwrite it
-    if (nt >= p.num_tasks) break;
+    if (nt >= task_end) break;
     cur = next;
     t = nt;
   }
