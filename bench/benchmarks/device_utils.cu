@@ -52,6 +52,43 @@ __global__ void StreamReadKernel(const uint4* data, size_t n, uint32_t* sink) {
   if (acc == 0x12345678u) sink[blockIdx.x] = acc;  // practically never; keeps the loads alive
 }
 
+// One warp per (page, K or V, head) piece; each lane loads piece / 512 uint4 of each of two
+// pieces before folding them.
+__global__ void PagedReadKernel(const uint4* kv, const int32_t* pages, int64_t pieces, int heads, int piece_u4,
+                                uint32_t* sink) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x >> 5);
+  int64_t w = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  const int per_lane = piece_u4 / 32;
+  uint32_t acc = 0;
+  auto base = [&](int64_t piece) {
+    const int64_t page = pages[piece / (2 * heads)];
+    return kv + (page * 2 * heads + piece % (2 * heads)) * piece_u4;
+  };
+  for (; w + warps < pieces; w += 2 * warps) {
+    const uint4* a = base(w);
+    const uint4* b = base(w + warps);
+    for (int i = 0; i < per_lane; i += 4) {
+      uint4 v[8];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        v[u] = __ldcs(a + (i + u) * 32 + lane);
+        v[4 + u] = __ldcs(b + (i + u) * 32 + lane);
+      }
+#pragma unroll
+      for (int u = 0; u < 8; ++u) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
+    }
+  }
+  for (; w < pieces; w += warps) {
+    const uint4* a = base(w);
+    for (int i = 0; i < per_lane; ++i) {
+      const uint4 v = __ldcs(a + i * 32 + lane);
+      acc ^= v.x ^ v.y ^ v.z ^ v.w;
+    }
+  }
+  if (acc == 0x12345678u) sink[blockIdx.x] = acc;  // practically never; keeps the loads alive
+}
+
 __global__ void SpinKernel(int64_t ns) {
   const int64_t start = clock64();
   // clock64 ticks at the SM clock (~1.7-2 GHz); 2 ticks per ns is a safe over-estimate.
@@ -74,6 +111,15 @@ cudaError_t StreamRead(const void* data, size_t bytes, uint32_t* sink, int grid,
   } else {
     StreamReadKernel<4><<<grid, block, 0, stream>>>(d, bytes / 16, sink);
   }
+  return cudaGetLastError();
+}
+
+cudaError_t PagedRead(const void* kv, const int32_t* pages, int64_t count, int heads, int piece_bytes,
+                      uint32_t* sink, int grid, int block, cudaStream_t stream) {
+  // Whole groups of 4 x 32 lanes x 16 bytes per piece (2 KB granules).
+  if (piece_bytes % 2048 != 0) return cudaErrorInvalidValue;
+  PagedReadKernel<<<grid, block, 0, stream>>>(static_cast<const uint4*>(kv), pages, count * 2 * heads, heads,
+                                              piece_bytes / 16, sink);
   return cudaGetLastError();
 }
 

@@ -18,6 +18,13 @@ cudaError_t FillNormal(void* data, size_t count, bool bf16, uint64_t seed, cudaS
 cudaError_t StreamRead(const void* data, size_t bytes, uint32_t* sink, int grid, int block, int unroll,
                        cudaStream_t stream);
 
+// The paged-read ceiling: reads the K and V of every (page, KV head) listed in `pages` (`count`
+// page ids of a [pages][2][heads][piece] layout, `piece_bytes` a multiple of 2048), one warp per
+// piece with 16-byte streaming loads, two pieces in flight per warp; folds them into `sink`. The
+// access pattern of the attention routes without their arithmetic.
+cudaError_t PagedRead(const void* kv, const int32_t* pages, int64_t count, int heads, int piece_bytes,
+                      uint32_t* sink, int grid, int block, cudaStream_t stream);
+
 // Keeps the GPU busy for about `ns` nanoseconds (one tiny CTA).
 cudaError_t Spin(int64_t ns, cudaStream_t stream);
 

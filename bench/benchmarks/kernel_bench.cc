@@ -487,6 +487,24 @@ void Bench::RunCase(DType dtype, const Case& c, int64_t case_seed) {
     };
     planned_result = Result{label, "planned", time_launches(launch), kc::LaunchesPerCall(plan.kernel, p, kc::MergeMode::kFused)};
   }
+  // The paged-read ceiling of this case: the K and V of every (page, KV head) of the same rotated
+  // page tables read with no arithmetic (best of four grid sizes). What any route could reach on
+  // these pages: it reads whole last pages, so it is a slightly conservative ceiling.
+  Result paged_result{"", "paged_read", 1e30, 1};
+  {
+    const int piece_bytes = P * o_.head_dim * static_cast<int>(DTypeSize(dtype));
+    if (piece_bytes % 2048 == 0) {
+      for (int grid : {prop_.multiProcessorCount * 2, prop_.multiProcessorCount * 4, prop_.multiProcessorCount * 8,
+                       prop_.multiProcessorCount * 16}) {
+        auto launch = [&](int i) {
+          BENCH_CUDA(PagedRead(pool_, d_indices + static_cast<int64_t>(i % copies) * total_pages, total_pages,
+                               o_.num_kv_heads, piece_bytes, sink_, grid, 256, stream_));
+        };
+        const double t = time_launches(launch);
+        if (t < paged_result.median_us) paged_result = Result{"paged_read/G" + std::to_string(grid), "paged_read", t, 1};
+      }
+    }
+  }
   cudaFree(d_indptr);
   cudaFree(d_indices);
   cudaFree(d_last);
@@ -524,6 +542,7 @@ void Bench::RunCase(DType dtype, const Case& c, int64_t case_seed) {
   for (const Result& r : results) rows.push_back(&r);
   for (const Result& r : fi_results) rows.push_back(&r);
   rows.push_back(&planned_result);
+  if (!paged_result.label.empty()) rows.push_back(&paged_result);
   for (const Result* rp : rows) {
     const Result& r = *rp;
     const double gbps = kv_bytes / (r.median_us * 1e-6) / 1e9;
@@ -557,6 +576,11 @@ void Bench::RunCase(DType dtype, const Case& c, int64_t case_seed) {
   }
   table_ << line;
   std::fputs(line, stdout);
+  if (!paged_result.label.empty()) {
+    std::printf("#   %s paged-read ceiling %.1f us (%s); planned at %.1f%% of it, search best %.1f%%\n", c.name.c_str(),
+                paged_result.median_us, paged_result.label.c_str(), 100.0 * paged_result.median_us / planned_result.median_us,
+                100.0 * paged_result.median_us / best->median_us);
+  }
   std::fflush(stdout);
   if (c.group != "grid") {
     auto& a = agg_[dt + "|" + c.group];

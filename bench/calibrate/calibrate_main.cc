@@ -261,8 +261,9 @@ int main(int argc, char** argv) {
     const pkv::scheduler::ArmCost c = pkv::scheduler::CostModel(p).BestOf(KernelId::kWorkQueue, ss);
     const double t = cal.Measure(row, KernelId::kWorkQueue, PinnedParameter(c)) * 1e6;
     p.wq_merge_us = c.merge_bytes > 0 ? std::clamp(t - c.us, 0.0, 50.0) : 0.0;
-    std::printf("  bucketed B1 workqueue %d pages/task %.1f us (model %.1f us) -> wq_merge_us %.2f\n",
-                c.pages_per_task, t, c.us, p.wq_merge_us);
+    std::printf("  bucketed B1 workqueue %s %d pages %.1f us (model %.1f us) -> wq_merge_us %.2f\n",
+                c.balanced_ctas > 0 ? "balanced, largest CTA" : "strided, task size", c.pages_per_task, t, c.us,
+                p.wq_merge_us);
   }
 
   // Check on mixed-length steps of the paper's workloads (calibration seed; the trace benchmark holds out 20260623-27).
