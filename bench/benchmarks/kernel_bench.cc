@@ -132,10 +132,7 @@ struct Config {
     switch (kernel) {
       case KernelId::kPerRequest: return "per_request";
       case KernelId::kSequenceSplit:
-        return std::string(merge == kc::MergeMode::kFused     ? "split_fused/S"
-                           : merge == kc::MergeMode::kCounter ? "split_cnt/S"
-                                                              : "split_sep/S") +
-               std::to_string(splits);
+        return std::string(merge == kc::MergeMode::kFused ? "split_fused/S" : "split_sep/S") + std::to_string(splits);
       default:
         return std::string(merge == kc::MergeMode::kFused ? "wq_fused" : "wq_sep") + (balanced ? "/C" : "/T") +
                std::to_string(target);
@@ -365,8 +362,6 @@ void Bench::RunCase(DType dtype, const Case& c, int64_t case_seed) {
       if (s >= 2 && s <= max_pages) {
         configs.push_back(Config{KernelId::kSequenceSplit, s, 0, kc::MergeMode::kFused});
         configs.push_back(Config{KernelId::kSequenceSplit, s, 0, kc::MergeMode::kSeparate});
-        // The counter merge next to the cluster merge kFused uses for S <= 16 on sm_90+.
-        if (s <= 16) configs.push_back(Config{KernelId::kSequenceSplit, s, 0, kc::MergeMode::kCounter});
       }
     }
   }

@@ -75,15 +75,6 @@ struct ShapeOf {
     return cudaSuccess;
   }
 };
-struct ClusterUsableQ {
-  int splits;
-  bool* out;
-  template <typename T, int D>
-  cudaError_t operator()() const {
-    *out = internal::SequenceSplitClusterUsable<T, D>(splits);
-    return cudaSuccess;
-  }
-};
 struct PerRequestL {
   const DecodeParams& p;
   cudaStream_t s;
@@ -93,10 +84,10 @@ struct PerRequestL {
 struct SequenceSplitL {
   const DecodeParams& p;
   const Workspace& ws;
-  internal::SplitMerge merge;
+  bool fused;
   cudaStream_t s;
   template <typename T, int D>
-  cudaError_t operator()() const { return internal::LaunchSequenceSplit<T, D>(p, ws, merge, s); }
+  cudaError_t operator()() const { return internal::LaunchSequenceSplit<T, D>(p, ws, fused, s); }
 };
 struct WorkQueueL {
   const DecodeParams& p;
@@ -180,12 +171,6 @@ int ResidentCtasPerSm(const DecodeParams& p) {
   return ctas;
 }
 
-bool SequenceSplitMergesInCluster(const DecodeParams& p) {
-  bool usable = false;
-  Dispatch(p, ClusterUsableQ{p.num_splits, &usable});
-  return usable;
-}
-
 int PersistentGridSize(const DecodeParams& p) {
   int grid = 1;
   Dispatch(p, ShapeOf{&grid, true});
@@ -200,14 +185,9 @@ absl::Status Launch(KernelId kernel, const DecodeParams& p, void* workspace, cud
     case KernelId::kPerRequest:
       return FromCuda(Dispatch(p, PerRequestL{p, stream}), kernel);
     case KernelId::kSequenceSplit:
-      return FromCuda(Dispatch(p, SequenceSplitL{p, ws,
-                                                 merge == MergeMode::kFused     ? internal::SplitMerge::kClusterOrCounter
-                                                 : merge == MergeMode::kCounter ? internal::SplitMerge::kCounter
-                                                                                : internal::SplitMerge::kSeparate,
-                                                 stream}),
-                      kernel);
+      return FromCuda(Dispatch(p, SequenceSplitL{p, ws, merge == MergeMode::kFused, stream}), kernel);
     case KernelId::kWorkQueue:
-      return FromCuda(Dispatch(p, WorkQueueL{p, ws, merge != MergeMode::kSeparate, stream}), kernel);
+      return FromCuda(Dispatch(p, WorkQueueL{p, ws, merge == MergeMode::kFused, stream}), kernel);
     default:
       return absl::UnimplementedError(absl::StrCat("kernels/cuda has no route ", std::string(KernelName(kernel))));
   }

@@ -4,10 +4,8 @@
 // the native CSR page table (no KV repacking):
 //   kPerRequest    one CTA per (row, KV head) over the whole row; writes out/lse directly.
 //   kSequenceSplit grid (S, Hkv, B): split s of a row takes a balanced 1/S of its pages and
-//                  writes a partial (o, lse); the S partials are merged exactly in one launch
-//                  (MergeMode::kFused: through a thread-block cluster for S <= 16 on sm_90+,
-//                  else the last finisher through a counter) or by a second launch
-//                  (MergeMode::kSeparate).
+//                  writes a partial (o, lse); the S partials are merged exactly, fused (last
+//                  finisher, one launch) or by a second launch (MergeMode::kSeparate).
 //                  S = params.num_splits (S = 1 writes out directly, one launch).
 //   kWorkQueue     runs the compact task list params.tasks: either a persistent grid (sized to
 //                  the resident-CTA capacity of the device) strides over it, or, when the plan
@@ -43,12 +41,8 @@ namespace pkv::kernels::cuda {
 
 // How the split routes (kSequenceSplit, kWorkQueue) merge split rows.
 enum class MergeMode : uint8_t {
-  // One launch. kSequenceSplit with 2 <= S <= 16 on sm_90+: the S splits of a (row, KV head) are
-  // one thread-block cluster and merge through distributed shared memory (no partial states in
-  // the workspace); otherwise as kCounter.
-  kFused = 0,
+  kFused = 0,     // one launch: the last finishing task of each (row, KV head) merges
   kSeparate = 1,  // the task kernel, then a merge kernel over (row, head)
-  kCounter = 2,   // one launch: the last finishing task of each (row, KV head) merges (a counter)
 };
 
 // Bytes at the start of the workspace reserved for fused-merge counters (B * Hkv <= this / 4).
@@ -76,10 +70,5 @@ int LaunchesPerCall(KernelId kernel, const DecodeParams& params, MergeMode merge
 // query, cached), and the persistent grid kWorkQueue uses (SMs x that).
 int ResidentCtasPerSm(const DecodeParams& params);
 int PersistentGridSize(const DecodeParams& params);
-
-// Whether kSequenceSplit with MergeMode::kFused merges params.num_splits splits through a
-// thread-block cluster on the current device (2 <= S <= 16, sm_90+, a cluster of S CTAs fits);
-// otherwise it uses the completion counter. Cached per dtype, head_dim and S.
-bool SequenceSplitMergesInCluster(const DecodeParams& params);
 
 }  // namespace pkv::kernels::cuda

@@ -72,9 +72,7 @@ struct Route {
     if (kernel == KernelId::kWorkQueue && balanced_per_head != 0) {
       n += "/balanced" + std::to_string(balanced_per_head) + "c" + std::to_string(piece_cost);
     }
-    if (kernel != KernelId::kPerRequest) {
-      n += merge == MergeMode::kFused ? "/fused" : merge == MergeMode::kCounter ? "/counter" : "/separate";
-    }
+    if (kernel != KernelId::kPerRequest) n += merge == MergeMode::kFused ? "/fused" : "/separate";
     return n;
   }
 };
@@ -309,11 +307,8 @@ void RunCase(const Case& c, const std::vector<Route>& routes) {
 }
 
 std::vector<Route> AllRoutes(int splits, int ppt) {
-  // kFused with S <= 16 merges through a thread-block cluster on sm_90+, kCounter through the
-  // completion counter (what kFused does above 16 splits): both run.
   return {Route{KernelId::kPerRequest},
           Route{KernelId::kSequenceSplit, splits, 0, MergeMode::kFused},
-          Route{KernelId::kSequenceSplit, splits, 0, MergeMode::kCounter},
           Route{KernelId::kSequenceSplit, splits, 0, MergeMode::kSeparate},
           Route{KernelId::kWorkQueue, 1, ppt, MergeMode::kFused},
           Route{KernelId::kWorkQueue, 1, ppt, MergeMode::kSeparate},
@@ -379,10 +374,7 @@ TEST_F(DecodeAttentionCudaTest, LongRows) {
       c.hq = 4;
       c.lengths = {n};
       c.seed = 1000 + n;
-      // Clusters of 16 (a non-portable size) and 8 splits, and 64 splits through the counter.
-      RunCase(c, {Route{KernelId::kPerRequest}, Route{KernelId::kSequenceSplit, 16},
-                  Route{KernelId::kSequenceSplit, 8}, Route{KernelId::kSequenceSplit, 2},
-                  Route{KernelId::kSequenceSplit, 64},
+      RunCase(c, {Route{KernelId::kPerRequest}, Route{KernelId::kSequenceSplit, 64},
                   Route{KernelId::kSequenceSplit, 64, 0, MergeMode::kSeparate},
                   Route{KernelId::kWorkQueue, 1, 0, MergeMode::kFused},
                   Route{KernelId::kWorkQueue, 1, 0, MergeMode::kSeparate},
@@ -413,29 +405,6 @@ TEST_F(DecodeAttentionCudaTest, MixedBatch) {
     routes.push_back(Route{KernelId::kWorkQueue, 1, 0, MergeMode::kSeparate, 200, 1});
     RunCase(c, routes);
     if (HasFailure()) return;
-  }
-}
-
-// On sm_90+ the fused sequence split of 2..16 splits merges through a cluster (the routes above ran
-// that path); 1 split needs no merge and more than 16 use the counter.
-TEST_F(DecodeAttentionCudaTest, FusedSplitsOfAtMostSixteenMergeInACluster) {
-  int dev = 0, major = 0;
-  ASSERT_EQ(cudaGetDevice(&dev), cudaSuccess);
-  ASSERT_EQ(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), cudaSuccess);
-  for (DType dt : {DType::kF16, DType::kBF16}) {
-    for (int d : {64, 128, 256}) {
-      DecodeParams p;
-      p.dtype = dt;
-      p.head_dim = d;
-      for (int s : {1, 2, 5, 8, 16, 17, 64}) {
-        p.num_splits = s;
-        // d = 256 runs one CTA per SM: a cluster of more than 8 needs that many SMs in one GPC,
-        // which the device may not have (then the counter merges; either is correct).
-        if (d == 256 && s > 8 && s <= 16) continue;
-        EXPECT_EQ(SequenceSplitMergesInCluster(p), major >= 9 && s >= 2 && s <= 16)
-            << DTypeName(dt) << " d=" << d << " S=" << s;
-      }
-    }
   }
 }
 

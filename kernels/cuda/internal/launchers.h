@@ -33,13 +33,8 @@ struct KernelShape {
 
 template <typename T, int D>
 cudaError_t LaunchPerRequest(const DecodeParams& p, cudaStream_t stream);
-// How a sequence split merges: through a cluster where it can run (else as kCounter), the
-// last finisher of each (row, KV head) through a completion counter, or a merge kernel.
-enum class SplitMerge { kClusterOrCounter, kCounter, kSeparate };
 template <typename T, int D>
-bool SequenceSplitClusterUsable(int num_splits);
-template <typename T, int D>
-cudaError_t LaunchSequenceSplit(const DecodeParams& p, const Workspace& ws, SplitMerge merge, cudaStream_t stream);
+cudaError_t LaunchSequenceSplit(const DecodeParams& p, const Workspace& ws, bool fused_merge, cudaStream_t stream);
 template <typename T, int D>
 cudaError_t LaunchWorkQueue(const DecodeParams& p, const Workspace& ws, bool fused_merge, int grid,
                             cudaStream_t stream);

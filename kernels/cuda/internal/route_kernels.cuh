@@ -2,7 +2,6 @@
 // AttendRange) and the separate LSE-merge kernel. Included only by the route .cu files.
 #pragma once
 
-#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 #include "kernels/cuda/internal/launchers.h"
@@ -65,64 +64,6 @@ __global__ void __launch_bounds__(kThreads)
     WritePartial<D>(p, first + s, kvh, v, ws.lse, ws.o);
     if constexpr (kFused) CountAndMerge<T, D>(p, ws, b, kvh, first, S);
   }
-}
-
-// Sequence split merged through a thread-block cluster (sm_90+): grid (S, Hkv, B) with clusters of
-// (S, 1, 1), so the S splits of one (row, KV head) are one cluster. Each CTA leaves its combined
-// (o, lse) of the G heads in its own shared memory (the drained pipeline area), the cluster
-// synchronises, and CTA s merges a 1/S slice of the G x D outputs by reading every split's state
-// through distributed shared memory; a second barrier keeps each CTA's shared memory alive until
-// the others have read it. No workspace, no fence, no counter.
-template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) SequenceSplitClusterKernel(const __grid_constant__ DecodeParams p) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  extern __shared__ __align__(128) char smem[];
-  namespace cg = cooperative_groups;
-  cg::cluster_group cluster = cg::this_cluster();
-  const int s = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
-  const int S = gridDim.x;
-  const int G = p.num_q_heads / p.num_kv_heads;
-  const int pages = p.page_indptr[b + 1] - p.page_indptr[b];
-  const int begin = static_cast<int>(static_cast<int64_t>(pages) * s / S);
-  const int end = static_cast<int>(static_cast<int64_t>(pages) * (s + 1) / S);
-  const MergeView<D> v = AttendRange<T, D>(p, b, kvh, begin, end, smem);
-  // [8][D] normalised o, then [8] natural-log lse, at the start of the (drained) pipeline area,
-  // which the merge view does not alias.
-  float* state = reinterpret_cast<float*>(smem);
-  for (int idx = threadIdx.x; idx < G * D; idx += kThreads) {
-    const int g = idx / D, dim = idx % D;
-    const HeadResult r = v.Combine(g, dim);
-    state[g * D + dim] = r.o;
-    if (dim == 0) state[8 * D + g] = r.lse;
-  }
-  cluster.sync();
-  const int rank = static_cast<int>(cluster.block_rank());
-  const int total = G * D, per = (total + S - 1) / S;
-  const int last = min(total, (rank + 1) * per);
-  T* out = static_cast<T*>(p.out);
-  for (int idx = rank * per + threadIdx.x; idx < last; idx += kThreads) {
-    const int g = idx / D, dim = idx % D;
-    float mx = -INFINITY;
-    for (int r = 0; r < S; ++r) mx = fmaxf(mx, cluster.map_shared_rank(state, r)[8 * D + g]);
-    float sum = 0.f, acc = 0.f;
-    if (mx != -INFINITY) {
-      for (int r = 0; r < S; ++r) {
-        const float* remote = cluster.map_shared_rank(state, r);
-        const float l = remote[8 * D + g];
-        if (l == -INFINITY) continue;  // an empty split
-        const float w = __expf(l - mx);
-        sum += w;
-        acc += w * remote[g * D + dim];
-      }
-    }
-    const int64_t h = static_cast<int64_t>(b) * p.num_q_heads + kvh * G + g;
-    out[h * D + dim] = Elem<T>::FromFloat(sum > 0.f ? acc / sum : 0.f);
-    if (p.lse != nullptr && dim == 0) p.lse[h] = sum > 0.f ? mx + __logf(sum) : -INFINITY;
-  }
-  cluster.sync();
-#else
-  __trap();  // launched only where SequenceSplitClusterUsable (sm_90+)
-#endif
 }
 
 // Work queue: each CTA runs its tasks of the compact task list in order: the contiguous range
