@@ -218,7 +218,8 @@ class CudaBackend final : public ExecutionBackend {
         return absl::InvalidArgumentError("plan has no work list for this batch");
       }
       if (!plan.cta_task_begin.empty() &&
-          (plan.balanced_ctas < 1 || static_cast<int32_t>(plan.cta_task_begin.size()) != plan.balanced_ctas + 1 ||
+          (plan.balanced_ctas < 1 || plan.balanced_ctas > static_cast<int32_t>(plan.tasks.size()) ||
+           static_cast<int32_t>(plan.cta_task_begin.size()) != plan.balanced_ctas + 1 ||
            plan.cta_task_begin.front() != 0 ||
            plan.cta_task_begin.back() != static_cast<int32_t>(plan.tasks.size()) ||
            !std::is_sorted(plan.cta_task_begin.begin(), plan.cta_task_begin.end()))) {

@@ -141,7 +141,8 @@ ArmCost CostModel::BalancedWorkQueue(const StepShape& s, int32_t ctas) const {
   c.kv_bytes = KvBytes(s);
   const int32_t heads = std::max(1, s.model.num_kv_heads);
   c.piece_cost_pages = PieceCostPages(s);
-  const BalancedCut cut = CutBalanced(RowPages(s), std::max(1, ctas / heads), c.piece_cost_pages);
+  c.cut = CutBalanced(RowPages(s), std::max(1, ctas / heads), c.piece_cost_pages);
+  const BalancedCut& cut = c.cut;
   c.balanced_ctas = cut.ctas_per_head * heads;
   c.pages_per_task = cut.max_cta_pages;
   c.units = c.balanced_ctas;

@@ -24,6 +24,7 @@
 
 #include "scheduler/cost_profile.h"
 #include "scheduler/step_plan.h"
+#include "scheduler/work_list.h"
 
 namespace pkv::scheduler {
 
@@ -37,6 +38,7 @@ struct ArmCost {
   int64_t units = 0;           // CTAs or tasks
   int64_t tasks = 0;           // kWorkQueue balanced: descriptor entries of its work list
   int64_t partial_slots = 0;   // kWorkQueue balanced: partial slots of its work list
+  BalancedCut cut;             // kWorkQueue balanced: the cut priced (the plan builds its list from it)
   int32_t launches = 1;
   int64_t kv_bytes = 0;
   int64_t merge_bytes = 0;

@@ -55,9 +55,7 @@ StepPlan Scheduler::Plan(const StepShape& shape) const {
   plan.pages_per_task = best.pages_per_task;
   if (plan.kernel == KernelId::kWorkQueue) {
     if (best.balanced_ctas > 0) {
-      const BalancedCut cut =
-          CutBalanced(row_pages, std::max(1, best.balanced_ctas / std::max(1, heads)), best.piece_cost_pages);
-      BuildBalancedWorkList(row_pages, heads, cut, &plan);
+      BuildBalancedWorkList(row_pages, heads, best.cut, &plan);  // the cut the model priced
     } else {
       BuildWorkList(row_pages, heads, best.pages_per_task, &plan);
     }

@@ -399,11 +399,10 @@ void Bench::RunCase(DType dtype, const Case& c, int64_t case_seed) {
       // CTAs, or the balanced cut over `target` CTAs.
       scheduler::StepPlan plan;
       if (cfg.balanced) {
-        const scheduler::CostModel model(scheduler_->options().profile);
         const int32_t per_head = std::max<int32_t>(1, static_cast<int32_t>(cfg.target) / o_.num_kv_heads);
-        scheduler::BuildBalancedWorkList(
-            row_pages, o_.num_kv_heads,
-            scheduler::CutBalanced(row_pages, per_head, model.PieceCostPages(PlanShape(c.lengths, P, dtype))), &plan);
+        const int32_t cost = scheduler_->cost_model().PieceCostPages(PlanShape(c.lengths, P, dtype));
+        scheduler::BuildBalancedWorkList(row_pages, o_.num_kv_heads, scheduler::CutBalanced(row_pages, per_head, cost),
+                                         &plan);
       } else {
         const int32_t ppt = scheduler::PagesPerTaskFor(row_pages, o_.num_kv_heads, cfg.target);
         scheduler::BuildWorkList(row_pages, o_.num_kv_heads, ppt, &plan);
