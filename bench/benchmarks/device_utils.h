@@ -25,6 +25,11 @@ cudaError_t StreamRead(const void* data, size_t bytes, uint32_t* sink, int grid,
 cudaError_t PagedRead(const void* kv, const int32_t* pages, int64_t count, int heads, int piece_bytes,
                       uint32_t* sink, int grid, int block, cudaStream_t stream);
 
+// The same reads by bulk copies (sm_90+, else cudaErrorNotSupported): one thread per warp keeps
+// four whole pieces in flight with cp.async.bulk into shared memory (4 warps per CTA).
+cudaError_t PagedReadBulk(const void* kv, const int32_t* pages, int64_t count, int heads, int piece_bytes,
+                          uint32_t* sink, int grid, cudaStream_t stream);
+
 // Keeps the GPU busy for about `ns` nanoseconds (one tiny CTA).
 cudaError_t Spin(int64_t ns, cudaStream_t stream);
 

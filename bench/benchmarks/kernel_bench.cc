@@ -503,6 +503,19 @@ void Bench::RunCase(DType dtype, const Case& c, int64_t case_seed) {
         if (t < paged_result.median_us) paged_result = Result{"paged_read/G" + std::to_string(grid), "paged_read", t, 1};
       }
     }
+    // Bulk copies (whole pieces through shared memory); the ceiling is the faster of the two.
+    if (prop_.major >= 9) {
+      for (int per_sm : {1, 2, 3}) {
+        const int grid = prop_.multiProcessorCount * per_sm;
+        auto launch = [&](int i) {
+          BENCH_CUDA(PagedReadBulk(pool_, d_indices + static_cast<int64_t>(i % copies) * total_pages, total_pages,
+                                   o_.num_kv_heads, piece_bytes, sink_, grid, stream_));
+        };
+        const double t = time_launches(launch);
+        std::printf("#   %s paged-read by bulk copies, %d CTAs/SM: %.1f us\n", c.name.c_str(), per_sm, t);
+        if (t < paged_result.median_us) paged_result = Result{"paged_read_bulk/G" + std::to_string(grid), "paged_read", t, 1};
+      }
+    }
   }
   cudaFree(d_indptr);
   cudaFree(d_indices);

@@ -28,21 +28,47 @@ inline constexpr int kMaxGroup = 8;   // query heads per KV head held in the 16 
 inline constexpr float kLog2e = 1.4426950408889634f;
 inline constexpr float kLn2 = 0.6931471805599453f;
 
+#ifndef PKV_KV_BULK
+// Build-time experiment knob: 1 = K and V rows arrive by bulk copies (cp.async.bulk, one 256-byte
+// row per lane, completion on an mbarrier per stage) into padded tiles; 0 = 16-byte cp.async into
+// swizzled tiles.
+#define PKV_KV_BULK 0
+#endif
+// Bulk copies need sm_90; the portable PTX target falls back to cp.async into the same layout.
+#if PKV_KV_BULK && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define PKV_BULK_COPY 1
+#else
+#define PKV_BULK_COPY 0
+#endif
+
 template <int D>
 struct TileConfig {
   static_assert(D == 64 || D == 128 || D == 256);
 #ifndef PKV_KV_STAGES
-#define PKV_KV_STAGES 3  // cp.async stages per warp for head_dim <= 128 (build-time experiment knob)
+#define PKV_KV_STAGES 3  // pipeline stages per warp for head_dim <= 128 (build-time experiment knob)
 #endif
   static constexpr int kStages = D >= 256 ? 2 : PKV_KV_STAGES;
   static constexpr int kRowChunks = D / 8;  // 16-byte pieces per token row
-  static constexpr int kTileElems = kChunk * D;
-  static constexpr int kStageElems = 2 * kTileElems;  // K tile then V tile
-  static constexpr int kPipeBytes = kWarps * kStages * kStageElems * 2;
+  // Padded rows (bulk copies cannot swizzle): a 16-byte pad per row keeps ldmatrix conflict-free.
+  static constexpr bool kPadded = PKV_KV_BULK != 0;
+  static constexpr int kRowBytes = D * 2 + (kPadded ? 16 : 0);
+  static constexpr int kTileBytes = kChunk * kRowBytes;
+  static constexpr int kStageBytes = 2 * kTileBytes;  // K tile then V tile
+  static constexpr int kPipeBytes = kWarps * kStages * kStageBytes;
   static constexpr int kMergeBytes = kWarps * kMaxGroup * (D + 2) * 4;
+  // One mbarrier per (warp, stage) after the merge area (bulk copies only).
+  static constexpr int kBarBytes = kPadded ? kWarps * kStages * 8 : 0;
   // The merge area follows the pipeline (no aliasing: a persistent CTA refills the pipeline with
   // the next task while the current task's states are being merged).
-  static constexpr int kSmemBytes = kPipeBytes + kMergeBytes;
+  static constexpr int kSmemBytes = kPipeBytes + kMergeBytes + kBarBytes;
+  // Byte offset of 16-byte piece cc of token row `row` in a K or V tile.
+  static __device__ __forceinline__ uint32_t Offset(int row, int cc) {
+    if constexpr (kPadded) {
+      return row * kRowBytes + cc * 16;
+    } else {
+      return (row * D + ((cc ^ (row & 7)) * 8)) * 2;
+    }
+  }
 };
 
 // Element type traits: conversions and the mma opcode. (The mma's rows 8..15 land in registers
@@ -94,7 +120,11 @@ __device__ __forceinline__ void CpAsync16(uint32_t smem_addr, const void* gmem, 
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr), "l"(gmem), "r"(bytes)
                : "memory");
 }
-__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void CpAsyncCommit() {
+#if !PKV_BULK_COPY  // (bulk copies complete on their stage's mbarrier instead)
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
 template <int N>
 __device__ __forceinline__ void CpAsyncWait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
@@ -111,6 +141,32 @@ __device__ __forceinline__ void Ldmatrix4Trans(uint32_t& r0, uint32_t& r1, uint3
                : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
                : "r"(addr));
 }
+
+#if PKV_BULK_COPY
+__device__ __forceinline__ void BarInit(uint32_t bar) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void BarExpectBytes(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void BarWait(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{\n"
+      ".reg .pred done;\n"
+      "WAIT_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT_%=;\n"
+      "}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
+__device__ __forceinline__ void BulkCopy(uint32_t smem_dst, const void* gmem, uint32_t bytes, uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(smem_dst),
+      "l"(gmem), "r"(bytes), "r"(bar)
+      : "memory");
+}
+#endif
 
 // Result of one CTA's pass over a range, per query head g < G and dim: o normalised by l and
 // the natural-log lse (-inf and o = 0 for an empty range).
@@ -151,13 +207,48 @@ struct RangeState {
   int b, kvh, n, my_chunks, pg_next;
   const int32_t* pages;
   uint32_t qf[D / 16][2];
+  uint32_t phase = 0;  // bulk copies: bit s = the parity stage s's mbarrier completes next
 };
 
 template <int D>
 __device__ __forceinline__ uint32_t WarpPipeAddr(char* smem) {
   using Cfg = TileConfig<D>;
   const int warp = threadIdx.x >> 5;
-  return static_cast<uint32_t>(__cvta_generic_to_shared(smem)) + warp * Cfg::kStages * Cfg::kStageElems * 2;
+  return static_cast<uint32_t>(__cvta_generic_to_shared(smem)) + warp * Cfg::kStages * Cfg::kStageBytes;
+}
+
+// The mbarrier of this warp's pipeline stage st (bulk copies only).
+template <int D>
+__device__ __forceinline__ uint32_t StageBar(char* smem, int st) {
+  using Cfg = TileConfig<D>;
+  const int warp = threadIdx.x >> 5;
+  return static_cast<uint32_t>(__cvta_generic_to_shared(smem)) + Cfg::kPipeBytes + Cfg::kMergeBytes +
+         (warp * Cfg::kStages + st) * 8;
+}
+
+// Once per CTA before the first range: sets up this warp's stage barriers (bulk copies only).
+template <int D>
+__device__ __forceinline__ void InitPipeline(char* smem) {
+#if PKV_BULK_COPY
+  if ((threadIdx.x & 31) == 0) {
+    for (int st = 0; st < TileConfig<D>::kStages; ++st) BarInit(StageBar<D>(smem, st));
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncwarp();
+#endif
+}
+
+// Waits until chunk data of stage st has landed (bulk: its mbarrier phase; cp.async: all but the
+// newest kStages - 2 groups), then makes it visible to the whole warp.
+template <int D>
+__device__ __forceinline__ void WaitStage(char* smem, RangeState<D>& r, int st) {
+#if PKV_BULK_COPY
+  BarWait(StageBar<D>(smem, st), (r.phase >> st) & 1u);
+  r.phase ^= 1u << st;
+#else
+  CpAsyncWait<TileConfig<D>::kStages - 2>();
+#endif
+  __syncwarp();
 }
 
 // Page id of token row `lane` (< 16) of chunk c, or -1 past the range.
@@ -179,15 +270,40 @@ __device__ __forceinline__ void IssueChunk(const DecodeParams& p, const RangeSta
   const int P = p.page_size;
   const int64_t head_stride = static_cast<int64_t>(P) * D;                    // one (page, K|V, head) tile
   const int64_t v_stride = static_cast<int64_t>(p.num_kv_heads) * head_stride;  // K -> V
+  const T* kv = static_cast<const T*>(p.kv);
+  const uint32_t k_base = WarpPipeAddr<D>(smem) + st * Cfg::kStageBytes;
+  const uint32_t v_base = k_base + Cfg::kTileBytes;
+#if PKV_BULK_COPY
+  // Lane l < 16 copies K row l, lane 16 + l V row l: one bulk copy of a whole token row each.
+  // Rows past the range are zeroed instead (V must be finite where P is 0).
+  const int row = lane & (kChunk - 1);
+  const int pg = __shfl_sync(0xffffffffu, page, row);
+  const bool valid = pg >= 0;
+  const uint32_t bar = StageBar<D>(smem, st);
+  const uint32_t rows = __popc(__ballot_sync(0xffffffffu, valid));
+  if (lane == 0) BarExpectBytes(bar, rows * D * 2u);
+  __syncwarp();
+  const uint32_t dst = (lane < kChunk ? k_base : v_base) + row * Cfg::kRowBytes;
+  if (valid) {
+    const int t = c * kChunk + row;
+    const T* src = kv + (static_cast<int64_t>(pg) * 2 * p.num_kv_heads + r.kvh) * head_stride +
+                   static_cast<int64_t>(t & (P - 1)) * D + (lane < kChunk ? 0 : v_stride);
+    // Order this warp's earlier ldmatrix reads of the stage before the async proxy's writes.
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    BulkCopy(dst, src, D * 2, bar);
+  } else {
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) {
+      asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(dst + i * 16), "r"(0u) : "memory");
+    }
+  }
+#else
   int64_t row_off = 0;
   if (page >= 0) {
     const int t = c * kChunk + lane;
     row_off = (static_cast<int64_t>(page) * 2 * p.num_kv_heads + r.kvh) * head_stride +
               static_cast<int64_t>(t & (P - 1)) * D;
   }
-  const T* kv = static_cast<const T*>(p.kv);
-  const uint32_t k_base = WarpPipeAddr<D>(smem) + st * Cfg::kStageElems * 2;
-  const uint32_t v_base = k_base + Cfg::kTileElems * 2;
 #pragma unroll
   for (int it = 0; it < kChunk * Cfg::kRowChunks / 32; ++it) {
     const int idx = it * 32 + lane;
@@ -196,10 +312,11 @@ __device__ __forceinline__ void IssueChunk(const DecodeParams& p, const RangeSta
     const int64_t off = __shfl_sync(0xffffffffu, row_off, row);
     const int valid = __shfl_sync(0xffffffffu, page, row) >= 0;
     const T* src = kv + (valid ? off + c16 * 8 : 0);
-    const uint32_t dst = (row * D + ((c16 ^ (row & 7)) * 8)) * 2;
+    const uint32_t dst = Cfg::Offset(row, c16);
     CpAsync16(k_base + dst, src, valid);
     CpAsync16(v_base + dst, src + (valid ? v_stride : 0), valid);
   }
+#endif
 }
 
 // Sets up pages [page_begin, page_end) of row b for KV head kvh (offsets into the row's page list):
@@ -260,8 +377,7 @@ __device__ __forceinline__ void RunRange(const DecodeParams& p, char* smem, Rang
   const uint32_t pipe = WarpPipeAddr<D>(smem);
 
   for (int i = 0; i < r.my_chunks; ++i) {
-    CpAsyncWait<kStages - 2>();
-    __syncwarp();
+    WaitStage<D>(smem, r, i % kStages);
     {
       const int nx = i + kStages - 1;
       if (nx < r.my_chunks) IssueChunk<T, D>(p, r, smem, warp + nx * kWarps, nx % kStages, r.pg_next);
@@ -269,8 +385,8 @@ __device__ __forceinline__ void RunRange(const DecodeParams& p, char* smem, Rang
       r.pg_next = nx + 1 < r.my_chunks ? LoadPage<D>(p, r, warp + (nx + 1) * kWarps) : -1;
     }
     const int st = i % kStages;
-    const uint32_t k_base = pipe + st * Cfg::kStageElems * 2;
-    const uint32_t v_base = k_base + Cfg::kTileElems * 2;
+    const uint32_t k_base = pipe + st * Cfg::kStageBytes;
+    const uint32_t v_base = k_base + Cfg::kTileBytes;
     const int tok0 = (warp + i * kWarps) * kChunk;
 
     // S = Q K^T for 16 tokens: two n-tiles of 8 tokens.
@@ -280,7 +396,7 @@ __device__ __forceinline__ void RunRange(const DecodeParams& p, char* smem, Rang
       const int row = ((lane >> 4) << 3) + (lane & 7);
       const int cc = ks * 2 + ((lane >> 3) & 1);
       uint32_t b00, b01, b10, b11;
-      Ldmatrix4(b00, b01, b10, b11, k_base + (row * D + ((cc ^ (row & 7)) * 8)) * 2);
+      Ldmatrix4(b00, b01, b10, b11, k_base + Cfg::Offset(row, cc));
       Elem<T>::Mma(s0[0], s0[1], r.qf[ks][0], r.qf[ks][1], b00, b01, s0[0], s0[1]);
       Elem<T>::Mma(s1[0], s1[1], r.qf[ks][0], r.qf[ks][1], b10, b11, s1[0], s1[1]);
     }
@@ -316,13 +432,15 @@ __device__ __forceinline__ void RunRange(const DecodeParams& p, char* smem, Rang
       const int row = ((j & 1) << 3) + (lane & 7);
       const int cc = np * 2 + (j >> 1);
       uint32_t v0, v1, v2, v3;
-      Ldmatrix4Trans(v0, v1, v2, v3, v_base + (row * D + ((cc ^ (row & 7)) * 8)) * 2);
+      Ldmatrix4Trans(v0, v1, v2, v3, v_base + Cfg::Offset(row, cc));
       Elem<T>::Mma(o[2 * np][0], o[2 * np][1], pa0, pa2, v0, v1, o[2 * np][0], o[2 * np][1]);
       Elem<T>::Mma(o[2 * np + 1][0], o[2 * np + 1][1], pa0, pa2, v2, v3, o[2 * np + 1][0],
                    o[2 * np + 1][1]);
     }
   }
-  CpAsyncWait<0>();
+#if !PKV_BULK_COPY
+  CpAsyncWait<0>();  // (bulk copies: every issued chunk was waited for in the loop)
+#endif
   __syncwarp();  // every lane's reads of the stages are done before anyone refills them
   l_run += __shfl_xor_sync(0xffffffffu, l_run, 1);
   l_run += __shfl_xor_sync(0xffffffffu, l_run, 2);
@@ -353,6 +471,7 @@ __device__ __forceinline__ MergeView<D> StashWarpState(char* smem, float m_run, 
 template <typename T, int D>
 __device__ __forceinline__ MergeView<D> AttendRange(const DecodeParams& p, int b, int kvh, int page_begin,
                                                     int page_end, char* smem) {
+  InitPipeline<D>(smem);
   RangeState<D> r;
   BeginRange<T, D>(p, b, kvh, page_begin, page_end, smem, r);
   float m_run, l_run, o[D / 8][2];

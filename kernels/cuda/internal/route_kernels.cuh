@@ -88,6 +88,7 @@ __global__ void __launch_bounds__(kThreads) WorkQueueKernel(const __grid_constan
   __syncthreads();
   if (t >= task_end) return;
   DecodeTask cur = p.tasks[t];
+  InitPipeline<D>(smem);
   RangeState<D> r;
   BeginRange<T, D>(p, cur.row, cur.kv_head, cur.page_begin, cur.page_end, smem, r);
   for (;;) {
