@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <numeric>
 #include <random>
 #include <string>
@@ -113,6 +114,21 @@ HostData MakeData(const Case& c) {
   for (auto& x : h.q) x = FromFloat(c.dtype, normal(rng));
   h.kv.resize(static_cast<size_t>(h.num_pages) * 2 * c.hkv * c.page * c.d);
   for (auto& x : h.kv) x = FromFloat(c.dtype, normal(rng));
+  // The slots past each row's last token hold NaN (K and V, every KV head): a kernel that reads
+  // whole pages must mask them, not just weight them by zero.
+  const uint16_t nan = FromFloat(c.dtype, std::numeric_limits<float>::quiet_NaN());
+  for (int b = 0; b < B; ++b) {
+    if (h.indptr[b + 1] == h.indptr[b]) continue;
+    const int64_t page = h.indices[h.indptr[b + 1] - 1];
+    for (int kv = 0; kv < 2; ++kv) {
+      for (int head = 0; head < c.hkv; ++head) {
+        for (int slot = h.last[b]; slot < c.page; ++slot) {
+          const int64_t at = (((page * 2 + kv) * c.hkv + head) * c.page + slot) * c.d;
+          std::fill_n(h.kv.begin() + at, c.d, nan);
+        }
+      }
+    }
+  }
   return h;
 }
 
