@@ -60,6 +60,24 @@ PFN_cuTensorMapEncodeTiled_v12000 EncodeTiled() {
   return fn;
 }
 
+// Experiment knobs: PKV_KV_LOADS=tma_lane0 (lane 0 waits for a stage), PKV_KV_TMA_L2=none.
+int TmaWaitMode() {
+  static const int mode = [] {
+    const char* env = std::getenv("PKV_KV_LOADS");
+    return env != nullptr && std::strcmp(env, "tma_lane0") == 0 ? 2 : 1;
+  }();
+  return mode;
+}
+CUtensorMapL2promotion L2Promotion() {
+  static const CUtensorMapL2promotion l2 = [] {
+    const char* env = std::getenv("PKV_KV_TMA_L2");
+    if (env != nullptr && std::strcmp(env, "none") == 0) return CU_TENSOR_MAP_L2_PROMOTION_NONE;
+    if (env != nullptr && std::strcmp(env, "128") == 0) return CU_TENSOR_MAP_L2_PROMOTION_L2_128B;
+    return CU_TENSOR_MAP_L2_PROMOTION_L2_256B;
+  }();
+  return l2;
+}
+
 }  // namespace
 
 bool TmaLoadsAvailable() {
@@ -102,12 +120,12 @@ KvMap MakeKvMap(const DecodeParams& p) {
   const CUresult r = EncodeTiled()(
       &m.map, p.dtype == DType::kF16 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2,
       const_cast<void*>(p.kv), dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
-      CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+      CU_TENSOR_MAP_SWIZZLE_128B, L2Promotion(), CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (r != CUDA_SUCCESS) {
     std::memset(&m, 0, sizeof(m));
     return m;
   }
-  m.enabled = 1;
+  m.enabled = TmaWaitMode();
   cache[next] = Entry{p.kv, rows, p.head_dim, p.dtype, m};
   next = (next + 1) % kEntries;
   return m;

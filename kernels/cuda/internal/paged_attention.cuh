@@ -241,7 +241,8 @@ template <int D>
 __device__ __forceinline__ void WaitStage(const KvMap& m, char* smem, RangeState<D>& r, int st) {
 #if PKV_HAS_TMA
   if (m.enabled) {
-    BarWait(StageBar<D>(smem, st), (r.phase >> st) & 1u);
+    // enabled == 2: lane 0 waits and __syncwarp passes the data on; 1: every lane waits.
+    if (m.enabled == 1 || (threadIdx.x & 31) == 0) BarWait(StageBar<D>(smem, st), (r.phase >> st) & 1u);
     r.phase ^= 1u << st;
     __syncwarp();
     return;
@@ -280,8 +281,6 @@ __device__ __forceinline__ void IssueChunk(const DecodeParams& p, const KvMap& m
       const int k_row = static_cast<int>((static_cast<int64_t>(page) * 2 * p.num_kv_heads + r.kvh) * P + (t & (P - 1)));
       const int v_row = k_row + p.num_kv_heads * P;
       const uint32_t bar = StageBar<D>(smem, st);
-      // Order this warp's earlier generic accesses of the stage before the async proxy's writes.
-      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
       BarExpectBytes(bar, Cfg::kStageBytes);
 #pragma unroll
       for (int part = 0; part < Cfg::kParts; ++part) {
@@ -392,6 +391,8 @@ __device__ __forceinline__ void RunRange(const DecodeParams& p, const KvMap& m, 
         const uint32_t a = v_base + Cfg::Offset(lim + idx / Cfg::kRowChunks, idx % Cfg::kRowChunks);
         asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(a), "r"(0u) : "memory");
       }
+      // These generic writes come before any later TMA write of the stage (async proxy).
+      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
       __syncwarp();
     }
 #endif
