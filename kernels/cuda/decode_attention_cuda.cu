@@ -6,11 +6,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
-
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 #include <string>
 
 #include "absl/strings/str_cat.h"
@@ -43,92 +39,6 @@ int64_t PartialSlots(KernelId kernel, const DecodeParams& p) {
   if (kernel == KernelId::kSequenceSplit) return p.num_splits > 1 ? static_cast<int64_t>(p.batch) * p.num_splits : 0;
   if (kernel == KernelId::kWorkQueue) return p.num_partials;
   return 0;
-}
-
-namespace {
-
-PFN_cuTensorMapEncodeTiled_v12000 EncodeTiled() {
-  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
-    void* f = nullptr;
-    cudaDriverEntryPointQueryResult q{};
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q) != cudaSuccess ||
-        q != cudaDriverEntryPointSuccess) {
-      return static_cast<PFN_cuTensorMapEncodeTiled_v12000>(nullptr);
-    }
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
-  }();
-  return fn;
-}
-
-// Experiment knobs: PKV_KV_LOADS=tma_lane0 (lane 0 waits for a stage), PKV_KV_TMA_L2=none.
-int TmaWaitMode() {
-  static const int mode = [] {
-    const char* env = std::getenv("PKV_KV_LOADS");
-    return env != nullptr && std::strcmp(env, "tma_lane0") == 0 ? 2 : 1;
-  }();
-  return mode;
-}
-CUtensorMapL2promotion L2Promotion() {
-  static const CUtensorMapL2promotion l2 = [] {
-    const char* env = std::getenv("PKV_KV_TMA_L2");
-    if (env != nullptr && std::strcmp(env, "none") == 0) return CU_TENSOR_MAP_L2_PROMOTION_NONE;
-    if (env != nullptr && std::strcmp(env, "128") == 0) return CU_TENSOR_MAP_L2_PROMOTION_L2_128B;
-    return CU_TENSOR_MAP_L2_PROMOTION_L2_256B;
-  }();
-  return l2;
-}
-
-}  // namespace
-
-bool TmaLoadsAvailable() {
-  static const bool available = [] {
-    const char* env = std::getenv("PKV_KV_LOADS");
-    if (env != nullptr && std::strcmp(env, "cp_async") == 0) return false;
-    int dev = 0, major = 0, minor = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess) return false;
-    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
-    // The TMA path is compiled into the sm_90a code only; other GPUs run the PTX's cp.async path.
-    return major == 9 && minor == 0 && EncodeTiled() != nullptr;
-  }();
-  return available;
-}
-
-KvMap MakeKvMap(const DecodeParams& p) {
-  KvMap m;
-  std::memset(&m, 0, sizeof(m));
-  const int64_t rows = p.num_pages * 2 * p.num_kv_heads * static_cast<int64_t>(p.page_size);
-  if (p.page_size < 16 || p.num_pages <= 0 || rows >= (int64_t{1} << 31) || !TmaLoadsAvailable()) return m;
-  // A few recent encodings per thread (one per layer pool in use).
-  struct Entry {
-    const void* kv;
-    int64_t rows;
-    int head_dim;
-    DType dtype;
-    KvMap map;
-  };
-  constexpr int kEntries = 8;
-  thread_local Entry cache[kEntries] = {};
-  thread_local int next = 0;
-  for (const Entry& e : cache) {
-    if (e.kv == p.kv && e.rows == rows && e.head_dim == p.head_dim && e.dtype == p.dtype) return e.map;
-  }
-  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(p.head_dim), static_cast<cuuint64_t>(rows)};
-  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(p.head_dim) * 2};  // bytes between token rows
-  const cuuint32_t box[2] = {64, 16};
-  const cuuint32_t elem_strides[2] = {1, 1};
-  const CUresult r = EncodeTiled()(
-      &m.map, p.dtype == DType::kF16 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2,
-      const_cast<void*>(p.kv), dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
-      CU_TENSOR_MAP_SWIZZLE_128B, L2Promotion(), CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  if (r != CUDA_SUCCESS) {
-    std::memset(&m, 0, sizeof(m));
-    return m;
-  }
-  m.enabled = TmaWaitMode();
-  cache[next] = Entry{p.kv, rows, p.head_dim, p.dtype, m};
-  next = (next + 1) % kEntries;
-  return m;
 }
 
 }  // namespace internal
@@ -167,23 +77,20 @@ struct ShapeOf {
 };
 struct PerRequestL {
   const DecodeParams& p;
-  const internal::KvMap& m;
   cudaStream_t s;
   template <typename T, int D>
-  cudaError_t operator()() const { return internal::LaunchPerRequest<T, D>(p, m, s); }
+  cudaError_t operator()() const { return internal::LaunchPerRequest<T, D>(p, s); }
 };
 struct SequenceSplitL {
   const DecodeParams& p;
-  const internal::KvMap& m;
   const Workspace& ws;
   bool fused;
   cudaStream_t s;
   template <typename T, int D>
-  cudaError_t operator()() const { return internal::LaunchSequenceSplit<T, D>(p, m, ws, fused, s); }
+  cudaError_t operator()() const { return internal::LaunchSequenceSplit<T, D>(p, ws, fused, s); }
 };
 struct WorkQueueL {
   const DecodeParams& p;
-  const internal::KvMap& m;
   const Workspace& ws;
   bool fused;
   cudaStream_t s;
@@ -192,7 +99,7 @@ struct WorkQueueL {
     const internal::KernelShape shape = internal::WorkQueueShape<T, D>();
     const int grid =
         p.cta_task_begin != nullptr ? p.num_ctas : std::min(p.num_tasks, shape.num_sms * shape.ctas_per_sm);
-    return internal::LaunchWorkQueue<T, D>(p, m, ws, fused, grid, s);
+    return internal::LaunchWorkQueue<T, D>(p, ws, fused, grid, s);
   }
 };
 
@@ -274,14 +181,13 @@ absl::Status Launch(KernelId kernel, const DecodeParams& p, void* workspace, cud
   if (p.batch == 0) return absl::OkStatus();
   const int64_t slots = PartialSlots(kernel, p);
   const Workspace ws = internal::CarveWorkspace(workspace, p, slots);
-  const internal::KvMap m = internal::MakeKvMap(p);
   switch (kernel) {
     case KernelId::kPerRequest:
-      return FromCuda(Dispatch(p, PerRequestL{p, m, stream}), kernel);
+      return FromCuda(Dispatch(p, PerRequestL{p, stream}), kernel);
     case KernelId::kSequenceSplit:
-      return FromCuda(Dispatch(p, SequenceSplitL{p, m, ws, merge == MergeMode::kFused, stream}), kernel);
+      return FromCuda(Dispatch(p, SequenceSplitL{p, ws, merge == MergeMode::kFused, stream}), kernel);
     case KernelId::kWorkQueue:
-      return FromCuda(Dispatch(p, WorkQueueL{p, m, ws, merge == MergeMode::kFused, stream}), kernel);
+      return FromCuda(Dispatch(p, WorkQueueL{p, ws, merge == MergeMode::kFused, stream}), kernel);
     default:
       return absl::UnimplementedError(absl::StrCat("kernels/cuda has no route ", std::string(KernelName(kernel))));
   }

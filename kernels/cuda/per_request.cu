@@ -4,14 +4,14 @@
 namespace pkv::kernels::cuda::internal {
 
 template <typename T, int D>
-cudaError_t LaunchPerRequest(const DecodeParams& p, const KvMap& m, cudaStream_t stream) {
+cudaError_t LaunchPerRequest(const DecodeParams& p, cudaStream_t stream) {
   constexpr int kSmem = TileConfig<D>::kSmemBytes;
   if (const cudaError_t e = EnsureSmem<PerRequestKernel<T, D>>(kSmem); e != cudaSuccess) return e;
-  PerRequestKernel<T, D><<<dim3(p.num_kv_heads, p.batch), kThreads, kSmem, stream>>>(p, m);
+  PerRequestKernel<T, D><<<dim3(p.num_kv_heads, p.batch), kThreads, kSmem, stream>>>(p);
   return cudaGetLastError();
 }
 
-#define PKV_INSTANTIATE(T, D) template cudaError_t LaunchPerRequest<T, D>(const DecodeParams&, const KvMap&, cudaStream_t);
+#define PKV_INSTANTIATE(T, D) template cudaError_t LaunchPerRequest<T, D>(const DecodeParams&, cudaStream_t);
 PKV_INSTANTIATE(__half, 64)
 PKV_INSTANTIATE(__half, 128)
 PKV_INSTANTIATE(__half, 256)

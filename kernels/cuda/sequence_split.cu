@@ -4,25 +4,23 @@
 namespace pkv::kernels::cuda::internal {
 
 template <typename T, int D>
-cudaError_t LaunchSequenceSplit(const DecodeParams& p, const KvMap& m, const Workspace& ws, bool fused_merge,
-                                cudaStream_t stream) {
+cudaError_t LaunchSequenceSplit(const DecodeParams& p, const Workspace& ws, bool fused_merge, cudaStream_t stream) {
   constexpr int kSmem = TileConfig<D>::kSmemBytes;
   const int S = p.num_splits;
   const dim3 grid(S, p.num_kv_heads, p.batch);
   if (fused_merge && S > 1) {
     if (const cudaError_t e = EnsureSmem<SequenceSplitKernel<T, D, true>>(kSmem); e != cudaSuccess) return e;
-    SequenceSplitKernel<T, D, true><<<grid, kThreads, kSmem, stream>>>(p, m, ws);
+    SequenceSplitKernel<T, D, true><<<grid, kThreads, kSmem, stream>>>(p, ws);
     return cudaGetLastError();
   }
   if (const cudaError_t e = EnsureSmem<SequenceSplitKernel<T, D, false>>(kSmem); e != cudaSuccess) return e;
-  SequenceSplitKernel<T, D, false><<<grid, kThreads, kSmem, stream>>>(p, m, ws);
+  SequenceSplitKernel<T, D, false><<<grid, kThreads, kSmem, stream>>>(p, ws);
   if (S > 1) MergeKernel<T, D, true><<<MergeGrid(p), kThreads, 0, stream>>>(p, ws);
   return cudaGetLastError();
 }
 
 #define PKV_INSTANTIATE(T, D) \
-  template cudaError_t LaunchSequenceSplit<T, D>(const DecodeParams&, const KvMap&, const Workspace&, bool, \
-                                                cudaStream_t);
+  template cudaError_t LaunchSequenceSplit<T, D>(const DecodeParams&, const Workspace&, bool, cudaStream_t);
 PKV_INSTANTIATE(__half, 64)
 PKV_INSTANTIATE(__half, 128)
 PKV_INSTANTIATE(__half, 256)

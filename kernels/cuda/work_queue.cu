@@ -25,21 +25,21 @@ KernelShape WorkQueueShape() {
 }
 
 template <typename T, int D>
-cudaError_t LaunchWorkQueue(const DecodeParams& p, const KvMap& m, const Workspace& ws, bool fused_merge, int grid,
+cudaError_t LaunchWorkQueue(const DecodeParams& p, const Workspace& ws, bool fused_merge, int grid,
                             cudaStream_t stream) {
   const KernelShape shape = WorkQueueShape<T, D>();
   if (p.num_tasks == 0) return cudaSuccess;
   if (fused_merge) {
-    WorkQueueKernel<T, D, true><<<grid, kThreads, shape.smem_bytes, stream>>>(p, m, ws);
+    WorkQueueKernel<T, D, true><<<grid, kThreads, shape.smem_bytes, stream>>>(p, ws);
   } else {
-    WorkQueueKernel<T, D, false><<<grid, kThreads, shape.smem_bytes, stream>>>(p, m, ws);
+    WorkQueueKernel<T, D, false><<<grid, kThreads, shape.smem_bytes, stream>>>(p, ws);
     MergeKernel<T, D, false><<<MergeGrid(p), kThreads, 0, stream>>>(p, ws);
   }
   return cudaGetLastError();
 }
 
 #define PKV_INSTANTIATE(T, D)                                                                      \
-  template cudaError_t LaunchWorkQueue<T, D>(const DecodeParams&, const KvMap&, const Workspace&, bool, int, \
+  template cudaError_t LaunchWorkQueue<T, D>(const DecodeParams&, const Workspace&, bool, int, \
                                              cudaStream_t);                                     \
   template KernelShape WorkQueueShape<T, D>();
 PKV_INSTANTIATE(__half, 64)

@@ -8,7 +8,6 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "kernels/cuda/internal/kv_map.h"
 #include "kernels/decode_attention.h"
 
 namespace pkv::kernels::cuda::internal {
@@ -33,12 +32,11 @@ struct KernelShape {
 };
 
 template <typename T, int D>
-cudaError_t LaunchPerRequest(const DecodeParams& p, const KvMap& m, cudaStream_t stream);
+cudaError_t LaunchPerRequest(const DecodeParams& p, cudaStream_t stream);
 template <typename T, int D>
-cudaError_t LaunchSequenceSplit(const DecodeParams& p, const KvMap& m, const Workspace& ws, bool fused_merge,
-                                cudaStream_t stream);
+cudaError_t LaunchSequenceSplit(const DecodeParams& p, const Workspace& ws, bool fused_merge, cudaStream_t stream);
 template <typename T, int D>
-cudaError_t LaunchWorkQueue(const DecodeParams& p, const KvMap& m, const Workspace& ws, bool fused_merge, int grid,
+cudaError_t LaunchWorkQueue(const DecodeParams& p, const Workspace& ws, bool fused_merge, int grid,
                             cudaStream_t stream);
 template <typename T, int D>
 KernelShape WorkQueueShape();

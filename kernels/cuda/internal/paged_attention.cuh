@@ -17,7 +17,6 @@
 
 #include <cstdint>
 
-#include "kernels/cuda/internal/kv_map.h"
 #include "kernels/decode_attention.h"
 
 namespace pkv::kernels::cuda::internal {
@@ -29,41 +28,21 @@ inline constexpr int kMaxGroup = 8;   // query heads per KV head held in the 16 
 inline constexpr float kLog2e = 1.4426950408889634f;
 inline constexpr float kLn2 = 0.6931471805599453f;
 
-// Tensor-memory-accelerator copies (cp.async.bulk.tensor) exist from sm_90; the portable PTX
-// target keeps only the cp.async path.
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-#define PKV_HAS_TMA 1
-#else
-#define PKV_HAS_TMA 0
-#endif
-
 template <int D>
 struct TileConfig {
   static_assert(D == 64 || D == 128 || D == 256);
 #ifndef PKV_KV_STAGES
-#define PKV_KV_STAGES 3  // pipeline stages per warp for head_dim <= 128 (build-time experiment knob)
+#define PKV_KV_STAGES 3  // cp.async stages per warp for head_dim <= 128 (build-time experiment knob)
 #endif
   static constexpr int kStages = D >= 256 ? 2 : PKV_KV_STAGES;
   static constexpr int kRowChunks = D / 8;  // 16-byte pieces per token row
-  static constexpr int kParts = D / 64;     // 128-byte parts per token row (one TMA box each)
-  static constexpr int kTileBytes = kChunk * D * 2;
-  static constexpr int kStageBytes = 2 * kTileBytes;  // K tile then V tile
-  static constexpr int kPipeBytes = kWarps * kStages * kStageBytes;
+  static constexpr int kTileElems = kChunk * D;
+  static constexpr int kStageElems = 2 * kTileElems;  // K tile then V tile
+  static constexpr int kPipeBytes = kWarps * kStages * kStageElems * 2;
   static constexpr int kMergeBytes = kWarps * kMaxGroup * (D + 2) * 4;
-  static constexpr int kBarBytes = kWarps * kStages * 8;  // one mbarrier per (warp, stage)
   // The merge area follows the pipeline (no aliasing: a persistent CTA refills the pipeline with
-  // the next task while the current task's states are being merged); the barriers follow it, then
-  // two ints of CTA flags (kept out of static shared memory so the pipeline starts at the
-  // 1024-byte aligned base of the block's shared memory).
-  static constexpr int kFlagsOffset = kPipeBytes + kMergeBytes + kBarBytes;
-  static constexpr int kSmemBytes = kFlagsOffset + 16;
-  // Byte offset of 16-byte piece cc of token row `row` in a K or V tile. The tile is TMA's
-  // 128-byte-swizzle layout: kParts blocks of [16 rows][128 bytes], piece (cc & 7) of a row stored
-  // at (cc & 7) ^ (row & 7) (tiles are 1024-byte aligned). Both the cp.async and the TMA path fill
-  // it; ldmatrix reads of 8 rows at one piece hit 8 different bank groups.
-  static __device__ __forceinline__ uint32_t Offset(int row, int cc) {
-    return (cc >> 3) * (kChunk * 128) + row * 128 + (((cc & 7) ^ (row & 7)) << 4);
-  }
+  // the next task while the current task's states are being merged).
+  static constexpr int kSmemBytes = kPipeBytes + kMergeBytes;
 };
 
 // Element type traits: conversions and the mma opcode. (The mma's rows 8..15 land in registers
@@ -133,34 +112,6 @@ __device__ __forceinline__ void Ldmatrix4Trans(uint32_t& r0, uint32_t& r1, uint3
                : "r"(addr));
 }
 
-#if PKV_HAS_TMA
-__device__ __forceinline__ void BarInit(uint32_t bar) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(bar) : "memory");
-}
-__device__ __forceinline__ void BarExpectBytes(uint32_t bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void BarWait(uint32_t bar, uint32_t parity) {
-  asm volatile(
-      "{\n"
-      ".reg .pred done;\n"
-      "WAIT_%=:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra WAIT_%=;\n"
-      "}\n" ::"r"(bar),
-      "r"(parity)
-      : "memory");
-}
-// One 2-D box of the tensor map at element coordinates (x, y) into shared memory at smem_dst.
-__device__ __forceinline__ void TmaLoad2d(uint32_t smem_dst, const CUtensorMap* map, int x, int y, uint32_t bar) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(
-          smem_dst),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(bar)
-      : "memory");
-}
-#endif
-
 // Result of one CTA's pass over a range, per query head g < G and dim: o normalised by l and
 // the natural-log lse (-inf and o = 0 for an empty range).
 struct HeadResult {
@@ -200,56 +151,13 @@ struct RangeState {
   int b, kvh, n, my_chunks, pg_next;
   const int32_t* pages;
   uint32_t qf[D / 16][2];
-  uint32_t phase = 0;  // TMA: bit s = the parity stage s's mbarrier completes next
 };
 
 template <int D>
 __device__ __forceinline__ uint32_t WarpPipeAddr(char* smem) {
   using Cfg = TileConfig<D>;
   const int warp = threadIdx.x >> 5;
-  return static_cast<uint32_t>(__cvta_generic_to_shared(smem)) + warp * Cfg::kStages * Cfg::kStageBytes;
-}
-
-// The mbarrier of this warp's pipeline stage st (TMA path).
-template <int D>
-__device__ __forceinline__ uint32_t StageBar(char* smem, int st) {
-  using Cfg = TileConfig<D>;
-  const int warp = threadIdx.x >> 5;
-  return static_cast<uint32_t>(__cvta_generic_to_shared(smem)) + Cfg::kPipeBytes + Cfg::kMergeBytes +
-         (warp * Cfg::kStages + st) * 8;
-}
-
-// Once per CTA before the first range: this warp's stage barriers (TMA path).
-template <int D>
-__device__ __forceinline__ void InitPipeline(const KvMap& m, char* smem) {
-#if PKV_HAS_TMA
-  if (m.enabled) {
-    // The swizzle pattern is a function of the shared address: tiles must be 1024-byte aligned.
-    if ((static_cast<uint32_t>(__cvta_generic_to_shared(smem)) & 1023u) != 0) __trap();
-    if ((threadIdx.x & 31) == 0) {
-      for (int st = 0; st < TileConfig<D>::kStages; ++st) BarInit(StageBar<D>(smem, st));
-      asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    }
-    __syncwarp();
-  }
-#endif
-}
-
-// Waits until the chunk in stage st has landed (TMA: the stage's mbarrier phase; cp.async: all
-// but the newest kStages - 2 groups) and makes it visible to the whole warp.
-template <int D>
-__device__ __forceinline__ void WaitStage(const KvMap& m, char* smem, RangeState<D>& r, int st) {
-#if PKV_HAS_TMA
-  if (m.enabled) {
-    // enabled == 2: lane 0 waits and __syncwarp passes the data on; 1: every lane waits.
-    if (m.enabled == 1 || (threadIdx.x & 31) == 0) BarWait(StageBar<D>(smem, st), (r.phase >> st) & 1u);
-    r.phase ^= 1u << st;
-    __syncwarp();
-    return;
-  }
-#endif
-  CpAsyncWait<TileConfig<D>::kStages - 2>();
-  __syncwarp();
+  return static_cast<uint32_t>(__cvta_generic_to_shared(smem)) + warp * Cfg::kStages * Cfg::kStageElems * 2;
 }
 
 // Page id of token row `lane` (< 16) of chunk c, or -1 past the range.
@@ -264,42 +172,22 @@ __device__ __forceinline__ int LoadPage(const DecodeParams& p, const RangeState<
 // `page` from LoadPage(c). 16-byte cp.async, zero-filled past the end of the range, into a tile
 // swizzled by 16-byte piece (piece ^ (row & 7)) so that ldmatrix reads are conflict-free.
 template <typename T, int D>
-__device__ __forceinline__ void IssueChunk(const DecodeParams& p, const KvMap& m, const RangeState<D>& r, char* smem,
-                                           int c, int st, int page) {
+__device__ __forceinline__ void IssueChunk(const DecodeParams& p, const RangeState<D>& r, char* smem, int c, int st,
+                                           int page) {
   using Cfg = TileConfig<D>;
   const int lane = threadIdx.x & 31;
   const int P = p.page_size;
-  const uint32_t k_base = WarpPipeAddr<D>(smem) + st * Cfg::kStageBytes;
-  const uint32_t v_base = k_base + Cfg::kTileBytes;
-#if PKV_HAS_TMA
-  if (m.enabled) {
-    // P >= 16: the chunk's 16 token rows are consecutive rows of one page. Lane 0 (token row 0)
-    // copies kParts boxes of K and of V; rows past the range are copied too (they exist in the
-    // page) and RunRange masks them.
-    if (lane == 0) {
-      const int t = c * kChunk;
-      const int k_row = static_cast<int>((static_cast<int64_t>(page) * 2 * p.num_kv_heads + r.kvh) * P + (t & (P - 1)));
-      const int v_row = k_row + p.num_kv_heads * P;
-      const uint32_t bar = StageBar<D>(smem, st);
-      BarExpectBytes(bar, Cfg::kStageBytes);
-#pragma unroll
-      for (int part = 0; part < Cfg::kParts; ++part) {
-        TmaLoad2d(k_base + part * kChunk * 128, &m.map, part * 64, k_row, bar);
-        TmaLoad2d(v_base + part * kChunk * 128, &m.map, part * 64, v_row, bar);
-      }
-    }
-    return;
-  }
-#endif
   const int64_t head_stride = static_cast<int64_t>(P) * D;                    // one (page, K|V, head) tile
   const int64_t v_stride = static_cast<int64_t>(p.num_kv_heads) * head_stride;  // K -> V
-  const T* kv = static_cast<const T*>(p.kv);
   int64_t row_off = 0;
   if (page >= 0) {
     const int t = c * kChunk + lane;
     row_off = (static_cast<int64_t>(page) * 2 * p.num_kv_heads + r.kvh) * head_stride +
               static_cast<int64_t>(t & (P - 1)) * D;
   }
+  const T* kv = static_cast<const T*>(p.kv);
+  const uint32_t k_base = WarpPipeAddr<D>(smem) + st * Cfg::kStageElems * 2;
+  const uint32_t v_base = k_base + Cfg::kTileElems * 2;
 #pragma unroll
   for (int it = 0; it < kChunk * Cfg::kRowChunks / 32; ++it) {
     const int idx = it * 32 + lane;
@@ -308,7 +196,7 @@ __device__ __forceinline__ void IssueChunk(const DecodeParams& p, const KvMap& m
     const int64_t off = __shfl_sync(0xffffffffu, row_off, row);
     const int valid = __shfl_sync(0xffffffffu, page, row) >= 0;
     const T* src = kv + (valid ? off + c16 * 8 : 0);
-    const uint32_t dst = Cfg::Offset(row, c16);
+    const uint32_t dst = (row * D + ((c16 ^ (row & 7)) * 8)) * 2;
     CpAsync16(k_base + dst, src, valid);
     CpAsync16(v_base + dst, src + (valid ? v_stride : 0), valid);
   }
@@ -318,8 +206,8 @@ __device__ __forceinline__ void IssueChunk(const DecodeParams& p, const KvMap& m
 // loads Q and the page ids of the first stages and issues the first kStages - 1 chunks of every
 // warp. Precondition: this warp's pipeline buffers are free (no chunk of an earlier range pending).
 template <typename T, int D>
-__device__ __forceinline__ void BeginRange(const DecodeParams& p, const KvMap& m, int b, int kvh, int page_begin,
-                                           int page_end, char* smem, RangeState<D>& r) {
+__device__ __forceinline__ void BeginRange(const DecodeParams& p, int b, int kvh, int page_begin, int page_end,
+                                           char* smem, RangeState<D>& r) {
   constexpr int kStages = TileConfig<D>::kStages;
   const int warp = threadIdx.x >> 5;
   const int lane = threadIdx.x & 31;
@@ -347,7 +235,7 @@ __device__ __forceinline__ void BeginRange(const DecodeParams& p, const KvMap& m
   for (int s = 0; s < kStages; ++s) pg[s] = s < r.my_chunks ? LoadPage<D>(p, r, warp + s * kWarps) : -1;
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < r.my_chunks) IssueChunk<T, D>(p, m, r, smem, warp + s * kWarps, s, pg[s]);
+    if (s < r.my_chunks) IssueChunk<T, D>(p, r, smem, warp + s * kWarps, s, pg[s]);
     CpAsyncCommit();
   }
   r.pg_next = pg[kStages - 1];
@@ -357,7 +245,7 @@ __device__ __forceinline__ void BeginRange(const DecodeParams& p, const KvMap& m
 // domain, quad-uniform; l quad-reduced at the end; o unnormalised) for query head `gid`. Ends with
 // every copy of the range complete, so the pipeline buffers are free again.
 template <typename T, int D>
-__device__ __forceinline__ void RunRange(const DecodeParams& p, const KvMap& m, char* smem, RangeState<D>& r, float& m_run,
+__device__ __forceinline__ void RunRange(const DecodeParams& p, char* smem, RangeState<D>& r, float& m_run,
                                          float& l_run, float (&o)[D / 8][2]) {
   using Cfg = TileConfig<D>;
   constexpr int kStages = Cfg::kStages;
@@ -372,30 +260,18 @@ __device__ __forceinline__ void RunRange(const DecodeParams& p, const KvMap& m, 
   const uint32_t pipe = WarpPipeAddr<D>(smem);
 
   for (int i = 0; i < r.my_chunks; ++i) {
-    WaitStage<D>(m, smem, r, i % kStages);
+    CpAsyncWait<kStages - 2>();
+    __syncwarp();
     {
       const int nx = i + kStages - 1;
-      if (nx < r.my_chunks) IssueChunk<T, D>(p, m, r, smem, warp + nx * kWarps, nx % kStages, r.pg_next);
+      if (nx < r.my_chunks) IssueChunk<T, D>(p, r, smem, warp + nx * kWarps, nx % kStages, r.pg_next);
       CpAsyncCommit();
       r.pg_next = nx + 1 < r.my_chunks ? LoadPage<D>(p, r, warp + (nx + 1) * kWarps) : -1;
     }
     const int st = i % kStages;
-    const uint32_t k_base = pipe + st * Cfg::kStageBytes;
-    const uint32_t v_base = k_base + Cfg::kTileBytes;
+    const uint32_t k_base = pipe + st * Cfg::kStageElems * 2;
+    const uint32_t v_base = k_base + Cfg::kTileElems * 2;
     const int tok0 = (warp + i * kWarps) * kChunk;
-    const int lim = r.n - tok0;  // tokens valid in this chunk (>= 1)
-#if PKV_HAS_TMA
-    if (m.enabled && lim < kChunk) {
-      // TMA copied the whole page: zero the V rows past the range (P = 0 there, V must be finite).
-      for (int idx = lane; idx < (kChunk - lim) * Cfg::kRowChunks; idx += 32) {
-        const uint32_t a = v_base + Cfg::Offset(lim + idx / Cfg::kRowChunks, idx % Cfg::kRowChunks);
-        asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(a), "r"(0u) : "memory");
-      }
-      // These generic writes come before any later TMA write of the stage (async proxy).
-      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-      __syncwarp();
-    }
-#endif
 
     // S = Q K^T for 16 tokens: two n-tiles of 8 tokens.
     float s0[2] = {0.f, 0.f}, s1[2] = {0.f, 0.f};
@@ -404,11 +280,12 @@ __device__ __forceinline__ void RunRange(const DecodeParams& p, const KvMap& m, 
       const int row = ((lane >> 4) << 3) + (lane & 7);
       const int cc = ks * 2 + ((lane >> 3) & 1);
       uint32_t b00, b01, b10, b11;
-      Ldmatrix4(b00, b01, b10, b11, k_base + Cfg::Offset(row, cc));
+      Ldmatrix4(b00, b01, b10, b11, k_base + (row * D + ((cc ^ (row & 7)) * 8)) * 2);
       Elem<T>::Mma(s0[0], s0[1], r.qf[ks][0], r.qf[ks][1], b00, b01, s0[0], s0[1]);
       Elem<T>::Mma(s1[0], s1[1], r.qf[ks][0], r.qf[ks][1], b10, b11, s1[0], s1[1]);
     }
     float sc[4] = {s0[0] * scale_log2, s0[1] * scale_log2, s1[0] * scale_log2, s1[1] * scale_log2};
+    const int lim = r.n - tok0;  // tokens valid in this chunk (>= 1)
     if (lim < kChunk) {
       if (tig * 2 >= lim) sc[0] = -INFINITY;
       if (tig * 2 + 1 >= lim) sc[1] = -INFINITY;
@@ -439,13 +316,13 @@ __device__ __forceinline__ void RunRange(const DecodeParams& p, const KvMap& m, 
       const int row = ((j & 1) << 3) + (lane & 7);
       const int cc = np * 2 + (j >> 1);
       uint32_t v0, v1, v2, v3;
-      Ldmatrix4Trans(v0, v1, v2, v3, v_base + Cfg::Offset(row, cc));
+      Ldmatrix4Trans(v0, v1, v2, v3, v_base + (row * D + ((cc ^ (row & 7)) * 8)) * 2);
       Elem<T>::Mma(o[2 * np][0], o[2 * np][1], pa0, pa2, v0, v1, o[2 * np][0], o[2 * np][1]);
       Elem<T>::Mma(o[2 * np + 1][0], o[2 * np + 1][1], pa0, pa2, v2, v3, o[2 * np + 1][0],
                    o[2 * np + 1][1]);
     }
   }
-  CpAsyncWait<0>();  // (TMA: none pending; every issued chunk was waited for in the loop)
+  CpAsyncWait<0>();
   __syncwarp();  // every lane's reads of the stages are done before anyone refills them
   l_run += __shfl_xor_sync(0xffffffffu, l_run, 1);
   l_run += __shfl_xor_sync(0xffffffffu, l_run, 2);
@@ -474,13 +351,12 @@ __device__ __forceinline__ MergeView<D> StashWarpState(char* smem, float m_run, 
 
 // Single-range convenience: begin, run, stash, barrier.
 template <typename T, int D>
-__device__ __forceinline__ MergeView<D> AttendRange(const DecodeParams& p, const KvMap& m, int b, int kvh, int page_begin,
+__device__ __forceinline__ MergeView<D> AttendRange(const DecodeParams& p, int b, int kvh, int page_begin,
                                                     int page_end, char* smem) {
-  InitPipeline<D>(m, smem);
   RangeState<D> r;
-  BeginRange<T, D>(p, m, b, kvh, page_begin, page_end, smem, r);
+  BeginRange<T, D>(p, b, kvh, page_begin, page_end, smem, r);
   float m_run, l_run, o[D / 8][2];
-  RunRange<T, D>(p, m, smem, r, m_run, l_run, o);
+  RunRange<T, D>(p, smem, r, m_run, l_run, o);
   const MergeView<D> v = StashWarpState<D>(smem, m_run, l_run, o);
   __syncthreads();
   return v;

@@ -13,9 +13,9 @@ namespace pkv::kernels::cuda::internal {
 // of the `splits` CTAs of the group merges them into out/lse and re-zeroes the counter (classic
 // threadfence reduction). All threads of the CTA call it.
 template <typename T, int D>
-__device__ __forceinline__ void CountAndMerge(const DecodeParams& p, const Workspace& ws, char* smem, int row,
-                                              int kvh, int64_t first_slot, int splits) {
-  int& is_last = reinterpret_cast<int*>(smem + TileConfig<D>::kFlagsOffset)[1];
+__device__ __forceinline__ void CountAndMerge(const DecodeParams& p, const Workspace& ws, int row, int kvh,
+                                              int64_t first_slot, int splits) {
+  __shared__ int is_last;
   const int G = p.num_q_heads / p.num_kv_heads;
   __threadfence();
   __syncthreads();
@@ -36,12 +36,11 @@ __device__ __forceinline__ void CountAndMerge(const DecodeParams& p, const Works
 
 // Per-request: grid (Hkv, B); the whole row, output written directly.
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) PerRequestKernel(const __grid_constant__ DecodeParams p,
-                                                                      const __grid_constant__ KvMap m) {
-  extern __shared__ __align__(1024) char smem[];
+__global__ void __launch_bounds__(kThreads) PerRequestKernel(const __grid_constant__ DecodeParams p) {
+  extern __shared__ __align__(128) char smem[];
   const int kvh = blockIdx.x, b = blockIdx.y;
   const int pages = p.page_indptr[b + 1] - p.page_indptr[b];
-  const MergeView<D> v = AttendRange<T, D>(p, m, b, kvh, 0, pages, smem);
+  const MergeView<D> v = AttendRange<T, D>(p, b, kvh, 0, pages, smem);
   WriteFinal<T, D>(p, b, kvh, v);
 }
 
@@ -50,20 +49,20 @@ __global__ void __launch_bounds__(kThreads) PerRequestKernel(const __grid_consta
 // head) merges (one launch); else the merge kernel runs next.
 template <typename T, int D, bool kFused>
 __global__ void __launch_bounds__(kThreads)
-    SequenceSplitKernel(const __grid_constant__ DecodeParams p, const __grid_constant__ KvMap m, Workspace ws) {
-  extern __shared__ __align__(1024) char smem[];
+    SequenceSplitKernel(const __grid_constant__ DecodeParams p, Workspace ws) {
+  extern __shared__ __align__(128) char smem[];
   const int s = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
   const int S = gridDim.x;
   const int pages = p.page_indptr[b + 1] - p.page_indptr[b];
   const int begin = static_cast<int>(static_cast<int64_t>(pages) * s / S);
   const int end = static_cast<int>(static_cast<int64_t>(pages) * (s + 1) / S);
-  const MergeView<D> v = AttendRange<T, D>(p, m, b, kvh, begin, end, smem);
+  const MergeView<D> v = AttendRange<T, D>(p, b, kvh, begin, end, smem);
   if (S == 1) {
     WriteFinal<T, D>(p, b, kvh, v);
   } else {
     const int64_t first = static_cast<int64_t>(b) * S;
     WritePartial<D>(p, first + s, kvh, v, ws.lse, ws.o);
-    if constexpr (kFused) CountAndMerge<T, D>(p, ws, smem, b, kvh, first, S);
+    if constexpr (kFused) CountAndMerge<T, D>(p, ws, b, kvh, first, S);
   }
 }
 
@@ -75,11 +74,10 @@ __global__ void __launch_bounds__(kThreads)
 // task's Q, page ids and first chunks are issued before the current task's epilogue, so its load
 // latency hides behind the merge, the partial write and the completion counter.
 template <typename T, int D, bool kFused>
-__global__ void __launch_bounds__(kThreads) WorkQueueKernel(const __grid_constant__ DecodeParams p,
-                                                                     const __grid_constant__ KvMap m, Workspace ws) {
-  extern __shared__ __align__(1024) char smem[];
+__global__ void __launch_bounds__(kThreads) WorkQueueKernel(const __grid_constant__ DecodeParams p, Workspace ws) {
+  extern __shared__ __align__(128) char smem[];
   // The end of this CTA's range lives in shared memory (read once per task; registers are tight).
-  int& task_end = reinterpret_cast<int*>(smem + TileConfig<D>::kFlagsOffset)[0];
+  __shared__ int task_end;
   int t = blockIdx.x;
   if (p.cta_task_begin != nullptr) {
     t = p.cta_task_begin[blockIdx.x];
@@ -90,18 +88,17 @@ __global__ void __launch_bounds__(kThreads) WorkQueueKernel(const __grid_constan
   __syncthreads();
   if (t >= task_end) return;
   DecodeTask cur = p.tasks[t];
-  InitPipeline<D>(m, smem);
   RangeState<D> r;
-  BeginRange<T, D>(p, m, cur.row, cur.kv_head, cur.page_begin, cur.page_end, smem, r);
+  BeginRange<T, D>(p, cur.row, cur.kv_head, cur.page_begin, cur.page_end, smem, r);
   for (;;) {
     float m_run, l_run, o[D / 8][2];
-    RunRange<T, D>(p, m, smem, r, m_run, l_run, o);
+    RunRange<T, D>(p, smem, r, m_run, l_run, o);
     const MergeView<D> v = StashWarpState<D>(smem, m_run, l_run, o);
     const int nt = t + (p.cta_task_begin != nullptr ? 1 : static_cast<int>(gridDim.x));
     DecodeTask next = cur;
     if (nt < task_end) {
       next = p.tasks[nt];
-      BeginRange<T, D>(p, m, next.row, next.kv_head, next.page_begin, next.page_end, smem, r);
+      BeginRange<T, D>(p, next.row, next.kv_head, next.page_begin, next.page_end, smem, r);
     }
     __syncthreads();  // all warps' states of `cur` are stashed
     if (cur.num_splits == 1) {
@@ -109,7 +106,7 @@ __global__ void __launch_bounds__(kThreads) WorkQueueKernel(const __grid_constan
     } else {
       const int64_t first = p.partial_offset[cur.row];
       WritePartial<D>(p, first + cur.split, cur.kv_head, v, ws.lse, ws.o);
-      if constexpr (kFused) CountAndMerge<T, D>(p, ws, smem, cur.row, cur.kv_head, first, cur.num_splits);
+      if constexpr (kFused) CountAndMerge<T, D>(p, ws, cur.row, cur.kv_head, first, cur.num_splits);
     }
     __syncthreads();  // the merge area is read; the next stash may overwrite it
     if (nt >= task_end) break;
