@@ -35,12 +35,6 @@ struct TileConfig {
 #define PKV_KV_STAGES 3  // cp.async stages per warp for head_dim <= 128 (build-time experiment knob)
 #endif
   static constexpr int kStages = D >= 256 ? 2 : PKV_KV_STAGES;
-#ifndef PKV_KV_SPLIT
-// 1: K and V tiles are separate cp.async groups; a stage's K tile is refilled right after the
-// score product and its V tile after the value product (all kStages chunks in flight between
-// them, not kStages - 1). 0: a stage is refilled whole once both products are done.
-#define PKV_KV_SPLIT 0
-#endif
   static constexpr int kRowChunks = D / 8;  // 16-byte pieces per token row
   static constexpr int kTileElems = kChunk * D;
   static constexpr int kStageElems = 2 * kTileElems;  // K tile then V tile
@@ -179,7 +173,7 @@ __device__ __forceinline__ int LoadPage(const DecodeParams& p, const RangeState<
 // swizzled by 16-byte piece (piece ^ (row & 7)) so that ldmatrix reads are conflict-free.
 template <typename T, int D>
 __device__ __forceinline__ void IssueChunk(const DecodeParams& p, const RangeState<D>& r, char* smem, int c, int st,
-                                           int page, bool k_tile = true, bool v_tile = true) {
+                                           int page) {
   using Cfg = TileConfig<D>;
   const int lane = threadIdx.x & 31;
   const int P = p.page_size;
@@ -203,8 +197,8 @@ __device__ __forceinline__ void IssueChunk(const DecodeParams& p, const RangeSta
     const int valid = __shfl_sync(0xffffffffu, page, row) >= 0;
     const T* src = kv + (valid ? off + c16 * 8 : 0);
     const uint32_t dst = (row * D + ((c16 ^ (row & 7)) * 8)) * 2;
-    if (k_tile) CpAsync16(k_base + dst, src, valid);
-    if (v_tile) CpAsync16(v_base + dst, src + (valid ? v_stride : 0), valid);
+    CpAsync16(k_base + dst, src, valid);
+    CpAsync16(v_base + dst, src + (valid ? v_stride : 0), valid);
   }
 }
 
@@ -236,20 +230,6 @@ __device__ __forceinline__ void BeginRange(const DecodeParams& p, int b, int kvh
     r.qf[ks][0] = gid < G ? *reinterpret_cast<const uint32_t*>(q + ks * 16 + tig * 2) : 0u;
     r.qf[ks][1] = gid < G ? *reinterpret_cast<const uint32_t*>(q + ks * 16 + 8 + tig * 2) : 0u;
   }
-#if PKV_KV_SPLIT
-  // Every stage filled up front, K and V as separate groups (K0, V0, K1, V1, ...).
-  int pg[kStages + 1];  // the prologue's page ids, all loads in flight together
-#pragma unroll
-  for (int s = 0; s <= kStages; ++s) pg[s] = s < r.my_chunks ? LoadPage<D>(p, r, warp + s * kWarps) : -1;
-#pragma unroll
-  for (int s = 0; s < kStages; ++s) {
-    if (s < r.my_chunks) IssueChunk<T, D>(p, r, smem, warp + s * kWarps, s, pg[s], true, false);
-    CpAsyncCommit();
-    if (s < r.my_chunks) IssueChunk<T, D>(p, r, smem, warp + s * kWarps, s, pg[s], false, true);
-    CpAsyncCommit();
-  }
-  r.pg_next = pg[kStages];
-#else
   int pg[kStages];  // the prologue's page ids, all loads in flight together
 #pragma unroll
   for (int s = 0; s < kStages; ++s) pg[s] = s < r.my_chunks ? LoadPage<D>(p, r, warp + s * kWarps) : -1;
@@ -259,7 +239,6 @@ __device__ __forceinline__ void BeginRange(const DecodeParams& p, int b, int kvh
     CpAsyncCommit();
   }
   r.pg_next = pg[kStages - 1];
-#endif
 }
 
 // Runs this warp's chunks of the range begun by BeginRange: online softmax state (m in the log2
@@ -281,13 +260,6 @@ __device__ __forceinline__ void RunRange(const DecodeParams& p, char* smem, Rang
   const uint32_t pipe = WarpPipeAddr<D>(smem);
 
   for (int i = 0; i < r.my_chunks; ++i) {
-#if PKV_KV_SPLIT
-    // Pending after K_i: V_i and K, V of chunks i+1 .. i+kStages-1.
-    CpAsyncWait<2 * kStages - 1>();
-    __syncwarp();
-    const int nx = i + kStages;  // refills this stage: K after the scores, V after the values
-    const int pg_nx = r.pg_next;
-#else
     CpAsyncWait<kStages - 2>();
     __syncwarp();
     {
@@ -296,7 +268,6 @@ __device__ __forceinline__ void RunRange(const DecodeParams& p, char* smem, Rang
       CpAsyncCommit();
       r.pg_next = nx + 1 < r.my_chunks ? LoadPage<D>(p, r, warp + (nx + 1) * kWarps) : -1;
     }
-#endif
     const int st = i % kStages;
     const uint32_t k_base = pipe + st * Cfg::kStageElems * 2;
     const uint32_t v_base = k_base + Cfg::kTileElems * 2;
@@ -313,12 +284,6 @@ __device__ __forceinline__ void RunRange(const DecodeParams& p, char* smem, Rang
       Elem<T>::Mma(s0[0], s0[1], r.qf[ks][0], r.qf[ks][1], b00, b01, s0[0], s0[1]);
       Elem<T>::Mma(s1[0], s1[1], r.qf[ks][0], r.qf[ks][1], b10, b11, s1[0], s1[1]);
     }
-#if PKV_KV_SPLIT
-    __syncwarp();  // every lane's K reads of this stage are done
-    if (nx < r.my_chunks) IssueChunk<T, D>(p, r, smem, warp + nx * kWarps, st, pg_nx, true, false);
-    CpAsyncCommit();
-    r.pg_next = nx + 1 < r.my_chunks ? LoadPage<D>(p, r, warp + (nx + 1) * kWarps) : -1;
-#endif
     float sc[4] = {s0[0] * scale_log2, s0[1] * scale_log2, s1[0] * scale_log2, s1[1] * scale_log2};
     const int lim = r.n - tok0;  // tokens valid in this chunk (>= 1)
     if (lim < kChunk) {
@@ -344,11 +309,6 @@ __device__ __forceinline__ void RunRange(const DecodeParams& p, char* smem, Rang
     }
     const uint32_t pa0 = Elem<T>::Pack(pr[0], pr[1]);
     const uint32_t pa2 = Elem<T>::Pack(pr[2], pr[3]);
-#if PKV_KV_SPLIT
-    // Pending after V_i: K, V of chunks i+1 .. i+kStages-1 and K_{i+kStages}.
-    CpAsyncWait<2 * kStages - 1>();
-    __syncwarp();
-#endif
     // O += P V: V^T fragments by transposed ldmatrix, two 8-dim n-tiles per load.
 #pragma unroll
     for (int np = 0; np < D / 16; ++np) {
@@ -361,11 +321,6 @@ __device__ __forceinline__ void RunRange(const DecodeParams& p, char* smem, Rang
       Elem<T>::Mma(o[2 * np + 1][0], o[2 * np + 1][1], pa0, pa2, v2, v3, o[2 * np + 1][0],
                    o[2 * np + 1][1]);
     }
-#if PKV_KV_SPLIT
-    __syncwarp();  // every lane's V reads of this stage are done
-    if (nx < r.my_chunks) IssueChunk<T, D>(p, r, smem, warp + nx * kWarps, st, pg_nx, false, true);
-    CpAsyncCommit();
-#endif
   }
   CpAsyncWait<0>();
   __syncwarp();  // every lane's reads of the stages are done before anyone refills them
