@@ -186,8 +186,8 @@ cudaError_t PagedReadBulk(const void* kv, const int32_t* pages, int64_t count, i
   cudaGetDevice(&dev);
   cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
   if (major < 9) return cudaErrorNotSupported;
-  if (piece_bytes % 16 != 0) return cudaErrorInvalidValue;
   const int smem = kBulkWarps * kBulkStages * piece_bytes;
+  if (piece_bytes % 16 != 0 || smem > 200 * 1024) return cudaErrorInvalidValue;
   static const cudaError_t attr =
       cudaFuncSetAttribute(PagedReadBulkKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024);
   if (attr != cudaSuccess) return attr;

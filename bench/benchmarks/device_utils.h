@@ -26,7 +26,8 @@ cudaError_t PagedRead(const void* kv, const int32_t* pages, int64_t count, int h
                       uint32_t* sink, int grid, int block, cudaStream_t stream);
 
 // The same reads by bulk copies (sm_90+, else cudaErrorNotSupported): one thread per warp keeps
-// four whole pieces in flight with cp.async.bulk into shared memory (4 warps per CTA).
+// four whole pieces in flight with cp.async.bulk into shared memory (4 warps per CTA, so
+// 16 * piece_bytes of shared memory, at most 200 KB; piece_bytes a multiple of 16).
 cudaError_t PagedReadBulk(const void* kv, const int32_t* pages, int64_t count, int heads, int piece_bytes,
                           uint32_t* sink, int grid, cudaStream_t stream);
 
