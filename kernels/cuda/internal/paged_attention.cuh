@@ -260,17 +260,14 @@ __device__ __forceinline__ void RunRange(const DecodeParams& p, char* smem, Rang
   const uint32_t pipe = WarpPipeAddr<D>(smem);
 
   for (int i = 0; i < r.my_chunks; ++i) {
+    CpAsyncWait<kStages - 2>();
+    __syncwarp();
     {
-      // Refill the stage chunk i-1 used before waiting for chunk i, so that all kStages stages
-      // are in flight during the wait (the pipeline is this warp's own: no other warp reads it).
       const int nx = i + kStages - 1;
-      __syncwarp();  // every lane's reads of chunk i-1's stage are done
       if (nx < r.my_chunks) IssueChunk<T, D>(p, r, smem, warp + nx * kWarps, nx % kStages, r.pg_next);
       CpAsyncCommit();
       r.pg_next = nx + 1 < r.my_chunks ? LoadPage<D>(p, r, warp + (nx + 1) * kWarps) : -1;
     }
-    CpAsyncWait<kStages - 1>();  // chunk i has landed (chunks i+1 .. i+kStages-1 may be pending)
-    __syncwarp();
     const int st = i % kStages;
     const uint32_t k_base = pipe + st * Cfg::kStageElems * 2;
     const uint32_t v_base = k_base + Cfg::kTileElems * 2;
