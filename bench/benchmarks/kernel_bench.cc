@@ -37,6 +37,31 @@ constexpr int64_t kPlanMaxTasks = int64_t{1} << 20;
 using kernels::DecodeParams;
 namespace kc = kernels::cuda;
 
+// One line per planned launch of a diagnostic build: CTA starts and ends relative to the first
+// start (us), and the CTAs' mean busy share of the span.
+void PrintTimeline(const std::string& name, const std::vector<std::pair<uint64_t, uint64_t>>& tl) {
+  uint64_t t0 = tl.front().first, t1 = 0;
+  for (const auto& [a, b] : tl) {
+    t0 = std::min(t0, a);
+    t1 = std::max(t1, b);
+  }
+  std::vector<double> starts, ends;
+  double busy = 0;
+  for (const auto& [a, b] : tl) {
+    starts.push_back((a - t0) * 1e-3);
+    ends.push_back((b - t0) * 1e-3);
+    busy += (b - a) * 1e-3;
+  }
+  std::sort(starts.begin(), starts.end());
+  std::sort(ends.begin(), ends.end());
+  auto q = [](const std::vector<double>& v, double f) { return v[static_cast<size_t>(f * (v.size() - 1))]; };
+  const double span = (t1 - t0) * 1e-3;
+  std::printf("#   %s CTA timeline: %zu CTAs, span %.1f us; starts p50 / p90 / max %.1f / %.1f / %.1f us; "
+              "ends min / p10 / p50 / p90 / max %.1f / %.1f / %.1f / %.1f / %.1f us; mean CTA busy %.1f%% of the span\n",
+              name.c_str(), tl.size(), span, q(starts, 0.5), q(starts, 0.9), starts.back(), ends.front(), q(ends, 0.1),
+              q(ends, 0.5), q(ends, 0.9), ends.back(), 100.0 * busy / (tl.size() * span));
+}
+
 #define BENCH_CUDA(expr)                                                                         \
   do {                                                                                           \
     const cudaError_t e_ = (expr);                                                               \
@@ -485,6 +510,15 @@ void Bench::RunCase(DType dtype, const Case& c, int64_t case_seed) {
       }
     };
     planned_result = Result{label, "planned", time_launches(launch), kc::LaunchesPerCall(plan.kernel, p, kc::MergeMode::kFused)};
+    // Diagnostic builds (PKV_CTA_TIMELINE): where the planned launch's time goes, from each CTA's
+    // start and end on the GPU's global timer (one more launch, on its own).
+    if (kc::ClearCtaTimeline(plan.kernel).ok()) {
+      BENCH_CUDA(cudaStreamSynchronize(stream_));
+      launch(0);
+      BENCH_CUDA(cudaStreamSynchronize(stream_));
+      absl::StatusOr<std::vector<std::pair<uint64_t, uint64_t>>> tl = kc::ReadCtaTimeline(plan.kernel);
+      if (tl.ok() && !tl->empty()) PrintTimeline(c.name, *tl);
+    }
   }
   // The paged-read ceiling of this case: the K and V of every (page, KV head) of the same rotated
   // page tables read with no arithmetic, by 16-byte loads (best of four grid sizes) and, on sm_90+,

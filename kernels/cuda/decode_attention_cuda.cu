@@ -193,4 +193,28 @@ absl::Status Launch(KernelId kernel, const DecodeParams& p, void* workspace, cud
   }
 }
 
+absl::Status ClearCtaTimeline(KernelId kernel) {
+  cudaError_t e = cudaErrorNotSupported;
+  if (kernel == KernelId::kWorkQueue) e = internal::ClearWorkQueueTimeline();
+  if (kernel == KernelId::kSequenceSplit) e = internal::ClearSequenceSplitTimeline();
+  if (e == cudaErrorNotSupported) return absl::UnimplementedError("no CTA timeline in this build or route");
+  if (e != cudaSuccess) return absl::InternalError(cudaGetErrorString(e));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<std::pair<uint64_t, uint64_t>>> ReadCtaTimeline(KernelId kernel) {
+  std::vector<unsigned long long> raw(2 * 8192);
+  cudaError_t e = cudaErrorNotSupported;
+  const int n = static_cast<int>(raw.size());
+  if (kernel == KernelId::kWorkQueue) e = internal::ReadWorkQueueTimeline(raw.data(), n);
+  if (kernel == KernelId::kSequenceSplit) e = internal::ReadSequenceSplitTimeline(raw.data(), n);
+  if (e == cudaErrorNotSupported) return absl::UnimplementedError("no CTA timeline in this build or route");
+  if (e != cudaSuccess) return absl::InternalError(cudaGetErrorString(e));
+  std::vector<std::pair<uint64_t, uint64_t>> out;
+  for (size_t i = 0; i + 1 < raw.size(); i += 2) {
+    if (raw[i] != 0) out.emplace_back(raw[i], raw[i + 1]);
+  }
+  return out;
+}
+
 }  // namespace pkv::kernels::cuda

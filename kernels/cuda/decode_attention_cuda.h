@@ -32,8 +32,11 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <utility>
+#include <vector>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "common/decode_types.h"
 #include "kernels/decode_attention.h"
 
@@ -70,5 +73,12 @@ int LaunchesPerCall(KernelId kernel, const DecodeParams& params, MergeMode merge
 // query, cached), and the persistent grid kWorkQueue uses (SMs x that).
 int ResidentCtasPerSm(const DecodeParams& params);
 int PersistentGridSize(const DecodeParams& params);
+
+// Diagnostic builds only (-DPKV_CTA_TIMELINE=1 for CUDA and C++): %globaltimer (ns) at the start
+// and end of each CTA of the route's next launch (kWorkQueue or kSequenceSplit; up to 8192 CTAs).
+// Clear before the launch; Read after it returns (start, end) per CTA that ran. Unimplemented in
+// other builds.
+absl::Status ClearCtaTimeline(KernelId kernel);
+absl::StatusOr<std::vector<std::pair<uint64_t, uint64_t>>> ReadCtaTimeline(KernelId kernel);
 
 }  // namespace pkv::kernels::cuda

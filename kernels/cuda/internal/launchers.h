@@ -41,4 +41,10 @@ cudaError_t LaunchWorkQueue(const DecodeParams& p, const Workspace& ws, bool fus
 template <typename T, int D>
 KernelShape WorkQueueShape();
 
+// Diagnostic builds (PKV_CTA_TIMELINE): clear / read a route's CTA timeline (2 values per CTA).
+cudaError_t ClearWorkQueueTimeline();
+cudaError_t ReadWorkQueueTimeline(unsigned long long* out, int values);
+cudaError_t ClearSequenceSplitTimeline();
+cudaError_t ReadSequenceSplitTimeline(unsigned long long* out, int values);
+
 }  // namespace pkv::kernels::cuda::internal

@@ -9,6 +9,33 @@
 
 namespace pkv::kernels::cuda::internal {
 
+#ifndef PKV_CTA_TIMELINE
+// Diagnostic build knob: 1 = each work-queue / sequence-split CTA records %globaltimer (ns) at its
+// start and end into a per-route table (ReadCtaTimeline). Off in every shipped build.
+#define PKV_CTA_TIMELINE 0
+#endif
+#if PKV_CTA_TIMELINE
+inline constexpr int kTimelineCtas = 8192;
+// Per translation unit (one route per .cu): [start, end] per CTA of the route's last launch.
+static __device__ unsigned long long g_cta_timeline[2 * kTimelineCtas];
+__device__ __forceinline__ unsigned long long GlobalNs() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+#define PKV_TIMELINE_BEGIN()                        \
+  __shared__ unsigned long long pkv_timeline_start; \
+  if (threadIdx.x == 0) pkv_timeline_start = GlobalNs();
+#define PKV_TIMELINE_END(cta)                                          \
+  if (threadIdx.x == 0 && (cta) < kTimelineCtas) {                     \
+    g_cta_timeline[2 * (cta)] = pkv_timeline_start;                    \
+    g_cta_timeline[2 * (cta) + 1] = GlobalNs();                        \
+  }
+#else
+#define PKV_TIMELINE_BEGIN()
+#define PKV_TIMELINE_END(cta)
+#endif
+
 // After this CTA wrote partial `first_slot + split` of (row, kvh): publish it and count; the last
 // of the `splits` CTAs of the group merges them into out/lse and re-zeroes the counter (classic
 // threadfence reduction). All threads of the CTA call it.
@@ -51,6 +78,7 @@ template <typename T, int D, bool kFused>
 __global__ void __launch_bounds__(kThreads)
     SequenceSplitKernel(const __grid_constant__ DecodeParams p, Workspace ws) {
   extern __shared__ __align__(128) char smem[];
+  PKV_TIMELINE_BEGIN()
   const int s = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
   const int S = gridDim.x;
   const int pages = p.page_indptr[b + 1] - p.page_indptr[b];
@@ -64,6 +92,7 @@ __global__ void __launch_bounds__(kThreads)
     WritePartial<D>(p, first + s, kvh, v, ws.lse, ws.o);
     if constexpr (kFused) CountAndMerge<T, D>(p, ws, b, kvh, first, S);
   }
+  PKV_TIMELINE_END(blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z))
 }
 
 // Work queue: each CTA runs its tasks of the compact task list in order: the contiguous range
@@ -78,6 +107,7 @@ __global__ void __launch_bounds__(kThreads) WorkQueueKernel(const __grid_constan
   extern __shared__ __align__(128) char smem[];
   // The end of this CTA's range lives in shared memory (read once per task; registers are tight).
   __shared__ int task_end;
+  PKV_TIMELINE_BEGIN()
   int t = blockIdx.x;
   if (p.cta_task_begin != nullptr) {
     t = p.cta_task_begin[blockIdx.x];
@@ -86,7 +116,10 @@ __global__ void __launch_bounds__(kThreads) WorkQueueKernel(const __grid_constan
     task_end = p.num_tasks;
   }
   __syncthreads();
-  if (t >= task_end) return;
+  if (t >= task_end) {
+    PKV_TIMELINE_END(blockIdx.x)
+    return;
+  }
   DecodeTask cur = p.tasks[t];
   RangeState<D> r;
   BeginRange<T, D>(p, cur.row, cur.kv_head, cur.page_begin, cur.page_end, smem, r);
@@ -113,6 +146,7 @@ __global__ void __launch_bounds__(kThreads) WorkQueueKernel(const __grid_constan
     cur = next;
     t = nt;
   }
+  PKV_TIMELINE_END(blockIdx.x)
 }
 
 // Separate merge: one warp per (row, query head); rows with fewer than 2 splits are skipped
