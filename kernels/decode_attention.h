@@ -53,9 +53,6 @@ struct DecodeParams {
   // cta_task_begin[num_ctas] == num_tasks). Null: a persistent grid strides over the list.
   const int32_t* cta_task_begin = nullptr;
   int32_t num_ctas = 0;
-  // kWorkQueue without CTA ranges: 0 = CTA c runs tasks c, c + grid, ...; 1 = CTAs take the next
-  // task in list order from a counter in the workspace as they finish (first come, first served).
-  int32_t dynamic_tasks = 0;
 };
 static_assert(std::is_trivially_copyable_v<DecodeParams>);
 

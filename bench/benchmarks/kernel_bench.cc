@@ -153,15 +153,14 @@ struct Config {
   int64_t target = 0;   // kWorkQueue target task count (strided) or CTA count (balanced)
   kc::MergeMode merge = kc::MergeMode::kFused;
   bool balanced = false;  // kWorkQueue: every CTA the same pages (scheduler's CutBalanced)
-  bool dynamic = false;   // kWorkQueue: the strided list taken first come, first served
   std::string Label() const {
     switch (kernel) {
       case KernelId::kPerRequest: return "per_request";
       case KernelId::kSequenceSplit:
         return std::string(merge == kc::MergeMode::kFused ? "split_fused/S" : "split_sep/S") + std::to_string(splits);
       default:
-        return std::string(merge == kc::MergeMode::kFused ? "wq_fused" : "wq_sep") +
-               (balanced ? "/C" : (dynamic ? "/D" : "/T")) + std::to_string(target);
+        return std::string(merge == kc::MergeMode::kFused ? "wq_fused" : "wq_sep") + (balanced ? "/C" : "/T") +
+               std::to_string(target);
     }
   }
   std::string Family() const {
@@ -395,13 +394,6 @@ void Bench::RunCase(DType dtype, const Case& c, int64_t case_seed) {
     configs.push_back(Config{KernelId::kWorkQueue, 1, waves * grid, kc::MergeMode::kFused});
     configs.push_back(Config{KernelId::kWorkQueue, 1, waves * grid, kc::MergeMode::kSeparate});
   }
-  // The strided lists of 1, 2 and 4 waves taken first come, first served (CTAs that finish early
-  // take more tasks).
-  for (int64_t waves : {1, 2, 4}) {
-    Config d{KernelId::kWorkQueue, 1, waves * grid, kc::MergeMode::kFused};
-    d.dynamic = true;
-    configs.push_back(d);
-  }
   // One balanced wave: `grid` CTAs, each the same pages (a task's start priced as the planner does).
   configs.push_back(Config{KernelId::kWorkQueue, 1, grid, kc::MergeMode::kFused, true});
   configs.push_back(Config{KernelId::kWorkQueue, 1, grid, kc::MergeMode::kSeparate, true});
@@ -441,7 +433,6 @@ void Bench::RunCase(DType dtype, const Case& c, int64_t case_seed) {
         scheduler::BuildWorkList(row_pages, o_.num_kv_heads, ppt, &plan);
       }
       plan_mem.Upload(plan, &p);
-      p.dynamic_tasks = cfg.dynamic ? 1 : 0;
     }
     const bool ok = kc::CanImplement(cfg.kernel, p).ok() && kc::WorkspaceBytes(cfg.kernel, p) <= ws_bytes_;
     if (ok) {

@@ -149,10 +149,6 @@ absl::Status CanImplement(KernelId kernel, const DecodeParams& p) {
     if (p.cta_task_begin != nullptr && (p.num_ctas < 1 || p.num_ctas > p.num_tasks)) {
       return absl::InvalidArgumentError("kWorkQueue's CTA ranges need 1 <= num_ctas <= num_tasks");
     }
-    if (p.dynamic_tasks != 0 &&
-        static_cast<int64_t>(p.batch) * p.num_kv_heads + 2 > static_cast<int64_t>(kCounterBytes / 4)) {
-      return absl::InvalidArgumentError("a dynamic work queue needs two counters beyond batch * num_kv_heads");
-    }
   }
   return absl::OkStatus();
 }

@@ -66,12 +66,10 @@ struct Route {
   // task's start costing `piece_cost` pages; 0: a strided list of `pages_per_task`.
   int balanced_per_head = 0;
   int piece_cost = 0;
-  bool dynamic = false;  // kWorkQueue strided list taken first come, first served
   std::string Name() const {
     std::string n(KernelName(kernel));
     if (kernel == KernelId::kSequenceSplit) n += "/S" + std::to_string(splits);
     if (kernel == KernelId::kWorkQueue && balanced_per_head == 0) n += "/ppt" + std::to_string(pages_per_task);
-    if (dynamic) n += "/dynamic";
     if (kernel == KernelId::kWorkQueue && balanced_per_head != 0) {
       n += "/balanced" + std::to_string(balanced_per_head) + "c" + std::to_string(piece_cost);
     }
@@ -292,7 +290,6 @@ void RunCase(const Case& c, const std::vector<Route>& routes) {
       p.row_splits = static_cast<const int32_t*>(row_splits.ptr);
       p.partial_offset = static_cast<const int32_t*>(partial_offset.ptr);
       p.num_partials = plan.num_partials;
-      p.dynamic_tasks = r.dynamic ? 1 : 0;
     }
     const absl::Status can = CanImplement(r.kernel, p);
     ASSERT_TRUE(can.ok()) << can;
@@ -326,22 +323,15 @@ void RunCase(const Case& c, const std::vector<Route>& routes) {
 }
 
 std::vector<Route> AllRoutes(int splits, int ppt) {
-  std::vector<Route> routes{Route{KernelId::kPerRequest},
-                            Route{KernelId::kSequenceSplit, splits, 0, MergeMode::kFused},
-                            Route{KernelId::kSequenceSplit, splits, 0, MergeMode::kSeparate},
-                            Route{KernelId::kWorkQueue, 1, ppt, MergeMode::kFused},
-                            Route{KernelId::kWorkQueue, 1, ppt, MergeMode::kSeparate},
-                            // Balanced over 3 CTAs per KV head: CTAs that end one row and start
-                            // the next (an empty row and single-page rows among them).
-                            Route{KernelId::kWorkQueue, 1, 0, MergeMode::kFused, 3, 2},
-                            Route{KernelId::kWorkQueue, 1, 0, MergeMode::kSeparate, 3, 2}};
-  // The strided list taken first come, first served.
-  for (MergeMode m : {MergeMode::kFused, MergeMode::kSeparate}) {
-    Route d{KernelId::kWorkQueue, 1, ppt, m};
-    d.dynamic = true;
-    routes.push_back(d);
-  }
-  return routes;
+  return {Route{KernelId::kPerRequest},
+          Route{KernelId::kSequenceSplit, splits, 0, MergeMode::kFused},
+          Route{KernelId::kSequenceSplit, splits, 0, MergeMode::kSeparate},
+          Route{KernelId::kWorkQueue, 1, ppt, MergeMode::kFused},
+          Route{KernelId::kWorkQueue, 1, ppt, MergeMode::kSeparate},
+          // Balanced over 3 CTAs per KV head: CTAs that end one row and start the next (an
+          // empty row and single-page rows among them).
+          Route{KernelId::kWorkQueue, 1, 0, MergeMode::kFused, 3, 2},
+          Route{KernelId::kWorkQueue, 1, 0, MergeMode::kSeparate, 3, 2}};
 }
 
 class DecodeAttentionCudaTest : public ::testing::Test {
@@ -424,14 +414,6 @@ TEST_F(DecodeAttentionCudaTest, MixedBatch) {
     // One page per task: ~90 tasks per persistent CTA and ~750-way merges.
     routes.push_back(Route{KernelId::kWorkQueue, 1, 1, MergeMode::kFused});
     routes.push_back(Route{KernelId::kWorkQueue, 1, 1, MergeMode::kSeparate});
-    // The same and the default task size taken first come, first served.
-    for (int ppt : {1, 0}) {
-      for (MergeMode m : {MergeMode::kFused, MergeMode::kSeparate}) {
-        Route d{KernelId::kWorkQueue, 1, ppt, m};
-        d.dynamic = true;
-        routes.push_back(d);
-      }
-    }
     // Balanced as the planner cuts it for the device, and over many CTAs: short pieces, CTAs
     // that span several rows, rows cut into many pieces.
     routes.push_back(Route{KernelId::kWorkQueue, 1, 0, MergeMode::kFused, -1, 7});

@@ -4,7 +4,6 @@
 
 #include <cuda_runtime.h>
 
-#include "kernels/cuda/decode_attention_cuda.h"  // kCounterBytes
 #include "kernels/cuda/internal/launchers.h"
 #include "kernels/cuda/internal/paged_attention.cuh"
 
@@ -103,79 +102,49 @@ __global__ void __launch_bounds__(kThreads)
 // kFused, the last task of its (row, KV head) to finish merges the group's partials. The next
 // task's Q, page ids and first chunks are issued before the current task's epilogue, so its load
 // latency hides behind the merge, the partial write and the completion counter.
-// kDynamic (no CTA ranges): a CTA takes its first two tasks at once and then one more at the
-// start of each task, in list order, from a counter in the last int of the workspace's counter
-// area; the int before it counts finished CTAs, and the last CTA to finish zeroes both for the
-// next launch.
-template <typename T, int D, bool kFused, bool kDynamic>
+template <typename T, int D, bool kFused>
 __global__ void __launch_bounds__(kThreads) WorkQueueKernel(const __grid_constant__ DecodeParams p, Workspace ws) {
   extern __shared__ __align__(128) char smem[];
   // The end of this CTA's range lives in shared memory (read once per task; registers are tight).
   __shared__ int task_end;
   PKV_TIMELINE_BEGIN()
   int t = blockIdx.x;
-  if constexpr (kDynamic) {
-    // task_end carries the CTA's next task instead (written by thread 0 between barriers).
-    if (threadIdx.x == 0) task_end = atomicAdd(ws.counters + kCounterBytes / 4 - 1, 2);
-    __syncthreads();
-    t = task_end;
-  } else {
-    if (p.cta_task_begin != nullptr) {
-      t = p.cta_task_begin[blockIdx.x];
-      if (threadIdx.x == 0) task_end = p.cta_task_begin[blockIdx.x + 1];
-    } else if (threadIdx.x == 0) {
-      task_end = p.num_tasks;
-    }
-    __syncthreads();
+  if (p.cta_task_begin != nullptr) {
+    t = p.cta_task_begin[blockIdx.x];
+    if (threadIdx.x == 0) task_end = p.cta_task_begin[blockIdx.x + 1];
+  } else if (threadIdx.x == 0) {
+    task_end = p.num_tasks;
   }
-  const int last = kDynamic ? p.num_tasks : task_end;
-  int nt = kDynamic ? t + 1 : 0;  // kDynamic: the task after `t`, already taken
-  if (t < last) {
-    DecodeTask cur = p.tasks[t];
-    RangeState<D> r;
-    BeginRange<T, D>(p, cur.row, cur.kv_head, cur.page_begin, cur.page_end, smem, r);
-    for (;;) {
-      int fetched = 0;
-      if constexpr (kDynamic) {
-        // Take the task after next now; its index lands in shared memory after the next barrier.
-        if (threadIdx.x == 0 && nt < p.num_tasks) fetched = atomicAdd(ws.counters + kCounterBytes / 4 - 1, 1);
-      }
-      float m_run, l_run, o[D / 8][2];
-      RunRange<T, D>(p, smem, r, m_run, l_run, o);
-      const MergeView<D> v = StashWarpState<D>(smem, m_run, l_run, o);
-      if constexpr (!kDynamic) nt = t + (p.cta_task_begin != nullptr ? 1 : static_cast<int>(gridDim.x));
-      const int end = kDynamic ? p.num_tasks : task_end;
-      DecodeTask next = cur;
-      if (nt < end) {
-        next = p.tasks[nt];
-        BeginRange<T, D>(p, next.row, next.kv_head, next.page_begin, next.page_end, smem, r);
-      }
-      __syncthreads();  // all warps' states of `cur` are stashed (and every read of task_end done)
-      if constexpr (kDynamic) {
-        if (threadIdx.x == 0) task_end = nt < p.num_tasks ? fetched : p.num_tasks;
-      }
-      if (cur.num_splits == 1) {
-        WriteFinal<T, D>(p, cur.row, cur.kv_head, v);
-      } else {
-        const int64_t first = p.partial_offset[cur.row];
-        WritePartial<D>(p, first + cur.split, cur.kv_head, v, ws.lse, ws.o);
-        if constexpr (kFused) CountAndMerge<T, D>(p, ws, cur.row, cur.kv_head, first, cur.num_splits);
-      }
-      __syncthreads();  // the merge area is read; the next stash may overwrite it
-      if (nt >= end) break;
-      cur = next;
-      t = nt;
-      if constexpr (kDynamic) nt = task_end;
-    }
+  __syncthreads();
+  if (t >= task_end) {
+    PKV_TIMELINE_END(blockIdx.x)
+    return;
   }
-  if constexpr (kDynamic) {
-    if (threadIdx.x == 0) {
-      __threadfence();  // this CTA's takes come before its count
-      if (atomicAdd(ws.counters + kCounterBytes / 4 - 2, 1) == static_cast<int>(gridDim.x) - 1) {
-        atomicExch(ws.counters + kCounterBytes / 4 - 1, 0);
-        atomicExch(ws.counters + kCounterBytes / 4 - 2, 0);
-      }
+  DecodeTask cur = p.tasks[t];
+  RangeState<D> r;
+  BeginRange<T, D>(p, cur.row, cur.kv_head, cur.page_begin, cur.page_end, smem, r);
+  for (;;) {
+    float m_run, l_run, o[D / 8][2];
+    RunRange<T, D>(p, smem, r, m_run, l_run, o);
+    const MergeView<D> v = StashWarpState<D>(smem, m_run, l_run, o);
+    const int nt = t + (p.cta_task_begin != nullptr ? 1 : static_cast<int>(gridDim.x));
+    DecodeTask next = cur;
+    if (nt < task_end) {
+      next = p.tasks[nt];
+      BeginRange<T, D>(p, next.row, next.kv_head, next.page_begin, next.page_end, smem, r);
     }
+    __syncthreads();  // all warps' states of `cur` are stashed
+    if (cur.num_splits == 1) {
+      WriteFinal<T, D>(p, cur.row, cur.kv_head, v);
+    } else {
+      const int64_t first = p.partial_offset[cur.row];
+      WritePartial<D>(p, first + cur.split, cur.kv_head, v, ws.lse, ws.o);
+      if constexpr (kFused) CountAndMerge<T, D>(p, ws, cur.row, cur.kv_head, first, cur.num_splits);
+    }
+    __syncthreads();  // the merge area is read; the next stash may overwrite it
+    if (nt >= task_end) break;
+    cur = next;
+    t = nt;
   }
   PKV_TIMELINE_END(blockIdx.x)
 }
