@@ -74,10 +74,10 @@ int LaunchesPerCall(KernelId kernel, const DecodeParams& params, MergeMode merge
 int ResidentCtasPerSm(const DecodeParams& params);
 int PersistentGridSize(const DecodeParams& params);
 
-// Diagnostic builds only (-DPKV_CTA_TIMELINE=1 for CUDA and C++): %globaltimer (ns) at the start
-// and end of each CTA of the route's next launch (kWorkQueue or kSequenceSplit; up to 8192 CTAs).
-// Clear before the launch; Read after it returns (start, end) per CTA that ran. Unimplemented in
-// other builds.
+// Diagnostic builds only (-DCMAKE_CUDA_FLAGS=-DPKV_CTA_TIMELINE=1): %globaltimer (ns) at the
+// start and end of each CTA of the route's next launch (kWorkQueue or kSequenceSplit; up to 8192
+// CTAs). Clear before the launch; Read after it returns (start, end) per CTA that ran. Both return
+// UNIMPLEMENTED in other builds and for other routes.
 absl::Status ClearCtaTimeline(KernelId kernel);
 absl::StatusOr<std::vector<std::pair<uint64_t, uint64_t>>> ReadCtaTimeline(KernelId kernel);
 
