@@ -203,7 +203,7 @@ absl::Status ClearCtaTimeline(KernelId kernel) {
 }
 
 absl::StatusOr<std::vector<std::pair<uint64_t, uint64_t>>> ReadCtaTimeline(KernelId kernel) {
-  std::vector<unsigned long long> raw(2 * 8192);
+  std::vector<unsigned long long> raw(2 * internal::kTimelineCtas);
   cudaError_t e = cudaErrorNotSupported;
   const int n = static_cast<int>(raw.size());
   if (kernel == KernelId::kWorkQueue) e = internal::ReadWorkQueueTimeline(raw.data(), n);

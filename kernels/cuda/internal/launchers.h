@@ -41,7 +41,9 @@ cudaError_t LaunchWorkQueue(const DecodeParams& p, const Workspace& ws, bool fus
 template <typename T, int D>
 KernelShape WorkQueueShape();
 
-// Diagnostic builds (PKV_CTA_TIMELINE): clear / read a route's CTA timeline (2 values per CTA).
+// Diagnostic builds (PKV_CTA_TIMELINE): clear / read a route's CTA timeline (2 values per CTA,
+// for up to kTimelineCtas CTAs).
+inline constexpr int kTimelineCtas = 8192;
 cudaError_t ClearWorkQueueTimeline();
 cudaError_t ReadWorkQueueTimeline(unsigned long long* out, int values);
 cudaError_t ClearSequenceSplitTimeline();

@@ -15,7 +15,6 @@ namespace pkv::kernels::cuda::internal {
 #define PKV_CTA_TIMELINE 0
 #endif
 #if PKV_CTA_TIMELINE
-inline constexpr int kTimelineCtas = 8192;
 // Per translation unit (one route per .cu): [start, end] per CTA of the route's last launch.
 static __device__ unsigned long long g_cta_timeline[2 * kTimelineCtas];
 __device__ __forceinline__ unsigned long long GlobalNs() {
