@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "client/kv_chunk_wire.h"
 #include "common/shared_memory_ring.h"
 #include "common/status_macros.h"
 #include "grpcpp/generic/generic_stub.h"
@@ -289,13 +290,18 @@ StepResult FromResponse(v1::StepResponse&& r, const SendStamp& sent, Clock::time
   return out;
 }
 
+// WriteKV with ByteBuffer messages (the generated stub's own factory, with ByteBuffer in place of
+// the request and response types), so that chunks go out as slices (client/kv_chunk_wire.h)
+// rather than through protobuf's two copies.
 class GrpcPromptWriter final : public PromptWriter {
  public:
-  GrpcPromptWriter(v1::PersistentKV::Stub* stub, ModelShape shape, const std::string& router_id,
-                   uint64_t incarnation)
-      : shape_(shape), incarnation_(incarnation) {
+  GrpcPromptWriter(grpc::ChannelInterface* channel, ModelShape shape, const std::string& router_id,
+                   uint64_t incarnation, std::shared_ptr<ChunkBufferPool> buffers)
+      : shape_(shape), incarnation_(incarnation), buffers_(std::move(buffers)) {
     if (!router_id.empty()) ctx_.AddMetadata(kRouterIdKey, router_id);
-    writer_ = stub->WriteKV(&ctx_, &response_);
+    static const grpc::internal::RpcMethod kWriteKv("/pkv.v1.PersistentKV/WriteKV",
+                                                    grpc::internal::RpcMethod::CLIENT_STREAMING);
+    writer_.reset(grpc::internal::ClientWriterFactory<grpc::ByteBuffer>::Create(channel, kWriteKv, &ctx_, &response_));
   }
   ~GrpcPromptWriter() override {
     if (!finished_) {
@@ -309,37 +315,30 @@ class GrpcPromptWriter final : public PromptWriter {
     req.mutable_header()->set_sequence_id(seq);
     req.mutable_header()->set_num_tokens(num_tokens);
     req.mutable_header()->set_expected_incarnation(incarnation_);
-    if (!writer_->Write(req)) return Broken();
+    grpc::ByteBuffer message;
+    bool own = false;
+    if (!grpc::SerializationTraits<v1::WriteKVRequest>::Serialize(req, &message, &own).ok()) {
+      return absl::InternalError("WriteKV: cannot serialise the header");
+    }
+    if (!writer_->Write(message)) return Broken();
     return absl::OkStatus();
   }
 
   absl::Status WriteChunk(int32_t layer, int64_t token_offset, int64_t n, std::string_view k,
                           std::string_view v) override {
-    if (finished_) return absl::FailedPreconditionError("WriteKV stream already finished");
-    // One message reused for every chunk: its K and V strings keep their capacity, so a chunk
-    // costs a copy into memory already mapped rather than two fresh allocations.
-    v1::KVChunk* c = chunk_.mutable_chunk();
-    c->set_layer(layer);
-    c->set_token_offset(token_offset);
-    c->set_num_tokens(n);
-    AssignTensor(c->mutable_k(), {n, shape_.num_kv_heads, shape_.head_dim}, k);
-    AssignTensor(c->mutable_v(), {n, shape_.num_kv_heads, shape_.head_dim}, v);
-    if (!writer_->Write(chunk_)) return Broken();
-    return absl::OkStatus();
+    return Send(layer, token_offset, n, Copied(k), Copied(v));
   }
 
-  // WriteChunk with the bytes produced by `fill` straight into the message (no staging copy).
+  absl::Status WriteSharedChunk(int32_t layer, int64_t token_offset, int64_t n, SharedBytes k,
+                                SharedBytes v) override {
+    return Send(layer, token_offset, n, BorrowedSlice(std::move(k)), BorrowedSlice(std::move(v)));
+  }
+
+  // WriteChunk with the bytes produced by `fill` straight into the buffers gRPC sends.
   absl::Status WriteFilled(int32_t layer, int64_t token_offset, int64_t n, const ChunkFiller& fill) {
-    if (finished_) return absl::FailedPreconditionError("WriteKV stream already finished");
-    v1::KVChunk* c = chunk_.mutable_chunk();
-    c->set_layer(layer);
-    c->set_token_offset(token_offset);
-    c->set_num_tokens(n);
-    AssignTensor(c->mutable_k(), {n, shape_.num_kv_heads, shape_.head_dim}, {});
-    AssignTensor(c->mutable_v(), {n, shape_.num_kv_heads, shape_.head_dim}, {});
-    fill(layer, token_offset, n, c->mutable_k()->mutable_data(), c->mutable_v()->mutable_data());
-    if (!writer_->Write(chunk_)) return Broken();
-    return absl::OkStatus();
+    std::unique_ptr<std::string> k = buffers_->Take(), v = buffers_->Take();
+    fill(layer, token_offset, n, k.get(), v.get());
+    return Send(layer, token_offset, n, buffers_->Wrap(std::move(k)), buffers_->Wrap(std::move(v)));
   }
 
   absl::Status Finish() override {
@@ -353,15 +352,22 @@ class GrpcPromptWriter final : public PromptWriter {
   void Cancel() override { ctx_.TryCancel(); }
 
  private:
-  void AssignTensor(v1::Tensor* t, std::initializer_list<int64_t> shape, std::string_view data) const {
-    t->set_dtype(WireDType(shape_.dtype));
-    t->clear_shape();
-    for (int64_t s : shape) t->add_shape(s);
-    if (data.empty()) {
-      t->mutable_data()->clear();  // keeps its capacity for the next chunk
-    } else {
-      t->mutable_data()->assign(data.data(), data.size());
-    }
+  grpc::Slice Copied(std::string_view bytes) {
+    std::unique_ptr<std::string> b = buffers_->Take();
+    b->assign(bytes.data(), bytes.size());
+    return buffers_->Wrap(std::move(b));
+  }
+
+  absl::Status Send(int32_t layer, int64_t token_offset, int64_t n, grpc::Slice k, grpc::Slice v) {
+    if (finished_) return absl::FailedPreconditionError("WriteKV stream already finished");
+    const ChunkFields fields{.wire_dtype = WireDType(shape_.dtype),
+                             .layer = layer,
+                             .token_offset = token_offset,
+                             .num_tokens = n,
+                             .num_kv_heads = shape_.num_kv_heads,
+                             .head_dim = shape_.head_dim};
+    if (!writer_->Write(ChunkMessage(fields, std::move(k), std::move(v)))) return Broken();
+    return absl::OkStatus();
   }
 
   // The stream broke: its final status says why.
@@ -374,10 +380,10 @@ class GrpcPromptWriter final : public PromptWriter {
 
   const ModelShape shape_;
   const uint64_t incarnation_;
+  const std::shared_ptr<ChunkBufferPool> buffers_;
   grpc::ClientContext ctx_;
-  v1::WriteKVResponse response_;
-  v1::WriteKVRequest chunk_;
-  std::unique_ptr<grpc::ClientWriter<v1::WriteKVRequest>> writer_;
+  grpc::ByteBuffer response_;  // a WriteKVResponse; its fields are not needed here
+  std::unique_ptr<grpc::ClientWriter<grpc::ByteBuffer>> writer_;
   bool finished_ = false;
   absl::Status final_;
 };
@@ -610,6 +616,10 @@ struct OwnConnections {
     if (stubs.empty()) return shared;
     return stubs[next.fetch_add(1, std::memory_order_relaxed) % stubs.size()].get();
   }
+  grpc::ChannelInterface* TakeChannel(grpc::ChannelInterface* shared) {
+    if (channels.empty()) return shared;
+    return channels[next.fetch_add(1, std::memory_order_relaxed) % channels.size()].get();
+  }
 };
 
 struct WorkerClient::Impl {
@@ -618,8 +628,10 @@ struct WorkerClient::Impl {
   std::unique_ptr<v1::PersistentKV::Stub> stub;
   OwnConnections ingest;  // options.ingest_connections
   OwnConnections decode;  // options.decode_connections
+  // Buffers of the prompt chunks this client fills or copies, shared by its WriteKV streams.
+  std::shared_ptr<ChunkBufferPool> chunk_buffers = ChunkBufferPool::Create();
 
-  v1::PersistentKV::Stub* IngestStub() { return ingest.Take(stub.get()); }
+  grpc::ChannelInterface* IngestChannel() { return ingest.TakeChannel(channel.get()); }
   v1::PersistentKV::Stub* DecodeStub() { return decode.Take(stub.get()); }
 
   uint64_t incarnation = 0;  // pinned by Connect (options.pin_incarnation); 0: none
@@ -773,7 +785,8 @@ absl::StatusOr<std::unique_ptr<StepStreamSession>> WorkerClient::OpenStepStream(
 absl::StatusOr<std::unique_ptr<PromptWriter>> WorkerClient::BeginWriteKV(uint64_t sequence_id,
                                                                          int64_t num_tokens) {
   auto writer =
-      std::make_unique<GrpcPromptWriter>(impl_->IngestStub(), shape_, impl_->options.router_id, impl_->incarnation);
+      std::make_unique<GrpcPromptWriter>(impl_->IngestChannel(), shape_, impl_->options.router_id, impl_->incarnation,
+                                         impl_->chunk_buffers);
   PKV_RETURN_IF_ERROR(writer->WriteHeader(sequence_id, num_tokens));
   return writer;
 }
@@ -781,7 +794,8 @@ absl::StatusOr<std::unique_ptr<PromptWriter>> WorkerClient::BeginWriteKV(uint64_
 absl::Status WorkerClient::WritePrompt(uint64_t sequence_id, int64_t num_tokens,
                                        int64_t chunk_tokens, const ChunkFiller& fill) {
   if (chunk_tokens < 1) return absl::InvalidArgumentError("chunk_tokens must be >= 1");
-  GrpcPromptWriter writer(impl_->IngestStub(), shape_, impl_->options.router_id, impl_->incarnation);
+  GrpcPromptWriter writer(impl_->IngestChannel(), shape_, impl_->options.router_id, impl_->incarnation,
+                          impl_->chunk_buffers);
   PKV_RETURN_IF_ERROR(writer.WriteHeader(sequence_id, num_tokens));
   for (int32_t layer = 0; layer < shape_.num_layers; ++layer) {
     for (int64_t off = 0; off < num_tokens; off += chunk_tokens) {

@@ -21,6 +21,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "client/shared_bytes.h"
 #include "common/channel_args.h"
 #include "common/model_shape.h"
 
@@ -154,6 +155,10 @@ class PromptWriter {
   // A non-OK result means the stream broke; Finish then gives the worker's status.
   virtual absl::Status WriteChunk(int32_t layer, int64_t token_offset, int64_t n,
                                   std::string_view k, std::string_view v) = 0;
+  // WriteChunk without copying: the bytes go to gRPC where they lie, and their owners are held
+  // until gRPC no longer needs them (which may be after this returns).
+  virtual absl::Status WriteSharedChunk(int32_t layer, int64_t token_offset, int64_t n, SharedBytes k,
+                                        SharedBytes v) = 0;
   // Half-closes and waits for the worker's answer: OK once the sequence is steppable.
   virtual absl::Status Finish() = 0;
   // Cancels the stream (the worker leaves nothing behind).

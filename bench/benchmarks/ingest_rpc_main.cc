@@ -105,13 +105,15 @@ struct Plan {
   ModelShape shape;
   int64_t tokens = 0;
   int64_t chunk = 0;
-  std::string k_pool, v_pool;  // model-dtype bytes, a whole number of rows
+  // Model-dtype bytes, a whole number of rows. Shared: the gRPC mode sends windows of them without
+  // a copy (PromptWriter::WriteSharedChunk), and gRPC may hold them until after a stream ends.
+  std::shared_ptr<const std::string> k_pool, v_pool;
 
   int64_t row_bytes() const { return int64_t{shape.num_kv_heads} * shape.head_dim * DTypeSize(shape.dtype); }
   int64_t stream_bytes() const { return 2 * tokens * row_bytes() * shape.num_layers; }
   // K and V of chunk (layer, token_offset, n): a window of the pools that moves with each chunk.
-  std::string_view K(int32_t layer, int64_t off, int64_t n) const { return Window(k_pool, layer, off, n); }
-  std::string_view V(int32_t layer, int64_t off, int64_t n) const { return Window(v_pool, layer, off, n); }
+  std::string_view K(int32_t layer, int64_t off, int64_t n) const { return Window(*k_pool, layer, off, n); }
+  std::string_view V(int32_t layer, int64_t off, int64_t n) const { return Window(*v_pool, layer, off, n); }
   // Calls `send(layer, offset, n)` for every chunk of one prompt, in order.
   template <typename Fn>
   absl::Status ForEachChunk(Fn send) const {
@@ -289,7 +291,8 @@ absl::StatusOr<double> GrpcRound(std::vector<std::unique_ptr<client::WorkerClien
     absl::StatusOr<std::unique_ptr<client::PromptWriter>> w = clients[i]->BeginWriteKV(first_id + i, plan.tokens);
     if (!w.ok()) return w.status();
     absl::Status s = plan.ForEachChunk([&](int32_t layer, int64_t off, int64_t n) {
-      return (*w)->WriteChunk(layer, off, n, plan.K(layer, off, n), plan.V(layer, off, n));
+      return (*w)->WriteSharedChunk(layer, off, n, {plan.k_pool, plan.K(layer, off, n)},
+                                    {plan.v_pool, plan.V(layer, off, n)});
     });
     return s.ok() ? (*w)->Finish() : s;
   });
@@ -439,8 +442,8 @@ int Main() {
     if (!target.empty()) plan.shape = clients[0]->shape();
   }
   const int64_t pool_rows = std::max<int64_t>(4 * plan.chunk, (int64_t{32} << 20) / plan.row_bytes());
-  plan.k_pool = FinitePool(plan.shape, pool_rows, 1);
-  plan.v_pool = FinitePool(plan.shape, pool_rows, 2);
+  plan.k_pool = std::make_shared<const std::string>(FinitePool(plan.shape, pool_rows, 1));
+  plan.v_pool = std::make_shared<const std::string>(FinitePool(plan.shape, pool_rows, 2));
 
   std::unique_ptr<engine::Engine> engine;
   if (run_engine) {

@@ -1,16 +1,21 @@
-// Tests of the client's reproducible data (client/kv_data.h), its double reference and the
-// replay's percentile helper: the pieces every integration check relies on.
+// Tests of the client's reproducible data (client/kv_data.h), its double reference, the
+// replay's percentile helper and the WriteKV chunk encoding (client/kv_chunk_wire.h): the pieces
+// every integration check relies on.
 #include "client/kv_data.h"
 
 #include <cmath>
 #include <cstring>
+#include <memory>
+#include <random>
 #include <set>
 #include <string>
 
+#include "client/kv_chunk_wire.h"
 #include "client/payload_pool.h"
 #include "client/replay.h"
 #include "common/dtype.h"
 #include "gtest/gtest.h"
+#include "pkv/v1/worker.pb.h"
 
 namespace pkv::client {
 namespace {
@@ -184,6 +189,96 @@ TEST(ReplayTest, SlidingWindowFindsTheWorstSecond) {
   const WindowStats gap = SlidingWindowThroughput(c, {{0.0, 1.5}, {2.0, 3.0}}, 0.0, 3.0, 1.0);
   EXPECT_GT(gap.windows, 0);
   EXPECT_GE(gap.worst_tokens_per_s, 90.0);
+}
+
+// The slices of a ByteBuffer, joined.
+std::string Joined(const grpc::ByteBuffer& buffer) {
+  std::vector<grpc::Slice> slices;
+  EXPECT_TRUE(buffer.Dump(&slices).ok());
+  std::string out;
+  for (const grpc::Slice& s : slices) out.append(reinterpret_cast<const char*>(s.begin()), s.size());
+  return out;
+}
+
+TEST(KvChunkWireTest, MessageIsProtobufsOwnEncoding) {
+  // Zeros (omitted by proto3), multi-byte varints, a negative layer (10-byte varint), both
+  // dtypes, empty and odd-sized data: each must be byte-identical to protobuf's serialisation.
+  struct Case {
+    int32_t dtype, layer;
+    int64_t offset, tokens, hkv, d;
+    size_t k_bytes, v_bytes;
+  };
+  const Case cases[] = {{1, 0, 0, 1, 1, 1, 2, 2},          {2, 31, 300, 256, 8, 128, 524288, 524288},
+                        {1, -1, 1 << 20, 3, 2, 64, 777, 0}, {0, 5, 0, 0, 0, 0, 0, 5},
+                        {1, 127, 128, 200000, 16, 256, 131, 70000}};
+  std::mt19937_64 rng(7);
+  for (const Case& c : cases) {
+    auto k = std::make_shared<std::string>(c.k_bytes, '\0'), v = std::make_shared<std::string>(c.v_bytes, '\0');
+    for (char& x : *k) x = static_cast<char>(rng());
+    for (char& x : *v) x = static_cast<char>(rng());
+    v1::WriteKVRequest want;
+    v1::KVChunk* chunk = want.mutable_chunk();
+    chunk->set_layer(c.layer);
+    chunk->set_token_offset(c.offset);
+    chunk->set_num_tokens(c.tokens);
+    for (v1::Tensor* t : {chunk->mutable_k(), chunk->mutable_v()}) {
+      t->set_dtype(static_cast<v1::DType>(c.dtype));
+      for (int64_t dim : {c.tokens, c.hkv, c.d}) t->add_shape(dim);
+    }
+    chunk->mutable_k()->set_data(*k);
+    chunk->mutable_v()->set_data(*v);
+
+    const ChunkFields fields{.wire_dtype = c.dtype, .layer = c.layer, .token_offset = c.offset,
+                             .num_tokens = c.tokens, .num_kv_heads = c.hkv, .head_dim = c.d};
+    const grpc::ByteBuffer got = ChunkMessage(fields, BorrowedSlice({k, *k}), BorrowedSlice({v, *v}));
+    const std::string bytes = Joined(got);
+    EXPECT_EQ(bytes, want.SerializeAsString()) << "layer " << c.layer << " k " << c.k_bytes;
+    v1::WriteKVRequest parsed;
+    ASSERT_TRUE(parsed.ParseFromString(bytes));
+    EXPECT_EQ(parsed.chunk().k().data(), *k);
+    EXPECT_EQ(parsed.chunk().v().data(), *v);
+  }
+}
+
+TEST(KvChunkWireTest, BorrowedBytesAreNotCopiedAndTheirOwnerIsHeldUntilReleased) {
+  auto data = std::make_shared<std::string>(4096, 'x');
+  std::weak_ptr<std::string> alive = data;
+  {
+    grpc::ByteBuffer message = ChunkMessage({.wire_dtype = 1, .layer = 1, .num_tokens = 1, .num_kv_heads = 1,
+                                             .head_dim = 2048},
+                                            BorrowedSlice({data, *data}), BorrowedSlice({data, *data}));
+    const char* first = data->data();
+    data.reset();
+    ASSERT_FALSE(alive.expired());  // the message holds it
+    std::vector<grpc::Slice> slices;
+    ASSERT_TRUE(message.Dump(&slices).ok());
+    ASSERT_EQ(slices.size(), 4u);
+    EXPECT_EQ(reinterpret_cast<const char*>(slices[1].begin()), first);  // the caller's bytes, not a copy
+    EXPECT_EQ(reinterpret_cast<const char*>(slices[3].begin()), first);
+  }
+  EXPECT_TRUE(alive.expired());  // every slice released: so is the owner
+}
+
+TEST(KvChunkWireTest, PooledBuffersComeBackWhenTheirSlicesAreReleased) {
+  std::shared_ptr<ChunkBufferPool> pool = ChunkBufferPool::Create(/*max_idle=*/1);
+  std::unique_ptr<std::string> a = pool->Take(), b = pool->Take();
+  a->assign(1000, 'a');
+  b->assign(2000, 'b');
+  const char* a_bytes = a->data();
+  {
+    grpc::ByteBuffer message = ChunkMessage({.wire_dtype = 1, .num_tokens = 1, .num_kv_heads = 1, .head_dim = 500},
+                                            pool->Wrap(std::move(a)), pool->Wrap(std::move(b)));
+    EXPECT_EQ(pool->idle(), 0u);
+    std::weak_ptr<ChunkBufferPool> weak = pool;
+    pool.reset();
+    EXPECT_FALSE(weak.expired());  // the slices keep the pool alive
+    pool = weak.lock();
+  }
+  EXPECT_EQ(pool->idle(), 1u);  // both came back; one is kept (max_idle), the other freed
+  std::unique_ptr<std::string> again = pool->Take();
+  EXPECT_TRUE(again->empty());
+  EXPECT_GE(again->capacity(), 1000u);
+  EXPECT_TRUE(again->data() == a_bytes || again->capacity() >= 2000u);
 }
 
 }  // namespace
