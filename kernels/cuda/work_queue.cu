@@ -15,6 +15,8 @@ KernelShape WorkQueueShape() {
     // Both variants use the same tile machinery; the fused one is the larger.
     EnsureSmem<WorkQueueKernel<T, D, true>>(s.smem_bytes);
     EnsureSmem<WorkQueueKernel<T, D, false>>(s.smem_bytes);
+    EnsureSmem<WorkQueueClaimKernel<T, D, true>>(s.smem_bytes);
+    EnsureSmem<WorkQueueClaimKernel<T, D, false>>(s.smem_bytes);
     cudaOccupancyMaxActiveBlocksPerMultiprocessor(&s.ctas_per_sm, WorkQueueKernel<T, D, true>, kThreads,
                                                   s.smem_bytes);
     if (s.ctas_per_sm < 1) s.ctas_per_sm = 1;
@@ -29,10 +31,19 @@ cudaError_t LaunchWorkQueue(const DecodeParams& p, const Workspace& ws, bool fus
                             cudaStream_t stream) {
   const KernelShape shape = WorkQueueShape<T, D>();
   if (p.num_tasks == 0) return cudaSuccess;
+  const bool claim = p.claim_grid > 0 && p.cta_task_begin != nullptr;
   if (fused_merge) {
-    WorkQueueKernel<T, D, true><<<grid, kThreads, shape.smem_bytes, stream>>>(p, ws);
+    if (claim) {
+      WorkQueueClaimKernel<T, D, true><<<grid, kThreads, shape.smem_bytes, stream>>>(p, ws);
+    } else {
+      WorkQueueKernel<T, D, true><<<grid, kThreads, shape.smem_bytes, stream>>>(p, ws);
+    }
   } else {
-    WorkQueueKernel<T, D, false><<<grid, kThreads, shape.smem_bytes, stream>>>(p, ws);
+    if (claim) {
+      WorkQueueClaimKernel<T, D, false><<<grid, kThreads, shape.smem_bytes, stream>>>(p, ws);
+    } else {
+      WorkQueueKernel<T, D, false><<<grid, kThreads, shape.smem_bytes, stream>>>(p, ws);
+    }
     MergeKernel<T, D, false><<<MergeGrid(p), kThreads, 0, stream>>>(p, ws);
   }
   return cudaGetLastError();
