@@ -130,7 +130,6 @@ absl::Status CudaSlot::BeginTokenStep(const scheduler::StepPlan& plan, const Pag
   step_.num_partials = work_queue ? plan.num_partials : 0;
   step_.num_tasks = static_cast<int32_t>(tasks.size());
   step_.num_ctas = cta_task_begin.empty() ? 0 : static_cast<int32_t>(cta_task_begin.size()) - 1;
-  step_.claim_grid = step_.num_ctas > 0 ? plan.claim_grid : 0;
 
   // The previous upload read host_descriptor_; it finished unless that token step ran no layer
   // (then this returns at once, as after every layer, which waits for the stream).
@@ -198,7 +197,6 @@ kernels::DecodeParams CudaSlot::StepParams(int32_t layer) const {
     if (step_.num_ctas > 0) {
       p.cta_task_begin = reinterpret_cast<const int32_t*>(d + step_.off_cta_task_begin);
       p.num_ctas = step_.num_ctas;
-      p.claim_grid = step_.claim_grid;
     }
   }
   return p;

@@ -111,7 +111,6 @@ class CudaSlot {
     int32_t num_partials = 0;
     int32_t num_tasks = 0;
     int32_t num_ctas = 0;  // CTA ranges of a balanced work list (0: strided)
-    int32_t claim_grid = 0;  // CTAs that claim those ranges (0: one CTA per range)
     size_t off_indptr = 0, off_last = 0, off_row_splits = 0, off_partial_offset = 0, off_slots = 0,
            off_indices = 0, off_tasks = 0, off_cta_task_begin = 0;
   };

@@ -53,11 +53,6 @@ struct DecodeParams {
   // cta_task_begin[num_ctas] == num_tasks). Null: a persistent grid strides over the list.
   const int32_t* cta_task_begin = nullptr;
   int32_t num_ctas = 0;
-  // kWorkQueue with CTA ranges: 0 = a grid of num_ctas CTAs, CTA c running range c. > 0 = a grid
-  // of claim_grid CTAs that take the ranges in order, one at a time, from a counter in the
-  // workspace as each finishes its last (so there may be more ranges than CTAs, and a CTA that
-  // reads faster takes more of them).
-  int32_t claim_grid = 0;
 };
 static_assert(std::is_trivially_copyable_v<DecodeParams>);
 

@@ -54,13 +54,7 @@ StepPlan Scheduler::Plan(const StepShape& shape) const {
   plan.num_splits = best.num_splits;
   plan.pages_per_task = best.pages_per_task;
   if (plan.kernel == KernelId::kWorkQueue) {
-    if (best.balanced_ctas > 0 && options_.claim_levels > 0) {
-      // The priced CTAs claim guided ranges of the same rows.
-      const int32_t ctas_per_head = best.balanced_ctas / std::max(1, heads);
-      BuildBalancedWorkList(row_pages, heads,
-                            CutGuided(row_pages, ctas_per_head, best.piece_cost_pages, options_.claim_levels), &plan);
-      plan.claim_grid = best.balanced_ctas;
-    } else if (best.balanced_ctas > 0) {
+    if (best.balanced_ctas > 0) {
       BuildBalancedWorkList(row_pages, heads, best.cut, &plan);  // the cut the model priced
     } else {
       BuildWorkList(row_pages, heads, best.pages_per_task, &plan);

@@ -29,9 +29,6 @@ class Scheduler {
     // kSequenceSplit or the task size (pages) of kWorkQueue, still fitted to the step's limits
     // (clamped or coarsened when the backend cannot hold it). For calibration and debugging.
     int32_t fixed_parameter = 0;
-    // > 0: a balanced work queue is cut by CutGuided with this many levels instead, its ranges
-    // claimed by the CTAs the model priced (StepPlan::claim_grid); 0: CTA c runs range c.
-    int32_t claim_levels = 0;
     // Calibrated constants (DefaultCostProfile() when no profile was loaded).
     CostProfile profile = DefaultCostProfile();
   };

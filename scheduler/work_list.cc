@@ -67,7 +67,6 @@ void BuildWorkList(std::span<const int32_t> row_pages, int32_t num_kv_heads, int
   plan->pages_per_task = cap;
   plan->cta_task_begin.clear();
   plan->balanced_ctas = 0;
-  plan->claim_grid = 0;
   plan->row_splits.assign(batch, 0);
   plan->partial_offset.assign(batch, 0);
   plan->num_partials = 0;
@@ -123,17 +122,15 @@ namespace {
 // Walks one head's rows with CTA budget `budget` (pages, each piece also costing `cost`); false
 // when more than `ctas` CTAs would be needed. A CTA with less than a piece's cost and a page left
 // is closed; the first piece of a CTA always takes at least one page.
-// `budget_of(cta)` gives each CTA's budget (the balanced cut: `budget` for all of them).
-template <typename BudgetOf>
-bool WalkBalanced(std::span<const int32_t> row_pages, const BudgetOf& budget_of, int64_t cost, int32_t ctas,
+bool WalkBalanced(std::span<const int32_t> row_pages, int64_t budget, int64_t cost, int32_t ctas,
                   std::vector<BalancedPiece>* out) {
   out->clear();
   int32_t cta = 0;
-  int64_t left = budget_of(0);
+  int64_t left = budget;
   bool used = false;  // the current CTA holds a piece
   auto next_cta = [&] {
     ++cta;
-    left = budget_of(cta);
+    left = budget;
     used = false;
   };
   for (int32_t r = 0; r < static_cast<int32_t>(row_pages.size()); ++r) {
@@ -163,24 +160,19 @@ bool WalkBalanced(std::span<const int32_t> row_pages, const BudgetOf& budget_of,
   return true;
 }
 
+}  // namespace
 
-// The smallest budget (of the CTA of weight `unit`) whose walk fits `ranges` CTAs, each CTA's
-// budget scaled by weight(cta) / unit; the cut of that budget.
-template <typename Weight>
-BalancedCut CutWeighted(std::span<const int32_t> row_pages, int32_t ranges, int64_t unit, const Weight& weight,
-                        int32_t piece_cost_pages) {
+BalancedCut CutBalanced(std::span<const int32_t> row_pages, int32_t ctas_per_head, int32_t piece_cost_pages) {
+  const int32_t ctas = std::max(1, ctas_per_head);
   const int64_t cost = std::max(0, piece_cost_pages);
   int64_t total = 0;
   for (int32_t p : row_pages) total += std::max(0, p);
-  auto budget_of = [&](int64_t budget) {
-    return [budget, unit, &weight](int32_t cta) { return (budget * weight(cta) + unit - 1) / unit; };
-  };
-  // One CTA taking every piece always fits; search the smallest budget that fits `ranges`.
-  int64_t lo = 1, hi = (total + cost * (2 * static_cast<int64_t>(row_pages.size()) + 1) + 1) * unit;
+  // One CTA taking every piece always fits; search the smallest budget that fits `ctas`.
+  int64_t lo = std::max<int64_t>(1, (total + ctas - 1) / ctas), hi = total + cost * (2 * row_pages.size() + 1) + 1;
   std::vector<BalancedPiece> pieces;
   while (lo < hi) {
     const int64_t mid = lo + (hi - lo) / 2;
-    if (WalkBalanced(row_pages, budget_of(mid), cost, ranges, &pieces)) {
+    if (WalkBalanced(row_pages, mid, cost, ctas, &pieces)) {
       hi = mid;
     } else {
       lo = mid + 1;
@@ -188,8 +180,7 @@ BalancedCut CutWeighted(std::span<const int32_t> row_pages, int32_t ranges, int6
   }
   BalancedCut cut;
   cut.budget_pages = lo;
-  PKV_CHECK(WalkBalanced(row_pages, budget_of(lo), cost, ranges, &cut.pieces))
-      << "balanced cut: the searched budget must fit";
+  PKV_CHECK(WalkBalanced(row_pages, lo, cost, ctas, &cut.pieces)) << "balanced cut: the searched budget must fit";
   std::vector<int32_t> pages, count;
   for (const BalancedPiece& piece : cut.pieces) {
     if (piece.cta >= static_cast<int32_t>(pages.size())) {
@@ -205,21 +196,6 @@ BalancedCut CutWeighted(std::span<const int32_t> row_pages, int32_t ranges, int6
     cut.max_cta_pieces = std::max(cut.max_cta_pieces, count[c]);
   }
   return cut;
-}
-
-}  // namespace
-
-BalancedCut CutBalanced(std::span<const int32_t> row_pages, int32_t ctas_per_head, int32_t piece_cost_pages) {
-  return CutWeighted(row_pages, std::max(1, ctas_per_head), 1, [](int32_t) { return int64_t{1}; }, piece_cost_pages);
-}
-
-BalancedCut CutGuided(std::span<const int32_t> row_pages, int32_t ctas_per_head, int32_t piece_cost_pages,
-                      int32_t levels) {
-  const int32_t c = std::max(1, ctas_per_head);
-  const int32_t l = std::clamp(levels, 1, 16);
-  // Range j of level j / c (the last two groups both of the smallest size) weighs 2^(l-1-level).
-  auto weight = [c, l](int32_t j) { return int64_t{1} << std::max(0, l - 1 - std::min(j / c, l - 1)); };
-  return CutWeighted(row_pages, (l + 1) * c, int64_t{1} << (l - 1), weight, piece_cost_pages);
 }
 
 void BuildBalancedWorkList(std::span<const int32_t> row_pages, int32_t num_kv_heads, const BalancedCut& cut,
@@ -263,7 +239,6 @@ void BuildBalancedWorkList(std::span<const int32_t> row_pages, int32_t num_kv_he
   }
   plan->pages_per_task = cut.max_cta_pages;
   plan->balanced_ctas = ctas;
-  plan->claim_grid = 0;
 }
 
 int32_t FitNumSplits(int32_t num_splits, int32_t batch, const PlanLimits& limits) {

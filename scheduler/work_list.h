@@ -69,16 +69,6 @@ struct BalancedCut {
 // The balanced cut with the smallest budget that fits `ctas_per_head` (>= 1) CTAs per KV head.
 BalancedCut CutBalanced(std::span<const int32_t> row_pages, int32_t ctas_per_head, int32_t piece_cost_pages);
 
-// A cut for CTAs that claim their ranges (kernels' DecodeParams::claim_grid): the walk of
-// CutBalanced over (levels + 1) * ctas_per_head ranges per KV head whose budgets shrink along the
-// list: ctas_per_head ranges of half a CTA's share, as many of a quarter, ..., of 1 / 2^levels,
-// and ctas_per_head more of 1 / 2^levels (levels in [1, 16]; 1 gives two equal halves). CTAs
-// that claim them in order take the large ones first, and the small ones at the end go to
-// whichever CTAs finish first. budget_pages is the budget of the largest ranges;
-// BuildBalancedWorkList takes the cut as it takes a balanced one (one "CTA" per range).
-BalancedCut CutGuided(std::span<const int32_t> row_pages, int32_t ctas_per_head, int32_t piece_cost_pages,
-                      int32_t levels);
-
 // kWorkQueue's balanced work list into `plan` (replacing row_splits, partial_offset,
 // num_partials, tasks and cta_task_begin): `cut` (CutBalanced of these rows) repeated for every
 // KV head, CTA (piece.cta * num_kv_heads + head) running its pieces of that head in row order as

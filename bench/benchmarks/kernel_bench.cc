@@ -153,15 +153,14 @@ struct Config {
   int64_t target = 0;   // kWorkQueue target task count (strided) or CTA count (balanced)
   kc::MergeMode merge = kc::MergeMode::kFused;
   bool balanced = false;  // kWorkQueue: every CTA the same pages (scheduler's CutBalanced)
-  int levels = 0;         // balanced: > 0 = CutGuided ranges of `levels` levels, claimed by `target` CTAs
   std::string Label() const {
     switch (kernel) {
       case KernelId::kPerRequest: return "per_request";
       case KernelId::kSequenceSplit:
         return std::string(merge == kc::MergeMode::kFused ? "split_fused/S" : "split_sep/S") + std::to_string(splits);
       default:
-        return std::string(merge == kc::MergeMode::kFused ? "wq_fused" : "wq_sep") +
-               (levels > 0 ? "/G" + std::to_string(levels) + "C" : (balanced ? "/C" : "/T")) + std::to_string(target);
+        return std::string(merge == kc::MergeMode::kFused ? "wq_fused" : "wq_sep") + (balanced ? "/C" : "/T") +
+               std::to_string(target);
     }
   }
   std::string Family() const {
@@ -398,13 +397,6 @@ void Bench::RunCase(DType dtype, const Case& c, int64_t case_seed) {
   // One balanced wave: `grid` CTAs, each the same pages (a task's start priced as the planner does).
   configs.push_back(Config{KernelId::kWorkQueue, 1, grid, kc::MergeMode::kFused, true});
   configs.push_back(Config{KernelId::kWorkQueue, 1, grid, kc::MergeMode::kSeparate, true});
-  // The same CTAs claiming guided ranges (CutGuided: halving shares along the list, so CTAs that
-  // read faster take the small ones at the end).
-  for (int levels : {1, 2, 3, 4}) {
-    Config g{KernelId::kWorkQueue, 1, grid, kc::MergeMode::kFused, true};
-    g.levels = levels;
-    configs.push_back(g);
-  }
 
   // Warm-up, a spin kernel to queue behind, then runs_ launches each between two events: median us.
   auto time_launches = [&](const auto& launch) {
@@ -434,16 +426,13 @@ void Bench::RunCase(DType dtype, const Case& c, int64_t case_seed) {
       if (cfg.balanced) {
         const int32_t per_head = std::max<int32_t>(1, static_cast<int32_t>(cfg.target) / o_.num_kv_heads);
         const int32_t cost = scheduler_->cost_model().PieceCostPages(PlanShape(c.lengths, P, dtype));
-        scheduler::BuildBalancedWorkList(row_pages, o_.num_kv_heads,
-                                         cfg.levels > 0 ? scheduler::CutGuided(row_pages, per_head, cost, cfg.levels)
-                                                        : scheduler::CutBalanced(row_pages, per_head, cost),
+        scheduler::BuildBalancedWorkList(row_pages, o_.num_kv_heads, scheduler::CutBalanced(row_pages, per_head, cost),
                                          &plan);
       } else {
         const int32_t ppt = scheduler::PagesPerTaskFor(row_pages, o_.num_kv_heads, cfg.target);
         scheduler::BuildWorkList(row_pages, o_.num_kv_heads, ppt, &plan);
       }
       plan_mem.Upload(plan, &p);
-      if (cfg.levels > 0) p.claim_grid = std::max<int32_t>(1, static_cast<int32_t>(cfg.target) / o_.num_kv_heads) * o_.num_kv_heads;
     }
     const bool ok = kc::CanImplement(cfg.kernel, p).ok() && kc::WorkspaceBytes(cfg.kernel, p) <= ws_bytes_;
     if (ok) {

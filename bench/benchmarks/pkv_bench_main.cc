@@ -172,9 +172,6 @@ std::vector<Flag> TraceFlags(pkv::bench::TraceBenchOptions* o) {
       IntFlag("steps", &o->measured_steps, "timed token steps; 0: 48 (B > 1) or 64 (B 1)"),
       IntFlag("requests", &o->num_requests, "requests per workload; 0: 24 (B > 1) or 16 (B 1)"),
       StringFlag("profile", &o->profile_path, "calibration profile (pkv-calibrate); empty: built-in defaults"),
-      IntFlag("claim-levels", &o->claim_levels,
-              "balanced work queue: 0 = one CTA per range; N > 0 = guided ranges of N levels claimed by the "
-              "same CTAs (scheduler CutGuided)"),
       DoubleFlag("pool-fraction", &o->pool_fraction, "KV pool as this share of free device memory"),
       StringFlag("csv", &o->csv_path, "write one CSV row per arm and workload here; empty: none"),
       StringFlag("md", &o->md_path, "append the summary as markdown to this file; empty: none"),

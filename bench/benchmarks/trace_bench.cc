@@ -432,7 +432,6 @@ int RunTraceBench(const TraceBenchOptions& o) {
     scheduler::Scheduler::Options so;
     so.available = kernels;
     so.profile = profile;
-    so.claim_levels = o.claim_levels;
     auto sched = scheduler::Scheduler::Create(so);
     engine::EngineOptions eo;
     eo.max_batch = 64;

@@ -40,7 +40,6 @@ struct TraceBenchOptions {
   int num_requests = 0;    // 0: 24 (B > 1) or 16 (B1)
   double pool_fraction = 0.85;
   std::string profile_path;  // calibration profile; empty: built-in defaults
-  int claim_levels = 0;      // scheduler::Scheduler::Options::claim_levels
   std::string csv_path;
   std::string md_path;
   std::string commit = "unknown";

@@ -97,9 +97,8 @@ struct WorkQueueL {
   template <typename T, int D>
   cudaError_t operator()() const {
     const internal::KernelShape shape = internal::WorkQueueShape<T, D>();
-    const int grid = p.cta_task_begin == nullptr ? std::min(p.num_tasks, shape.num_sms * shape.ctas_per_sm)
-                     : p.claim_grid > 0         ? std::min(p.claim_grid, p.num_ctas)
-                                                : p.num_ctas;
+    const int grid =
+        p.cta_task_begin != nullptr ? p.num_ctas : std::min(p.num_tasks, shape.num_sms * shape.ctas_per_sm);
     return internal::LaunchWorkQueue<T, D>(p, ws, fused, grid, s);
   }
 };
@@ -149,12 +148,6 @@ absl::Status CanImplement(KernelId kernel, const DecodeParams& p) {
     }
     if (p.cta_task_begin != nullptr && (p.num_ctas < 1 || p.num_ctas > p.num_tasks)) {
       return absl::InvalidArgumentError("kWorkQueue's CTA ranges need 1 <= num_ctas <= num_tasks");
-    }
-    if (p.claim_grid < 0 || (p.claim_grid > 0 && p.cta_task_begin == nullptr)) {
-      return absl::InvalidArgumentError("claim_grid needs CTA ranges and must be >= 0");
-    }
-    if (p.claim_grid > 0 && static_cast<int64_t>(p.batch) * p.num_kv_heads + 2 > static_cast<int64_t>(kCounterBytes / 4)) {
-      return absl::InvalidArgumentError("claimed ranges need two counters beyond batch * num_kv_heads");
     }
   }
   return absl::OkStatus();

@@ -15,8 +15,6 @@ KernelShape WorkQueueShape() {
     // Both variants use the same tile machinery; the fused one is the larger.
     EnsureSmem<WorkQueueKernel<T, D, true>>(s.smem_bytes);
     EnsureSmem<WorkQueueKernel<T, D, false>>(s.smem_bytes);
-    EnsureSmem<WorkQueueClaimKernel<T, D, true>>(s.smem_bytes);
-    EnsureSmem<WorkQueueClaimKernel<T, D, false>>(s.smem_bytes);
     cudaOccupancyMaxActiveBlocksPerMultiprocessor(&s.ctas_per_sm, WorkQueueKernel<T, D, true>, kThreads,
                                                   s.smem_bytes);
     if (s.ctas_per_sm < 1) s.ctas_per_sm = 1;
@@ -31,19 +29,10 @@ cudaError_t LaunchWorkQueue(const DecodeParams& p, const Workspace& ws, bool fus
                             cudaStream_t stream) {
   const KernelShape shape = WorkQueueShape<T, D>();
   if (p.num_tasks == 0) return cudaSuccess;
-  const bool claim = p.claim_grid > 0 && p.cta_task_begin != nullptr;
   if (fused_merge) {
-    if (claim) {
-      WorkQueueClaimKernel<T, D, true><<<grid, kThreads, shape.smem_bytes, stream>>>(p, ws);
-    } else {
-      WorkQueueKernel<T, D, true><<<grid, kThreads, shape.smem_bytes, stream>>>(p, ws);
-    }
+    WorkQueueKernel<T, D, true><<<grid, kThreads, shape.smem_bytes, stream>>>(p, ws);
   } else {
-    if (claim) {
-      WorkQueueClaimKernel<T, D, false><<<grid, kThreads, shape.smem_bytes, stream>>>(p, ws);
-    } else {
-      WorkQueueKernel<T, D, false><<<grid, kThreads, shape.smem_bytes, stream>>>(p, ws);
-    }
+    WorkQueueKernel<T, D, false><<<grid, kThreads, shape.smem_bytes, stream>>>(p, ws);
     MergeKernel<T, D, false><<<MergeGrid(p), kThreads, 0, stream>>>(p, ws);
   }
   return cudaGetLastError();

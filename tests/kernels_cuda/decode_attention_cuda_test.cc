@@ -66,16 +66,12 @@ struct Route {
   // task's start costing `piece_cost` pages; 0: a strided list of `pages_per_task`.
   int balanced_per_head = 0;
   int piece_cost = 0;
-  // Balanced: > 0 = CutGuided ranges of this many levels, claimed by balanced_per_head CTAs per
-  // KV head (DecodeParams::claim_grid).
-  int claim_levels = 0;
   std::string Name() const {
     std::string n(KernelName(kernel));
     if (kernel == KernelId::kSequenceSplit) n += "/S" + std::to_string(splits);
     if (kernel == KernelId::kWorkQueue && balanced_per_head == 0) n += "/ppt" + std::to_string(pages_per_task);
     if (kernel == KernelId::kWorkQueue && balanced_per_head != 0) {
       n += "/balanced" + std::to_string(balanced_per_head) + "c" + std::to_string(piece_cost);
-      if (claim_levels > 0) n += "/claimed" + std::to_string(claim_levels);
     }
     if (kernel != KernelId::kPerRequest) n += merge == MergeMode::kFused ? "/fused" : "/separate";
     return n;
@@ -275,15 +271,11 @@ void RunCase(const Case& c, const std::vector<Route>& routes) {
       scheduler::StepPlan plan;
       if (r.balanced_per_head != 0) {
         const int per_head = r.balanced_per_head > 0 ? r.balanced_per_head : PersistentGridSize(p) / c.hkv;
-        scheduler::BuildBalancedWorkList(
-            row_pages, c.hkv,
-            r.claim_levels > 0 ? scheduler::CutGuided(row_pages, per_head, r.piece_cost, r.claim_levels)
-                               : scheduler::CutBalanced(row_pages, per_head, r.piece_cost),
-            &plan);
+        scheduler::BuildBalancedWorkList(row_pages, c.hkv, scheduler::CutBalanced(row_pages, per_head, r.piece_cost),
+                                         &plan);
         CUDA_OK(cta_ranges.Upload(plan.cta_task_begin));
         p.cta_task_begin = static_cast<const int32_t*>(cta_ranges.ptr);
         p.num_ctas = plan.balanced_ctas;
-        if (r.claim_levels > 0) p.claim_grid = per_head * c.hkv;
       } else {
         const int ppt = r.pages_per_task > 0
                             ? r.pages_per_task
@@ -339,10 +331,7 @@ std::vector<Route> AllRoutes(int splits, int ppt) {
           // Balanced over 3 CTAs per KV head: CTAs that end one row and start the next (an
           // empty row and single-page rows among them).
           Route{KernelId::kWorkQueue, 1, 0, MergeMode::kFused, 3, 2},
-          Route{KernelId::kWorkQueue, 1, 0, MergeMode::kSeparate, 3, 2},
-          // The same CTAs claiming guided ranges (2 and 3 levels: 3 and 4 ranges per CTA).
-          Route{KernelId::kWorkQueue, 1, 0, MergeMode::kFused, 3, 2, 2},
-          Route{KernelId::kWorkQueue, 1, 0, MergeMode::kSeparate, 3, 2, 3}};
+          Route{KernelId::kWorkQueue, 1, 0, MergeMode::kSeparate, 3, 2}};
 }
 
 class DecodeAttentionCudaTest : public ::testing::Test {
@@ -430,10 +419,6 @@ TEST_F(DecodeAttentionCudaTest, MixedBatch) {
     routes.push_back(Route{KernelId::kWorkQueue, 1, 0, MergeMode::kFused, -1, 7});
     routes.push_back(Route{KernelId::kWorkQueue, 1, 0, MergeMode::kFused, 200, 1});
     routes.push_back(Route{KernelId::kWorkQueue, 1, 0, MergeMode::kSeparate, 200, 1});
-    // Guided ranges claimed by the device's grid and by 200 CTAs per head (ranges that cut rows
-    // into many pieces, more CTAs than SM slots).
-    routes.push_back(Route{KernelId::kWorkQueue, 1, 0, MergeMode::kFused, -1, 7, 3});
-    routes.push_back(Route{KernelId::kWorkQueue, 1, 0, MergeMode::kFused, 200, 1, 4});
     RunCase(c, routes);
     if (HasFailure()) return;
   }

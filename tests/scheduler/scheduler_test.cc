@@ -353,48 +353,6 @@ TEST(BalancedWorkListTest, RandomRowsAreCoveredAndEveryCtaCarriesItsShare) {
   }
 }
 
-TEST(BalancedWorkListTest, GuidedCutShrinksItsRangesAlongTheList) {
-  // 4 CTAs' worth of one long row, no piece cost, 2 levels: 4 ranges of half a share, 4 of a
-  // quarter, 4 of a quarter: 1000 pages -> budgets 125, 63 (rounded up), 63.
-  const std::vector<int32_t> one = {1000};
-  const BalancedCut even = CutGuided(one, 4, 0, 2);
-  EXPECT_EQ(even.budget_pages, 125);
-  ASSERT_EQ(even.pieces.size(), 12u);
-  for (size_t i = 0; i < even.pieces.size(); ++i) {
-    const int32_t pages = even.pieces[i].page_end - even.pieces[i].page_begin;
-    EXPECT_EQ(even.pieces[i].cta, static_cast<int32_t>(i));
-    if (i < 4) EXPECT_EQ(pages, 125) << i;
-    if (i >= 4 && i < 11) EXPECT_EQ(pages, 63) << i;
-  }
-  // One level: two equal halves per CTA.
-  EXPECT_EQ(CutGuided(one, 4, 0, 1).budget_pages, 125);
-
-  std::mt19937 rng(20261204);
-  std::uniform_int_distribution<int32_t> len(0, 3000), heads(1, 8), batch(1, 24), ctas(1, 200), cost(0, 12),
-      levels(1, 4);
-  for (int trial = 0; trial < 200; ++trial) {
-    std::vector<int32_t> pages(batch(rng));
-    for (int32_t& p : pages) p = len(rng) < 300 ? 0 : len(rng);
-    const int32_t h = heads(rng), c = ctas(rng), f = cost(rng), l = levels(rng);
-    SCOPED_TRACE(testing::Message() << "trial " << trial << " levels " << l);
-    const BalancedCut cut = CutGuided(pages, c, f, l);
-    ASSERT_GE(cut.ctas_per_head, 1);
-    ASSERT_LE(cut.ctas_per_head, (l + 1) * c);
-    // Within its budget, every range reads at most its level's share of the largest ranges'.
-    std::vector<int64_t> load(cut.ctas_per_head, 0);
-    for (const BalancedPiece& piece : cut.pieces) load[piece.cta] += piece.page_end - piece.page_begin;
-    for (int32_t j = 0; j < cut.ctas_per_head; ++j) {
-      const int32_t level = std::min(j / c, l - 1);
-      const int64_t budget = (cut.budget_pages * (int64_t{1} << (l - 1 - level)) + (int64_t{1} << (l - 1)) - 1) >>
-                             (l - 1);
-      EXPECT_LE(load[j], std::max<int64_t>(budget, 1)) << "range " << j;
-    }
-    StepPlan plan;
-    BuildBalancedWorkList(pages, h, cut, &plan);
-    ExpectBalancedWorkListCovers(pages, h, cut, plan);
-  }
-}
-
 TEST(WorkListTest, SplitsAndSlots) {
   const std::vector<int32_t> pages = {10, 0, 3};
   StepPlan plan;

@@ -4,7 +4,6 @@
 
 #include <cuda_runtime.h>
 
-#include "kernels/cuda/decode_attention_cuda.h"  // kCounterBytes
 #include "kernels/cuda/internal/launchers.h"
 #include "kernels/cuda/internal/paged_attention.cuh"
 
@@ -145,69 +144,6 @@ __global__ void __launch_bounds__(kThreads) WorkQueueKernel(const __grid_constan
     if (nt >= task_end) break;
     cur = next;
     t = nt;
-  }
-  PKV_TIMELINE_END(blockIdx.x)
-}
-
-// Work queue with claimed ranges (DecodeParams::claim_grid): each CTA takes the next range of
-// [cta_task_begin[c], cta_task_begin[c + 1]) from counter kClaimTaken, runs its tasks as
-// WorkQueueKernel does, and takes the next range while it runs a range's last task, so the next
-// task's loads are still issued before the epilogue. A CTA holds at most one range ahead. The
-// last CTA to finish (counter kClaimDone) zeroes both counters for the next launch.
-inline constexpr int kClaimTaken = static_cast<int>(kCounterBytes / 4) - 2;
-inline constexpr int kClaimDone = static_cast<int>(kCounterBytes / 4) - 1;
-template <typename T, int D, bool kFused>
-__global__ void __launch_bounds__(kThreads) WorkQueueClaimKernel(const __grid_constant__ DecodeParams p, Workspace ws) {
-  extern __shared__ __align__(128) char smem[];
-  // The ranges thread 0 took: the first, and each next one (read after a barrier; written again
-  // only two barriers later).
-  __shared__ int first_claim, next_claim;
-  PKV_TIMELINE_BEGIN()
-  if (threadIdx.x == 0) first_claim = atomicAdd(ws.counters + kClaimTaken, 1);
-  __syncthreads();
-  int range = first_claim;
-  if (range < p.num_ctas) {
-    int t = p.cta_task_begin[range];
-    int end = p.cta_task_begin[range + 1];
-    DecodeTask cur = p.tasks[t < end ? t : 0];
-    RangeState<D> r;
-    if (t < end) BeginRange<T, D>(p, cur.row, cur.kv_head, cur.page_begin, cur.page_end, smem, r);
-    while (t < end) {
-      if (threadIdx.x == 0 && t + 1 == end) next_claim = atomicAdd(ws.counters + kClaimTaken, 1);
-      float m_run, l_run, o[D / 8][2];
-      RunRange<T, D>(p, smem, r, m_run, l_run, o);
-      const MergeView<D> v = StashWarpState<D>(smem, m_run, l_run, o);
-      int nt = t + 1;
-      if (nt == end) {
-        __syncthreads();  // thread 0's claim is visible
-        range = next_claim;
-        nt = range < p.num_ctas ? p.cta_task_begin[range] : 0;
-        end = range < p.num_ctas ? p.cta_task_begin[range + 1] : 0;
-      }
-      DecodeTask next = cur;
-      if (nt < end) {
-        next = p.tasks[nt];
-        BeginRange<T, D>(p, next.row, next.kv_head, next.page_begin, next.page_end, smem, r);
-      }
-      __syncthreads();  // all warps' states of `cur` are stashed
-      if (cur.num_splits == 1) {
-        WriteFinal<T, D>(p, cur.row, cur.kv_head, v);
-      } else {
-        const int64_t first = p.partial_offset[cur.row];
-        WritePartial<D>(p, first + cur.split, cur.kv_head, v, ws.lse, ws.o);
-        if constexpr (kFused) CountAndMerge<T, D>(p, ws, cur.row, cur.kv_head, first, cur.num_splits);
-      }
-      __syncthreads();  // the merge area is read; the next stash may overwrite it
-      cur = next;
-      t = nt;
-    }
-  }
-  if (threadIdx.x == 0) {
-    __threadfence();  // this CTA's claims come before its count
-    if (atomicAdd(ws.counters + kClaimDone, 1) == static_cast<int>(gridDim.x) - 1) {
-      atomicExch(ws.counters + kClaimTaken, 0);
-      atomicExch(ws.counters + kClaimDone, 0);
-    }
   }
   PKV_TIMELINE_END(blockIdx.x)
 }
