@@ -60,8 +60,8 @@ PromptWrite::PromptWrite(Engine* engine, SeqId seq, int64_t num_tokens)
 
 PromptWrite::~PromptWrite() { Abort(); }
 
-absl::Status PromptWrite::Write(int32_t layer, int64_t token_offset, int64_t n,
-                                std::span<const uint8_t> k, std::span<const uint8_t> v) {
+absl::Status PromptWrite::Write(int32_t layer, int64_t token_offset, int64_t n, const PieceBytes& k,
+                                const PieceBytes& v) {
   if (done_) return absl::FailedPreconditionError("prompt write already finished");
   const ModelShape& s = engine_->shape();
   PKV_RETURN_IF_ERROR(CheckLayer(layer, s));
@@ -88,8 +88,8 @@ absl::Status PromptWrite::Write(int32_t layer, int64_t token_offset, int64_t n,
   // Commit flushes it. The arena scans the rows for NaN/inf before it stages anything (on the
   // device spread over its copy helpers: one core's scan bounds a single prompt stream).
   kvpool::StageScan scan;
-  PKV_RETURN_IF_ERROR(engine_->backend_->arena().StageTokens(layer, slots, k.data(), v.data(),
-                                                             engine_->limits_.check_finite ? &scan : nullptr));
+  PKV_RETURN_IF_ERROR(
+      engine_->backend_->arena().StageTokens(layer, slots, k, v, engine_->limits_.check_finite ? &scan : nullptr));
   if (scan.first_k >= 0) return engine_->NonFiniteError("k", k, scan.first_k, s.num_kv_heads);
   if (scan.first_v >= 0) return engine_->NonFiniteError("v", v, scan.first_v, s.num_kv_heads);
   for (int64_t t = token_offset; t < token_offset + n; ++t) {
@@ -208,10 +208,12 @@ absl::Status Engine::CheckFinite(absl::string_view field, std::span<const uint8_
   return NonFiniteError(field, data, i, heads);
 }
 
-absl::Status Engine::NonFiniteError(absl::string_view field, std::span<const uint8_t> data, int64_t i,
+absl::Status Engine::NonFiniteError(absl::string_view field, const PieceBytes& data, int64_t i,
                                     int32_t heads) const {
   const int64_t d = shape_.head_dim;
-  const float value = ToFloat(shape_.dtype, static_cast<uint16_t>(data[2 * i] | (data[2 * i + 1] << 8)));
+  uint8_t bits[2] = {0, 0};
+  data.CopyTo(static_cast<size_t>(2 * i), 2, bits);
+  const float value = ToFloat(shape_.dtype, static_cast<uint16_t>(bits[0] | (bits[1] << 8)));
   return absl::InvalidArgumentError(absl::StrCat(field, ": element [", i / (heads * d), ", ", (i / d) % heads, ", ",
                                                  i % d, "] is ", std::isnan(value) ? "NaN" : "infinite",
                                                  " (q, k and v must be finite)"));

@@ -219,8 +219,10 @@ class PromptWrite {
   // tokens outside the prompt, a byte size that is not [n, Hkv, d], or a non-finite value.
   // The bytes are staged (KvArena::StageTokens): on the device they join a merged copy of many
   // chunks (of any prompts) and are on the device once Commit returns.
-  [[nodiscard]] absl::Status Write(int32_t layer, int64_t token_offset, int64_t n,
-                                   std::span<const uint8_t> k, std::span<const uint8_t> v);
+  // `k` and `v` may lie in pieces (common/piece_bytes.h: a received message's slices), which the
+  // arena scans and stages where they lie.
+  [[nodiscard]] absl::Status Write(int32_t layer, int64_t token_offset, int64_t n, const PieceBytes& k,
+                                   const PieceBytes& v);
   // FAILED_PRECONDITION (naming the first missing layer/token) unless every token of every layer
   // was written; INTERNAL when the staged bytes could not be flushed. On success the prompt's
   // bytes are in the arena (device: copied and synchronised) and the sequence is steppable.
@@ -350,7 +352,7 @@ class Engine {
   absl::Status CheckFinite(absl::string_view field, std::span<const uint8_t> data, int32_t heads) const;
   // The refusal of `data` (a [rows, heads, head_dim] tensor named `field`) for its non-finite
   // element `i`: INVALID_ARGUMENT naming the element and what it is.
-  absl::Status NonFiniteError(absl::string_view field, std::span<const uint8_t> data, int64_t i, int32_t heads) const;
+  absl::Status NonFiniteError(absl::string_view field, const PieceBytes& data, int64_t i, int32_t heads) const;
   absl::Status ValidateLayerZero(const StepInput& in) const;
   absl::Status ValidateLaterLayer(const StepInput& in, const TokenStep& ts) const;
   // Applies the deltas and commits the step, under the engine's key `key`, to the backend. Fails

@@ -81,8 +81,10 @@ void CopyRows(void* dst, const void* src, size_t bytes) {
 #if defined(__SSE2__)
   auto* d = static_cast<char*>(dst);
   const auto* s = static_cast<const char*>(src);
-  PKV_CHECK(reinterpret_cast<uintptr_t>(d) % 16 == 0) << "staging rows are 16-byte aligned";
-  size_t i = 0;
+  // Up to the destination's next 16-byte boundary with plain stores (a span that starts inside a
+  // row: a piece of a received message).
+  size_t i = std::min(bytes, (16 - reinterpret_cast<uintptr_t>(d) % 16) % 16);
+  if (i > 0) std::memcpy(d, s, i);
   for (; i + 64 <= bytes; i += 64) {
     const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i));
     const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i + 16));

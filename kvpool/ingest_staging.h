@@ -81,10 +81,10 @@ class IngestPacker {
   int64_t tokens_ = 0;
 };
 
-// Copies `bytes` of K or V rows into a staging buffer at a 16-byte aligned `dst`. The buffer is
-// read by the device's copy engine, never by this CPU: streaming (non-temporal) stores skip the
-// cache and the read-for-ownership of every destination line that a plain memcpy of a chunk
-// smaller than the C library's streaming threshold pays.
+// Copies `bytes` of K or V rows into a staging buffer at `dst`. The buffer is read by the
+// device's copy engine, never by this CPU: streaming (non-temporal) stores skip the cache and the
+// read-for-ownership of every destination line that a plain memcpy of a chunk smaller than the C
+// library's streaming threshold pays. Bytes before dst's first 16-byte boundary are stored plainly.
 void CopyRows(void* dst, const void* src, size_t bytes);
 
 // Host model of the scatter kernel: applies `runs` with data from `staged` to the arena memory

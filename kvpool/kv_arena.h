@@ -10,11 +10,13 @@
 #include <cstdint>
 #include <memory>
 #include <span>
+#include <vector>
 #include <string_view>
 
 #include "absl/status/status.h"
 #include "common/dtype.h"
 #include "common/model_shape.h"
+#include "common/piece_bytes.h"
 
 namespace pkv::kvpool {
 
@@ -61,15 +63,27 @@ class KvArena {
   // lock and from several threads at once (each implementation serialises them itself), as long
   // as the slots belong to prompts being written, which nothing else reads or writes: so prompt
   // ingest never holds the engine lock while decode steps wait for it.
-  [[nodiscard]] virtual absl::Status StageTokens(int32_t layer, std::span<const SlotAddr> slots, const void* k,
-                                                 const void* v, StageScan* scan) {
+  // `k` and `v` hold [slots.size(), num_kv_heads, head_dim] bytes each, possibly in pieces
+  // (common/piece_bytes.h); this default puts pieces together first.
+  [[nodiscard]] virtual absl::Status StageTokens(int32_t layer, std::span<const SlotAddr> slots, const PieceBytes& k,
+                                                 const PieceBytes& v, StageScan* scan) {
+    const size_t bytes = slots.size() * static_cast<size_t>(shape().kv_bytes_per_token_layer() / 2);
+    thread_local std::vector<uint8_t> k_whole, v_whole;
+    const uint8_t* kp = Whole(k, bytes, &k_whole);
+    const uint8_t* vp = Whole(v, bytes, &v_whole);
     if (scan != nullptr) {
-      const size_t bytes = slots.size() * static_cast<size_t>(shape().kv_bytes_per_token_layer() / 2);
-      scan->first_k = FirstNonFinite(shape().dtype, static_cast<const uint8_t*>(k), bytes);
-      scan->first_v = FirstNonFinite(shape().dtype, static_cast<const uint8_t*>(v), bytes);
+      scan->first_k = FirstNonFinite(shape().dtype, kp, bytes);
+      scan->first_v = FirstNonFinite(shape().dtype, vp, bytes);
       if (!scan->clean()) return absl::OkStatus();
     }
-    return WriteTokens(layer, slots, k, v);
+    return WriteTokens(layer, slots, kp, vp);
+  }
+  // StageTokens of contiguous host buffers.
+  [[nodiscard]] absl::Status StageTokens(int32_t layer, std::span<const SlotAddr> slots, const void* k, const void* v,
+                                         StageScan* scan) {
+    const size_t bytes = slots.size() * static_cast<size_t>(shape().kv_bytes_per_token_layer() / 2);
+    return StageTokens(layer, slots, PieceBytes(static_cast<const uint8_t*>(k), bytes),
+                       PieceBytes(static_cast<const uint8_t*>(v), bytes), scan);
   }
   // Applies everything staged and returns when it is in the arena's memory (on the device:
   // copied, scattered and the ingest stream synchronised). Also the point where a page that had
@@ -89,6 +103,15 @@ class KvArena {
   // Elements per page of one layer.
   int64_t page_elems() const {
     return 2LL * shape().num_kv_heads * shape().page_size * shape().head_dim;
+  }
+
+ protected:
+  // `bytes` bytes of `src` in one buffer: in place when contiguous, else gathered into *scratch.
+  static const uint8_t* Whole(const PieceBytes& src, size_t bytes, std::vector<uint8_t>* scratch) {
+    if (const uint8_t* p = src.contiguous(); p != nullptr || bytes == 0) return p;
+    scratch->resize(bytes);
+    src.CopyTo(0, bytes, scratch->data());
+    return scratch->data();
   }
 };
 using KvArenaPtr = std::unique_ptr<KvArena>;

@@ -26,17 +26,36 @@ ParallelCopier::~ParallelCopier() {
 bool ParallelCopier::Split(std::span<const Span> spans, Job& job) const {
   size_t total = 0;
   for (const Span& s : spans) total += s.bytes;
+  job.spans = spans;
   if (threads_.empty() || total < 2 * min_piece_) return false;
-  // Pieces of about total / workers, never below min_piece_, cut at 64-byte steps so that every
-  // piece's destination keeps the span's 16-byte alignment and starts on a whole element.
+  // Pieces of about total / workers, never below min_piece_. A piece ends inside a span only at a
+  // 64-byte step from the span's start, so the next one starts on a whole element and keeps the
+  // span's destination alignment; small spans are taken together.
   const size_t piece = std::max(min_piece_, (total / (threads_.size() + 1) + 63) / 64 * 64);
-  job.pieces.reserve(total / piece + spans.size());
+  job.pieces.reserve(total / piece + 2);
+  Piece cur;
+  size_t taken = 0;  // bytes in cur
   for (size_t i = 0; i < spans.size(); ++i) {
-    const Span& s = spans[i];
-    for (size_t at = 0; at < s.bytes; at += piece) {
-      job.pieces.push_back(Piece{static_cast<char*>(s.dst) + (s.dst != nullptr ? at : 0),
-                                 static_cast<const char*>(s.src) + at, std::min(piece, s.bytes - at), i, at / 2});
+    const size_t bytes = spans[i].bytes;
+    size_t at = 0;
+    while (at < bytes) {
+      size_t end = std::min(bytes, at + (piece - taken));
+      if (end < bytes) end = std::min(bytes, (end + 63) / 64 * 64);
+      taken += end - at;
+      at = end;
+      if (taken >= piece) {
+        cur.last = i;
+        cur.end_offset = at;
+        job.pieces.push_back(cur);
+        cur = Piece{at < bytes ? i : i + 1, at < bytes ? at : 0, 0, 0};
+        taken = 0;
+      }
     }
+  }
+  if (taken > 0) {
+    cur.last = spans.size() - 1;
+    cur.end_offset = spans.back().bytes;
+    job.pieces.push_back(cur);
   }
   return true;
 }
@@ -66,17 +85,68 @@ void ParallelCopier::FirstNonFinite(std::span<const Span> spans, DType dtype, st
   std::copy(job.first.begin(), job.first.end(), first.begin());
 }
 
-int64_t ParallelCopier::Work(const Job& job, const Piece& p) {
-  if (!job.scan) {
-    CopyRows(p.dst, p.src, p.bytes);
-    return -1;
+void ParallelCopier::FirstNonFinite(std::span<const PieceBytes* const> tensors, DType dtype,
+                                    std::span<int64_t> first) {
+  PKV_CHECK(first.size() == tensors.size()) << "one result per tensor";
+  std::vector<Span> spans;
+  std::vector<size_t> owner;           // tensor of each span
+  std::vector<int64_t> first_element;  // tensor element where each span starts
+  for (size_t t = 0; t < tensors.size(); ++t) {
+    first[t] = -1;
+    size_t pos = 0;          // tensor byte where the current piece starts
+    bool have_low = false;   // the last piece ended inside an element: its first byte is `low`
+    uint8_t low = 0;
+    for (const std::span<const uint8_t> piece : tensors[t]->pieces()) {
+      size_t i = 0;
+      if (have_low && !piece.empty()) {
+        const uint8_t split[2] = {low, piece[0]};
+        if (first[t] < 0 && pkv::FirstNonFinite(dtype, split, 2) == 0) first[t] = static_cast<int64_t>(pos / 2);
+        have_low = false;
+        i = 1;
+      }
+      const size_t whole = (piece.size() - i) & ~size_t{1};
+      if (whole > 0) {
+        spans.push_back(Span{nullptr, piece.data() + i, whole});
+        owner.push_back(t);
+        first_element.push_back(static_cast<int64_t>((pos + i) / 2));
+      }
+      if (i + whole < piece.size()) {
+        low = piece[piece.size() - 1];
+        have_low = true;
+      }
+      pos += piece.size();
+    }
   }
-  const int64_t i = pkv::FirstNonFinite(job.dtype, reinterpret_cast<const uint8_t*>(p.src), p.bytes);
-  return i < 0 ? -1 : static_cast<int64_t>(p.element) + i;
+  std::vector<int64_t> found(spans.size(), -1);
+  FirstNonFinite(spans, dtype, found);
+  for (size_t i = 0; i < spans.size(); ++i) {
+    if (found[i] < 0) continue;
+    const int64_t e = first_element[i] + found[i];
+    int64_t& f = first[owner[i]];
+    if (f < 0 || e < f) f = e;
+  }
 }
 
-void ParallelCopier::Finish(Job& job, const Piece& p, int64_t found) {
-  if (found >= 0 && (job.first[p.span] < 0 || found < job.first[p.span])) job.first[p.span] = found;
+void ParallelCopier::Work(const Job& job, const Piece& p, Found* found) {
+  for (size_t s = p.begin; s <= p.last && s < job.spans.size(); ++s) {
+    const Span& span = job.spans[s];
+    const size_t from = s == p.begin ? p.begin_offset : 0;
+    const size_t to = s == p.last ? p.end_offset : span.bytes;
+    if (to <= from) continue;
+    if (!job.scan) {
+      CopyRows(static_cast<char*>(span.dst) + from, static_cast<const char*>(span.src) + from, to - from);
+      continue;
+    }
+    const int64_t i =
+        pkv::FirstNonFinite(job.dtype, static_cast<const uint8_t*>(span.src) + from, to - from);
+    if (i >= 0) found->emplace_back(s, static_cast<int64_t>(from / 2) + i);
+  }
+}
+
+void ParallelCopier::Finish(Job& job, const Found& found) {
+  for (const auto& [span, element] : found) {
+    if (job.first[span] < 0 || element < job.first[span]) job.first[span] = element;
+  }
   ++job.done;
 }
 
@@ -99,9 +169,10 @@ void ParallelCopier::Run(Job& job) {
   while (job.claimed < job.pieces.size()) {
     const Piece& p = Claim(job);
     lock.unlock();
-    const int64_t found = Work(job, p);
+    Found found;
+    Work(job, p, &found);
     lock.lock();
-    Finish(job, p, found);
+    Finish(job, found);
   }
   done_cv_.wait(lock, [&] { return job.done == job.pieces.size(); });
 }
@@ -114,12 +185,13 @@ void ParallelCopier::HelperLoop() {
     Job& job = *queue_.front();
     const Piece& p = Claim(job);
     lock.unlock();
-    const int64_t found = Work(job, p);
+    Found found;
+    Work(job, p, &found);
     helper_pieces_.fetch_add(1, std::memory_order_relaxed);
     lock.lock();
     // The caller frees `job` once done reaches its size, which it can only see under mu_: after
     // this thread has released the lock for good with respect to this job.
-    Finish(job, p, found);
+    Finish(job, found);
     if (job.done == job.pieces.size()) done_cv_.notify_all();
   }
 }

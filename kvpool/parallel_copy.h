@@ -22,16 +22,18 @@
 #include <mutex>
 #include <span>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "common/dtype.h"
+#include "common/piece_bytes.h"
 
 namespace pkv::kvpool {
 
 class ParallelCopier {
  public:
-  // One span: `bytes` from `src` (to `dst`, 16-byte aligned for CopyRows' streaming stores; unused
-  // by FirstNonFinite).
+  // One span: `bytes` from `src` (to `dst`; unused by FirstNonFinite, whose spans must hold whole
+  // 2-byte elements).
   struct Span {
     void* dst = nullptr;
     const void* src = nullptr;
@@ -49,29 +51,39 @@ class ParallelCopier {
   ParallelCopier& operator=(const ParallelCopier&) = delete;
 
   // Copies every span with CopyRows and returns once all of them landed (their streaming stores
-  // fenced, and visible to this thread).
+  // fenced, and visible to this thread). Spans may be small and many (a received message's
+  // pieces): a piece of work covers as many consecutive spans as its size takes.
   void Copy(std::span<const Span> spans);
 
   // For each span (2-byte elements of `dtype`), the index of its first NaN or infinity
   // (common/dtype.h FirstNonFinite), or -1 when all are finite: written to first[i].
   void FirstNonFinite(std::span<const Span> spans, DType dtype, std::span<int64_t> first);
 
+  // For each tensor of `tensors` (2-byte elements of `dtype`, in pieces cut anywhere, even
+  // inside an element), the index of its first NaN or infinity, or -1: written to first[i]. The
+  // whole elements of each piece are scanned as FirstNonFinite's spans; an element split between
+  // two pieces is put together and checked on this thread.
+  void FirstNonFinite(std::span<const PieceBytes* const> tensors, DType dtype, std::span<int64_t> first);
+
   int helpers() const { return static_cast<int>(threads_.size()); }
   // Pieces the helper threads took since creation (the rest were run by the callers).
   int64_t helper_pieces() const { return helper_pieces_.load(std::memory_order_relaxed); }
 
  private:
+  // Bytes [begin_offset of span `begin`, end_offset of span `last`] of the call's spans in order
+  // (cut inside a span only at 64-byte steps from its start, so a scan piece starts on a whole
+  // element).
   struct Piece {
-    char* dst;
-    const char* src;
-    size_t bytes;
-    size_t span;      // index of its span
-    size_t element;   // index of its first element in the span (FirstNonFinite)
+    size_t begin = 0;         // first span
+    size_t begin_offset = 0;  // in it
+    size_t last = 0;          // last span
+    size_t end_offset = 0;    // in it (exclusive)
   };
   // One call's pieces, on the caller's stack while it waits.
   struct Job {
     bool scan = false;  // FirstNonFinite, else Copy
     DType dtype = DType::kF16;
+    std::span<const Span> spans;
     std::vector<Piece> pieces;
     std::vector<int64_t> first;  // scan: per span, the first non-finite element found (-1: none)
     size_t claimed = 0;          // pieces taken by a thread (guarded by mu_)
@@ -82,9 +94,11 @@ class ParallelCopier {
   bool Split(std::span<const Span> spans, Job& job) const;
   // Runs the job's pieces here and on the helpers; returns once all are done.
   void Run(Job& job);
-  // Runs one piece (without mu_); a scan's result is folded in under mu_ by Finish.
-  static int64_t Work(const Job& job, const Piece& piece);
-  void Finish(Job& job, const Piece& piece, int64_t found);
+  // Runs one piece (without mu_); a scan's results (span, first element) go to *found and are
+  // folded in under mu_ by Finish.
+  using Found = std::vector<std::pair<size_t, int64_t>>;
+  static void Work(const Job& job, const Piece& piece, Found* found);
+  void Finish(Job& job, const Found& found);
   // Takes the next piece of `job` (mu_ held); removes the job from the queue when it was the last.
   const Piece& Claim(Job& job);
   void HelperLoop();

@@ -91,7 +91,7 @@ absl::Status PromptSession::OnChunk(const ChunkRef& c) {
     return absl::InvalidArgumentError("chunk: the first WriteKV message must be a header");
   }
   PKV_RETURN_IF_ERROR(CheckChunk(c, engine_.shape()));
-  PKV_RETURN_IF_ERROR(write_->Write(c.layer, c.token_offset, c.num_tokens, c.k.data, c.v.data));
+  PKV_RETURN_IF_ERROR(write_->Write(c.layer, c.token_offset, c.num_tokens, c.k.bytes(), c.v.bytes()));
   ++num_chunks_;
   return absl::OkStatus();
 }

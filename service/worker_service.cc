@@ -221,10 +221,10 @@ class WriteKvReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer> {
   bool Cancelled() const { return cancelled_.load() || ctx_->IsCancelled(); }
 
   absl::Status Handle() {
-    // A chunk is read in place: its K,V bytes go to the engine from the slices gRPC received
-    // them in, or from one gathered copy when a field crosses slices (gRPC receives into 64 KiB
-    // slices, so a large field does). The header, and anything the in-place reader leaves
-    // (service/write_kv_wire.h), goes through protobuf.
+    // A chunk is read in place: its K,V bytes go to the engine in the slices gRPC received them
+    // in (a large field crosses many: gRPC receives into slices of up to 64 KiB, cut again at
+    // each HTTP/2 frame), and the arena stages them from there. The header, and anything the
+    // in-place reader leaves (service/write_kv_wire.h), goes through protobuf.
     if (ReadChunk()) {
       PKV_RETURN_IF_ERROR(session_->OnChunk(chunk_));
     } else {
@@ -242,7 +242,7 @@ class WriteKvReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer> {
     if (!raw_request_.Dump(&slices_).ok()) return false;
     pieces_.clear();
     for (const grpc::Slice& slice : slices_) pieces_.emplace_back(slice.begin(), slice.size());
-    return ReadChunkInPlace(pieces_, &chunk_, &k_scratch_, &v_scratch_);
+    return ReadChunkInPlace(pieces_, &chunk_);
   }
 
   WorkerService* const service_;
@@ -253,11 +253,10 @@ class WriteKvReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer> {
   std::shared_ptr<WriteKvRegistry::Entry> entry_;
   grpc::ByteBuffer raw_request_;
   v1::WriteKVRequest request_;
-  // The chunk read in place and what it points into (reused from message to message).
+  // The chunk read in place and the slices it points into (reused from message to message).
   std::vector<grpc::Slice> slices_;
   std::vector<std::span<const uint8_t>> pieces_;
   ChunkRef chunk_;
-  std::string k_scratch_, v_scratch_;
   bool admitted_ = false;  // gRPC threads only (one read in flight)
   std::atomic<bool> cancelled_{false};
 };

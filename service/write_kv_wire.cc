@@ -56,27 +56,25 @@ class PieceReader {
     return true;
   }
 
-  // The next `n` bytes: in place when they lie in one piece, else gathered into *scratch.
-  bool ReadBytes(int64_t n, std::string* scratch, std::span<const uint8_t>* out) {
+  // The next `n` bytes where they lie: *out when they are in one piece, else their parts in
+  // *parts (and *out empty).
+  bool ReadBytes(int64_t n, std::span<const uint8_t>* out, std::vector<std::span<const uint8_t>>* parts) {
+    parts->clear();
+    *out = {};
     if (n > size_ - pos_) return false;
-    if (n == 0) {
-      *out = {};
-      return true;
-    }
+    if (n == 0) return true;
     const std::span<const uint8_t> piece = pieces_[piece_];
     if (n <= static_cast<int64_t>(piece.size()) - offset_) {
       *out = piece.subspan(static_cast<size_t>(offset_), static_cast<size_t>(n));
       Advance(n);
       return true;
     }
-    scratch->resize(static_cast<size_t>(n));
     for (int64_t at = 0; at < n;) {
       const int64_t here = std::min<int64_t>(n - at, static_cast<int64_t>(pieces_[piece_].size()) - offset_);
-      std::memcpy(scratch->data() + at, pieces_[piece_].data() + offset_, static_cast<size_t>(here));
+      parts->push_back(pieces_[piece_].subspan(static_cast<size_t>(offset_), static_cast<size_t>(here)));
       Advance(here);
       at += here;
     }
-    *out = {reinterpret_cast<const uint8_t*>(scratch->data()), scratch->size()};
     return true;
   }
 
@@ -130,7 +128,7 @@ bool ReadTag(PieceReader& r, uint32_t* field, uint32_t* wire) {
   return true;
 }
 
-bool ReadTensor(PieceReader& r, int64_t end, std::string* scratch, TensorRef* t) {
+bool ReadTensor(PieceReader& r, int64_t end, TensorRef* t) {
   while (r.pos() < end) {
     uint32_t field = 0, wire = 0;
     if (!ReadTag(r, &field, &wire)) return false;
@@ -153,7 +151,9 @@ bool ReadTensor(PieceReader& r, int64_t end, std::string* scratch, TensorRef* t)
       }
     } else if (field == kTensorData) {
       int64_t n = 0;
-      if (wire != kLengthDelimited || !r.ReadLength(end, &n) || !r.ReadBytes(n, scratch, &t->data)) return false;
+      if (wire != kLengthDelimited || !r.ReadLength(end, &n) || !r.ReadBytes(n, &t->data, &t->data_pieces)) {
+        return false;
+      }
     } else if (field == kTensorShm || field == kTensorShape || !r.SkipField(wire, end)) {
       return false;  // a tensor in shared memory is the full parse's to refuse
     }
@@ -161,7 +161,7 @@ bool ReadTensor(PieceReader& r, int64_t end, std::string* scratch, TensorRef* t)
   return r.pos() == end;
 }
 
-bool ReadChunk(PieceReader& r, int64_t end, ChunkRef* c, std::string* k_scratch, std::string* v_scratch) {
+bool ReadChunk(PieceReader& r, int64_t end, ChunkRef* c) {
   bool have_k = false, have_v = false;
   while (r.pos() < end) {
     uint32_t field = 0, wire = 0;
@@ -186,9 +186,7 @@ bool ReadChunk(PieceReader& r, int64_t end, ChunkRef* c, std::string* k_scratch,
         bool& have = field == kChunkK ? have_k : have_v;
         if (wire != kLengthDelimited || have || !r.ReadLength(end, &n)) return false;  // twice: protobuf merges
         have = true;
-        if (!ReadTensor(r, r.pos() + n, field == kChunkK ? k_scratch : v_scratch, field == kChunkK ? &c->k : &c->v)) {
-          return false;
-        }
+        if (!ReadTensor(r, r.pos() + n, field == kChunkK ? &c->k : &c->v)) return false;
         break;
       }
       default:
@@ -200,8 +198,7 @@ bool ReadChunk(PieceReader& r, int64_t end, ChunkRef* c, std::string* k_scratch,
 
 }  // namespace
 
-bool ReadChunkInPlace(std::span<const std::span<const uint8_t>> pieces, ChunkRef* out, std::string* k_scratch,
-                      std::string* v_scratch) {
+bool ReadChunkInPlace(std::span<const std::span<const uint8_t>> pieces, ChunkRef* out) {
   out->layer = 0;
   out->token_offset = 0;
   out->num_tokens = 0;
@@ -209,6 +206,7 @@ bool ReadChunkInPlace(std::span<const std::span<const uint8_t>> pieces, ChunkRef
     t->dtype = 0;
     t->shape.clear();
     t->data = {};
+    t->data_pieces.clear();
   }
   PieceReader r(pieces);
   uint32_t field = 0, wire = 0;
@@ -218,7 +216,7 @@ bool ReadChunkInPlace(std::span<const std::span<const uint8_t>> pieces, ChunkRef
   }
   // The chunk must be the whole message: anything after it (another chunk, a header) is left to
   // protobuf.
-  return ReadChunk(r, r.pos() + n, out, k_scratch, v_scratch) && r.pos() == r.size();
+  return ReadChunk(r, r.pos() + n, out) && r.pos() == r.size();
 }
 
 }  // namespace pkv::service

@@ -3,8 +3,8 @@
 // A KVChunk carries a prompt's K and V as two large `bytes` fields. Parsing it with protobuf
 // copies both into strings before the engine copies them again into the pool (or its staging
 // buffer); ReadChunkInPlace instead walks the wire encoding over the message's pieces (the slices
-// gRPC received) and returns spans to the K and V bytes where they lie. A field that crosses a
-// piece boundary is gathered into a caller-owned scratch string, so only those bytes are copied.
+// gRPC received) and returns the K and V bytes where they lie: one span when a field lies in one
+// piece, else its parts in each piece, which the engine stages as they are (common/piece_bytes.h).
 //
 // It reads exactly what protobuf would: fields in any order, repeated scalars (the last wins),
 // packed or unpacked shapes, unknown fields skipped. Anything it does not take on — a header or
@@ -18,8 +18,10 @@
 #include <cstdint>
 #include <span>
 #include <string>
+#include <vector>
 
 #include "absl/container/inlined_vector.h"
+#include "common/piece_bytes.h"
 
 namespace pkv::service {
 
@@ -27,8 +29,13 @@ namespace pkv::service {
 struct TensorRef {
   int32_t dtype = 0;
   absl::InlinedVector<int64_t, 4> shape;
-  std::span<const uint8_t> data;
+  std::span<const uint8_t> data;  // the data, when it lies in one piece
+  // The data's parts, in order, when it crosses pieces of the message (then `data` is empty).
+  std::vector<std::span<const uint8_t>> data_pieces;
   bool in_shared_memory = false;  // Tensor.shm is set (only StepStream takes it)
+
+  // The data bytes, wherever they lie.
+  PieceBytes bytes() const { return data_pieces.empty() ? PieceBytes(data) : PieceBytes(data_pieces); }
 };
 
 // A KVChunk message seen in place.
@@ -41,9 +48,8 @@ struct ChunkRef {
 
 // Reads `pieces` (together, one serialized pkv.v1.WriteKVRequest) as a chunk into `out`. True
 // when the message is a chunk in an encoding it takes on (see above); false otherwise, with
-// `out` unspecified. k.data / v.data point into the pieces, or into *k_scratch / *v_scratch when
-// the field crosses pieces (their capacity is reused from call to call).
-bool ReadChunkInPlace(std::span<const std::span<const uint8_t>> pieces, ChunkRef* out, std::string* k_scratch,
-                      std::string* v_scratch);
+// `out` unspecified. The tensors' data point into the pieces (`out`'s vectors keep their capacity
+// from call to call).
+bool ReadChunkInPlace(std::span<const std::span<const uint8_t>> pieces, ChunkRef* out);
 
 }  // namespace pkv::service

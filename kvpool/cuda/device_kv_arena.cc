@@ -4,6 +4,8 @@
 #include <chrono>
 #include <cstring>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "common/log.h"
@@ -234,20 +236,24 @@ absl::Status DeviceKvArena::FlushIngestBuffer(std::unique_lock<std::mutex>& lock
   return absl::OkStatus();
 }
 
-absl::Status DeviceKvArena::StageTokens(int32_t layer, std::span<const SlotAddr> slots, const void* k,
-                                        const void* v, StageScan* scan) {
+absl::Status DeviceKvArena::StageTokens(int32_t layer, std::span<const SlotAddr> slots, const PieceBytes& k,
+                                        const PieceBytes& v, StageScan* scan) {
   if (absl::Status s = CheckAccess(layer, slots); !s.ok()) return s;
+  const int64_t row = shape_.kv_bytes_per_token_layer() / 2;
+  if (k.size() < slots.size() * static_cast<size_t>(row) || v.size() < slots.size() * static_cast<size_t>(row)) {
+    return absl::InvalidArgumentError("StageTokens: k and v must hold [tokens, num_kv_heads, head_dim] each");
+  }
   const auto t0 = std::chrono::steady_clock::now();
   if (scan != nullptr) {
     // Before anything is reserved: a refused chunk leaves the buffers as they were.
-    const size_t bytes = slots.size() * static_cast<size_t>(shape_.kv_bytes_per_token_layer() / 2);
-    const ParallelCopier::Span spans[] = {{nullptr, k, bytes}, {nullptr, v, bytes}};
+    const PieceBytes* tensors[] = {&k, &v};
     int64_t first[2] = {-1, -1};
-    copier_->FirstNonFinite(spans, shape_.dtype, first);
+    copier_->FirstNonFinite(tensors, shape_.dtype, first);
     scan->first_k = first[0];
     scan->first_v = first[1];
     if (!scan->clean()) return absl::OkStatus();
   }
+  std::vector<ParallelCopier::Span> spans;
   std::unique_lock<std::mutex> lock(ingest_mu_);
   const int64_t n = static_cast<int64_t>(slots.size());
   for (int64_t done = 0; done < n;) {
@@ -265,11 +271,14 @@ absl::Status DeviceKvArena::StageTokens(int32_t layer, std::span<const SlotAddr>
     // Copy without the lock; the buffer is not issued while copying_ counts this copy.
     ++copying_[buffer];
     lock.unlock();
-    const int64_t row = packer.row_bytes();
     char* base = static_cast<char*>(ingest_host_[buffer]);
     const size_t bytes = static_cast<size_t>(at.tokens * row);
-    const ParallelCopier::Span spans[] = {{base + at.k_offset, static_cast<const char*>(k) + done * row, bytes},
-                                          {base + at.v_offset, static_cast<const char*>(v) + done * row, bytes}};
+    spans.clear();
+    for (const auto& [src, offset] : {std::pair{&k, at.k_offset}, std::pair{&v, at.v_offset}}) {
+      src->ForEachPart(static_cast<size_t>(done * row), bytes, [&](size_t part, const uint8_t* from, size_t len) {
+        spans.push_back({base + offset + part, from, len});
+      });
+    }
     copier_->Copy(spans);
     lock.lock();
     if (--copying_[buffer] == 0) ingest_cv_.notify_all();

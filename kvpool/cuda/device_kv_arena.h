@@ -74,7 +74,10 @@ class DeviceKvArena final : public KvArena {
   absl::Status WriteTokens(int32_t layer, std::span<const SlotAddr> slots, const void* k, const void* v) override;
   absl::Status ReadTokens(int32_t layer, std::span<const SlotAddr> slots, void* k, void* v) const override;
   absl::Status CopyPage(PageId src, PageId dst) override;
-  absl::Status StageTokens(int32_t layer, std::span<const SlotAddr> slots, const void* k, const void* v,
+  using KvArena::StageTokens;
+  // Scans and copies `k` and `v` piece by piece (a received message's slices are never put
+  // together first).
+  absl::Status StageTokens(int32_t layer, std::span<const SlotAddr> slots, const PieceBytes& k, const PieceBytes& v,
                            StageScan* scan) override;
   absl::Status FlushStaged() override;
   void* layer_data(int32_t layer) override { return static_cast<char*>(data_) + layer * layer_bytes(); }

@@ -1,9 +1,11 @@
 // ParallelCopier: every byte lands where CopyRows would put it, whatever the split — spans of odd
-// lengths, more spans than helpers, copies too small to split, many callers at once sharing the
-// helpers, and a copier without helpers; its NaN/inf scan reports the earliest bad element of
-// each span, whichever piece holds it.
+// lengths, more spans than helpers, many small spans at any destination offset (a received
+// message's pieces), copies too small to split, many callers at once sharing the helpers, and a
+// copier without helpers; its NaN/inf scan reports the earliest bad element of each span, or of
+// each tensor given in pieces cut anywhere (even inside an element), whichever piece holds it.
 #include "kvpool/parallel_copy.h"
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <random>
@@ -130,6 +132,89 @@ TEST(ParallelCopierTest, FirstNonFiniteFindsTheEarliestWhateverPieceHoldsIt) {
       EXPECT_EQ(first[1], 5) << DTypeName(dtype) << " helpers " << helpers;
       EXPECT_EQ(first[2], -1) << DTypeName(dtype) << " helpers " << helpers;
       EXPECT_EQ(first[0], FirstNonFinite(dtype, reinterpret_cast<const uint8_t*>(a.data()), 2 * n));
+    }
+  }
+}
+
+// Cuts [0, size) at `cuts` random offsets (pieces of any length, empty ones among them).
+std::vector<std::span<const uint8_t>> RandomPieces(const uint8_t* data, size_t size, int cuts, std::mt19937_64& rng) {
+  std::vector<size_t> at;
+  for (int i = 0; i < cuts; ++i) at.push_back(rng() % (size + 1));
+  std::sort(at.begin(), at.end());
+  std::vector<std::span<const uint8_t>> pieces;
+  size_t from = 0;
+  for (size_t a : at) {
+    pieces.emplace_back(data + from, a - from);
+    from = a;
+  }
+  pieces.emplace_back(data + from, size - from);
+  return pieces;
+}
+
+TEST(ParallelCopierTest, CopiesManySmallPiecesIntoOneDestinationAtAnyOffset) {
+  // A tensor received in pieces copied into one staging range: one span per piece, each
+  // destination at the piece's (any) offset, so most destinations are not 16-byte aligned.
+  std::mt19937_64 rng(20261205);
+  for (int helpers : {0, 3}) {
+    ParallelCopier copier(helpers, /*min_piece=*/4096);
+    for (int round = 0; round < 30; ++round) {
+      const size_t size = 1 + rng() % 300000;
+      std::vector<uint8_t> src(size);
+      for (auto& b : src) b = static_cast<uint8_t>(rng());
+      std::vector<uint8_t> dst_store(size + 64, 0xEE);
+      uint8_t* dst = dst_store.data() + (16 - reinterpret_cast<uintptr_t>(dst_store.data()) % 16) % 16;
+      const auto pieces = RandomPieces(src.data(), size, static_cast<int>(rng() % 200), rng);
+      const PieceBytes bytes(pieces);
+      std::vector<ParallelCopier::Span> spans;
+      bytes.ForEachPart(0, size, [&](size_t at, const uint8_t* from, size_t len) {
+        spans.push_back({dst + at, from, len});
+      });
+      copier.Copy(spans);
+      ASSERT_EQ(std::memcmp(dst, src.data(), size), 0) << "round " << round << " helpers " << helpers;
+      for (const uint8_t* p = dst + size; p < dst_store.data() + dst_store.size(); ++p) ASSERT_EQ(*p, 0xEE);
+    }
+  }
+}
+
+TEST(ParallelCopierTest, FirstNonFiniteOfTensorsInPiecesCutAnywhere) {
+  // Tensors in pieces cut at any byte, so some elements are split between two pieces; NaN or
+  // infinity planted at random elements (split ones included). Each tensor's answer must be the
+  // serial scan's of the whole buffer.
+  std::mt19937_64 rng(20261206);
+  for (DType dtype : {DType::kF16, DType::kBF16}) {
+    const uint16_t bad[] = {static_cast<uint16_t>(dtype == DType::kF16 ? 0x7C00 : 0x7F80),
+                            static_cast<uint16_t>(dtype == DType::kF16 ? 0xFE01 : 0x7FC1)};
+    for (int helpers : {0, 3}) {
+      ParallelCopier copier(helpers, /*min_piece=*/4096);
+      for (int round = 0; round < 40; ++round) {
+        const size_t n = 1 + rng() % 60000;
+        std::vector<uint16_t> a(n), b(n);
+        for (auto* vec : {&a, &b}) {
+          for (auto& x : *vec) x = static_cast<uint16_t>(rng() & 0x3BFF);
+          const int planted = static_cast<int>(rng() % 3);
+          for (int i = 0; i < planted; ++i) (*vec)[rng() % n] = bad[rng() % 2];
+        }
+        const auto* ab = reinterpret_cast<const uint8_t*>(a.data());
+        const auto* bb = reinterpret_cast<const uint8_t*>(b.data());
+        const auto a_pieces = RandomPieces(ab, 2 * n, static_cast<int>(rng() % 100), rng);
+        const auto b_pieces = RandomPieces(bb, 2 * n, static_cast<int>(rng() % 100), rng);
+        const PieceBytes ta(a_pieces), tb(b_pieces);
+        const PieceBytes* tensors[] = {&ta, &tb};
+        int64_t first[2] = {0, 0};
+        copier.FirstNonFinite(tensors, dtype, first);
+        EXPECT_EQ(first[0], FirstNonFinite(dtype, ab, 2 * n)) << "round " << round;
+        EXPECT_EQ(first[1], FirstNonFinite(dtype, bb, 2 * n)) << "round " << round;
+      }
+      // A bad element split across two pieces and nothing else.
+      std::vector<uint16_t> c(1000, 0x3C00);
+      c[321] = bad[0];
+      const auto* cb = reinterpret_cast<const uint8_t*>(c.data());
+      const std::span<const uint8_t> split[] = {{cb, 643}, {cb + 643, 2000 - 643}};
+      const PieceBytes tc(split);
+      const PieceBytes* one[] = {&tc};
+      int64_t found = 0;
+      copier.FirstNonFinite(one, dtype, std::span<int64_t>(&found, 1));
+      EXPECT_EQ(found, 321);
     }
   }
 }

@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <cstring>
 #include <random>
+#include <span>
 #include <thread>
 #include <vector>
 
@@ -370,6 +371,78 @@ TEST_F(DeviceKvArenaTest, StagingScanRefusesNonFiniteRowsAndStagesNothing) {
   ASSERT_TRUE((*dev)->ReadTokens(0, slots, k_back.data(), v_back.data()).ok());
   EXPECT_EQ(k_back, k);
   EXPECT_EQ(v_back, v);
+}
+
+// A tensor's bytes cut at random offsets (pieces of any length, some splitting an element, some
+// empty), as gRPC hands a received message over.
+std::vector<std::span<const uint8_t>> CutAnywhere(const std::vector<uint16_t>& t, std::mt19937_64& rng) {
+  const auto* data = reinterpret_cast<const uint8_t*>(t.data());
+  const size_t size = 2 * t.size();
+  std::vector<size_t> at;
+  for (size_t i = rng() % 40; i > 0; --i) at.push_back(rng() % (size + 1));
+  std::sort(at.begin(), at.end());
+  std::vector<std::span<const uint8_t>> pieces;
+  size_t from = 0;
+  for (size_t a : at) {
+    pieces.emplace_back(data + from, a - from);
+    from = a;
+  }
+  pieces.emplace_back(data + from, size - from);
+  return pieces;
+}
+
+TEST_F(DeviceKvArenaTest, StagedIngestFromPiecesCutAnywhereMatchesHostWrites) {
+  // Chunks staged from their pieces (copy helpers taking pieces at any destination offset), with
+  // a 256 KiB buffer forcing flushes; then a chunk whose only bad element is split between two
+  // pieces: the scan finds it and nothing reaches the pool.
+  const ModelShape s = SmallShape();
+  auto dev = DeviceKvArena::Create(s, {.num_pages = 64, .ingest_bytes = 256 << 10, .ingest_copy_threads = 3});
+  ASSERT_TRUE(dev.ok()) << dev.status();
+  auto host = HostKvArena::Create(s, 64);
+  ASSERT_TRUE(host.ok());
+  std::vector<SlotAddr> slots;
+  for (int32_t t = 0; t < 500; ++t) slots.push_back(SlotAddr{(t / 16 * 29) % 64, t % 16});
+  const size_t tok = static_cast<size_t>(s.num_kv_heads) * s.head_dim;
+  std::mt19937_64 rng(20261207);
+  uint64_t seed = 500;
+  for (int32_t layer = 0; layer < s.num_layers; ++layer) {
+    for (int64_t t0 = 0; t0 < 500;) {
+      const int64_t n = std::min<int64_t>(1 + rng() % 120, 500 - t0);
+      auto k = Random(n * tok, ++seed), v = Random(n * tok, ++seed);
+      for (auto* t : {&k, &v}) {
+        for (auto& x : *t) x = static_cast<uint16_t>(x & 0xBBFF);  // finite in fp16 (SmallShape's dtype)
+      }
+      const auto k_pieces = CutAnywhere(k, rng), v_pieces = CutAnywhere(v, rng);
+      const std::span<const SlotAddr> chunk(slots.data() + t0, n);
+      StageScan scan;
+      ASSERT_TRUE((*dev)->StageTokens(layer, chunk, PieceBytes(k_pieces), PieceBytes(v_pieces), &scan).ok());
+      ASSERT_TRUE(scan.clean());
+      ASSERT_TRUE((*host)->WriteTokens(layer, chunk, k.data(), v.data()).ok());
+      t0 += n;
+    }
+  }
+  ASSERT_TRUE((*dev)->FlushStaged().ok());
+  for (int32_t layer = 0; layer < s.num_layers; ++layer) {
+    const auto d = Download(**dev, layer);
+    EXPECT_EQ(std::memcmp(d.data(), (*host)->layer_data(layer), (*dev)->layer_bytes()), 0) << "layer " << layer;
+  }
+  // Element 1001 of V (bytes 2002-2003) infinite, the pieces cut at byte 2003.
+  auto k = Random(40 * tok, 1), v = Random(40 * tok, 2);
+  for (auto* t : {&k, &v}) {
+    for (auto& x : *t) x = static_cast<uint16_t>(x & 0x3BFF);
+  }
+  v[1001] = 0x7C00;
+  const auto* vb = reinterpret_cast<const uint8_t*>(v.data());
+  const std::span<const uint8_t> v_pieces[] = {{vb, 2003}, {vb + 2003, 2 * v.size() - 2003}};
+  const auto before = Download(**dev, 0);
+  StageScan scan;
+  const PieceBytes k_bytes(reinterpret_cast<const uint8_t*>(k.data()), 2 * k.size());
+  ASSERT_TRUE(
+      (*dev)->StageTokens(0, std::span<const SlotAddr>(slots.data(), 40), k_bytes, PieceBytes(v_pieces), &scan).ok());
+  EXPECT_EQ(scan.first_k, -1);
+  EXPECT_EQ(scan.first_v, 1001);
+  ASSERT_TRUE((*dev)->FlushStaged().ok());
+  EXPECT_EQ(Download(**dev, 0), before) << "a refused chunk changed the pool";
 }
 
 TEST_F(DeviceKvArenaTest, CapacityFromFreeMemoryFraction) {

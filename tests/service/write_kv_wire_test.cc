@@ -62,7 +62,12 @@ std::vector<std::span<const uint8_t>> Cut(const std::string& bytes, const std::v
   return pieces;
 }
 
-std::string AsString(std::span<const uint8_t> s) { return std::string(reinterpret_cast<const char*>(s.data()), s.size()); }
+// The bytes of a tensor seen in place, wherever they lie.
+std::string AsString(const PieceBytes& b) {
+  std::string out(b.size(), '\0');
+  b.CopyTo(0, b.size(), out.data());
+  return out;
+}
 
 void ExpectSame(const ChunkRef& got, const v1::KVChunk& want) {
   EXPECT_EQ(got.layer, want.layer());
@@ -72,7 +77,8 @@ void ExpectSame(const ChunkRef& got, const v1::KVChunk& want) {
     EXPECT_EQ(ref->dtype, tensor->dtype());
     EXPECT_EQ(std::vector<int64_t>(ref->shape.begin(), ref->shape.end()),
               std::vector<int64_t>(tensor->shape().begin(), tensor->shape().end()));
-    EXPECT_EQ(AsString(ref->data), tensor->data());
+    EXPECT_EQ(AsString(ref->bytes()), tensor->data());
+    EXPECT_TRUE(ref->data.empty() || ref->data_pieces.empty());
   }
 }
 
@@ -81,12 +87,11 @@ TEST(WriteKvWireTest, ReadsChunksInPlaceAcrossAnyPieceBoundaries) {
   std::mt19937_64 rng(20261202);
   const v1::WriteKVRequest message = ChunkMessage(s, 2, 48, 37, rng);
   const std::string bytes = message.SerializeAsString();
-  std::string k_scratch, v_scratch;
   ChunkRef chunk;
 
   // One piece: both tensors in place, nothing gathered.
   const auto whole = Cut(bytes, {});
-  ASSERT_TRUE(ReadChunkInPlace(whole, &chunk, &k_scratch, &v_scratch));
+  ASSERT_TRUE(ReadChunkInPlace(whole, &chunk));
   ExpectSame(chunk, message.chunk());
   const auto* begin = reinterpret_cast<const uint8_t*>(bytes.data());
   EXPECT_TRUE(chunk.k.data.data() >= begin && chunk.k.data.data() < begin + bytes.size());
@@ -112,8 +117,15 @@ TEST(WriteKvWireTest, ReadsChunksInPlaceAcrossAnyPieceBoundaries) {
   }
   for (const auto& cuts : cuttings) {
     const auto pieces = Cut(bytes, cuts);
-    ASSERT_TRUE(ReadChunkInPlace(pieces, &chunk, &k_scratch, &v_scratch)) << pieces.size() << " pieces";
+    ASSERT_TRUE(ReadChunkInPlace(pieces, &chunk)) << pieces.size() << " pieces";
     ExpectSame(chunk, message.chunk());
+    // Nothing gathered: every part of K and V lies in the message's own bytes.
+    for (const TensorRef* t : {&chunk.k, &chunk.v}) {
+      const PieceBytes tensor_bytes = t->bytes();
+      for (const std::span<const uint8_t> part : tensor_bytes.pieces()) {
+        EXPECT_TRUE(part.empty() || (part.data() >= begin && part.data() + part.size() <= begin + bytes.size()));
+      }
+    }
   }
 }
 
@@ -152,19 +164,17 @@ TEST(WriteKvWireTest, TakesWhatProtobufAcceptsInOtherEncodings) {
   v1::WriteKVRequest parsed;
   ASSERT_TRUE(parsed.ParseFromString(request_bytes));
   EXPECT_EQ(parsed.chunk().layer(), 2);
-  std::string k_scratch, v_scratch;
   ChunkRef ref;
   const auto pieces = Cut(request_bytes, {request_bytes.size() / 3});
-  ASSERT_TRUE(ReadChunkInPlace(pieces, &ref, &k_scratch, &v_scratch));
+  ASSERT_TRUE(ReadChunkInPlace(pieces, &ref));
   ExpectSame(ref, parsed.chunk());
 }
 
 TEST(WriteKvWireTest, LeavesHeadersMalformedBytesAndMergesToProtobuf) {
   const ModelShape s = testing_support::SmallTestShape();
   std::mt19937_64 rng(11);
-  std::string k_scratch, v_scratch;
   ChunkRef ref;
-  auto read = [&](const std::string& bytes) { return ReadChunkInPlace(Cut(bytes, {}), &ref, &k_scratch, &v_scratch); };
+  auto read = [&](const std::string& bytes) { return ReadChunkInPlace(Cut(bytes, {}), &ref); };
 
   v1::WriteKVRequest header;
   header.mutable_header()->set_sequence_id(5);
@@ -212,9 +222,8 @@ class WriteKvWireSessionTest : public ::testing::Test {
     const std::string bytes = message.SerializeAsString();
     std::vector<size_t> cuts;
     for (size_t at = 100; at < bytes.size(); at += 100) cuts.push_back(at);
-    std::string k_scratch, v_scratch;
-    ChunkRef ref;
-    if (!ReadChunkInPlace(Cut(bytes, cuts), &ref, &k_scratch, &v_scratch)) return absl::UnknownError("not read");
+      ChunkRef ref;
+    if (!ReadChunkInPlace(Cut(bytes, cuts), &ref)) return absl::UnknownError("not read");
     return session.OnChunk(ref);
   }
 
