@@ -45,6 +45,16 @@ int64_t IngestPacker::Pack(void* buffer, int32_t layer, std::span<const SlotAddr
   return at.tokens;
 }
 
+bool IngestPacker::Fits(int64_t tokens) const {
+  return Need(Align16(data_bytes_) + 2 * Align16(tokens * row_bytes_), num_runs() + tokens) <=
+         static_cast<size_t>(capacity_);
+}
+
+void IngestPacker::Void(const Placement& placement) {
+  for (size_t r = placement.first_run; r < placement.end_run && r < runs_.size(); ++r) runs_[r].count = 0;
+  tokens_ -= placement.tokens;
+}
+
 IngestPacker::Placement IngestPacker::Reserve(int32_t layer, std::span<const SlotAddr> slots) {
   const int64_t n_all = static_cast<int64_t>(slots.size());
   // Most tokens that fit, counting one run per token at worst, then the real run count.
@@ -53,8 +63,7 @@ IngestPacker::Placement IngestPacker::Reserve(int32_t layer, std::span<const Slo
     int64_t lo = 0, hi = n_all;
     while (lo < hi) {
       const int64_t mid = (lo + hi + 1) / 2;
-      if (Need(Align16(data_bytes_) + 2 * Align16(mid * row_bytes_), num_runs() + mid) <=
-          static_cast<size_t>(capacity_)) {
+      if (Fits(mid)) {
         lo = mid;
       } else {
         hi = mid - 1;
@@ -65,6 +74,7 @@ IngestPacker::Placement IngestPacker::Reserve(int32_t layer, std::span<const Slo
   if (n == 0) return {};
   const int64_t k_at = static_cast<int64_t>(Align16(data_bytes_));
   const int64_t v_at = k_at + static_cast<int64_t>(Align16(n * row_bytes_));
+  const size_t first_run = runs_.size();
   for (int64_t t = 0; t < n;) {
     int64_t e = t + 1;
     while (e < n && slots[e].page == slots[t].page && slots[e].slot == slots[t].slot + (e - t)) ++e;
@@ -74,7 +84,7 @@ IngestPacker::Placement IngestPacker::Reserve(int32_t layer, std::span<const Slo
   }
   data_bytes_ = v_at + static_cast<int64_t>(Align16(n * row_bytes_));
   tokens_ += n;
-  return {n, k_at, v_at};
+  return {n, k_at, v_at, first_run, runs_.size()};
 }
 
 void CopyRows(void* dst, const void* src, size_t bytes) {

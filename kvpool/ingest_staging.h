@@ -54,11 +54,18 @@ class IngestPacker {
     int64_t tokens = 0;
     int64_t k_offset = 0;
     int64_t v_offset = 0;
+    size_t first_run = 0;  // its runs: [first_run, end_run) of runs()
+    size_t end_run = 0;
   };
   // Pack without the copy: takes room for as many leading tokens of the chunk as fit and records
   // their runs (0 tokens when the buffer is full). The caller copies the rows (CopyRows) before
   // the buffer is finished; several callers may copy into their placements at once.
   Placement Reserve(int32_t layer, std::span<const SlotAddr> slots);
+  // True when Reserve would take all `tokens` tokens of a chunk now.
+  bool Fits(int64_t tokens) const;
+  // Takes back a placement whose rows must not land (their bytes stay in the buffer, unused): its
+  // runs scatter nothing and its tokens no longer count. Before the buffer is finished.
+  void Void(const Placement& placement);
   // Writes the run table after the data (16-byte aligned) and returns the bytes to copy
   // ([data | runs]); `runs_offset` receives where the table starts.
   size_t Finish(void* buffer, size_t* runs_offset);

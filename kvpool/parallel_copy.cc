@@ -127,12 +127,72 @@ void ParallelCopier::FirstNonFinite(std::span<const PieceBytes* const> tensors, 
   }
 }
 
+void ParallelCopier::CopyAndScan(std::span<const Span> spans, std::span<const ScanOf> scans, DType dtype,
+                                 std::span<int64_t> first) {
+  PKV_CHECK(scans.size() == spans.size()) << "one ScanOf per span";
+  Job job;
+  job.copy_scan = scans.data();
+  job.dtype = dtype;
+  job.first.assign(first.size(), -1);
+  if (!Split(spans, job)) {
+    Found found;
+    Work(job, Piece{0, 0, spans.empty() ? 0 : spans.size() - 1, spans.empty() ? 0 : spans.back().bytes}, &found);
+    for (const auto& [tensor, element] : found) {
+      if (job.first[tensor] < 0 || element < job.first[tensor]) job.first[tensor] = element;
+    }
+  } else {
+    Run(job);
+  }
+  std::copy(job.first.begin(), job.first.end(), first.begin());
+}
+
+void ParallelCopier::AppendStaging(const PieceBytes& src, size_t offset, size_t n, char* dst, int32_t tensor,
+                                   std::vector<Span>* spans, std::vector<ScanOf>* scans, std::vector<int64_t>* split) {
+  src.ForEachPart(offset, n, [&](size_t at, const uint8_t* from, size_t len) {
+    const size_t pos = offset + at;  // tensor byte of this part's first byte (offset is even)
+    size_t head = 0;
+    if (pos % 2 == 1) {  // the second byte of an element the previous part began
+      spans->push_back({dst + at, from, 1});
+      scans->push_back({});
+      split->push_back(static_cast<int64_t>(pos / 2));
+      head = 1;
+    }
+    const size_t whole = (len - head) & ~size_t{1};
+    if (whole > 0) {
+      spans->push_back({dst + at + head, from + head, whole});
+      scans->push_back({tensor, static_cast<int64_t>((pos + head) / 2)});
+    }
+    if (head + whole < len) {  // the first byte of an element the next part ends
+      spans->push_back({dst + at + len - 1, from + len - 1, 1});
+      scans->push_back({});
+    }
+  });
+}
+
 void ParallelCopier::Work(const Job& job, const Piece& p, Found* found) {
   for (size_t s = p.begin; s <= p.last && s < job.spans.size(); ++s) {
     const Span& span = job.spans[s];
     const size_t from = s == p.begin ? p.begin_offset : 0;
     const size_t to = s == p.last ? p.end_offset : span.bytes;
     if (to <= from) continue;
+    if (job.copy_scan != nullptr) {
+      // In blocks that stay in the cache between the copy and the scan.
+      constexpr size_t kBlock = size_t{16} << 10;
+      const ScanOf& of = job.copy_scan[s];
+      bool clean = of.tensor >= 0;
+      for (size_t b = from; b < to; b += kBlock) {
+        const size_t len = std::min(kBlock, to - b);
+        const char* src = static_cast<const char*>(span.src) + b;
+        CopyRows(static_cast<char*>(span.dst) + b, src, len);
+        if (!clean) continue;
+        const int64_t i = pkv::FirstNonFinite(job.dtype, reinterpret_cast<const uint8_t*>(src), len);
+        if (i >= 0) {
+          found->emplace_back(static_cast<size_t>(of.tensor), of.first_element + static_cast<int64_t>(b / 2) + i);
+          clean = false;  // the rest of this span cannot hold an earlier one
+        }
+      }
+      continue;
+    }
     if (!job.scan) {
       CopyRows(static_cast<char*>(span.dst) + from, static_cast<const char*>(span.src) + from, to - from);
       continue;
@@ -144,8 +204,8 @@ void ParallelCopier::Work(const Job& job, const Piece& p, Found* found) {
 }
 
 void ParallelCopier::Finish(Job& job, const Found& found) {
-  for (const auto& [span, element] : found) {
-    if (job.first[span] < 0 || element < job.first[span]) job.first[span] = element;
+  for (const auto& [index, element] : found) {  // a span's (FirstNonFinite) or a tensor's (CopyAndScan)
+    if (job.first[index] < 0 || element < job.first[index]) job.first[index] = element;
   }
   ++job.done;
 }

@@ -65,6 +65,25 @@ class ParallelCopier {
   // two pieces is put together and checked on this thread.
   void FirstNonFinite(std::span<const PieceBytes* const> tensors, DType dtype, std::span<int64_t> first);
 
+  // Copy and scan in one pass over the source: every span is copied as Copy does and, where
+  // scans[i].tensor >= 0, its elements are scanned in cache-sized blocks right after they were
+  // copied (so the source is read from memory once). Such a span starts on a whole element
+  // (its first element is element scans[i].first_element of tensor scans[i].tensor) and holds
+  // whole elements. first[t]: tensor t's first NaN or infinity among its scanned spans, or -1.
+  // Everything is copied either way.
+  struct ScanOf {
+    int32_t tensor = -1;  // -1: copy only
+    int64_t first_element = 0;
+  };
+  void CopyAndScan(std::span<const Span> spans, std::span<const ScanOf> scans, DType dtype, std::span<int64_t> first);
+
+  // Spans (with their ScanOf) that stage bytes [offset, offset + n) of `src` (one tensor,
+  // `tensor`, of 2-byte elements; `offset` even) to `dst`, for CopyAndScan: one per piece part,
+  // except that an element split between two pieces is copied as two 1-byte copy-only spans and
+  // its index appended to *split (the caller checks those elements itself).
+  static void AppendStaging(const PieceBytes& src, size_t offset, size_t n, char* dst, int32_t tensor,
+                            std::vector<Span>* spans, std::vector<ScanOf>* scans, std::vector<int64_t>* split);
+
   int helpers() const { return static_cast<int>(threads_.size()); }
   // Pieces the helper threads took since creation (the rest were run by the callers).
   int64_t helper_pieces() const { return helper_pieces_.load(std::memory_order_relaxed); }
@@ -82,10 +101,11 @@ class ParallelCopier {
   // One call's pieces, on the caller's stack while it waits.
   struct Job {
     bool scan = false;  // FirstNonFinite, else Copy
+    const ScanOf* copy_scan = nullptr;  // CopyAndScan: one per span (first[] is then per tensor)
     DType dtype = DType::kF16;
     std::span<const Span> spans;
     std::vector<Piece> pieces;
-    std::vector<int64_t> first;  // scan: per span, the first non-finite element found (-1: none)
+    std::vector<int64_t> first;  // scan: per span (CopyAndScan: per tensor), the first non-finite element (-1: none)
     size_t claimed = 0;          // pieces taken by a thread (guarded by mu_)
     size_t done = 0;             // pieces finished (guarded by mu_)
   };

@@ -244,8 +244,47 @@ absl::Status DeviceKvArena::StageTokens(int32_t layer, std::span<const SlotAddr>
     return absl::InvalidArgumentError("StageTokens: k and v must hold [tokens, num_kv_heads, head_dim] each");
   }
   const auto t0 = std::chrono::steady_clock::now();
+  const int64_t n = static_cast<int64_t>(slots.size());
   if (scan != nullptr) {
-    // Before anything is reserved: a refused chunk leaves the buffers as they were.
+    std::unique_lock<std::mutex> lock(ingest_mu_);
+    if (!ingest_error_.ok()) return ingest_error_;
+    const int buffer = ingest_cur_;
+    IngestPacker& packer = *packers_[buffer];
+    if (n > 0 && packer.Fits(n)) {
+      // The whole chunk fits the current buffer: copy and scan it in one pass over its bytes, and
+      // take the placement back when the scan finds a NaN or infinity, so nothing of a refused
+      // chunk reaches the pool. The buffer is not issued while copying_ counts this copy.
+      const IngestPacker::Placement at = packer.Reserve(layer, slots);
+      PKV_CHECK(at.tokens == n) << "a chunk that fits takes all its tokens";
+      ++copying_[buffer];
+      lock.unlock();
+      char* base = static_cast<char*>(ingest_host_[buffer]);
+      const size_t bytes = static_cast<size_t>(n * row);
+      std::vector<ParallelCopier::Span> spans;
+      std::vector<ParallelCopier::ScanOf> scans;
+      std::vector<int64_t> split[2];
+      ParallelCopier::AppendStaging(k, 0, bytes, base + at.k_offset, 0, &spans, &scans, &split[0]);
+      ParallelCopier::AppendStaging(v, 0, bytes, base + at.v_offset, 1, &spans, &scans, &split[1]);
+      int64_t first[2] = {-1, -1};
+      copier_->CopyAndScan(spans, scans, shape_.dtype, first);
+      for (int t = 0; t < 2; ++t) {
+        for (const int64_t e : split[t]) {  // elements split between two pieces
+          uint8_t bits[2];
+          (t == 0 ? k : v).CopyTo(static_cast<size_t>(2 * e), 2, bits);
+          if (FirstNonFinite(shape_.dtype, bits, 2) == 0 && (first[t] < 0 || e < first[t])) first[t] = e;
+        }
+      }
+      lock.lock();
+      scan->first_k = first[0];
+      scan->first_v = first[1];
+      if (!scan->clean()) packer.Void(at);
+      if (--copying_[buffer] == 0) ingest_cv_.notify_all();
+      staged_stats_.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      return absl::OkStatus();
+    }
+    lock.unlock();
+    // A chunk that does not fit may be split across buffers, and the first may be issued before
+    // the rest is copied: scan it all before anything is reserved.
     const PieceBytes* tensors[] = {&k, &v};
     int64_t first[2] = {-1, -1};
     copier_->FirstNonFinite(tensors, shape_.dtype, first);
@@ -255,7 +294,6 @@ absl::Status DeviceKvArena::StageTokens(int32_t layer, std::span<const SlotAddr>
   }
   std::vector<ParallelCopier::Span> spans;
   std::unique_lock<std::mutex> lock(ingest_mu_);
-  const int64_t n = static_cast<int64_t>(slots.size());
   for (int64_t done = 0; done < n;) {
     if (!ingest_error_.ok()) return ingest_error_;
     const int buffer = ingest_cur_;

@@ -163,5 +163,46 @@ TEST(CopyRowsTest, CopiesEveryLengthFromUnalignedSources) {
   }
 }
 
+TEST(IngestPackerTest, AVoidedPlacementScattersNothingAndStopsCounting) {
+  // Three chunks packed; the middle one taken back (its scan found a NaN after the copy): the
+  // scatter lands the other two exactly as direct writes would, and nothing of the middle one.
+  const ModelShape s = Shape();
+  std::mt19937_64 rng(41);
+  auto chunks = MakeChunks(s, rng);
+  chunks.resize(3);
+  IngestPacker packer(s, int64_t{1} << 22);
+  EXPECT_TRUE(packer.Fits(1000));
+  EXPECT_FALSE(packer.Fits(int64_t{1} << 22));
+  std::vector<uint8_t> buffer(size_t{1} << 22);
+  auto want = HostKvArena::Create(s, 16);
+  ASSERT_TRUE(want.ok());
+  int64_t kept_tokens = 0;
+  for (size_t i = 0; i < chunks.size(); ++i) {
+    const Chunk& c = chunks[i];
+    const IngestPacker::Placement at = packer.Reserve(c.layer, c.slots);
+    ASSERT_EQ(at.tokens, static_cast<int64_t>(c.slots.size()));
+    EXPECT_GT(at.end_run, at.first_run);
+    CopyRows(buffer.data() + at.k_offset, c.k.data(), c.k.size() * 2);
+    CopyRows(buffer.data() + at.v_offset, c.v.data(), c.v.size() * 2);
+    if (i == 1) {
+      packer.Void(at);
+    } else {
+      ASSERT_TRUE((*want)->WriteTokens(c.layer, c.slots, c.k.data(), c.v.data()).ok());
+      kept_tokens += at.tokens;
+    }
+  }
+  EXPECT_EQ(packer.num_tokens(), kept_tokens);
+  size_t runs_at = 0;
+  packer.Finish(buffer.data(), &runs_at);
+  auto got = HostKvArena::Create(s, 16);
+  ASSERT_TRUE(got.ok());
+  ScatterRunsOnHost(s, (*got)->layer_data(0), (*got)->num_pages() * (*got)->page_elems() * 2, buffer.data(),
+                    packer.runs());
+  const size_t bytes = static_cast<size_t>((*want)->num_pages() * (*want)->page_elems() * 2);
+  for (int32_t layer = 0; layer < s.num_layers; ++layer) {
+    EXPECT_EQ(std::memcmp((*got)->layer_data(layer), (*want)->layer_data(layer), bytes), 0) << "layer " << layer;
+  }
+}
+
 }  // namespace
 }  // namespace pkv::kvpool

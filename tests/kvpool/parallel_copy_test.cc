@@ -219,5 +219,55 @@ TEST(ParallelCopierTest, FirstNonFiniteOfTensorsInPiecesCutAnywhere) {
   }
 }
 
+TEST(ParallelCopierTest, CopyAndScanStagesPiecesAndFindsTheEarliestBadElement) {
+  // Two tensors in pieces cut anywhere staged with AppendStaging + CopyAndScan (as the device
+  // arena stages a chunk that fits its buffer), the split elements checked here: every byte lands
+  // and each tensor's answer is the serial scan's of the whole buffer.
+  std::mt19937_64 rng(20261208);
+  for (DType dtype : {DType::kF16, DType::kBF16}) {
+    const uint16_t bad[] = {static_cast<uint16_t>(dtype == DType::kF16 ? 0xFC00 : 0xFF80),
+                            static_cast<uint16_t>(dtype == DType::kF16 ? 0x7E01 : 0x7FC1)};
+    for (int helpers : {0, 3}) {
+      ParallelCopier copier(helpers, /*min_piece=*/4096);
+      for (int round = 0; round < 40; ++round) {
+        const size_t n = 1 + rng() % 50000;
+        std::vector<uint16_t> t[2] = {std::vector<uint16_t>(n), std::vector<uint16_t>(n)};
+        for (auto& vec : t) {
+          for (auto& x : vec) x = static_cast<uint16_t>(rng() & 0x3BFF);
+          for (int i = static_cast<int>(rng() % 3); i > 0; --i) vec[rng() % n] = bad[rng() % 2];
+        }
+        std::vector<std::vector<std::span<const uint8_t>>> pieces;
+        for (auto& vec : t) {
+          pieces.push_back(
+              RandomPieces(reinterpret_cast<const uint8_t*>(vec.data()), 2 * n, static_cast<int>(rng() % 80), rng));
+        }
+        const PieceBytes bytes[2] = {PieceBytes(pieces[0]), PieceBytes(pieces[1])};
+        std::vector<uint8_t> dst(4 * n + 64, 0xEE);
+        std::vector<ParallelCopier::Span> spans;
+        std::vector<ParallelCopier::ScanOf> scans;
+        std::vector<int64_t> split[2];
+        for (int i = 0; i < 2; ++i) {
+          ParallelCopier::AppendStaging(bytes[i], 0, 2 * n, reinterpret_cast<char*>(dst.data()) + i * 2 * n, i,
+                                        &spans, &scans, &split[i]);
+        }
+        int64_t first[2] = {0, 0};
+        copier.CopyAndScan(spans, scans, dtype, first);
+        for (int i = 0; i < 2; ++i) {
+          for (int64_t e : split[i]) {
+            if (FirstNonFinite(dtype, reinterpret_cast<const uint8_t*>(t[i].data() + e), 2) == 0 &&
+                (first[i] < 0 || e < first[i])) {
+              first[i] = e;
+            }
+          }
+          const auto* whole = reinterpret_cast<const uint8_t*>(t[i].data());
+          EXPECT_EQ(first[i], FirstNonFinite(dtype, whole, 2 * n)) << "round " << round << " tensor " << i;
+          ASSERT_EQ(std::memcmp(dst.data() + i * 2 * n, whole, 2 * n), 0) << "round " << round << " tensor " << i;
+        }
+        for (size_t b = 4 * n; b < dst.size(); ++b) ASSERT_EQ(dst[b], 0xEE);
+      }
+    }
+  }
+}
+
 }  // namespace
 }  // namespace pkv::kvpool
