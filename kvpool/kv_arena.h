@@ -55,10 +55,11 @@ class KvArena {
   // launch, kvpool/ingest_staging.h). Until FlushStaged returns OK nothing may rely on the
   // bytes being in the pages. After a failed flush the arena refuses staging (the error is
   // sticky), so no prompt whose bytes may be missing can complete. The host arena copies at once.
-  // With `scan` (may be null), the rows are first scanned for NaN and infinity (the device arena
-  // spreads the scan over its copy helpers, kvpool/parallel_copy.h): when one is found, nothing
-  // is staged, and the call returns OK with scan->first_k / first_v set — the caller words the
-  // refusal.
+  // With `scan` (may be null), the rows are scanned for NaN and infinity (the device arena
+  // spreads the scan over its copy helpers, kvpool/parallel_copy.h, and scans a chunk that fits
+  // its buffer while copying it): when one is found, nothing of the chunk reaches the pool (a
+  // copied placement is voided), and the call returns OK with scan->first_k / first_v set — the
+  // caller words the refusal.
   // Unlike the rest of the arena, StageTokens and FlushStaged may be called without the engine
   // lock and from several threads at once (each implementation serialises them itself), as long
   // as the slots belong to prompts being written, which nothing else reads or writes: so prompt
