@@ -12,7 +12,7 @@
 // groups, malformed bytes — returns false, and the caller parses the message with protobuf, which
 // answers as before (including "cannot parse" for malformed bytes). So both paths accept and
 // refuse the same messages with the same errors.
-// Thread-safety: pure functions; a ChunkRef points into the pieces and the scratch strings.
+// Thread-safety: pure functions; a ChunkRef points into the pieces it was read from.
 #pragma once
 
 #include <cstdint>
