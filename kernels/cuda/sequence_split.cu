@@ -19,25 +19,9 @@ cudaError_t LaunchSequenceSplit(const DecodeParams& p, const Workspace& ws, bool
   return cudaGetLastError();
 }
 
-cudaError_t ClearSequenceSplitTimeline() {
-#if PKV_CTA_TIMELINE
-  static const unsigned long long zeros[2 * kTimelineCtas] = {};
-  return cudaMemcpyToSymbol(g_cta_timeline, zeros, sizeof(zeros));
-#else
-  return cudaErrorNotSupported;
-#endif
-}
+cudaError_t ClearSequenceSplitTimeline() { return ClearTimelineTable(); }
 
-cudaError_t ReadSequenceSplitTimeline(unsigned long long* out, int values) {
-#if PKV_CTA_TIMELINE
-  if (values > 2 * kTimelineCtas) values = 2 * kTimelineCtas;
-  return cudaMemcpyFromSymbol(out, g_cta_timeline, static_cast<size_t>(values) * sizeof(unsigned long long));
-#else
-  (void)out;
-  (void)values;
-  return cudaErrorNotSupported;
-#endif
-}
+cudaError_t ReadSequenceSplitTimeline(unsigned long long* out, int values) { return ReadTimelineTable(out, values); }
 
 #define PKV_INSTANTIATE(T, D) \
   template cudaError_t LaunchSequenceSplit<T, D>(const DecodeParams&, const Workspace&, bool, cudaStream_t);

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "gtest/gtest.h"
+#include "tests/support/random_pieces.h"
 
 namespace pkv::kvpool {
 namespace {
@@ -136,20 +137,7 @@ TEST(ParallelCopierTest, FirstNonFiniteFindsTheEarliestWhateverPieceHoldsIt) {
   }
 }
 
-// Cuts [0, size) at `cuts` random offsets (pieces of any length, empty ones among them).
-std::vector<std::span<const uint8_t>> RandomPieces(const uint8_t* data, size_t size, int cuts, std::mt19937_64& rng) {
-  std::vector<size_t> at;
-  for (int i = 0; i < cuts; ++i) at.push_back(rng() % (size + 1));
-  std::sort(at.begin(), at.end());
-  std::vector<std::span<const uint8_t>> pieces;
-  size_t from = 0;
-  for (size_t a : at) {
-    pieces.emplace_back(data + from, a - from);
-    from = a;
-  }
-  pieces.emplace_back(data + from, size - from);
-  return pieces;
-}
+using testing_support::RandomPieces;
 
 TEST(ParallelCopierTest, CopiesManySmallPiecesIntoOneDestinationAtAnyOffset) {
   // A tensor received in pieces copied into one staging range: one span per piece, each

@@ -15,6 +15,7 @@
 
 #include "gtest/gtest.h"
 #include "kvpool/cuda/append_kv.h"
+#include "tests/support/random_pieces.h"
 
 namespace pkv::kvpool {
 namespace {
@@ -373,22 +374,10 @@ TEST_F(DeviceKvArenaTest, StagingScanRefusesNonFiniteRowsAndStagesNothing) {
   EXPECT_EQ(v_back, v);
 }
 
-// A tensor's bytes cut at random offsets (pieces of any length, some splitting an element, some
-// empty), as gRPC hands a received message over.
+// A tensor's bytes cut at up to 39 random offsets (tests/support/random_pieces.h).
 std::vector<std::span<const uint8_t>> CutAnywhere(const std::vector<uint16_t>& t, std::mt19937_64& rng) {
-  const auto* data = reinterpret_cast<const uint8_t*>(t.data());
-  const size_t size = 2 * t.size();
-  std::vector<size_t> at;
-  for (size_t i = rng() % 40; i > 0; --i) at.push_back(rng() % (size + 1));
-  std::sort(at.begin(), at.end());
-  std::vector<std::span<const uint8_t>> pieces;
-  size_t from = 0;
-  for (size_t a : at) {
-    pieces.emplace_back(data + from, a - from);
-    from = a;
-  }
-  pieces.emplace_back(data + from, size - from);
-  return pieces;
+  const int cuts = static_cast<int>(rng() % 40);
+  return testing_support::RandomPieces(reinterpret_cast<const uint8_t*>(t.data()), 2 * t.size(), cuts, rng);
 }
 
 TEST_F(DeviceKvArenaTest, StagedIngestFromPiecesCutAnywhereMatchesHostWrites) {

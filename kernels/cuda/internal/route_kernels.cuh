@@ -35,6 +35,27 @@ __device__ __forceinline__ unsigned long long GlobalNs() {
 #define PKV_TIMELINE_END(cta)
 #endif
 
+// This translation unit's timeline table (each route file has its own, see above): zeroed, or its
+// first `values` values copied to `out` (at most the table). cudaErrorNotSupported without the knob.
+static inline cudaError_t ClearTimelineTable() {
+#if PKV_CTA_TIMELINE
+  static const unsigned long long zeros[2 * kTimelineCtas] = {};
+  return cudaMemcpyToSymbol(g_cta_timeline, zeros, sizeof(zeros));
+#else
+  return cudaErrorNotSupported;
+#endif
+}
+static inline cudaError_t ReadTimelineTable(unsigned long long* out, int values) {
+#if PKV_CTA_TIMELINE
+  if (values > 2 * kTimelineCtas) values = 2 * kTimelineCtas;
+  return cudaMemcpyFromSymbol(out, g_cta_timeline, static_cast<size_t>(values) * sizeof(unsigned long long));
+#else
+  (void)out;
+  (void)values;
+  return cudaErrorNotSupported;
+#endif
+}
+
 // After this CTA wrote partial `first_slot + split` of (row, kvh): publish it and count; the last
 // of the `splits` CTAs of the group merges them into out/lse and re-zeroes the counter (classic
 // threadfence reduction). All threads of the CTA call it.
