@@ -10,6 +10,7 @@
 #include <condition_variable>
 #include <cstdio>
 #include <deque>
+#include <map>
 #include <mutex>
 #include <thread>
 
@@ -363,6 +364,31 @@ WindowStats SlidingWindowThroughput(std::vector<std::pair<double, int64_t>> comp
   return stats;
 }
 
+IngestHold MeasureIngestHold(const std::vector<IngestOverlapSample>& samples, int64_t min_quiet) {
+  IngestHold hold;
+  std::map<int32_t, std::vector<double>> quiet_by_rows;
+  for (const IngestOverlapSample& s : samples) {
+    if (s.overlapped) {
+      ++hold.overlapped;
+    } else {
+      ++hold.quiet;
+      quiet_by_rows[s.rows].push_back(s.ms);
+    }
+  }
+  std::map<int32_t, double> median;
+  for (auto& [rows, ms] : quiet_by_rows) {
+    if (static_cast<int64_t>(ms.size()) >= min_quiet) median[rows] = Percentile(std::move(ms), 50);
+  }
+  for (const IngestOverlapSample& s : samples) {
+    if (!s.overlapped) continue;
+    const auto it = median.find(s.rows);
+    if (it == median.end() || it->second <= 0) continue;
+    hold.excess_ms.push_back(s.ms - it->second);
+    hold.excess_steps.push_back((s.ms - it->second) / it->second);
+  }
+  return hold;
+}
+
 double ReplayReport::DecodeTokensPerSecond() const {
   return decode_s > 0 ? static_cast<double>(measured_tokens) / decode_s : 0.0;
 }
@@ -398,6 +424,15 @@ std::string ReplayReport::Format() const {
   } else {
     absl::StrAppendFormat(&s, "%.1f s windows     none (no %.1f s window with decode in flight 95%% of the time)\n",
                           window_s, window_s);
+  }
+  if (ingest_hold.overlapped > 0) {
+    const std::vector<double>& ms = ingest_hold.excess_ms;
+    const std::vector<double>& steps = ingest_hold.excess_steps;
+    absl::StrAppendFormat(&s, "prompt ingest     %d layer steps overlapped a prompt write (%d did not); against the median of "
+                          "those that did not at the same batch size (n=%d compared): later by p50 %.3f  p99 %.3f  max %.3f ms "
+                          "= %.2f / %.2f / %.2f layer steps\n",
+                          ingest_hold.overlapped, ingest_hold.quiet, ms.size(), Percentile(ms, 50), Percentile(ms, 99),
+                          max_of(ms), Percentile(steps, 50), Percentile(steps, 99), max_of(steps));
   }
   if (pool_samples > 0) {
     absl::StrAppendFormat(&s,
@@ -478,6 +513,10 @@ std::string ReplayReport::ToJson() const {
                       R"("median_window_tokens_per_s": %.6g, "busy_windows": %d, )",
                       window_s, worst_window_tokens_per_s, worst_window_start_s, median_window_tokens_per_s,
                       busy_windows),
+      absl::StrFormat(R"("ingest_overlapped_layer_steps": %d, "ingest_quiet_layer_steps": %d, )", ingest_hold.overlapped,
+                      ingest_hold.quiet),
+      R"("ingest_hold_ms": )", dist(ingest_hold.excess_ms), R"(, "ingest_hold_layer_steps": )",
+      dist(ingest_hold.excess_steps), ", ",
       absl::StrFormat(R"("pool_samples": %d, "kv_reserved_mean_bytes": %.6g, "kv_reserved_peak_bytes": %.6g, )"
                       R"("kv_used_mean_bytes": %.6g, "kv_used_peak_bytes": %.6g, )",
                       pool_samples, kv_reserved_mean_bytes, kv_reserved_peak_bytes, kv_used_mean_bytes,
@@ -554,6 +593,12 @@ absl::StatusOr<ReplayReport> RunReplay(WorkerClient& client, const ReplayOptions
   int64_t token_steps = 0;
   std::vector<std::pair<Clock::time_point, Clock::time_point>> measured_spans;
   std::vector<std::pair<Clock::time_point, int64_t>> measured_completions;
+  // Prompts being written (WriteKV in flight) and prompt writes begun: a layer-step overlapped
+  // prompt ingest when one was in flight at its send or its answer, or one began in between.
+  std::atomic<int32_t> prompts_streaming{0};
+  std::atomic<int64_t> prompt_writes_begun{0};
+  // Measured layer-steps answered without a retry: (rows, ms, overlapped prompt ingest).
+  std::vector<IngestOverlapSample> overlap_samples;
   Clock::duration gen_time{};
   int64_t gen_count = 0;
   Clock::duration stall_time{};
@@ -609,11 +654,14 @@ absl::StatusOr<ReplayReport> RunReplay(WorkerClient& client, const ReplayOptions
       row.target = r.output_tokens;
       row.life_pages = need;
       const Clock::time_point t0 = Clock::now();
+      prompt_writes_begun.fetch_add(1, std::memory_order_relaxed);
+      prompts_streaming.fetch_add(1, std::memory_order_relaxed);
       absl::Status s = client.WritePrompt(row.seq, r.input_tokens, options.chunk_tokens,
                                           [&](int32_t layer, int64_t off, int64_t n, std::string* k, std::string* v) {
                                             data.AppendKv(row.data_id, layer, off, n, k, v);
                                           });
       const double took = Seconds(Clock::now() - t0);
+      prompts_streaming.fetch_sub(1, std::memory_order_relaxed);
       lock.lock();
       --prefilling;
       if (!s.ok()) {
@@ -738,11 +786,14 @@ absl::StatusOr<ReplayReport> RunReplay(WorkerClient& client, const ReplayOptions
       const Clock::duration stall_before = group_stall;
       std::vector<double> layer_ms, overhead_ms, server_ms, queue_ms, thread_cpu_ms;
       std::vector<std::array<double, kNumStages>> stages;
+      std::vector<IngestOverlapSample> overlaps;
       int64_t retries = 0;
       double build_ms = 0;
       StepArgs args = timed_build(0, &build_ms);
       for (int32_t layer = 0; layer < shape.num_layers; ++layer) {
         const double cpu0 = ThreadCpuSeconds();
+        const int64_t begun0 = prompt_writes_begun.load(std::memory_order_relaxed);
+        const bool streaming0 = prompts_streaming.load(std::memory_order_relaxed) > 0;
         const Clock::time_point t0 = Clock::now();
         StepArgs next_args;
         double next_build_ms = 0;
@@ -776,6 +827,8 @@ absl::StatusOr<ReplayReport> RunReplay(WorkerClient& client, const ReplayOptions
           }
         }
         const Clock::time_point t1 = Clock::now();
+        const bool overlapped = streaming0 || prompts_streaming.load(std::memory_order_relaxed) > 0 ||
+                                prompt_writes_begun.load(std::memory_order_relaxed) != begun0;
         if (!result.ok()) {
           group_failure = absl::Status(result.status().code(),
                                        absl::StrCat("Step (token step ", step_index, ", layer ", layer,
@@ -791,7 +844,10 @@ absl::StatusOr<ReplayReport> RunReplay(WorkerClient& client, const ReplayOptions
         overhead_ms.push_back(layer_ms.back() - result->attend_seconds * 1e3);
         server_ms.push_back(result->server_seconds * 1e3);
         queue_ms.push_back(result->queue_seconds * 1e3);
-        if (!retried) stages.push_back(StageSample(build_ms, *result));
+        if (!retried) {
+          stages.push_back(StageSample(build_ms, *result));
+          overlaps.push_back({static_cast<int32_t>(active.size()), layer_ms.back(), overlapped});
+        }
         if (layer == 0 && !pending_free.empty()) {
           // The worker applied the frees with layer 0.
           pending_free.clear();
@@ -847,6 +903,7 @@ absl::StatusOr<ReplayReport> RunReplay(WorkerClient& client, const ReplayOptions
           report.queue_ms.insert(report.queue_ms.end(), queue_ms.begin(), queue_ms.end());
           report.client_thread_cpu_ms.insert(report.client_thread_cpu_ms.end(), thread_cpu_ms.begin(),
                                              thread_cpu_ms.end());
+          overlap_samples.insert(overlap_samples.end(), overlaps.begin(), overlaps.end());
           for (const auto& sample : stages) {
             for (int32_t i = 0; i < kNumStages; ++i) {
               if (!std::isnan(sample[i])) report.stage_ms[i].push_back(sample[i]);  // NaN: not measured
@@ -968,6 +1025,7 @@ absl::StatusOr<ReplayReport> RunReplay(WorkerClient& client, const ReplayOptions
   if (!failure.ok()) return failure;
 
   report.decode_s = UnionSeconds(measured_spans);
+  report.ingest_hold = MeasureIngestHold(overlap_samples);
   report.client_gen_ms = gen_count > 0 ? Seconds(gen_time) * 1e3 / static_cast<double>(gen_count) : 0.0;
   report.check_stall_s = Seconds(stall_time);
   if (cpu_last_layer_steps > cpu_first_layer_steps) {

@@ -84,6 +84,26 @@ inline constexpr int32_t kNumStages = 14;
 // Short name of a stage ("client_build", ..., "round_trip"): JSON keys and table rows.
 const char* StageName(Stage stage);
 
+// One measured layer-step, for IngestHold: its rows, its round trip, and whether a prompt was
+// being written (WriteKV in flight) at any time during it.
+struct IngestOverlapSample {
+  int32_t rows = 0;
+  double ms = 0;
+  bool overlapped = false;
+};
+
+// How far prompt ingest held decode back: each layer-step that overlapped a prompt write against
+// the median round trip of the layer-steps of the same batch size that overlapped none (its
+// "quiet" median). Layer-steps whose batch size has fewer than the minimum quiet samples are not
+// compared (counted in `overlapped` only).
+struct IngestHold {
+  int64_t overlapped = 0;            // measured layer-steps that overlapped a prompt write
+  int64_t quiet = 0;                 // measured layer-steps that overlapped none
+  std::vector<double> excess_ms;     // per compared layer-step: round trip - its quiet median
+  std::vector<double> excess_steps;  // the same in units of that quiet median (layer-steps' time)
+};
+IngestHold MeasureIngestHold(const std::vector<IngestOverlapSample>& samples, int64_t min_quiet = 20);
+
 struct ReplayReport {
   int64_t requests_total = 0;
   int64_t requests_done = 0;
@@ -127,6 +147,7 @@ struct ReplayReport {
   double worst_window_start_s = 0;        // measured phase, per s (SlidingWindowThroughput)
   double median_window_tokens_per_s = 0;
   int64_t busy_windows = 0;
+  IngestHold ingest_hold;          // layer-steps measured while prompts were being written
   int64_t pool_samples = 0;        // Describe samples of the pool
   double kv_reserved_mean_bytes = 0, kv_reserved_peak_bytes = 0;  // pages held x page bytes
   double kv_used_mean_bytes = 0, kv_used_peak_bytes = 0;          // tokens held x token bytes

@@ -177,6 +177,14 @@ for name in ["steady_b8", "steady_b4x2", "steady_b2x4", "bimodal_b8", "azure_con
             ratios.append("| %s worst 1 s window / median window (target >= 0.5) | %.0f / %.0f tok/s | %.2f |" % (
                 name, r["worst_window_tokens_per_s"], r["median_window_tokens_per_s"],
                 r["worst_window_tokens_per_s"] / r["median_window_tokens_per_s"]))
+# Prompt ingest against decode: each layer-step that overlapped a prompt write, later than the
+# median layer-step of its batch size that overlapped none, in units of that median.
+for name in ["bimodal_b8", "bimodal_b4x2", "azure_conv", "mooncake_conv"]:
+    h = reports.get(name, {}).get("ingest_hold_layer_steps")
+    if h and h["n"]:
+        ms = reports[name]["ingest_hold_ms"]
+        ratios.append("| %s prompt ingest holds a layer step back by, in layer steps, p99 (max) (target <= 1; %d of %d overlapped compared) | %.3f (%.3f) ms | %.2f (%.2f) |" % (
+            name, h["n"], reports[name]["ingest_overlapped_layer_steps"], ms["p99"], ms["max"], h["p99"], h["max"]))
 if ratios:
     print()
     print("| ratio (this call) | figures | ratio |")

@@ -191,6 +191,37 @@ TEST(ReplayTest, SlidingWindowFindsTheWorstSecond) {
   EXPECT_GE(gap.worst_tokens_per_s, 90.0);
 }
 
+TEST(IngestHoldTest, ComparesOverlappedStepsWithQuietOnesOfTheirBatchSize) {
+  std::vector<IngestOverlapSample> samples;
+  // Batch 8: quiet steps of 0.20 ms (median 0.20), three overlapped ones of 0.20, 0.30 and 0.60.
+  for (int i = 0; i < 24; ++i) samples.push_back({8, i % 2 == 0 ? 0.19 : 0.21, false});
+  samples.push_back({8, 0.20, false});
+  samples.push_back({8, 0.20, true});
+  samples.push_back({8, 0.30, true});
+  samples.push_back({8, 0.60, true});
+  // Batch 2: quiet median 0.10; one overlapped step of 0.15.
+  for (int i = 0; i < 20; ++i) samples.push_back({2, 0.10, false});
+  samples.push_back({2, 0.15, true});
+  // Batch 5: overlapped, but too few quiet steps to compare against.
+  for (int i = 0; i < 19; ++i) samples.push_back({5, 0.12, false});
+  samples.push_back({5, 9.0, true});
+  const IngestHold hold = MeasureIngestHold(samples);
+  EXPECT_EQ(hold.overlapped, 5);
+  EXPECT_EQ(hold.quiet, 25 + 20 + 19);
+  ASSERT_EQ(hold.excess_ms.size(), 4u);
+  ASSERT_EQ(hold.excess_steps.size(), 4u);
+  const double want_ms[] = {0.0, 0.10, 0.40, 0.05};
+  const double want_steps[] = {0.0, 0.5, 2.0, 0.5};
+  for (int i = 0; i < 4; ++i) {
+    EXPECT_NEAR(hold.excess_ms[i], want_ms[i], 1e-12) << i;
+    EXPECT_NEAR(hold.excess_steps[i], want_steps[i], 1e-12) << i;
+  }
+  // Nothing overlapped: nothing to compare.
+  const IngestHold none = MeasureIngestHold({{8, 0.2, false}, {8, 0.3, false}});
+  EXPECT_EQ(none.overlapped, 0);
+  EXPECT_TRUE(none.excess_ms.empty());
+}
+
 // The slices of a ByteBuffer, joined.
 std::string Joined(const grpc::ByteBuffer& buffer) {
   std::vector<grpc::Slice> slices;
