@@ -8,6 +8,11 @@
 //   tcp     N plain loopback TCP connections, each sending its prompt's chunks (K then V bytes
 //           of every chunk, in the chunking WriteKV uses) to a receiver thread that reads them
 //           into a chunk-sized buffer and answers one byte at the end: the transport ceiling.
+//   tcp_copy the same, but each receiver also copies every byte it reads on into a destination
+//           far larger than the caches (--copy_ring_mib per stream, written round and round),
+//           as any receiver that stages prompt KV into pinned memory must: the ceiling of a
+//           transport that cannot receive straight into the staging memory (gRPC owns its receive
+//           buffers). Not run by default.
 //   engine  N threads writing prompts into an engine built like pkv-worker's
 //           (Engine::BeginPrompt / PromptWrite::Write / Commit): the worker's share, no gRPC.
 //   grpc    N WriteKV streams (client::WorkerClient, one thread each) against a worker: the
@@ -63,7 +68,8 @@
 #include "service/worker_server.h"
 
 ABSL_FLAG(std::string, streams, "1,8", "Comma-separated counts of concurrent streams to measure.");
-ABSL_FLAG(std::string, modes, "tcp,engine,grpc", "Which of tcp, engine, grpc to run.");
+ABSL_FLAG(std::string, modes, "tcp,engine,grpc", "Which of tcp, tcp_copy, engine, grpc to run (comma-separated).");
+ABSL_FLAG(int32_t, copy_ring_mib, 256, "tcp_copy mode: MiB each receiver copies into, round and round.");
 ABSL_FLAG(std::string, target, "",
           "host:port of a running pkv-worker to measure instead of an in-process one (the model "
           "shape then comes from its Describe; the engine mode is skipped).");
@@ -189,8 +195,9 @@ absl::Status SendAll(int fd, std::string_view bytes) {
   return absl::OkStatus();
 }
 
-// One round of `streams` loopback TCP connections moving the plan's bytes.
-absl::StatusOr<double> TcpRound(const Plan& plan, int streams) {
+// One round of `streams` loopback TCP connections moving the plan's bytes. With `copy_rings`
+// (one per stream), each receiver also copies what it reads into its ring, wrapping around.
+absl::StatusOr<double> TcpRound(const Plan& plan, int streams, std::vector<std::vector<char>>* copy_rings = nullptr) {
   const int listener = ::socket(AF_INET, SOCK_STREAM, 0);
   if (listener < 0) return Errno("socket");
   sockaddr_in addr{};
@@ -208,15 +215,23 @@ absl::StatusOr<double> TcpRound(const Plan& plan, int streams) {
   std::vector<std::thread> receivers;
   std::atomic<int64_t> received{0};
   for (int i = 0; i < streams; ++i) {
-    receivers.emplace_back([&] {
+    receivers.emplace_back([&, i] {
       const int fd = ::accept(listener, nullptr, nullptr);
       if (fd < 0) return;
       std::vector<char> buffer(chunk_bytes);
+      std::vector<char>* ring = copy_rings != nullptr ? &(*copy_rings)[i] : nullptr;
+      size_t at = 0;  // next byte of the ring to write
       int64_t got = 0;
       for (;;) {
         const ssize_t n = ::recv(fd, buffer.data(), buffer.size(), 0);
         if (n > 0) {
           got += n;
+          for (size_t done = 0; ring != nullptr && done < static_cast<size_t>(n);) {
+            const size_t piece = std::min(static_cast<size_t>(n) - done, ring->size() - at);
+            std::memcpy(ring->data() + at, buffer.data() + done, piece);
+            done += piece;
+            at = (at + piece) % ring->size();
+          }
         } else if (n == 0 || errno != EINTR) {
           break;
         }
@@ -371,11 +386,20 @@ int Main() {
     return 1;
   }
   const std::vector<ChannelArg> grpc_args = *std::move(parsed_args);
-  const std::string modes = absl::GetFlag(FLAGS_modes);
+  std::vector<std::string> modes;
+  for (absl::string_view m : absl::StrSplit(absl::GetFlag(FLAGS_modes), ',', absl::SkipEmpty())) {
+    if (m != "tcp" && m != "tcp_copy" && m != "engine" && m != "grpc") {
+      std::fprintf(stderr, "pkv-ingest-bench: --modes: '%s' is not one of tcp, tcp_copy, engine, grpc\n", std::string(m).c_str());
+      return 1;
+    }
+    modes.emplace_back(m);
+  }
+  auto want_mode = [&](absl::string_view m) { return std::find(modes.begin(), modes.end(), m) != modes.end(); };
   const std::string target = absl::GetFlag(FLAGS_target);
-  const bool run_tcp = absl::StrContains(modes, "tcp");
-  const bool run_engine = absl::StrContains(modes, "engine") && target.empty();
-  const bool run_grpc = absl::StrContains(modes, "grpc");
+  const bool run_tcp = want_mode("tcp");
+  const bool run_tcp_copy = want_mode("tcp_copy");
+  const bool run_engine = want_mode("engine") && target.empty();
+  const bool run_grpc = want_mode("grpc");
   const int repeats = absl::GetFlag(FLAGS_repeats);
   if (stream_counts.empty() || repeats < 1 || absl::GetFlag(FLAGS_prompt_tokens) < 1 ||
       absl::GetFlag(FLAGS_chunk_tokens) < 1) {
@@ -470,8 +494,15 @@ int Main() {
       absl::GetFlag(FLAGS_own_connections) ? "on their own connections" : "sharing one connection",
       "; median of ", repeats, " rounds after one warm-up");
   std::string table =
-      "| streams | tcp GB/s | engine GB/s | grpc GB/s | grpc / tcp | engine / tcp | CPU s/GB tcp | engine | grpc |\n"
-      "|---|---|---|---|---|---|---|---|---|\n";
+      "| streams | tcp GB/s | engine GB/s | grpc GB/s | grpc / tcp | engine / tcp | CPU s/GB tcp | engine | grpc |" +
+      std::string(run_tcp_copy ? " tcp_copy GB/s | grpc / tcp_copy | CPU s/GB tcp_copy |" : "") +
+      "\n|---|---|---|---|---|---|---|---|---|" + std::string(run_tcp_copy ? "---|---|---|" : "") + "\n";
+  std::vector<std::vector<char>> copy_rings;
+  if (run_tcp_copy) {
+    // Written once here, so that no round pays for first touches.
+    const size_t ring_bytes = static_cast<size_t>(std::max(1, absl::GetFlag(FLAGS_copy_ring_mib))) << 20;
+    copy_rings.assign(static_cast<size_t>(max_streams), std::vector<char>(ring_bytes, 1));
+  }
   std::printf("pkv-ingest-bench%s%s: %s\n", label.empty() ? "" : " on ", label.c_str(), setup.c_str());
   std::printf("%s", table.c_str());
 
@@ -479,8 +510,12 @@ int Main() {
   auto cell = [](double v) { return v < 0 ? std::string("-") : absl::StrFormat("%.2f", v); };
   for (int n : stream_counts) {
     const int64_t bytes = plan.stream_bytes() * n;
-    Result tcp, eng, grpc;
+    Result tcp, tcp_copy, eng, grpc;
     if (run_tcp && (tcp = Measure("tcp", n, bytes, repeats, [&](int) { return TcpRound(plan, n); })).gbps < 0) return 1;
+    if (run_tcp_copy &&
+        (tcp_copy = Measure("tcp_copy", n, bytes, repeats, [&](int) { return TcpRound(plan, n, &copy_rings); })).gbps < 0) {
+      return 1;
+    }
     if (run_engine && (eng = Measure("engine", n, bytes, repeats, [&](int) {
                          const uint64_t id = next_id;
                          next_id += n;
@@ -498,7 +533,11 @@ int Main() {
     auto ratio = [&](const Result& a, const Result& b) { return a.gbps > 0 && b.gbps > 0 ? cell(a.gbps / b.gbps) : "-"; };
     const std::string row = absl::StrCat("| ", n, " | ", cell(tcp.gbps), " | ", cell(eng.gbps), " | ", cell(grpc.gbps),
                                          " | ", ratio(grpc, tcp), " | ", ratio(eng, tcp), " | ", cell(tcp.cpu_per_gb),
-                                         " | ", cell(eng.cpu_per_gb), " | ", cell(grpc.cpu_per_gb), " |\n");
+                                         " | ", cell(eng.cpu_per_gb), " | ", cell(grpc.cpu_per_gb), " |",
+                                         run_tcp_copy ? absl::StrCat(" ", cell(tcp_copy.gbps), " | ", ratio(grpc, tcp_copy),
+                                                                     " | ", cell(tcp_copy.cpu_per_gb), " |")
+                                                      : "",
+                                         "\n");
     std::printf("%s", row.c_str());
     std::fflush(stdout);
     table += row;
@@ -525,7 +564,7 @@ int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
       "Prompt KV ingest bandwidth: WriteKV over loopback gRPC next to a raw loopback TCP stream "
       "of the same bytes and the engine alone, for N concurrent streams.\n"
-      "  pkv-ingest-bench [--streams=1,8] [--modes=tcp,engine,grpc] [--target=host:port] ...");
+      "  pkv-ingest-bench [--streams=1,8] [--modes=tcp,tcp_copy,engine,grpc] [--target=host:port] ...");
   absl::FlagsUsageConfig usage;
   // --help lists this program's flags (those defined in this file).
   usage.contains_help_flags = [](absl::string_view path) { return absl::StrContains(path, "ingest_rpc_main."); };
