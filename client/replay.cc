@@ -458,10 +458,20 @@ std::string ReplayReport::Format() const {
     absl::StrAppendFormat(&s, "  H2D, kernels, D2H and worker other: the n=%d of them with device stage times (the "
                           "worker times a sample of layer-steps)\n", timed);
   }
-  absl::StrAppendFormat(&s, "  %-18s %9s %9s %9s\n", "stage", "p50", "p99", "mean");
+  const bool overlapped = !stage_ms_overlapped[static_cast<int32_t>(Stage::kRoundTrip)].empty();
+  if (overlapped) {
+    absl::StrAppendFormat(&s, "  last columns: the n=%d of them that overlapped a prompt write\n",
+                          stage_ms_overlapped[static_cast<int32_t>(Stage::kRoundTrip)].size());
+    absl::StrAppendFormat(&s, "  %-18s %9s %9s %9s %9s %9s\n", "stage", "p50", "p99", "mean", "p50 ovl", "p99 ovl");
+  } else {
+    absl::StrAppendFormat(&s, "  %-18s %9s %9s %9s\n", "stage", "p50", "p99", "mean");
+  }
   for (int32_t i = 0; i < kNumStages; ++i) {
-    absl::StrAppendFormat(&s, "  %-18s %9.4f %9.4f %9.4f  %s\n", kStageRows[i][0], Percentile(stage_ms[i], 50),
-                          Percentile(stage_ms[i], 99), Mean(stage_ms[i]), kStageRows[i][1]);
+    const std::string ovl = overlapped ? absl::StrFormat(" %9.4f %9.4f", Percentile(stage_ms_overlapped[i], 50),
+                                                         Percentile(stage_ms_overlapped[i], 99))
+                                       : "";
+    absl::StrAppendFormat(&s, "  %-18s %9.4f %9.4f %9.4f%s  %s\n", kStageRows[i][0], Percentile(stage_ms[i], 50),
+                          Percentile(stage_ms[i], 99), Mean(stage_ms[i]), ovl, kStageRows[i][1]);
   }
   if (attention_skipped) {
     absl::StrAppend(&s, "checked outputs   none: the worker skips attention (--attention=skip), its outputs are zeros\n");
@@ -493,11 +503,15 @@ std::string ReplayReport::ToJson() const {
   };
   std::string failure = first_failure;
   std::replace(failure.begin(), failure.end(), '"', '\'');
-  std::string breakdown;
+  std::string breakdown, breakdown_overlapped;
   for (int32_t i = 0; i < kNumStages; ++i) {
     absl::StrAppendFormat(&breakdown, R"(%s"%s": {"n": %d, "p50": %.6g, "p99": %.6g, "mean": %.6g})", i > 0 ? ", " : "",
                           StageName(static_cast<Stage>(i)), stage_ms[i].size(), Percentile(stage_ms[i], 50),
                           Percentile(stage_ms[i], 99), Mean(stage_ms[i]));
+    absl::StrAppendFormat(&breakdown_overlapped, R"(%s"%s": {"n": %d, "p50": %.6g, "p99": %.6g, "mean": %.6g})",
+                          i > 0 ? ", " : "", StageName(static_cast<Stage>(i)), stage_ms_overlapped[i].size(),
+                          Percentile(stage_ms_overlapped[i], 50), Percentile(stage_ms_overlapped[i], 99),
+                          Mean(stage_ms_overlapped[i]));
   }
   return absl::StrCat(
       "{", absl::StrFormat(R"("requests_total": %d, "requests_done": %d, "prompt_tokens": %d, "prefill_s": %.6g, )",
@@ -533,7 +547,7 @@ std::string ReplayReport::ToJson() const {
                       client_process_cpu_s, client_phase_s, client_phase_layer_steps,
                       client_phase_layer_steps > 0 ? client_process_cpu_s * 1e3 / static_cast<double>(client_phase_layer_steps) : 0.0,
                       client_phase_s > 0 ? client_process_cpu_s / client_phase_s : 0.0),
-      R"("breakdown_ms": {)", breakdown, "}}");
+      R"("breakdown_ms": {)", breakdown, R"(}, "breakdown_overlapped_ms": {)", breakdown_overlapped, "}}");
 }
 
 absl::StatusOr<ReplayReport> RunReplay(WorkerClient& client, const ReplayOptions& options,
@@ -904,9 +918,11 @@ absl::StatusOr<ReplayReport> RunReplay(WorkerClient& client, const ReplayOptions
           report.client_thread_cpu_ms.insert(report.client_thread_cpu_ms.end(), thread_cpu_ms.begin(),
                                              thread_cpu_ms.end());
           overlap_samples.insert(overlap_samples.end(), overlaps.begin(), overlaps.end());
-          for (const auto& sample : stages) {
+          for (size_t j = 0; j < stages.size(); ++j) {
             for (int32_t i = 0; i < kNumStages; ++i) {
-              if (!std::isnan(sample[i])) report.stage_ms[i].push_back(sample[i]);  // NaN: not measured
+              if (std::isnan(stages[j][i])) continue;  // NaN: not measured
+              report.stage_ms[i].push_back(stages[j][i]);
+              if (overlaps[j].overlapped) report.stage_ms_overlapped[i].push_back(stages[j][i]);
             }
           }
           cpu_last = ProcessCpuSeconds();

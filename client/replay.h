@@ -131,6 +131,8 @@ struct ReplayReport {
   // 0 on a layer-step it did not time, attention_skipped false): kH2D, kKernels, kD2H and
   // kWorkerOther hold only the layer-steps that carry them, so their vectors may be shorter.
   std::array<std::vector<double>, kNumStages> stage_ms;
+  // The same for the layer-steps among them that overlapped a prompt write (IngestHold).
+  std::array<std::vector<double>, kNumStages> stage_ms_overlapped;
   // The client's CPU: per measured layer-step, the decode thread's CPU time for its work on it
   // (send, build of the next request, receive, check hand-off); and the whole process (every
   // thread: decode, gRPC, checks, prefill) over the measured phase.
