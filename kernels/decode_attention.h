@@ -56,8 +56,9 @@ struct DecodeParams {
 
   // Fused append (kernels/cuda only): when set, each row's new token — append_k / append_v,
   // [B, Hkv, d] dtype, device memory — is written into the row's last slot (slot
-  // last_page_len[b] - 1 of its last page) of `kv` by the CTA that reads that page, before it reads
-  // it, so no separate append launch precedes the attention. `kv` is then written at those slots.
+  // last_page_len[b] - 1 of its last page) of `kv` by the warp that reads that token, before it
+  // reads it, so no separate append launch precedes the attention. `kv` is then written at those
+  // slots.
   const void* append_k = nullptr;
   const void* append_v = nullptr;
 };

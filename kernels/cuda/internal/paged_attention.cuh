@@ -202,6 +202,23 @@ __device__ __forceinline__ void IssueChunk(const DecodeParams& p, const RangeSta
   }
 }
 
+// Fused append (DecodeParams::append_k): this warp writes row b's new token of KV head kvh (K and
+// V, D elements each, 16-byte pieces) into slot `slot` of physical page `page`, then syncs the
+// warp, so its own later copies of that chunk read the token (no other warp or CTA reads it).
+template <int D>
+__device__ __noinline__ void AppendTokenWarp(const DecodeParams& p, int b, int kvh, int64_t page, int slot) {
+  constexpr int kPieces = D / 8;  // 16-byte pieces per row of D 2-byte elements
+  for (int i = threadIdx.x & 31; i < 2 * kPieces; i += 32) {
+    const int kv = i / kPieces, c = i % kPieces;
+    const uint4* src = static_cast<const uint4*>(kv == 0 ? p.append_k : p.append_v) +
+                       (static_cast<int64_t>(b) * p.num_kv_heads + kvh) * kPieces + c;
+    uint4* dst = static_cast<uint4*>(const_cast<void*>(p.kv)) +
+                 (((page * 2 + kv) * p.num_kv_heads + kvh) * p.page_size + slot) * kPieces + c;
+    *dst = *src;
+  }
+  __syncwarp();
+}
+
 // Sets up pages [page_begin, page_end) of row b for KV head kvh (offsets into the row's page list):
 // loads Q and the page ids of the first stages and issues the first kStages - 1 chunks of every
 // warp. Precondition: this warp's pipeline buffers are free (no chunk of an earlier range pending).
@@ -216,7 +233,14 @@ __device__ __forceinline__ void BeginRange(const DecodeParams& p, int b, int kvh
   const int row_first = p.page_indptr[b];
   const int row_pages = p.page_indptr[b + 1] - row_first;
   int n = (page_end - page_begin) * p.page_size;
-  if (page_end > page_begin && page_end == row_pages) n -= p.page_size - p.last_page_len[b];
+  if (page_end > page_begin && page_end == row_pages) {
+    n -= p.page_size - p.last_page_len[b];
+    // The range ends with the row's new token: with a fused append, the warp that owns its chunk
+    // writes it before any of its copies are issued.
+    if (p.append_k != nullptr && warp == ((n - 1) / kChunk) % kWarps) {
+      AppendTokenWarp<D>(p, b, kvh, p.page_indices[row_first + row_pages - 1], p.last_page_len[b] - 1);
+    }
+  }
   r.b = b;
   r.kvh = kvh;
   r.n = n;

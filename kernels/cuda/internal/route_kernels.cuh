@@ -81,34 +81,12 @@ __device__ __forceinline__ void CountAndMerge(const DecodeParams& p, const Works
   }
 }
 
-// Fused append (DecodeParams::append_k): writes row b's new token of KV head kvh (K and V, D
-// elements each, 16-byte pieces) into its last slot. The caller syncs the CTA before reading it.
-template <int D>
-__device__ __noinline__ void AppendToken(const DecodeParams& p, int b, int kvh) {
-  constexpr int kPieces = D / 8;  // 16-byte pieces per row of D 2-byte elements
-  const int last = p.page_indptr[b + 1] - 1;
-  const int64_t page = p.page_indices[last];
-  const int slot = p.last_page_len[b] - 1;
-  for (int i = threadIdx.x; i < 2 * kPieces; i += blockDim.x) {
-    const int kv = i / kPieces, c = i % kPieces;
-    const uint4* src = static_cast<const uint4*>(kv == 0 ? p.append_k : p.append_v) +
-                       (static_cast<int64_t>(b) * p.num_kv_heads + kvh) * kPieces + c;
-    uint4* dst = static_cast<uint4*>(const_cast<void*>(p.kv)) +
-                 (((page * 2 + kv) * p.num_kv_heads + kvh) * p.page_size + slot) * kPieces + c;
-    *dst = *src;
-  }
-}
-
 // Per-request: grid (Hkv, B); the whole row, output written directly.
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) PerRequestKernel(const __grid_constant__ DecodeParams p) {
   extern __shared__ __align__(128) char smem[];
   const int kvh = blockIdx.x, b = blockIdx.y;
   const int pages = p.page_indptr[b + 1] - p.page_indptr[b];
-  if (p.append_k != nullptr && pages > 0) {
-    AppendToken<D>(p, b, kvh);
-    __syncthreads();
-  }
   const MergeView<D> v = AttendRange<T, D>(p, b, kvh, 0, pages, smem);
   WriteFinal<T, D>(p, b, kvh, v);
 }
@@ -126,10 +104,6 @@ __global__ void __launch_bounds__(kThreads)
   const int pages = p.page_indptr[b + 1] - p.page_indptr[b];
   const int begin = static_cast<int>(static_cast<int64_t>(pages) * s / S);
   const int end = static_cast<int>(static_cast<int64_t>(pages) * (s + 1) / S);
-  if (p.append_k != nullptr && end == pages && end > begin) {  // this split reads the last page
-    AppendToken<D>(p, b, kvh);
-    __syncthreads();
-  }
   const MergeView<D> v = AttendRange<T, D>(p, b, kvh, begin, end, smem);
   if (S == 1) {
     WriteFinal<T, D>(p, b, kvh, v);
@@ -165,19 +139,6 @@ __global__ void __launch_bounds__(kThreads) WorkQueueKernel(const __grid_constan
   if (t >= task_end) {
     PKV_TIMELINE_END(blockIdx.x)
     return;
-  }
-  if (p.append_k != nullptr) {
-    // This CTA's tasks that read their row's last page append the row's new token first.
-    const int stride = p.cta_task_begin != nullptr ? 1 : static_cast<int>(gridDim.x);
-    bool appended = false;
-    for (int a = t; a < task_end; a += stride) {
-      const DecodeTask task = p.tasks[a];
-      if (task.page_end > task.page_begin && task.page_end == p.page_indptr[task.row + 1] - p.page_indptr[task.row]) {
-        AppendToken<D>(p, task.row, task.kv_head);
-        appended = true;
-      }
-    }
-    if (appended) __syncthreads();
   }
   DecodeTask cur = p.tasks[t];
   RangeState<D> r;
