@@ -242,7 +242,7 @@ absl::Status CudaSlot::EnqueueLayer(int32_t layer, bool has_lse, void* out_devic
                   "q|k|v upload");
   if (stages_timed_) PKV_CUDA_RETURN(cudaEventRecord(h2d_done_.get(), stream), "event");
   // The new tokens' K,V are appended by the attention launch itself (DecodeParams::append_k):
-  // the CTA that reads a row's last page writes the token there first.
+  // the warp that reads a row's new token writes it there first.
   kernels::DecodeParams p = LayerParams(layer, has_lse, out_device);
   const kvpool::cuda::AppendKvParams ap = AppendParams(layer);
   p.append_k = ap.k;
