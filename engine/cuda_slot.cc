@@ -241,8 +241,12 @@ absl::Status CudaSlot::EnqueueLayer(int32_t layer, bool has_lse, void* out_devic
   PKV_CUDA_RETURN(cudaMemcpyAsync(io_device_.get(), io_host_.get(), v_at + kvb, cudaMemcpyHostToDevice, stream),
                   "q|k|v upload");
   if (stages_timed_) PKV_CUDA_RETURN(cudaEventRecord(h2d_done_.get(), stream), "event");
-  PKV_CUDA_RETURN(kvpool::cuda::LaunchAppendKv(AppendParams(layer), stream), "append");
-  const kernels::DecodeParams p = LayerParams(layer, has_lse, out_device);
+  // The new tokens' K,V are appended by the attention launch itself (DecodeParams::append_k):
+  // the warp that reads a row's new token writes it there first.
+  kernels::DecodeParams p = LayerParams(layer, has_lse, out_device);
+  const kvpool::cuda::AppendKvParams ap = AppendParams(layer);
+  p.append_k = ap.k;
+  p.append_v = ap.v;
   PKV_CUDA_RETURN(cudaEventRecord(start_.get(), stream), "event");
   if (absl::Status st = kernels::cuda::Launch(step_.kernel, p, workspace_.get(), stream); !st.ok()) return st;
   PKV_CUDA_RETURN(cudaEventRecord(stop_.get(), stream), "event");

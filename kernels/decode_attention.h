@@ -53,6 +53,14 @@ struct DecodeParams {
   // cta_task_begin[num_ctas] == num_tasks). Null: a persistent grid strides over the list.
   const int32_t* cta_task_begin = nullptr;
   int32_t num_ctas = 0;
+
+  // Fused append (kernels/cuda only): when set, each row's new token — append_k / append_v,
+  // [B, Hkv, d] dtype, device memory — is written into the row's last slot (slot
+  // last_page_len[b] - 1 of its last page) of `kv` by the warp that reads that token, before it
+  // reads it, so no separate append launch precedes the attention. `kv` is then written at those
+  // slots.
+  const void* append_k = nullptr;
+  const void* append_v = nullptr;
 };
 static_assert(std::is_trivially_copyable_v<DecodeParams>);
 

@@ -202,6 +202,46 @@ __device__ __forceinline__ void IssueChunk(const DecodeParams& p, const RangeSta
   }
 }
 
+// Fused append (DecodeParams::append_k): row b's new token of KV head kvh, K then V (D elements
+// each), in 16-byte pieces spread over the lanes of one warp: piece i of the 2 * D / 8 is lane
+// i % 32's tok[i / 32]. LoadToken issues the loads; StoreToken writes the pieces into slot `slot` of
+// physical page `page` and syncs the warp, so the warp's later copies of that chunk read the token.
+template <int D>
+struct TokenPieces {
+  static constexpr int kPieces = 2 * D / 8;
+  static constexpr int kPerLane = (kPieces + 31) / 32;
+  uint4 v[kPerLane];
+};
+
+template <int D>
+__device__ __forceinline__ void LoadToken(const DecodeParams& p, int b, int kvh, TokenPieces<D>& tok) {
+  constexpr int kHalf = D / 8;  // pieces of K (then as many of V)
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int j = 0; j < TokenPieces<D>::kPerLane; ++j) {
+    const int i = j * 32 + lane;
+    if (i < TokenPieces<D>::kPieces) {
+      const int kv = i / kHalf, c = i % kHalf;
+      tok.v[j] = static_cast<const uint4*>(kv == 0 ? p.append_k : p.append_v)[(static_cast<int64_t>(b) * p.num_kv_heads + kvh) * kHalf + c];
+    }
+  }
+}
+
+template <int D>
+__device__ __forceinline__ void StoreToken(const DecodeParams& p, int kvh, int32_t page, int slot, const TokenPieces<D>& tok) {
+  constexpr int kHalf = D / 8;
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int j = 0; j < TokenPieces<D>::kPerLane; ++j) {
+    const int i = j * 32 + lane;
+    if (i < TokenPieces<D>::kPieces) {
+      const int kv = i / kHalf, c = i % kHalf;
+      static_cast<uint4*>(const_cast<void*>(p.kv))[(((static_cast<int64_t>(page) * 2 + kv) * p.num_kv_heads + kvh) * p.page_size + slot) * kHalf + c] = tok.v[j];
+    }
+  }
+  __syncwarp();
+}
+
 // Sets up pages [page_begin, page_end) of row b for KV head kvh (offsets into the row's page list):
 // loads Q and the page ids of the first stages and issues the first kStages - 1 chunks of every
 // warp. Precondition: this warp's pipeline buffers are free (no chunk of an earlier range pending).
@@ -216,7 +256,19 @@ __device__ __forceinline__ void BeginRange(const DecodeParams& p, int b, int kvh
   const int row_first = p.page_indptr[b];
   const int row_pages = p.page_indptr[b + 1] - row_first;
   int n = (page_end - page_begin) * p.page_size;
-  if (page_end > page_begin && page_end == row_pages) n -= p.page_size - p.last_page_len[b];
+  // With a fused append, the warp whose chunk holds the row's new token (the range's last) loads
+  // it here, with Q's loads in flight, and writes it before it issues any copy.
+  bool append = false;
+  TokenPieces<D> tok;
+  int32_t tok_page = 0;
+  if (page_end > page_begin && page_end == row_pages) {
+    n -= p.page_size - p.last_page_len[b];
+    append = p.append_k != nullptr && warp == ((n - 1) / kChunk) % kWarps;
+    if (append) {
+      LoadToken<D>(p, b, kvh, tok);
+      tok_page = p.page_indices[row_first + row_pages - 1];
+    }
+  }
   r.b = b;
   r.kvh = kvh;
   r.n = n;
@@ -230,6 +282,7 @@ __device__ __forceinline__ void BeginRange(const DecodeParams& p, int b, int kvh
     r.qf[ks][0] = gid < G ? *reinterpret_cast<const uint32_t*>(q + ks * 16 + tig * 2) : 0u;
     r.qf[ks][1] = gid < G ? *reinterpret_cast<const uint32_t*>(q + ks * 16 + 8 + tig * 2) : 0u;
   }
+  if (append) StoreToken<D>(p, kvh, tok_page, p.last_page_len[b] - 1, tok);
   int pg[kStages];  // the prologue's page ids, all loads in flight together
 #pragma unroll
   for (int s = 0; s < kStages; ++s) pg[s] = s < r.my_chunks ? LoadPage<D>(p, r, warp + s * kWarps) : -1;
