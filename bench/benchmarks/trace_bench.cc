@@ -192,8 +192,9 @@ absl::StatusOr<RunStats> RunOnce(engine::Engine& e, const ModelShape& shape, Wor
 // Per token step, as the engine's CUDA backend does: the CSR page table and the new-token slots
 // are packed into pinned memory and uploaded with one copy, then FlashInfer's planner runs on the
 // host (charged to the step's wall time, outside the GPU timing). Per layer: one upload of q|k|v,
-// one append launch (kvpool/cuda/append_kv), FlashInfer's attention between two CUDA events (the
-// attention time) writing out straight into mapped pinned host memory as the engine's kernels do
+// one append launch (kvpool/cuda/append_kv) and FlashInfer's attention between two CUDA events (the
+// attention time: the engine's attention launch writes the new tokens itself, so both times
+// cover the append and the attention), FlashInfer writing out straight into mapped pinned host memory as the engine's kernels do
 // (no download), one stream synchronisation.
 absl::StatusOr<RunStats> RunFlashInferOnce(FlashInferArm& arm, kvpool::KvArena& arena, const ModelShape& shape,
                                            WorkloadKind kind, int batch, int num_requests, int warmup, int measured,
@@ -322,9 +323,9 @@ absl::StatusOr<RunStats> RunFlashInferOnce(FlashInferArm& arm, kvpool::KvArena& 
       cudaMemcpyAsync(d_qkv, h_qkv, bq + 2 * bkv, cudaMemcpyHostToDevice, stream);
       ap.arena = arena.layer_data(0);
       ap.first_layer = layer;
+      cudaEventRecord(ev0, stream);
       if (cudaError_t e = kvpool::cuda::LaunchAppendKv(ap, stream); e != cudaSuccess) status = fail(e);
       p.kv = arena.layer_data(layer);
-      cudaEventRecord(ev0, stream);
       if (status.ok()) status = arm.Run(p, stream);
       cudaEventRecord(ev1, stream);
       const auto h1 = std::chrono::steady_clock::now();
