@@ -73,9 +73,9 @@ absl::StatusOr<CudaSlotPtr> CudaSlot::Create(const Options& options) {
   const size_t out_bytes = Align16(q_bytes) + static_cast<size_t>(b) * s.num_q_heads * sizeof(float);
 
   CudaSlotPtr slot(new CudaSlot(options));
-  // [indptr: B + 1 | last, row_splits, partial_offset: B each | slots: 2B | indices | tasks |
+  // [indptr: B + 1 | last, row_splits, partial_offset: B each | indices | tasks |
   //  CTA ranges: one more than the tasks at most (every CTA of a balanced list runs a task)].
-  slot->descriptor_bytes_ = Align16((b + 1) * 4) + 4 * Align16(2 * b * 4) + Align16(options.indices_capacity * 4) +
+  slot->descriptor_bytes_ = Align16((b + 1) * 4) + 3 * Align16(b * 4) + Align16(options.indices_capacity * 4) +
                             Align16(options.tasks_capacity * sizeof(DecodeTask)) +
                             Align16((options.tasks_capacity + 1) * 4);
   cudaStream_t stream = nullptr;
@@ -110,7 +110,9 @@ CudaSlot::~CudaSlot() {
 }
 
 absl::Status CudaSlot::BeginTokenStep(const scheduler::StepPlan& plan, const PageTableCsr& table,
-                                      std::span<const kvpool::SlotAddr> new_slots) {
+                                      std::span<const kvpool::SlotAddr> /*new_slots*/) {
+  // The attention launch appends each row's new token at the end of its last page (its slot), so
+  // the slots themselves are not uploaded.
   const int32_t b = static_cast<int32_t>(table.last_page_len.size());
   // Only the work queue reads a work list; the other routes leave it empty.
   const bool work_queue = plan.kernel == KernelId::kWorkQueue;
@@ -146,8 +148,6 @@ absl::Status CudaSlot::BeginTokenStep(const scheduler::StepPlan& plan, const Pag
   step_.off_last = put(table.last_page_len.data(), table.last_page_len.size() * 4);
   step_.off_row_splits = put(row_splits.data(), row_splits.size() * 4);
   step_.off_partial_offset = put(partial_offset.data(), partial_offset.size() * 4);
-  static_assert(sizeof(kvpool::SlotAddr) == 8);
-  step_.off_slots = put(new_slots.data(), new_slots.size() * sizeof(kvpool::SlotAddr));
   step_.off_indices = put(table.indices.data(), table.indices.size() * 4);
   step_.off_tasks = put(tasks.data(), tasks.size() * sizeof(DecodeTask));
   step_.off_cta_task_begin = put(cta_task_begin.data(), cta_task_begin.size() * 4);
@@ -211,26 +211,6 @@ kernels::DecodeParams CudaSlot::LayerParams(int32_t layer, bool has_lse, void* o
   return p;
 }
 
-kvpool::cuda::AppendKvParams CudaSlot::AppendParams(int32_t layer) const {
-  const kvpool::DeviceKvArena& arena = *options_.arena;
-  const ModelShape& s = arena.shape();
-  const size_t qb = QBytes(), kvb = KvBytes();
-  char* dio = static_cast<char*>(io_device_.get());
-  kvpool::cuda::AppendKvParams ap;
-  ap.arena = options_.arena->layer_data(0);
-  ap.layer_stride = arena.num_pages() * arena.page_elems();
-  ap.num_layers = 1;
-  ap.first_layer = layer;
-  ap.num_kv_heads = s.num_kv_heads;
-  ap.page_size = s.page_size;
-  ap.head_dim = s.head_dim;
-  ap.num_tokens = step_.batch;
-  ap.slots = reinterpret_cast<const int32_t*>(static_cast<char*>(device_descriptor_.get()) + step_.off_slots);
-  ap.k = dio + Align16(qb);
-  ap.v = dio + Align16(qb) + Align16(kvb);
-  return ap;
-}
-
 absl::Status CudaSlot::EnqueueLayer(int32_t layer, bool has_lse, void* out_device) {
   const size_t qb = QBytes(), kvb = KvBytes();
   const size_t v_at = Align16(qb) + Align16(kvb);
@@ -244,9 +224,9 @@ absl::Status CudaSlot::EnqueueLayer(int32_t layer, bool has_lse, void* out_devic
   // The new tokens' K,V are appended by the attention launch itself (DecodeParams::append_k):
   // the warp that reads a row's new token writes it there first.
   kernels::DecodeParams p = LayerParams(layer, has_lse, out_device);
-  const kvpool::cuda::AppendKvParams ap = AppendParams(layer);
-  p.append_k = ap.k;
-  p.append_v = ap.v;
+  char* dio = static_cast<char*>(io_device_.get());
+  p.append_k = dio + Align16(qb);
+  p.append_v = dio + v_at;
   PKV_CUDA_RETURN(cudaEventRecord(start_.get(), stream), "event");
   if (absl::Status st = kernels::cuda::Launch(step_.kernel, p, workspace_.get(), stream); !st.ok()) return st;
   PKV_CUDA_RETURN(cudaEventRecord(stop_.get(), stream), "event");

@@ -2,19 +2,19 @@
 // workspace a layer-step touches besides the arena's pages, and the launch sequence of a layer on
 // them.
 //
-// A slot holds at most one open token step. BeginTokenStep packs the step's page table, new-token
-// slots and the scheduler's work list into the pinned descriptor and uploads it with one copy on the slot's stream;
-// every layer then stages q|k|v into pinned memory (StageInputs), enqueues the q|k|v upload, the
-// append and the attention (EnqueueLayer), waits for the slot's stream only (Synchronize), and
-// hands out the outputs (CopyOutputs) and the device time of its stages (ReadStageTimes). The
-// attention writes out|lse straight into mapped pinned host memory, so no download is issued:
-// the stream synchronisation makes those writes visible to CopyOutputs. Per layer that is one
-// copy, the append and attention launches, two event records, one synchronisation and one
-// elapsed-time query; one layer-step in Options::stage_timing_interval also times the upload and
-// the kernel stage (two more records, two more queries). Everything is allocated by Create and
-// freed by the destructor, which first drains the stream; nothing is allocated per step. The
-// stream is created with the caller's priority (the backend gives slots the device's highest, so
-// decode layers are scheduled ahead of prompt ingest on the arena's stream).
+// A slot holds at most one open token step. BeginTokenStep packs the step's page table and the
+// scheduler's work list into the pinned descriptor and uploads it with one copy on the slot's
+// stream; every layer then stages q|k|v into pinned memory (StageInputs), enqueues the q|k|v upload
+// and the attention launch, which also appends the new tokens' K,V (EnqueueLayer), waits for the
+// slot's stream only (Synchronize), and hands out the outputs (CopyOutputs) and the device time of
+// its stages (ReadStageTimes). The attention writes out|lse straight into mapped pinned host
+// memory, so no download is issued: the stream synchronisation makes those writes visible to
+// CopyOutputs. Per layer that is one copy, one attention launch, two event records, one
+// synchronisation and one elapsed-time query; one layer-step in Options::stage_timing_interval also
+// times the upload and the kernel stage (two more records, two more queries). Everything is
+// allocated by Create and freed by the destructor, which first drains the stream; nothing is
+// allocated per step. The stream is created with the caller's priority (the backend gives slots the
+// device's highest, so decode layers are scheduled ahead of prompt ingest on the arena's stream).
 // Thread-safety: none inside; the backend calls a slot from one thread at a time (RunLayer of a
 // slot never overlaps another call on that slot, engine/backend.h). Different slots share only
 // the arena, whose pages their steps write disjointly, so they run concurrently.
@@ -33,7 +33,6 @@
 #include "engine/backend.h"
 #include "engine/internal/cuda_handles.h"
 #include "kernels/decode_attention.h"
-#include "kvpool/cuda/append_kv.h"
 #include "kvpool/cuda/device_kv_arena.h"
 
 namespace pkv::engine {
@@ -68,7 +67,7 @@ class CudaSlot {
   CudaSlot& operator=(const CudaSlot&) = delete;
 
   // Commits a token step to the slot: waits until the previous step's descriptor upload read the
-  // pinned descriptor, packs [indptr | last | row_splits | partial_offset | slots | indices | tasks |
+  // pinned descriptor, packs [indptr | last | row_splits | partial_offset | indices | tasks |
   // CTA ranges] into it and uploads it. `plan` as the scheduler made it: its kernel, kSequenceSplit's
   // num_splits, kWorkQueue's work list (row_splits, partial_offset, num_partials, tasks and, when
   // balanced, cta_task_begin).
@@ -111,15 +110,13 @@ class CudaSlot {
     int32_t num_partials = 0;
     int32_t num_tasks = 0;
     int32_t num_ctas = 0;  // CTA ranges of a balanced work list (0: strided)
-    size_t off_indptr = 0, off_last = 0, off_row_splits = 0, off_partial_offset = 0, off_slots = 0,
-           off_indices = 0, off_tasks = 0, off_cta_task_begin = 0;
+    size_t off_indptr = 0, off_last = 0, off_row_splits = 0, off_partial_offset = 0, off_indices = 0, off_tasks = 0, off_cta_task_begin = 0;
   };
 
   explicit CudaSlot(const Options& options) : options_(options) {}
   kernels::DecodeParams StepParams(int32_t layer) const;
-  // The arguments of the open token step's layer `layer`: the append launch's, and the attention
-  // launch's (lse written when `has_lse`).
-  kvpool::cuda::AppendKvParams AppendParams(int32_t layer) const;
+  // The attention launch's arguments for the open token step's layer `layer` (lse written when
+  // `has_lse`).
   kernels::DecodeParams LayerParams(int32_t layer, bool has_lse, void* out_device) const;
   size_t QBytes() const;   // q or out of the open step: [B, Hq, d]
   size_t KvBytes() const;  // k or v of the open step: [B, Hkv, d]

@@ -213,30 +213,34 @@ struct TokenPieces {
   uint4 v[kPerLane];
 };
 
+// Lane's piece j of the token: whether it has one, and which (kv: 0 = K, 1 = V; c: its 16 bytes).
+template <int D>
+__device__ __forceinline__ bool TokenPiece(int j, int& kv, int& c) {
+  constexpr int kHalf = D / 8;  // pieces of K (then as many of V)
+  const int i = j * 32 + (threadIdx.x & 31);
+  kv = i / kHalf;
+  c = i % kHalf;
+  return i < TokenPieces<D>::kPieces;
+}
+
 template <int D>
 __device__ __forceinline__ void LoadToken(const DecodeParams& p, int b, int kvh, TokenPieces<D>& tok) {
-  constexpr int kHalf = D / 8;  // pieces of K (then as many of V)
-  const int lane = threadIdx.x & 31;
 #pragma unroll
   for (int j = 0; j < TokenPieces<D>::kPerLane; ++j) {
-    const int i = j * 32 + lane;
-    if (i < TokenPieces<D>::kPieces) {
-      const int kv = i / kHalf, c = i % kHalf;
-      tok.v[j] = static_cast<const uint4*>(kv == 0 ? p.append_k : p.append_v)[(static_cast<int64_t>(b) * p.num_kv_heads + kvh) * kHalf + c];
+    int kv, c;
+    if (TokenPiece<D>(j, kv, c)) {
+      tok.v[j] = static_cast<const uint4*>(kv == 0 ? p.append_k : p.append_v)[(static_cast<int64_t>(b) * p.num_kv_heads + kvh) * (D / 8) + c];
     }
   }
 }
 
 template <int D>
 __device__ __forceinline__ void StoreToken(const DecodeParams& p, int kvh, int32_t page, int slot, const TokenPieces<D>& tok) {
-  constexpr int kHalf = D / 8;
-  const int lane = threadIdx.x & 31;
 #pragma unroll
   for (int j = 0; j < TokenPieces<D>::kPerLane; ++j) {
-    const int i = j * 32 + lane;
-    if (i < TokenPieces<D>::kPieces) {
-      const int kv = i / kHalf, c = i % kHalf;
-      static_cast<uint4*>(const_cast<void*>(p.kv))[(((static_cast<int64_t>(page) * 2 + kv) * p.num_kv_heads + kvh) * p.page_size + slot) * kHalf + c] = tok.v[j];
+    int kv, c;
+    if (TokenPiece<D>(j, kv, c)) {
+      static_cast<uint4*>(const_cast<void*>(p.kv))[(((static_cast<int64_t>(page) * 2 + kv) * p.num_kv_heads + kvh) * p.page_size + slot) * (D / 8) + c] = tok.v[j];
     }
   }
   __syncwarp();
