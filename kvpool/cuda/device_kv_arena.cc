@@ -27,10 +27,8 @@ absl::Status CudaStatus(cudaError_t e, const char* what) {
     if (absl::Status s_ = CudaStatus((expr), what); !s_.ok()) return s_; \
   } while (0)
 
-// One host-to-device copy of merged prompt ingest (DeviceKvArena::IssueLoop): with
-// kPiecesInFlight of them queued at most, a decode upload waits behind about 3 MiB of prompt KV
-// (about 60 us on an H200's PCIe), not behind a whole 64 MiB buffer (over 1 ms).
-constexpr size_t kIngestCopyPieceBytes = 1u << 20;
+// Largest single host-to-device copy of merged prompt ingest (see FlushIngestBuffer).
+constexpr size_t kIngestCopyPieceBytes = 2u << 20;
 
 }  // namespace
 
@@ -74,29 +72,14 @@ absl::StatusOr<std::unique_ptr<DeviceKvArena>> DeviceKvArena::Create(const Model
     PKV_CUDA_RETURN(cudaEventCreateWithFlags(&a->ingest_done_[i], cudaEventDisableTiming), "cudaEventCreate");
   }
   for (auto& packer : a->packers_) packer = std::make_unique<IngestPacker>(shape, o.ingest_bytes);
-  for (cudaEvent_t& e : a->piece_done_) {
-    PKV_CUDA_RETURN(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreate");
-  }
   a->copier_ = std::make_unique<ParallelCopier>(o.ingest_copy_threads);
   a->scratch_bytes_ = o.staging_bytes;
   PKV_CUDA_RETURN(cudaMalloc(&a->scratch_, static_cast<size_t>(a->scratch_bytes_)), "cudaMalloc scratch");
   PKV_CUDA_RETURN(cudaStreamSynchronize(a->stream_), "cudaStreamSynchronize");
-  a->issuer_ = std::thread([arena = a.get()] { arena->IssueLoop(); });
   return a;
 }
 
 DeviceKvArena::~DeviceKvArena() {
-  if (issuer_.joinable()) {
-    {
-      std::lock_guard<std::mutex> lock(ingest_mu_);
-      issuer_stop_ = true;
-    }
-    ingest_cv_.notify_all();
-    issuer_.join();  // after issuing a job still handed to it
-  }
-  for (cudaEvent_t e : piece_done_) {
-    if (e != nullptr) cudaEventDestroy(e);
-  }
   if (stream_ != nullptr) cudaStreamSynchronize(stream_);
   for (int i = 0; i < 2; ++i) {
     if (staging_[i] != nullptr) cudaFreeHost(staging_[i]);
@@ -228,10 +211,22 @@ absl::Status DeviceKvArena::FlushIngestBuffer(std::unique_lock<std::mutex>& lock
     p.data = ingest_device_[cur];
     const int64_t kv_bytes = 2 * packer.num_tokens() * packer.row_bytes();
     packer.Reset();
-    // The issuer copies it in paced pieces; sealing_[cur] stays set until it was issued.
-    PKV_CHECK(!issue_job_.has_value()) << "one ingest buffer seals at a time";
-    issue_job_ = IssueJob{cur, bytes, p, kv_bytes};
+    // In pieces: a decode step's small upload on another stream waits behind at most one piece
+    // of prompt bytes on the copy engine, not behind the whole buffer.
+    for (size_t at = 0; st.ok() && at < bytes; at += kIngestCopyPieceBytes) {
+      st = CudaStatus(cudaMemcpyAsync(static_cast<char*>(ingest_device_[cur]) + at,
+                                      static_cast<const char*>(ingest_host_[cur]) + at,
+                                      std::min(kIngestCopyPieceBytes, bytes - at), cudaMemcpyHostToDevice, stream_),
+                      "ingest H2D");
+    }
+    if (st.ok()) st = CudaStatus(cuda::LaunchScatterRuns(p, stream_), "ingest scatter");
+    if (st.ok()) st = CudaStatus(cudaEventRecord(ingest_done_[cur], stream_), "ingest event");
+    sealing_[cur] = false;
     ingest_cv_.notify_all();
+    if (st.ok()) {
+      staged_stats_.bytes += kv_bytes;
+      ++staged_stats_.copies;
+    }
   }
   if (!st.ok()) {
     ingest_error_ = absl::InternalError(absl::StrCat("merged prompt ingest failed (the arena refuses further "
@@ -239,46 +234,6 @@ absl::Status DeviceKvArena::FlushIngestBuffer(std::unique_lock<std::mutex>& lock
     return ingest_error_;
   }
   return absl::OkStatus();
-}
-
-void DeviceKvArena::IssueLoop() {
-  std::unique_lock<std::mutex> lock(ingest_mu_);
-  for (;;) {
-    ingest_cv_.wait(lock, [&] { return issuer_stop_ || issue_job_.has_value(); });
-    if (!issue_job_.has_value()) return;  // stopped, nothing left to issue
-    const IssueJob job = *issue_job_;
-    issue_job_.reset();
-    lock.unlock();
-    // Copy engines serve the streams' queued copies without regard to stream priority: with the
-    // whole buffer queued, a decode upload waited for all of it. So at most kPiecesInFlight
-    // pieces are queued at once; the next is issued when the oldest has landed.
-    absl::Status st;
-    size_t piece = 0;
-    for (size_t at = 0; st.ok() && at < job.bytes; at += kIngestCopyPieceBytes, ++piece) {
-      cudaEvent_t done = piece_done_[piece % kPiecesInFlight];
-      if (piece >= static_cast<size_t>(kPiecesInFlight)) st = CudaStatus(cudaEventSynchronize(done), "ingest pacing");
-      if (st.ok()) {
-        st = CudaStatus(cudaMemcpyAsync(static_cast<char*>(ingest_device_[job.buffer]) + at,
-                                        static_cast<const char*>(ingest_host_[job.buffer]) + at,
-                                        std::min(kIngestCopyPieceBytes, job.bytes - at), cudaMemcpyHostToDevice,
-                                        stream_),
-                        "ingest H2D");
-      }
-      if (st.ok()) st = CudaStatus(cudaEventRecord(done, stream_), "ingest event");
-    }
-    if (st.ok()) st = CudaStatus(cuda::LaunchScatterRuns(job.scatter, stream_), "ingest scatter");
-    if (st.ok()) st = CudaStatus(cudaEventRecord(ingest_done_[job.buffer], stream_), "ingest event");
-    lock.lock();
-    sealing_[job.buffer] = false;
-    if (st.ok()) {
-      staged_stats_.bytes += job.kv_bytes;
-      ++staged_stats_.copies;
-    } else if (ingest_error_.ok()) {
-      ingest_error_ = absl::InternalError(absl::StrCat("merged prompt ingest failed (the arena refuses further "
-                                                       "staging): ", st.message()));
-    }
-    ingest_cv_.notify_all();
-  }
 }
 
 absl::Status DeviceKvArena::StageTokens(int32_t layer, std::span<const SlotAddr> slots, const PieceBytes& k,
@@ -387,7 +342,6 @@ absl::Status DeviceKvArena::FlushStaged() {
   // was issued, then for the stream. Wait even after an error: the caller may free pages the
   // in-flight scatter writes.
   ingest_cv_.wait(lock, [&] { return !sealing_[0] && !sealing_[1]; });
-  if (st.ok() && !ingest_error_.ok()) st = ingest_error_;  // the issuer failed on a buffer
   const absl::Status sync = CudaStatus(cudaStreamSynchronize(stream_), "ingest sync");
   if (st.ok() && !sync.ok()) {
     ingest_error_ = absl::InternalError(absl::StrCat("merged prompt ingest failed: ", sync.message()));

@@ -19,20 +19,15 @@
 // reserved.
 // Thread-safety: StageTokens, FlushStaged and staged_stats may be called from several threads at
 // once, without the engine lock (their own mutex orders them); everything else is serialised
-// by the engine, like every KvArena. The stream is the arena's own, at the device's lowest
-// priority (decode streams yield to nothing from it): decode layers on the backend's streams only
-// touch pages of steppable sequences, whose ingest FlushStaged completed before they became
-// steppable. A full merged-ingest buffer is issued by the arena's own issuer thread, a few MiB
-// at a time (IssueLoop), so that prompt ingest never has a whole buffer queued on the copy engine
-// ahead of a decode layer's upload.
+// by the engine, like every KvArena. The stream is
+// the arena's own, at the device's lowest priority (decode streams yield to nothing from it): decode layers on the backend's streams only touch pages of steppable
+// sequences, whose ingest FlushStaged completed before they became steppable.
 #pragma once
 
 #include <cuda_runtime_api.h>
 
 #include <condition_variable>
 #include <mutex>
-#include <optional>
-#include <thread>
 
 #include <cstdint>
 #include <memory>
@@ -110,15 +105,10 @@ class DeviceKvArena final : public KvArena {
   DeviceKvArena(const ModelShape& shape, int64_t num_pages) : shape_(shape), num_pages_(num_pages) {}
   absl::Status CheckAccess(int32_t layer, std::span<const SlotAddr> slots) const;
   cuda::AppendKvParams ScratchParams(int32_t layer, int64_t n, int64_t slot_bytes, int64_t row) const;
-  // Switches packing to the other ingest buffer once its previous flush finished, then hands the
-  // current one to the issuer once the copies into it landed (it stays sealing until issued).
-  // Sets the sticky ingest_error_ on failure. `lock` holds ingest_mu_ (released while waiting).
+  // Switches packing to the other ingest buffer once its previous flush finished, then issues the
+  // current one (copy + scatter, async) once the copies into it landed. Sets the sticky
+  // ingest_error_ on failure. `lock` holds ingest_mu_ (released while waiting).
   absl::Status FlushIngestBuffer(std::unique_lock<std::mutex>& lock);
-  // The issuer thread: issues each sealed buffer's host-to-device copy in pieces, never more than
-  // a few pieces queued on the copy engine at once (a decode layer's small upload on another
-  // stream queues behind those, not behind the whole buffer), then its scatter. Runs until
-  // issuer_stop_ with no job left.
-  void IssueLoop();
 
   ModelShape shape_;
   int64_t num_pages_;
@@ -140,17 +130,6 @@ class DeviceKvArena final : public KvArena {
   int copying_[2] = {0, 0};            // StageTokens calls copying rows into each buffer now
   bool sealing_[2] = {false, false};   // a flush waits for the copies into it, then issues it
   absl::Status ingest_error_;
-  struct IssueJob {
-    int buffer = 0;
-    size_t bytes = 0;                  // of the buffer to copy (rows, then the run table)
-    cuda::ScatterRunsParams scatter;
-    int64_t kv_bytes = 0;              // K,V bytes in it (staged_stats_)
-  };
-  std::optional<IssueJob> issue_job_;  // a sealed buffer for the issuer (at most one seals at once)
-  bool issuer_stop_ = false;
-  static constexpr int kPiecesInFlight = 3;
-  cudaEvent_t piece_done_[kPiecesInFlight] = {};  // the issuer's pacing events
-  std::thread issuer_;
   IngestStats staged_stats_;
   std::unique_ptr<ParallelCopier> copier_;  // StageTokens' row copies (thread-safe on its own)
 };
