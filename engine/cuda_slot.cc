@@ -7,6 +7,7 @@
 
 #include "common/log.h"
 #include "kernels/cuda/decode_attention_cuda.h"
+#include "kernels/cuda/host_pull.h"
 
 namespace pkv::engine {
 namespace {
@@ -21,14 +22,7 @@ absl::Status CreateEvent(internal::CudaEvent* event, unsigned flags) {
   return absl::OkStatus();
 }
 
-absl::Status AllocPinned(internal::PinnedBuffer* buffer, size_t bytes, const char* what) {
-  void* p = nullptr;
-  PKV_CUDA_RETURN(cudaMallocHost(&p, bytes), what);
-  buffer->reset(p);
-  return absl::OkStatus();
-}
-
-// Pinned host memory the device writes directly: `*device` is its address in kernels.
+// Pinned host memory kernels read or write directly: `*device` is its address in kernels.
 absl::Status AllocMapped(internal::PinnedBuffer* buffer, void** device, size_t bytes, const char* what) {
   void* p = nullptr;
   PKV_CUDA_RETURN(cudaHostAlloc(&p, bytes, cudaHostAllocMapped), what);
@@ -86,14 +80,18 @@ absl::StatusOr<CudaSlotPtr> CudaSlot::Create(const Options& options) {
   if (absl::Status st = CreateEvent(&slot->uploaded_, cudaEventDisableTiming); !st.ok()) return st;
   if (absl::Status st = CreateEvent(&slot->h2d_start_, cudaEventDefault); !st.ok()) return st;
   if (absl::Status st = CreateEvent(&slot->h2d_done_, cudaEventDefault); !st.ok()) return st;
-  if (absl::Status st = AllocPinned(&slot->host_descriptor_, slot->descriptor_bytes_, "pinned descriptor"); !st.ok()) {
+  if (absl::Status st = AllocMapped(&slot->host_descriptor_, &slot->descriptor_mapped_, slot->descriptor_bytes_,
+                                    "mapped pinned descriptor");
+      !st.ok()) {
     return st;
   }
   if (absl::Status st = AllocDevice(&slot->device_descriptor_, slot->descriptor_bytes_, "device descriptor");
       !st.ok()) {
     return st;
   }
-  if (absl::Status st = AllocPinned(&slot->io_host_, io_bytes, "pinned io"); !st.ok()) return st;
+  if (absl::Status st = AllocMapped(&slot->io_host_, &slot->io_mapped_, io_bytes, "mapped pinned io"); !st.ok()) {
+    return st;
+  }
   if (absl::Status st = AllocDevice(&slot->io_device_, io_bytes, "device io"); !st.ok()) return st;
   if (absl::Status st = AllocMapped(&slot->out_host_, &slot->out_mapped_, out_bytes, "mapped pinned out"); !st.ok()) {
     return st;
@@ -152,8 +150,12 @@ absl::Status CudaSlot::BeginTokenStep(const scheduler::StepPlan& plan, const Pag
   step_.off_tasks = put(tasks.data(), tasks.size() * sizeof(DecodeTask));
   step_.off_cta_task_begin = put(cta_task_begin.data(), cta_task_begin.size() * 4);
   step_.batch = b;
-  PKV_CUDA_RETURN(cudaMemcpyAsync(device_descriptor_.get(), h, off, cudaMemcpyHostToDevice, stream_.get()),
-                  "descriptor upload");
+  // A kernel pulls it up, not a copy engine: those serve prompt ingest's bulk copies first
+  // (kernels/cuda/host_pull.h).
+  if (absl::Status st = kernels::cuda::LaunchHostPull(device_descriptor_.get(), descriptor_mapped_, off, stream_.get());
+      !st.ok()) {
+    return st;
+  }
   PKV_CUDA_RETURN(cudaEventRecord(uploaded_.get(), stream_.get()), "event");
   if (b > 0) return kernels::cuda::CanImplement(plan.kernel, StepParams(0));
   return absl::OkStatus();
@@ -218,8 +220,11 @@ absl::Status CudaSlot::EnqueueLayer(int32_t layer, bool has_lse, void* out_devic
   stages_timed_ = layers_enqueued_ % options_.stage_timing_interval == 0;
   ++layers_enqueued_;
   if (stages_timed_) PKV_CUDA_RETURN(cudaEventRecord(h2d_start_.get(), stream), "event");
-  PKV_CUDA_RETURN(cudaMemcpyAsync(io_device_.get(), io_host_.get(), v_at + kvb, cudaMemcpyHostToDevice, stream),
-                  "q|k|v upload");
+  // Pulled by a kernel on this high-priority stream, so it never waits behind prompt ingest's
+  // copies on a copy engine (kernels/cuda/host_pull.h).
+  if (absl::Status st = kernels::cuda::LaunchHostPull(io_device_.get(), io_mapped_, v_at + kvb, stream); !st.ok()) {
+    return st;
+  }
   if (stages_timed_) PKV_CUDA_RETURN(cudaEventRecord(h2d_done_.get(), stream), "event");
   // The new tokens' K,V are appended by the attention launch itself (DecodeParams::append_k):
   // the warp that reads a row's new token writes it there first.

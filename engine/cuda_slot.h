@@ -3,18 +3,20 @@
 // them.
 //
 // A slot holds at most one open token step. BeginTokenStep packs the step's page table and the
-// scheduler's work list into the pinned descriptor and uploads it with one copy on the slot's
-// stream; every layer then stages q|k|v into pinned memory (StageInputs), enqueues the q|k|v upload
-// and the attention launch, which also appends the new tokens' K,V (EnqueueLayer), waits for the
-// slot's stream only (Synchronize), and hands out the outputs (CopyOutputs) and the device time of
-// its stages (ReadStageTimes). The attention writes out|lse straight into mapped pinned host
-// memory, so no download is issued: the stream synchronisation makes those writes visible to
-// CopyOutputs. Per layer that is one copy, one attention launch, two event records, one
-// synchronisation and one elapsed-time query; one layer-step in Options::stage_timing_interval also
-// times the upload and the kernel stage (two more records, two more queries). Everything is
-// allocated by Create and freed by the destructor, which first drains the stream; nothing is
-// allocated per step. The stream is created with the caller's priority (the backend gives slots the
-// device's highest, so decode layers are scheduled ahead of prompt ingest on the arena's stream).
+// scheduler's work list into the pinned descriptor and uploads it on the slot's stream (a small
+// kernel pulls it from mapped pinned memory; the q|k|v upload likewise, so decode never waits
+// behind prompt ingest on a copy engine, kernels/cuda/host_pull.h); every layer then stages q|k|v
+// into pinned memory (StageInputs), enqueues the q|k|v upload and the attention launch, which also
+// appends the new tokens' K,V (EnqueueLayer), waits for the slot's stream only (Synchronize), and
+// hands out the outputs (CopyOutputs) and the device time of its stages (ReadStageTimes). The
+// attention writes out|lse straight into mapped pinned host memory, so no download is issued: the
+// stream synchronisation makes those writes visible to CopyOutputs. Per layer that is one upload,
+// one attention launch, two event records, one synchronisation and one elapsed-time query; one
+// layer-step in Options::stage_timing_interval also times the upload and the kernel stage (two more
+// records, two more queries). Everything is allocated by Create and freed by the destructor, which
+// first drains the stream; nothing is allocated per step. The stream is created with the caller's
+// priority (the backend gives slots the device's highest, so decode layers are scheduled ahead of
+// prompt ingest on the arena's stream).
 // Thread-safety: none inside; the backend calls a slot from one thread at a time (RunLayer of a
 // slot never overlaps another call on that slot, engine/backend.h). Different slots share only
 // the arena, whose pages their steps write disjointly, so they run concurrently.
@@ -130,9 +132,13 @@ class CudaSlot {
   // and attention.
   internal::CudaEvent h2d_start_, h2d_done_;
   internal::CudaEvent uploaded_;       // the descriptor upload read `host_descriptor_`
+  // The descriptor and q|k|v are written by the host into mapped pinned memory and pulled into
+  // their device twins by a kernel on the slot's stream (kernels/cuda/host_pull.h).
   internal::PinnedBuffer host_descriptor_;
+  void* descriptor_mapped_ = nullptr;  // its device address
   internal::DeviceBuffer device_descriptor_;  // its device twin
   internal::PinnedBuffer io_host_;      // q | k | v  [B, Hq, d] | [B, Hkv, d] | [B, Hkv, d]
+  void* io_mapped_ = nullptr;           // its device address
   internal::DeviceBuffer io_device_;    // its device twin
   // out | lse  [B, Hq, d] | [B, Hq] fp32: mapped pinned memory the kernels write through
   // `out_mapped_` (its device address); no device twin, no download.

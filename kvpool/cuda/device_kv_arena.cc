@@ -27,9 +27,6 @@ absl::Status CudaStatus(cudaError_t e, const char* what) {
     if (absl::Status s_ = CudaStatus((expr), what); !s_.ok()) return s_; \
   } while (0)
 
-// Largest single host-to-device copy of merged prompt ingest (see FlushIngestBuffer).
-constexpr size_t kIngestCopyPieceBytes = 2u << 20;
-
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<DeviceKvArena>> DeviceKvArena::Create(const ModelShape& shape, const Options& o) {
@@ -211,14 +208,11 @@ absl::Status DeviceKvArena::FlushIngestBuffer(std::unique_lock<std::mutex>& lock
     p.data = ingest_device_[cur];
     const int64_t kv_bytes = 2 * packer.num_tokens() * packer.row_bytes();
     packer.Reset();
-    // In pieces: a decode step's small upload on another stream waits behind at most one piece
-    // of prompt bytes on the copy engine, not behind the whole buffer.
-    for (size_t at = 0; st.ok() && at < bytes; at += kIngestCopyPieceBytes) {
-      st = CudaStatus(cudaMemcpyAsync(static_cast<char*>(ingest_device_[cur]) + at,
-                                      static_cast<const char*>(ingest_host_[cur]) + at,
-                                      std::min(kIngestCopyPieceBytes, bytes - at), cudaMemcpyHostToDevice, stream_),
-                      "ingest H2D");
-    }
+    // One copy of the whole buffer. A copy engine serves it without regard to stream priority,
+    // however finely it is cut, so the engine's decode path uploads its inputs with a kernel and
+    // never queues behind it.
+    st = CudaStatus(cudaMemcpyAsync(ingest_device_[cur], ingest_host_[cur], bytes, cudaMemcpyHostToDevice, stream_),
+                    "ingest H2D");
     if (st.ok()) st = CudaStatus(cuda::LaunchScatterRuns(p, stream_), "ingest scatter");
     if (st.ok()) st = CudaStatus(cudaEventRecord(ingest_done_[cur], stream_), "ingest event");
     sealing_[cur] = false;

@@ -8,9 +8,9 @@
 // through double-buffered pinned staging, one cudaMemcpyAsync per run of consecutive physical
 // pages per layer, and reports its bandwidth. StageTokens/FlushStaged are the merged WriteKV path:
 // chunks of any sequences are packed (kvpool/ingest_staging.h) into one of two pinned ingest
-// buffers; a full buffer is flushed as a host->device copy of [K,V rows | run table] (in 2 MiB
-// pieces, so that a decode upload never queues behind a whole buffer on the copy engine) plus one
-// scatter launch on the arena's stream while the other buffer fills; FlushStaged flushes and
+// buffers; a full buffer is flushed as one host->device copy of [K,V rows | run table] (a copy
+// engine serves it without regard to stream priority, so the engine's decode path does not use
+// the copy engines for its uploads) plus one scatter launch on the arena's stream while the other buffer fills; FlushStaged flushes and
 // synchronises that stream. Packing is the host's share of the bandwidth (one core's memcpy is a
 // fraction of what the copy engine takes), so concurrent StageTokens calls copy their rows in
 // parallel: each reserves its room under the mutex and copies without it, spread over the
@@ -19,9 +19,10 @@
 // reserved.
 // Thread-safety: StageTokens, FlushStaged and staged_stats may be called from several threads at
 // once, without the engine lock (their own mutex orders them); everything else is serialised
-// by the engine, like every KvArena. The stream is
-// the arena's own, at the device's lowest priority (decode streams yield to nothing from it): decode layers on the backend's streams only touch pages of steppable
-// sequences, whose ingest FlushStaged completed before they became steppable.
+// by the engine, like every KvArena. The stream is the arena's own, at the device's lowest
+// priority (the scatter's CTAs yield to decode kernels): decode layers on the backend's streams
+// only touch pages of steppable sequences, whose ingest FlushStaged completed before they became
+// steppable.
 #pragma once
 
 #include <cuda_runtime_api.h>

@@ -1,7 +1,8 @@
 // GPU tests of kernels/cuda: every route against an independent double-precision host reference
 // and the CPU executable specification (kernels/reference), on random normal data with scattered
 // (randomly permuted) pages, partial last pages, empty rows and empty splits. Outputs are poisoned
-// with NaN first, so an unwritten element fails. Skipped without a GPU.
+// with NaN first, so an unwritten element fails. Also the kernel-driven host-to-device copy
+// (host_pull.h). Skipped without a GPU.
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
@@ -16,6 +17,7 @@
 #include "common/dtype.h"
 #include "gtest/gtest.h"
 #include "kernels/cuda/decode_attention_cuda.h"
+#include "kernels/cuda/host_pull.h"
 #include "kernels/reference/paged_decode.h"
 #include "scheduler/step_plan.h"
 #include "scheduler/work_list.h"
@@ -441,6 +443,61 @@ TEST(DecodeAttentionCudaContract, CanImplementRejects) {
   EXPECT_FALSE(CanImplement(KernelId::kPerRequest, p).ok());
   p.page_size = 16;
   EXPECT_FALSE(CanImplement(KernelId::kReference, p).ok());
+}
+
+// LaunchHostPull copies mapped pinned host bytes exactly (random bytes, sizes from one 16-byte
+// piece to several MiB, partial CTAs included) and writes nothing past `bytes`.
+TEST(HostPullTest, CopiesMappedHostBytes) {
+  if (!HaveGpu()) GTEST_SKIP() << "no CUDA device";
+  std::mt19937 rng(20261204);
+  cudaStream_t stream = nullptr;
+  int least = 0, greatest = 0;
+  CUDA_OK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+  CUDA_OK(cudaStreamCreateWithPriority(&stream, cudaStreamNonBlocking, greatest));
+  constexpr size_t kGuard = 4096;
+  for (const size_t bytes : {size_t{16}, size_t{4096}, size_t{16400}, size_t{99984}, size_t{3} << 20}) {
+    SCOPED_TRACE(bytes);
+    void* host = nullptr;
+    void* mapped = nullptr;
+    CUDA_OK(cudaHostAlloc(&host, bytes, cudaHostAllocMapped));
+    CUDA_OK(cudaHostGetDevicePointer(&mapped, host, 0));
+    auto* h = static_cast<uint8_t*>(host);
+    for (size_t i = 0; i < bytes; ++i) h[i] = static_cast<uint8_t>(rng());
+    DevBuf dst;
+    CUDA_OK(dst.Alloc(bytes + kGuard));
+    CUDA_OK(cudaMemset(dst.ptr, 0xA5, bytes + kGuard));
+    ASSERT_TRUE(LaunchHostPull(dst.ptr, mapped, bytes, stream).ok());
+    CUDA_OK(cudaStreamSynchronize(stream));
+    std::vector<uint8_t> got(bytes + kGuard);
+    CUDA_OK(cudaMemcpy(got.data(), dst.ptr, got.size(), cudaMemcpyDeviceToHost));
+    size_t wrong = 0;
+    for (size_t i = 0; i < bytes; ++i) wrong += got[i] != h[i];
+    size_t overrun = 0;
+    for (size_t i = bytes; i < got.size(); ++i) overrun += got[i] != 0xA5;
+    EXPECT_EQ(wrong, 0u);
+    EXPECT_EQ(overrun, 0u);
+    CUDA_OK(cudaFreeHost(host));
+  }
+  CUDA_OK(cudaStreamDestroy(stream));
+}
+
+// Misaligned pointers or a size that is not a multiple of 16 are refused before any launch.
+TEST(HostPullTest, RejectsMisaligned) {
+  if (!HaveGpu()) GTEST_SKIP() << "no CUDA device";
+  void* host = nullptr;
+  void* mapped = nullptr;
+  CUDA_OK(cudaHostAlloc(&host, 256, cudaHostAllocMapped));
+  CUDA_OK(cudaHostGetDevicePointer(&mapped, host, 0));
+  DevBuf dst;
+  CUDA_OK(dst.Alloc(256));
+  EXPECT_EQ(LaunchHostPull(dst.ptr, mapped, 24, nullptr).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(LaunchHostPull(dst.ptr, static_cast<char*>(mapped) + 8, 32, nullptr).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(LaunchHostPull(static_cast<char*>(dst.ptr) + 4, mapped, 32, nullptr).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(LaunchHostPull(dst.ptr, mapped, 0, nullptr).ok());
+  CUDA_OK(cudaDeviceSynchronize());
+  CUDA_OK(cudaFreeHost(host));
 }
 
 }  // namespace
