@@ -50,6 +50,24 @@ struct LayerRunInfo {
   double kernel_seconds = 0;
   double d2h_seconds = 0;
   bool attention_skipped = false;  // SkipAttention: no KV written, no attention, zero outputs
+  // The device read q, k and v from, and wrote LayerBuffers::out_copy into, registered host
+  // memory itself (RegisterHostMemory). False: the caller copies the outputs to out_copy.
+  bool in_place = false;
+};
+
+// One layer's tensors for RunLayer: host addresses, model dtype.
+struct LayerBuffers {
+  const void* q = nullptr;  // [B, Hq, d]
+  const void* k = nullptr;  // [B, Hkv, d] the rows' new tokens
+  const void* v = nullptr;  // [B, Hkv, d]
+  void* out = nullptr;      // [B, Hq, d]
+  // The device address of `out` when it is a block of output_memory() (the kernels then write it
+  // directly), else null.
+  void* out_device = nullptr;
+  // [B, Hq, d] host memory the outputs also go to, or null: written by the device when it lies in
+  // registered host memory (LayerRunInfo::in_place), else left to the caller.
+  void* out_copy = nullptr;
+  float* lse = nullptr;  // [B, Hq] or null
 };
 
 // One token step's page table in CSR form (host memory), shared by all of its layers.
@@ -81,15 +99,24 @@ class ExecutionBackend {
       const scheduler::StepPlan& plan, const PageTableCsr& table,
       std::span<const kvpool::SlotAddr> new_slots) = 0;
 
-  // One layer of an open token step (concurrency: see the file comment): writes `k`, `v`
-  // [B, Hkv, d] into the rows' new-token slots, then runs attention of `q` [B, Hq, d] into `out`
-  // [B, Hq, d] (host buffers, model dtype) and `lse` [B, Hq] when not null. `out_device`: the
-  // device address of `out` when it is a block of output_memory() (the kernels then write it
-  // directly), else null. `info` (not null) receives the attention's device time and the layer's
-  // stage times.
-  [[nodiscard]] virtual absl::Status RunLayer(int32_t slot, int32_t layer, const void* q,
-                                              const void* k, const void* v, void* out, void* out_device,
-                                              float* lse, LayerRunInfo* info) = 0;
+  // One layer of an open token step (concurrency: see the file comment): writes `io.k`, `io.v`
+  // into the rows' new-token slots, then runs attention of `io.q` into `io.out` (and `io.out_copy`
+  // where the device can write it, see LayerBuffers) and `io.lse` when not null. `info` (not null)
+  // receives the attention's device time and the layer's stage times.
+  [[nodiscard]] virtual absl::Status RunLayer(int32_t slot, int32_t layer, const LayerBuffers& io,
+                                              LayerRunInfo* info) = 0;
+
+  // Lets the device read a layer's q, k, v from, and write its out_copy into, host memory
+  // [base, base + bytes) in place, with no host copy (a router's shared-memory region): OK when
+  // registered; UNIMPLEMENTED for a backend without a device of its own; another error when the
+  // memory cannot be registered. Layers whose tensors lie elsewhere are copied as before. Undone
+  // by UnregisterHostMemory(base), before the memory is unmapped and while no RunLayer reads or
+  // writes it. Both may be called from any thread, concurrently with RunLayer.
+  [[nodiscard]] virtual absl::Status RegisterHostMemory(void* base, size_t bytes) {
+    (void)base, (void)bytes;
+    return absl::UnimplementedError("this backend reads and writes host memory directly");
+  }
+  virtual void UnregisterHostMemory(void* base) { (void)base; }
 
   // Memory the engine's output buffers come from while it has room (see engine/output_pool.h),
   // or null (heap only). Owned by the backend.

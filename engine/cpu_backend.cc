@@ -52,16 +52,16 @@ class CpuBackend final : public ExecutionBackend {
     return absl::ResourceExhaustedError("no free descriptor slot");
   }
 
-  absl::Status RunLayer(int32_t slot, int32_t layer, const void* q, const void* k, const void* v,
-                        void* out, void* out_device, float* lse, LayerRunInfo* info) override {
-    (void)out_device;  // no output memory of its own: `out` is always host memory
+  absl::Status RunLayer(int32_t slot, int32_t layer, const LayerBuffers& io, LayerRunInfo* info) override {
+    // No output memory of its own (`out` is always host memory) and no registered memory (the
+    // engine copies to io.out_copy).
     PKV_CHECK(slot >= 0 && slot < kSlots && slots_[slot].used) << "bad descriptor slot " << slot;
     const Slot& d = slots_[slot];
     // No copies on the host: the kernel stage is the KV write plus the reference kernel.
     *info = LayerRunInfo{};
     const auto t_write = std::chrono::steady_clock::now();
     if (!d.new_slots.empty()) {
-      if (auto s = arena_->WriteTokens(layer, d.new_slots, k, v); !s.ok()) return s;
+      if (auto s = arena_->WriteTokens(layer, d.new_slots, io.k, io.v); !s.ok()) return s;
     }
     const ModelShape& s = arena_->shape();
     kernels::DecodeParams p;
@@ -72,14 +72,14 @@ class CpuBackend final : public ExecutionBackend {
     p.head_dim = s.head_dim;
     p.page_size = s.page_size;
     p.sm_scale = 1.0f / std::sqrt(static_cast<float>(s.head_dim));
-    p.q = q;
+    p.q = io.q;
     p.kv = arena_->layer_data(layer);
     p.num_pages = arena_->num_pages();
     p.page_indptr = d.table.indptr.data();
     p.page_indices = d.table.indices.data();
     p.last_page_len = d.table.last_page_len.data();
-    p.out = out;
-    p.lse = lse;
+    p.out = io.out;
+    p.lse = io.lse;
     const auto t0 = std::chrono::steady_clock::now();
     absl::Status st = kernels::reference::Launch(p, nullptr, nullptr, num_threads_);
     const auto t1 = std::chrono::steady_clock::now();

@@ -11,6 +11,7 @@
 #include <chrono>
 #include <memory>
 #include <mutex>
+#include <shared_mutex>
 #include <string>
 #include <vector>
 
@@ -170,24 +171,79 @@ class CudaBackend final : public ExecutionBackend {
     return id;
   }
 
-  absl::Status RunLayer(int32_t id, int32_t layer, const void* q, const void* k, const void* v, void* out,
-                        void* out_device, float* lse, LayerRunInfo* info) override {
+  absl::Status RunLayer(int32_t id, int32_t layer, const LayerBuffers& io, LayerRunInfo* info) override {
     PKV_CHECK(id >= 0 && id < static_cast<int32_t>(slots_.size()) && slots_[id].used) << "bad slot " << id;
     CudaSlot& slot = *slots_[id].slot;
     const auto t0 = std::chrono::steady_clock::now();
-    slot.StageInputs(q, k, v);
+    // In place when q, k, v and out_copy all lie in registered host memory: the upload reads the
+    // caller's bytes and the kernels write out_copy too, with no host copy either way.
+    const ModelShape& s = arena_->shape();
+    const size_t rows = slot.batch();
+    const size_t q_bytes = rows * s.num_q_heads * s.head_dim * DTypeSize(s.dtype);
+    const size_t kv_bytes = rows * s.num_kv_heads * s.head_dim * DTypeSize(s.dtype);
+    CudaSlot::InputAddresses in_place;
+    void* out_copy_device = nullptr;
+    {
+      std::shared_lock<std::shared_mutex> lock(registered_mu_);
+      if (io.out_copy != nullptr && !registered_.empty()) {
+        in_place.q = RegisteredDeviceAddress(io.q, q_bytes);
+        in_place.k = RegisteredDeviceAddress(io.k, kv_bytes);
+        in_place.v = RegisteredDeviceAddress(io.v, kv_bytes);
+        out_copy_device = const_cast<void*>(RegisteredDeviceAddress(io.out_copy, q_bytes));
+      }
+    }
+    info->in_place = in_place.q != nullptr && in_place.k != nullptr && in_place.v != nullptr && out_copy_device != nullptr;
+    if (!info->in_place) {
+      out_copy_device = nullptr;
+      slot.StageInputs(io.q, io.k, io.v);
+    }
     // Outputs in a block of output_memory() are written there by the kernels; others are copied
     // out of the slot's buffer.
-    if (absl::Status st = slot.EnqueueLayer(layer, lse != nullptr, out_device); !st.ok()) return st;
+    if (absl::Status st = slot.EnqueueLayer(layer, io.lse != nullptr, io.out_device, info->in_place ? &in_place : nullptr,
+                                            out_copy_device);
+        !st.ok()) {
+      return st;
+    }
     const auto enqueued = std::chrono::steady_clock::now();
     if (absl::Status st = slot.Synchronize(); !st.ok()) return st;
     const auto synced = std::chrono::steady_clock::now();
-    slot.CopyOutputs(out_device != nullptr ? nullptr : out, lse);
-    if (absl::Status st = slot.ReadStageTimes(info); !st.ok()) return st;
+    slot.CopyOutputs(io.out_device != nullptr ? nullptr : io.out, io.lse);
+    if (absl::Status st = slot.ReadStageTimes(info); !st.ok()) return st;  // leaves in_place
     // Host work: staging and launching before the wait, copying the outputs out after it.
     info->host_seconds = std::chrono::duration<double>(enqueued - t0).count() +
                          std::chrono::duration<double>(std::chrono::steady_clock::now() - synced).count();
     return absl::OkStatus();
+  }
+
+  absl::Status RegisterHostMemory(void* base, size_t bytes) override {
+    if (base == nullptr || bytes == 0) return absl::InvalidArgumentError("RegisterHostMemory: empty range");
+    std::unique_lock<std::shared_mutex> lock(registered_mu_);
+    for (const Registered& r : registered_) {
+      if (r.begin == base) return absl::AlreadyExistsError("RegisterHostMemory: already registered");
+    }
+    // Mapped (a device address of its own) and portable; pinning takes time in proportion to the
+    // bytes, once per region.
+    PKV_CUDA_RETURN(cudaHostRegister(base, bytes, cudaHostRegisterMapped | cudaHostRegisterPortable),
+                    "registering host memory");
+    void* device = nullptr;
+    if (const cudaError_t e = cudaHostGetDevicePointer(&device, base, 0); e != cudaSuccess) {
+      cudaHostUnregister(base);
+      return absl::InternalError(absl::StrCat("cuda backend: registered host memory: ", cudaGetErrorString(e)));
+    }
+    registered_.push_back(Registered{static_cast<char*>(base), bytes, static_cast<char*>(device)});
+    return absl::OkStatus();
+  }
+
+  void UnregisterHostMemory(void* base) override {
+    std::unique_lock<std::shared_mutex> lock(registered_mu_);
+    for (size_t i = 0; i < registered_.size(); ++i) {
+      if (registered_[i].begin != base) continue;
+      if (const cudaError_t e = cudaHostUnregister(base); e != cudaSuccess) {
+        PKV_LOG(WARNING) << "cuda backend: unregistering host memory: " << cudaGetErrorString(e);
+      }
+      registered_.erase(registered_.begin() + static_cast<std::ptrdiff_t>(i));
+      return;
+    }
   }
 
   void EndTokenStep(int32_t id) override {
@@ -236,8 +292,31 @@ class CudaBackend final : public ExecutionBackend {
     return absl::OkStatus();
   }
 
+  // A block of host memory registered with CUDA: [begin, begin + bytes), `device` its address in
+  // kernels.
+  struct Registered {
+    char* begin;
+    size_t bytes;
+    char* device;
+  };
+
+  // The device address of host bytes [p, p + bytes) when they lie in one registered block and are
+  // 16-byte aligned, else null. Caller holds registered_mu_.
+  const void* RegisteredDeviceAddress(const void* p, size_t bytes) const {
+    const char* c = static_cast<const char*>(p);
+    if (c == nullptr || reinterpret_cast<uintptr_t>(c) % 16 != 0) return nullptr;
+    for (const Registered& r : registered_) {
+      if (c >= r.begin && bytes <= r.bytes && static_cast<size_t>(c - r.begin) <= r.bytes - bytes) {
+        return r.device + (c - r.begin);
+      }
+    }
+    return nullptr;
+  }
+
   // Declared first: destroyed after the slots, whose streams' last work may touch its pages.
   std::unique_ptr<kvpool::DeviceKvArena> arena_;
+  std::shared_mutex registered_mu_;  // registered_: written by (Un)RegisterHostMemory, read by RunLayer
+  std::vector<Registered> registered_;
   // Before the slots: destroyed after them (their streams drain first); blocks still in use keep
   // their slabs alive.
   std::unique_ptr<PinnedOutputMemory> output_memory_;

@@ -213,25 +213,32 @@ kernels::DecodeParams CudaSlot::LayerParams(int32_t layer, bool has_lse, void* o
   return p;
 }
 
-absl::Status CudaSlot::EnqueueLayer(int32_t layer, bool has_lse, void* out_device) {
+absl::Status CudaSlot::EnqueueLayer(int32_t layer, bool has_lse, void* out_device, const InputAddresses* inputs,
+                                    void* out_copy_device) {
   const size_t qb = QBytes(), kvb = KvBytes();
-  const size_t v_at = Align16(qb) + Align16(kvb);
+  const size_t k_at = Align16(qb), v_at = k_at + Align16(kvb);
   cudaStream_t stream = stream_.get();
   stages_timed_ = layers_enqueued_ % options_.stage_timing_interval == 0;
   ++layers_enqueued_;
   if (stages_timed_) PKV_CUDA_RETURN(cudaEventRecord(h2d_start_.get(), stream), "event");
   // Pulled by a kernel on this high-priority stream, so it never waits behind prompt ingest's
-  // copies on a copy engine (kernels/cuda/host_pull.h).
-  if (absl::Status st = kernels::cuda::LaunchHostPull(io_device_.get(), io_mapped_, v_at + kvb, stream); !st.ok()) {
-    return st;
+  // copies on a copy engine (kernels/cuda/host_pull.h): from the staged io buffer in one piece,
+  // or from the caller's registered memory in three.
+  char* dio = static_cast<char*>(io_device_.get());
+  if (inputs == nullptr) {
+    if (absl::Status st = kernels::cuda::LaunchHostPull(dio, io_mapped_, v_at + kvb, stream); !st.ok()) return st;
+  } else {
+    const kernels::cuda::HostPullPiece pieces[3] = {
+        {dio, inputs->q, qb}, {dio + k_at, inputs->k, kvb}, {dio + v_at, inputs->v, kvb}};
+    if (absl::Status st = kernels::cuda::LaunchHostPull(pieces, 3, stream); !st.ok()) return st;
   }
   if (stages_timed_) PKV_CUDA_RETURN(cudaEventRecord(h2d_done_.get(), stream), "event");
   // The new tokens' K,V are appended by the attention launch itself (DecodeParams::append_k):
   // the warp that reads a row's new token writes it there first.
   kernels::DecodeParams p = LayerParams(layer, has_lse, out_device);
-  char* dio = static_cast<char*>(io_device_.get());
-  p.append_k = dio + Align16(qb);
+  p.append_k = dio + k_at;
   p.append_v = dio + v_at;
+  p.out_copy = out_copy_device;
   PKV_CUDA_RETURN(cudaEventRecord(start_.get(), stream), "event");
   if (absl::Status st = kernels::cuda::Launch(step_.kernel, p, workspace_.get(), stream); !st.ok()) return st;
   PKV_CUDA_RETURN(cudaEventRecord(stop_.get(), stream), "event");

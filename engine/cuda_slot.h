@@ -6,7 +6,8 @@
 // scheduler's work list into the pinned descriptor and uploads it on the slot's stream (a small
 // kernel pulls it from mapped pinned memory; the q|k|v upload likewise, so decode never waits
 // behind prompt ingest on a copy engine, kernels/cuda/host_pull.h); every layer then stages q|k|v
-// into pinned memory (StageInputs), enqueues the q|k|v upload and the attention launch, which also
+// into pinned memory (StageInputs; not when they lie in host memory registered with CUDA, where
+// the upload reads them in place), enqueues the q|k|v upload and the attention launch, which also
 // appends the new tokens' K,V (EnqueueLayer), waits for the slot's stream only (Synchronize), and
 // hands out the outputs (CopyOutputs) and the device time of its stages (ReadStageTimes). The
 // attention writes out|lse straight into mapped pinned host memory, so no download is issued: the
@@ -78,16 +79,28 @@ class CudaSlot {
   [[nodiscard]] absl::Status BeginTokenStep(const scheduler::StepPlan& plan, const PageTableCsr& table,
                                             std::span<const kvpool::SlotAddr> new_slots);
 
+  // Rows of the open token step.
+  int32_t batch() const { return step_.batch; }
   // Copies the layer's inputs (host, model dtype) into the pinned io buffer: `q` [B, Hq, d],
   // `k`, `v` [B, Hkv, d].
   void StageInputs(const void* q, const void* k, const void* v);
 
-  // Enqueues one layer on the stream: q|k|v upload (staged by StageInputs), append, the route's
-  // attention between the timing events, writing out to `out_device` (mapped pinned host memory
-  // of the caller's, [B, Hq, d]) or, when it is null, into the slot's mapped host buffer, and lse
-  // (when `has_lse`) into the slot's. Every stage_timing_interval-th call of the slot (the first
-  // included) also brackets the upload and the append + attention with events.
-  [[nodiscard]] absl::Status EnqueueLayer(int32_t layer, bool has_lse, void* out_device);
+  // Device addresses of a layer's q, k, v in host memory registered with CUDA (each 16-byte
+  // aligned), for EnqueueLayer to pull from where the caller wrote them.
+  struct InputAddresses {
+    const void* q = nullptr;
+    const void* k = nullptr;
+    const void* v = nullptr;
+  };
+  // Enqueues one layer on the stream: q|k|v upload (from `inputs`, or when it is null from what
+  // StageInputs staged), append, the route's attention between the timing events, writing out to
+  // `out_device` (mapped pinned host memory of the caller's, [B, Hq, d]) or, when it is null,
+  // into the slot's mapped host buffer, and also to `out_copy_device` when not null (registered
+  // host memory, [B, Hq, d]), and lse (when `has_lse`) into the slot's. Every
+  // stage_timing_interval-th call of the slot (the first included) also brackets the upload and
+  // the append + attention with events.
+  [[nodiscard]] absl::Status EnqueueLayer(int32_t layer, bool has_lse, void* out_device, const InputAddresses* inputs,
+                                          void* out_copy_device);
 
   // Waits for this slot's stream only; other slots' layers keep running.
   [[nodiscard]] absl::Status Synchronize();

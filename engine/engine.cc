@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstring>
 
 #include "absl/container/flat_hash_set.h"
 #include "absl/hash/hash.h"
@@ -187,6 +188,26 @@ Engine::~Engine() {
   // Callers stop stepping first; a layer still running would use the backend being destroyed.
   std::unique_lock<std::mutex> lock(mu_);
   layer_finished_.wait(lock, [&] { return layers_in_flight_ == 0; });
+  std::lock_guard<std::mutex> registrations(registrations_->mu);
+  for (void* base : registrations_->bases) backend_->UnregisterHostMemory(base);
+  registrations_->bases.clear();
+  registrations_->backend = nullptr;
+}
+
+absl::StatusOr<std::shared_ptr<void>> Engine::RegisterHostMemory(void* base, size_t bytes) {
+  {
+    std::lock_guard<std::mutex> lock(registrations_->mu);
+    PKV_RETURN_IF_ERROR(backend_->RegisterHostMemory(base, bytes));
+    registrations_->backend = backend_.get();
+    registrations_->bases.push_back(base);
+  }
+  return std::shared_ptr<void>(base, [registrations = registrations_](void* p) {
+    std::lock_guard<std::mutex> lock(registrations->mu);
+    auto it = std::find(registrations->bases.begin(), registrations->bases.end(), p);
+    if (registrations->backend == nullptr || it == registrations->bases.end()) return;  // the engine is gone
+    registrations->backend->UnregisterHostMemory(p);
+    registrations->bases.erase(it);
+  });
 }
 
 absl::Status Engine::ValidateTensors(const StepInput& in) const {
@@ -194,6 +215,7 @@ absl::Status Engine::ValidateTensors(const StepInput& in) const {
   PKV_RETURN_IF_ERROR(CheckTensorBytes("q", in.q.size(), b, shape_.num_q_heads, shape_));
   PKV_RETURN_IF_ERROR(CheckTensorBytes("k", in.k.size(), b, shape_.num_kv_heads, shape_));
   PKV_RETURN_IF_ERROR(CheckTensorBytes("v", in.v.size(), b, shape_.num_kv_heads, shape_));
+  if (!in.out_copy.empty()) PKV_RETURN_IF_ERROR(CheckTensorBytes("out_copy", in.out_copy.size(), b, shape_.num_q_heads, shape_));
   if (limits_.check_finite) {
     PKV_RETURN_IF_ERROR(CheckFinite("q", in.q, shape_.num_q_heads));
     PKV_RETURN_IF_ERROR(CheckFinite("k", in.k, shape_.num_kv_heads));
@@ -458,11 +480,21 @@ absl::StatusOr<StepOutput> Engine::RunLayer(std::unique_lock<std::mutex>& lock, 
   std::chrono::steady_clock::duration in_backend{};
   if (b > 0) {
     const auto t0 = std::chrono::steady_clock::now();
-    run = backend_->RunLayer(slot, in.layer, in.q.data(), in.k.data(), in.v.data(), out.data, out.device,
-                             in.want_lse ? result.lse.data() : nullptr, &info);
+    LayerBuffers io;
+    io.q = in.q.data();
+    io.k = in.k.data();
+    io.v = in.v.data();
+    io.out = out.data;
+    io.out_device = out.device;
+    io.out_copy = in.out_copy.empty() ? nullptr : in.out_copy.data();
+    io.lse = in.want_lse ? result.lse.data() : nullptr;
+    run = backend_->RunLayer(slot, in.layer, io, &info);
+    // Not written by the device: copied here, still outside the engine lock.
+    if (run.ok() && io.out_copy != nullptr && !info.in_place) std::memcpy(io.out_copy, out.data, in.out_copy.size());
     in_backend = std::chrono::steady_clock::now() - t0;
     result.attend_seconds = info.attend_seconds;
     result.attention_skipped = info.attention_skipped;
+    result.in_place = info.in_place;
   }
   result.out = OutputBytes(std::move(out.owner), out.size);  // shared with the retry cache, not copied
   lock.lock();
@@ -630,6 +662,8 @@ absl::StatusOr<StepOutput> Engine::Step(const StepInput& in) {
     StepOutput replay = ts->outputs[in.layer];
     // (A token step without rows completed every layer at layer 0: its later layers come from here too.)
     replay.replayed = true;
+    replay.in_place = false;
+    if (!in.out_copy.empty()) std::memcpy(in.out_copy.data(), replay.out.data(), std::min(in.out_copy.size(), replay.out.size()));
     replay.timings = StepTimings{};
     replay.timings.validate_seconds =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();

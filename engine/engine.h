@@ -119,6 +119,10 @@ struct StepInput {
   std::span<const uint8_t> q;  // [B, Hq, d] model dtype, little-endian
   std::span<const uint8_t> k;  // [B, Hkv, d] this layer's K of each row's new token
   std::span<const uint8_t> v;  // [B, Hkv, d]
+  // Optional: [B, Hq, d] host bytes (exactly) the outputs are also written to, besides
+  // StepOutput::out, replays included (e.g. a router's shared memory). When it and q, k, v lie in
+  // memory registered with RegisterHostMemory, the device reads and writes them in place.
+  std::span<uint8_t> out_copy;
   bool want_lse = false;
 };
 
@@ -176,6 +180,9 @@ struct StepOutput {
   bool replayed = false;    // served from the retry cache
   double attend_seconds = 0.0;  // time in the backend's Attend for this layer
   bool attention_skipped = false;  // the backend skips attention (SkipAttention): zero outputs
+  // The device read q, k, v from and wrote StepInput::out_copy into registered host memory itself
+  // (no host copy of either).
+  bool in_place = false;
   StepTimings timings;      // this call's (a replay reports only its validation)
 };
 
@@ -271,6 +278,15 @@ class Engine {
   // whatever its pages hold (the benchmark fills the whole pool with random data once). Same
   // errors as BeginPrompt. Never used by the service.
   absl::Status AdoptUnwrittenPromptForBenchmark(SeqId seq, int64_t num_tokens);
+
+  // Registers host memory [base, base + bytes) (a router's shared-memory region) with the
+  // backend, so that layer-steps whose q, k, v and out_copy lie in it are read and written there
+  // by the device, with no host copy (StepOutput::in_place). The handle undoes it when the last
+  // copy is released: before the memory is unmapped, with no step using it running. It may
+  // outlive the engine (the engine's destructor undoes what is left). UNIMPLEMENTED where the
+  // backend has no device of its own, else the backend's error; steps work either way (the
+  // engine then copies).
+  absl::StatusOr<std::shared_ptr<void>> RegisterHostMemory(void* base, size_t bytes);
 
   // Replaces the scheduler (fixed-arm comparisons in benchmarks; the worker sets it at start).
   // INVALID_ARGUMENT when it offers a kernel the backend lacks.
@@ -410,6 +426,14 @@ class Engine {
   bool stopped_ = false;  // StopNewWork
   StepObserver default_observer_;
   StepObserver* observer_ = &default_observer_;
+  // Host memory registered with the backend, shared with the handles RegisterHostMemory gave out
+  // (the destructor unregisters what is left and clears `backend`).
+  struct HostRegistrations {
+    std::mutex mu;
+    ExecutionBackend* backend = nullptr;
+    std::vector<void*> bases;
+  };
+  std::shared_ptr<HostRegistrations> registrations_ = std::make_shared<HostRegistrations>();
 };
 
 }  // namespace pkv::engine

@@ -41,14 +41,13 @@ class SkipAttentionBackend final : public ExecutionBackend {
     return slot;
   }
 
-  absl::Status RunLayer(int32_t slot, int32_t layer, const void* q, const void* k, const void* v,
-                        void* out, void* out_device, float* lse, LayerRunInfo* info) override {
-    (void)layer, (void)q, (void)k, (void)v, (void)out_device;  // `out` is host memory either way
+  absl::Status RunLayer(int32_t slot, int32_t layer, const LayerBuffers& io, LayerRunInfo* info) override {
+    (void)layer;  // `out` is host memory either way; the engine copies to out_copy
     const auto t0 = std::chrono::steady_clock::now();
     const ModelShape& s = inner_->arena().shape();
     const int64_t rows = batch_[slot] * s.num_q_heads;
-    std::memset(out, 0, static_cast<size_t>(rows) * s.head_dim * DTypeSize(s.dtype));  // [B, Hq, d]
-    if (lse != nullptr) std::memset(lse, 0, static_cast<size_t>(rows) * sizeof(float));  // [B, Hq]
+    std::memset(io.out, 0, static_cast<size_t>(rows) * s.head_dim * DTypeSize(s.dtype));  // [B, Hq, d]
+    if (io.lse != nullptr) std::memset(io.lse, 0, static_cast<size_t>(rows) * sizeof(float));  // [B, Hq]
     *info = LayerRunInfo{};
     info->attention_skipped = true;
     info->host_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -56,6 +55,11 @@ class SkipAttentionBackend final : public ExecutionBackend {
   }
 
   void EndTokenStep(int32_t slot) override { inner_->EndTokenStep(slot); }
+  // No device work here: the engine copies the outputs to out_copy.
+  absl::Status RegisterHostMemory(void* base, size_t bytes) override {
+    (void)base, (void)bytes;
+    return absl::UnimplementedError("attention is skipped: no device reads or writes host memory");
+  }
   OutputMemory* output_memory() override { return inner_->output_memory(); }
 
  private:

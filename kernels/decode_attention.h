@@ -61,6 +61,10 @@ struct DecodeParams {
   // slots.
   const void* append_k = nullptr;
   const void* append_v = nullptr;
+  // Second output (kernels/cuda only): when set, [B, Hq, d] dtype, the final outputs are written
+  // there too, as they are to `out` (e.g. a router's registered shared memory next to the
+  // engine's own buffer, which its retry cache keeps).
+  void* out_copy = nullptr;
 };
 static_assert(std::is_trivially_copyable_v<DecodeParams>);
 

@@ -35,6 +35,9 @@ absl::Status RunStep(engine::Engine& engine, const v1::StepRequest& request,
     const uint64_t bytes = static_cast<uint64_t>(request.rows_size()) * shape.num_q_heads * shape.head_dim *
                            DTypeSize(shape.dtype);
     PKV_ASSIGN_OR_RETURN(out_shm, shm->Slice(request.out_shm().offset(), bytes, "out_shm.offset"));
+    // The engine writes the outputs there (the device itself when the region is registered with
+    // the backend: StepStreamServer maps it so).
+    input.out_copy = out_shm;
   }
   const Clock::time_point t1 = Clock::now();
   PKV_ASSIGN_OR_RETURN(engine::StepOutput output, engine.Step(input));
@@ -42,9 +45,8 @@ absl::Status RunStep(engine::Engine& engine, const v1::StepRequest& request,
   output.timings.validate_seconds += std::chrono::duration<double>(t1 - t0).count();
   const Clock::time_point t2 = Clock::now();
   if (request.has_out_shm()) {
-    engine::OutputBytes out;  // copied into the region, not sent
+    engine::OutputBytes out;  // in the region already (StepInput::out_copy), not sent
     ToStepResponse(std::move(output), request, engine.shape(), response, &out);
-    std::memcpy(out_shm.data(), out.data(), std::min(out_shm.size(), out.size()));
     response->mutable_out()->mutable_shm()->set_offset(request.out_shm().offset());
   } else {
     ToStepResponse(std::move(output), request, engine.shape(), response, payload);

@@ -142,6 +142,7 @@ absl::StatusOr<std::shared_ptr<SharedMemoryRegion>> SharedMemoryRegion::Open(abs
 }
 
 SharedMemoryRegion::~SharedMemoryRegion() {
+  holders_.clear();  // e.g. unregistered from the GPU while still mapped
   {
     std::lock_guard<std::mutex> lock(g_mu);
     g_begin[slot_].store(0, std::memory_order_release);

@@ -20,6 +20,7 @@
 #include <span>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -58,6 +59,10 @@ class SharedMemoryRegion final {
   const std::string& name() const { return name_; }
   uint64_t size() const { return size_; }
 
+  // Keeps `holder` (e.g. the engine's registration of the region with the GPU) until the region
+  // is unmapped, and releases it just before.
+  void HoldUntilUnmapped(std::shared_ptr<void> holder) { holders_.push_back(std::move(holder)); }
+
   // Regions mapped at once, in the whole process.
   static constexpr int kMaxRegions = 1024;
 
@@ -69,6 +74,7 @@ class SharedMemoryRegion final {
   uint8_t* const base_;
   const uint64_t size_;
   const int slot_;  // in the SIGBUS handler's table (which holds the broken flag)
+  std::vector<std::shared_ptr<void>> holders_;  // released before the unmapping
 };
 
 }  // namespace pkv::service

@@ -135,10 +135,21 @@ class StepStreamCall final {
       return absl::FailedPreconditionError(absl::StrCat("metadata ", kSharedMemoryKey,
                                                         ": shared memory is off on this worker (--shared_memory_max_bytes=0)"));
     }
-    PKV_ASSIGN_OR_RETURN(call_.shared_memory, SharedMemoryRegion::Open(
-                                                  absl::string_view(it->second.data(), it->second.size()), max_bytes));
-    PKV_LOG(DEBUG) << "StepStream: mapped " << call_.shared_memory->name() << " (" << call_.shared_memory->size()
-                   << " bytes)";
+    PKV_ASSIGN_OR_RETURN(std::shared_ptr<SharedMemoryRegion> region,
+                         SharedMemoryRegion::Open(absl::string_view(it->second.data(), it->second.size()), max_bytes));
+    // Registered with the backend, the device reads q, k, v from the region and writes the outputs
+    // into it itself; without (a CPU backend, or registration refused) the engine copies.
+    absl::StatusOr<std::shared_ptr<void>> registered =
+        service_.engine().RegisterHostMemory(region->base(), static_cast<size_t>(region->size()));
+    if (registered.ok()) {
+      region->HoldUntilUnmapped(*std::move(registered));
+    } else if (registered.status().code() != absl::StatusCode::kUnimplemented) {
+      PKV_LOG(WARNING) << "StepStream: " << region->name() << " stays unregistered (layer-steps copy through it): "
+                       << registered.status();
+    }
+    PKV_LOG(DEBUG) << "StepStream: mapped " << region->name() << " (" << region->size() << " bytes"
+                   << (registered.ok() ? ", registered for in-place device reads and writes" : "") << ")";
+    call_.shared_memory = std::move(region);
     if (ring != metadata.end()) {
       if (absl::string_view(ring->second.data(), ring->second.size()) != "1") {
         return absl::InvalidArgumentError(absl::StrCat("metadata ", kSharedMemoryRingKey, ": \"1\" or absent"));

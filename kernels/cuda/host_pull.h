@@ -18,11 +18,28 @@
 
 namespace pkv::kernels::cuda {
 
-// Enqueues on `stream` a copy of `bytes` from `src` to `dst`. `src` is the device address of
-// mapped pinned host memory (cudaHostAlloc with cudaHostAllocMapped, cudaHostGetDevicePointer);
-// `dst` is device memory. Both 16-byte aligned and `bytes` a multiple of 16, else
-// InvalidArgument; bytes == 0 launches nothing. The host must have finished writing `src` before
-// the call.
-[[nodiscard]] absl::Status LaunchHostPull(void* dst, const void* src, size_t bytes, cudaStream_t stream);
+// One piece of a pull: `bytes` from `src`, the device address of pinned host memory (cudaHostAlloc
+// with cudaHostAllocMapped, or host memory registered with cudaHostRegister, as
+// cudaHostGetDevicePointer gives it), to `dst` in device memory.
+struct HostPullPiece {
+  void* dst = nullptr;
+  const void* src = nullptr;
+  size_t bytes = 0;
+};
+
+// The most pieces one launch moves.
+inline constexpr int kMaxHostPullPieces = 4;
+
+// Enqueues on `stream` one launch that copies pieces[0 .. count) (at most kMaxHostPullPieces;
+// pieces must not overlap). Every dst and src 16-byte aligned and every size a multiple of 16, else
+// InvalidArgument; nothing to copy launches nothing. The host must have finished writing the
+// sources before the call.
+[[nodiscard]] absl::Status LaunchHostPull(const HostPullPiece* pieces, int count, cudaStream_t stream);
+
+// One piece.
+[[nodiscard]] inline absl::Status LaunchHostPull(void* dst, const void* src, size_t bytes, cudaStream_t stream) {
+  const HostPullPiece piece{dst, src, bytes};
+  return LaunchHostPull(&piece, 1, stream);
+}
 
 }  // namespace pkv::kernels::cuda

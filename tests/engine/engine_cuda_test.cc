@@ -2,8 +2,13 @@
 // executable specification) fed identical prompts and steps: every route the scheduler can pick
 // (adaptive and each fixed arm), fp16 and bf16, scattered pages, ragged rows; and which layers
 // carry the backend's sampled stage times. Label gpu: skips without a device.
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <optional>
 #include <random>
 #include <span>
@@ -68,12 +73,38 @@ double RelL2(DType dt, const std::string& got, const std::string& want) {
   return std::sqrt(e / r);
 }
 
+// Where a layer-step's q, k, v and out_copy live (RunAgainstCpu).
+enum class Io {
+  kHeap,                 // q, k, v in heap vectors, no out_copy
+  kRegistered,           // all four in a POSIX shared-memory object registered with the engine
+  kRegisteredMisaligned, // the same object, at offsets off 16 bytes: the engine copies instead
+};
+
+// A POSIX shared-memory object mapped MAP_SHARED, as a router's region is in the worker.
+struct SharedRegion {
+  explicit SharedRegion(size_t n) : bytes(n) {
+    const std::string name = "/pkv-engine-cuda-test-" + std::to_string(getpid());
+    const int fd = shm_open(name.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
+    EXPECT_GE(fd, 0);
+    EXPECT_EQ(ftruncate(fd, static_cast<off_t>(n)), 0);
+    void* p = mmap(nullptr, n, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);
+    shm_unlink(name.c_str());
+    EXPECT_NE(p, MAP_FAILED);
+    base = static_cast<uint8_t*>(p);
+  }
+  ~SharedRegion() { munmap(base, bytes); }
+  uint8_t* base = nullptr;
+  size_t bytes = 0;
+};
+
 // static_slot_tokens > 0: the GPU engine runs the static baseline (every sequence holds pages
 // for that many tokens from the start); the CPU reference engine pages as usual.
 // pinned_output_bytes >= 0 replaces the backend's default (0: outputs copied out of the slots'
-// buffers instead of written in place).
+// buffers instead of written in place). `io`: where the GPU engine's tensors live; with a
+// registered region the last token step runs after the registration was released (copies again).
 void RunAgainstCpu(DType dt, std::optional<KernelId> fixed, const std::vector<int64_t>& prompts,
-                   int64_t static_slot_tokens = 0, int64_t pinned_output_bytes = -1) {
+                   int64_t static_slot_tokens = 0, int64_t pinned_output_bytes = -1, Io io = Io::kHeap) {
   const ModelShape shape = Shape(dt);
   CudaBackendOptions co;
   co.num_pages = 4096;
@@ -103,7 +134,16 @@ void RunAgainstCpu(DType dt, std::optional<KernelId> fixed, const std::vector<in
     ASSERT_TRUE((*wc)->Commit().ok());
   }
   const size_t b = rows.size();
+  std::unique_ptr<SharedRegion> region;
+  std::shared_ptr<void> registered;
+  if (io != Io::kHeap) {
+    region = std::make_unique<SharedRegion>(size_t{4} << 20);
+    auto r = gpu->RegisterHostMemory(region->base, region->bytes);
+    ASSERT_TRUE(r.ok()) << r.status();
+    registered = *std::move(r);
+  }
   for (uint64_t step = 1; step <= 3; ++step) {
+    if (step == 3) registered.reset();
     for (int layer = 0; layer < shape.num_layers; ++layer) {
       // The lse flag flips off once mid-step (no lse written into the mapped output buffer).
       const bool want_lse = !(step == 2 && layer == 1);
@@ -117,10 +157,30 @@ void RunAgainstCpu(DType dt, std::optional<KernelId> fixed, const std::vector<in
       in.k = k;
       in.v = v;
       in.want_lse = want_lse;
-      auto og = gpu->Step(in);
+      StepInput in_gpu = in;
+      std::span<uint8_t> out_copy;
+      if (io != Io::kHeap) {
+        // q | k | v | out at 4 KiB boundaries of the region (plus 2 bytes when misaligned).
+        const size_t skew = io == Io::kRegisteredMisaligned ? 2 : 0;
+        auto place = [&](size_t at, std::span<const uint8_t> bytes) {
+          std::memcpy(region->base + at + skew, bytes.data(), bytes.size());
+          return std::span<const uint8_t>(region->base + at + skew, bytes.size());
+        };
+        in_gpu.q = place(0, q);
+        in_gpu.k = place(size_t{1} << 20, k);
+        in_gpu.v = place(size_t{2} << 20, v);
+        out_copy = std::span<uint8_t>(region->base + (size_t{3} << 20) + skew, q.size());
+        std::memset(out_copy.data(), 0xFF, out_copy.size());
+        in_gpu.out_copy = out_copy;
+      }
+      auto og = gpu->Step(in_gpu);
       auto oc = cpu->Step(in);
       ASSERT_TRUE(og.ok()) << og.status();
       ASSERT_TRUE(oc.ok()) << oc.status();
+      EXPECT_EQ(og->in_place, io == Io::kRegistered && step < 3) << "step " << step << " layer " << layer;
+      if (io != Io::kHeap) {
+        EXPECT_TRUE(std::string(out_copy.begin(), out_copy.end()) == og->out.str()) << "out_copy differs from out";
+      }
       if (fixed) EXPECT_EQ(og->kernel, *fixed);
       const double rel = RelL2(dt, og->out, oc->out);
       EXPECT_LT(rel, dt == DType::kF16 ? 2e-3 : 1e-2)
@@ -158,6 +218,18 @@ TEST_F(EngineCudaTest, OutputsCopiedOutOfTheSlotMatchTheCpuReference) {
   RunAgainstCpu(DType::kF16, std::nullopt, ragged, 0, 0);
   RunAgainstCpu(DType::kBF16, KernelId::kWorkQueue, ragged, 0, 0);
   RunAgainstCpu(DType::kF16, KernelId::kSequenceSplit, ragged, 0, 0);
+}
+
+// q, k, v and the outputs in registered shared memory (a router's region): the device reads and
+// writes them there itself on every route, and the outputs match; misaligned, or once the
+// registration is released, the engine copies instead, with the same results.
+TEST_F(EngineCudaTest, RegisteredSharedMemoryIsReadAndWrittenInPlace) {
+  const std::vector<int64_t> ragged = {3000, 17, 1, 700, 4096, 33};
+  RunAgainstCpu(DType::kF16, std::nullopt, ragged, 0, -1, Io::kRegistered);
+  RunAgainstCpu(DType::kBF16, KernelId::kPerRequest, ragged, 0, -1, Io::kRegistered);
+  RunAgainstCpu(DType::kF16, KernelId::kSequenceSplit, ragged, 0, -1, Io::kRegistered);
+  RunAgainstCpu(DType::kF16, KernelId::kWorkQueue, ragged, 0, 0, Io::kRegistered);
+  RunAgainstCpu(DType::kF16, KernelId::kWorkQueue, ragged, 0, -1, Io::kRegisteredMisaligned);
 }
 
 // The static-reservation baseline (--static_slot_tokens) reads only the tokens a sequence holds,

@@ -390,6 +390,40 @@ TEST(EngineTest, RetriedStepReplaysWithoutAppending) {
   EXPECT_EQ(e->Info().pager.used_tokens, tokens);
 }
 
+// StepInput::out_copy receives the outputs on every layer and on a replay; on the CPU backend the
+// engine copies them (nothing is registered: RegisterHostMemory is UNIMPLEMENTED there). A
+// wrongly sized out_copy is refused before anything changes.
+TEST(EngineTest, OutCopyGetsTheOutputsAndReplays) {
+  auto e = MakeEngine();
+  const ModelShape s = e->shape();
+  std::mt19937_64 rng(21);
+  WritePrompt(*e, 1, 5, rng);
+  WritePrompt(*e, 2, 9, rng);
+  std::vector<uint8_t> region(1 << 16, 0xEE);
+  EXPECT_EQ(e->RegisterHostMemory(region.data(), region.size()).status().code(), absl::StatusCode::kUnimplemented);
+  const size_t out_bytes = 2 * s.num_q_heads * s.head_dim * 2;
+  StepInput l0 = MakeStep(s, 30, 0, {1, 2}, rng);
+  l0.out_copy = std::span<uint8_t>(region).subspan(64, out_bytes + 2);
+  const auto tokens = e->Info().pager.used_tokens;
+  const auto bad = e->Step(l0);
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(bad.status().message().find("out_copy"), absl::string_view::npos) << bad.status();
+  EXPECT_EQ(e->Info().pager.used_tokens, tokens);
+  EXPECT_EQ(region[64], 0xEE);
+  l0.out_copy = std::span<uint8_t>(region).subspan(64, out_bytes);
+  auto first = e->Step(l0);
+  ASSERT_TRUE(first.ok()) << first.status();
+  EXPECT_FALSE(first->in_place);
+  EXPECT_EQ(std::string(region.begin() + 64, region.begin() + 64 + out_bytes), first->out.str());
+  EXPECT_EQ(region[64 + out_bytes], 0xEE);  // nothing past it
+  std::fill(region.begin(), region.end(), 0);
+  auto again = e->Step(l0);
+  ASSERT_TRUE(again.ok());
+  EXPECT_TRUE(again->replayed);
+  EXPECT_EQ(std::string(region.begin() + 64, region.begin() + 64 + out_bytes), first->out.str());
+  EXPECT_EQ(e->Info().pager.used_tokens, tokens + 2);
+}
+
 TEST(EngineTest, EveryBadRequestGetsItsCodeAndChangesNothing) {
   auto e = MakeEngine(8);  // 8 pages of 4 tokens
   const ModelShape s = e->shape();
@@ -611,8 +645,7 @@ class GatedBackend final : public ExecutionBackend {
   }
   void EndTokenStep(int32_t slot) override { inner_->EndTokenStep(slot); }
 
-  absl::Status RunLayer(int32_t slot, int32_t layer, const void* q, const void* k, const void* v, void* out,
-                        void* out_device, float* lse, LayerRunInfo* info) override {
+  absl::Status RunLayer(int32_t slot, int32_t layer, const LayerBuffers& io, LayerRunInfo* info) override {
     const int now = ++running_;
     for (int m = max_running_.load(); now > m && !max_running_.compare_exchange_weak(m, now);) {
     }
@@ -625,7 +658,7 @@ class GatedBackend final : public ExecutionBackend {
       }
     }
     if (delay_.count() > 0) std::this_thread::sleep_for(delay_);
-    absl::Status s = inner_->RunLayer(slot, layer, q, k, v, out, out_device, lse, info);
+    absl::Status s = inner_->RunLayer(slot, layer, io, info);
     --running_;
     return s;
   }
@@ -1313,9 +1346,8 @@ class PlanRecordingBackend final : public ExecutionBackend {
     return inner_->BeginTokenStep(scheduler::StepPlan{}, table, new_slots);  // the reference
   }
   void EndTokenStep(int32_t slot) override { inner_->EndTokenStep(slot); }
-  absl::Status RunLayer(int32_t slot, int32_t layer, const void* q, const void* k, const void* v, void* out,
-                        void* out_device, float* lse, LayerRunInfo* info) override {
-    return inner_->RunLayer(slot, layer, q, k, v, out, out_device, lse, info);
+  absl::Status RunLayer(int32_t slot, int32_t layer, const LayerBuffers& io, LayerRunInfo* info) override {
+    return inner_->RunLayer(slot, layer, io, info);
   }
 
   std::vector<scheduler::StepPlan> plans;

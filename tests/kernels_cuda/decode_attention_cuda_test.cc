@@ -298,10 +298,15 @@ void RunCase(const Case& c, const std::vector<Route>& routes) {
     const size_t ws_bytes = WorkspaceBytes(r.kernel, p);
     CUDA_OK(ws.Alloc(ws_bytes));
     if (ws_bytes > 0) CUDA_OK(cudaMemset(ws.ptr, 0, ws_bytes));
-    // Two launches on the same workspace: the fused counters must come back to zero.
+    // Two launches on the same workspace: the fused counters must come back to zero. The second
+    // also writes a second output (DecodeParams::out_copy), which must hold the same bytes.
+    DevBuf out_copy;
+    CUDA_OK(out_copy.Alloc(out.bytes));
     for (int rep = 0; rep < 2; ++rep) {
       CUDA_OK(cudaMemset(out.ptr, 0xFF, out.bytes));  // NaN in fp16 and bf16
+      CUDA_OK(cudaMemset(out_copy.ptr, 0xFF, out.bytes));
       CUDA_OK(cudaMemset(lse.ptr, 0xFF, lse.bytes));
+      p.out_copy = rep == 1 ? out_copy.ptr : nullptr;
       const absl::Status st = Launch(r.kernel, p, ws.ptr, nullptr, r.merge);
       ASSERT_TRUE(st.ok()) << st;
       CUDA_OK(cudaDeviceSynchronize());
@@ -309,6 +314,11 @@ void RunCase(const Case& c, const std::vector<Route>& routes) {
       std::vector<float> got_lse(ref_lse.size());
       CUDA_OK(cudaMemcpy(got.data(), out.ptr, out.bytes, cudaMemcpyDeviceToHost));
       CUDA_OK(cudaMemcpy(got_lse.data(), lse.ptr, lse.bytes, cudaMemcpyDeviceToHost));
+      if (rep == 1) {
+        std::vector<uint16_t> got_copy(ref.size());
+        CUDA_OK(cudaMemcpy(got_copy.data(), out_copy.ptr, out.bytes, cudaMemcpyDeviceToHost));
+        EXPECT_TRUE(got_copy == got) << "out_copy differs from out";
+      }
       const Errors e = Compare(c.dtype, got, got_lse, ref, ref_lse);
       EXPECT_EQ(e.nan, 0) << "non-finite or unwritten outputs";
       EXPECT_LT(e.rel_l2, tol) << "vs double reference";
@@ -479,6 +489,54 @@ TEST(HostPullTest, CopiesMappedHostBytes) {
     CUDA_OK(cudaFreeHost(host));
   }
   CUDA_OK(cudaStreamDestroy(stream));
+}
+
+// Several pieces in one launch (q, k, v of a layer from three places): each lands exactly where it
+// should, pieces of 0 bytes included, nothing written between or past them.
+TEST(HostPullTest, CopiesSeveralPiecesInOneLaunch) {
+  if (!HaveGpu()) GTEST_SKIP() << "no CUDA device";
+  std::mt19937 rng(20261205);
+  const size_t sizes[kMaxHostPullPieces] = {65536, 0, 16400, 16};
+  size_t total = 0;
+  for (size_t b : sizes) total += b;
+  void* host = nullptr;
+  void* mapped = nullptr;
+  CUDA_OK(cudaHostAlloc(&host, total + 4096, cudaHostAllocMapped));
+  CUDA_OK(cudaHostGetDevicePointer(&mapped, host, 0));
+  auto* h = static_cast<uint8_t*>(host);
+  for (size_t i = 0; i < total + 4096; ++i) h[i] = static_cast<uint8_t>(rng());
+  constexpr size_t kGap = 4096;  // between the destinations, to catch overruns
+  DevBuf dst;
+  CUDA_OK(dst.Alloc(total + kMaxHostPullPieces * kGap));
+  CUDA_OK(cudaMemset(dst.ptr, 0xA5, total + kMaxHostPullPieces * kGap));
+  // Sources back to back in order, destinations in the reverse order with gaps.
+  HostPullPiece pieces[kMaxHostPullPieces];
+  size_t dst_at = 0;
+  for (int i = kMaxHostPullPieces - 1; i >= 0; --i) {
+    pieces[i] = HostPullPiece{static_cast<char*>(dst.ptr) + dst_at, nullptr, sizes[i]};
+    dst_at += sizes[i] + kGap;
+  }
+  size_t at = 0;
+  for (int i = 0; i < kMaxHostPullPieces; ++i) {
+    pieces[i].src = static_cast<char*>(mapped) + at;
+    at += sizes[i];
+  }
+  ASSERT_TRUE(LaunchHostPull(pieces, kMaxHostPullPieces, nullptr).ok());
+  CUDA_OK(cudaDeviceSynchronize());
+  std::vector<uint8_t> got(total + kMaxHostPullPieces * kGap);
+  CUDA_OK(cudaMemcpy(got.data(), dst.ptr, got.size(), cudaMemcpyDeviceToHost));
+  std::vector<uint8_t> want(got.size(), 0xA5);
+  at = 0;
+  for (int i = 0; i < kMaxHostPullPieces; ++i) {
+    const size_t d = static_cast<size_t>(static_cast<char*>(pieces[i].dst) - static_cast<char*>(dst.ptr));
+    std::copy(h + at, h + at + sizes[i], want.begin() + static_cast<std::ptrdiff_t>(d));
+    at += sizes[i];
+  }
+  size_t wrong = 0;
+  for (size_t i = 0; i < got.size(); ++i) wrong += got[i] != want[i];
+  EXPECT_EQ(wrong, 0u);
+  EXPECT_EQ(LaunchHostPull(pieces, kMaxHostPullPieces + 1, nullptr).code(), absl::StatusCode::kInvalidArgument);
+  CUDA_OK(cudaFreeHost(host));
 }
 
 // Misaligned pointers or a size that is not a multiple of 16 are refused before any launch.

@@ -424,11 +424,14 @@ template <typename T, int D>
 __device__ __forceinline__ void WriteFinal(const DecodeParams& p, int b, int kvh, const MergeView<D>& v) {
   const int G = p.num_q_heads / p.num_kv_heads;
   T* out = static_cast<T*>(p.out);
+  T* out_copy = static_cast<T*>(p.out_copy);
   for (int idx = threadIdx.x; idx < G * D; idx += kThreads) {
     const int g = idx / D, dim = idx % D;
     const HeadResult r = v.Combine(g, dim);
     const int64_t h = static_cast<int64_t>(b) * p.num_q_heads + kvh * G + g;
-    out[h * D + dim] = Elem<T>::FromFloat(r.o);
+    const T o = Elem<T>::FromFloat(r.o);
+    out[h * D + dim] = o;
+    if (out_copy != nullptr) out_copy[h * D + dim] = o;
     if (p.lse != nullptr && dim == 0) p.lse[h] = r.lse;
   }
 }
@@ -514,6 +517,11 @@ __device__ __forceinline__ void MergeWarp(const DecodeParams& p, int b, int h, i
   T* out = static_cast<T*>(p.out) + oh * D + lane * kPer;
 #pragma unroll
   for (int j = 0; j < kPer; ++j) out[j] = Elem<T>::FromFloat(acc[j]);
+  if (p.out_copy != nullptr) {
+    T* out_copy = static_cast<T*>(p.out_copy) + oh * D + lane * kPer;
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) out_copy[j] = Elem<T>::FromFloat(acc[j]);
+  }
   if (p.lse != nullptr && lane == 0) p.lse[oh] = sum > 0.f ? mx + __logf(sum) : -INFINITY;
 }
 
