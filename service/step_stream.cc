@@ -147,7 +147,7 @@ class StepStreamCall final {
       PKV_LOG(WARNING) << "StepStream: " << region->name() << " stays unregistered (layer-steps copy through it): "
                        << registered.status();
     }
-    PKV_LOG(DEBUG) << "StepStream: mapped " << region->name() << " (" << region->size() << " bytes"
+    PKV_LOG(INFO) << "StepStream: mapped " << region->name() << " (" << region->size() << " bytes"
                    << (registered.ok() ? ", registered for in-place device reads and writes" : "") << ")";
     call_.shared_memory = std::move(region);
     if (ring != metadata.end()) {
