@@ -140,7 +140,8 @@ ABSL_FLAG(double, prompt_idle_s, 60,
 ABSL_FLAG(int64_t, shared_memory_max_bytes, int64_t{1} << 30,
           "Largest POSIX shared-memory object a StepStream may name (request metadata x-pkv-shared-memory): "
           "a router on the same host then passes q, k, v and the outputs through it instead of in the "
-          "messages. 0: off.");
+          "messages. On the CUDA backend the region is also pinned for the GPU while its stream lasts. "
+          "0: off.");
 ABSL_FLAG(int32_t, malloc_arenas, 2,
           "Cap glibc's malloc arenas at this many (0: glibc's default, 8 per core; the MALLOC_ARENA_MAX "
           "environment variable wins). Fewer arenas made WriteKV on 8 streams faster on a 16-core host.");
