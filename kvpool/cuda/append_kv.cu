@@ -34,60 +34,31 @@ struct Run {
   int64_t k_offset, v_offset;
 };
 
-// Blocks stride over the runs; in a run, pieces ordered (kv, head, token, 16-byte column) so
-// consecutive threads write consecutive bytes of a page's [P, d] tile, kUnroll loads in flight per
-// thread before their stores.
-constexpr int kScatterThreads = 256;
-constexpr int kScatterUnroll = 4;
-
-__global__ void __launch_bounds__(kScatterThreads) ScatterRunsKernel(const __grid_constant__ ScatterRunsParams p) {
+// Block = one run: pieces ordered (kv, head, token, 16-byte column) so consecutive threads write
+// consecutive bytes of a page's [P, d] tile.
+__global__ void ScatterRunsKernel(const __grid_constant__ ScatterRunsParams p) {
+  const Run r = static_cast<const Run*>(p.runs)[blockIdx.x];
   const int pieces = p.head_dim / 8;
-  const char* __restrict__ data = static_cast<const char*>(p.data);
-  for (int run = blockIdx.x; run < p.num_runs; run += gridDim.x) {
-    const Run r = static_cast<const Run*>(p.runs)[run];
-    const int per_head = r.count * pieces;
-    const int total = 2 * p.num_kv_heads * per_head;
-    auto* __restrict__ layer = static_cast<uint4*>(p.arena) + (static_cast<int64_t>(r.layer) * p.layer_stride) / 8;
-    for (int base = threadIdx.x; base < total; base += kScatterThreads * kScatterUnroll) {
-      uint4 v[kScatterUnroll];
-      int64_t dst[kScatterUnroll];
-#pragma unroll
-      for (int j = 0; j < kScatterUnroll; ++j) {
-        const int i = base + j * kScatterThreads;
-        if (i >= total) break;
-        const int kvh = i / per_head, rem = i % per_head, t = rem / pieces, c = rem % pieces;
-        const int kv = kvh / p.num_kv_heads, h = kvh % p.num_kv_heads;
-        v[j] = reinterpret_cast<const uint4*>(data + (kv == 0 ? r.k_offset : r.v_offset))
-            [(static_cast<int64_t>(t) * p.num_kv_heads + h) * pieces + c];
-        dst[j] = ((((static_cast<int64_t>(r.page) * 2 + kv) * p.num_kv_heads + h) * p.page_size + r.slot + t) *
-                  p.head_dim) / 8 + c;
-      }
-#pragma unroll
-      for (int j = 0; j < kScatterUnroll; ++j) {
-        if (base + j * kScatterThreads < total) layer[dst[j]] = v[j];
-      }
-    }
+  const int per_head = r.count * pieces;
+  const int total = 2 * p.num_kv_heads * per_head;
+  auto* layer = static_cast<uint4*>(p.arena) + (static_cast<int64_t>(r.layer) * p.layer_stride) / 8;
+  const char* data = static_cast<const char*>(p.data);
+  for (int i = threadIdx.x; i < total; i += blockDim.x) {
+    const int kvh = i / per_head, rem = i % per_head, t = rem / pieces, c = rem % pieces;
+    const int kv = kvh / p.num_kv_heads, h = kvh % p.num_kv_heads;
+    const uint4* src = reinterpret_cast<const uint4*>(data + (kv == 0 ? r.k_offset : r.v_offset)) +
+                       (static_cast<int64_t>(t) * p.num_kv_heads + h) * pieces + c;
+    const int64_t dst = ((((static_cast<int64_t>(r.page) * 2 + kv) * p.num_kv_heads + h) * p.page_size + r.slot + t) *
+                         p.head_dim) / 8 + c;
+    layer[dst] = *src;
   }
-}
-
-// A quarter of the SMs: prompt ingest's scatter then never fills the device, so the decode
-// launches (higher stream priority) find room at once instead of waiting for a wave of scatter
-// blocks to retire; a quarter still moves far more than the host-to-device copy feeds it.
-int ScatterBlocks() {
-  static const int blocks = [] {
-    int dev = 0, sms = 0;
-    cudaGetDevice(&dev);
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-    return std::max(1, sms / 4);
-  }();
-  return blocks;
 }
 
 }  // namespace
 
 cudaError_t LaunchScatterRuns(const ScatterRunsParams& p, cudaStream_t stream) {
   if (p.num_runs == 0) return cudaSuccess;
-  ScatterRunsKernel<<<std::min(p.num_runs, ScatterBlocks()), kScatterThreads, 0, stream>>>(p);
+  ScatterRunsKernel<<<p.num_runs, 256, 0, stream>>>(p);
   return cudaGetLastError();
 }
 

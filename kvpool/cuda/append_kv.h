@@ -40,9 +40,8 @@ struct ScatterRunsParams {
   const void* data = nullptr;     // staged K,V rows (byte offsets in the runs), device, 16-aligned
 };
 
-// 16-byte copies, writes coalesced along (slot, d), on at most a quarter of the SMs (blocks
-// stride over the runs) so that decode launches on other streams always find room. Never
-// allocates or synchronises.
+// One block per run, 16-byte copies, writes coalesced along (slot, d). Never allocates or
+// synchronises.
 cudaError_t LaunchScatterRuns(const ScatterRunsParams& params, cudaStream_t stream);
 
 // The inverse (reads back): copies the slots' K,V into `k`, `v` (written through const_cast).
