@@ -9,6 +9,8 @@
 #include "service/step_stream.h"
 
 #include <algorithm>
+#include <chrono>
+#include <string>
 #include <utility>
 
 #include "absl/status/status.h"
@@ -139,8 +141,11 @@ class StepStreamCall final {
                          SharedMemoryRegion::Open(absl::string_view(it->second.data(), it->second.size()), max_bytes));
     // Registered with the backend, the device reads q, k, v from the region and writes the outputs
     // into it itself; without (a CPU backend, or registration refused) the engine copies.
+    const auto register_start = std::chrono::steady_clock::now();
     absl::StatusOr<std::shared_ptr<void>> registered =
         service_.engine().RegisterHostMemory(region->base(), static_cast<size_t>(region->size()));
+    const double register_ms =
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - register_start).count();
     if (registered.ok()) {
       region->HoldUntilUnmapped(*std::move(registered));
     } else if (registered.status().code() != absl::StatusCode::kUnimplemented) {
@@ -148,7 +153,10 @@ class StepStreamCall final {
                        << registered.status();
     }
     PKV_LOG(INFO) << "StepStream: mapped " << region->name() << " (" << region->size() << " bytes"
-                   << (registered.ok() ? ", registered for in-place device reads and writes" : "") << ")";
+                  << (registered.ok() ? absl::StrCat(", registered for in-place device reads and writes in ",
+                                                     absl::SixDigits(register_ms), " ms")
+                                      : std::string())
+                  << ")";
     call_.shared_memory = std::move(region);
     if (ring != metadata.end()) {
       if (absl::string_view(ring->second.data(), ring->second.size()) != "1") {

@@ -1,6 +1,10 @@
 // Tests of the service's conversion and validation: each kind of bad request gets its gRPC code
 // and a message naming the field, and leaves the engine exactly as it was (state fingerprint,
 // pager counts, consistency). Drives service/handlers.h directly: no sockets.
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -13,6 +17,7 @@
 #include "service/grpc_status.h"
 #include "service/handlers.h"
 #include "service/proto_convert.h"
+#include "service/shared_memory.h"
 
 namespace pkv::service {
 namespace {
@@ -389,6 +394,24 @@ TEST_F(ServiceValidationTest, ReleaseIsAllOrNothing) {
   ASSERT_TRUE(RunRelease(*engine_, r, &resp).ok());
   EXPECT_EQ(resp.released(), 2);
   EXPECT_EQ(resp.free_pages(), 12);
+}
+
+// What a region holds until it is unmapped (the engine's registration of it with the GPU) is
+// released while the mapping is still there: the release may read or unpin those pages.
+TEST(SharedMemoryRegionTest, HoldersAreReleasedWhileTheRegionIsStillMapped) {
+  const std::string name = "/pkv-service-test-" + std::to_string(getpid());
+  const int fd = shm_open(name.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(ftruncate(fd, 8192), 0);
+  close(fd);
+  auto region = SharedMemoryRegion::Open(name, int64_t{1} << 20);
+  ASSERT_TRUE(region.ok()) << region.status();
+  (*region)->base()[100] = 42;
+  int seen = -1;
+  const uint8_t* base = (*region)->base();
+  (*region)->HoldUntilUnmapped(std::shared_ptr<void>(nullptr, [&seen, base](void*) { seen = base[100]; }));
+  region->reset();  // unmaps; reading the bytes after that would fault
+  EXPECT_EQ(seen, 42);
 }
 
 }  // namespace
