@@ -3,13 +3,13 @@
 // An ExecutionBackend owns the KV arena of one model shape and runs decode steps. Per token step
 // the engine calls BeginTokenStep once (layer 0): the backend takes the step's page table, the new
 // token slot of every row and the scheduler's plan, and commits them to one of its descriptor
-// slots (on the GPU: one pinned buffer uploaded with one copy). Every layer then calls RunLayer
+// slots (on the GPU: one descriptor in pinned memory, pulled up once). Every layer then calls RunLayer
 // with that slot: append the layer's new K,V into the slots, run attention with the plan. Several
 // token steps may be open at once (micro-batches interleaving their layers), up to
 // max_open_token_steps(). The CPU backend runs kernels/reference; the CUDA backend
 // (PKV_WITH_CUDA, engine/cuda_backend.h) runs kernels/cuda, one stream per descriptor slot.
 // Thread-safety: the engine serialises BeginTokenStep, EndTokenStep, arena() mutations and every
-// other call under its lock. RunLayer is called WITHOUT that lock and may run concurrently with
+// other call under its lock (but (Un)RegisterHostMemory, which lock for themselves). RunLayer is called WITHOUT that lock and may run concurrently with
 // RunLayer of *different* slots and with BeginTokenStep/EndTokenStep of other slots and arena
 // writes (prompt ingest, copy-on-write) into pages no open token step reads; never twice at once
 // for the same slot, and never concurrently with EndTokenStep of its own slot. The rows of

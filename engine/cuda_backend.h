@@ -2,15 +2,18 @@
 // descriptor slot.
 //
 // Per token step (BeginTokenStep) the page table, every row's new-token slot and the plan's task
-// list are packed into one descriptor in pinned host memory and uploaded with a single
-// cudaMemcpyAsync into that descriptor slot's device twin; every layer of the step then reads only
-// that descriptor. Per layer (RunLayer): one upload of q|k|v, one append launch, the route's
-// attention launch(es) bracketed by CUDA events and writing out (and lse) straight into mapped
-// pinned host memory (no download), one synchronisation of that slot's stream. Every slot owns
-// its stream, pinned and device io buffers, mapped output buffer, descriptor, partial-state
-// workspace (with its fused-merge counters) and the events that time a layer's stages (the
-// attention on every layer; upload and append + attention on one layer-step in
-// stage_timing_interval); only the arena's pages are shared. Nothing is allocated after Create.
+// list are packed into one descriptor in mapped pinned host memory, which a small kernel pulls
+// into that descriptor slot's device twin; every layer of the step then reads only that
+// descriptor. Per layer (RunLayer): q|k|v staged into the slot's mapped pinned buffer (or, when
+// they lie in host memory registered with RegisterHostMemory, read where they are) and pulled up
+// by a kernel, one attention launch that also appends the rows' new K,V, bracketed by CUDA events
+// and writing out (and lse) straight into mapped pinned host memory (and into LayerBuffers::out_copy
+// when that is registered memory too; no download), one synchronisation of that slot's stream.
+// Every slot owns its stream, pinned and device io buffers, mapped output buffer, descriptor,
+// partial-state workspace (with its fused-merge counters) and the events that time a layer's
+// stages (the attention on every layer; upload and append + attention on one layer-step in
+// stage_timing_interval); only the arena's pages are shared. Nothing is allocated after Create
+// (RegisterHostMemory pins the caller's memory, it allocates none).
 // Slot streams have the device's highest priority, so decode layers go ahead of prompt ingest on
 // the arena's stream.
 // Files: cuda_slot.{h,cc} (one slot: resources, descriptor, layer launches), cuda_backend.cc
