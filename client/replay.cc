@@ -20,6 +20,7 @@
 #include "client/payload_pool.h"
 #include "common/log.h"
 #include "common/status_macros.h"
+#include "common/thread_priority.h"
 #include "common/workload.h"
 
 namespace pkv::client {
@@ -634,6 +635,9 @@ absl::StatusOr<ReplayReport> RunReplay(WorkerClient& client, const ReplayOptions
   const Clock::time_point start = Clock::now();
 
   auto prefill_loop = [&] {
+    if (absl::Status st = SetThisThreadNice(options.prefill_nice); !st.ok()) {
+      std::fprintf(stderr, "pkv-replay: prefill threads keep their priority: %s\n", st.ToString().c_str());
+    }
     std::unique_lock<std::mutex> lock(mu);
     for (;;) {
       // Take the next request once it has arrived, fits the pool next to the admitted ones, and

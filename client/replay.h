@@ -41,6 +41,9 @@ struct ReplayOptions {
   int32_t batch = 8;              // most active rows of one micro-batch
   int32_t micro_batches = 1;      // decode groups in flight at once (each its own StepStream)
   int32_t prefill_streams = 2;    // WriteKV streams in flight at once
+  // > 0: the prefill threads run at this Linux nice value, so that where they and the decode
+  // threads compete for a core (replay and worker on one host) decode goes first.
+  int32_t prefill_nice = 0;
   int32_t prefill_ahead = 0;      // prompts written ahead of decode (0: batch * micro_batches)
   uint64_t seed = 20260622;       // data seed (q, K, V) and check sampling
   double check_fraction = 0.01;   // share of (token step, layer, row) outputs checked

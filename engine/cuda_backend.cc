@@ -345,6 +345,7 @@ absl::StatusOr<ExecutionBackendPtr> CreateCudaBackend(const ModelShape& shape, c
   ao.num_pages = options.num_pages;
   ao.free_memory_fraction = options.num_pages > 0 ? 0 : options.free_memory_fraction;
   ao.ingest_copy_threads = options.ingest_copy_threads;
+  ao.ingest_nice = options.ingest_nice;
   auto arena = kvpool::DeviceKvArena::Create(shape, ao);
   if (!arena.ok()) return arena.status();
   auto backend = std::make_unique<CudaBackend>(std::move(*arena), options);

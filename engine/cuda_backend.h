@@ -45,6 +45,8 @@ struct CudaBackendOptions {
   // Threads that help copy prompt KV (WriteKV) into the pinned ingest buffers, next to the
   // threads writing it (kvpool::DeviceKvArena::Options::ingest_copy_threads); 0: none.
   int32_t ingest_copy_threads = 4;
+  // > 0: those helpers run at this Linux nice value (kvpool::DeviceKvArena::Options::ingest_nice).
+  int32_t ingest_nice = 0;
 };
 
 // True when the CUDA runtime sees at least one device (false without a driver).

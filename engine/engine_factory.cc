@@ -80,6 +80,9 @@ absl::StatusOr<std::unique_ptr<Engine>> BuildEngine(const EngineConfig& config) 
     return absl::InvalidArgumentError(
         absl::StrCat("ingest_copy_threads must be in [0, 64], got ", config.ingest_copy_threads));
   }
+  if (config.ingest_nice < 0 || config.ingest_nice > 19) {
+    return absl::InvalidArgumentError(absl::StrCat("ingest_nice must be in [0, 19], got ", config.ingest_nice));
+  }
   if (config.backend != "auto" && config.backend != "cpu" && config.backend != "cuda") {
     return absl::InvalidArgumentError(
         absl::StrCat("backend must be auto, cpu or cuda, got '", config.backend, "'"));
@@ -117,6 +120,7 @@ absl::StatusOr<std::unique_ptr<Engine>> BuildEngine(const EngineConfig& config) 
     co.free_memory_fraction = pool.gpu_memory_fraction;
     co.max_batch = config.max_batch;
     co.ingest_copy_threads = config.ingest_copy_threads;
+    co.ingest_nice = config.ingest_nice;
     PKV_ASSIGN_OR_RETURN(backend, CreateCudaBackend(config.shape, co));
 #endif
   } else {

@@ -3,15 +3,23 @@
 #include <algorithm>
 
 #include "common/log.h"
+#include "common/thread_priority.h"
 #include "kvpool/ingest_staging.h"
 
 namespace pkv::kvpool {
 
-ParallelCopier::ParallelCopier(int helpers, size_t min_piece)
+ParallelCopier::ParallelCopier(int helpers, size_t min_piece, int nice)
     : min_piece_((std::max<size_t>(min_piece, 64) + 63) / 64 * 64) {
   PKV_CHECK(helpers >= 0) << "helper count must be >= 0";
   threads_.reserve(static_cast<size_t>(helpers));
-  for (int i = 0; i < helpers; ++i) threads_.emplace_back([this] { HelperLoop(); });
+  for (int i = 0; i < helpers; ++i) {
+    threads_.emplace_back([this, nice, i] {
+      if (absl::Status st = SetThisThreadNice(nice); !st.ok() && i == 0) {
+        PKV_LOG(WARNING) << "copy helpers keep their priority: " << st;
+      }
+      HelperLoop();
+    });
+  }
 }
 
 ParallelCopier::~ParallelCopier() {

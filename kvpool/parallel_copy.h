@@ -46,8 +46,9 @@ class ParallelCopier {
   static constexpr size_t kDefaultMinPiece = size_t{128} << 10;
 
   // `helpers` threads (0: every call runs on its own thread); pieces of at least `min_piece`
-  // bytes (rounded up to 64).
-  explicit ParallelCopier(int helpers, size_t min_piece = kDefaultMinPiece);
+  // bytes (rounded up to 64); `nice` > 0: the helpers run at that Linux nice value
+  // (common/thread_priority.h).
+  explicit ParallelCopier(int helpers, size_t min_piece = kDefaultMinPiece, int nice = 0);
   ~ParallelCopier();
   ParallelCopier(const ParallelCopier&) = delete;
   ParallelCopier& operator=(const ParallelCopier&) = delete;

@@ -3,15 +3,26 @@
 #include <algorithm>
 #include <utility>
 
+#include "common/log.h"
+#include "common/thread_priority.h"
+
 namespace pkv::service {
 
-BoundedExecutor::BoundedExecutor(int num_threads, int max_queued, std::chrono::microseconds spin, int max_spinners)
+BoundedExecutor::BoundedExecutor(int num_threads, int max_queued, std::chrono::microseconds spin, int max_spinners,
+                                 int nice)
     : max_queued_(std::max(1, max_queued)),
       spin_(std::max(spin, std::chrono::microseconds(0))),
       max_spinners_(std::max(1, max_spinners)) {
   const int n = std::max(1, num_threads);
   threads_.reserve(n);
-  for (int i = 0; i < n; ++i) threads_.emplace_back([this] { WorkerLoop(); });
+  for (int i = 0; i < n; ++i) {
+    threads_.emplace_back([this, nice, i] {
+      if (absl::Status st = SetThisThreadNice(nice); !st.ok() && i == 0) {
+        PKV_LOG(WARNING) << "executor threads keep their priority: " << st;
+      }
+      WorkerLoop();
+    });
+  }
 }
 
 BoundedExecutor::~BoundedExecutor() { Shutdown(); }

@@ -35,9 +35,11 @@ class BoundedExecutor final {
 
   // Starts `num_threads` (>= 1) workers; at most `max_queued` (>= 1) tasks wait for a worker;
   // an idle worker polls for `spin` before it sleeps (zero: it sleeps at once), at most
-  // `max_spinners` (>= 1) of them at a time.
+  // `max_spinners` (>= 1) of them at a time. `nice` > 0: the workers run at that Linux nice value
+  // (bulk work that should yield a contended core to latency work, common/thread_priority.h).
   BoundedExecutor(int num_threads, int max_queued,
-                  std::chrono::microseconds spin = std::chrono::microseconds(0), int max_spinners = 1);
+                  std::chrono::microseconds spin = std::chrono::microseconds(0), int max_spinners = 1,
+                  int nice = 0);
   BoundedExecutor(const BoundedExecutor&) = delete;
   BoundedExecutor& operator=(const BoundedExecutor&) = delete;
   // Shuts down (see Shutdown).

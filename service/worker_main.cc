@@ -82,6 +82,10 @@ ABSL_FLAG(int32_t, ingest_copy_threads, 4,
           "it into the pinned buffers the GPU's copy engine reads (one core does either at a fraction "
           "of what the copy engine takes); asleep while no prompt arrives. 0: each ingest thread "
           "works alone, which can be faster when every core is already busy with WriteKV streams.");
+ABSL_FLAG(int32_t, ingest_nice, 0,
+          "Linux nice value (0-19) of the threads that only ingest prompt KV (--ingest_threads and the CUDA "
+          "backend's --ingest_copy_threads): where they and decode compete for a core, decode runs first. "
+          "0: the same priority as decode.");
 ABSL_FLAG(int32_t, ingest_queue, 64,
           "WriteKV tasks that may wait for an ingest thread before a new WriteKV gets RESOURCE_EXHAUSTED.");
 ABSL_FLAG(std::string, metrics_listen, "0.0.0.0:9400",
@@ -190,6 +194,7 @@ int Run() {
   config.backend = absl::GetFlag(FLAGS_backend);
   config.cpu_threads = absl::GetFlag(FLAGS_cpu_threads);
   config.ingest_copy_threads = absl::GetFlag(FLAGS_ingest_copy_threads);
+  config.ingest_nice = absl::GetFlag(FLAGS_ingest_nice);
   config.max_batch = absl::GetFlag(FLAGS_max_batch);
   config.scatter_seed = absl::GetFlag(FLAGS_scatter_seed);
   config.gpu_memory_fraction = absl::GetFlag(FLAGS_gpu_memory_fraction);
@@ -246,6 +251,7 @@ int Run() {
   options.executor_spin_us = absl::GetFlag(FLAGS_service_spin_us);
   options.stream_threads = absl::GetFlag(FLAGS_stream_threads);
   options.ingest_threads = absl::GetFlag(FLAGS_ingest_threads);
+  options.ingest_nice = absl::GetFlag(FLAGS_ingest_nice);
   options.ingest_queue = absl::GetFlag(FLAGS_ingest_queue);
   options.tls_cert_file = absl::GetFlag(FLAGS_tls_cert_file);
   options.tls_key_file = absl::GetFlag(FLAGS_tls_key_file);

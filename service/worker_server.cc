@@ -218,7 +218,8 @@ absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Start(
   PKV_LOG(INFO) << "decode executor: " << options.executor_threads << " threads, queue " << options.executor_queue
                 << ", idle threads poll " << spin_us << " us for the next step (at most " << kMaxSpinners
                 << " at once)";
-  impl->ingest_executor = std::make_unique<BoundedExecutor>(options.ingest_threads, options.ingest_queue);
+  impl->ingest_executor = std::make_unique<BoundedExecutor>(options.ingest_threads, options.ingest_queue,
+                                                            std::chrono::microseconds(0), 1, options.ingest_nice);
   {
     std::random_device random;
     while (impl->incarnation == 0) {

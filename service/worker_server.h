@@ -58,6 +58,9 @@ struct ServerOptions {
   // front of decode steps.
   int ingest_threads = 4;
   int ingest_queue = 64;
+  // > 0: the ingest threads run at this Linux nice value, so that where they and decode compete
+  // for a core decode goes first (common/thread_priority.h).
+  int ingest_nice = 0;
   // RPC counters, in-flight gauges and queue rejections go here when set (not owned; must
   // outlive the server). Engine events are bound separately (service/metrics_observer.h).
   WorkerMetrics* metrics = nullptr;

@@ -34,6 +34,7 @@ absl::StatusOr<std::unique_ptr<DeviceKvArena>> DeviceKvArena::Create(const Model
   if (shape.head_dim % 8 != 0) return absl::InvalidArgumentError("head_dim must be a multiple of 8");
   if (o.staging_bytes < (1 << 20)) return absl::InvalidArgumentError("staging_bytes must be >= 1 MiB");
   if (o.ingest_copy_threads < 0) return absl::InvalidArgumentError("ingest_copy_threads must be >= 0");
+  if (o.ingest_nice < 0 || o.ingest_nice > 19) return absl::InvalidArgumentError("ingest_nice must be in [0, 19]");
   const int64_t page_bytes_all = shape.page_bytes_all_layers();
   int64_t pages = o.num_pages;
   if (pages <= 0) {
@@ -69,7 +70,7 @@ absl::StatusOr<std::unique_ptr<DeviceKvArena>> DeviceKvArena::Create(const Model
     PKV_CUDA_RETURN(cudaEventCreateWithFlags(&a->ingest_done_[i], cudaEventDisableTiming), "cudaEventCreate");
   }
   for (auto& packer : a->packers_) packer = std::make_unique<IngestPacker>(shape, o.ingest_bytes);
-  a->copier_ = std::make_unique<ParallelCopier>(o.ingest_copy_threads);
+  a->copier_ = std::make_unique<ParallelCopier>(o.ingest_copy_threads, ParallelCopier::kDefaultMinPiece, o.ingest_nice);
   a->scratch_bytes_ = o.staging_bytes;
   PKV_CUDA_RETURN(cudaMalloc(&a->scratch_, static_cast<size_t>(a->scratch_bytes_)), "cudaMalloc scratch");
   PKV_CUDA_RETURN(cudaStreamSynchronize(a->stream_), "cudaStreamSynchronize");

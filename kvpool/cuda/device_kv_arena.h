@@ -60,6 +60,8 @@ class DeviceKvArena final : public KvArena {
     // Helper threads that copy merged-ingest rows into the pinned buffers next to the threads
     // calling StageTokens (kvpool/parallel_copy.h); 0: each caller copies its rows alone.
     int32_t ingest_copy_threads = 0;
+    // > 0: the copy helpers run at this Linux nice value (common/thread_priority.h).
+    int32_t ingest_nice = 0;
   };
 
   // RESOURCE_EXHAUSTED when the memory is not there, INVALID_ARGUMENT for a bad shape/option,
