@@ -43,9 +43,10 @@ ABSL_FLAG(int32_t, micro_batches, 1,
           "Decode micro-batches in flight at once, each on its own StepStream; their layer-steps "
           "interleave on the worker (at most the worker's open token steps, 4 by default).");
 ABSL_FLAG(int32_t, prefill_streams, 2, "WriteKV streams writing prompts concurrently with decode.");
-ABSL_FLAG(int32_t, prefill_nice, 0,
-          "Linux nice value (0-19) of the prefill threads, so that where they and the decode threads "
-          "compete for a core (replay and worker on one host) decode runs first; 0: the same priority.");
+ABSL_FLAG(int32_t, prefill_nice, 10,
+          "Linux nice value (0-19) of the prefill threads (they stand in for a prefill tier), so that "
+          "where they and decode threads compete for a core (also the worker's, on one host) decode "
+          "runs first; 0: the same priority.");
 ABSL_FLAG(int32_t, ingest_connections, 1,
           "TCP connections of their own for WriteKV streams (taken in turn), apart from the decode "
           "connection, so that prompt bytes never queue ahead of decode steps; 0: WriteKV shares the "

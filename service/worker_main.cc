@@ -82,10 +82,10 @@ ABSL_FLAG(int32_t, ingest_copy_threads, 4,
           "it into the pinned buffers the GPU's copy engine reads (one core does either at a fraction "
           "of what the copy engine takes); asleep while no prompt arrives. 0: each ingest thread "
           "works alone, which can be faster when every core is already busy with WriteKV streams.");
-ABSL_FLAG(int32_t, ingest_nice, 0,
+ABSL_FLAG(int32_t, ingest_nice, 10,
           "Linux nice value (0-19) of the threads that only ingest prompt KV (--ingest_threads and the CUDA "
-          "backend's --ingest_copy_threads): where they and decode compete for a core, decode runs first. "
-          "0: the same priority as decode.");
+          "backend's --ingest_copy_threads): where they and decode compete for a core, decode runs first; "
+          "where cores are free nothing changes. 0: the same priority as decode.");
 ABSL_FLAG(int32_t, ingest_queue, 64,
           "WriteKV tasks that may wait for an ingest thread before a new WriteKV gets RESOURCE_EXHAUSTED.");
 ABSL_FLAG(std::string, metrics_listen, "0.0.0.0:9400",
