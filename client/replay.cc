@@ -636,7 +636,10 @@ absl::StatusOr<ReplayReport> RunReplay(WorkerClient& client, const ReplayOptions
 
   auto prefill_loop = [&] {
     if (absl::Status st = SetThisThreadNice(options.prefill_nice); !st.ok()) {
-      std::fprintf(stderr, "pkv-replay: prefill threads keep their priority: %s\n", st.ToString().c_str());
+      static std::atomic<bool> told{false};
+      if (!told.exchange(true)) {
+        std::fprintf(stderr, "pkv-replay: prefill threads keep their priority: %s\n", st.ToString().c_str());
+      }
     }
     std::unique_lock<std::mutex> lock(mu);
     for (;;) {
