@@ -87,23 +87,28 @@ inline constexpr int32_t kNumStages = 14;
 // Short name of a stage ("client_build", ..., "round_trip"): JSON keys and table rows.
 const char* StageName(Stage stage);
 
-// One measured layer-step, for IngestHold: its rows, its round trip, and whether a prompt was
-// being written (WriteKV in flight) at any time during it.
+// One measured layer-step, for IngestHold: its rows, its round trip, whether a prompt was being
+// written (WriteKV in flight) at any time during it, and whether it was its token step's layer 0.
 struct IngestOverlapSample {
   int32_t rows = 0;
   double ms = 0;
   bool overlapped = false;
+  bool first_layer = false;
 };
 
 // How far prompt ingest held decode back: each layer-step that overlapped a prompt write against
-// the median round trip of the layer-steps of the same batch size that overlapped none (its
-// "quiet" median). Layer-steps whose batch size has fewer than the minimum quiet samples are not
-// compared (counted in `overlapped` only).
+// the median round trip of the layer-steps of the same kind that overlapped none (its "quiet"
+// median). The same kind: the same batch size, and layer 0 against layer 0, a later layer against
+// later layers (layer 0 also carries its token step's page-table deltas and plan, so it takes
+// longer with or without ingest). Layer-steps whose kind has fewer than the minimum quiet samples
+// are not compared (counted in `overlapped` only). The excess is counted in layer-steps of a later
+// layer's quiet median at the same batch size (layer 0's own where that is unknown).
 struct IngestHold {
   int64_t overlapped = 0;            // measured layer-steps that overlapped a prompt write
   int64_t quiet = 0;                 // measured layer-steps that overlapped none
   std::vector<double> excess_ms;     // per compared layer-step: round trip - its quiet median
-  std::vector<double> excess_steps;  // the same in units of that quiet median (layer-steps' time)
+  std::vector<double> excess_steps;  // the same in layer-steps' time (see above)
+  std::vector<double> first_layer_excess_steps;  // excess_steps of the compared layer-0 steps only
 };
 IngestHold MeasureIngestHold(const std::vector<IngestOverlapSample>& samples, int64_t min_quiet = 20);
 

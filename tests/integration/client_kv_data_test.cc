@@ -191,7 +191,7 @@ TEST(ReplayTest, SlidingWindowFindsTheWorstSecond) {
   EXPECT_GE(gap.worst_tokens_per_s, 90.0);
 }
 
-TEST(IngestHoldTest, ComparesOverlappedStepsWithQuietOnesOfTheirBatchSize) {
+TEST(IngestHoldTest, ComparesOverlappedStepsWithQuietOnesOfTheirBatchSizeAndLayerKind) {
   std::vector<IngestOverlapSample> samples;
   // Batch 8: quiet steps of 0.20 ms (median 0.20), three overlapped ones of 0.20, 0.30 and 0.60.
   for (int i = 0; i < 24; ++i) samples.push_back({8, i % 2 == 0 ? 0.19 : 0.21, false});
@@ -216,6 +216,25 @@ TEST(IngestHoldTest, ComparesOverlappedStepsWithQuietOnesOfTheirBatchSize) {
     EXPECT_NEAR(hold.excess_ms[i], want_ms[i], 1e-12) << i;
     EXPECT_NEAR(hold.excess_steps[i], want_steps[i], 1e-12) << i;
   }
+  // Layer 0 (page-table deltas and the plan) against quiet layer-0 steps, counted in later layers'
+  // time: quiet layer 0 takes 0.50 ms, later layers 0.20 ms; an overlapped layer 0 of 0.60 ms is
+  // held back by 0.10 ms = 0.5 layer-steps, and an overlapped later layer of 0.50 ms by 1.5.
+  std::vector<IngestOverlapSample> kinds;
+  for (int i = 0; i < 20; ++i) kinds.push_back({4, 0.50, false, true});
+  for (int i = 0; i < 20; ++i) kinds.push_back({4, 0.20, false, false});
+  kinds.push_back({4, 0.60, true, true});
+  kinds.push_back({4, 0.50, true, false});
+  // Batch 6: quiet layer 0 known, later layers not: layer 0 counted in its own time.
+  for (int i = 0; i < 20; ++i) kinds.push_back({6, 0.40, false, true});
+  kinds.push_back({6, 0.60, true, true});
+  const IngestHold by_kind = MeasureIngestHold(kinds);
+  ASSERT_EQ(by_kind.excess_ms.size(), 3u);
+  EXPECT_NEAR(by_kind.excess_ms[0], 0.10, 1e-12);
+  EXPECT_NEAR(by_kind.excess_steps[0], 0.5, 1e-12);
+  EXPECT_NEAR(by_kind.excess_ms[1], 0.30, 1e-12);
+  EXPECT_NEAR(by_kind.excess_steps[1], 1.5, 1e-12);
+  EXPECT_NEAR(by_kind.excess_ms[2], 0.20, 1e-12);
+  EXPECT_NEAR(by_kind.excess_steps[2], 0.5, 1e-12);
   // Nothing overlapped: nothing to compare.
   const IngestHold none = MeasureIngestHold({{8, 0.2, false}, {8, 0.3, false}});
   EXPECT_EQ(none.overlapped, 0);
