@@ -414,7 +414,7 @@ std::string ReplayReport::Format() const {
   absl::StrAppendFormat(&s, "layer step ms     p50 %.3f  p99 %.3f  max %.3f  (n=%d)\n",
                         Percentile(layer_step_ms, 50), Percentile(layer_step_ms, 99), max_of(layer_step_ms),
                         layer_step_ms.size());
-  absl::StrAppendFormat(&s, "  beyond attention p50 %.3f  p99 %.3f  max %.3f  (layer step minus the worker's attention device time)\n",
+  absl::StrAppendFormat(&s, "  beyond attention p50 %.3f  p99 %.3f  max %.3f  (layer step minus the worker's attention device time, on the layer steps it timed)\n",
                         Percentile(overhead_ms, 50), Percentile(overhead_ms, 99), max_of(overhead_ms));
   absl::StrAppendFormat(&s, "  in the worker    p50 %.3f  p99 %.3f  max %.3f  (of which waiting for an engine thread p50 %.3f  p99 %.3f)\n",
                         Percentile(server_ms, 50), Percentile(server_ms, 99), max_of(server_ms),
@@ -871,7 +871,8 @@ absl::StatusOr<ReplayReport> RunReplay(WorkerClient& client, const ReplayOptions
           break;
         }
         layer_ms.push_back(Seconds(t1 - t0) * 1e3);
-        overhead_ms.push_back(layer_ms.back() - result->attend_seconds * 1e3);
+        // Beyond attention: on the layer-steps whose attention the worker timed (it samples).
+        if (result->attention_timed) overhead_ms.push_back(layer_ms.back() - result->attend_seconds * 1e3);
         server_ms.push_back(result->server_seconds * 1e3);
         queue_ms.push_back(result->queue_seconds * 1e3);
         if (!retried) {

@@ -282,6 +282,7 @@ StepResult FromResponse(v1::StepResponse&& r, const SendStamp& sent, Clock::time
   out.received_unix_nanos = r.received_unix_nanos();
   out.answered_unix_nanos = r.answered_unix_nanos();
   out.attention_skipped = r.attention_skipped();
+  out.attention_timed = !r.attention_untimed();
   out.send_start = sent.start;
   out.send_start_unix_nanos = sent.start_unix_nanos;
   out.send_seconds = sent.seconds;

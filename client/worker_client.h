@@ -68,7 +68,8 @@ struct StepResult {
   std::vector<float> lse;  // [B, Hq] when asked
   std::string kernel;
   bool replayed = false;
-  double attend_seconds = 0.0;
+  double attend_seconds = 0.0;  // the attention's device time, when attention_timed
+  bool attention_timed = true;  // attend_seconds was measured (the worker samples it on CUDA)
   double server_seconds = 0.0;  // the worker held the request this long (see worker.proto)
   double queue_seconds = 0.0;   // of which waiting for an engine thread
   // The rest of server_seconds by stage (StepResponse fields 20-27 of worker.proto).

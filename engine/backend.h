@@ -36,20 +36,25 @@ namespace pkv::engine {
 // host_seconds is the backend's own work on the calling thread (staging inputs, launches,
 // copying outputs out), not its waits for the device; h2d/kernel/d2h are device time of the
 // input copies, of the kernels (KV append and attention) and of the output copies.
-// attend_seconds and host_seconds are measured on every layer. h2d/kernel/d2h are sampled: the
-// CUDA backend times them on one layer-step in CudaBackendOptions::stage_timing_interval per
-// descriptor slot and leaves them 0 on the others, so consumers must treat all three 0 (with
+// host_seconds is measured on every layer. attend_seconds is measured where attention_timed is set:
+// the CUDA backend brackets the attention with two events on one layer-step in
+// CudaBackendOptions::attention_timing_interval per descriptor slot (the events cost the layer
+// about 3 us of wall time on an H200) and leaves it 0 on the others; the CPU backend measures
+// every layer. h2d/kernel/d2h are sampled more sparsely still: the CUDA backend times them on one
+// layer-step in CudaBackendOptions::stage_timing_interval per descriptor slot (attention timed on
+// those too) and leaves them 0 on the others, so consumers must treat all three 0 (with
 // attention_skipped false) as "not measured", not as free. d2h_seconds is always 0 on the CUDA
 // backend: the kernels write out and lse to host memory, no download is issued. The CPU backend
 // measures every layer and has no copies: its kernel time is the KV write plus the reference
 // kernel.
 struct LayerRunInfo {
-  double attend_seconds = 0;  // the attention's device time (part of kernel_seconds), every layer
+  double attend_seconds = 0;  // the attention's device time (part of kernel_seconds) when attention_timed
   double host_seconds = 0;
   double h2d_seconds = 0;
   double kernel_seconds = 0;
   double d2h_seconds = 0;
   bool attention_skipped = false;  // SkipAttention: no KV written, no attention, zero outputs
+  bool attention_timed = true;     // attend_seconds was measured on this layer (else it is 0)
   // The device read q, k and v from, and wrote LayerBuffers::out_copy into, registered host
   // memory itself (RegisterHostMemory). False: the caller copies the outputs to out_copy.
   bool in_place = false;

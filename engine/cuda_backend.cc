@@ -92,6 +92,9 @@ class CudaBackend final : public ExecutionBackend {
     info_.num_sms = prop.multiProcessorCount;
     if (options_.max_open_token_steps < 1) return absl::InvalidArgumentError("max_open_token_steps must be >= 1");
     if (options_.stage_timing_interval < 1) return absl::InvalidArgumentError("stage_timing_interval must be >= 1");
+    if (options_.attention_timing_interval < 1) {
+      return absl::InvalidArgumentError("attention_timing_interval must be >= 1");
+    }
     // Slot streams get the device's highest priority: decode layers are scheduled ahead of prompt
     // ingest on the arena's stream.
     int least_priority = 0, greatest_priority = 0;
@@ -111,6 +114,7 @@ class CudaBackend final : public ExecutionBackend {
     so.workspace_bytes = kernels::cuda::WorkspaceBytes(KernelId::kSequenceSplit, ws);
     so.stream_priority = greatest_priority;
     so.stage_timing_interval = options_.stage_timing_interval;
+    so.attention_timing_interval = options_.attention_timing_interval;
     // The scheduler fits every plan to these (scheduler/work_list.h); BeginTokenStep refuses the rest.
     info_.limits.max_partial_slots = options_.max_partial_slots;
     info_.limits.max_tasks = tasks_capacity_;
@@ -134,7 +138,8 @@ class CudaBackend final : public ExecutionBackend {
                   << " MiB KV), " << slots_.size() << " descriptor slots with a stream (priority "
                   << greatest_priority << ", the highest; lowest " << least_priority << ") and "
                   << so.workspace_bytes / (1 << 20) << " MiB workspace each, persistent grid " << grid_
-                  << ", stage times on one layer-step in " << options_.stage_timing_interval << " per slot, "
+                  << ", attention timed on one layer-step in " << options_.attention_timing_interval
+                  << " and its stages on one in " << options_.stage_timing_interval << " per slot, "
                   << (output_memory_ != nullptr ? output_memory_->total_bytes() >> 20 : 0)
                   << " MiB of pinned host memory for outputs written in place";
     return absl::OkStatus();

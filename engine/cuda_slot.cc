@@ -2,6 +2,7 @@
 // sequence (engine/cuda_slot.h).
 #include "engine/cuda_slot.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -56,8 +57,9 @@ kernels::DecodeParams ArenaDecodeParams(const kvpool::DeviceKvArena& arena, int3
 
 absl::StatusOr<CudaSlotPtr> CudaSlot::Create(const Options& options) {
   PKV_CHECK(options.arena != nullptr) << "a CUDA slot needs the arena";
-  // CudaBackend::Init refused an interval below 1 (EnqueueLayer takes it as a modulus).
+  // CudaBackend::Init refused intervals below 1 (EnqueueLayer takes them as moduli).
   PKV_CHECK(options.stage_timing_interval >= 1) << "stage_timing_interval must be >= 1";
+  PKV_CHECK(options.attention_timing_interval >= 1) << "attention_timing_interval must be >= 1";
   const ModelShape& s = options.arena->shape();
   const int64_t b = options.max_batch;
   const size_t el = DTypeSize(s.dtype);
@@ -157,6 +159,7 @@ absl::Status CudaSlot::BeginTokenStep(const scheduler::StepPlan& plan, const Pag
     return st;
   }
   PKV_CUDA_RETURN(cudaEventRecord(uploaded_.get(), stream_.get()), "event");
+  ++token_steps_begun_;
   if (b > 0) return kernels::cuda::CanImplement(plan.kernel, StepParams(0));
   return absl::OkStatus();
 }
@@ -218,7 +221,12 @@ absl::Status CudaSlot::EnqueueLayer(int32_t layer, bool has_lse, void* out_devic
   const size_t qb = QBytes(), kvb = KvBytes();
   const size_t k_at = Align16(qb), v_at = k_at + Align16(kvb);
   cudaStream_t stream = stream_.get();
-  stages_timed_ = layers_enqueued_ % options_.stage_timing_interval == 0;
+  // Counted over the slot's layer-steps, shifted by one per token step: with a layer count that the
+  // interval divides, the timed layers still move through every layer (not always layer 0, whose
+  // host work is the token step's).
+  const int64_t n = layers_enqueued_ + std::max<int64_t>(token_steps_begun_ - 1, 0);
+  stages_timed_ = n % options_.stage_timing_interval == 0;
+  attention_timed_ = stages_timed_ || n % options_.attention_timing_interval == 0;
   ++layers_enqueued_;
   if (stages_timed_) PKV_CUDA_RETURN(cudaEventRecord(h2d_start_.get(), stream), "event");
   // Pulled by a kernel on this high-priority stream, so it never waits behind prompt ingest's
@@ -239,9 +247,9 @@ absl::Status CudaSlot::EnqueueLayer(int32_t layer, bool has_lse, void* out_devic
   p.append_k = dio + k_at;
   p.append_v = dio + v_at;
   p.out_copy = out_copy_device;
-  PKV_CUDA_RETURN(cudaEventRecord(start_.get(), stream), "event");
+  if (attention_timed_) PKV_CUDA_RETURN(cudaEventRecord(start_.get(), stream), "event");
   if (absl::Status st = kernels::cuda::Launch(step_.kernel, p, workspace_.get(), stream); !st.ok()) return st;
-  PKV_CUDA_RETURN(cudaEventRecord(stop_.get(), stream), "event");
+  if (attention_timed_) PKV_CUDA_RETURN(cudaEventRecord(stop_.get(), stream), "event");
   return absl::OkStatus();
 }
 
@@ -268,7 +276,11 @@ absl::Status CudaSlot::ReadStageTimes(LayerRunInfo* info) const {
     *seconds = ms * 1e-3;
     return absl::OkStatus();
   };
-  if (absl::Status st = elapsed(start_, stop_, &info->attend_seconds); !st.ok()) return st;
+  info->attention_timed = attention_timed_;
+  info->attend_seconds = 0;
+  if (attention_timed_) {
+    if (absl::Status st = elapsed(start_, stop_, &info->attend_seconds); !st.ok()) return st;
+  }
   info->h2d_seconds = 0;
   info->kernel_seconds = 0;
   info->d2h_seconds = 0;  // no download: the kernels write the outputs to host memory

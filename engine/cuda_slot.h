@@ -12,9 +12,10 @@
 // hands out the outputs (CopyOutputs) and the device time of its stages (ReadStageTimes). The
 // attention writes out|lse straight into mapped pinned host memory, so no download is issued: the
 // stream synchronisation makes those writes visible to CopyOutputs. Per layer that is one upload,
-// one attention launch, two event records, one synchronisation and one elapsed-time query; one
-// layer-step in Options::stage_timing_interval also times the upload and the kernel stage (two more
-// records, two more queries). Everything is allocated by Create and freed by the destructor, which
+// one attention launch and one synchronisation; one layer-step in
+// Options::attention_timing_interval also brackets the attention with two events (an elapsed-time
+// query after the synchronisation), and one in Options::stage_timing_interval times the upload and
+// the kernel stage as well (two more records, two more queries). Everything is allocated by Create and freed by the destructor, which
 // first drains the stream; nothing is allocated per step. The stream is created with the caller's
 // priority (the backend gives slots the device's highest, so decode layers are scheduled ahead of
 // prompt ingest on the arena's stream).
@@ -57,6 +58,7 @@ class CudaSlot {
     size_t workspace_bytes = 0;              // partial states + fused-merge counters
     int stream_priority = 0;                 // of the slot's stream (lower number: higher priority)
     int32_t stage_timing_interval = 16;      // >= 1: time upload and kernel stage on one layer-step in N
+    int32_t attention_timing_interval = 1;   // >= 1: time the attention on one layer-step in N
   };
 
   // Creates the stream (non-blocking, options.stream_priority), the events and every buffer, and
@@ -97,8 +99,8 @@ class CudaSlot {
   // `out_device` (mapped pinned host memory of the caller's, [B, Hq, d]) or, when it is null,
   // into the slot's mapped host buffer, and also to `out_copy_device` when not null (registered
   // host memory, [B, Hq, d]), and lse (when `has_lse`) into the slot's. Every
-  // stage_timing_interval-th call of the slot (the first included) also brackets the upload and
-  // the append + attention with events.
+  // attention_timing_interval-th call of the slot (the first included) brackets the attention with
+  // events, and every stage_timing_interval-th also the upload and the append + attention.
   [[nodiscard]] absl::Status EnqueueLayer(int32_t layer, bool has_lse, void* out_device, const InputAddresses* inputs,
                                           void* out_copy_device);
 
@@ -110,7 +112,8 @@ class CudaSlot {
   void CopyOutputs(void* out, float* lse) const;
 
   // After Synchronize: the device time of the layer's stages into `info`: attend_seconds (the
-  // attention launches) always; h2d_seconds (q|k|v upload) and kernel_seconds (append +
+  // attention launches) and attention_timed when EnqueueLayer timed the attention, else 0 and
+  // false; h2d_seconds (q|k|v upload) and kernel_seconds (append +
   // attention) when EnqueueLayer timed this layer's stages, else 0 (not measured); d2h_seconds
   // always 0 (the kernels write the outputs to host memory, there is no download).
   [[nodiscard]] absl::Status ReadStageTimes(LayerRunInfo* info) const;
@@ -160,7 +163,9 @@ class CudaSlot {
   internal::DeviceBuffer workspace_;    // partial states + fused-merge counters (zeroed once)
   Step step_;
   int64_t layers_enqueued_ = 0;  // EnqueueLayer calls so far (picks the layers whose stages are timed)
+  int64_t token_steps_begun_ = 0;  // BeginTokenStep calls so far (rotates which layers those are)
   bool stages_timed_ = false;    // the last EnqueueLayer recorded h2d_start_ and h2d_done_
+  bool attention_timed_ = false;  // the last EnqueueLayer recorded start_ and stop_
 };
 
 }  // namespace pkv::engine

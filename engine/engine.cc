@@ -494,6 +494,7 @@ absl::StatusOr<StepOutput> Engine::RunLayer(std::unique_lock<std::mutex>& lock, 
     in_backend = std::chrono::steady_clock::now() - t0;
     result.attend_seconds = info.attend_seconds;
     result.attention_skipped = info.attention_skipped;
+    result.attention_timed = info.attention_timed;
     result.in_place = info.in_place;
   }
   result.out = OutputBytes(std::move(out.owner), out.size);  // shared with the retry cache, not copied
@@ -512,6 +513,7 @@ absl::StatusOr<StepOutput> Engine::RunLayer(std::unique_lock<std::mutex>& lock, 
   event.rows = static_cast<int32_t>(b);
   event.layer = in.layer;
   event.attend_seconds = result.attend_seconds;
+  event.attention_timed = result.attention_timed;
   event.predicted_seconds = ts.plan.predicted_us * 1e-6;
   event.launches = ts.plan.launches_per_layer;
   const auto now = std::chrono::steady_clock::now();

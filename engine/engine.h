@@ -178,8 +178,11 @@ struct StepOutput {
   std::vector<float> lse;  // [B, Hq] natural-log LSE of the scaled scores, when asked
   KernelId kernel = KernelId::kReference;
   bool replayed = false;    // served from the retry cache
-  double attend_seconds = 0.0;  // time in the backend's Attend for this layer
+  double attend_seconds = 0.0;  // the attention's device time for this layer, when attention_timed
   bool attention_skipped = false;  // the backend skips attention (SkipAttention): zero outputs
+  // attend_seconds was measured (the CUDA backend times the attention on one layer-step in
+  // EngineConfig::attention_timing_interval per descriptor slot; 0 on the others).
+  bool attention_timed = true;
   // The device read q, k, v from and wrote StepInput::out_copy into registered host memory itself
   // (no host copy of either).
   bool in_place = false;

@@ -83,6 +83,10 @@ absl::StatusOr<std::unique_ptr<Engine>> BuildEngine(const EngineConfig& config) 
   if (config.ingest_nice < 0 || config.ingest_nice > 19) {
     return absl::InvalidArgumentError(absl::StrCat("ingest_nice must be in [0, 19], got ", config.ingest_nice));
   }
+  if (config.attention_timing_interval < 1 || config.attention_timing_interval > 1024) {
+    return absl::InvalidArgumentError(absl::StrCat("attention_timing_interval must be in [1, 1024], got ",
+                                                   config.attention_timing_interval));
+  }
   if (config.backend != "auto" && config.backend != "cpu" && config.backend != "cuda") {
     return absl::InvalidArgumentError(
         absl::StrCat("backend must be auto, cpu or cuda, got '", config.backend, "'"));
@@ -121,6 +125,7 @@ absl::StatusOr<std::unique_ptr<Engine>> BuildEngine(const EngineConfig& config) 
     co.max_batch = config.max_batch;
     co.ingest_copy_threads = config.ingest_copy_threads;
     co.ingest_nice = config.ingest_nice;
+    co.attention_timing_interval = config.attention_timing_interval;
     PKV_ASSIGN_OR_RETURN(backend, CreateCudaBackend(config.shape, co));
 #endif
   } else {

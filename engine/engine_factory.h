@@ -34,6 +34,9 @@ struct EngineConfig {
   int cpu_threads = 0;               // CPU backend threads; 0: hardware concurrency
   int ingest_copy_threads = 4;       // CUDA backend: prompt KV copy helpers (CudaBackendOptions)
   int ingest_nice = 0;               // CUDA backend: those helpers' nice value (CudaBackendOptions)
+  // CUDA backend: attention device time measured on one layer-step in this many per descriptor
+  // slot (CudaBackendOptions::attention_timing_interval); 1: every layer-step.
+  int32_t attention_timing_interval = 8;
   int32_t max_batch = 256;           // rows per step
   uint64_t scatter_seed = 0;         // 0: ascending page order; else a seeded permutation
   std::string calibration_profile;   // cost-model profile JSON; empty: built-in defaults

@@ -31,7 +31,8 @@ struct LayerStepEvent {
   int32_t layer = 0;
   bool replayed = false;
   double step_seconds = 0;       // Engine::Step from entry to the answer (lock wait included)
-  double attend_seconds = 0;     // backend time for the attention of this layer
+  double attend_seconds = 0;     // device time of the attention of this layer, when attention_timed
+  bool attention_timed = true;   // attend_seconds was measured on this layer (sampled on CUDA)
   double predicted_seconds = 0;  // cost model's prediction (0 when not modelled)
   int32_t launches = 1;
 };

@@ -17,8 +17,11 @@ void MetricsObserver::OnLayerStep(const engine::LayerStepEvent& e) {
     return;
   }
   m_->step_duration(e.kernel).Observe(e.step_seconds);
-  m_->step_attend(e.kernel).Observe(e.attend_seconds);
   m_->launches_per_step().Observe(e.launches);
+  // The attention's device time is sampled (one layer-step in --attention_timing_interval per
+  // descriptor slot on CUDA): the histogram and the cost-model counters see the timed ones.
+  if (!e.attention_timed) return;
+  m_->step_attend(e.kernel).Observe(e.attend_seconds);
   if (e.predicted_seconds > 0 && e.attend_seconds > 0) {
     m_->predicted_seconds(e.kernel).Increment(e.predicted_seconds);
     m_->measured_seconds(e.kernel).Increment(e.attend_seconds);

@@ -235,6 +235,7 @@ void ToStepResponse(engine::StepOutput&& output, const v1::StepRequest& request,
   response->set_replayed(output.replayed);
   response->set_attend_seconds(output.attend_seconds);
   response->set_attention_skipped(output.attention_skipped);
+  response->set_attention_untimed(!output.attention_timed);
   response->set_validate_seconds(output.timings.validate_seconds);
   response->set_host_seconds(output.timings.host_seconds);
   response->set_h2d_seconds(output.timings.h2d_seconds);

@@ -86,6 +86,10 @@ ABSL_FLAG(int32_t, ingest_nice, 10,
           "Linux nice value (0-19) of the threads that only ingest prompt KV (--ingest_threads and the CUDA "
           "backend's --ingest_copy_threads): where they and decode compete for a core, decode runs first; "
           "where cores are free nothing changes. 0: the same priority as decode.");
+ABSL_FLAG(int32_t, attention_timing_interval, 8,
+          "CUDA backend: time the attention's device time (pkv_step_attention_seconds, the cost-model "
+          "counters, StepResponse.attend_seconds) on one layer-step in this many per descriptor slot, "
+          "1-1024; the two GPU events cost each timed layer-step about 3 us. 1: every layer-step.");
 ABSL_FLAG(int32_t, ingest_queue, 64,
           "WriteKV tasks that may wait for an ingest thread before a new WriteKV gets RESOURCE_EXHAUSTED.");
 ABSL_FLAG(std::string, metrics_listen, "0.0.0.0:9400",
@@ -195,6 +199,7 @@ int Run() {
   config.cpu_threads = absl::GetFlag(FLAGS_cpu_threads);
   config.ingest_copy_threads = absl::GetFlag(FLAGS_ingest_copy_threads);
   config.ingest_nice = absl::GetFlag(FLAGS_ingest_nice);
+  config.attention_timing_interval = absl::GetFlag(FLAGS_attention_timing_interval);
   config.max_batch = absl::GetFlag(FLAGS_max_batch);
   config.scatter_seed = absl::GetFlag(FLAGS_scatter_seed);
   config.gpu_memory_fraction = absl::GetFlag(FLAGS_gpu_memory_fraction);

@@ -171,6 +171,10 @@ std::vector<Flag> TraceFlags(pkv::bench::TraceBenchOptions* o) {
       IntFlag("warmup-steps", &o->warmup_steps, "token steps run before timing"),
       IntFlag("steps", &o->measured_steps, "timed token steps; 0: 48 (B > 1) or 64 (B 1)"),
       IntFlag("requests", &o->num_requests, "requests per workload; 0: 24 (B > 1) or 16 (B 1)"),
+      IntFlag("attention_timing_interval", &o->attention_timing_interval,
+              "every arm times its attention with GPU events on one layer-step in this many (pkv-worker "
+              "--attention_timing_interval); the attention figures scale the timed ones, wall time pays the "
+              "events only where they are recorded. 1: every layer-step"),
       StringFlag("profile", &o->profile_path, "calibration profile (pkv-calibrate); empty: built-in defaults"),
       DoubleFlag("pool-fraction", &o->pool_fraction, "KV pool as this share of free device memory"),
       StringFlag("csv", &o->csv_path, "write one CSV row per arm and workload here; empty: none"),

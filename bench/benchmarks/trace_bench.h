@@ -6,14 +6,15 @@
 // engine::Engine on the CUDA backend with `num_layers` layer-steps per token step and one plan
 // per token step. The KV pool is filled with random normal data once; prompts adopt pages of it
 // (their content is random, never zeros). Per arm it reports decode tokens/s over the attention
-// time (CUDA events around each layer's kernels) and over wall time (host work, transfers and
+// time (CUDA events around the kernels of one layer-step in --attention_timing_interval, scaled to
+// all of them, as pkv-worker samples it) and over wall time (host work, transfers and
 // synchronisation included), p50/p99 token-step times, launches per layer-step, the arm mix and
 // the share of a streaming-read ceiling measured in the same run; seeds are held out from the
 // calibration seed and reported as mean ± std. Built with PKV_WITH_FLASHINFER, FlashInfer's two
 // paths (fi_decode, fi_prefill) run as arms too — the same workload loop driven outside the
 // engine (which has no FlashInfer backend) over the engine's device arena, with the engine
-// backend's per-layer pattern (upload q|k|v, append, attention between events, download out,
-// sync) and FlashInfer's planner once per token step (host wall time, outside the GPU timing) —
+// backend's per-layer pattern (upload q|k|v, append, attention (between events on the sampled
+// layer-steps), out written to mapped host memory, sync) and FlashInfer's planner once per token step (host wall time, outside the GPU timing) —
 // and adaptive / FlashInfer (best path) ratios are printed per workload. Not thread-safe.
 #pragma once
 
@@ -38,6 +39,10 @@ struct TraceBenchOptions {
   int warmup_steps = 3;
   int measured_steps = 0;  // 0: 48 (B > 1) or 64 (B1), as in the paper's headline runs
   int num_requests = 0;    // 0: 24 (B > 1) or 16 (B1)
+  // Every arm brackets its attention with events on one layer-step in this many (the same
+  // rotation as the engine's: counted over layer-steps, shifted by one per token step);
+  // attention totals are the timed layer-steps' scaled to all. 1: every layer-step.
+  int attention_timing_interval = 8;
   double pool_fraction = 0.85;
   std::string profile_path;  // calibration profile; empty: built-in defaults
   std::string csv_path;

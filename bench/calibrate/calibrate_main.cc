@@ -161,6 +161,7 @@ int main(int argc, char** argv) {
   pkv::engine::CudaBackendOptions bo;
   bo.free_memory_fraction = 0.6;
   bo.max_batch = 64;
+  bo.attention_timing_interval = 1;  // every layer-step's attention is a calibration sample
   auto backend = pkv::engine::CreateCudaBackend(shape, bo);
   if (!backend.ok()) {
     std::fprintf(stderr, "pkv-calibrate: %s\n", std::string(backend.status().message()).c_str());

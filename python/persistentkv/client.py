@@ -357,7 +357,8 @@ class Client:
         lse = tensors.from_wire(r.lse.data, list(r.lse.shape), tensors.FP32, like) if r.lse.shape else None
         return StepResult(token_step_id=r.token_step_id, layer=r.layer, out=out, lse=lse,
                           kernel=r.kernel, replayed=r.replayed, attempts=attempts,
-                          attend_seconds=r.attend_seconds, server_seconds=r.server_seconds,
+                          attend_seconds=r.attend_seconds, attention_timed=not r.attention_untimed,
+                          server_seconds=r.server_seconds,
                           queue_seconds=r.queue_seconds,
                           round_trip_seconds=time.perf_counter() - start, incarnation=r.incarnation)
 

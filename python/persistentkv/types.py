@@ -100,7 +100,8 @@ class StepResult:
     kernel: str
     replayed: bool  # served from the worker's retry cache (nothing appended)
     attempts: int  # sends of this layer, retries included
-    attend_seconds: float
+    attend_seconds: float  # the attention's device time; 0 where attention_timed is False
+    attention_timed: bool  # the worker measured attend_seconds on this layer-step (it samples on CUDA)
     server_seconds: float
     queue_seconds: float
     round_trip_seconds: float  # this client's send to receive, retries included

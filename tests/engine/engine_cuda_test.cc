@@ -11,6 +11,7 @@
 #include <cstring>
 #include <optional>
 #include <random>
+#include <set>
 #include <span>
 #include <string>
 #include <thread>
@@ -309,25 +310,33 @@ TEST_F(EngineCudaTest, ConcurrentMicroBatchesMatchTheCpuReference) {
   EXPECT_TRUE(gpu->CheckConsistency().ok());
 }
 
-// Stage times are sampled: the attention's device time comes with every layer, the upload and
-// kernel stages (h2d_seconds, kernel_seconds) only with one layer-step in stage_timing_interval
-// of the slot (the first included; token steps run one after another here, so always on slot
-// 0), all 0 on the others; d2h_seconds is always 0 (the kernels write the outputs to host
-// memory). Sampling changes no output byte: an engine timing every layer answers the same.
+// Device times are sampled per slot, counted over its layer-steps and shifted by one per token
+// step (so the timed layers move through every layer): the attention's device time
+// (attend_seconds, attention_timed) on one layer-step in attention_timing_interval, the upload
+// and kernel stages (h2d_seconds, kernel_seconds) on one in stage_timing_interval (attention
+// timed there too), the first included; 0 and untimed on the others. Token steps run one after
+// another here, so always on slot 0. d2h_seconds is always 0 (the kernels write the outputs to
+// host memory). Sampling changes no output byte: an engine timing every layer answers the same.
 TEST_F(EngineCudaTest, StageTimesAreSampledOneLayerStepInN) {
   const ModelShape shape = Shape(DType::kF16);
   const std::vector<int64_t> prompts = {3000, 17, 1, 700};
   constexpr int32_t kInterval = 4;
+  constexpr int32_t kAttentionInterval = 3;
   CudaBackendOptions co;
   co.num_pages = 4096;
   co.max_batch = 16;
   co.stage_timing_interval = kInterval;
+  co.attention_timing_interval = kAttentionInterval;
   auto sampled_backend = CreateCudaBackend(shape, co);
   ASSERT_TRUE(sampled_backend.ok()) << sampled_backend.status();
   co.stage_timing_interval = 1;
+  co.attention_timing_interval = 1;
   auto every_backend = CreateCudaBackend(shape, co);
   ASSERT_TRUE(every_backend.ok()) << every_backend.status();
   co.stage_timing_interval = 0;
+  EXPECT_EQ(CreateCudaBackend(shape, co).status().code(), absl::StatusCode::kInvalidArgument);
+  co.stage_timing_interval = 1;
+  co.attention_timing_interval = 0;
   EXPECT_EQ(CreateCudaBackend(shape, co).status().code(), absl::StatusCode::kInvalidArgument);
   auto sampled = MakeEngine(std::move(*sampled_backend), std::nullopt, 77);
   auto every = MakeEngine(std::move(*every_backend), std::nullopt, 77);
@@ -348,7 +357,8 @@ TEST_F(EngineCudaTest, StageTimesAreSampledOneLayerStepInN) {
     ASSERT_TRUE((*ws)->Commit().ok());
     ASSERT_TRUE((*we)->Commit().ok());
   }
-  int64_t layer_steps = 0;
+  int64_t layer_steps = 0, attention_timed = 0;
+  std::set<int32_t> timed_layers;
   for (uint64_t step = 1; step <= 4; ++step) {
     for (int layer = 0; layer < shape.num_layers; ++layer, ++layer_steps) {
       auto q = RandomBytes(DType::kF16, rows.size() * shape.num_q_heads * shape.head_dim, rng);
@@ -368,9 +378,20 @@ TEST_F(EngineCudaTest, StageTimesAreSampledOneLayerStepInN) {
       const std::string where = absl::StrCat("step ", step, " layer ", layer);
       EXPECT_TRUE(os->out == oe->out) << where;
       EXPECT_EQ(os->lse, oe->lse) << where;
-      EXPECT_GT(os->attend_seconds, 0.0) << where;
       EXPECT_EQ(os->timings.d2h_seconds, 0.0) << where;
-      if (layer_steps % kInterval == 0) {
+      const int64_t n = layer_steps + static_cast<int64_t>(step - 1);
+      const bool stages = n % kInterval == 0;
+      EXPECT_EQ(os->attention_timed, stages || n % kAttentionInterval == 0) << where;
+      if (os->attention_timed) {
+        EXPECT_GT(os->attend_seconds, 0.0) << where;
+        ++attention_timed;
+        timed_layers.insert(layer);
+      } else {
+        EXPECT_EQ(os->attend_seconds, 0.0) << where;
+      }
+      EXPECT_TRUE(oe->attention_timed) << where;
+      EXPECT_GT(oe->attend_seconds, 0.0) << where;
+      if (stages) {
         EXPECT_GT(os->timings.h2d_seconds, 0.0) << where;
         EXPECT_GE(os->timings.kernel_seconds, os->attend_seconds) << where;
       } else {
@@ -382,6 +403,11 @@ TEST_F(EngineCudaTest, StageTimesAreSampledOneLayerStepInN) {
       EXPECT_EQ(oe->timings.d2h_seconds, 0.0) << where;
     }
   }
+  // About one in kAttentionInterval (more: the stage-timed ones too), and not the same layers
+  // every token step.
+  EXPECT_GE(attention_timed, layer_steps / kAttentionInterval);
+  EXPECT_LE(attention_timed, layer_steps / kAttentionInterval + layer_steps / kInterval + 2);
+  EXPECT_GT(timed_layers.size(), static_cast<size_t>(shape.num_layers / kAttentionInterval + 1));
   EXPECT_TRUE(sampled->CheckConsistency().ok());
 }
 

@@ -31,6 +31,14 @@ TEST(EngineFactoryTest, RejectsBadConfigurations) {
   c.kv_pool_bytes = 10 * SmallShape().page_bytes_all_layers() + 5;
   EXPECT_EQ(ResolvePoolSize(c, /*cuda=*/false)->pages, 10);
   EXPECT_TRUE(BuildEngine(c).ok());
+  for (const int32_t interval : {0, -1, 1025}) {
+    c.attention_timing_interval = interval;
+    const absl::Status s = BuildEngine(c).status();
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << interval;
+    EXPECT_NE(s.message().find("attention_timing_interval"), std::string_view::npos) << s;
+  }
+  c.attention_timing_interval = 1024;
+  EXPECT_TRUE(BuildEngine(c).ok());
 }
 
 // The pool is sized by at most one setting, and the one set is the size used on both backends.
