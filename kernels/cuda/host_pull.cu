@@ -21,7 +21,12 @@ struct Pieces {
 };
 
 // Each thread moves up to kPerThread 16-byte units, all loads issued before any store.
+// Triggers its programmatic dependents first (the attention launches, which wait for this grid
+// to finish before their first load): they launch and set up while the PCIe reads are in flight.
 __global__ void __launch_bounds__(kThreads) HostPullKernel(const Pieces pieces) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  cudaTriggerProgrammaticLaunchCompletion();
+#endif
   const int64_t first = static_cast<int64_t>(blockIdx.x) * kThreads * kPerThread + threadIdx.x;
   const int64_t total = pieces.begin[pieces.n];
   uint4 unit[kPerThread];

@@ -7,8 +7,7 @@ template <typename T, int D>
 cudaError_t LaunchPerRequest(const DecodeParams& p, cudaStream_t stream) {
   constexpr int kSmem = TileConfig<D>::kSmemBytes;
   if (const cudaError_t e = EnsureSmem<PerRequestKernel<T, D>>(kSmem); e != cudaSuccess) return e;
-  PerRequestKernel<T, D><<<dim3(p.num_kv_heads, p.batch), kThreads, kSmem, stream>>>(p);
-  return cudaGetLastError();
+  return LaunchDependent(PerRequestKernel<T, D>, dim3(p.num_kv_heads, p.batch), kSmem, stream, p);
 }
 
 #define PKV_INSTANTIATE(T, D) template cudaError_t LaunchPerRequest<T, D>(const DecodeParams&, cudaStream_t);

@@ -10,11 +10,13 @@ cudaError_t LaunchSequenceSplit(const DecodeParams& p, const Workspace& ws, bool
   const dim3 grid(S, p.num_kv_heads, p.batch);
   if (fused_merge && S > 1) {
     if (const cudaError_t e = EnsureSmem<SequenceSplitKernel<T, D, true>>(kSmem); e != cudaSuccess) return e;
-    SequenceSplitKernel<T, D, true><<<grid, kThreads, kSmem, stream>>>(p, ws);
-    return cudaGetLastError();
+    return LaunchDependent(SequenceSplitKernel<T, D, true>, grid, kSmem, stream, p, ws);
   }
   if (const cudaError_t e = EnsureSmem<SequenceSplitKernel<T, D, false>>(kSmem); e != cudaSuccess) return e;
-  SequenceSplitKernel<T, D, false><<<grid, kThreads, kSmem, stream>>>(p, ws);
+  if (const cudaError_t e = LaunchDependent(SequenceSplitKernel<T, D, false>, grid, kSmem, stream, p, ws);
+      e != cudaSuccess) {
+    return e;
+  }
   if (S > 1) MergeKernel<T, D, true><<<MergeGrid(p), kThreads, 0, stream>>>(p, ws);
   return cudaGetLastError();
 }

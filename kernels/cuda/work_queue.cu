@@ -29,12 +29,12 @@ cudaError_t LaunchWorkQueue(const DecodeParams& p, const Workspace& ws, bool fus
                             cudaStream_t stream) {
   const KernelShape shape = WorkQueueShape<T, D>();
   if (p.num_tasks == 0) return cudaSuccess;
-  if (fused_merge) {
-    WorkQueueKernel<T, D, true><<<grid, kThreads, shape.smem_bytes, stream>>>(p, ws);
-  } else {
-    WorkQueueKernel<T, D, false><<<grid, kThreads, shape.smem_bytes, stream>>>(p, ws);
-    MergeKernel<T, D, false><<<MergeGrid(p), kThreads, 0, stream>>>(p, ws);
+  if (fused_merge) return LaunchDependent(WorkQueueKernel<T, D, true>, dim3(grid), shape.smem_bytes, stream, p, ws);
+  if (const cudaError_t e = LaunchDependent(WorkQueueKernel<T, D, false>, dim3(grid), shape.smem_bytes, stream, p, ws);
+      e != cudaSuccess) {
+    return e;
   }
+  MergeKernel<T, D, false><<<MergeGrid(p), kThreads, 0, stream>>>(p, ws);
   return cudaGetLastError();
 }
 

@@ -4,10 +4,41 @@
 
 #include <cuda_runtime.h>
 
+#include <utility>
+
 #include "kernels/cuda/internal/launchers.h"
 #include "kernels/cuda/internal/paged_attention.cuh"
 
 namespace pkv::kernels::cuda::internal {
+
+// The attention launches are programmatic dependents of the work before them on the stream (the
+// layer's q|k|v pull, kernels/cuda/host_pull.h, which lets them launch as soon as it has started):
+// their CTAs become resident and set up while the pull runs, and wait here, before their first
+// load, until it has finished and its writes are visible. Launched without the attribute (or
+// after work that does not trigger), this returns at once: ordinary stream order already holds.
+__device__ __forceinline__ void WaitForPriorGrid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  cudaGridDependencySynchronize();
+#endif
+}
+
+// Launches `kernel` (kThreads per CTA) as a programmatic dependent of the stream's previous work
+// (see WaitForPriorGrid, which every kernel launched this way calls before its first load).
+template <typename... Params, typename... Args>
+cudaError_t LaunchDependent(void (*kernel)(Params...), dim3 grid, int smem_bytes, cudaStream_t stream,
+                            Args&&... args) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = static_cast<size_t>(smem_bytes);
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attribute;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+}
 
 #ifndef PKV_CTA_TIMELINE
 // Diagnostic build knob: 1 = each work-queue / sequence-split CTA records %globaltimer (ns) at its
@@ -85,6 +116,7 @@ __device__ __forceinline__ void CountAndMerge(const DecodeParams& p, const Works
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) PerRequestKernel(const __grid_constant__ DecodeParams p) {
   extern __shared__ __align__(128) char smem[];
+  WaitForPriorGrid();
   const int kvh = blockIdx.x, b = blockIdx.y;
   const int pages = p.page_indptr[b + 1] - p.page_indptr[b];
   const MergeView<D> v = AttendRange<T, D>(p, b, kvh, 0, pages, smem);
@@ -98,6 +130,7 @@ template <typename T, int D, bool kFused>
 __global__ void __launch_bounds__(kThreads)
     SequenceSplitKernel(const __grid_constant__ DecodeParams p, Workspace ws) {
   extern __shared__ __align__(128) char smem[];
+  WaitForPriorGrid();
   PKV_TIMELINE_BEGIN()
   const int s = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
   const int S = gridDim.x;
@@ -127,6 +160,7 @@ __global__ void __launch_bounds__(kThreads) WorkQueueKernel(const __grid_constan
   extern __shared__ __align__(128) char smem[];
   // The end of this CTA's range lives in shared memory (read once per task; registers are tight).
   __shared__ int task_end;
+  WaitForPriorGrid();
   PKV_TIMELINE_BEGIN()
   int t = blockIdx.x;
   if (p.cta_task_begin != nullptr) {
