@@ -152,9 +152,13 @@ absl::Status CudaSlot::BeginTokenStep(const scheduler::StepPlan& plan, const Pag
   step_.off_tasks = put(tasks.data(), tasks.size() * sizeof(DecodeTask));
   step_.off_cta_task_begin = put(cta_task_begin.data(), cta_task_begin.size() * 4);
   step_.batch = b;
-  // Uploaded with the token step's first layer, by the same pull launch as its q|k|v (one kernel
-  // and one PCIe round trip fewer on the first layer's path than a pull of its own).
-  descriptor_pending_bytes_ = off;
+  // A kernel pulls it up, not a copy engine: those serve prompt ingest's bulk copies first
+  // (kernels/cuda/host_pull.h).
+  if (absl::Status st = kernels::cuda::LaunchHostPull(device_descriptor_.get(), descriptor_mapped_, off, stream_.get());
+      !st.ok()) {
+    return st;
+  }
+  PKV_CUDA_RETURN(cudaEventRecord(uploaded_.get(), stream_.get()), "event");
   ++token_steps_begun_;
   if (b > 0) return kernels::cuda::CanImplement(plan.kernel, StepParams(0));
   return absl::OkStatus();
@@ -228,23 +232,14 @@ absl::Status CudaSlot::EnqueueLayer(int32_t layer, bool has_lse, void* out_devic
   // Pulled by a kernel on this high-priority stream, so it never waits behind prompt ingest's
   // copies on a copy engine (kernels/cuda/host_pull.h): from the staged io buffer in one piece,
   // or from the caller's registered memory in three.
-  // The token step's first layer also pulls its descriptor (BeginTokenStep packed it).
   char* dio = static_cast<char*>(io_device_.get());
-  kernels::cuda::HostPullPiece pieces[4];
-  int count = 0;
-  if (descriptor_pending_bytes_ > 0) {
-    pieces[count++] = {device_descriptor_.get(), descriptor_mapped_, descriptor_pending_bytes_};
-  }
   if (inputs == nullptr) {
-    pieces[count++] = {dio, io_mapped_, v_at + kvb};
+    if (absl::Status st = kernels::cuda::LaunchHostPull(dio, io_mapped_, v_at + kvb, stream); !st.ok()) return st;
   } else {
-    pieces[count++] = {dio, inputs->q, qb};
-    pieces[count++] = {dio + k_at, inputs->k, kvb};
-    pieces[count++] = {dio + v_at, inputs->v, kvb};
+    const kernels::cuda::HostPullPiece pieces[3] = {
+        {dio, inputs->q, qb}, {dio + k_at, inputs->k, kvb}, {dio + v_at, inputs->v, kvb}};
+    if (absl::Status st = kernels::cuda::LaunchHostPull(pieces, 3, stream); !st.ok()) return st;
   }
-  if (absl::Status st = kernels::cuda::LaunchHostPull(pieces, count, stream); !st.ok()) return st;
-  const bool descriptor_uploaded = descriptor_pending_bytes_ > 0;
-  descriptor_pending_bytes_ = 0;
   if (stages_timed_) PKV_CUDA_RETURN(cudaEventRecord(h2d_done_.get(), stream), "event");
   // The new tokens' K,V are appended by the attention launch itself (DecodeParams::append_k):
   // the warp that reads a row's new token writes it there first.
@@ -253,11 +248,7 @@ absl::Status CudaSlot::EnqueueLayer(int32_t layer, bool has_lse, void* out_devic
   p.append_v = dio + v_at;
   p.out_copy = out_copy_device;
   if (attention_timed_) PKV_CUDA_RETURN(cudaEventRecord(start_.get(), stream), "event");
-  absl::Status launched = kernels::cuda::Launch(step_.kernel, p, workspace_.get(), stream);
-  // After the attention launch, not between it and the pull (which would keep the attention from
-  // launching while the pull runs): marks host_descriptor_ free for the next token step.
-  if (descriptor_uploaded) PKV_CUDA_RETURN(cudaEventRecord(uploaded_.get(), stream), "event");
-  if (!launched.ok()) return launched;
+  if (absl::Status st = kernels::cuda::Launch(step_.kernel, p, workspace_.get(), stream); !st.ok()) return st;
   if (attention_timed_) PKV_CUDA_RETURN(cudaEventRecord(stop_.get(), stream), "event");
   return absl::OkStatus();
 }

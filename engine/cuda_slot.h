@@ -3,10 +3,9 @@
 // them.
 //
 // A slot holds at most one open token step. BeginTokenStep packs the step's page table and the
-// scheduler's work list into the pinned descriptor, which the step's first layer uploads together
-// with its q|k|v (one small kernel pulls both from mapped pinned memory on the slot's stream, so
-// decode never waits behind prompt ingest on a copy engine, kernels/cuda/host_pull.h; the attention
-// launch is its programmatic dependent, kernels/cuda/internal/route_kernels.cuh); every layer stages q|k|v
+// scheduler's work list into the pinned descriptor and uploads it on the slot's stream (a small
+// kernel pulls it from mapped pinned memory; the q|k|v upload likewise, so decode never waits
+// behind prompt ingest on a copy engine, kernels/cuda/host_pull.h); every layer then stages q|k|v
 // into pinned memory (StageInputs; not when they lie in host memory registered with CUDA, where
 // the upload reads them in place), enqueues the q|k|v upload and the attention launch, which also
 // appends the new tokens' K,V (EnqueueLayer), waits for the slot's stream only (Synchronize), and
@@ -74,7 +73,7 @@ class CudaSlot {
 
   // Commits a token step to the slot: waits until the previous step's descriptor upload read the
   // pinned descriptor, packs [indptr | last | row_splits | partial_offset | indices | tasks |
-  // CTA ranges] into it for the next EnqueueLayer to upload. `plan` as the scheduler made it: its kernel, kSequenceSplit's
+  // CTA ranges] into it and uploads it. `plan` as the scheduler made it: its kernel, kSequenceSplit's
   // num_splits, kWorkQueue's work list (row_splits, partial_offset, num_partials, tasks and, when
   // balanced, cta_task_begin).
   // Precondition (the backend checks it): the batch, page table and plan fit the capacities of
@@ -95,8 +94,7 @@ class CudaSlot {
     const void* k = nullptr;
     const void* v = nullptr;
   };
-  // Enqueues one layer on the stream: q|k|v upload (with the descriptor on the token step's first
-  // layer; from `inputs`, or when it is null from what
+  // Enqueues one layer on the stream: q|k|v upload (from `inputs`, or when it is null from what
   // StageInputs staged), append, the route's attention between the timing events, writing out to
   // `out_device` (mapped pinned host memory of the caller's, [B, Hq, d]) or, when it is null,
   // into the slot's mapped host buffer, and also to `out_copy_device` when not null (registered
@@ -150,7 +148,6 @@ class CudaSlot {
   // and attention.
   internal::CudaEvent h2d_start_, h2d_done_;
   internal::CudaEvent uploaded_;       // the descriptor upload read `host_descriptor_`
-  size_t descriptor_pending_bytes_ = 0;  // packed by BeginTokenStep, pulled with the next layer's q|k|v
   // The descriptor and q|k|v are written by the host into mapped pinned memory and pulled into
   // their device twins by a kernel on the slot's stream (kernels/cuda/host_pull.h).
   internal::PinnedBuffer host_descriptor_;
