@@ -75,13 +75,25 @@ absl::Status PromptWrite::Write(int32_t layer, int64_t token_offset, int64_t n, 
   }
   PKV_RETURN_IF_ERROR(CheckTensorBytes("k", k.size(), n, s.num_kv_heads, s));
   PKV_RETURN_IF_ERROR(CheckTensorBytes("v", v.size(), n, s.num_kv_heads, s));
-  std::vector<kvpool::SlotAddr> slots(n);
-  {
+  // Under the engine lock only the page ids of the range are copied (a few dozen): decode steps
+  // wait for this lock, so the per-token slots are worked out after it.
+  const int64_t page_size = s.page_size;
+  const int64_t first_page = token_offset / page_size;
+  std::vector<kvpool::PageId> range_pages;
+  if (n > 0) {
+    const int64_t last_page = (token_offset + n - 1) / page_size;
     std::lock_guard<std::mutex> lock(engine_->mu_);
     const kvpool::SequencePages* pages = engine_->pager_.Find(seq_);
-    // Invariant: a sequence being written cannot be released (Release refuses it).
+    // Invariant: a sequence being written cannot be released (Release refuses it), and its pages
+    // were all allocated by BeginPrompt.
     PKV_CHECK(pages != nullptr) << "prompt sequence " << seq_ << " vanished";
-    for (int64_t t = 0; t < n; ++t) slots[t] = engine_->pager_.Locate(*pages, token_offset + t);
+    PKV_CHECK(static_cast<int64_t>(pages->pages.size()) > last_page) << "prompt sequence " << seq_ << " lacks pages";
+    range_pages.assign(pages->pages.begin() + first_page, pages->pages.begin() + last_page + 1);
+  }
+  std::vector<kvpool::SlotAddr> slots(n);
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t token = token_offset + t;
+    slots[t] = kvpool::SlotAddr{range_pages[token / page_size - first_page], static_cast<int32_t>(token % page_size)};
   }
   // Staged without the engine lock (decode steps never wait for prompt bytes): the slots are
   // this prompt's own pages, which nothing else reads or writes until Commit or Abort, and this
