@@ -139,6 +139,9 @@ class ClientTest(unittest.TestCase):
         again = self.client.step(step_id, 0, [seq], q, k, v)
         self.assertFalse(first.replayed)
         self.assertTrue(again.replayed)
+        # The CPU backend times every layer-step's attention (CUDA samples it).
+        self.assertTrue(first.attention_timed)
+        self.assertGreater(first.attend_seconds, 0.0)
         np.testing.assert_array_equal(first.out, again.out)
         self.client.step(step_id, 1, [seq], q, k, v)
         self.assertEqual(self.client.describe().pool.used_tokens - base, 5, "the replay appended nothing")
