@@ -14,8 +14,9 @@ namespace pkv::kernels::cuda::internal {
 // The attention launches are programmatic dependents of the work before them on the stream (the
 // layer's q|k|v pull, kernels/cuda/host_pull.h, which lets them launch as soon as it has started):
 // their CTAs become resident and set up while the pull runs, and wait here, before their first
-// load, until it has finished and its writes are visible. Launched without the attribute (or
-// after work that does not trigger), this returns at once: ordinary stream order already holds.
+// load, until it has finished and its writes are visible. Launched without the attribute, this
+// returns at once (ordinary stream order holds); after a kernel that does not trigger, the launch
+// itself starts only as that kernel's blocks finish.
 __device__ __forceinline__ void WaitForPriorGrid() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   cudaGridDependencySynchronize();
