@@ -392,6 +392,19 @@ IngestHold MeasureIngestHold(const std::vector<IngestOverlapSample>& samples, in
     hold.excess_ms.push_back(s.ms - it->second);
     hold.excess_steps.push_back((s.ms - it->second) / step_ms);
     if (s.first_layer) hold.first_layer_excess_steps.push_back(hold.excess_steps.back());
+    hold.worst.push_back({hold.excess_steps.back(), it->second, s});
+    std::sort(hold.worst.begin(), hold.worst.end(),
+              [](const IngestHold::Worst& a, const IngestHold::Worst& b) { return a.excess_steps > b.excess_steps; });
+    if (hold.worst.size() > IngestHold::kWorstKept) hold.worst.pop_back();
+  }
+  if (hold.excess_ms.empty()) return hold;  // nothing compared: no control either
+  for (const IngestOverlapSample& s : samples) {
+    if (s.overlapped) continue;
+    const auto it = median.find({s.rows, s.first_layer});
+    if (it == median.end() || it->second <= 0) continue;
+    const auto unit = median.find({s.rows, false});
+    const double step_ms = unit != median.end() && unit->second > 0 ? unit->second : it->second;
+    hold.quiet_excess_steps.push_back((s.ms - it->second) / step_ms);
   }
   return hold;
 }
@@ -442,6 +455,20 @@ std::string ReplayReport::Format() const {
                           max_of(ms), Percentile(steps, 50), Percentile(steps, 99), max_of(steps),
                           ingest_hold.first_layer_excess_steps.size(), Percentile(ingest_hold.first_layer_excess_steps, 99),
                           max_of(ingest_hold.first_layer_excess_steps));
+    const std::vector<double>& quiet = ingest_hold.quiet_excess_steps;
+    absl::StrAppendFormat(&s, "                  control: the quiet layer steps against the same medians, n=%d: p99 %.2f  "
+                          "max %.2f layer steps\n", quiet.size(), Percentile(quiet, 99), max_of(quiet));
+    for (const IngestHold::Worst& w : ingest_hold.worst) {
+      absl::StrAppendFormat(&s, "                  held %.2f layer steps (B%d, %s, %.3f ms against %.3f):", w.excess_steps,
+                            w.sample.rows, w.sample.first_layer ? "layer 0" : "later layer", w.sample.ms, w.median_ms);
+      for (int32_t i = 0; i < kNumStages; ++i) {
+        if (static_cast<Stage>(i) == Stage::kRoundTrip) continue;
+        const double v = w.sample.stages[i];
+        if (std::isnan(v)) continue;
+        absl::StrAppendFormat(&s, " %s %.3f", StageName(static_cast<Stage>(i)), v);
+      }
+      absl::StrAppend(&s, "\n");
+    }
   }
   if (pool_samples > 0) {
     absl::StrAppendFormat(&s,
@@ -512,6 +539,19 @@ std::string ReplayReport::ToJson() const {
   };
   std::string failure = first_failure;
   std::replace(failure.begin(), failure.end(), '"', '\'');
+  std::string worst;  // the worst held layer-steps and their stages (ms; null: not measured)
+  for (const IngestHold::Worst& w : ingest_hold.worst) {
+    absl::StrAppendFormat(&worst, R"(%s{"excess_layer_steps": %.6g, "rows": %d, "first_layer": %s, "ms": %.6g, )"
+                          R"("quiet_median_ms": %.6g, "stages_ms": {)",
+                          worst.empty() ? "" : ", ", w.excess_steps, w.sample.rows,
+                          w.sample.first_layer ? "true" : "false", w.sample.ms, w.median_ms);
+    for (int32_t i = 0; i < kNumStages; ++i) {
+      const double v = w.sample.stages[i];
+      absl::StrAppendFormat(&worst, R"(%s"%s": %s)", i > 0 ? ", " : "", StageName(static_cast<Stage>(i)),
+                            std::isnan(v) ? std::string("null") : absl::StrFormat("%.6g", v));
+    }
+    absl::StrAppend(&worst, "}}");
+  }
   std::string breakdown, breakdown_overlapped;
   for (int32_t i = 0; i < kNumStages; ++i) {
     absl::StrAppendFormat(&breakdown, R"(%s"%s": {"n": %d, "p50": %.6g, "p99": %.6g, "mean": %.6g})", i > 0 ? ", " : "",
@@ -540,7 +580,8 @@ std::string ReplayReport::ToJson() const {
                       ingest_hold.quiet),
       R"("ingest_hold_ms": )", dist(ingest_hold.excess_ms), R"(, "ingest_hold_layer_steps": )",
       dist(ingest_hold.excess_steps), R"(, "ingest_hold_first_layer_steps": )",
-      dist(ingest_hold.first_layer_excess_steps), ", ",
+      dist(ingest_hold.first_layer_excess_steps), R"(, "ingest_quiet_excess_layer_steps": )",
+      dist(ingest_hold.quiet_excess_steps), R"(, "ingest_hold_worst": [)", worst, "], ",
       absl::StrFormat(R"("pool_samples": %d, "kv_reserved_mean_bytes": %.6g, "kv_reserved_peak_bytes": %.6g, )"
                       R"("kv_used_mean_bytes": %.6g, "kv_used_peak_bytes": %.6g, )",
                       pool_samples, kv_reserved_mean_bytes, kv_reserved_peak_bytes, kv_used_mean_bytes,
@@ -877,7 +918,7 @@ absl::StatusOr<ReplayReport> RunReplay(WorkerClient& client, const ReplayOptions
         queue_ms.push_back(result->queue_seconds * 1e3);
         if (!retried) {
           stages.push_back(StageSample(build_ms, *result));
-          overlaps.push_back({static_cast<int32_t>(active.size()), layer_ms.back(), overlapped, layer == 0});
+          overlaps.push_back({static_cast<int32_t>(active.size()), layer_ms.back(), overlapped, layer == 0, stages.back()});
         }
         if (layer == 0 && !pending_free.empty()) {
           // The worker applied the frees with layer 0.

@@ -88,12 +88,14 @@ inline constexpr int32_t kNumStages = 14;
 const char* StageName(Stage stage);
 
 // One measured layer-step, for IngestHold: its rows, its round trip, whether a prompt was being
-// written (WriteKV in flight) at any time during it, and whether it was its token step's layer 0.
+// written (WriteKV in flight) at any time during it, whether it was its token step's layer 0, and
+// its stages in ms (StageSample; NaN: not measured).
 struct IngestOverlapSample {
   int32_t rows = 0;
   double ms = 0;
   bool overlapped = false;
   bool first_layer = false;
+  std::array<double, kNumStages> stages{};
 };
 
 // How far prompt ingest held decode back: each layer-step that overlapped a prompt write against
@@ -103,12 +105,23 @@ struct IngestOverlapSample {
 // longer with or without ingest). Layer-steps whose kind has fewer than the minimum quiet samples
 // are not compared (counted in `overlapped` only). The excess is counted in layer-steps of a later
 // layer's quiet median at the same batch size (layer 0's own where that is unknown).
+// The control: the quiet layer-steps' own excess over the same medians, in the same units (a
+// host's scheduling noise holds quiet layer-steps back too; what ingest adds is the difference).
+// The worst overlapped layer-steps keep their stages, to say where the time went.
 struct IngestHold {
   int64_t overlapped = 0;            // measured layer-steps that overlapped a prompt write
   int64_t quiet = 0;                 // measured layer-steps that overlapped none
   std::vector<double> excess_ms;     // per compared layer-step: round trip - its quiet median
   std::vector<double> excess_steps;  // the same in layer-steps' time (see above)
   std::vector<double> first_layer_excess_steps;  // excess_steps of the compared layer-0 steps only
+  std::vector<double> quiet_excess_steps;        // per quiet layer-step of a compared kind (control)
+  struct Worst {
+    double excess_steps = 0;
+    double median_ms = 0;  // its kind's quiet median
+    IngestOverlapSample sample;
+  };
+  std::vector<Worst> worst;  // up to kWorstKept overlapped layer-steps, the largest excess first
+  static constexpr size_t kWorstKept = 5;
 };
 IngestHold MeasureIngestHold(const std::vector<IngestOverlapSample>& samples, int64_t min_quiet = 20);
 

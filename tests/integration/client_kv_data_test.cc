@@ -3,6 +3,7 @@
 // every integration check relies on.
 #include "client/kv_data.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <memory>
@@ -216,6 +217,29 @@ TEST(IngestHoldTest, ComparesOverlappedStepsWithQuietOnesOfTheirBatchSizeAndLaye
     EXPECT_NEAR(hold.excess_ms[i], want_ms[i], 1e-12) << i;
     EXPECT_NEAR(hold.excess_steps[i], want_steps[i], 1e-12) << i;
   }
+  // The control: the quiet steps of the compared kinds (batch 8: 25, batch 2: 20; batch 5 has
+  // too few) against the same medians, in the same units: batch 8's 0.19 / 0.21 ms are 0.05 of a
+  // layer-step either side.
+  ASSERT_EQ(hold.quiet_excess_steps.size(), 45u);
+  EXPECT_NEAR(*std::max_element(hold.quiet_excess_steps.begin(), hold.quiet_excess_steps.end()), 0.05, 1e-9);
+  EXPECT_NEAR(*std::min_element(hold.quiet_excess_steps.begin(), hold.quiet_excess_steps.end()), -0.05, 1e-9);
+  // The worst held layer-steps, largest first, with their sample (stages included).
+  ASSERT_EQ(hold.worst.size(), 4u);
+  EXPECT_NEAR(hold.worst[0].excess_steps, 2.0, 1e-12);
+  EXPECT_NEAR(hold.worst[0].sample.ms, 0.60, 1e-12);
+  EXPECT_NEAR(hold.worst[0].median_ms, 0.20, 1e-12);
+  EXPECT_NEAR(hold.worst[3].excess_steps, 0.0, 1e-12);
+  std::vector<IngestOverlapSample> many;
+  for (int i = 0; i < 20; ++i) many.push_back({1, 0.10, false});
+  for (int i = 1; i <= 9; ++i) {
+    many.push_back({1, 0.10 + 0.01 * i, true});
+    many.back().stages[static_cast<int32_t>(Stage::kQueue)] = 0.01 * i;
+  }
+  const IngestHold kept = MeasureIngestHold(many);
+  ASSERT_EQ(kept.worst.size(), IngestHold::kWorstKept);
+  EXPECT_NEAR(kept.worst[0].excess_steps, 0.9, 1e-9);
+  EXPECT_NEAR(kept.worst[0].sample.stages[static_cast<int32_t>(Stage::kQueue)], 0.09, 1e-12);
+  EXPECT_NEAR(kept.worst.back().excess_steps, 0.5, 1e-9);
   // Layer 0 (page-table deltas and the plan) against quiet layer-0 steps, counted in later layers'
   // time: quiet layer 0 takes 0.50 ms, later layers 0.20 ms; an overlapped layer 0 of 0.60 ms is
   // held back by 0.10 ms = 0.5 layer-steps, and an overlapped later layer of 0.50 ms by 1.5.
@@ -239,6 +263,8 @@ TEST(IngestHoldTest, ComparesOverlappedStepsWithQuietOnesOfTheirBatchSizeAndLaye
   const IngestHold none = MeasureIngestHold({{8, 0.2, false}, {8, 0.3, false}});
   EXPECT_EQ(none.overlapped, 0);
   EXPECT_TRUE(none.excess_ms.empty());
+  EXPECT_TRUE(none.quiet_excess_steps.empty());
+  EXPECT_TRUE(none.worst.empty());
 }
 
 // The slices of a ByteBuffer, joined.
