@@ -104,8 +104,12 @@ struct SharedRegion {
 // pinned_output_bytes >= 0 replaces the backend's default (0: outputs copied out of the slots'
 // buffers instead of written in place). `io`: where the GPU engine's tensors live; with a
 // registered region the last token step runs after the registration was released (copies again).
+// refuse_nan: before every other later layer, the GPU engine is sent other K,V (and q) for it with
+// a NaN in k; it refuses that (after the device ran it: the scan overlaps the layer), and the
+// real layer that follows must still match the reference.
 void RunAgainstCpu(DType dt, std::optional<KernelId> fixed, const std::vector<int64_t>& prompts,
-                   int64_t static_slot_tokens = 0, int64_t pinned_output_bytes = -1, Io io = Io::kHeap) {
+                   int64_t static_slot_tokens = 0, int64_t pinned_output_bytes = -1, Io io = Io::kHeap,
+                   bool refuse_nan = false) {
   const ModelShape shape = Shape(dt);
   CudaBackendOptions co;
   co.num_pages = 4096;
@@ -160,13 +164,34 @@ void RunAgainstCpu(DType dt, std::optional<KernelId> fixed, const std::vector<in
       in.want_lse = want_lse;
       StepInput in_gpu = in;
       std::span<uint8_t> out_copy;
+      // q | k | v | out at 4 KiB boundaries of the region (plus 2 bytes when misaligned).
+      const size_t skew = io == Io::kRegisteredMisaligned ? 2 : 0;
+      auto place = [&](size_t at, std::span<const uint8_t> bytes) {
+        std::memcpy(region->base + at + skew, bytes.data(), bytes.size());
+        return std::span<const uint8_t>(region->base + at + skew, bytes.size());
+      };
+      if (refuse_nan && layer > 0 && (step + layer) % 2 == 1) {
+        auto bad_q = RandomBytes(dt, q.size() / 2, rng);
+        auto bad_k = RandomBytes(dt, k.size() / 2, rng), bad_v = RandomBytes(dt, v.size() / 2, rng);
+        const size_t at = (b - 1) * tok + 5;  // the last row's KV head 0, element 5
+        bad_k[2 * at] = 0xC0;
+        bad_k[2 * at + 1] = 0xFF;  // 0xFFC0: NaN in fp16 and in bf16
+        StepInput bad = in;
+        bad.q = bad_q;
+        bad.k = bad_k;
+        bad.v = bad_v;
+        if (io != Io::kHeap) {
+          bad.q = place(0, bad_q);
+          bad.k = place(size_t{1} << 20, bad_k);
+          bad.v = place(size_t{2} << 20, bad_v);
+          bad.out_copy = std::span<uint8_t>(region->base + (size_t{3} << 20) + skew, q.size());
+        }
+        auto refused = gpu->Step(bad);
+        EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument) << refused.status();
+        EXPECT_EQ(refused.status().message().rfind("k: element [" + std::to_string(b - 1) + ", 0, 5] is NaN", 0), 0u)
+            << refused.status();
+      }
       if (io != Io::kHeap) {
-        // q | k | v | out at 4 KiB boundaries of the region (plus 2 bytes when misaligned).
-        const size_t skew = io == Io::kRegisteredMisaligned ? 2 : 0;
-        auto place = [&](size_t at, std::span<const uint8_t> bytes) {
-          std::memcpy(region->base + at + skew, bytes.data(), bytes.size());
-          return std::span<const uint8_t>(region->base + at + skew, bytes.size());
-        };
         in_gpu.q = place(0, q);
         in_gpu.k = place(size_t{1} << 20, k);
         in_gpu.v = place(size_t{2} << 20, v);
@@ -231,6 +256,17 @@ TEST_F(EngineCudaTest, RegisteredSharedMemoryIsReadAndWrittenInPlace) {
   RunAgainstCpu(DType::kF16, KernelId::kSequenceSplit, ragged, 0, -1, Io::kRegistered);
   RunAgainstCpu(DType::kF16, KernelId::kWorkQueue, ragged, 0, 0, Io::kRegistered);
   RunAgainstCpu(DType::kF16, KernelId::kWorkQueue, ragged, 0, -1, Io::kRegisteredMisaligned);
+}
+
+// A later layer refused for a NaN is scanned while the device runs it: its K,V were written into
+// the rows' new-token slots and its outputs computed. The real layer sent next (its retry) rewrites
+// them, and every output still matches the reference, in place or not.
+TEST_F(EngineCudaTest, ALaterLayerRefusedForNaNIsRewrittenByItsRetry) {
+  const std::vector<int64_t> ragged = {3000, 17, 1, 700, 4096, 33};
+  RunAgainstCpu(DType::kF16, std::nullopt, ragged, 0, -1, Io::kHeap, true);
+  RunAgainstCpu(DType::kBF16, KernelId::kWorkQueue, ragged, 0, -1, Io::kHeap, true);
+  RunAgainstCpu(DType::kF16, KernelId::kSequenceSplit, ragged, 0, -1, Io::kRegistered, true);
+  RunAgainstCpu(DType::kF16, KernelId::kPerRequest, ragged, 0, 0, Io::kRegistered, true);
 }
 
 // The static-reservation baseline (--static_slot_tokens) reads only the tokens a sequence holds,
