@@ -18,7 +18,6 @@
 #pragma once
 
 #include <cstdint>
-#include <functional>
 #include <memory>
 #include <span>
 #include <string_view>
@@ -74,14 +73,6 @@ struct LayerBuffers {
   // registered host memory (LayerRunInfo::in_place), else left to the caller.
   void* out_copy = nullptr;
   float* lse = nullptr;  // [B, Hq] or null
-  // The engine's NaN/inf scan of q, k and v, or empty (done before, or off). A backend calls it
-  // exactly once in every RunLayer that gets that far, before it returns, and fails the layer
-  // with its error. When is the backend's choice: the CPU backend before it writes anything; the
-  // CUDA backend while the device runs the layer (after the launches, before the wait for them),
-  // so a layer refused by it has already written its rows' new K,V for this layer into their
-  // token's slots (bytes no attention reads until the layer's retry rewrites them; an abort drops
-  // the token) and its outputs into `out`, `out_copy` included when in place.
-  std::function<absl::Status()> check_inputs;
 };
 
 // One token step's page table in CSR form (host memory), shared by all of its layers.

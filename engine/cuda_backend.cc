@@ -210,16 +210,11 @@ class CudaBackend final : public ExecutionBackend {
       return st;
     }
     const auto enqueued = std::chrono::steady_clock::now();
-    // The input check runs while the device works on the layer (see LayerBuffers::check_inputs);
-    // a refusal still waits for the device, which reads the inputs and writes the outputs.
-    const absl::Status checked = io.check_inputs ? io.check_inputs() : absl::OkStatus();
     if (absl::Status st = slot.Synchronize(); !st.ok()) return st;
     const auto synced = std::chrono::steady_clock::now();
-    if (!checked.ok()) return checked;
     slot.CopyOutputs(io.out_device != nullptr ? nullptr : io.out, io.lse);
     if (absl::Status st = slot.ReadStageTimes(info); !st.ok()) return st;  // leaves in_place
-    // Host work: staging and launching before the wait, copying the outputs out after it (the
-    // input check, the engine's, is not the backend's).
+    // Host work: staging and launching before the wait, copying the outputs out after it.
     info->host_seconds = std::chrono::duration<double>(enqueued - t0).count() +
                          std::chrono::duration<double>(std::chrono::steady_clock::now() - synced).count();
     return absl::OkStatus();

@@ -228,14 +228,11 @@ absl::Status Engine::ValidateTensors(const StepInput& in) const {
   PKV_RETURN_IF_ERROR(CheckTensorBytes("k", in.k.size(), b, shape_.num_kv_heads, shape_));
   PKV_RETURN_IF_ERROR(CheckTensorBytes("v", in.v.size(), b, shape_.num_kv_heads, shape_));
   if (!in.out_copy.empty()) PKV_RETURN_IF_ERROR(CheckTensorBytes("out_copy", in.out_copy.size(), b, shape_.num_q_heads, shape_));
-  return absl::OkStatus();
-}
-
-absl::Status Engine::ValidateFinite(const StepInput& in) const {
-  if (!limits_.check_finite) return absl::OkStatus();
-  PKV_RETURN_IF_ERROR(CheckFinite("q", in.q, shape_.num_q_heads));
-  PKV_RETURN_IF_ERROR(CheckFinite("k", in.k, shape_.num_kv_heads));
-  PKV_RETURN_IF_ERROR(CheckFinite("v", in.v, shape_.num_kv_heads));
+  if (limits_.check_finite) {
+    PKV_RETURN_IF_ERROR(CheckFinite("q", in.q, shape_.num_q_heads));
+    PKV_RETURN_IF_ERROR(CheckFinite("k", in.k, shape_.num_kv_heads));
+    PKV_RETURN_IF_ERROR(CheckFinite("v", in.v, shape_.num_kv_heads));
+  }
   return absl::OkStatus();
 }
 
@@ -493,22 +490,9 @@ absl::StatusOr<StepOutput> Engine::RunLayer(std::unique_lock<std::mutex>& lock, 
   absl::Status run = absl::OkStatus();
   LayerRunInfo info;
   std::chrono::steady_clock::duration in_backend{};
-  // Layer 0's inputs were scanned before it changed anything; a later layer's are scanned by
-  // the backend's call, on the CUDA backend while the device runs the layer.
-  double scan_seconds = 0;
-  bool scanned = in.layer == 0 || !limits_.check_finite;
   if (b > 0) {
     const auto t0 = std::chrono::steady_clock::now();
     LayerBuffers io;
-    if (!scanned) {
-      io.check_inputs = [this, &in, &scan_seconds, &scanned] {
-        const auto s0 = std::chrono::steady_clock::now();
-        absl::Status st = ValidateFinite(in);
-        scan_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - s0).count();
-        scanned = true;
-        return st;
-      };
-    }
     io.q = in.q.data();
     io.k = in.k.data();
     io.v = in.v.data();
@@ -517,9 +501,6 @@ absl::StatusOr<StepOutput> Engine::RunLayer(std::unique_lock<std::mutex>& lock, 
     io.out_copy = in.out_copy.empty() ? nullptr : in.out_copy.data();
     io.lse = in.want_lse ? result.lse.data() : nullptr;
     run = backend_->RunLayer(slot, in.layer, io, &info);
-    // Invariant: a backend that answers OK ran the input check (backend.h).
-    PKV_CHECK(!run.ok() || scanned) << "backend " << backend_->name() << " ran layer " << in.layer
-                                    << " without checking its inputs";
     // Not written by the device: copied here, still outside the engine lock.
     if (run.ok() && io.out_copy != nullptr && !info.in_place) std::memcpy(io.out_copy, out.data, in.out_copy.size());
     in_backend = std::chrono::steady_clock::now() - t0;
@@ -552,9 +533,7 @@ absl::StatusOr<StepOutput> Engine::RunLayer(std::unique_lock<std::mutex>& lock, 
   observer_->OnLayerStep(event);
   // The backend's time splits into its host work and device stages (its waits for the device
   // are in neither); the rest since validation is the engine's own host work.
-  // A later layer's scan counts as validation wherever the backend ran it (on the CUDA backend it
-  // overlaps the device stages).
-  result.timings.validate_seconds = std::chrono::duration<double>(validated - started).count() + scan_seconds;
+  result.timings.validate_seconds = std::chrono::duration<double>(validated - started).count();
   result.timings.host_seconds =
       std::chrono::duration<double>(now - validated - in_backend).count() + info.host_seconds;
   result.timings.h2d_seconds = info.h2d_seconds;
@@ -676,9 +655,6 @@ absl::StatusOr<StepOutput> Engine::Step(const StepInput& in) {
     return absl::InvalidArgumentError(absl::StrCat("rows[", i, "]: sequence ", in.rows[i], " listed twice"));
   }
   PKV_RETURN_IF_ERROR(ValidateTensors(in));
-  // Layer 0 changes the pool: its inputs are scanned before anything. A later layer's are
-  // scanned by RunLayer's backend call, or below when it is a replay.
-  if (in.layer == 0) PKV_RETURN_IF_ERROR(ValidateFinite(in));
 
   std::unique_lock<std::mutex> lock(mu_);
   // Token step ids are per router: another router's token step of the same id is not this one.
@@ -697,7 +673,6 @@ absl::StatusOr<StepOutput> Engine::Step(const StepInput& in) {
       return absl::InvalidArgumentError(absl::StrCat(
           "token_step_id: ", in.token_step_id, " layer ", in.layer, " already ran with different rows"));
     }
-    if (in.layer > 0) PKV_RETURN_IF_ERROR(ValidateFinite(in));  // a resend is refused as the first send was
     StepOutput replay = ts->outputs[in.layer];
     // (A token step without rows completed every layer at layer 0: its later layers come from here too.)
     replay.replayed = true;

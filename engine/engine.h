@@ -268,12 +268,7 @@ class Engine {
 
   // One layer of a token step (see the file comment). Validates everything it is given
   // (token_step_id, layer, the lists, q/k/v byte sizes against the model shape, finiteness)
-  // before it changes anything. One exception, for speed: a later layer's NaN/inf scan runs
-  // while the backend runs the layer (engine/backend.h, LayerBuffers::check_inputs). Such a
-  // refusal changes no pages, lengths or token-step state, and the layer stays not done (its
-  // retry runs it again), but on the CUDA backend the device has written that layer's K,V of the
-  // rows' new tokens (unread until the retry rewrites them; an abort drops the tokens) and, when
-  // in place, the outputs into out_copy.
+  // before it changes anything.
   absl::StatusOr<StepOutput> Step(const StepInput& input);
 
   // Starts writing a prompt of `num_tokens` tokens (1 .. max_prompt_tokens) for a new sequence
@@ -373,8 +368,6 @@ class Engine {
 
   absl::Status ValidateTensors(const StepInput& in) const;
   // INVALID_ARGUMENT naming `field` and the [row, head, dim] of its first NaN or infinity.
-  // The NaN/inf scan of q, k and v (when check_finite): INVALID_ARGUMENT naming the element.
-  absl::Status ValidateFinite(const StepInput& in) const;
   absl::Status CheckFinite(absl::string_view field, std::span<const uint8_t> data, int32_t heads) const;
   // The refusal of `data` (a [rows, heads, head_dim] tensor named `field`) for its non-finite
   // element `i`: INVALID_ARGUMENT naming the element and what it is.

@@ -104,9 +104,8 @@ struct SharedRegion {
 // pinned_output_bytes >= 0 replaces the backend's default (0: outputs copied out of the slots'
 // buffers instead of written in place). `io`: where the GPU engine's tensors live; with a
 // registered region the last token step runs after the registration was released (copies again).
-// refuse_nan: before every other later layer, the GPU engine is sent other K,V (and q) for it with
-// a NaN in k; it refuses that (after the device ran it: the scan overlaps the layer), and the
-// real layer that follows must still match the reference.
+// refuse_nan: before every other later layer, the GPU engine is sent other q, K,V for it with a NaN
+// in k; it refuses that, and the real layer that follows must still match the reference.
 void RunAgainstCpu(DType dt, std::optional<KernelId> fixed, const std::vector<int64_t>& prompts,
                    int64_t static_slot_tokens = 0, int64_t pinned_output_bytes = -1, Io io = Io::kHeap,
                    bool refuse_nan = false) {
@@ -258,9 +257,8 @@ TEST_F(EngineCudaTest, RegisteredSharedMemoryIsReadAndWrittenInPlace) {
   RunAgainstCpu(DType::kF16, KernelId::kWorkQueue, ragged, 0, -1, Io::kRegisteredMisaligned);
 }
 
-// A later layer refused for a NaN is scanned while the device runs it: its K,V were written into
-// the rows' new-token slots and its outputs computed. The real layer sent next (its retry) rewrites
-// them, and every output still matches the reference, in place or not.
+// A later layer refused for a NaN (in place or not) leaves nothing behind: the real layer sent
+// next and every later one still match the reference, on every route.
 TEST_F(EngineCudaTest, ALaterLayerRefusedForNaNIsRewrittenByItsRetry) {
   const std::vector<int64_t> ragged = {3000, 17, 1, 700, 4096, 33};
   RunAgainstCpu(DType::kF16, std::nullopt, ragged, 0, -1, Io::kHeap, true);
