@@ -1,9 +1,12 @@
 #include "engine/engine.h"
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstring>
+
+#include <sys/resource.h>
 
 #include "absl/container/flat_hash_set.h"
 #include "absl/hash/hash.h"
@@ -13,6 +16,21 @@
 #include "common/status_macros.h"
 
 namespace pkv::engine {
+namespace {
+
+// A token step's begin (layer 0's deltas, pager, copies, plan and descriptor) that takes longer
+// than this is logged with its parts, at most once a second: these run under the engine lock.
+constexpr auto kSlowBeginLog = std::chrono::microseconds(500);
+
+// This thread's involuntary context switches and minor page faults so far.
+std::pair<long, long> ThreadSwitchesAndFaults() {
+  struct rusage u {};
+  if (getrusage(RUSAGE_THREAD, &u) != 0) return {0, 0};
+  return {u.ru_nivcsw, u.ru_minflt};
+}
+
+}  // namespace
+
 namespace {
 
 // First duplicate in `ids`, or -1.
@@ -384,6 +402,8 @@ absl::Status Engine::ValidateLaterLayer(const StepInput& in, const TokenStep& ts
 }
 
 absl::Status Engine::BeginTokenStep(const StepInput& in, uint64_t key) {
+  const auto t_begin = std::chrono::steady_clock::now();
+  const std::pair<long, long> usage_begin = ThreadSwitchesAndFaults();
   auto ts = std::make_unique<TokenStep>();
   ts->id = key;
   ts->external_id = in.token_step_id;
@@ -432,12 +452,36 @@ absl::Status Engine::BeginTokenStep(const StepInput& in, uint64_t key) {
     state.open_token_step = ts->id;
     state.last_used = ts->last_activity;
   }
+  const auto t_pager = std::chrono::steady_clock::now();
   for (const kvpool::PageCopy& c : copies) {
     // Invariant: the pager only returns in-range pages.
     PKV_CHECK(backend_->arena().CopyPage(c.src, c.dst).ok()) << "page copy failed";
   }
+  const auto t_copies = std::chrono::steady_clock::now();
   ts->plan = scheduler_.Plan(shape);
+  const auto t_plan = std::chrono::steady_clock::now();
   absl::StatusOr<int32_t> slot = backend_->BeginTokenStep(ts->plan, ts->table, ts->new_slots);
+  const auto t_end = std::chrono::steady_clock::now();
+  if (t_end - t_begin > kSlowBeginLog) {
+    static std::atomic<int64_t> last_log_ns{0};
+    static std::atomic<int64_t> unlogged{0};
+    const int64_t now_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(t_end.time_since_epoch()).count();
+    int64_t last = last_log_ns.load(std::memory_order_relaxed);
+    if (now_ns - last >= 1'000'000'000 && last_log_ns.compare_exchange_strong(last, now_ns)) {
+      const std::pair<long, long> usage_end = ThreadSwitchesAndFaults();
+      auto us = [](auto d) { return std::chrono::duration<double, std::micro>(d).count(); };
+      PKV_LOG(WARNING) << "slow token step begin (" << in.rows.size() << " rows, " << in.open.size() << " opened, "
+                       << in.free.size() << " freed, " << copies.size() << " page copies): " << us(t_end - t_begin)
+                       << " us under the engine lock: deltas and pager " << us(t_pager - t_begin) << ", page copies "
+                       << us(t_copies - t_pager) << ", plan " << us(t_plan - t_copies) << ", descriptor "
+                       << us(t_end - t_plan) << "; this thread was preempted "
+                       << usage_end.first - usage_begin.first << " times and took "
+                       << usage_end.second - usage_begin.second << " page faults meanwhile ("
+                       << unlogged.exchange(0) << " more slow begins since the last such line)";
+    } else {
+      unlogged.fetch_add(1, std::memory_order_relaxed);
+    }
+  }
   if (!slot.ok()) {
     for (SeqId id : in.rows) {
       seqs_[id].open_token_step = 0;
