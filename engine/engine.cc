@@ -22,12 +22,31 @@ namespace {
 // than this is logged with its parts, at most once a second: these run under the engine lock.
 constexpr auto kSlowBeginLog = std::chrono::microseconds(500);
 
-// This thread's involuntary context switches and minor page faults so far.
-std::pair<long, long> ThreadSwitchesAndFaults() {
+// A layer-step that holds the worker this much longer than its wait for the device is logged
+// with its parts, at most once a second.
+constexpr auto kSlowLayerLog = std::chrono::microseconds(500);
+
+// This thread's involuntary and voluntary context switches and minor page faults so far.
+struct ThreadUsage {
+  long preempted = 0, blocked = 0, faults = 0;
+};
+ThreadUsage ThreadSwitchesAndFaults() {
   struct rusage u {};
-  if (getrusage(RUSAGE_THREAD, &u) != 0) return {0, 0};
-  return {u.ru_nivcsw, u.ru_minflt};
+  if (getrusage(RUSAGE_THREAD, &u) != 0) return {};
+  return {u.ru_nivcsw, u.ru_nvcsw, u.ru_minflt};
 }
+
+// True at most once a second per `last_ns` (the caller logs); counts the others in `unlogged`.
+bool LogNow(std::atomic<int64_t>& last_ns, std::atomic<int64_t>& unlogged) {
+  const int64_t now_ns =
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch()).count();
+  int64_t last = last_ns.load(std::memory_order_relaxed);
+  if (now_ns - last >= 1'000'000'000 && last_ns.compare_exchange_strong(last, now_ns)) return true;
+  unlogged.fetch_add(1, std::memory_order_relaxed);
+  return false;
+}
+
+double Us(std::chrono::steady_clock::duration d) { return std::chrono::duration<double, std::micro>(d).count(); }
 
 }  // namespace
 
@@ -403,7 +422,7 @@ absl::Status Engine::ValidateLaterLayer(const StepInput& in, const TokenStep& ts
 
 absl::Status Engine::BeginTokenStep(const StepInput& in, uint64_t key) {
   const auto t_begin = std::chrono::steady_clock::now();
-  const std::pair<long, long> usage_begin = ThreadSwitchesAndFaults();
+  const ThreadUsage usage_begin = ThreadSwitchesAndFaults();
   auto ts = std::make_unique<TokenStep>();
   ts->id = key;
   ts->external_id = in.token_step_id;
@@ -463,23 +482,18 @@ absl::Status Engine::BeginTokenStep(const StepInput& in, uint64_t key) {
   absl::StatusOr<int32_t> slot = backend_->BeginTokenStep(ts->plan, ts->table, ts->new_slots);
   const auto t_end = std::chrono::steady_clock::now();
   if (t_end - t_begin > kSlowBeginLog) {
-    static std::atomic<int64_t> last_log_ns{0};
-    static std::atomic<int64_t> unlogged{0};
-    const int64_t now_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(t_end.time_since_epoch()).count();
-    int64_t last = last_log_ns.load(std::memory_order_relaxed);
-    if (now_ns - last >= 1'000'000'000 && last_log_ns.compare_exchange_strong(last, now_ns)) {
-      const std::pair<long, long> usage_end = ThreadSwitchesAndFaults();
-      auto us = [](auto d) { return std::chrono::duration<double, std::micro>(d).count(); };
+    static std::atomic<int64_t> last_log_ns{0}, unlogged{0};
+    if (LogNow(last_log_ns, unlogged)) {
+      const ThreadUsage usage_end = ThreadSwitchesAndFaults();
       PKV_LOG(WARNING) << "slow token step begin (" << in.rows.size() << " rows, " << in.open.size() << " opened, "
-                       << in.free.size() << " freed, " << copies.size() << " page copies): " << us(t_end - t_begin)
-                       << " us under the engine lock: deltas and pager " << us(t_pager - t_begin) << ", page copies "
-                       << us(t_copies - t_pager) << ", plan " << us(t_plan - t_copies) << ", descriptor "
-                       << us(t_end - t_plan) << "; this thread was preempted "
-                       << usage_end.first - usage_begin.first << " times and took "
-                       << usage_end.second - usage_begin.second << " page faults meanwhile ("
+                       << in.free.size() << " freed, " << copies.size() << " page copies): " << Us(t_end - t_begin)
+                       << " us under the engine lock: deltas and pager " << Us(t_pager - t_begin) << ", page copies "
+                       << Us(t_copies - t_pager) << ", plan " << Us(t_plan - t_copies) << ", descriptor "
+                       << Us(t_end - t_plan) << "; meanwhile this thread was preempted "
+                       << usage_end.preempted - usage_begin.preempted << " times, blocked "
+                       << usage_end.blocked - usage_begin.blocked << " times and took "
+                       << usage_end.faults - usage_begin.faults << " page faults ("
                        << unlogged.exchange(0) << " more slow begins since the last such line)";
-    } else {
-      unlogged.fetch_add(1, std::memory_order_relaxed);
     }
   }
   if (!slot.ok()) {
@@ -516,7 +530,9 @@ absl::Status Engine::BeginTokenStep(const StepInput& in, uint64_t key) {
 
 absl::StatusOr<StepOutput> Engine::RunLayer(std::unique_lock<std::mutex>& lock, TokenStep& ts,
                                             const StepInput& in, std::chrono::steady_clock::time_point started,
-                                            std::chrono::steady_clock::time_point validated) {
+                                            std::chrono::steady_clock::time_point validated,
+                                            std::chrono::steady_clock::time_point locked,
+                                            std::chrono::steady_clock::duration begun) {
   const size_t b = ts.rows.size();
   const int32_t slot = ts.backend_slot;
   StepOutput result;
@@ -534,8 +550,9 @@ absl::StatusOr<StepOutput> Engine::RunLayer(std::unique_lock<std::mutex>& lock, 
   absl::Status run = absl::OkStatus();
   LayerRunInfo info;
   std::chrono::steady_clock::duration in_backend{};
+  std::chrono::steady_clock::time_point t0 = std::chrono::steady_clock::now();
   if (b > 0) {
-    const auto t0 = std::chrono::steady_clock::now();
+    t0 = std::chrono::steady_clock::now();
     LayerBuffers io;
     io.q = in.q.data();
     io.k = in.k.data();
@@ -554,7 +571,24 @@ absl::StatusOr<StepOutput> Engine::RunLayer(std::unique_lock<std::mutex>& lock, 
     result.in_place = info.in_place;
   }
   result.out = OutputBytes(std::move(out.owner), out.size);  // shared with the retry cache, not copied
+  const auto relock = std::chrono::steady_clock::now();
   lock.lock();
+  const auto relocked = std::chrono::steady_clock::now();
+  const auto device_wait = in_backend - std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                                            std::chrono::duration<double>(info.host_seconds));
+  if (relocked - started - device_wait > kSlowLayerLog) {
+    static std::atomic<int64_t> last_log_ns{0}, unlogged{0};
+    if (LogNow(last_log_ns, unlogged)) {
+      PKV_LOG(WARNING) << "slow layer-step (layer " << in.layer << ", " << b << " rows): "
+                       << Us(relocked - started - device_wait) << " us in the worker beyond "
+                       << Us(device_wait) << " us of waiting for the device: checks " << Us(locked - started)
+                       << ", engine lock wait and validation " << Us(validated - locked) << ", token step begin "
+                       << Us(begun) << ", before the backend " << Us(t0 - validated - begun) << ", backend host work " << info.host_seconds * 1e6
+                       << ", after the backend " << Us(relock - t0 - in_backend) << ", engine lock wait again "
+                       << Us(relocked - relock) << " (" << unlogged.exchange(0)
+                       << " more slow layer-steps since the last such line)";
+    }
+  }
   ts.running_layer = -1;
   ts.last_activity = Clock::now();
   --layers_in_flight_;
@@ -701,6 +735,7 @@ absl::StatusOr<StepOutput> Engine::Step(const StepInput& in) {
   PKV_RETURN_IF_ERROR(ValidateTensors(in));
 
   std::unique_lock<std::mutex> lock(mu_);
+  const auto locked = std::chrono::steady_clock::now();
   // Token step ids are per router: another router's token step of the same id is not this one.
   // A Release waiting on this token step's running layer goes first (then the step is aborted).
   layer_finished_.wait(lock, [&] {
@@ -735,6 +770,7 @@ absl::StatusOr<StepOutput> Engine::Step(const StepInput& in) {
     return replay;
   }
   std::chrono::steady_clock::time_point validated;  // validation done: host work starts
+  std::chrono::steady_clock::duration begun{};       // layer 0: BeginTokenStep's time
   if (ts != nullptr && ts->running_layer >= 0) {
     // One layer of a token step at a time: its descriptor slot's buffers belong to that call.
     if (ts->running_layer == in.layer) {
@@ -757,7 +793,9 @@ absl::StatusOr<StepOutput> Engine::Step(const StepInput& in) {
     PKV_RETURN_IF_ERROR(ValidateLayerZero(in));
     validated = std::chrono::steady_clock::now();
     key = NewStepKey(in.owner, in.token_step_id);
+    const auto begin_start = std::chrono::steady_clock::now();
     PKV_RETURN_IF_ERROR(BeginTokenStep(in, key));
+    begun = std::chrono::steady_clock::now() - begin_start;
     if (in.rows.empty()) {
       StepOutput empty;
       empty.kernel = KernelId::kReference;
@@ -773,7 +811,7 @@ absl::StatusOr<StepOutput> Engine::Step(const StepInput& in) {
     PKV_RETURN_IF_ERROR(ValidateLaterLayer(in, *ts));
     validated = std::chrono::steady_clock::now();
   }
-  absl::StatusOr<StepOutput> out = RunLayer(lock, *ts, in, started, validated);
+  absl::StatusOr<StepOutput> out = RunLayer(lock, *ts, in, started, validated, locked, begun);
   // Still open: nothing completes or aborts a token step while its layer runs.
   if (out.ok() && ts->layers_done == shape_.num_layers) CompleteTokenStep(ts->id);
   return out;

@@ -386,10 +386,13 @@ class Engine {
   // The router's token_step_id of engine key `key`, for messages.
   uint64_t ExternalStepId(uint64_t key) const;
   // Runs the backend layer of `ts` with `lock` released, then records the outputs under it.
-  // `validated`: when validation ended (the host-work stage starts there).
+  // `validated`: when validation ended (the host-work stage starts there). `locked`: when Step
+  // took the engine lock; `begun`: how long layer 0's BeginTokenStep took (for the slow-step log).
   absl::StatusOr<StepOutput> RunLayer(std::unique_lock<std::mutex>& lock, TokenStep& ts, const StepInput& in,
                                       std::chrono::steady_clock::time_point started,
-                                      std::chrono::steady_clock::time_point validated);
+                                      std::chrono::steady_clock::time_point validated,
+                                      std::chrono::steady_clock::time_point locked,
+                                      std::chrono::steady_clock::duration begun);
   void CompleteTokenStep(uint64_t id);
   // Drops an open token step: its rows lose the token it appended and are unlocked.
   void AbortTokenStep(uint64_t id);
