@@ -545,8 +545,10 @@ absl::StatusOr<StepOutput> Engine::RunLayer(std::unique_lock<std::mutex>& lock, 
   // neither completed nor aborted, see Release); only this thread touches the slot's buffers
   // (one running layer per token step).
   // Every byte is written by the backend (or the layer fails and the buffer is dropped).
+  const auto take_start = std::chrono::steady_clock::now();
   OutputBuffer out = output_pool_.Take(b * shape_.num_q_heads * shape_.head_dim * DTypeSize(shape_.dtype));
   if (in.want_lse) result.lse.resize(b * shape_.num_q_heads);
+  const auto taken = std::chrono::steady_clock::now() - take_start;
   absl::Status run = absl::OkStatus();
   LayerRunInfo info;
   std::chrono::steady_clock::duration in_backend{};
@@ -583,7 +585,8 @@ absl::StatusOr<StepOutput> Engine::RunLayer(std::unique_lock<std::mutex>& lock, 
                        << Us(relocked - started - device_wait) << " us in the worker beyond "
                        << Us(device_wait) << " us of waiting for the device: checks " << Us(locked - started)
                        << ", engine lock wait and validation " << Us(validated - locked) << ", token step begin "
-                       << Us(begun) << ", before the backend " << Us(t0 - validated - begun) << ", backend host work " << info.host_seconds * 1e6
+                       << Us(begun) << ", output buffers " << Us(taken) << ", the rest before the backend "
+                       << Us(t0 - validated - begun - taken) << ", backend host work " << info.host_seconds * 1e6
                        << ", after the backend " << Us(relock - t0 - in_backend) << ", engine lock wait again "
                        << Us(relocked - relock) << " (" << unlogged.exchange(0)
                        << " more slow layer-steps since the last such line)";
