@@ -2,8 +2,8 @@
 //
 // Start builds the API server around WorkerService (service/worker_service.h; credentials from
 // service/tls_credentials.h) and the optional health-only server (service/health_server.h), then
-// starts the engine heartbeat and the lease sweeper. BeginDrain and Shutdown take them down in
-// order. The sweeper is its own thread; health statuses change under Impl::health_mu.
+// starts the engine heartbeat, the stall watch (service/stall_watch.h) and the lease sweeper.
+// BeginDrain and Shutdown take them down in order. The sweeper is its own thread; health statuses change under Impl::health_mu.
 #include "service/worker_server.h"
 
 #include <algorithm>
@@ -28,6 +28,7 @@
 #include "service/executor.h"
 #include "service/health_server.h"
 #include "service/heartbeat.h"
+#include "service/stall_watch.h"
 #include "service/step_stream.h"
 #include "service/tls_credentials.h"
 #include "service/worker_service.h"
@@ -73,6 +74,8 @@ struct WorkerServer::Impl {
   // liveness_stall_seconds is 0 and liveness stays SERVING.
   bool live = true;
   std::unique_ptr<EngineHeartbeat> heartbeat;
+  // Logs wake-ups of its own 1 ms timer that come over 1 ms late (the process got no CPU).
+  std::unique_ptr<StallWatch> stall_watch;
 
   grpc::Server* health_grpc_server() { return health != nullptr ? health->server() : nullptr; }
 
@@ -308,6 +311,7 @@ absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Start(
   // Ready means "can serve": the engine and its pool exist and the port is bound.
   impl->SetHealth(true);
   impl->StartHeartbeat();
+  impl->stall_watch = std::make_unique<StallWatch>(StallWatch::Options{});
   Impl* raw = impl.get();
   impl->sweeper = std::thread([raw] { raw->RunSweeper(); });
   return std::unique_ptr<WorkerServer>(new WorkerServer(std::move(impl)));
@@ -377,6 +381,7 @@ void WorkerServer::Shutdown(absl::Duration grace) {
   }
   impl_->StopSweeper();
   if (impl_->heartbeat != nullptr) impl_->heartbeat->Stop();  // before the executor stops
+  if (impl_->stall_watch != nullptr) impl_->stall_watch->Stop();
   // Then in-flight RPCs get a short moment to send their answers before they are cancelled;
   // their reactors and streams still finish through the executor, which is running until after
   // this returns.
