@@ -48,10 +48,6 @@ bool LogNow(std::atomic<int64_t>& last_ns, std::atomic<int64_t>& unlogged) {
 
 double Us(std::chrono::steady_clock::duration d) { return std::chrono::duration<double, std::micro>(d).count(); }
 
-}  // namespace
-
-namespace {
-
 // First duplicate in `ids`, or -1.
 int64_t FirstDuplicate(const std::vector<SeqId>& ids) {
   absl::flat_hash_set<SeqId> seen;
@@ -552,9 +548,8 @@ absl::StatusOr<StepOutput> Engine::RunLayer(std::unique_lock<std::mutex>& lock, 
   absl::Status run = absl::OkStatus();
   LayerRunInfo info;
   std::chrono::steady_clock::duration in_backend{};
-  std::chrono::steady_clock::time_point t0 = std::chrono::steady_clock::now();
+  const auto t0 = std::chrono::steady_clock::now();
   if (b > 0) {
-    t0 = std::chrono::steady_clock::now();
     LayerBuffers io;
     io.q = in.q.data();
     io.k = in.k.data();
@@ -583,8 +578,9 @@ absl::StatusOr<StepOutput> Engine::RunLayer(std::unique_lock<std::mutex>& lock, 
     if (LogNow(last_log_ns, unlogged)) {
       PKV_LOG(WARNING) << "slow layer-step (layer " << in.layer << ", " << b << " rows): "
                        << Us(relocked - started - device_wait) << " us in the worker beyond "
-                       << Us(device_wait) << " us of waiting for the device: checks " << Us(locked - started)
-                       << ", engine lock wait and validation " << Us(validated - locked) << ", token step begin "
+                       << Us(device_wait) << " us of waiting for the device: checks and engine lock wait "
+                       << Us(locked - started) << ", validation under the lock " << Us(validated - locked)
+                       << ", token step begin "
                        << Us(begun) << ", output buffers " << Us(taken) << ", the rest before the backend "
                        << Us(t0 - validated - begun - taken) << ", backend host work " << info.host_seconds * 1e6
                        << ", after the backend " << Us(relock - t0 - in_backend) << ", engine lock wait again "
