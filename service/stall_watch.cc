@@ -39,8 +39,9 @@ void StallWatch::Run() {
       if (options_.log && now - last_log >= std::chrono::seconds(1)) {
         PKV_LOG(WARNING) << "process stall: a " << options_.tick.count() << " us timer woke " << late_us
                          << " us late (" << unlogged << " such wake-ups since the last such line, the largest "
-                         << unlogged_max_us << " us): its cores were busy with other threads, the container at its CPU quota, the process stopped, or the "
-                            "machine's processors stopped by their host";
+                         << unlogged_max_us
+                         << " us): its cores were busy with other threads, the container at its CPU quota, "
+                            "the process stopped, or the machine's processors stopped by their host";
         last_log = now;
         unlogged = 0;
         unlogged_max_us = 0;

@@ -3,11 +3,11 @@
 // A thread of its own sleeps to a 1 ms tick and measures how late each wake-up comes. A wake-up
 // later than `threshold` means no core ran this thread for that long although it was due: the
 // cores were busy with other threads, the container hit its CPU quota (cgroup throttling), or a
-// virtual machine's processors were stopped by their host. It is logged at most once a second with the
-// number of such wake-ups and the latest and largest lateness since the last line. The engine's
-// own `slow layer-step` lines (engine/engine.cc) name a stall of one layer-step; this one tells
-// whether the process as a whole stalled at that time.
-// Thread-safety: stalls() and max_late() may be called from any thread; Stop (or the
+// virtual machine's processors were stopped by their host. It is logged at most once a second
+// with the number of such wake-ups and the latest and largest lateness since the last line.
+// The engine's own `slow layer-step` lines (engine/engine.cc) name a stall of one layer-step;
+// this one tells whether the process as a whole stalled at that time.
+// Thread-safety: stalls() and max_late_us() may be called from any thread; Stop (or the
 // destructor) joins the thread.
 #pragma once
 

@@ -3,7 +3,8 @@
 // Start builds the API server around WorkerService (service/worker_service.h; credentials from
 // service/tls_credentials.h) and the optional health-only server (service/health_server.h), then
 // starts the engine heartbeat, the stall watch (service/stall_watch.h) and the lease sweeper.
-// BeginDrain and Shutdown take them down in order. The sweeper is its own thread; health statuses change under Impl::health_mu.
+// BeginDrain and Shutdown take them down in order. The sweeper is its own thread; health
+// statuses change under Impl::health_mu.
 #include "service/worker_server.h"
 
 #include <algorithm>
