@@ -152,7 +152,12 @@ class Checker {
         tolerance_(Tolerance(shape)),
         max_queued_bytes_(max_queued_bytes),
         finish_threads_(std::max(threads, finish_threads)) {
-    for (int i = 0; i < std::max(1, threads); ++i) threads_.emplace_back([this] { Loop(); });
+    for (int i = 0; i < std::max(1, threads); ++i) {
+      threads_.emplace_back([this] {
+        NameThisThread("replay-check");
+        Loop();
+      });
+    }
   }
   ~Checker() { Close(); }
 
@@ -177,7 +182,10 @@ class Checker {
       closed_ = true;
     }
     for (int i = static_cast<int>(threads_.size()); i < finish_threads_; ++i) {
-      threads_.emplace_back([this] { Loop(); });
+      threads_.emplace_back([this] {
+        NameThisThread("replay-check");
+        Loop();
+      });
     }
     work_.notify_all();
     for (std::thread& t : threads_) t.join();
@@ -1039,8 +1047,18 @@ absl::StatusOr<ReplayReport> RunReplay(WorkerClient& client, const ReplayOptions
   };
 
   std::vector<std::thread> threads;
-  for (int i = 0; i < std::max(1, options.prefill_streams); ++i) threads.emplace_back(prefill_loop);
-  for (int32_t g = 0; g < groups; ++g) threads.emplace_back(decode_loop);
+  for (int i = 0; i < std::max(1, options.prefill_streams); ++i) {
+    threads.emplace_back([&prefill_loop] {
+      NameThisThread("replay-prefill");
+      prefill_loop();
+    });
+  }
+  for (int32_t g = 0; g < groups; ++g) {
+    threads.emplace_back([&decode_loop] {
+      NameThisThread("replay-decode");
+      decode_loop();
+    });
+  }
 
   // This thread: pool samples and progress lines until the workers are done.
   double reserved_sum = 0, used_sum = 0;

@@ -21,6 +21,7 @@
 #include "client/kv_chunk_wire.h"
 #include "common/shared_memory_ring.h"
 #include "common/status_macros.h"
+#include "common/thread_priority.h"
 #include "grpcpp/generic/generic_stub.h"
 #include "grpcpp/grpcpp.h"
 #include "grpcpp/security/credentials.h"
@@ -423,6 +424,7 @@ class GrpcStepStream final : public StepStreamSession {
     if (ring_ != nullptr) {
       // The worker sends no message on a ring's stream: a Read returns only when the stream ends.
       reader_ = std::thread([this] {
+        NameThisThread("pkv-ring-end");
         v1::StepResponse ignored;
         while (stream_->Read(&ignored)) {
         }

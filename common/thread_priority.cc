@@ -1,11 +1,13 @@
 #include "common/thread_priority.h"
 
+#include <pthread.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <cstring>
+#include <string>
 
 #include "absl/strings/str_cat.h"
 
@@ -21,6 +23,11 @@ absl::Status SetThisThreadNice(int nice) {
     return absl::FailedPreconditionError(absl::StrCat("setpriority(", nice, "): ", std::strerror(err)));
   }
   return absl::OkStatus();
+}
+
+void NameThisThread(std::string_view name) {
+  const std::string cut(name.substr(0, 15));  // Linux keeps 15 bytes and the terminator
+  (void)pthread_setname_np(pthread_self(), cut.c_str());
 }
 
 }  // namespace pkv

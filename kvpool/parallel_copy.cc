@@ -14,6 +14,7 @@ ParallelCopier::ParallelCopier(int helpers, size_t min_piece, int nice)
   threads_.reserve(static_cast<size_t>(helpers));
   for (int i = 0; i < helpers; ++i) {
     threads_.emplace_back([this, nice, i] {
+      NameThisThread("pkv-copy");
       if (absl::Status st = SetThisThreadNice(nice); !st.ok() && i == 0) {
         PKV_LOG(WARNING) << "copy helpers keep their priority: " << st;
       }

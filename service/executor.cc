@@ -1,6 +1,7 @@
 #include "service/executor.h"
 
 #include <algorithm>
+#include <string>
 #include <utility>
 
 #include "common/log.h"
@@ -9,14 +10,15 @@
 namespace pkv::service {
 
 BoundedExecutor::BoundedExecutor(int num_threads, int max_queued, std::chrono::microseconds spin, int max_spinners,
-                                 int nice)
+                                 int nice, std::string_view name)
     : max_queued_(std::max(1, max_queued)),
       spin_(std::max(spin, std::chrono::microseconds(0))),
       max_spinners_(std::max(1, max_spinners)) {
   const int n = std::max(1, num_threads);
   threads_.reserve(n);
   for (int i = 0; i < n; ++i) {
-    threads_.emplace_back([this, nice, i] {
+    threads_.emplace_back([this, nice, i, thread_name = std::string(name)] {
+      NameThisThread(thread_name);
       if (absl::Status st = SetThisThreadNice(nice); !st.ok() && i == 0) {
         PKV_LOG(WARNING) << "executor threads keep their priority: " << st;
       }

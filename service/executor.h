@@ -23,6 +23,7 @@
 #include <deque>
 #include <mutex>
 #include <thread>
+#include <string_view>
 #include <vector>
 
 #include "absl/functional/any_invocable.h"
@@ -37,9 +38,10 @@ class BoundedExecutor final {
   // an idle worker polls for `spin` before it sleeps (zero: it sleeps at once), at most
   // `max_spinners` (>= 1) of them at a time. `nice` > 0: the workers run at that Linux nice value
   // (bulk work that should yield a contended core to latency work, common/thread_priority.h).
+  // The workers are named `name` (common/thread_priority.h: NameThisThread).
   BoundedExecutor(int num_threads, int max_queued,
                   std::chrono::microseconds spin = std::chrono::microseconds(0), int max_spinners = 1,
-                  int nice = 0);
+                  int nice = 0, std::string_view name = "pkv-executor");
   BoundedExecutor(const BoundedExecutor&) = delete;
   BoundedExecutor& operator=(const BoundedExecutor&) = delete;
   // Shuts down (see Shutdown).

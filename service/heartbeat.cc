@@ -3,6 +3,7 @@
 #include <utility>
 
 #include "common/log.h"
+#include "common/thread_priority.h"
 #include "prometheus/gauge.h"
 
 namespace pkv::service {
@@ -24,7 +25,10 @@ EngineHeartbeat::EngineHeartbeat(BoundedExecutor& executor, std::function<void()
       shared_(std::make_shared<Shared>()) {
   shared_->probe = std::move(probe);
   shared_->last_success_ns.store(NowNs());
-  thread_ = std::thread([this] { Run(); });
+  thread_ = std::thread([this] {
+    NameThisThread("pkv-heartbeat");
+    Run();
+  });
 }
 
 EngineHeartbeat::~EngineHeartbeat() { Stop(); }

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "common/thread_priority.h"
 #include "service/process_stats.h"
 
 namespace pkv::service {
@@ -46,6 +47,7 @@ PoolSampler::PoolSampler(const engine::Engine* engine, WorkerMetrics* metrics, s
     : engine_(engine), m_(metrics), ready_(std::move(ready)), period_(period) {
   SampleNow();
   thread_ = std::thread([this] {
+    NameThisThread("pkv-metrics");
     std::unique_lock<std::mutex> lock(mu_);
     while (!cv_.wait_for(lock, period_, [this] { return stop_; })) {
       lock.unlock();

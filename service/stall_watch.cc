@@ -4,10 +4,15 @@
 #include <algorithm>
 
 #include "common/log.h"
+#include "common/thread_priority.h"
 
 namespace pkv::service {
 
-StallWatch::StallWatch(Options options) : options_(options), thread_([this] { Run(); }) {}
+StallWatch::StallWatch(Options options)
+    : options_(options), thread_([this] {
+        NameThisThread("pkv-stallwatch");
+        Run();
+      }) {}
 
 StallWatch::~StallWatch() { Stop(); }
 

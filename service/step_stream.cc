@@ -23,6 +23,7 @@
 #include "service/shared_memory.h"
 #include "service/step_stream_ring.h"
 #include "common/shared_memory_ring.h"
+#include "common/thread_priority.h"
 
 namespace pkv::service {
 
@@ -243,7 +244,10 @@ void StepStreamServer::Start() {
   started_ = true;
   for (auto& q : queues_) {
     Listen(q.get());
-    threads_.emplace_back([this, cq = q.get()] { Poll(cq); });
+    threads_.emplace_back([this, cq = q.get()] {
+      NameThisThread("pkv-stepstream");
+      Poll(cq);
+    });
   }
 }
 

@@ -8,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/log.h"
 #include "common/shared_memory_ring.h"
+#include "common/thread_priority.h"
 #include "service/grpc_status.h"
 #include "service/handlers.h"
 #include "service/rpc_wire.h"
@@ -54,7 +55,10 @@ absl::StatusOr<std::unique_ptr<StepStreamRing>> StepStreamRing::Start(WorkerServ
         absl::StrCat("metadata ", kSharedMemoryRingKey, ": the worker serves ", kMaxRings, " rings, the most it takes"));
   }
   std::unique_ptr<StepStreamRing> ring(new StepStreamRing(service, std::move(call), spin));
-  ring->thread_ = std::thread([r = ring.get()] { r->Run(); });
+  ring->thread_ = std::thread([r = ring.get()] {
+    NameThisThread("pkv-ring");
+    r->Run();
+  });
   return ring;
 }
 

@@ -22,6 +22,7 @@
 #include "common/log.h"
 #include "common/status_macros.h"
 #include "common/metrics.h"
+#include "common/thread_priority.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/grpcpp.h"
 #include "grpcpp/health_check_service_interface.h"
@@ -218,12 +219,14 @@ absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Start(
   int spin_us = options.executor_spin_us;
   if (spin_us < 0) spin_us = absl::StartsWith(impl->engine->Info().backend, "cuda") ? kAutoSpinUs : 0;
   impl->executor = std::make_unique<BoundedExecutor>(options.executor_threads, options.executor_queue,
-                                                     std::chrono::microseconds(spin_us), kMaxSpinners);
+                                                     std::chrono::microseconds(spin_us), kMaxSpinners, /*nice=*/0,
+                                                     "pkv-decode");
   PKV_LOG(INFO) << "decode executor: " << options.executor_threads << " threads, queue " << options.executor_queue
                 << ", idle threads poll " << spin_us << " us for the next step (at most " << kMaxSpinners
                 << " at once)";
   impl->ingest_executor = std::make_unique<BoundedExecutor>(options.ingest_threads, options.ingest_queue,
-                                                            std::chrono::microseconds(0), 1, options.ingest_nice);
+                                                            std::chrono::microseconds(0), 1, options.ingest_nice,
+                                                            "pkv-ingest");
   {
     std::random_device random;
     while (impl->incarnation == 0) {
@@ -314,7 +317,10 @@ absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Start(
   impl->StartHeartbeat();
   impl->stall_watch = std::make_unique<StallWatch>(StallWatch::Options{});
   Impl* raw = impl.get();
-  impl->sweeper = std::thread([raw] { raw->RunSweeper(); });
+  impl->sweeper = std::thread([raw] {
+    NameThisThread("pkv-sweeper");
+    raw->RunSweeper();
+  });
   return std::unique_ptr<WorkerServer>(new WorkerServer(std::move(impl)));
 }
 

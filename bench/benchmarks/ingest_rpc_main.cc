@@ -23,8 +23,12 @@
 // released after its round. Payload values are finite fp16/bf16, so the worker's finite check
 // runs as it does in production.
 //
+// With --thread_cpu it also prints where each mode's CPU went, by thread name (the worker names its
+// threads: pkv-ingest, pkv-copy, pkv-decode, ...; gRPC names its own), over the measured rounds.
+//
 // Exit 0 after printing the table (also appended as markdown to --md); 1 on any error.
 #include <arpa/inet.h>
+#include <dirent.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sys/resource.h>
@@ -37,7 +41,10 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <fstream>
 #include <functional>
+#include <map>
+#include <mutex>
 #include <latch>
 #include <memory>
 #include <random>
@@ -62,6 +69,7 @@
 #include "common/channel_args.h"
 #include "common/dtype.h"
 #include "common/model_shape.h"
+#include "common/thread_priority.h"
 #include "engine/engine.h"
 #include "engine/engine_factory.h"
 #include "service/allocator_tuning.h"
@@ -94,6 +102,9 @@ ABSL_FLAG(int32_t, malloc_arenas, 2,
           "Cap glibc's malloc arenas at this many, as pkv-worker --malloc_arenas (0: glibc's default; "
           "MALLOC_ARENA_MAX wins).");
 ABSL_FLAG(int32_t, repeats, 3, "Measured rounds per (mode, streams); the median is reported. One warm-up round precedes.");
+ABSL_FLAG(bool, thread_cpu, true,
+          "Also print each mode's CPU seconds per GB by thread name over the measured rounds (from "
+          "/proc/self/task; threads that ended inside a round count under their name too).");
 ABSL_FLAG(std::string, label, "", "Free text naming the machine, printed with the table (e.g. \"2-core VM, CPU backend\").");
 ABSL_FLAG(std::string, md, "", "Also append the table as markdown to this file.");
 ABSL_FLAG(std::string, commit, "unknown", "Commit recorded with --md.");
@@ -104,6 +115,60 @@ namespace {
 using Clock = std::chrono::steady_clock;
 
 double Since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+// ---- CPU by thread -----------------------------------------------------------------------------
+
+// CPU seconds (user + system) of this whole process so far: both ends of every mode run here.
+double ProcessCpuSeconds() {
+  rusage u{};
+  ::getrusage(RUSAGE_SELF, &u);
+  return static_cast<double>(u.ru_utime.tv_sec + u.ru_stime.tv_sec) +
+         static_cast<double>(u.ru_utime.tv_usec + u.ru_stime.tv_usec) / 1e6;
+}
+
+// CPU seconds (user + system) of each live thread of this process, by thread id, with its name.
+struct ThreadCpu {
+  std::string name;
+  double seconds = 0;
+};
+std::map<long, ThreadCpu> LiveThreadCpu() {
+  std::map<long, ThreadCpu> out;
+  DIR* dir = ::opendir("/proc/self/task");
+  if (dir == nullptr) return out;
+  const double tick = static_cast<double>(::sysconf(_SC_CLK_TCK));
+  while (const dirent* e = ::readdir(dir)) {
+    long tid = 0;
+    if (!absl::SimpleAtoi(e->d_name, &tid)) continue;
+    std::ifstream in(absl::StrCat("/proc/self/task/", tid, "/stat"));
+    std::string line;
+    if (!std::getline(in, line)) continue;  // the thread ended meanwhile
+    // "tid (name) state ppid ...": the name may hold spaces or parentheses, so cut at the last ')'.
+    const size_t open = line.find('('), close = line.rfind(')');
+    if (open == std::string::npos || close == std::string::npos || close < open) continue;
+    std::vector<std::string> fields = absl::StrSplit(line.substr(close + 2), ' ');
+    long utime = 0, stime = 0;  // fields 14 and 15 of stat; fields[0] is field 3
+    if (fields.size() < 13 || !absl::SimpleAtoi(fields[11], &utime) || !absl::SimpleAtoi(fields[12], &stime)) continue;
+    out[tid] = {line.substr(open + 1, close - open - 1), static_cast<double>(utime + stime) / tick};
+  }
+  ::closedir(dir);
+  return out;
+}
+
+// Threads that end inside a round (the streams' senders, the TCP receivers) leave /proc before
+// the round's end is read: each adds its own CPU time here, by name, as it ends.
+std::mutex g_ended_mu;
+std::map<std::string, std::pair<double, int>> g_ended;  // name -> (seconds, threads)
+
+void AddThisThreadAsEnded(const char* name) {
+  rusage u{};
+  ::getrusage(RUSAGE_THREAD, &u);
+  const double seconds = static_cast<double>(u.ru_utime.tv_sec + u.ru_stime.tv_sec) +
+                         static_cast<double>(u.ru_utime.tv_usec + u.ru_stime.tv_usec) / 1e6;
+  std::lock_guard<std::mutex> lock(g_ended_mu);
+  auto& [total, count] = g_ended[name];
+  total += seconds;
+  ++count;
+}
 
 // What every stream sends: one prompt of `tokens` tokens of every layer, in `chunk`-token chunks,
 // layer by layer, K and V [n, Hkv, d] each, sliced from a shared pool of finite values.
@@ -163,9 +228,11 @@ absl::StatusOr<double> RunStreams(int streams, const std::function<absl::Status(
   std::latch go(1);
   for (int i = 0; i < streams; ++i) {
     threads.emplace_back([&, i] {
+      NameThisThread("bench-stream");
       ready.count_down();
       go.wait();
       results[i] = body(i);
+      AddThisThreadAsEnded("bench-stream");
     });
   }
   ready.arrive_and_wait();
@@ -216,6 +283,7 @@ absl::StatusOr<double> TcpRound(const Plan& plan, int streams, std::vector<std::
   std::atomic<int64_t> received{0};
   for (int i = 0; i < streams; ++i) {
     receivers.emplace_back([&, i] {
+      NameThisThread("bench-tcp-recv");
       const int fd = ::accept(listener, nullptr, nullptr);
       if (fd < 0) return;
       std::vector<char> buffer(chunk_bytes);
@@ -240,6 +308,7 @@ absl::StatusOr<double> TcpRound(const Plan& plan, int streams, std::vector<std::
       const char ack = 1;
       (void)::send(fd, &ack, 1, MSG_NOSIGNAL);
       ::close(fd);
+      AddThisThreadAsEnded("bench-tcp-recv");
     });
   }
   std::vector<int> fds(streams, -1);
@@ -326,25 +395,73 @@ double Median(std::vector<double> v) {
   return v.size() % 2 == 1 ? v[v.size() / 2] : (v[v.size() / 2 - 1] + v[v.size() / 2]) / 2;
 }
 
-// CPU seconds (user + system) of this whole process so far: both ends of every mode run here.
-double ProcessCpuSeconds() {
-  rusage u{};
-  ::getrusage(RUSAGE_SELF, &u);
-  return static_cast<double>(u.ru_utime.tv_sec + u.ru_stime.tv_sec) +
-         static_cast<double>(u.ru_utime.tv_usec + u.ru_stime.tv_usec) / 1e6;
-}
+
+// CPU seconds per GB of one thread name over the measured rounds.
+struct NamedCpu {
+  std::string name;
+  int threads = 0;
+  double per_gb = 0;
+};
 
 struct Result {
   double gbps = -1;            // median over the rounds
   double cpu_per_gb = -1;      // median CPU seconds (both ends) per GB moved
+  std::vector<NamedCpu> by_thread;  // all measured rounds together, largest first
 };
+
+// CPU by thread name between two points: live threads from /proc plus the threads that ended and
+// added themselves; what neither holds (threads that ended unrecorded, tick rounding) is "other".
+struct CpuMark {
+  std::map<long, ThreadCpu> live;
+  std::map<std::string, std::pair<double, int>> ended;
+  double process = 0;
+};
+CpuMark MarkCpu() {
+  CpuMark m;
+  m.live = LiveThreadCpu();
+  {
+    std::lock_guard<std::mutex> lock(g_ended_mu);
+    m.ended = g_ended;
+  }
+  m.process = ProcessCpuSeconds();
+  return m;
+}
+std::vector<NamedCpu> CpuBetween(const CpuMark& a, const CpuMark& b, double gb) {
+  std::map<std::string, std::pair<double, int>> by_name;
+  double counted = 0;
+  for (const auto& [tid, t] : b.live) {
+    const auto before = a.live.find(tid);
+    const double d = t.seconds - (before == a.live.end() ? 0.0 : before->second.seconds);
+    by_name[t.name].first += d;
+    ++by_name[t.name].second;
+    counted += d;
+  }
+  for (const auto& [name, e] : b.ended) {
+    const auto before = a.ended.find(name);
+    const double d = e.first - (before == a.ended.end() ? 0.0 : before->second.first);
+    const int n = e.second - (before == a.ended.end() ? 0 : before->second.second);
+    if (n == 0) continue;
+    by_name[name + " (ended)"] = {d, n};
+    counted += d;
+  }
+  std::vector<NamedCpu> out;
+  for (const auto& [name, v] : by_name) {
+    if (v.first > 0) out.push_back({name, v.second, v.first / gb});
+  }
+  const double other = (b.process - a.process) - counted;
+  if (other > 0.005) out.push_back({"other (ended unrecorded, tick rounding)", 0, other / gb});
+  std::sort(out.begin(), out.end(), [](const NamedCpu& x, const NamedCpu& y) { return x.per_gb > y.per_gb; });
+  return out;
+}
 
 // `round` (returning wall seconds): one warm-up, then the medians of `repeats`; gbps < 0 on
 // error (printed).
 Result Measure(const char* mode, int streams, int64_t bytes, int repeats,
                const std::function<absl::StatusOr<double>(int round)>& round) {
   std::vector<double> gbps, cpu;
+  CpuMark first;
   for (int r = 0; r <= repeats; ++r) {
+    if (r == 1) first = MarkCpu();
     const double cpu0 = ProcessCpuSeconds();
     absl::StatusOr<double> s = round(r);
     if (!s.ok()) {
@@ -356,7 +473,7 @@ Result Measure(const char* mode, int streams, int64_t bytes, int repeats,
       cpu.push_back((ProcessCpuSeconds() - cpu0) / (static_cast<double>(bytes) / 1e9));
     }
   }
-  return {Median(gbps), Median(cpu)};
+  return {Median(gbps), Median(cpu), CpuBetween(first, MarkCpu(), static_cast<double>(bytes) * repeats / 1e9)};
 }
 
 engine::EngineConfig EngineConfigFor(const ModelShape& shape, int64_t pages) {
@@ -506,6 +623,9 @@ int Main() {
   std::printf("pkv-ingest-bench%s%s: %s\n", label.empty() ? "" : " on ", label.c_str(), setup.c_str());
   std::printf("%s", table.c_str());
 
+  const bool thread_cpu = absl::GetFlag(FLAGS_thread_cpu);
+  std::string threads_table =
+      "| mode | streams | thread (live threads of that name) | CPU s/GB |\n|---|---|---|---|\n";
   uint64_t next_id = 1;
   auto cell = [](double v) { return v < 0 ? std::string("-") : absl::StrFormat("%.2f", v); };
   for (int n : stream_counts) {
@@ -541,6 +661,19 @@ int Main() {
     std::printf("%s", row.c_str());
     std::fflush(stdout);
     table += row;
+    for (const auto& [mode, r] : {std::pair<const char*, const Result*>{"tcp", &tcp}, {"tcp_copy", &tcp_copy},
+                                  {"engine", &eng}, {"grpc", &grpc}}) {
+      for (const NamedCpu& t : r->by_thread) {
+        if (t.per_gb < 0.005) continue;
+        threads_table += absl::StrCat("| ", mode, " | ", n, " | ", t.name,
+                                      t.threads > 0 ? absl::StrCat(" (", t.threads, ")") : "", " | ",
+                                      absl::StrFormat("%.3f", t.per_gb), " |\n");
+      }
+    }
+  }
+  if (thread_cpu) {
+    std::printf("\nCPU by thread over the measured rounds (s/GB; threads under 0.005 left out):\n%s",
+                threads_table.c_str());
   }
   if (const std::string md = absl::GetFlag(FLAGS_md); !md.empty()) {
     FILE* f = std::fopen(md.c_str(), "a");
@@ -550,6 +683,7 @@ int Main() {
     }
     std::fprintf(f, "\n## pkv-ingest-bench (commit %s)%s%s\n\n%s\n\n%s", absl::GetFlag(FLAGS_commit).c_str(),
                  label.empty() ? "" : ", ", label.c_str(), setup.c_str(), table.c_str());
+    if (thread_cpu) std::fprintf(f, "\nCPU by thread over the measured rounds (s/GB):\n\n%s", threads_table.c_str());
     std::fclose(f);
   }
   if (server != nullptr) server->Shutdown(absl::Seconds(2));

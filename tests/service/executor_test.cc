@@ -3,6 +3,7 @@
 
 #include <sys/resource.h>
 #include <sys/syscall.h>
+#include <pthread.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -11,6 +12,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <mutex>
+#include <string>
 #include <thread>
 
 #include "common/thread_priority.h"
@@ -160,6 +162,29 @@ TEST(BoundedExecutorTest, WorkersRunAtTheirNiceValue) {
   EXPECT_EQ(SetThisThreadNice(20).code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(SetThisThreadNice(-1).code(), absl::StatusCode::kInvalidArgument);
   EXPECT_TRUE(SetThisThreadNice(0).ok());
+}
+
+// Workers carry the executor's name (what `top -H` and /proc/<pid>/task/*/comm show), cut to
+// Linux's 15 bytes; the thread that made the executor keeps its own.
+TEST(BoundedExecutorTest, WorkersCarryTheExecutorsName) {
+  auto name_of_this_thread = [] {
+    char name[16] = {};
+    pthread_getname_np(pthread_self(), name, sizeof(name));
+    return std::string(name);
+  };
+  const std::string before = name_of_this_thread();
+  std::string seen;
+  {
+    BoundedExecutor executor(1, 8, std::chrono::microseconds(0), 1, 0, "pkv-ingest-with-a-long-name");
+    Gate done;
+    ASSERT_TRUE(executor.TrySubmit([&] {
+      seen = name_of_this_thread();
+      done.Open();
+    }));
+    done.Wait();
+  }
+  EXPECT_EQ(seen, "pkv-ingest-with");
+  EXPECT_EQ(name_of_this_thread(), before);
 }
 
 }  // namespace
