@@ -89,6 +89,9 @@ ABSL_FLAG(int32_t, d, 128, "In-process worker: head size.");
 ABSL_FLAG(int32_t, page, 16, "In-process worker: tokens per page.");
 ABSL_FLAG(std::string, backend, "cpu", "In-process worker and engine mode: cpu, cuda or auto.");
 ABSL_FLAG(int32_t, ingest_threads, 4, "In-process worker: WriteKV executor threads (pkv-worker --ingest_threads).");
+ABSL_FLAG(int32_t, stream_threads, 2,
+          "In-process worker: StepStream completion-queue threads (pkv-worker --stream_threads); "
+          "gRPC also does socket reads for every connection on them.");
 ABSL_FLAG(int32_t, ingest_copy_threads, 4,
           "In-process worker and engine mode, CUDA backend: prompt KV copy helpers (pkv-worker "
           "--ingest_copy_threads).");
@@ -554,6 +557,7 @@ int Main() {
       service::ServerOptions so;
       so.listen_address = "127.0.0.1:0";
       so.ingest_threads = absl::GetFlag(FLAGS_ingest_threads);
+      so.stream_threads = absl::GetFlag(FLAGS_stream_threads);
       so.channel_args = grpc_args;
       so.max_message_bytes = std::max<int64_t>(64 << 20, 4 * plan.chunk * plan.row_bytes());
       absl::StatusOr<std::unique_ptr<service::WorkerServer>> started = service::WorkerServer::Start(so, *std::move(engine));
