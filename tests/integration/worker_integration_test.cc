@@ -541,6 +541,60 @@ TEST_F(WorkerIntegrationTest, CancelledOrIncompleteWriteKvLeavesNothingBehind) {
   EXPECT_TRUE(WaitAllFree());
 }
 
+// The worker reads a WriteKV stream's messages ahead of its engine work (a few wait, in order,
+// while the ingest thread is busy): the chunks still land in order and decode matches the
+// reference, and a bad chunk among those read ahead ends the stream with its status and leaves
+// nothing behind, whatever came after it.
+TEST_F(WorkerIntegrationTest, WriteKvChunksReadAheadOfTheEngineLandInOrder) {
+  StartWorker(32, /*executor_threads=*/2, /*executor_queue=*/64, /*ingest_threads=*/1, /*ingest_queue=*/8);
+  {
+    ExecutorBlocker blocker(server_->ingest_executor_for_testing());
+    ASSERT_TRUE(blocker.Block(/*fill_queue=*/false));
+    absl::Status written = absl::UnknownError("not run");
+    std::thread writing([&] { written = WritePrompt(61, 48, 8, {0, 1, 2}); });
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));  // messages arrive and wait
+    blocker.Release();
+    writing.join();
+    ASSERT_TRUE(written.ok()) << written;
+  }
+  double max_err = 0;
+  for (int32_t layer = 0; layer < 3; ++layer) {
+    StepArgs a = MakeStep(90, layer, {61});
+    auto r = client_->Step(a);
+    ASSERT_TRUE(r.ok()) << r.status();
+    CheckOutputs(a, *r, &max_err);
+  }
+  const int64_t free_with_61 = Describe().free_pages;
+  {
+    ExecutorBlocker blocker(server_->ingest_executor_for_testing());
+    ASSERT_TRUE(blocker.Block(/*fill_queue=*/false));
+    auto writer = client_->BeginWriteKV(62, 48);
+    ASSERT_TRUE(writer.ok()) << writer.status();
+    std::thread writing([&] {
+      for (int64_t off = 0; off < 48; off += 8) {
+        std::string k, v;
+        gen_->AppendKv(62, 0, off, 8, &k, &v);
+        if (off == 24) k.resize(10);  // malformed: K of 8 tokens must be 8 rows
+        if (!(*writer)->WriteChunk(0, off, 8, k, v).ok()) return;  // the worker ended the stream
+      }
+    });
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    blocker.Release();
+    writing.join();
+    const absl::Status s = (*writer)->Finish();
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+    EXPECT_NE(s.message().find("k: "), std::string::npos) << s;
+  }
+  const absl::Time deadline = absl::Now() + absl::Seconds(5);
+  while (Describe().num_sequences != 1 && absl::Now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  EXPECT_EQ(Describe().num_sequences, 1);
+  EXPECT_EQ(Describe().free_pages, free_with_61);
+  ASSERT_TRUE(client_->Release(std::vector<uint64_t>{61}).ok());
+  EXPECT_TRUE(WaitAllFree());
+}
+
 TEST_F(WorkerIntegrationTest, CancelledStepStreamLeavesAResumableTokenStep) {
   StartWorker(32);
   ASSERT_TRUE(WritePrompt(1, 30, 30, {0, 1, 2}).ok());
