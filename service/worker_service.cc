@@ -4,9 +4,9 @@
 //
 // Threading model: gRPC threads only run reactor callbacks, which never block: they check
 // cheap things (draining) and hand engine work to the BoundedExecutor. Each RPC has at most one
-// task in the executor at a time. WriteKV reads ahead of its engine task (a bounded queue of
-// received messages under a lock, see WriteKvReactor); OnCancel only sets an atomic flag, and
-// Finish is reached exactly once on each path. Reactors delete themselves in
+// task in the executor at a time. A stream reactor has one operation in flight at a time
+// (read -> engine task -> write -> read ...), so its state needs no lock; OnCancel only sets an
+// atomic flag, and Finish is reached exactly once on each path. Reactors delete themselves in
 // OnDone; a WriteKV prompt still pending there is aborted on the executor (it takes the engine
 // lock), never on the gRPC thread.
 #include "service/worker_service.h"
@@ -14,9 +14,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
-#include <deque>
 #include <memory>
-#include <mutex>
 #include <span>
 #include <string>
 #include <utility>
@@ -124,20 +122,8 @@ namespace {
 // WriteKV: header, chunks, then Commit on the client's half-close. Any error, a cancellation or
 // the prompt lease (no message for prompt_idle_seconds) finishes the stream and releases the
 // prompt.
-//
-// Reads run ahead of the engine work: as soon as a message arrives the next read is started, and
-// the messages wait in order (at most kReadAhead of them) for one drain task on the ingest
-// executor that hands them to the engine one by one. So gRPC keeps receiving the next chunk while
-// the engine stages this one; reading only after a chunk was staged left the connection idle for
-// the staging time of every chunk. The state shared by the gRPC threads (OnReadDone) and the
-// drain task is under mu_; Finish is called by whoever set finished_, outside mu_, as its last
-// use of the reactor (OnDone may delete it from then on).
 class WriteKvReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer> {
  public:
-  // Messages received and not yet handed to the engine, per stream: each holds gRPC's receive
-  // slices (a chunk, 1 MiB with the default chunking), so this bounds what a stream buffers.
-  static constexpr size_t kReadAhead = 2;
-
   WriteKvReactor(WorkerService* service, grpc::CallbackServerContext* ctx, grpc::ByteBuffer* response)
       : service_(service), ctx_(ctx), response_(response), opened_(std::chrono::steady_clock::now()) {
     service_->stats().Begin(RpcMethod::kWriteKV);
@@ -152,60 +138,63 @@ class WriteKvReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer> {
     }
     session_ = std::make_unique<PromptSession>(service->engine(), *call);
     entry_ = service_->writes().Add(ctx, call->router);
-    reading_ = true;
-    StartRead(&read_buffer_);
+    StartRead(&raw_request_);
   }
 
   void OnReadDone(bool ok) override {
+    BoundedExecutor& executor = service_->ingest_executor();
     WriteKvRegistry::Touch(*entry_);
-    const auto received = std::chrono::steady_clock::now();
-    std::unique_lock<std::mutex> lock(mu_);
-    // reading_ stays set until this thread decides on the next read, so that a drain task running
-    // meanwhile (after the first message's admission) does not start one too.
-    if (finished_) return;  // the stream already failed: this is its last read, cut by Finish
+    const auto queued = std::chrono::steady_clock::now();
     if (!ok) {
-      // The client half-closed (commit), or the stream was cancelled or cut: the drain task ends
-      // the stream once the messages before it were handled.
-      reading_ = false;
-      ended_ = true;
-      if (!draining_) {
-        draining_ = true;
-        lock.unlock();
-        service_->ingest_executor().SubmitAlways([this] { Drain(); });
+      if (Cancelled()) {
+        Finish(grpc::Status(grpc::StatusCode::CANCELLED,
+                            entry_->expired ? absl::StrCat("WriteKV: no message for ", service_->limits().prompt_idle_seconds,
+                                                           " s (the prompt lease): the prompt was released")
+                                            : "WriteKV was cancelled"));  // OnDone aborts the prompt
+        return;
       }
+      // The client half-closed: commit. This stream already holds an admission. A read that
+      // failed because the call was cut may be reported before OnCancel: ask the context too,
+      // so a cut stream is never committed.
+      executor.SubmitAlways([this, queued] {
+        service_->stats().Started(RpcMethod::kWriteKV, queued);
+        v1::WriteKVResponse out;
+        absl::Status status =
+            Cancelled() ? absl::CancelledError("WriteKV was cancelled") : session_->Commit(&out);
+        if (status.ok()) {
+          SerializeResponse(out, response_);
+        } else {
+          session_->Abort();
+        }
+        Finish(ToGrpcStatus(status));
+      });
       return;
     }
-    pending_.emplace_back();
-    pending_.back().buffer.Swap(&read_buffer_);
-    pending_.back().received = received;
+    auto task = [this, queued] {
+      service_->stats().Started(RpcMethod::kWriteKV, queued);
+      absl::Status status = Cancelled() ? absl::CancelledError("WriteKV was cancelled") : Handle();
+      if (!status.ok()) {
+        session_->Abort();
+        Finish(ToGrpcStatus(status));
+        return;
+      }
+      WriteKvRegistry::Touch(*entry_);
+      StartRead(&raw_request_);
+    };
     if (!admitted_) {
       // The first message asks for new work: bounded admission and drain check.
       admitted_ = true;
-      draining_ = true;
       if (service_->draining()) {
-        finished_ = true;
-        lock.unlock();
         Finish(ToGrpcStatus(DrainingError()));
         return;
       }
-      lock.unlock();
-      if (!service_->ingest_executor().TrySubmit([this] { Drain(); })) {
+      if (!executor.TrySubmit(std::move(task))) {
         service_->stats().Rejected(WorkerMetrics::Queue::kIngest);
-        lock.lock();
-        finished_ = true;
-        lock.unlock();
-        Finish(ToGrpcStatus(BusyError(service_->ingest_executor())));
-        return;
+        Finish(ToGrpcStatus(BusyError(executor)));
       }
-      lock.lock();
+      return;
     }
-    const bool read_on = pending_.size() < kReadAhead;
-    reading_ = read_on;
-    const bool start_drain = !draining_;
-    draining_ = true;
-    lock.unlock();
-    if (start_drain) service_->ingest_executor().SubmitAlways([this] { Drain(); });
-    if (read_on) StartRead(&read_buffer_);
+    executor.SubmitAlways(std::move(task));
   }
 
   void OnCancel() override { cancelled_.store(true); }
@@ -229,96 +218,28 @@ class WriteKvReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer> {
   }
 
  private:
-  struct Message {
-    grpc::ByteBuffer buffer;
-    std::chrono::steady_clock::time_point received;
-  };
-
   bool Cancelled() const { return cancelled_.load() || ctx_->IsCancelled(); }
 
-  grpc::Status CancelledStatus() const {
-    return grpc::Status(grpc::StatusCode::CANCELLED,
-                        entry_->expired ? absl::StrCat("WriteKV: no message for ", service_->limits().prompt_idle_seconds,
-                                                       " s (the prompt lease): the prompt was released")
-                                        : "WriteKV was cancelled");
-  }
-
-  // The drain task (one at a time per stream, on the ingest executor): hands the waiting messages
-  // to the engine in order, restarts a read held back by kReadAhead, and ends the stream on an
-  // error, or after the last message once the client half-closed or the stream was cancelled.
-  void Drain() {
-    for (;;) {
-      std::unique_lock<std::mutex> lock(mu_);
-      if (pending_.empty()) {
-        if (!ended_) {
-          draining_ = false;
-          return;
-        }
-        finished_ = true;
-        lock.unlock();
-        End();
-        return;
-      }
-      Message message = std::move(pending_.front());
-      pending_.pop_front();
-      const bool read_on = !reading_ && !ended_ && pending_.size() < kReadAhead;
-      if (read_on) reading_ = true;
-      lock.unlock();
-      if (read_on) StartRead(&read_buffer_);
-      service_->stats().Started(RpcMethod::kWriteKV, message.received);
-      absl::Status status = Cancelled() ? absl::CancelledError("WriteKV was cancelled") : Handle(message.buffer);
-      if (!status.ok()) {
-        lock.lock();
-        finished_ = true;
-        lock.unlock();
-        session_->Abort();
-        Finish(ToGrpcStatus(status));
-        return;
-      }
-      WriteKvRegistry::Touch(*entry_);
-    }
-  }
-
-  // After the last message: commit on a half-close; a cancelled or cut stream is never committed
-  // (a read that failed because the call was cut may be reported before OnCancel: ask the
-  // context too). OnDone aborts a prompt that was not committed.
-  void End() {
-    if (Cancelled()) {
-      Finish(CancelledStatus());
-      return;
-    }
-    const auto queued = std::chrono::steady_clock::now();
-    service_->stats().Started(RpcMethod::kWriteKV, queued);
-    v1::WriteKVResponse out;
-    absl::Status status = session_->Commit(&out);
-    if (status.ok()) {
-      SerializeResponse(out, response_);
-    } else {
-      session_->Abort();
-    }
-    Finish(ToGrpcStatus(status));
-  }
-
-  absl::Status Handle(const grpc::ByteBuffer& raw) {
+  absl::Status Handle() {
     // A chunk is read in place: its K,V bytes go to the engine in the slices gRPC received them
     // in (a large field crosses many: gRPC receives into slices of up to 64 KiB, cut again at
     // each HTTP/2 frame), and the arena stages them from there. The header, and anything the
     // in-place reader leaves (service/write_kv_wire.h), goes through protobuf.
-    if (ReadChunk(raw)) {
+    if (ReadChunk()) {
       PKV_RETURN_IF_ERROR(session_->OnChunk(chunk_));
     } else {
       request_.Clear();
-      PKV_RETURN_IF_ERROR(ParseRequest(raw, &request_, RpcMethod::kWriteKV, service_->stats().metrics()));
+      PKV_RETURN_IF_ERROR(ParseRequest(raw_request_, &request_, RpcMethod::kWriteKV, service_->stats().metrics()));
       PKV_RETURN_IF_ERROR(session_->OnMessage(request_));
     }
     entry_->sequence_id.store(session_->sequence_id());
     return absl::OkStatus();
   }
 
-  // Reads `raw` as a chunk into chunk_ (spans into its slices or the scratch strings).
-  bool ReadChunk(const grpc::ByteBuffer& raw) {
+  // Reads raw_request_ as a chunk into chunk_ (spans into its slices or the scratch strings).
+  bool ReadChunk() {
     slices_.clear();
-    if (!raw.Dump(&slices_).ok()) return false;
+    if (!raw_request_.Dump(&slices_).ok()) return false;
     pieces_.clear();
     for (const grpc::Slice& slice : slices_) pieces_.emplace_back(slice.begin(), slice.size());
     return ReadChunkInPlace(pieces_, &chunk_);
@@ -330,20 +251,13 @@ class WriteKvReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer> {
   const std::chrono::steady_clock::time_point opened_;  // the stream began
   std::unique_ptr<PromptSession> session_;
   std::shared_ptr<WriteKvRegistry::Entry> entry_;
-  grpc::ByteBuffer read_buffer_;  // gRPC's while reading_
-  // The drain task's alone: the request parsed through protobuf, and the chunk read in place with
-  // the slices it points into (reused from message to message).
+  grpc::ByteBuffer raw_request_;
   v1::WriteKVRequest request_;
+  // The chunk read in place and the slices it points into (reused from message to message).
   std::vector<grpc::Slice> slices_;
   std::vector<std::span<const uint8_t>> pieces_;
   ChunkRef chunk_;
-  std::mutex mu_;
-  std::deque<Message> pending_;  // received, in order, not yet handed to the engine
-  bool reading_ = false;         // a read is in flight
-  bool draining_ = false;        // a drain task is queued or running
-  bool ended_ = false;           // the last read failed: half-close, cancellation or a cut stream
-  bool finished_ = false;        // Finish was called or is about to be
-  bool admitted_ = false;        // the first message passed admission
+  bool admitted_ = false;  // gRPC threads only (one read in flight)
   std::atomic<bool> cancelled_{false};
 };
 

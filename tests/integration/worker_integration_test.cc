@@ -541,11 +541,10 @@ TEST_F(WorkerIntegrationTest, CancelledOrIncompleteWriteKvLeavesNothingBehind) {
   EXPECT_TRUE(WaitAllFree());
 }
 
-// The worker reads a WriteKV stream's messages ahead of its engine work (a few wait, in order,
-// while the ingest thread is busy): the chunks still land in order and decode matches the
-// reference, and a bad chunk among those read ahead ends the stream with its status and leaves
-// nothing behind, whatever came after it.
-TEST_F(WorkerIntegrationTest, WriteKvChunksReadAheadOfTheEngineLandInOrder) {
+// Chunks sent while the only ingest thread is busy wait in gRPC's buffers and then land in order
+// (decode matches the reference), and a bad chunk among them ends the stream with its status and
+// leaves nothing behind, whatever came after it.
+TEST_F(WorkerIntegrationTest, WriteKvChunksSentWhileTheIngestThreadIsBusyLandInOrder) {
   StartWorker(32, /*executor_threads=*/2, /*executor_queue=*/64, /*ingest_threads=*/1, /*ingest_queue=*/8);
   {
     ExecutorBlocker blocker(server_->ingest_executor_for_testing());
