@@ -17,7 +17,10 @@ virtual CPU without accounting it as steal).
 
   bench/thread_sched.py --pid $(pidof pkv-worker) --interval 0.5 --csv sched.csv
 
---csv also writes every interval's per-name deltas. Linux only; needs read access to
+--csv also writes every interval's per-name deltas, stamped with the Unix time (to line them up
+with the worker's log lines), and the machine's busy and stolen CPU time of that interval (rows
+"(machine busy)" and "(machine steal)", in ms over all CPUs; /proc/stat counts in 10 ms ticks).
+Linux only; needs read access to
 /proc/PID (the same user, or root).
 """
 import argparse
@@ -82,13 +85,15 @@ def main():
     worst = collections.defaultdict(int)  # name -> largest wait_ns of one thread in one interval
     csv = open(args.csv, "w") if args.csv else None
     if csv:
-        csv.write("t_s,name,threads,cpu_ms,wait_ms,max_thread_wait_ms\n")
+        csv.write("t_s,unix_s,name,threads,cpu_ms,wait_ms,max_thread_wait_ms\n")
+    tick_ms = 1000.0 / os.sysconf("SC_CLK_TCK")
     cpu_last = cpu0
     while not stop:
         time.sleep(args.interval)
         now = read_threads(args.pid)
         if now is None:
             break
+        cpu_before = cpu_last
         cpu_last = read_cpu()
         interval = collections.defaultdict(lambda: [0, 0, 0, 0])  # threads, run, wait, largest wait
         for tid, (name, run, wait, _) in now.items():
@@ -104,16 +109,21 @@ def main():
             totals[name][0] += dr
             totals[name][1] += dw
         if csv:
-            t = time.monotonic() - t0
+            t, unix = time.monotonic() - t0, time.time()
             for name, (n, dr, dw, mw) in sorted(interval.items()):
-                csv.write("%.2f,%s,%d,%.3f,%.3f,%.3f\n" % (t, name, n, dr / 1e6, dw / 1e6, mw / 1e6))
+                csv.write("%.2f,%.3f,%s,%d,%.3f,%.3f,%.3f\n" % (t, unix, name, n, dr / 1e6, dw / 1e6, mw / 1e6))
+            csv.write("%.2f,%.3f,(machine busy),0,%.1f,0,0\n" % (t, unix, (cpu_last[0] - cpu_before[0]) * tick_ms))
+            csv.write("%.2f,%.3f,(machine steal),0,%.1f,0,0\n" % (t, unix, (cpu_last[1] - cpu_before[1]) * tick_ms))
         prev = now
     seconds = time.monotonic() - t0
     busy0, steal0, total0 = cpu0
     busy1, steal1, total1 = cpu_last
     dt = max(1, total1 - total0)
-    lines = ["thread_sched.py: pid %d, %.1f s, every %.2f s; the machine's CPUs %.1f%% busy, %.2f%% stolen by the host"
-             % (args.pid, seconds, args.interval, 100.0 * (busy1 - busy0) / dt, 100.0 * (steal1 - steal0) / dt),
+    tick_s = 1.0 / os.sysconf("SC_CLK_TCK")
+    lines = ["thread_sched.py: pid %d, %.1f s, every %.2f s; the machine's CPUs %.1f%% busy, %.3f%% stolen by the host "
+             "(%.0f ms of CPU time over all CPUs)"
+             % (args.pid, seconds, args.interval, 100.0 * (busy1 - busy0) / dt, 100.0 * (steal1 - steal0) / dt,
+                1000.0 * (steal1 - steal0) * tick_s),
              "| thread | threads | CPU s | run-queue wait s | wait per CPU s | largest wait of one thread in one interval, ms |",
              "|---|---|---|---|---|---|"]
     for name, (run, wait, _) in sorted(totals.items(), key=lambda kv: -kv[1][1]):
