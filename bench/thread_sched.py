@@ -36,8 +36,11 @@ def read_threads(pid):
     out = {}
     base = "/proc/%d/task" % pid
     try:
+        with open("/proc/%d/stat" % pid) as f:
+            if f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                return None  # exited, not yet reaped by its parent
         tids = os.listdir(base)
-    except OSError:
+    except (OSError, IndexError):
         return None
     for tid in tids:
         try:
