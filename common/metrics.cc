@@ -260,6 +260,13 @@ WorkerMetrics::WorkerMetrics(const BuildInfo& build) : registry_(std::make_share
                               "engine lock; liveness fails when it exceeds --liveness_stall_s.")
                         .Register(r)
                         .Add({});
+  process_stalls_ = &BuildHistogram()
+                         .Name("pkv_process_stall_seconds")
+                         .Help("How late the worker's 1 ms stall-watch timer woke, each time it was over 1 ms "
+                               "late: the process got no CPU for that long (busy cores, a CPU quota, or the "
+                               "host stopping a virtual machine's processors).")
+                         .Register(r)
+                         .Add({}, Histogram::BucketBoundaries{0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1, 5});
 
   auto process_gauge = [&r](const char* name, const char* help) {
     return &BuildGauge().Name(name).Help(help).Register(r).Add({});

@@ -117,6 +117,9 @@ class WorkerMetrics {
   // Seconds since the engine heartbeat last went through the decode executor and the engine
   // lock (service/heartbeat.h).
   prometheus::Gauge& heartbeat_age() { return *heartbeat_age_; }
+  // How late the stall watch's 1 ms timer woke, in seconds, each time it was over 1 ms late: the
+  // process got no CPU for that long (service/stall_watch.h).
+  prometheus::Histogram& process_stalls() { return *process_stalls_; }
 
   // --- the process (read from /proc/self by the sampler; standard client-library names) ---
   prometheus::Gauge& process_start_time() { return *process_start_time_; }
@@ -162,6 +165,7 @@ class WorkerMetrics {
   std::array<prometheus::Counter*, 3> reclaimed_{};
   prometheus::Counter* reclaimed_pages_ = nullptr;
   prometheus::Gauge* heartbeat_age_ = nullptr;
+  prometheus::Histogram* process_stalls_ = nullptr;
   prometheus::Gauge* process_start_time_ = nullptr;
   prometheus::Gauge* process_resident_ = nullptr;
   prometheus::Gauge* process_virtual_ = nullptr;

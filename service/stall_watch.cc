@@ -39,6 +39,7 @@ void StallWatch::Run() {
       if (late_us > max_late_us_.load(std::memory_order_relaxed)) {
         max_late_us_.store(late_us, std::memory_order_relaxed);
       }
+      if (options_.histogram != nullptr) options_.histogram->Observe(static_cast<double>(late_us) * 1e-6);
       ++unlogged;
       unlogged_max_us = std::max(unlogged_max_us, late_us);
       if (options_.log && now - last_log >= std::chrono::seconds(1)) {

@@ -4,7 +4,8 @@
 // later than `threshold` means no core ran this thread for that long although it was due: the
 // cores were busy with other threads, the container hit its CPU quota (cgroup throttling), or a
 // virtual machine's processors were stopped by their host. It is logged at most once a second
-// with the number of such wake-ups and the latest and largest lateness since the last line.
+// with the number of such wake-ups and the latest and largest lateness since the last line, and
+// each one's lateness is observed in a histogram (pkv_process_stall_seconds) when one is given.
 // The engine's own `slow layer-step` lines (engine/engine.cc) name a stall of one layer-step;
 // this one tells whether the process as a whole stalled at that time.
 // Thread-safety: stalls() and max_late_us() may be called from any thread; Stop (or the
@@ -18,6 +19,8 @@
 #include <mutex>
 #include <thread>
 
+#include "prometheus/histogram.h"
+
 namespace pkv::service {
 
 class StallWatch final {
@@ -26,6 +29,7 @@ class StallWatch final {
     std::chrono::microseconds tick{1000};       // the wake-up period
     std::chrono::microseconds threshold{1000};  // a wake-up this much later is a stall
     bool log = true;                            // log stalls (at most once a second)
+    prometheus::Histogram* histogram = nullptr;  // when set, observes each stall's lateness (s)
   };
   explicit StallWatch(Options options);
   ~StallWatch();

@@ -315,7 +315,9 @@ absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Start(
   // Ready means "can serve": the engine and its pool exist and the port is bound.
   impl->SetHealth(true);
   impl->StartHeartbeat();
-  impl->stall_watch = std::make_unique<StallWatch>(StallWatch::Options{});
+  StallWatch::Options stall_options;
+  if (options.metrics != nullptr) stall_options.histogram = &options.metrics->process_stalls();
+  impl->stall_watch = std::make_unique<StallWatch>(stall_options);
   Impl* raw = impl.get();
   impl->sweeper = std::thread([raw] {
     NameThisThread("pkv-sweeper");

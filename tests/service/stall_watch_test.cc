@@ -11,6 +11,8 @@
 #include <thread>
 
 #include "gtest/gtest.h"
+#include "prometheus/histogram.h"
+#include "prometheus/registry.h"
 
 namespace pkv::service {
 namespace {
@@ -31,7 +33,12 @@ TEST(StallWatchTest, CountsWakeUpsLaterThanItsThreshold) {
 }
 
 TEST(StallWatchTest, AStoppedProcessIsAStall) {
-  StallWatch watch(StallWatch::Options{});  // 1 ms tick, 1 ms threshold
+  prometheus::Registry registry;
+  prometheus::Histogram& histogram =
+      prometheus::BuildHistogram().Name("stalls").Register(registry).Add({}, prometheus::Histogram::BucketBoundaries{0.01});
+  StallWatch::Options o;  // 1 ms tick, 1 ms threshold
+  o.histogram = &histogram;
+  StallWatch watch(o);
   std::this_thread::sleep_for(std::chrono::milliseconds(20));
   int done[2];
   ASSERT_EQ(pipe(done), 0);
@@ -63,6 +70,11 @@ TEST(StallWatchTest, AStoppedProcessIsAStall) {
   ASSERT_GE(stopped_us, 20000) << "the process was not stopped";
   EXPECT_GE(watch.stalls(), 1);
   EXPECT_GE(watch.max_late_us(), stopped_us / 2);
+  // Each stall is observed with its lateness: the stop is at least one of them, over 10 ms.
+  const prometheus::ClientMetric m = histogram.Collect();
+  EXPECT_EQ(static_cast<int64_t>(m.histogram.sample_count), watch.stalls());
+  EXPECT_GE(m.histogram.sample_sum, stopped_us / 2 * 1e-6);
+  EXPECT_LT(m.histogram.bucket.front().cumulative_count, m.histogram.sample_count);  // one over 10 ms
 }
 
 }  // namespace
