@@ -114,6 +114,7 @@ class CudaBackend final : public ExecutionBackend {
     so.workspace_bytes = kernels::cuda::WorkspaceBytes(KernelId::kSequenceSplit, ws);
     so.stream_priority = greatest_priority;
     so.stage_timing_interval = options_.stage_timing_interval;
+    so.upload = options_.decode_upload;
     so.attention_timing_interval = options_.attention_timing_interval;
     // The scheduler fits every plan to these (scheduler/work_list.h); BeginTokenStep refuses the rest.
     info_.limits.max_partial_slots = options_.max_partial_slots;

@@ -29,6 +29,13 @@
 
 namespace pkv::engine {
 
+// How a slot uploads a layer's staged q|k|v and a token step's descriptor: kAuto by a copy
+// engine while the arena has no prompt-ingest flush in flight (DeviceKvArena::IngestCopiesIdle),
+// else by a pull kernel (kernels/cuda/host_pull.h), which never queues behind ingest's bulk
+// copies; kPull and kCopy always one way (tests run every path with them). Inputs in the caller's
+// registered memory are always pulled.
+enum class DecodeUpload : uint8_t { kAuto = 0, kPull, kCopy };
+
 struct CudaBackendOptions {
   int64_t num_pages = 0;               // > 0: exactly this many pages
   double free_memory_fraction = 0.85;  // else: this share of free device memory for the KV pool
@@ -51,6 +58,8 @@ struct CudaBackendOptions {
   int32_t ingest_copy_threads = 4;
   // > 0: those helpers run at this Linux nice value (kvpool::DeviceKvArena::Options::ingest_nice).
   int32_t ingest_nice = 0;
+  // How q|k|v and the descriptor go up (DecodeUpload above); the service runs kAuto.
+  DecodeUpload decode_upload = DecodeUpload::kAuto;
 };
 
 // True when the CUDA runtime sees at least one device (false without a driver).

@@ -152,16 +152,33 @@ absl::Status CudaSlot::BeginTokenStep(const scheduler::StepPlan& plan, const Pag
   step_.off_tasks = put(tasks.data(), tasks.size() * sizeof(DecodeTask));
   step_.off_cta_task_begin = put(cta_task_begin.data(), cta_task_begin.size() * 4);
   step_.batch = b;
-  // A kernel pulls it up, not a copy engine: those serve prompt ingest's bulk copies first
-  // (kernels/cuda/host_pull.h).
-  if (absl::Status st = kernels::cuda::LaunchHostPull(device_descriptor_.get(), descriptor_mapped_, off, stream_.get());
-      !st.ok()) {
+  // A kernel pulls it up while prompt ingest's bulk copies may hold the copy engines
+  // (kernels/cuda/host_pull.h); a copy engine takes it when none is queued.
+  if (UploadByCopy()) {
+    PKV_CUDA_RETURN(cudaMemcpyAsync(device_descriptor_.get(), host_descriptor_.get(), off, cudaMemcpyHostToDevice,
+                                    stream_.get()),
+                    "descriptor H2D");
+  } else if (absl::Status st =
+                 kernels::cuda::LaunchHostPull(device_descriptor_.get(), descriptor_mapped_, off, stream_.get());
+             !st.ok()) {
     return st;
   }
   PKV_CUDA_RETURN(cudaEventRecord(uploaded_.get(), stream_.get()), "event");
   ++token_steps_begun_;
   if (b > 0) return kernels::cuda::CanImplement(plan.kernel, StepParams(0));
   return absl::OkStatus();
+}
+
+bool CudaSlot::UploadByCopy() const {
+  switch (options_.upload) {
+    case DecodeUpload::kPull:
+      return false;
+    case DecodeUpload::kCopy:
+      return true;
+    case DecodeUpload::kAuto:
+      break;
+  }
+  return options_.arena->IngestCopiesIdle();
 }
 
 size_t CudaSlot::QBytes() const {
@@ -231,9 +248,14 @@ absl::Status CudaSlot::EnqueueLayer(int32_t layer, bool has_lse, void* out_devic
   if (stages_timed_) PKV_CUDA_RETURN(cudaEventRecord(h2d_start_.get(), stream), "event");
   // Pulled by a kernel on this high-priority stream, so it never waits behind prompt ingest's
   // copies on a copy engine (kernels/cuda/host_pull.h): from the staged io buffer in one piece,
-  // or from the caller's registered memory in three.
+  // or from the caller's registered memory in three. The staged buffer goes by a copy engine
+  // while no ingest flush is in flight.
   char* dio = static_cast<char*>(io_device_.get());
-  if (inputs == nullptr) {
+  if (inputs == nullptr && UploadByCopy()) {
+    // No prompt ingest copy is queued: a copy engine takes the staged buffer sooner than a pull
+    // kernel's PCIe reads (about 5 against 8 us for a B1 layer's 12 KiB on an H200).
+    PKV_CUDA_RETURN(cudaMemcpyAsync(dio, io_host_.get(), v_at + kvb, cudaMemcpyHostToDevice, stream), "H2D");
+  } else if (inputs == nullptr) {
     if (absl::Status st = kernels::cuda::LaunchHostPull(dio, io_mapped_, v_at + kvb, stream); !st.ok()) return st;
   } else {
     const kernels::cuda::HostPullPiece pieces[3] = {

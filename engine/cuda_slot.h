@@ -35,6 +35,7 @@
 #include "absl/status/statusor.h"
 #include "common/decode_types.h"
 #include "engine/backend.h"
+#include "engine/cuda_backend.h"
 #include "engine/internal/cuda_handles.h"
 #include "kernels/decode_attention.h"
 #include "kvpool/cuda/device_kv_arena.h"
@@ -59,6 +60,7 @@ class CudaSlot {
     int stream_priority = 0;                 // of the slot's stream (lower number: higher priority)
     int32_t stage_timing_interval = 16;      // >= 1: time upload and kernel stage on one layer-step in N
     int32_t attention_timing_interval = 1;   // >= 1: time the attention on one layer-step in N
+    DecodeUpload upload = DecodeUpload::kAuto;  // how q|k|v and the descriptor go up
   };
 
   // Creates the stream (non-blocking, options.stream_priority), the events and every buffer, and
@@ -136,6 +138,7 @@ class CudaSlot {
   // The attention launch's arguments for the open token step's layer `layer` (lse written when
   // `has_lse`).
   kernels::DecodeParams LayerParams(int32_t layer, bool has_lse, void* out_device) const;
+  bool UploadByCopy() const;  // options_.upload, and kAuto's answer now
   size_t QBytes() const;   // q or out of the open step: [B, Hq, d]
   size_t KvBytes() const;  // k or v of the open step: [B, Hkv, d]
 

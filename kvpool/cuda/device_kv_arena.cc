@@ -212,10 +212,20 @@ absl::Status DeviceKvArena::FlushIngestBuffer(std::unique_lock<std::mutex>& lock
     // One copy of the whole buffer. A copy engine serves it without regard to stream priority,
     // however finely it is cut, so the engine's decode path uploads its inputs with a kernel and
     // never queues behind it.
+    ingest_flushes_in_flight_.fetch_add(1, std::memory_order_acq_rel);
     st = CudaStatus(cudaMemcpyAsync(ingest_device_[cur], ingest_host_[cur], bytes, cudaMemcpyHostToDevice, stream_),
                     "ingest H2D");
     if (st.ok()) st = CudaStatus(cuda::LaunchScatterRuns(p, stream_), "ingest scatter");
     if (st.ok()) st = CudaStatus(cudaEventRecord(ingest_done_[cur], stream_), "ingest event");
+    // Uncounted once the stream got past the flush (the callback only touches the counter).
+    if (!st.ok() || cudaLaunchHostFunc(
+                        stream_,
+                        [](void* counter) {
+                          static_cast<std::atomic<int>*>(counter)->fetch_sub(1, std::memory_order_acq_rel);
+                        },
+                        &ingest_flushes_in_flight_) != cudaSuccess) {
+      ingest_flushes_in_flight_.fetch_sub(1, std::memory_order_acq_rel);
+    }
     sealing_[cur] = false;
     ingest_cv_.notify_all();
     if (st.ok()) {

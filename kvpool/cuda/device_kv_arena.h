@@ -27,6 +27,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include <atomic>
 #include <condition_variable>
 #include <mutex>
 
@@ -103,6 +104,11 @@ class DeviceKvArena final : public KvArena {
 
   int64_t layer_bytes() const { return num_pages_ * page_elems() * 2; }
   cudaStream_t stream() const { return stream_; }
+  // Whether no merged-ingest flush (its copy of a whole buffer and its scatter) is queued or
+  // running now. A decode upload may then use a copy engine without queuing behind prompt KV
+  // (engine/cuda_slot.cc). A flush issued right after the answer does not delay a copy already
+  // queued. Lock-free: counted when a flush is issued and uncounted by a host callback after it.
+  bool IngestCopiesIdle() const { return ingest_flushes_in_flight_.load(std::memory_order_acquire) == 0; }
 
  private:
   DeviceKvArena(const ModelShape& shape, int64_t num_pages) : shape_(shape), num_pages_(num_pages) {}
@@ -134,6 +140,7 @@ class DeviceKvArena final : public KvArena {
   bool sealing_[2] = {false, false};   // a flush waits for the copies into it, then issues it
   absl::Status ingest_error_;
   IngestStats staged_stats_;
+  std::atomic<int> ingest_flushes_in_flight_{0};  // IngestCopiesIdle
   std::unique_ptr<ParallelCopier> copier_;  // StageTokens' row copies (thread-safe on its own)
 };
 

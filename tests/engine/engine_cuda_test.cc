@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <optional>
@@ -108,11 +109,12 @@ struct SharedRegion {
 // in k; it refuses that, and the real layer that follows must still match the reference.
 void RunAgainstCpu(DType dt, std::optional<KernelId> fixed, const std::vector<int64_t>& prompts,
                    int64_t static_slot_tokens = 0, int64_t pinned_output_bytes = -1, Io io = Io::kHeap,
-                   bool refuse_nan = false) {
+                   bool refuse_nan = false, DecodeUpload upload = DecodeUpload::kAuto) {
   const ModelShape shape = Shape(dt);
   CudaBackendOptions co;
   co.num_pages = 4096;
   co.max_batch = 16;
+  co.decode_upload = upload;
   if (pinned_output_bytes >= 0) co.pinned_output_bytes = pinned_output_bytes;
   auto gpu_backend = CreateCudaBackend(shape, co);
   ASSERT_TRUE(gpu_backend.ok()) << gpu_backend.status();
@@ -235,6 +237,19 @@ TEST_F(EngineCudaTest, EveryRouteMatchesTheCpuReference) {
   }
 }
 
+// The staged q|k|v and each token step's descriptor go up by a copy engine or by the pull kernel
+// (kAuto, every other test, takes the copy engine while no prompt-ingest flush is in flight):
+// each path, forced, matches the reference on every route.
+TEST_F(EngineCudaTest, EveryUploadPathMatchesTheCpuReference) {
+  const std::vector<int64_t> ragged = {3000, 17, 1, 700, 4096, 33};
+  for (DecodeUpload upload : {DecodeUpload::kPull, DecodeUpload::kCopy}) {
+    RunAgainstCpu(DType::kF16, std::nullopt, ragged, 0, -1, Io::kHeap, false, upload);
+    RunAgainstCpu(DType::kF16, KernelId::kPerRequest, ragged, 0, -1, Io::kHeap, false, upload);
+    RunAgainstCpu(DType::kF16, KernelId::kSequenceSplit, ragged, 0, -1, Io::kHeap, false, upload);
+    RunAgainstCpu(DType::kBF16, KernelId::kWorkQueue, ragged, 0, -1, Io::kHeap, false, upload);
+  }
+}
+
 // Without pinned output memory every layer's outputs are copied out of the slot's mapped buffer
 // (the path the engine falls back to once that memory is used up); with it (the default, every
 // other test) the kernels write them into the engine's buffers directly.
@@ -314,6 +329,30 @@ TEST_F(EngineCudaTest, ConcurrentMicroBatchesMatchTheCpuReference) {
       ASSERT_TRUE((*wc)->Commit().ok());
     }
   }
+  // Meanwhile prompts stream into the GPU engine (staged chunks, so ingest flushes are in flight
+  // while layers run): kAuto moves between the copy engine and the pull kernel step by step.
+  std::atomic<bool> decoding{true};
+  std::atomic<int> prompts_streamed{0};
+  std::thread streaming([&] {
+    std::mt19937_64 prng(77);
+    const int64_t n = 2048;
+    auto k = RandomBytes(DType::kF16, n * tok, prng), v = RandomBytes(DType::kF16, n * tok, prng);
+    for (SeqId id = 900; decoding.load(); ++id) {
+      auto w = gpu->BeginPrompt(id, n);
+      ASSERT_TRUE(w.ok()) << w.status();
+      for (int layer = 0; layer < shape.num_layers; ++layer) {
+        for (int64_t t0 = 0; t0 < n; t0 += 256) {
+          ASSERT_TRUE((*w)->Write(layer, t0, 256, std::span(k).subspan(t0 * tok * 2, 256 * tok * 2),
+                                  std::span(v).subspan(t0 * tok * 2, 256 * tok * 2))
+                          .ok());
+        }
+      }
+      ASSERT_TRUE((*w)->Commit().ok());
+      const SeqId done[] = {id};
+      ASSERT_TRUE(gpu->Release(done).ok());
+      ++prompts_streamed;
+    }
+  });
   std::vector<std::thread> threads;
   for (int t = 0; t < kThreads; ++t) {
     threads.emplace_back([&, t] {
@@ -341,6 +380,9 @@ TEST_F(EngineCudaTest, ConcurrentMicroBatchesMatchTheCpuReference) {
     });
   }
   for (auto& th : threads) th.join();
+  decoding = false;
+  streaming.join();
+  EXPECT_GT(prompts_streamed.load(), 0);
   EXPECT_TRUE(gpu->CheckConsistency().ok());
 }
 
