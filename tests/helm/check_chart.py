@@ -38,13 +38,15 @@ ALERTS = {  # alert -> what its expression must contain (metric names of common/
                                        'method=~"Step|StepStream"'],
     "PersistentKVPredictionDrift": ["pkv_scheduler_prediction_error_ratio_sum{",
                                     "pkv_scheduler_prediction_error_ratio_count{"],
+    "PersistentKVProcessStalled": ["pkv_process_stall_seconds_sum{"],
 }
 # Alerts whose trailing threshold the chart takes from metrics.prometheusRule.<value>.
 ALERT_THRESHOLDS = {"PersistentKVPoolNearlyFull": "poolFreeRatioBelow",
                     "PersistentKVHighErrorRate": "errorRatioAbove",
                     "PersistentKVStepLatencyHigh": "stepLatencyP99SecondsAbove",
                     "PersistentKVRequestLatencyHigh": "requestLatencyP99SecondsAbove",
-                    "PersistentKVPredictionDrift": "predictionErrorRatioAbove"}
+                    "PersistentKVPredictionDrift": "predictionErrorRatioAbove",
+                    "PersistentKVProcessStalled": "processStallRatioAbove"}
 RULES_FILE = "rules/persistentkv-alerts.yaml"  # plain Prometheus rules the PrometheusRule embeds
 TRAILING_THRESHOLD = re.compile(r"(==|!=|>=|<=|>|<)\s*([-+]?[0-9.]+(?:[eE][-+]?\d+)?)\s*$")
 STANDARD_LABELS = ("helm.sh/chart", "app.kubernetes.io/name", "app.kubernetes.io/instance",

@@ -53,7 +53,8 @@ import urllib.parse
 import urllib.request
 
 EXPECTED_ALERTS = {"PersistentKVWorkerDown", "PersistentKVPoolNearlyFull", "PersistentKVHighErrorRate",
-                   "PersistentKVStepLatencyHigh", "PersistentKVRequestLatencyHigh", "PersistentKVPredictionDrift"}
+                   "PersistentKVStepLatencyHigh", "PersistentKVRequestLatencyHigh", "PersistentKVPredictionDrift",
+                   "PersistentKVProcessStalled"}
 JOB = "persistentkv"  # the job the rules file selects (the chart rewrites it per release)
 TARGET_LABELS = {"namespace": "pkv-observability-test", "pod": "pkv-worker-0"}
 # Stat panels that must be green for this test's worker (up, ready, its pool nearly empty).
