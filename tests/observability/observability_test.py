@@ -22,7 +22,7 @@ What it runs (all on loopback, all in one temp dir, every process stopped on exi
      - every metric family the worker serves on /metrics (pkv_*, process_*, prometheus-cpp's
        exposer_*) is in a table of docs/METRICS.md with the type the worker declares, and every
        family the tables list is served;
-     - the alerts Prometheus loaded are exactly the expected six, each healthy (evaluated without
+     - the alerts Prometheus loaded are exactly the expected seven, each healthy (evaluated without
        error), with `for`, a severity label and summary/description annotations; each whole
        expression evaluates without error, and its signal -- the expression without its trailing
        `<op> <number>` comparison, which every shipped alert must end in (comparisons bind looser
