@@ -210,8 +210,8 @@ absl::Status DeviceKvArena::FlushIngestBuffer(std::unique_lock<std::mutex>& lock
     const int64_t kv_bytes = 2 * packer.num_tokens() * packer.row_bytes();
     packer.Reset();
     // One copy of the whole buffer. A copy engine serves it without regard to stream priority,
-    // however finely it is cut, so the engine's decode path uploads its inputs with a kernel and
-    // never queues behind it.
+    // however finely it is cut, so while it is in flight (IngestCopiesIdle false) the engine's
+    // decode path uploads its inputs with a kernel and never queues behind it.
     ingest_flushes_in_flight_.fetch_add(1, std::memory_order_acq_rel);
     st = CudaStatus(cudaMemcpyAsync(ingest_device_[cur], ingest_host_[cur], bytes, cudaMemcpyHostToDevice, stream_),
                     "ingest H2D");
