@@ -792,9 +792,8 @@ absl::StatusOr<StepOutput> Engine::Step(const StepInput& in) {
     PKV_RETURN_IF_ERROR(ValidateLayerZero(in));
     validated = std::chrono::steady_clock::now();
     key = NewStepKey(in.owner, in.token_step_id);
-    const auto begin_start = std::chrono::steady_clock::now();
     PKV_RETURN_IF_ERROR(BeginTokenStep(in, key));
-    begun = std::chrono::steady_clock::now() - begin_start;
+    begun = std::chrono::steady_clock::now() - validated;
     if (in.rows.empty()) {
       StepOutput empty;
       empty.kernel = KernelId::kReference;
