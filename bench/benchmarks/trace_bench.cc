@@ -392,6 +392,17 @@ int RunTraceBench(const TraceBenchOptions& o) {
     std::fprintf(stderr, "pkv-bench trace: --attention_timing_interval must be in [1, --layers]\n");
     return 2;
   }
+  engine::DecodeUpload upload = engine::DecodeUpload::kAuto;
+  if (o.decode_upload == "params") {
+    upload = engine::DecodeUpload::kParams;
+  } else if (o.decode_upload == "pull") {
+    upload = engine::DecodeUpload::kPull;
+  } else if (o.decode_upload == "copy") {
+    upload = engine::DecodeUpload::kCopy;
+  } else if (o.decode_upload != "auto") {
+    std::fprintf(stderr, "pkv-bench trace: --decode_upload must be auto, params, pull or copy\n");
+    return 2;
+  }
   if (!engine::CudaDeviceAvailable()) {
     std::fprintf(stderr, "pkv-bench trace: no CUDA device\n");
     return 2;
@@ -435,6 +446,7 @@ int RunTraceBench(const TraceBenchOptions& o) {
     bo.free_memory_fraction = o.pool_fraction;
     bo.max_batch = 64;
     bo.attention_timing_interval = o.attention_timing_interval;
+    bo.decode_upload = upload;
     auto backend = engine::CreateCudaBackend(shape, bo);
     if (!backend.ok()) {
       std::fprintf(stderr, "pkv-bench trace: %s\n", std::string(backend.status().message()).c_str());
@@ -633,7 +645,8 @@ int RunTraceBench(const TraceBenchOptions& o) {
     std::printf("# stream-read ceiling at start %.0f GB/s, at end %.0f GB/s\n", ceiling0, ceiling1);
     md << "\nStream-read ceiling at start " << static_cast<int>(ceiling0) << " GB/s, at end "
        << static_cast<int>(ceiling1) << " GB/s. Every arm timed its attention with GPU events on one layer-step in "
-       << o.attention_timing_interval << " (attention figures: those, scaled to every layer-step).\n";
+       << o.attention_timing_interval << " (attention figures: those, scaled to every layer-step). The engine's "
+       << "decode uploads: --decode_upload=" << o.decode_upload << ".\n";
   }
   if (!o.md_path.empty()) {
     std::ofstream out(o.md_path);
