@@ -55,10 +55,8 @@ struct LayerRunInfo {
   double d2h_seconds = 0;
   bool attention_skipped = false;  // SkipAttention: no KV written, no attention, zero outputs
   bool attention_timed = true;     // attend_seconds was measured on this layer (else it is 0)
-  // The device wrote LayerBuffers::out_copy into registered host memory itself
-  // (RegisterHostMemory), and q, k and v went up without a staging copy (read from registered
-  // memory by the device, or carried in a launch's parameters). False: the caller copies the
-  // outputs to out_copy.
+  // The device read q, k and v from, and wrote LayerBuffers::out_copy into, registered host
+  // memory itself (RegisterHostMemory). False: the caller copies the outputs to out_copy.
   bool in_place = false;
 };
 

@@ -181,35 +181,31 @@ class CudaBackend final : public ExecutionBackend {
     PKV_CHECK(id >= 0 && id < static_cast<int32_t>(slots_.size()) && slots_[id].used) << "bad slot " << id;
     CudaSlot& slot = *slots_[id].slot;
     const auto t0 = std::chrono::steady_clock::now();
-    // In place when out_copy lies in registered host memory and q, k, v go in the upload launch's
-    // parameters (the host reads them wherever they are), or lie in registered memory too (the
-    // upload pulls the caller's bytes): the kernels write out_copy, with no host copy either way.
+    // In place when q, k, v and out_copy all lie in registered host memory: the upload reads the
+    // caller's bytes and the kernels write out_copy too, with no host copy either way.
     const ModelShape& s = arena_->shape();
     const size_t rows = slot.batch();
     const size_t q_bytes = rows * s.num_q_heads * s.head_dim * DTypeSize(s.dtype);
     const size_t kv_bytes = rows * s.num_kv_heads * s.head_dim * DTypeSize(s.dtype);
-    const bool by_params = slot.InputsByParams();
     CudaSlot::InputAddresses in_place;
     void* out_copy_device = nullptr;
     {
       std::shared_lock<std::shared_mutex> lock(registered_mu_);
       if (io.out_copy != nullptr && !registered_.empty()) {
+        in_place.q = RegisteredDeviceAddress(io.q, q_bytes);
+        in_place.k = RegisteredDeviceAddress(io.k, kv_bytes);
+        in_place.v = RegisteredDeviceAddress(io.v, kv_bytes);
         out_copy_device = const_cast<void*>(RegisteredDeviceAddress(io.out_copy, q_bytes));
-        if (!by_params) {
-          in_place.q = RegisteredDeviceAddress(io.q, q_bytes);
-          in_place.k = RegisteredDeviceAddress(io.k, kv_bytes);
-          in_place.v = RegisteredDeviceAddress(io.v, kv_bytes);
-        }
       }
     }
-    const bool pull_in_place = in_place.q != nullptr && in_place.k != nullptr && in_place.v != nullptr;
-    if (!by_params && !pull_in_place) out_copy_device = nullptr;
-    info->in_place = out_copy_device != nullptr;
-    if (!pull_in_place || out_copy_device == nullptr) slot.StageInputs(io.q, io.k, io.v);
-    const bool pull = pull_in_place && out_copy_device != nullptr;
+    info->in_place = in_place.q != nullptr && in_place.k != nullptr && in_place.v != nullptr && out_copy_device != nullptr;
+    if (!info->in_place) {
+      out_copy_device = nullptr;
+      slot.StageInputs(io.q, io.k, io.v);
+    }
     // Outputs in a block of output_memory() are written there by the kernels; others are copied
     // out of the slot's buffer.
-    if (absl::Status st = slot.EnqueueLayer(layer, io.lse != nullptr, io.out_device, pull ? &in_place : nullptr,
+    if (absl::Status st = slot.EnqueueLayer(layer, io.lse != nullptr, io.out_device, info->in_place ? &in_place : nullptr,
                                             out_copy_device);
         !st.ok()) {
       return st;

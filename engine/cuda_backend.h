@@ -29,15 +29,12 @@
 
 namespace pkv::engine {
 
-// How a slot uploads a layer's q|k|v and a token step's descriptor. kAuto: in the launch
-// parameters of a small kernel that stores them (kernels/cuda/param_upload.h) when they fit
-// (kernels::cuda::kMaxParamUploadBytes: a layer of one or two rows at Hq 32, d 128, fp16); else by
-// a copy engine while the arena has no prompt-ingest flush in flight
-// (DeviceKvArena::IngestCopiesIdle); else by a pull kernel (kernels/cuda/host_pull.h), which never
-// queues behind ingest's bulk copies. kPull and kCopy always one way, kParams in the parameters
-// where they fit and else pulled (tests run every path with them). Inputs in the caller's
-// registered memory are read from there: carried in the parameters where they fit, else pulled.
-enum class DecodeUpload : uint8_t { kAuto = 0, kPull, kCopy, kParams };
+// How a slot uploads a layer's staged q|k|v and a token step's descriptor: kAuto by a copy
+// engine while the arena has no prompt-ingest flush in flight (DeviceKvArena::IngestCopiesIdle),
+// else by a pull kernel (kernels/cuda/host_pull.h), which never queues behind ingest's bulk
+// copies; kPull and kCopy always one way (tests run every path with them). Inputs in the caller's
+// registered memory are always pulled.
+enum class DecodeUpload : uint8_t { kAuto = 0, kPull, kCopy };
 
 struct CudaBackendOptions {
   int64_t num_pages = 0;               // > 0: exactly this many pages

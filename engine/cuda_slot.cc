@@ -9,7 +9,6 @@
 #include "common/log.h"
 #include "kernels/cuda/decode_attention_cuda.h"
 #include "kernels/cuda/host_pull.h"
-#include "kernels/cuda/param_upload.h"
 
 namespace pkv::engine {
 namespace {
@@ -153,15 +152,9 @@ absl::Status CudaSlot::BeginTokenStep(const scheduler::StepPlan& plan, const Pag
   step_.off_tasks = put(tasks.data(), tasks.size() * sizeof(DecodeTask));
   step_.off_cta_task_begin = put(cta_task_begin.data(), cta_task_begin.size() * 4);
   step_.batch = b;
-  step_.inputs_by_params = ByParams(QBytes() + 2 * KvBytes());
-  // In a launch's parameters when it fits; else a kernel pulls it up while prompt ingest's bulk
-  // copies may hold the copy engines (kernels/cuda/host_pull.h); a copy engine takes it when none
-  // is queued.
-  if (ByParams(off)) {
-    if (absl::Status st = kernels::cuda::LaunchParamUpload(device_descriptor_.get(), h, off, stream_.get()); !st.ok()) {
-      return st;
-    }
-  } else if (UploadByCopy()) {
+  // A kernel pulls it up while prompt ingest's bulk copies may hold the copy engines
+  // (kernels/cuda/host_pull.h); a copy engine takes it when none is queued.
+  if (UploadByCopy()) {
     PKV_CUDA_RETURN(cudaMemcpyAsync(device_descriptor_.get(), host_descriptor_.get(), off, cudaMemcpyHostToDevice,
                                     stream_.get()),
                     "descriptor H2D");
@@ -176,15 +169,9 @@ absl::Status CudaSlot::BeginTokenStep(const scheduler::StepPlan& plan, const Pag
   return absl::OkStatus();
 }
 
-bool CudaSlot::ByParams(size_t bytes) const {
-  return (options_.upload == DecodeUpload::kAuto || options_.upload == DecodeUpload::kParams) &&
-         bytes <= kernels::cuda::kMaxParamUploadBytes;
-}
-
 bool CudaSlot::UploadByCopy() const {
   switch (options_.upload) {
     case DecodeUpload::kPull:
-    case DecodeUpload::kParams:  // what does not fit the parameters is pulled
       return false;
     case DecodeUpload::kCopy:
       return true;
@@ -205,10 +192,6 @@ size_t CudaSlot::KvBytes() const {
 }
 
 void CudaSlot::StageInputs(const void* q, const void* k, const void* v) {
-  if (step_.inputs_by_params) {  // EnqueueLayer copies them into the launch's parameters
-    staged_ = InputAddresses{q, k, v};
-    return;
-  }
   const size_t qb = QBytes(), kvb = KvBytes();
   char* io = static_cast<char*>(io_host_.get());
   const size_t k_at = Align16(qb), v_at = k_at + Align16(kvb);
@@ -263,19 +246,12 @@ absl::Status CudaSlot::EnqueueLayer(int32_t layer, bool has_lse, void* out_devic
   attention_timed_ = stages_timed_ || n % options_.attention_timing_interval == 0;
   ++layers_enqueued_;
   if (stages_timed_) PKV_CUDA_RETURN(cudaEventRecord(h2d_start_.get(), stream), "event");
-  // In the parameters of a kernel launched on this high-priority stream when they fit: neither a
-  // copy engine (queued behind prompt ingest's copies) nor a PCIe round trip from the SMs
-  // (kernels/cuda/param_upload.h). Else pulled by a kernel on this stream, so it never waits
-  // behind prompt ingest's copies on a copy engine (kernels/cuda/host_pull.h): from the staged io
-  // buffer in one piece, or from the caller's registered memory in three; the staged buffer goes
-  // by a copy engine while no ingest flush is in flight.
+  // Pulled by a kernel on this high-priority stream, so it never waits behind prompt ingest's
+  // copies on a copy engine (kernels/cuda/host_pull.h): from the staged io buffer in one piece,
+  // or from the caller's registered memory in three. The staged buffer goes by a copy engine
+  // while no ingest flush is in flight.
   char* dio = static_cast<char*>(io_device_.get());
-  if (step_.inputs_by_params) {
-    // q, k and v sizes are multiples of 16 (d is), so back to back they fall at k_at and v_at.
-    PKV_CHECK(inputs == nullptr && k_at == qb && v_at == qb + kvb) << "inputs by parameters: bad layout";
-    const kernels::cuda::ParamUploadPiece pieces[3] = {{staged_.q, qb}, {staged_.k, kvb}, {staged_.v, kvb}};
-    if (absl::Status st = kernels::cuda::LaunchParamUpload(dio, pieces, 3, stream); !st.ok()) return st;
-  } else if (inputs == nullptr && UploadByCopy()) {
+  if (inputs == nullptr && UploadByCopy()) {
     // No prompt ingest copy is queued: a copy engine takes the staged buffer sooner than a pull
     // kernel's PCIe reads (about 5 against 8 us for a B1 layer's 12 KiB on an H200).
     PKV_CUDA_RETURN(cudaMemcpyAsync(dio, io_host_.get(), v_at + kvb, cudaMemcpyHostToDevice, stream), "H2D");

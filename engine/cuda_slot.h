@@ -3,11 +3,11 @@
 // them.
 //
 // A slot holds at most one open token step. BeginTokenStep packs the step's page table and the
-// scheduler's work list into the pinned descriptor and uploads it on the slot's stream (in the
-// launch parameters of a small kernel, or by a copy engine, or by a pull kernel from mapped pinned
-// memory: DecodeUpload). Every layer then stages q|k|v (StageInputs: into pinned memory, or not
-// at all when they go in a launch's parameters or lie in host memory registered with CUDA, where a
-// pull reads them in place), enqueues the q|k|v upload and the attention launch, which also
+// scheduler's work list into the pinned descriptor and uploads it on the slot's stream (a small
+// kernel pulls it from mapped pinned memory; the q|k|v upload likewise, so decode never waits
+// behind prompt ingest on a copy engine, kernels/cuda/host_pull.h); every layer then stages q|k|v
+// into pinned memory (StageInputs; not when they lie in host memory registered with CUDA, where
+// the upload reads them in place), enqueues the q|k|v upload and the attention launch, which also
 // appends the new tokens' K,V (EnqueueLayer), waits for the slot's stream only (Synchronize), and
 // hands out the outputs (CopyOutputs) and the device time of its stages (ReadStageTimes). The
 // attention writes out|lse straight into mapped pinned host memory, so no download is issued: the
@@ -15,10 +15,10 @@
 // one attention launch and one synchronisation; one layer-step in
 // Options::attention_timing_interval also brackets the attention with two events (an elapsed-time
 // query after the synchronisation), and one in Options::stage_timing_interval times the upload and
-// the kernel stage as well (two more records, two more queries). Everything is allocated by
-// Create and freed by the destructor, which first drains the stream; nothing is allocated per
-// step. The stream is created with the caller's priority (the backend gives slots the device's
-// highest, so decode layers are scheduled ahead of prompt ingest on the arena's stream).
+// the kernel stage as well (two more records, two more queries). Everything is allocated by Create and freed by the destructor, which
+// first drains the stream; nothing is allocated per step. The stream is created with the caller's
+// priority (the backend gives slots the device's highest, so decode layers are scheduled ahead of
+// prompt ingest on the arena's stream).
 // Thread-safety: none inside; the backend calls a slot from one thread at a time (RunLayer of a
 // slot never overlaps another call on that slot, engine/backend.h). Different slots share only
 // the arena, whose pages their steps write disjointly, so they run concurrently.
@@ -85,12 +85,8 @@ class CudaSlot {
 
   // Rows of the open token step.
   int32_t batch() const { return step_.batch; }
-  // The open token step's layers carry their q|k|v in the upload launch's parameters
-  // (DecodeUpload): StageInputs then only remembers where they are, even for registered memory.
-  bool InputsByParams() const { return step_.inputs_by_params; }
-  // Stages the layer's inputs (host, model dtype; `q` [B, Hq, d], `k`, `v` [B, Hkv, d]) for
-  // EnqueueLayer: copies them into the pinned io buffer, or, when InputsByParams(), remembers
-  // their addresses (they must stay valid until EnqueueLayer returns).
+  // Copies the layer's inputs (host, model dtype) into the pinned io buffer: `q` [B, Hq, d],
+  // `k`, `v` [B, Hkv, d].
   void StageInputs(const void* q, const void* k, const void* v);
 
   // Device addresses of a layer's q, k, v in host memory registered with CUDA (each 16-byte
@@ -134,7 +130,6 @@ class CudaSlot {
     int32_t num_partials = 0;
     int32_t num_tasks = 0;
     int32_t num_ctas = 0;  // CTA ranges of a balanced work list (0: strided)
-    bool inputs_by_params = false;  // q|k|v go up in the upload launch's parameters
     size_t off_indptr = 0, off_last = 0, off_row_splits = 0, off_partial_offset = 0, off_indices = 0, off_tasks = 0, off_cta_task_begin = 0;
   };
 
@@ -143,8 +138,7 @@ class CudaSlot {
   // The attention launch's arguments for the open token step's layer `layer` (lse written when
   // `has_lse`).
   kernels::DecodeParams LayerParams(int32_t layer, bool has_lse, void* out_device) const;
-  bool ByParams(size_t bytes) const;  // options_.upload allows it and `bytes` fit the parameters
-  bool UploadByCopy() const;  // otherwise: options_.upload, and kAuto's answer now
+  bool UploadByCopy() const;  // options_.upload, and kAuto's answer now
   size_t QBytes() const;   // q or out of the open step: [B, Hq, d]
   size_t KvBytes() const;  // k or v of the open step: [B, Hkv, d]
 
@@ -157,9 +151,8 @@ class CudaSlot {
   // and attention.
   internal::CudaEvent h2d_start_, h2d_done_;
   internal::CudaEvent uploaded_;       // the descriptor upload read `host_descriptor_`
-  // The descriptor and q|k|v are written by the host into mapped pinned memory and go up to
-  // their device twins on the slot's stream (DecodeUpload; q|k|v carried in launch parameters
-  // skip the pinned buffer).
+  // The descriptor and q|k|v are written by the host into mapped pinned memory and pulled into
+  // their device twins by a kernel on the slot's stream (kernels/cuda/host_pull.h).
   internal::PinnedBuffer host_descriptor_;
   void* descriptor_mapped_ = nullptr;  // its device address
   internal::DeviceBuffer device_descriptor_;  // its device twin
@@ -176,7 +169,6 @@ class CudaSlot {
   int64_t token_steps_begun_ = 0;  // BeginTokenStep calls so far (rotates which layers those are)
   bool stages_timed_ = false;    // the last EnqueueLayer recorded h2d_start_ and h2d_done_
   bool attention_timed_ = false;  // the last EnqueueLayer recorded start_ and stop_
-  InputAddresses staged_;  // StageInputs' host addresses, when the inputs go by parameters
 };
 
 }  // namespace pkv::engine

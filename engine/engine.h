@@ -183,8 +183,8 @@ struct StepOutput {
   // attend_seconds was measured (the CUDA backend times the attention on one layer-step in
   // EngineConfig::attention_timing_interval per descriptor slot; 0 on the others).
   bool attention_timed = true;
-  // The device wrote StepInput::out_copy into registered host memory itself, and q, k, v went up
-  // with no staging copy (read there by the device, or carried in a launch's parameters).
+  // The device read q, k, v from and wrote StepInput::out_copy into registered host memory itself
+  // (no host copy of either).
   bool in_place = false;
   StepTimings timings;      // this call's (a replay reports only its validation)
 };

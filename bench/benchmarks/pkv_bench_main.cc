@@ -179,8 +179,8 @@ std::vector<Flag> TraceFlags(pkv::bench::TraceBenchOptions* o) {
       DoubleFlag("pool-fraction", &o->pool_fraction, "KV pool as this share of free device memory"),
       StringFlag("decode_upload", &o->decode_upload,
                  "how the engine uploads each layer's q|k|v and each token step's descriptor: auto (what the "
-                 "worker runs), params (in a kernel's launch parameters where they fit, else pulled), pull (a "
-                 "kernel reads mapped pinned memory), copy (a copy engine)"),
+                 "worker runs: a copy engine while no prompt ingest is in flight, else pull), pull (a kernel "
+                 "reads mapped pinned memory), copy (a copy engine)"),
       StringFlag("csv", &o->csv_path, "write one CSV row per arm and workload here; empty: none"),
       StringFlag("md", &o->md_path, "append the summary as markdown to this file; empty: none"),
       StringFlag("commit", &o->commit, "commit recorded with the results"),

@@ -393,14 +393,12 @@ int RunTraceBench(const TraceBenchOptions& o) {
     return 2;
   }
   engine::DecodeUpload upload = engine::DecodeUpload::kAuto;
-  if (o.decode_upload == "params") {
-    upload = engine::DecodeUpload::kParams;
-  } else if (o.decode_upload == "pull") {
+  if (o.decode_upload == "pull") {
     upload = engine::DecodeUpload::kPull;
   } else if (o.decode_upload == "copy") {
     upload = engine::DecodeUpload::kCopy;
   } else if (o.decode_upload != "auto") {
-    std::fprintf(stderr, "pkv-bench trace: --decode_upload must be auto, params, pull or copy\n");
+    std::fprintf(stderr, "pkv-bench trace: --decode_upload must be auto, pull or copy\n");
     return 2;
   }
   if (!engine::CudaDeviceAvailable()) {

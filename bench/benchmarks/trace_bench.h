@@ -44,7 +44,7 @@ struct TraceBenchOptions {
   // attention totals are the timed layer-steps' scaled to all. 1: every layer-step.
   int attention_timing_interval = 8;
   double pool_fraction = 0.85;
-  // How the engine uploads q|k|v and descriptors (engine::DecodeUpload): auto, pull, copy, params.
+  // How the engine uploads q|k|v and descriptors (engine::DecodeUpload): auto, pull or copy.
   std::string decode_upload = "auto";
   std::string profile_path;  // calibration profile; empty: built-in defaults
   std::string csv_path;

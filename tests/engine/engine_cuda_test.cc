@@ -237,23 +237,19 @@ TEST_F(EngineCudaTest, EveryRouteMatchesTheCpuReference) {
   }
 }
 
-// q|k|v and each token step's descriptor go up in a kernel's launch parameters, by a copy engine
-// or by the pull kernel (kAuto, every other test, takes the parameters where they fit and else the
-// copy engine while no prompt-ingest flush is in flight): each path, forced, matches the reference
-// on every route. At this shape a layer's q|k|v fit the parameters for one or two rows, not six
-// (kParams then pulls them); the descriptors of all three fit.
+// The staged q|k|v and each token step's descriptor go up by a copy engine or by the pull kernel
+// (kAuto, every other test, takes the copy engine while no prompt-ingest flush is in flight):
+// each path, forced, matches the reference on every route.
 TEST_F(EngineCudaTest, EveryUploadPathMatchesTheCpuReference) {
   const std::vector<int64_t> ragged = {3000, 17, 1, 700, 4096, 33};
-  const std::vector<int64_t> one = {3000}, two = {4096, 33};
-  for (DecodeUpload upload : {DecodeUpload::kPull, DecodeUpload::kCopy, DecodeUpload::kParams}) {
+  for (DecodeUpload upload : {DecodeUpload::kPull, DecodeUpload::kCopy}) {
     RunAgainstCpu(DType::kF16, std::nullopt, ragged, 0, -1, Io::kHeap, false, upload);
     RunAgainstCpu(DType::kF16, KernelId::kPerRequest, ragged, 0, -1, Io::kHeap, false, upload);
     RunAgainstCpu(DType::kF16, KernelId::kSequenceSplit, ragged, 0, -1, Io::kHeap, false, upload);
     RunAgainstCpu(DType::kBF16, KernelId::kWorkQueue, ragged, 0, -1, Io::kHeap, false, upload);
-    RunAgainstCpu(DType::kF16, std::nullopt, one, 0, -1, Io::kHeap, false, upload);
-    RunAgainstCpu(DType::kBF16, KernelId::kSequenceSplit, one, 0, -1, Io::kHeap, false, upload);
-    RunAgainstCpu(DType::kF16, KernelId::kWorkQueue, two, 0, -1, Io::kHeap, false, upload);
-    RunAgainstCpu(DType::kF16, KernelId::kPerRequest, two, 0, -1, Io::kHeap, false, upload);
+    // One row and two: the smallest uploads.
+    RunAgainstCpu(DType::kF16, std::nullopt, {3000}, 0, -1, Io::kHeap, false, upload);
+    RunAgainstCpu(DType::kF16, KernelId::kWorkQueue, {4096, 33}, 0, -1, Io::kHeap, false, upload);
   }
 }
 
@@ -268,9 +264,8 @@ TEST_F(EngineCudaTest, OutputsCopiedOutOfTheSlotMatchTheCpuReference) {
 }
 
 // q, k, v and the outputs in registered shared memory (a router's region): the device reads and
-// writes them there itself on every route (q|k|v of one or two rows go in a launch's parameters
-// instead), and the outputs match; misaligned, or once the registration is released, the engine
-// copies instead, with the same results.
+// writes them there itself on every route, and the outputs match; misaligned, or once the
+// registration is released, the engine copies instead, with the same results.
 TEST_F(EngineCudaTest, RegisteredSharedMemoryIsReadAndWrittenInPlace) {
   const std::vector<int64_t> ragged = {3000, 17, 1, 700, 4096, 33};
   RunAgainstCpu(DType::kF16, std::nullopt, ragged, 0, -1, Io::kRegistered);
@@ -278,11 +273,6 @@ TEST_F(EngineCudaTest, RegisteredSharedMemoryIsReadAndWrittenInPlace) {
   RunAgainstCpu(DType::kF16, KernelId::kSequenceSplit, ragged, 0, -1, Io::kRegistered);
   RunAgainstCpu(DType::kF16, KernelId::kWorkQueue, ragged, 0, 0, Io::kRegistered);
   RunAgainstCpu(DType::kF16, KernelId::kWorkQueue, ragged, 0, -1, Io::kRegisteredMisaligned);
-  // One and two rows: q|k|v read by the host into the upload's launch parameters, out_copy still
-  // written by the device.
-  RunAgainstCpu(DType::kF16, std::nullopt, {3000}, 0, -1, Io::kRegistered);
-  RunAgainstCpu(DType::kBF16, KernelId::kWorkQueue, {4096, 33}, 0, -1, Io::kRegistered);
-  RunAgainstCpu(DType::kF16, KernelId::kSequenceSplit, {700, 17}, 0, -1, Io::kRegisteredMisaligned);
 }
 
 // A later layer refused for a NaN (in place or not) leaves nothing behind: the real layer sent

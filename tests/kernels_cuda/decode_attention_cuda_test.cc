@@ -18,7 +18,6 @@
 #include "gtest/gtest.h"
 #include "kernels/cuda/decode_attention_cuda.h"
 #include "kernels/cuda/host_pull.h"
-#include "kernels/cuda/param_upload.h"
 #include "kernels/reference/paged_decode.h"
 #include "scheduler/step_plan.h"
 #include "scheduler/work_list.h"
@@ -557,64 +556,6 @@ TEST(HostPullTest, RejectsMisaligned) {
   EXPECT_TRUE(LaunchHostPull(dst.ptr, mapped, 0, nullptr).ok());
   CUDA_OK(cudaDeviceSynchronize());
   CUDA_OK(cudaFreeHost(host));
-}
-
-// LaunchParamUpload writes the bytes of up to three pieces of pageable host memory back to back,
-// exactly, at every size class's edges (one 16-byte unit to kMaxParamUploadBytes), and nothing past
-// them; the sources are overwritten as soon as the call returns (the launch took its own copy).
-TEST(ParamUploadTest, CopiesPiecesCarriedInTheLaunch) {
-  if (!HaveGpu()) GTEST_SKIP() << "no CUDA device";
-  std::mt19937 rng(20261206);
-  cudaStream_t stream = nullptr;
-  CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  constexpr size_t kGuard = 4096;
-  for (const size_t bytes : {size_t{16}, size_t{4096}, size_t{4112}, size_t{12288}, size_t{16400}, size_t{24576},
-                             size_t{24592}, kMaxParamUploadBytes}) {
-    SCOPED_TRACE(bytes);
-    // q | k | v shaped split: half, a quarter, the rest (each a multiple of 16; a piece may be 0).
-    const size_t a = bytes / 32 * 16, b = bytes / 64 * 16, c = bytes - a - b;
-    std::vector<uint8_t> want(bytes);
-    for (uint8_t& x : want) x = static_cast<uint8_t>(rng());
-    std::vector<uint8_t> pa(want.begin(), want.begin() + a), pb(want.begin() + a, want.begin() + a + b),
-        pc(want.begin() + a + b, want.end());
-    DevBuf dst;
-    CUDA_OK(dst.Alloc(bytes + kGuard));
-    CUDA_OK(cudaMemset(dst.ptr, 0xA5, bytes + kGuard));
-    CUDA_OK(cudaDeviceSynchronize());
-    const ParamUploadPiece pieces[3] = {{pa.data(), a}, {pb.data(), b}, {pc.data(), c}};
-    ASSERT_TRUE(LaunchParamUpload(dst.ptr, pieces, 3, stream).ok());
-    std::fill(pa.begin(), pa.end(), 0);
-    std::fill(pb.begin(), pb.end(), 0);
-    std::fill(pc.begin(), pc.end(), 0);
-    CUDA_OK(cudaStreamSynchronize(stream));
-    std::vector<uint8_t> got(bytes + kGuard);
-    CUDA_OK(cudaMemcpy(got.data(), dst.ptr, got.size(), cudaMemcpyDeviceToHost));
-    size_t wrong = 0;
-    for (size_t i = 0; i < bytes; ++i) wrong += got[i] != want[i];
-    size_t overrun = 0;
-    for (size_t i = bytes; i < got.size(); ++i) overrun += got[i] != 0xA5;
-    EXPECT_EQ(wrong, 0u);
-    EXPECT_EQ(overrun, 0u);
-  }
-  CUDA_OK(cudaStreamDestroy(stream));
-}
-
-// Too many bytes, a piece that is not a multiple of 16 or a misaligned destination are refused
-// before any launch; nothing to copy launches nothing.
-TEST(ParamUploadTest, RejectsWhatDoesNotFit) {
-  if (!HaveGpu()) GTEST_SKIP() << "no CUDA device";
-  std::vector<uint8_t> src(kMaxParamUploadBytes + 16, 7);
-  DevBuf dst;
-  CUDA_OK(dst.Alloc(src.size()));
-  EXPECT_EQ(LaunchParamUpload(dst.ptr, src.data(), kMaxParamUploadBytes + 16, nullptr).code(),
-            absl::StatusCode::kInvalidArgument);
-  const ParamUploadPiece split[2] = {{src.data(), kMaxParamUploadBytes}, {src.data(), 16}};
-  EXPECT_EQ(LaunchParamUpload(dst.ptr, split, 2, nullptr).code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(LaunchParamUpload(dst.ptr, src.data(), 24, nullptr).code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(LaunchParamUpload(static_cast<char*>(dst.ptr) + 8, src.data(), 32, nullptr).code(),
-            absl::StatusCode::kInvalidArgument);
-  EXPECT_TRUE(LaunchParamUpload(dst.ptr, src.data(), 0, nullptr).ok());
-  CUDA_OK(cudaDeviceSynchronize());
 }
 
 }  // namespace
