@@ -1188,7 +1188,7 @@ TEST(EngineRobustnessTest, NonFiniteInputsAreRefusedNamingTheTensor) {
     const char* want;
   };
   for (const Case& c : {Case{0, 17, nan, "q: element [0, 0, 17] is NaN"},
-                        Case{1, s.head_dim + 3, inf, "k: element [0, 1, 3] is infinite"},
+                        Case{1, static_cast<size_t>(s.head_dim) + 3, inf, "k: element [0, 1, 3] is infinite"},
                         Case{2, 5, neg_inf, "v: element [0, 0, 5] is infinite"}}) {
     StepInput in = MakeStep(s, 7, 0, {1}, rng);
     std::span<const uint8_t>* t = c.tensor == 0 ? &in.q : c.tensor == 1 ? &in.k : &in.v;
