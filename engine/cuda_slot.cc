@@ -132,6 +132,7 @@ absl::Status CudaSlot::BeginTokenStep(const scheduler::StepPlan& plan, const Pag
   step_.num_partials = work_queue ? plan.num_partials : 0;
   step_.num_tasks = static_cast<int32_t>(tasks.size());
   step_.num_ctas = cta_task_begin.empty() ? 0 : static_cast<int32_t>(cta_task_begin.size()) - 1;
+  step_.separate_merge = work_queue && plan.separate_merge;
 
   // The previous upload read host_descriptor_; it finished unless that token step ran no layer
   // (then this returns at once, as after every layer, which waits for the stream).
@@ -270,7 +271,9 @@ absl::Status CudaSlot::EnqueueLayer(int32_t layer, bool has_lse, void* out_devic
   p.append_v = dio + v_at;
   p.out_copy = out_copy_device;
   if (attention_timed_) PKV_CUDA_RETURN(cudaEventRecord(start_.get(), stream), "event");
-  if (absl::Status st = kernels::cuda::Launch(step_.kernel, p, workspace_.get(), stream); !st.ok()) return st;
+  const kernels::cuda::MergeMode merge =
+      step_.separate_merge ? kernels::cuda::MergeMode::kSeparate : kernels::cuda::MergeMode::kFused;
+  if (absl::Status st = kernels::cuda::Launch(step_.kernel, p, workspace_.get(), stream, merge); !st.ok()) return st;
   if (attention_timed_) PKV_CUDA_RETURN(cudaEventRecord(stop_.get(), stream), "event");
   return absl::OkStatus();
 }

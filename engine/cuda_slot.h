@@ -12,7 +12,8 @@
 // hands out the outputs (CopyOutputs) and the device time of its stages (ReadStageTimes). The
 // attention writes out|lse straight into mapped pinned host memory, so no download is issued: the
 // stream synchronisation makes those writes visible to CopyOutputs. Per layer that is one upload,
-// one attention launch and one synchronisation; one layer-step in
+// one attention launch (two when the plan merges a work queue's split rows separately) and one
+// synchronisation; one layer-step in
 // Options::attention_timing_interval also brackets the attention with two events (an elapsed-time
 // query after the synchronisation), and one in Options::stage_timing_interval times the upload and
 // the kernel stage as well (two more records, two more queries). Everything is allocated by Create and freed by the destructor, which
@@ -130,6 +131,7 @@ class CudaSlot {
     int32_t num_partials = 0;
     int32_t num_tasks = 0;
     int32_t num_ctas = 0;  // CTA ranges of a balanced work list (0: strided)
+    bool separate_merge = false;  // kWorkQueue: split rows merged by a launch of their own
     size_t off_indptr = 0, off_last = 0, off_row_splits = 0, off_partial_offset = 0, off_indices = 0, off_tasks = 0, off_cta_task_begin = 0;
   };
 

@@ -104,7 +104,7 @@ ArmCost CostModel::WorkQueue(const StepShape& s, int32_t pages_per_task) const {
   ArmCost c;
   c.kernel = KernelId::kWorkQueue;
   c.pages_per_task = std::max(1, pages_per_task);
-  c.launches = 1;  // merge fused into the task kernel
+  c.launches = 1;  // AddMerge: 2 with a separate merge
   c.kv_bytes = KvBytes(s);
   // A row of p pages is cut into ceil(p / pages_per_task) balanced ranges (their sizes differ by
   // at most a page), per KV head.
@@ -123,9 +123,22 @@ ArmCost CostModel::WorkQueue(const StepShape& s, int32_t pages_per_task) const {
   }
   c.merge_bytes = MergeBytes(s, split_partials);
   c.us = UnitsUs(std::move(groups)) + profile_.launch_us +
-         static_cast<double>(c.merge_bytes) / (profile_.merge_gbps * 1e3) +
-         (split_partials > 0 ? profile_.wq_merge_us : 0.0);
+         static_cast<double>(c.merge_bytes) / (profile_.merge_gbps * 1e3);
+  AddMerge(split_partials > 0, &c);
   return c;
+}
+
+void CostModel::AddMerge(bool rows_split, ArmCost* c) const {
+  c->separate_merge = false;
+  if (!rows_split) return;
+  // A pinned separate merge without a measured price is priced as one more launch.
+  const double separate_us = profile_.wq_separate_merge_us > 0 ? profile_.wq_separate_merge_us : profile_.launch_us;
+  const bool separate = separate_merge_.has_value()
+                            ? *separate_merge_
+                            : profile_.wq_separate_merge_us > 0 && profile_.wq_separate_merge_us < profile_.wq_merge_us;
+  c->separate_merge = separate;
+  c->launches = separate ? 2 : 1;
+  c->us += separate ? separate_us : profile_.wq_merge_us;
 }
 
 int32_t CostModel::PieceCostPages(const StepShape& s) const {
@@ -159,8 +172,8 @@ ArmCost CostModel::BalancedWorkQueue(const StepShape& s, int32_t ctas) const {
   // cost is the per-unit cost UnitsUs adds.
   const int64_t unit_pages = std::max<int64_t>(0, cut.budget_pages - c.piece_cost_pages);
   c.us = UnitsUs({UnitGroup{unit_pages * PageHeadBytes(s), c.balanced_ctas}}) + profile_.launch_us +
-         static_cast<double>(c.merge_bytes) / (profile_.merge_gbps * 1e3) +
-         (split_partials > 0 ? profile_.wq_merge_us : 0.0);
+         static_cast<double>(c.merge_bytes) / (profile_.merge_gbps * 1e3);
+  AddMerge(split_partials > 0, &c);
   return c;
 }
 

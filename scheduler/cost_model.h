@@ -10,8 +10,10 @@
 //   + launches × λ                              kernel launches
 //   + merge bytes / β_merge                     split partials written and read back
 // with two calibrated corrections: a uniform split streams at `split_stream_efficiency` × β when
-// S > 1 (ragged rows give unequal units), and the work queue's fused merge adds `wq_merge_us`
-// when some row is split (the last task of the row merges after all others).
+// S > 1 (ragged rows give unequal units), and the work queue's merge adds, when some row is
+// split, `wq_merge_us` fused (the last task of the row merges after all others) or
+// `wq_separate_merge_us` as a launch of its own, whichever is cheaper (fused when the profile has
+// no separate price, or as pinned by the caller).
 // Routes differ in their units: per-request has one per (row, KV head); sequence-split cuts every
 // row into S equal page ranges (uniform S, two launches); the work queue cuts rows into tasks of
 // at most `pages_per_task` pages (only non-empty tasks, one launch with the merge fused), or, in
@@ -20,6 +22,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 #include "scheduler/cost_profile.h"
@@ -40,6 +43,7 @@ struct ArmCost {
   int64_t partial_slots = 0;   // kWorkQueue balanced: partial slots of its work list
   BalancedCut cut;             // kWorkQueue balanced: the cut priced (the plan builds its list from it)
   int32_t launches = 1;
+  bool separate_merge = false;  // kWorkQueue: split rows merged by a launch of their own
   int64_t kv_bytes = 0;
   int64_t merge_bytes = 0;
   double us = 0.0;
@@ -47,7 +51,10 @@ struct ArmCost {
 
 class CostModel {
  public:
-  explicit CostModel(CostProfile profile) : profile_(std::move(profile)) {}
+  // `separate_merge` pins the work queue's merge (true: a launch of its own, false: fused);
+  // unset, the cheaper of the two by the profile.
+  explicit CostModel(CostProfile profile, std::optional<bool> separate_merge = std::nullopt)
+      : profile_(std::move(profile)), separate_merge_(separate_merge) {}
 
   // KV bytes one layer of the step reads (each K,V byte once).
   static int64_t KvBytes(const StepShape& shape);
@@ -79,8 +86,12 @@ class CostModel {
   // Streaming time of the units of `groups` sharing `efficiency` times the streaming bandwidth,
   // plus their per-wave fixed costs (see the header comment).
   double UnitsUs(std::vector<UnitGroup> groups, double efficiency = 1.0) const;
+  // The work queue's merge: adds its cost to `c` (priced without it) when rows are split, fused or
+  // separate (the pinned form, else the cheaper).
+  void AddMerge(bool rows_split, ArmCost* c) const;
 
   CostProfile profile_;
+  std::optional<bool> separate_merge_;
 };
 
 }  // namespace pkv::scheduler

@@ -15,8 +15,10 @@
 //     "task_us": 0.25,               // fixed cost of one work unit (prologue, q load, epilogue)
 //     "split_stream_efficiency": 0.8, // optional (1): share of β a uniform split reaches on
 //                                     // ragged rows (unequal units leave SMs idle in the tail)
-//     "wq_merge_us": 4.0             // optional (0): the work queue's fused merge, run by the
+//     "wq_merge_us": 4.0,            // optional (0): the work queue's fused merge, run by the
 //                                     // last task of a split row after all others finished
+//     "wq_separate_merge_us": 3.0     // optional (0: not measured, the merge stays fused): the
+//                                     // work queue's merge as a launch of its own after the tasks
 //   }
 // Unknown keys are ignored (forward compatible); every listed number is required unless marked
 // optional. The engine
@@ -47,6 +49,7 @@ struct CostProfile {
   double task_us = 0.5;
   double split_stream_efficiency = 1.0;
   double wq_merge_us = 0.0;
+  double wq_separate_merge_us = 0.0;  // 0: not measured; the work queue then always fuses its merge
 
   // OK when the profile was measured for `shape` (or is shape-agnostic).
   absl::Status Matches(const ModelShape& shape) const;

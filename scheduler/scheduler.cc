@@ -60,6 +60,7 @@ StepPlan Scheduler::Plan(const StepShape& shape) const {
       BuildWorkList(row_pages, heads, best.pages_per_task, &plan);
     }
   }
+  plan.separate_merge = plan.kernel == KernelId::kWorkQueue && best.separate_merge;
   plan.launches_per_layer = best.launches;
   plan.predicted_us = best.us;
   return plan;

@@ -31,6 +31,9 @@ class Scheduler {
     int32_t fixed_parameter = 0;
     // Calibrated constants (DefaultCostProfile() when no profile was loaded).
     CostProfile profile = DefaultCostProfile();
+    // When set, pins the work queue's merge of split rows: true a launch of its own, false fused
+    // (unset: the cost model's cheaper form). For calibration and tests.
+    std::optional<bool> separate_merge;
   };
 
   // INVALID_ARGUMENT when `available` is empty or the fixed kernel is not available.
@@ -44,7 +47,8 @@ class Scheduler {
   const CostModel& cost_model() const { return model_; }
 
  private:
-  explicit Scheduler(Options options) : options_(std::move(options)), model_(options_.profile) {}
+  explicit Scheduler(Options options)
+      : options_(std::move(options)), model_(options_.profile, options_.separate_merge) {}
   Options options_;
   CostModel model_;
 };

@@ -489,9 +489,10 @@ void Bench::RunCase(DType dtype, const Case& c, int64_t case_seed) {
       label += "split_fused/S" + std::to_string(plan.num_splits);
     } else if (plan.kernel == KernelId::kWorkQueue) {
       plan_mem.Upload(plan, &p);
+      const std::string wq = plan.separate_merge ? "wq_sep" : "wq_fused";
       label += plan.balanced_ctas > 0
-                   ? "wq_fused/C" + std::to_string(plan.balanced_ctas) + "x" + std::to_string(plan.tasks.size())
-                   : "wq_fused/P" + std::to_string(plan.pages_per_task) + "x" + std::to_string(plan.tasks.size());
+                   ? wq + "/C" + std::to_string(plan.balanced_ctas) + "x" + std::to_string(plan.tasks.size())
+                   : wq + "/P" + std::to_string(plan.pages_per_task) + "x" + std::to_string(plan.tasks.size());
     } else {
       label += "per_request";
     }
@@ -500,16 +501,17 @@ void Bench::RunCase(DType dtype, const Case& c, int64_t case_seed) {
                    label.c_str());
       std::exit(1);
     }
+    const kc::MergeMode merge = plan.separate_merge ? kc::MergeMode::kSeparate : kc::MergeMode::kFused;
     auto launch = [&](int i) {
       DecodeParams pi = p;
       pi.page_indices = d_indices + static_cast<int64_t>(i % copies) * total_pages;
-      const absl::Status st = kc::Launch(plan.kernel, pi, ws_, stream_);  // the engine's merge: fused
+      const absl::Status st = kc::Launch(plan.kernel, pi, ws_, stream_, merge);  // the merge the engine runs
       if (!st.ok()) {
         std::fprintf(stderr, "planned launch failed: %s\n", std::string(st.message()).c_str());
         std::exit(1);
       }
     };
-    planned_result = Result{label, "planned", time_launches(launch), kc::LaunchesPerCall(plan.kernel, p, kc::MergeMode::kFused)};
+    planned_result = Result{label, "planned", time_launches(launch), kc::LaunchesPerCall(plan.kernel, p, merge)};
     // Diagnostic builds (PKV_CTA_TIMELINE): where the planned launch's time goes, from each CTA's
     // start and end on the GPU's global timer (one more launch, on its own).
     if (kc::ClearCtaTimeline(plan.kernel).ok()) {

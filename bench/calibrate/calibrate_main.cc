@@ -19,6 +19,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
@@ -52,12 +53,15 @@ class Calibrator {
         q_(pkv::bench::RandomNormalBytes(shape.dtype, 64 * shape.num_q_heads * shape.head_dim, 1)),
         kv_(pkv::bench::RandomNormalBytes(shape.dtype, 2 * 64 * shape.num_kv_heads * shape.head_dim, 2)) {}
 
-  // Median attention seconds of a layer-step over rows of `lens` with a pinned route.
-  double Measure(const std::vector<int64_t>& lens, KernelId kernel, int32_t parameter) {
+  // Median attention seconds of a layer-step over rows of `lens` with a pinned route (and, when
+  // set, the work queue's merge pinned: true a launch of its own, false fused).
+  double Measure(const std::vector<int64_t>& lens, KernelId kernel, int32_t parameter,
+                 std::optional<bool> separate_merge = std::nullopt) {
     pkv::scheduler::Scheduler::Options so;
     so.available = {KernelId::kPerRequest, KernelId::kSequenceSplit, KernelId::kWorkQueue};
     so.fixed_kernel = kernel;
     so.fixed_parameter = parameter;
+    so.separate_merge = separate_merge;
     so.profile = profile_;  // a parameter of 0 runs the plan this profile's model picks
     PKV_CHECK(e_->SetScheduler(*pkv::scheduler::Scheduler::Create(so)).ok()) << "scheduler";
     std::vector<pkv::engine::SeqId> rows;
@@ -254,17 +258,22 @@ int main(int argc, char** argv) {
     std::printf("  bimodal B8 split S=%d %.1f us (model %.1f us) -> split_stream_efficiency %.3f\n", c.num_splits, t,
                 c.us, p.split_stream_efficiency);
   }
-  // 7. The work queue's fused merge tail: one long row (bucketed B1 of the calibration seed).
+  // 7. The work queue's merge tail, fused and as a launch of its own: one long row (bucketed B1 of
+  // the calibration seed), each form pinned, against the model without either.
   cal.SetProfile(p);
   {
     const std::vector<int64_t> row = lens_of(pkv::WorkloadKind::kBucketed, 1);
     const auto ss = ShapeOf(shape, row);
-    const pkv::scheduler::ArmCost c = pkv::scheduler::CostModel(p).BestOf(KernelId::kWorkQueue, ss);
-    const double t = cal.Measure(row, KernelId::kWorkQueue, PinnedParameter(c)) * 1e6;
+    const pkv::scheduler::ArmCost c = pkv::scheduler::CostModel(p, false).BestOf(KernelId::kWorkQueue, ss);
+    const double t = cal.Measure(row, KernelId::kWorkQueue, PinnedParameter(c), false) * 1e6;
+    const double t_sep = cal.Measure(row, KernelId::kWorkQueue, PinnedParameter(c), true) * 1e6;
     p.wq_merge_us = c.merge_bytes > 0 ? std::clamp(t - c.us, 0.0, 50.0) : 0.0;
-    std::printf("  bucketed B1 workqueue %s %d pages %.1f us (model %.1f us) -> wq_merge_us %.2f\n",
-                c.balanced_ctas > 0 ? "balanced, largest CTA" : "strided, task size", c.pages_per_task, t, c.us,
-                p.wq_merge_us);
+    // Never 0 when measured (0 reads as "not measured"); the model then picks the cheaper form.
+    p.wq_separate_merge_us = c.merge_bytes > 0 ? std::clamp(t_sep - c.us, 0.01, 50.0) : 0.0;
+    std::printf("  bucketed B1 workqueue %s %d pages: fused merge %.1f us, separate %.1f us (model without "
+                "either %.1f us) -> wq_merge_us %.2f wq_separate_merge_us %.2f\n",
+                c.balanced_ctas > 0 ? "balanced, largest CTA" : "strided, task size", c.pages_per_task, t, t_sep,
+                c.us, p.wq_merge_us, p.wq_separate_merge_us);
   }
 
   // Check on mixed-length steps of the paper's workloads (calibration seed; the trace benchmark holds out 20260623-27).
@@ -284,7 +293,7 @@ int main(int argc, char** argv) {
     KernelId meas_k = KernelId::kPerRequest, pred_k = KernelId::kPerRequest;
     for (KernelId k : {KernelId::kPerRequest, KernelId::kSequenceSplit, KernelId::kWorkQueue}) {
       const pkv::scheduler::ArmCost c = model.BestOf(k, ss);
-      const double t = cal.Measure(lens, k, PinnedParameter(c)) * 1e6;
+      const double t = cal.Measure(lens, k, PinnedParameter(c), c.separate_merge) * 1e6;
       std::printf("    %-8s B%d %-15s %9.1f / %9.1f\n", std::string(pkv::WorkloadKindName(kind)).c_str(), batch,
                   pkv::KernelName(k), t, c.us);
       err_sum += std::fabs(t - c.us) / t;

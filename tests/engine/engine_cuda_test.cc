@@ -37,10 +37,11 @@ ModelShape Shape(DType dtype) {
 }
 
 std::unique_ptr<Engine> MakeEngine(ExecutionBackendPtr backend, std::optional<KernelId> fixed, uint64_t seed,
-                                   int64_t static_slot_tokens = 0) {
+                                   int64_t static_slot_tokens = 0, std::optional<bool> separate_merge = std::nullopt) {
   scheduler::Scheduler::Options so;
   so.available = backend->kernels();
   so.fixed_kernel = fixed;
+  so.separate_merge = separate_merge;
   auto sched = scheduler::Scheduler::Create(so);
   EXPECT_TRUE(sched.ok());
   EngineOptions eo;
@@ -109,7 +110,8 @@ struct SharedRegion {
 // in k; it refuses that, and the real layer that follows must still match the reference.
 void RunAgainstCpu(DType dt, std::optional<KernelId> fixed, const std::vector<int64_t>& prompts,
                    int64_t static_slot_tokens = 0, int64_t pinned_output_bytes = -1, Io io = Io::kHeap,
-                   bool refuse_nan = false, DecodeUpload upload = DecodeUpload::kAuto) {
+                   bool refuse_nan = false, DecodeUpload upload = DecodeUpload::kAuto,
+                   std::optional<bool> separate_merge = std::nullopt) {
   const ModelShape shape = Shape(dt);
   CudaBackendOptions co;
   co.num_pages = 4096;
@@ -120,7 +122,18 @@ void RunAgainstCpu(DType dt, std::optional<KernelId> fixed, const std::vector<in
   ASSERT_TRUE(gpu_backend.ok()) << gpu_backend.status();
   auto cpu_backend = CreateCpuBackend(shape, 4096, 4);
   ASSERT_TRUE(cpu_backend.ok());
-  auto gpu = MakeEngine(std::move(*gpu_backend), fixed, 77, static_slot_tokens);
+  auto gpu = MakeEngine(std::move(*gpu_backend), fixed, 77, static_slot_tokens, separate_merge);
+  // Counts the token steps planned with a split work queue, and those of them whose plan merges in
+  // a launch of its own (two launches per layer).
+  struct MergeCount final : StepObserver {
+    void OnTokenStepPlanned(const TokenStepEvent& e) override {
+      if (e.kernel != KernelId::kWorkQueue) return;
+      ++work_queue;
+      separate += e.launches_per_layer == 2 ? 1 : 0;
+    }
+    int work_queue = 0, separate = 0;
+  } merges;
+  gpu->SetObserver(&merges);
   auto cpu = MakeEngine(std::move(*cpu_backend), std::nullopt, 99);
   std::mt19937_64 rng(20260622 + static_cast<int>(dt) + (fixed ? static_cast<int>(*fixed) * 7 : 0));
   const size_t tok = static_cast<size_t>(shape.num_kv_heads) * shape.head_dim;
@@ -218,6 +231,12 @@ void RunAgainstCpu(DType dt, std::optional<KernelId> fixed, const std::vector<in
     }
   }
   EXPECT_TRUE(gpu->CheckConsistency().ok());
+  gpu->SetObserver(nullptr);
+  if (separate_merge.has_value() && fixed == KernelId::kWorkQueue) {
+    // Every step here splits a row, so each plan carries the pinned merge.
+    EXPECT_EQ(merges.work_queue, 3);
+    EXPECT_EQ(merges.separate, *separate_merge ? 3 : 0);
+  }
 }
 
 class EngineCudaTest : public ::testing::Test {
@@ -251,6 +270,18 @@ TEST_F(EngineCudaTest, EveryUploadPathMatchesTheCpuReference) {
     RunAgainstCpu(DType::kF16, std::nullopt, {3000}, 0, -1, Io::kHeap, false, upload);
     RunAgainstCpu(DType::kF16, KernelId::kWorkQueue, {4096, 33}, 0, -1, Io::kHeap, false, upload);
   }
+}
+
+// The work queue's split rows merged by a launch of their own (the plan's separate_merge, pinned
+// here; the cost model picks it where the profile prices it below the fused merge): ragged and
+// single long rows, both dtypes, outputs in place in registered memory and copied out of the slot.
+TEST_F(EngineCudaTest, WorkQueueWithASeparateMergeMatchesTheCpuReference) {
+  const std::vector<int64_t> ragged = {3000, 17, 1, 700, 4096, 33};
+  RunAgainstCpu(DType::kF16, KernelId::kWorkQueue, ragged, 0, -1, Io::kHeap, false, DecodeUpload::kAuto, true);
+  RunAgainstCpu(DType::kBF16, KernelId::kWorkQueue, ragged, 0, -1, Io::kHeap, false, DecodeUpload::kAuto, true);
+  RunAgainstCpu(DType::kF16, KernelId::kWorkQueue, {4096}, 0, -1, Io::kHeap, false, DecodeUpload::kAuto, true);
+  RunAgainstCpu(DType::kF16, KernelId::kWorkQueue, ragged, 0, -1, Io::kRegistered, false, DecodeUpload::kAuto, true);
+  RunAgainstCpu(DType::kF16, KernelId::kWorkQueue, ragged, 0, 0, Io::kHeap, true, DecodeUpload::kAuto, true);
 }
 
 // Without pinned output memory every layer's outputs are copied out of the slot's mapped buffer

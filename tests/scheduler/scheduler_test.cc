@@ -8,6 +8,7 @@
 #include <optional>
 #include <random>
 #include <span>
+#include <string>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -206,6 +207,100 @@ TEST(CostModelTest, CalibratedCorrectionsApplyOnlyWhereTheyBelong) {
   ASSERT_TRUE(back.ok());
   EXPECT_DOUBLE_EQ(back->split_stream_efficiency, 0.5);
   EXPECT_DOUBLE_EQ(back->wq_merge_us, 4.0);
+  EXPECT_DOUBLE_EQ(back->wq_separate_merge_us, 0.0);
+}
+
+// The work queue merges split rows fused (+ wq_merge_us, one launch) or with a launch of its own
+// (+ wq_separate_merge_us, two launches), whichever the profile prices lower; a profile without a
+// separate price (0, and every profile written before it existed) always fuses. Rows that are not
+// split need no merge either way.
+TEST(CostModelTest, WorkQueueMergeIsFusedOrSeparateByItsPrice) {
+  StepShape s;
+  s.model.num_q_heads = 32;
+  s.model.num_kv_heads = 8;
+  s.row_tokens = {8192};
+  CostProfile p = DefaultCostProfile();
+  p.wq_merge_us = 9.0;
+  const double no_merge = CostModel(DefaultCostProfile()).WorkQueue(s, 8).us;
+  {
+    const ArmCost c = CostModel(p).WorkQueue(s, 8);
+    EXPECT_FALSE(c.separate_merge);
+    EXPECT_EQ(c.launches, 1);
+    EXPECT_NEAR(c.us - no_merge, 9.0, 1e-9);
+  }
+  p.wq_separate_merge_us = 5.0;
+  {
+    const ArmCost c = CostModel(p).WorkQueue(s, 8);
+    EXPECT_TRUE(c.separate_merge);
+    EXPECT_EQ(c.launches, 2);
+    EXPECT_NEAR(c.us - no_merge, 5.0, 1e-9);
+    // The balanced form prices its merge the same way.
+    const ArmCost b = CostModel(p).BalancedWorkQueue(s, 132 * 4);
+    EXPECT_TRUE(b.separate_merge);
+    EXPECT_EQ(b.launches, 2);
+    // No split row: no merge, one launch.
+    const ArmCost whole = CostModel(p).WorkQueue(s, 512);
+    EXPECT_FALSE(whole.separate_merge);
+    EXPECT_EQ(whole.launches, 1);
+    EXPECT_NEAR(whole.us, CostModel(DefaultCostProfile()).WorkQueue(s, 512).us, 1e-9);
+  }
+  // Pinned: the named form at its price (a separate merge with no measured price costs a launch).
+  EXPECT_FALSE(CostModel(p, false).WorkQueue(s, 8).separate_merge);
+  EXPECT_NEAR(CostModel(p, false).WorkQueue(s, 8).us - no_merge, 9.0, 1e-9);
+  CostProfile unpriced = DefaultCostProfile();
+  const ArmCost pinned = CostModel(unpriced, true).WorkQueue(s, 8);
+  EXPECT_TRUE(pinned.separate_merge);
+  EXPECT_NEAR(pinned.us - no_merge, unpriced.launch_us, 1e-9);
+  // Dearer than fused: fused.
+  p.wq_separate_merge_us = 12.0;
+  EXPECT_FALSE(CostModel(p).WorkQueue(s, 8).separate_merge);
+  // The profile file keeps the price; a negative one is refused.
+  p.wq_separate_merge_us = 5.0;
+  auto back = ParseCostProfile(CostProfileToJson(p));
+  ASSERT_TRUE(back.ok());
+  EXPECT_DOUBLE_EQ(back->wq_separate_merge_us, 5.0);
+  std::string json = CostProfileToJson(p);
+  const std::string priced = "\"wq_separate_merge_us\": 5.000";
+  ASSERT_NE(json.find(priced), std::string::npos);
+  json.replace(json.find(priced), priced.size(), "\"wq_separate_merge_us\": -1.0");
+  EXPECT_EQ(ParseCostProfile(json).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+// The plan carries the merge the model chose, and launches_per_layer counts it; a scheduler option
+// pins it either way.
+TEST(SchedulerTest, PlanCarriesTheWorkQueuesMerge) {
+  Scheduler::Options o;
+  o.available = {KernelId::kPerRequest, KernelId::kSequenceSplit, KernelId::kWorkQueue};
+  o.fixed_kernel = KernelId::kWorkQueue;
+  o.profile.wq_merge_us = 9.0;
+  o.profile.wq_separate_merge_us = 5.0;
+  const StepShape s = [] {
+    StepShape x;
+    x.model.num_q_heads = 32;
+    x.model.num_kv_heads = 8;
+    x.model.head_dim = 128;
+    x.model.page_size = 16;
+    x.row_tokens = {8192};
+    x.device.is_gpu = true;
+    return x;
+  }();
+  {
+    const StepPlan plan = Scheduler::Create(o)->Plan(s);
+    EXPECT_EQ(plan.kernel, KernelId::kWorkQueue);
+    EXPECT_GT(plan.num_partials, 0);
+    EXPECT_TRUE(plan.separate_merge);
+    EXPECT_EQ(plan.launches_per_layer, 2);
+  }
+  o.separate_merge = false;
+  {
+    const StepPlan plan = Scheduler::Create(o)->Plan(s);
+    EXPECT_FALSE(plan.separate_merge);
+    EXPECT_EQ(plan.launches_per_layer, 1);
+  }
+  // Another route never carries the flag.
+  o.separate_merge = true;
+  o.fixed_kernel = KernelId::kSequenceSplit;
+  EXPECT_FALSE(Scheduler::Create(o)->Plan(s).separate_merge);
 }
 
 }  // namespace
