@@ -16,7 +16,7 @@
 // no separate price, or as pinned by the caller).
 // Routes differ in their units: per-request has one per (row, KV head); sequence-split cuts every
 // row into S equal page ranges (uniform S, two launches); the work queue cuts rows into tasks of
-// at most `pages_per_task` pages (only non-empty tasks, one launch with the merge fused), or, in
+// at most `pages_per_task` pages (only non-empty tasks; one launch, two with a separate merge), or, in
 // its balanced form, gives every CTA the same pages (a CTA may end one row and start the next).
 // Thread-safety: const methods, safe to share.
 #pragma once
