@@ -6,7 +6,8 @@
 // of the layer-steps, and solves the cost model's terms one at a time:
 //   stream_read_gbps  KV bytes / time of a large, fully occupied step (B64 x 16K; best route)
 //   cta_read_gbps     one (row, KV head) unit's bytes / time at B1 x 64K per-request (8 units)
-//   launch_us         split S=2 minus per-request on a 2-page row (one extra launch + merge)
+//   launch_us         split S=2 minus per-request on a 2-page row (one extra launch + merge),
+//                     the median over alternating rounds of many samples (tiny steps are noisy)
 //   task_us           per-request on a 1-page row minus one launch
 //   merge_gbps        merge bytes / the rest of a B8 x 2K S=32 split step
 //   resident_ctas_per_sm from the kernel's occupancy (kernels/cuda)
@@ -55,8 +56,9 @@ class Calibrator {
 
   // Median attention seconds of a layer-step over rows of `lens` with a pinned route (and, when
   // set, the work queue's merge pinned: true a launch of its own, false fused).
+  // `samples` overrides the calibrator's sample count when > 0.
   double Measure(const std::vector<int64_t>& lens, KernelId kernel, int32_t parameter,
-                 std::optional<bool> separate_merge = std::nullopt) {
+                 std::optional<bool> separate_merge = std::nullopt, int samples = 0) {
     pkv::scheduler::Scheduler::Options so;
     so.available = {KernelId::kPerRequest, KernelId::kSequenceSplit, KernelId::kWorkQueue};
     so.fixed_kernel = kernel;
@@ -71,7 +73,8 @@ class Calibrator {
       PKV_CHECK(s.ok()) << s;
     }
     std::vector<double> t;
-    const int steps = (samples_ + shape_.num_layers - 1) / shape_.num_layers + 1;
+    const int want = samples > 0 ? samples : samples_;
+    const int steps = (want + shape_.num_layers - 1) / shape_.num_layers + 1;
     for (int step = 0; step < steps; ++step) {
       pkv::engine::StepInput in;
       in.token_step_id = ++step_id_;
@@ -111,6 +114,11 @@ int32_t PinnedParameter(const pkv::scheduler::ArmCost& c) {
   if (c.kernel == KernelId::kSequenceSplit) return c.num_splits;
   if (c.kernel == KernelId::kWorkQueue) return c.balanced_ctas > 0 ? 0 : c.pages_per_task;
   return 0;
+}
+
+double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.size() % 2 == 1 ? v[v.size() / 2] : 0.5 * (v[v.size() / 2 - 1] + v[v.size() / 2]);
 }
 
 pkv::scheduler::StepShape ShapeOf(const pkv::ModelShape& m, const std::vector<int64_t>& lens) {
@@ -215,13 +223,29 @@ int main(int argc, char** argv) {
   p.stream_read_gbps = big_bytes / std::min(t_big_pr, t_big_wq) / 1e9;
   std::printf("  B64x16K: per_request %.1f us, workqueue %.1f us -> stream_read_gbps %.0f\n", t_big_pr * 1e6,
               t_big_wq * 1e6, p.stream_read_gbps);
-  // 2./3. Launch and per-unit costs from tiny steps.
-  const double t_tiny = cal.Measure({15}, KernelId::kPerRequest, 0);
-  const double t_tiny2 = cal.Measure({2 * shape.page_size - 1}, KernelId::kSequenceSplit, 2);
-  p.launch_us = std::max(0.5, (t_tiny2 - t_tiny) * 1e6);
-  p.task_us = std::max(0.1, t_tiny * 1e6 - p.launch_us);
-  std::printf("  tiny: per_request %.2f us, split S=2 %.2f us -> launch_us %.2f task_us %.2f\n", t_tiny * 1e6,
-              t_tiny2 * 1e6, p.launch_us, p.task_us);
+  // 2./3. Launch and per-unit costs from tiny steps. A tiny step takes a few microseconds, and a
+  // median of a few of them moved between runs by more than the launch it is meant to isolate
+  // (per-request 5.2-12.7 us on one H200), which then skews every constant fitted after it. So
+  // the two tiny steps alternate over several rounds of many samples each; launch_us is the
+  // median over rounds of each round's difference, task_us the median per-request time less it.
+  constexpr int kTinyRounds = 5;
+  const int tiny_samples = std::max(64, 4 * f.samples);
+  std::vector<double> tiny_pr, tiny_diff;
+  for (int round = 0; round < kTinyRounds; ++round) {
+    const double a = cal.Measure({15}, KernelId::kPerRequest, 0, std::nullopt, tiny_samples);
+    const double b = cal.Measure({2 * shape.page_size - 1}, KernelId::kSequenceSplit, 2, std::nullopt, tiny_samples);
+    tiny_pr.push_back(a * 1e6);
+    tiny_diff.push_back((b - a) * 1e6);
+  }
+  const double t_tiny_us = Median(tiny_pr), diff_us = Median(tiny_diff);
+  p.launch_us = std::max(0.5, diff_us);
+  p.task_us = std::max(0.1, t_tiny_us - p.launch_us);
+  std::printf("  tiny, %d rounds of %d samples: per_request %.2f us (rounds %.2f-%.2f), split S=2 minus it %.2f us "
+              "(rounds %.2f-%.2f) -> launch_us %.2f task_us %.2f\n",
+              kTinyRounds, tiny_samples, t_tiny_us, *std::min_element(tiny_pr.begin(), tiny_pr.end()),
+              *std::max_element(tiny_pr.begin(), tiny_pr.end()), diff_us,
+              *std::min_element(tiny_diff.begin(), tiny_diff.end()),
+              *std::max_element(tiny_diff.begin(), tiny_diff.end()), p.launch_us, p.task_us);
   // 4. One unit streaming alone: B1 x 64K per-request (Hkv units).
   const std::vector<int64_t> one(1, 65535);
   const double t_one = cal.Measure(one, KernelId::kPerRequest, 0);
@@ -306,6 +330,12 @@ int main(int argc, char** argv) {
   }
   std::printf("  mean |error| %.1f%%, model picked the measured-fastest route in %d of %d steps\n",
               100.0 * err_sum / err_n, right, total);
+  if (right + 1 < total) {
+    std::printf("  WARNING: the fitted model picked the measured-fastest route in only %d of %d check steps; the "
+                "GPU or host was probably busy or changing clocks while it measured. Run pkv-calibrate again "
+                "before a worker loads this profile.\n",
+                right, total);
+  }
 
   std::ofstream out(f.out);
   out << pkv::scheduler::CostProfileToJson(p);
