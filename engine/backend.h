@@ -58,8 +58,6 @@ struct LayerRunInfo {
   // The device read q, k and v from, and wrote LayerBuffers::out_copy into, registered host
   // memory itself (RegisterHostMemory). False: the caller copies the outputs to out_copy.
   bool in_place = false;
-  // The layer's upload and attention ran as one CUDA graph launch (CudaBackendOptions::layer_graphs).
-  bool graph = false;
 };
 
 // One layer's tensors for RunLayer: host addresses, model dtype.

@@ -116,7 +116,6 @@ class CudaBackend final : public ExecutionBackend {
     so.stage_timing_interval = options_.stage_timing_interval;
     so.upload = options_.decode_upload;
     so.attention_timing_interval = options_.attention_timing_interval;
-    so.layer_graphs = options_.layer_graphs;
     // The scheduler fits every plan to these (scheduler/work_list.h); BeginTokenStep refuses the rest.
     info_.limits.max_partial_slots = options_.max_partial_slots;
     info_.limits.max_tasks = tasks_capacity_;
@@ -216,7 +215,6 @@ class CudaBackend final : public ExecutionBackend {
     const auto synced = std::chrono::steady_clock::now();
     slot.CopyOutputs(io.out_device != nullptr ? nullptr : io.out, io.lse);
     if (absl::Status st = slot.ReadStageTimes(info); !st.ok()) return st;  // leaves in_place
-    info->graph = slot.graphed();
     // Host work: staging and launching before the wait, copying the outputs out after it.
     info->host_seconds = std::chrono::duration<double>(enqueued - t0).count() +
                          std::chrono::duration<double>(std::chrono::steady_clock::now() - synced).count();

@@ -60,12 +60,6 @@ struct CudaBackendOptions {
   int32_t ingest_nice = 0;
   // How q|k|v and the descriptor go up (DecodeUpload above); the service runs kAuto.
   DecodeUpload decode_upload = DecodeUpload::kAuto;
-  // A token step whose staged q|k|v is small (kernels::cuda::LayerGraph::kMaxUploadBytes) and
-  // whose plan is one launch per layer runs its layers as one CUDA graph launch each (the upload
-  // by a copy engine, then the attention), captured at the token step's begin; layers that time
-  // their stages or attention, read their inputs in place, or upload while prompt ingest holds the
-  // copy engines stay eager. false: every layer eager (tests and A/B runs).
-  bool layer_graphs = true;
 };
 
 // True when the CUDA runtime sees at least one device (false without a driver).

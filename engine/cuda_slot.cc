@@ -6,10 +6,7 @@
 #include <cmath>
 #include <cstring>
 
-#include <atomic>
-
 #include "common/log.h"
-#include "common/status_macros.h"
 #include "kernels/cuda/decode_attention_cuda.h"
 #include "kernels/cuda/host_pull.h"
 
@@ -169,26 +166,7 @@ absl::Status CudaSlot::BeginTokenStep(const scheduler::StepPlan& plan, const Pag
   }
   PKV_CUDA_RETURN(cudaEventRecord(uploaded_.get(), stream_.get()), "event");
   ++token_steps_begun_;
-  graph_.Reset();
-  if (b == 0) return absl::OkStatus();
-  PKV_RETURN_IF_ERROR(kernels::cuda::CanImplement(plan.kernel, StepParams(0)));
-  // Small uploads of single-launch plans: each layer as one graph launch (the upload by a copy
-  // engine, then the attention), captured here once for the token step.
-  const size_t k_at = Align16(QBytes()), v_at = k_at + Align16(KvBytes()), staged = v_at + KvBytes();
-  if (options_.layer_graphs && !step_.separate_merge && staged <= kernels::cuda::LayerGraph::kMaxUploadBytes &&
-      kernels::cuda::LaunchesPerCall(step_.kernel, StepParams(0), kernels::cuda::MergeMode::kFused) == 1) {
-    kernels::DecodeParams p = LayerParams(0, false, nullptr);
-    char* dio = static_cast<char*>(io_device_.get());
-    p.append_k = dio + k_at;
-    p.append_v = dio + v_at;
-    if (absl::Status st =
-            graph_.Capture(step_.kernel, p, workspace_.get(), dio, io_host_.get(), staged, stream_.get());
-        !st.ok()) {
-      // The layers run eagerly, as every layer may; the graph only saves host calls.
-      static std::atomic<bool> logged{false};
-      if (!logged.exchange(true)) PKV_LOG(WARNING) << "cuda backend: layers run without a graph: " << st;
-    }
-  }
+  if (b > 0) return kernels::cuda::CanImplement(plan.kernel, StepParams(0));
   return absl::OkStatus();
 }
 
@@ -268,24 +246,12 @@ absl::Status CudaSlot::EnqueueLayer(int32_t layer, bool has_lse, void* out_devic
   stages_timed_ = n % options_.stage_timing_interval == 0;
   attention_timed_ = stages_timed_ || n % options_.attention_timing_interval == 0;
   ++layers_enqueued_;
-  graphed_ = false;
-  char* dio = static_cast<char*>(io_device_.get());
-  // The captured graph does the copy-engine upload and the attention in one launch; timed layers
-  // keep their events around the eager launches.
-  if (graph_.captured() && inputs == nullptr && !attention_timed_ && UploadByCopy()) {
-    kernels::DecodeParams p = LayerParams(layer, has_lse, out_device);
-    p.append_k = dio + k_at;
-    p.append_v = dio + v_at;
-    p.out_copy = out_copy_device;
-    PKV_RETURN_IF_ERROR(graph_.Launch(p, stream));
-    graphed_ = true;
-    return absl::OkStatus();
-  }
   if (stages_timed_) PKV_CUDA_RETURN(cudaEventRecord(h2d_start_.get(), stream), "event");
   // Pulled by a kernel on this high-priority stream, so it never waits behind prompt ingest's
   // copies on a copy engine (kernels/cuda/host_pull.h): from the staged io buffer in one piece,
   // or from the caller's registered memory in three. The staged buffer goes by a copy engine
   // while no ingest flush is in flight.
+  char* dio = static_cast<char*>(io_device_.get());
   if (inputs == nullptr && UploadByCopy()) {
     // No prompt ingest copy is queued: a copy engine takes the staged buffer sooner than a pull
     // kernel's PCIe reads (about 5 against 8 us for a B1 layer's 12 KiB on an H200).

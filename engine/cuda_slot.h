@@ -13,9 +13,7 @@
 // attention writes out|lse straight into mapped pinned host memory, so no download is issued: the
 // stream synchronisation makes those writes visible to CopyOutputs. Per layer that is one upload,
 // one attention launch (two when the plan merges a work queue's split rows separately) and one
-// synchronisation (a small token step of one launch per layer captures the upload and the
-// attention as a CUDA graph and launches that instead, kernels/cuda/layer_graph.h, except on
-// timed layers and while prompt ingest holds the copy engines); one layer-step in
+// synchronisation; one layer-step in
 // Options::attention_timing_interval also brackets the attention with two events (an elapsed-time
 // query after the synchronisation), and one in Options::stage_timing_interval times the upload and
 // the kernel stage as well (two more records, two more queries). Everything is allocated by Create and freed by the destructor, which
@@ -40,7 +38,6 @@
 #include "engine/backend.h"
 #include "engine/cuda_backend.h"
 #include "engine/internal/cuda_handles.h"
-#include "kernels/cuda/layer_graph.h"
 #include "kernels/decode_attention.h"
 #include "kvpool/cuda/device_kv_arena.h"
 
@@ -65,7 +62,6 @@ class CudaSlot {
     int32_t stage_timing_interval = 16;      // >= 1: time upload and kernel stage on one layer-step in N
     int32_t attention_timing_interval = 1;   // >= 1: time the attention on one layer-step in N
     DecodeUpload upload = DecodeUpload::kAuto;  // how q|k|v and the descriptor go up
-    bool layer_graphs = true;  // small single-launch steps run each layer as one graph launch
   };
 
   // Creates the stream (non-blocking, options.stream_priority), the events and every buffer, and
@@ -110,9 +106,6 @@ class CudaSlot {
   // events, and every stage_timing_interval-th also the upload and the append + attention.
   [[nodiscard]] absl::Status EnqueueLayer(int32_t layer, bool has_lse, void* out_device, const InputAddresses* inputs,
                                           void* out_copy_device);
-
-  // The last EnqueueLayer ran the layer as one CUDA graph launch.
-  bool graphed() const { return graphed_; }
 
   // Waits for this slot's stream only; other slots' layers keep running.
   [[nodiscard]] absl::Status Synchronize();
@@ -178,10 +171,6 @@ class CudaSlot {
   int64_t token_steps_begun_ = 0;  // BeginTokenStep calls so far (rotates which layers those are)
   bool stages_timed_ = false;    // the last EnqueueLayer recorded h2d_start_ and h2d_done_
   bool attention_timed_ = false;  // the last EnqueueLayer recorded start_ and stop_
-  // The open token step's layer as one graph: the staged q|k|v's upload and the attention,
-  // captured by BeginTokenStep when the step qualifies (Options::layer_graphs), else empty.
-  kernels::cuda::LayerGraph graph_;
-  bool graphed_ = false;  // the last EnqueueLayer launched graph_
 };
 
 }  // namespace pkv::engine

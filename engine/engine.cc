@@ -566,7 +566,6 @@ absl::StatusOr<StepOutput> Engine::RunLayer(std::unique_lock<std::mutex>& lock, 
     result.attention_skipped = info.attention_skipped;
     result.attention_timed = info.attention_timed;
     result.in_place = info.in_place;
-    result.graph = info.graph;
   }
   result.out = OutputBytes(std::move(out.owner), out.size);  // shared with the retry cache, not copied
   const auto relock = std::chrono::steady_clock::now();
@@ -756,7 +755,6 @@ absl::StatusOr<StepOutput> Engine::Step(const StepInput& in) {
     // (A token step without rows completed every layer at layer 0: its later layers come from here too.)
     replay.replayed = true;
     replay.in_place = false;
-    replay.graph = false;
     if (!in.out_copy.empty()) std::memcpy(in.out_copy.data(), replay.out.data(), std::min(in.out_copy.size(), replay.out.size()));
     replay.timings = StepTimings{};
     replay.timings.validate_seconds =

@@ -186,8 +186,6 @@ struct StepOutput {
   // The device read q, k, v from and wrote StepInput::out_copy into registered host memory itself
   // (no host copy of either).
   bool in_place = false;
-  // The layer's upload and attention ran as one CUDA graph launch (engine/cuda_backend.h).
-  bool graph = false;
   StepTimings timings;      // this call's (a replay reports only its validation)
 };
 

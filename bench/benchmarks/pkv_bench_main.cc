@@ -181,9 +181,6 @@ std::vector<Flag> TraceFlags(pkv::bench::TraceBenchOptions* o) {
                  "how the engine uploads each layer's q|k|v and each token step's descriptor: auto (what the "
                  "worker runs: a copy engine while no prompt ingest is in flight, else pull), pull (a kernel "
                  "reads mapped pinned memory), copy (a copy engine)"),
-      BoolFlag("layer_graphs", &o->layer_graphs,
-               "small token steps of one launch per layer run each layer as one CUDA graph launch, as the "
-               "worker does (0: every layer eager)"),
       StringFlag("csv", &o->csv_path, "write one CSV row per arm and workload here; empty: none"),
       StringFlag("md", &o->md_path, "append the summary as markdown to this file; empty: none"),
       StringFlag("commit", &o->commit, "commit recorded with the results"),

@@ -50,7 +50,6 @@ struct RunStats {
   // timing query done inline) and their count, for the time per layer beyond attention.
   double host_s = 0;
   int64_t layers = 0;
-  int64_t graph_layers = 0;  // engine arms: layer-steps that ran as one CUDA graph launch
   std::vector<double> step_attend_s;
   std::vector<double> step_wall_s;
   std::map<std::string, int64_t> mix;  // kernel -> token steps
@@ -145,7 +144,7 @@ absl::StatusOr<RunStats> RunOnce(engine::Engine& e, const ModelShape& shape, Wor
     in.k = std::span<const uint8_t>(kv).first(b * shape.num_kv_heads * shape.head_dim * 2);
     in.v = std::span<const uint8_t>(kv).subspan(kv.size() / 2, b * shape.num_kv_heads * shape.head_dim * 2);
     double attend = 0, host = 0;
-    int timed = 0, graphs = 0;
+    int timed = 0;
     KernelId kernel = KernelId::kReference;
     const auto t0 = std::chrono::steady_clock::now();
     for (int layer = 0; layer < shape.num_layers; ++layer) {
@@ -158,7 +157,6 @@ absl::StatusOr<RunStats> RunOnce(engine::Engine& e, const ModelShape& shape, Wor
         ++timed;
       }
       host += out->timings.validate_seconds + out->timings.host_seconds;
-      graphs += out->graph ? 1 : 0;
       kernel = out->kernel;
     }
     const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -169,7 +167,6 @@ absl::StatusOr<RunStats> RunOnce(engine::Engine& e, const ModelShape& shape, Wor
       st.wall_s += wall;
       st.host_s += host;
       st.layers += shape.num_layers;
-      st.graph_layers += graphs;
       st.step_attend_s.push_back(attend);
       st.step_wall_s.push_back(wall);
       st.kv_bytes += static_cast<double>(observer.last_kv_tokens) * shape.kv_bytes_per_token_layer() * shape.num_layers;
@@ -448,7 +445,6 @@ int RunTraceBench(const TraceBenchOptions& o) {
     bo.max_batch = 64;
     bo.attention_timing_interval = o.attention_timing_interval;
     bo.decode_upload = upload;
-    bo.layer_graphs = o.layer_graphs;
     auto backend = engine::CreateCudaBackend(shape, bo);
     if (!backend.ok()) {
       std::fprintf(stderr, "pkv-bench trace: %s\n", std::string(backend.status().message()).c_str());
@@ -537,7 +533,6 @@ int RunTraceBench(const TraceBenchOptions& o) {
       // beyond: (wall - attention) per layer-step, us; host: its host share (RunStats::host_s).
       std::map<std::string, std::vector<double>> tps_attend, tps_wall, p50, p99, roof, beyond, host;
       std::map<std::string, std::map<std::string, int64_t>> mixes;
-      std::map<std::string, std::pair<int64_t, int64_t>> graph_share;  // graph layer-steps, all layer-steps
       for (uint64_t seed : o.seeds) {
         for (const Arm& arm : arms) {
           absl::StatusOr<RunStats> st;
@@ -568,8 +563,6 @@ int RunTraceBench(const TraceBenchOptions& o) {
           beyond[arm.name].push_back((st->wall_s - st->attend_s) / layers * 1e6);
           host[arm.name].push_back(st->host_s / layers * 1e6);
           for (const auto& [k, n] : st->mix) mixes[arm.name][k] += n;
-          graph_share[arm.name].first += st->graph_layers;
-          graph_share[arm.name].second += st->layers;
           std::string mix;
           for (const auto& [k, n] : st->mix) mix += k + "=" + std::to_string(n) + ";";
           if (csv.is_open()) {
@@ -605,8 +598,6 @@ int RunTraceBench(const TraceBenchOptions& o) {
         MeanStd(p99[arm.name], &m99, &s99);
         std::string mix;
         for (const auto& [k, n] : mixes[arm.name]) mix += k + ":" + std::to_string(n) + " ";
-        const auto [graph_layers, all_layers] = graph_share[arm.name];
-        if (graph_layers > 0) mix += "graphs:" + std::to_string(100 * graph_layers / std::max<int64_t>(1, all_layers)) + "% ";
         std::printf("%-12s B%-2d %-15s attn %9.0f ± %6.0f tok/s (%5.1f%% roof)  wall %9.0f ± %6.0f tok/s  step p50 %7.3f p99 %7.3f ms  "
                     "beyond attention %5.1f us/layer (host %5.1f)  %s%s\n",
                     w.substr(0, colon).c_str(), batch, arm.name.c_str(), ma, sa, mr, mw, sw, m50, m99, mb, mh,
@@ -653,8 +644,7 @@ int RunTraceBench(const TraceBenchOptions& o) {
     md << "\nStream-read ceiling at start " << static_cast<int>(ceiling0) << " GB/s, at end "
        << static_cast<int>(ceiling1) << " GB/s. Every arm timed its attention with GPU events on one layer-step in "
        << o.attention_timing_interval << " (attention figures: those, scaled to every layer-step). The engine's "
-       << "decode uploads: --decode_upload=" << o.decode_upload << ", layer graphs: --layer_graphs="
-       << (o.layer_graphs ? 1 : 0) << ".\n";
+       << "decode uploads: --decode_upload=" << o.decode_upload << ".\n";
   }
   if (!o.md_path.empty()) {
     std::ofstream out(o.md_path);

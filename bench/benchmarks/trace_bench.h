@@ -46,9 +46,6 @@ struct TraceBenchOptions {
   double pool_fraction = 0.85;
   // How the engine uploads q|k|v and descriptors (engine::DecodeUpload): auto, pull or copy.
   std::string decode_upload = "auto";
-  // Small single-launch token steps run each layer as one CUDA graph launch
-  // (engine::CudaBackendOptions::layer_graphs); false: every layer eager.
-  bool layer_graphs = true;
   std::string profile_path;  // calibration profile; empty: built-in defaults
   std::string csv_path;
   std::string md_path;

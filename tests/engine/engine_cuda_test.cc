@@ -108,20 +108,15 @@ struct SharedRegion {
 // registered region the last token step runs after the registration was released (copies again).
 // refuse_nan: before every other later layer, the GPU engine is sent other q, K,V for it with a NaN
 // in k; it refuses that, and the real layer that follows must still match the reference.
-// layer_graphs: CudaBackendOptions::layer_graphs; `graph_layers`, when set, receives the number of
-// the GPU engine's layer-steps that ran as one CUDA graph launch.
 void RunAgainstCpu(DType dt, std::optional<KernelId> fixed, const std::vector<int64_t>& prompts,
                    int64_t static_slot_tokens = 0, int64_t pinned_output_bytes = -1, Io io = Io::kHeap,
                    bool refuse_nan = false, DecodeUpload upload = DecodeUpload::kAuto,
-                   std::optional<bool> separate_merge = std::nullopt, bool layer_graphs = true,
-                   int* graph_layers = nullptr) {
+                   std::optional<bool> separate_merge = std::nullopt) {
   const ModelShape shape = Shape(dt);
   CudaBackendOptions co;
   co.num_pages = 4096;
   co.max_batch = 16;
   co.decode_upload = upload;
-  co.layer_graphs = layer_graphs;
-  if (graph_layers != nullptr) *graph_layers = 0;
   if (pinned_output_bytes >= 0) co.pinned_output_bytes = pinned_output_bytes;
   auto gpu_backend = CreateCudaBackend(shape, co);
   ASSERT_TRUE(gpu_backend.ok()) << gpu_backend.status();
@@ -222,7 +217,6 @@ void RunAgainstCpu(DType dt, std::optional<KernelId> fixed, const std::vector<in
       auto oc = cpu->Step(in);
       ASSERT_TRUE(og.ok()) << og.status();
       ASSERT_TRUE(oc.ok()) << oc.status();
-      if (graph_layers != nullptr) *graph_layers += og->graph ? 1 : 0;
       EXPECT_EQ(og->in_place, io == Io::kRegistered && step < 3) << "step " << step << " layer " << layer;
       if (io != Io::kHeap) {
         EXPECT_TRUE(std::string(out_copy.begin(), out_copy.end()) == og->out.str()) << "out_copy differs from out";
@@ -288,49 +282,6 @@ TEST_F(EngineCudaTest, WorkQueueWithASeparateMergeMatchesTheCpuReference) {
   RunAgainstCpu(DType::kF16, KernelId::kWorkQueue, {4096}, 0, -1, Io::kHeap, false, DecodeUpload::kAuto, true);
   RunAgainstCpu(DType::kF16, KernelId::kWorkQueue, ragged, 0, -1, Io::kRegistered, false, DecodeUpload::kAuto, true);
   RunAgainstCpu(DType::kF16, KernelId::kWorkQueue, ragged, 0, 0, Io::kHeap, true, DecodeUpload::kAuto, true);
-}
-
-// Token steps of one and two rows (q|k|v staged within kernels::cuda::LayerGraph::kMaxUploadBytes)
-// whose plan is one launch per layer run their untimed layers as one CUDA graph launch each (the
-// upload and the attention, the layer's arguments written into the captured node): every route,
-// both dtypes, lse on some layers and off on one, outputs in place and copied out of the slot,
-// NaN refusals between layers. Graphs off, uploads by the pull kernel and inputs read in place
-// stay eager, with the same results.
-TEST_F(EngineCudaTest, SmallStepsRunEachLayerAsOneGraphLaunch) {
-  const std::vector<std::vector<int64_t>> smalls = {{3000}, {4096, 33}};
-  for (const auto& rows : smalls) {
-    for (DType dt : {DType::kF16, DType::kBF16}) {
-      for (std::optional<KernelId> fixed : {std::optional<KernelId>(), std::optional<KernelId>(KernelId::kPerRequest),
-                                            std::optional<KernelId>(KernelId::kSequenceSplit),
-                                            std::optional<KernelId>(KernelId::kWorkQueue)}) {
-        int graphs = 0;
-        RunAgainstCpu(dt, fixed, rows, 0, -1, Io::kHeap, false, DecodeUpload::kAuto, std::nullopt, true, &graphs);
-        EXPECT_GT(graphs, 0) << rows.size() << " rows, " << DTypeName(dt) << " "
-                             << (fixed ? KernelName(*fixed) : "planned");
-      }
-    }
-    int graphs = 0;
-    RunAgainstCpu(DType::kF16, std::nullopt, rows, 0, 0, Io::kHeap, false, DecodeUpload::kAuto, std::nullopt, true,
-                  &graphs);
-    EXPECT_GT(graphs, 0) << "outputs copied out of the slot";
-    RunAgainstCpu(DType::kF16, std::nullopt, rows, 0, -1, Io::kHeap, true, DecodeUpload::kAuto, std::nullopt, true,
-                  &graphs);
-    EXPECT_GT(graphs, 0) << "with NaN refusals";
-    RunAgainstCpu(DType::kF16, std::nullopt, rows, 0, -1, Io::kHeap, false, DecodeUpload::kAuto, std::nullopt, false,
-                  &graphs);
-    EXPECT_EQ(graphs, 0) << "graphs off";
-    RunAgainstCpu(DType::kF16, std::nullopt, rows, 0, -1, Io::kHeap, false, DecodeUpload::kPull, std::nullopt, true,
-                  &graphs);
-    EXPECT_EQ(graphs, 0) << "uploads by the pull kernel";
-    RunAgainstCpu(DType::kF16, std::nullopt, rows, 0, -1, Io::kRegistered, false, DecodeUpload::kAuto, std::nullopt,
-                  true, &graphs);
-    EXPECT_LE(graphs, 3) << "inputs in place (only the last token step, after the registration ends, stages them)";
-  }
-  // Six rows stage 72 KiB: eager.
-  int graphs = 0;
-  RunAgainstCpu(DType::kF16, std::nullopt, {3000, 17, 1, 700, 4096, 33}, 0, -1, Io::kHeap, false, DecodeUpload::kAuto,
-                std::nullopt, true, &graphs);
-  EXPECT_EQ(graphs, 0) << "a large upload";
 }
 
 // Without pinned output memory every layer's outputs are copied out of the slot's mapped buffer

@@ -12,10 +12,6 @@
 
 namespace pkv::kernels::cuda::internal {
 
-// Set by LayerGraph while it captures a launch: the attention kernels are launched without the
-// programmatic-dependent attribute (the node before them in the graph is a copy).
-inline thread_local bool g_plain_launch = false;
-
 // Workspace carve-up shared by the split routes: [counters | lse | o].
 struct Workspace {
   int* counters;  // [kCounterBytes / 4], zero between launches

@@ -24,8 +24,7 @@ __device__ __forceinline__ void WaitForPriorGrid() {
 }
 
 // Launches `kernel` (kThreads per CTA) as a programmatic dependent of the stream's previous work
-// (see WaitForPriorGrid, which every kernel launched this way calls before its first load), or as
-// a plain launch while g_plain_launch is set.
+// (see WaitForPriorGrid, which every kernel launched this way calls before its first load).
 template <typename... Params, typename... Args>
 cudaError_t LaunchDependent(void (*kernel)(Params...), dim3 grid, int smem_bytes, cudaStream_t stream,
                             Args&&... args) {
@@ -38,7 +37,7 @@ cudaError_t LaunchDependent(void (*kernel)(Params...), dim3 grid, int smem_bytes
   attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attribute[0].val.programmaticStreamSerializationAllowed = 1;
   config.attrs = attribute;
-  config.numAttrs = g_plain_launch ? 0 : 1;
+  config.numAttrs = 1;
   return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
 }
 
