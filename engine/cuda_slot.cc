@@ -132,7 +132,8 @@ absl::Status CudaSlot::BeginTokenStep(const scheduler::StepPlan& plan, const Pag
   step_.num_partials = work_queue ? plan.num_partials : 0;
   step_.num_tasks = static_cast<int32_t>(tasks.size());
   step_.num_ctas = cta_task_begin.empty() ? 0 : static_cast<int32_t>(cta_task_begin.size()) - 1;
-  step_.separate_merge = work_queue && plan.separate_merge;
+  step_.separate_merge =
+      (work_queue || (plan.kernel == KernelId::kSequenceSplit && step_.num_splits > 1)) && plan.separate_merge;
 
   // The previous upload read host_descriptor_; it finished unless that token step ran no layer
   // (then this returns at once, as after every layer, which waits for the stream).

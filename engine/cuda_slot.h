@@ -131,7 +131,7 @@ class CudaSlot {
     int32_t num_partials = 0;
     int32_t num_tasks = 0;
     int32_t num_ctas = 0;  // CTA ranges of a balanced work list (0: strided)
-    bool separate_merge = false;  // kWorkQueue: split rows merged by a launch of their own
+    bool separate_merge = false;  // kWorkQueue, kSequenceSplit: split rows merged by a launch of their own
     size_t off_indptr = 0, off_last = 0, off_row_splits = 0, off_partial_offset = 0, off_indices = 0, off_tasks = 0, off_cta_task_begin = 0;
   };
 

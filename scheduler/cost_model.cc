@@ -75,7 +75,7 @@ ArmCost CostModel::SequenceSplit(const StepShape& s, int32_t num_splits) const {
   ArmCost c;
   c.kernel = KernelId::kSequenceSplit;
   c.num_splits = std::max(1, num_splits);
-  c.launches = c.num_splits > 1 ? 2 : 1;
+  c.launches = 1;  // the merge fused; two with a separate merge (below)
   c.kv_bytes = KvBytes(s);
   // Every (row, KV head, split) is a CTA, empty splits included (they exit early): a row of p
   // pages is cut into ranges of ceil(p / S) pages, the last one shorter.
@@ -94,9 +94,18 @@ ArmCost CostModel::SequenceSplit(const StepShape& s, int32_t num_splits) const {
   }
   c.units = static_cast<int64_t>(s.row_tokens.size()) * s.model.num_kv_heads * c.num_splits;
   c.merge_bytes = c.num_splits > 1 ? MergeBytes(s, c.units) : 0;
+  // A split step is priced as two launches (launch_us was calibrated as a split step's extra over
+  // an unsplit one: its launch and its fused merge's tail).
   c.us = UnitsUs(std::move(groups), c.num_splits > 1 ? profile_.split_stream_efficiency : 1.0) +
-         c.launches * profile_.launch_us +
+         (c.num_splits > 1 ? 2 : 1) * profile_.launch_us +
          static_cast<double>(c.merge_bytes) / (profile_.merge_gbps * 1e3);
+  if (c.num_splits > 1) {
+    // The merge as a launch of its own: the calibrated difference (pinned without one: no change).
+    const bool separate = separate_merge_.has_value() ? *separate_merge_ : profile_.ss_separate_merge_delta_us < 0;
+    c.separate_merge = separate;
+    c.launches = separate ? 2 : 1;
+    if (separate) c.us += profile_.ss_separate_merge_delta_us;
+  }
   return c;
 }
 

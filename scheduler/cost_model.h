@@ -14,8 +14,10 @@
 // split, `wq_merge_us` fused (the last task of the row merges after all others) or
 // `wq_separate_merge_us` as a launch of its own, whichever is cheaper (fused when the profile has
 // no separate price, or as pinned by the caller).
+// Sequence-split's merge is fused too (one launch; priced as two launches, as calibrated) unless
+// the profile's `ss_separate_merge_delta_us` (a launch of its own minus fused) is negative.
 // Routes differ in their units: per-request has one per (row, KV head); sequence-split cuts every
-// row into S equal page ranges (uniform S, two launches); the work queue cuts rows into tasks of
+// row into S equal page ranges (uniform S, one launch, two with a separate merge); the work queue cuts rows into tasks of
 // at most `pages_per_task` pages (only non-empty tasks; one launch, two with a separate merge), or, in
 // its balanced form, gives every CTA the same pages (a CTA may end one row and start the next).
 // Thread-safety: const methods, safe to share.
@@ -43,7 +45,7 @@ struct ArmCost {
   int64_t partial_slots = 0;   // kWorkQueue balanced: partial slots of its work list
   BalancedCut cut;             // kWorkQueue balanced: the cut priced (the plan builds its list from it)
   int32_t launches = 1;
-  bool separate_merge = false;  // kWorkQueue: split rows merged by a launch of their own
+  bool separate_merge = false;  // kWorkQueue, kSequenceSplit: split rows merged by a launch of their own
   int64_t kv_bytes = 0;
   int64_t merge_bytes = 0;
   double us = 0.0;
@@ -51,7 +53,7 @@ struct ArmCost {
 
 class CostModel {
  public:
-  // `separate_merge` pins the work queue's merge (true: a launch of its own, false: fused);
+  // `separate_merge` pins the split routes' merge (true: a launch of its own, false: fused);
   // unset, the cheaper of the two by the profile.
   explicit CostModel(CostProfile profile, std::optional<bool> separate_merge = std::nullopt)
       : profile_(std::move(profile)), separate_merge_(separate_merge) {}

@@ -167,10 +167,17 @@ absl::StatusOr<CostProfile> ParseCostProfile(const std::string& json) {
   if (auto it = kv.find("wq_separate_merge_us"); it != kv.end() && std::holds_alternative<double>(it->second)) {
     p.wq_separate_merge_us = std::get<double>(it->second);
   }
+  if (auto it = kv.find("ss_separate_merge_delta_us");
+      it != kv.end() && std::holds_alternative<double>(it->second)) {
+    p.ss_separate_merge_delta_us = std::get<double>(it->second);
+  }
   if (p.split_stream_efficiency <= 0 || p.split_stream_efficiency > 1 || p.wq_merge_us < 0 ||
       p.wq_separate_merge_us < 0) {
     return absl::InvalidArgumentError(
         "profile: split_stream_efficiency must be in (0, 1], wq_merge_us and wq_separate_merge_us >= 0");
+  }
+  if (!(std::fabs(p.ss_separate_merge_delta_us) <= 1000)) {
+    return absl::InvalidArgumentError("profile: ss_separate_merge_delta_us must be within [-1000, 1000] us");
   }
   p.num_sms = static_cast<int>(sms);
   p.num_q_heads = static_cast<int>(hq);
@@ -202,10 +209,10 @@ std::string CostProfileToJson(const CostProfile& p) {
       "\"dtype\": \"%s\"},\n  \"stream_read_gbps\": %.2f,\n  \"cta_read_gbps\": %.3f,\n"
       "  \"resident_ctas_per_sm\": %d,\n  \"launch_us\": %.3f,\n  \"merge_gbps\": %.2f,\n"
       "  \"task_us\": %.4f,\n  \"split_stream_efficiency\": %.4f,\n  \"wq_merge_us\": %.3f,\n"
-      "  \"wq_separate_merge_us\": %.3f\n}\n",
+      "  \"wq_separate_merge_us\": %.3f,\n  \"ss_separate_merge_delta_us\": %.3f\n}\n",
       p.gpu, p.num_sms, p.num_q_heads, p.num_kv_heads, p.head_dim, p.page_size, p.dtype,
       p.stream_read_gbps, p.cta_read_gbps, p.resident_ctas_per_sm, p.launch_us, p.merge_gbps, p.task_us,
-      p.split_stream_efficiency, p.wq_merge_us, p.wq_separate_merge_us);
+      p.split_stream_efficiency, p.wq_merge_us, p.wq_separate_merge_us, p.ss_separate_merge_delta_us);
 }
 
 }  // namespace pkv::scheduler

@@ -17,8 +17,12 @@
 //                                     // ragged rows (unequal units leave SMs idle in the tail)
 //     "wq_merge_us": 4.0,            // optional (0): the work queue's fused merge, run by the
 //                                     // last task of a split row after all others finished
-//     "wq_separate_merge_us": 3.0     // optional (0: not measured, the merge stays fused): the
+//     "wq_separate_merge_us": 3.0,    // optional (0: not measured, the merge stays fused): the
 //                                     // work queue's merge as a launch of its own after the tasks
+//     "ss_separate_merge_delta_us": -1.5 // optional (0): sequence-split with its merge as a
+//                                     // launch of its own, minus with the merge fused (the last
+//                                     // split of a row merges), same splits; below 0 the
+//                                     // separate merge is the cheaper
 //   }
 // Unknown keys are ignored (forward compatible); every listed number is required unless marked
 // optional. The engine
@@ -50,6 +54,7 @@ struct CostProfile {
   double split_stream_efficiency = 1.0;
   double wq_merge_us = 0.0;
   double wq_separate_merge_us = 0.0;  // 0: not measured; the work queue then always fuses its merge
+  double ss_separate_merge_delta_us = 0.0;  // >= 0 (or not measured): sequence-split fuses its merge
 
   // OK when the profile was measured for `shape` (or is shape-agnostic).
   absl::Status Matches(const ModelShape& shape) const;

@@ -60,7 +60,8 @@ StepPlan Scheduler::Plan(const StepShape& shape) const {
       BuildWorkList(row_pages, heads, best.pages_per_task, &plan);
     }
   }
-  plan.separate_merge = plan.kernel == KernelId::kWorkQueue && best.separate_merge;
+  plan.separate_merge =
+      (plan.kernel == KernelId::kWorkQueue || plan.kernel == KernelId::kSequenceSplit) && best.separate_merge;
   plan.launches_per_layer = best.launches;
   plan.predicted_us = best.us;
   return plan;

@@ -31,8 +31,9 @@ class Scheduler {
     int32_t fixed_parameter = 0;
     // Calibrated constants (DefaultCostProfile() when no profile was loaded).
     CostProfile profile = DefaultCostProfile();
-    // When set, pins the work queue's merge of split rows: true a launch of its own, false fused
-    // (unset: the cost model's cheaper form). For calibration and tests.
+    // When set, pins the split routes' merge of split rows (the work queue's and sequence-split's):
+    // true a launch of its own, false fused (unset: the cost model's cheaper form). For
+    // calibration and tests.
     std::optional<bool> separate_merge;
   };
 

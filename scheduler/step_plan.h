@@ -53,8 +53,8 @@ struct StepPlan {
   // cta_task_begin[c + 1]) ([balanced_ctas + 1]); empty when a persistent grid strides the list.
   std::vector<int32_t> cta_task_begin;
   int32_t balanced_ctas = 0;
-  // kWorkQueue: split rows are merged by a launch of their own after the tasks (else the last
-  // task of each (row, KV head) merges them, in the same launch).
+  // kWorkQueue, kSequenceSplit: split rows are merged by a launch of their own after the tasks
+  // (else the last task or split of each (row, KV head) merges them, in the same launch).
   bool separate_merge = false;
   int64_t workspace_bytes = 0;       // scratch for partial (m, l, acc) states
   int32_t launches_per_layer = 1;    // kernel launches each layer costs

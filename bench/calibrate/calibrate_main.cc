@@ -10,6 +10,8 @@
 //                     the median over alternating rounds of many samples (tiny steps are noisy)
 //   task_us           per-request on a 1-page row minus one launch
 //   merge_gbps        merge bytes / the rest of a B8 x 2K S=32 split step
+//   wq_merge_us, wq_separate_merge_us  the work queue's merge, fused and as a launch of its own
+//   ss_separate_merge_delta_us         sequence-split with a separate merge minus fused
 //   resident_ctas_per_sm from the kernel's occupancy (kernels/cuda)
 // then checks the fitted model on mixed-length steps of the calibration seed 20260622 and
 // prints the prediction error of every route. Takes a minute or two.
@@ -298,6 +300,32 @@ int main(int argc, char** argv) {
                 "either %.1f us) -> wq_merge_us %.2f wq_separate_merge_us %.2f\n",
                 c.balanced_ctas > 0 ? "balanced, largest CTA" : "strided, task size", c.pages_per_task, t, t_sep,
                 c.us, p.wq_merge_us, p.wq_separate_merge_us);
+  }
+
+  // 8. Sequence-split's merge, fused and as a launch of its own, at the model's split count for the
+  // same row: alternating rounds (the difference is a few microseconds of a 20-80 us step).
+  cal.SetProfile(p);
+  {
+    const std::vector<int64_t> row = lens_of(pkv::WorkloadKind::kBucketed, 1);
+    const pkv::scheduler::ArmCost c =
+        pkv::scheduler::CostModel(p, false).BestOf(KernelId::kSequenceSplit, ShapeOf(shape, row));
+    p.ss_separate_merge_delta_us = 0;
+    if (c.num_splits > 1) {
+      constexpr int kRounds = 3;
+      const int samples = std::max(32, 2 * f.samples);
+      std::vector<double> fused, diff;
+      for (int round = 0; round < kRounds; ++round) {
+        const double a = cal.Measure(row, KernelId::kSequenceSplit, c.num_splits, false, samples) * 1e6;
+        const double b = cal.Measure(row, KernelId::kSequenceSplit, c.num_splits, true, samples) * 1e6;
+        fused.push_back(a);
+        diff.push_back(b - a);
+      }
+      p.ss_separate_merge_delta_us = std::clamp(Median(diff), -50.0, 50.0);
+      std::printf("  bucketed B1 sequence_split S=%d: fused merge %.1f us, separate minus fused %.2f us (rounds "
+                  "%.2f-%.2f) -> ss_separate_merge_delta_us %.2f\n",
+                  c.num_splits, Median(fused), Median(diff), *std::min_element(diff.begin(), diff.end()),
+                  *std::max_element(diff.begin(), diff.end()), p.ss_separate_merge_delta_us);
+    }
   }
 
   // Check on mixed-length steps of the paper's workloads (calibration seed; the trace benchmark holds out 20260623-27).

@@ -123,15 +123,15 @@ void RunAgainstCpu(DType dt, std::optional<KernelId> fixed, const std::vector<in
   auto cpu_backend = CreateCpuBackend(shape, 4096, 4);
   ASSERT_TRUE(cpu_backend.ok());
   auto gpu = MakeEngine(std::move(*gpu_backend), fixed, 77, static_slot_tokens, separate_merge);
-  // Counts the token steps planned with a split work queue, and those of them whose plan merges in
-  // a launch of its own (two launches per layer).
+  // Counts the token steps planned with a work queue or a split sequence-split, and those of them
+  // whose plan merges in a launch of its own (two launches per layer).
   struct MergeCount final : StepObserver {
     void OnTokenStepPlanned(const TokenStepEvent& e) override {
-      if (e.kernel != KernelId::kWorkQueue) return;
-      ++work_queue;
+      if (e.kernel != KernelId::kWorkQueue && !(e.kernel == KernelId::kSequenceSplit && e.num_splits > 1)) return;
+      ++split_route;
       separate += e.launches_per_layer == 2 ? 1 : 0;
     }
-    int work_queue = 0, separate = 0;
+    int split_route = 0, separate = 0;
   } merges;
   gpu->SetObserver(&merges);
   auto cpu = MakeEngine(std::move(*cpu_backend), std::nullopt, 99);
@@ -232,9 +232,9 @@ void RunAgainstCpu(DType dt, std::optional<KernelId> fixed, const std::vector<in
   }
   EXPECT_TRUE(gpu->CheckConsistency().ok());
   gpu->SetObserver(nullptr);
-  if (separate_merge.has_value() && fixed == KernelId::kWorkQueue) {
+  if (separate_merge.has_value() && (fixed == KernelId::kWorkQueue || fixed == KernelId::kSequenceSplit)) {
     // Every step here splits a row, so each plan carries the pinned merge.
-    EXPECT_EQ(merges.work_queue, 3);
+    EXPECT_EQ(merges.split_route, 3);
     EXPECT_EQ(merges.separate, *separate_merge ? 3 : 0);
   }
 }
@@ -282,6 +282,20 @@ TEST_F(EngineCudaTest, WorkQueueWithASeparateMergeMatchesTheCpuReference) {
   RunAgainstCpu(DType::kF16, KernelId::kWorkQueue, {4096}, 0, -1, Io::kHeap, false, DecodeUpload::kAuto, true);
   RunAgainstCpu(DType::kF16, KernelId::kWorkQueue, ragged, 0, -1, Io::kRegistered, false, DecodeUpload::kAuto, true);
   RunAgainstCpu(DType::kF16, KernelId::kWorkQueue, ragged, 0, 0, Io::kHeap, true, DecodeUpload::kAuto, true);
+}
+
+// Sequence-split's merge as a launch of its own (pinned here; the cost model picks it where the
+// profile measured it cheaper than the fused merge): ragged rows and one long row, both dtypes,
+// outputs in place in registered memory and copied out of the slot, NaN refusals.
+TEST_F(EngineCudaTest, SequenceSplitWithASeparateMergeMatchesTheCpuReference) {
+  const std::vector<int64_t> ragged = {3000, 17, 1, 700, 4096, 33};
+  const auto ss = KernelId::kSequenceSplit;
+  RunAgainstCpu(DType::kF16, ss, ragged, 0, -1, Io::kHeap, false, DecodeUpload::kAuto, true);
+  RunAgainstCpu(DType::kBF16, ss, ragged, 0, -1, Io::kHeap, false, DecodeUpload::kAuto, true);
+  RunAgainstCpu(DType::kF16, ss, {4096}, 0, -1, Io::kHeap, false, DecodeUpload::kAuto, true);
+  RunAgainstCpu(DType::kF16, ss, ragged, 0, -1, Io::kRegistered, false, DecodeUpload::kAuto, true);
+  RunAgainstCpu(DType::kF16, ss, ragged, 0, 0, Io::kHeap, true, DecodeUpload::kAuto, true);
+  RunAgainstCpu(DType::kF16, ss, {4096}, 0, -1, Io::kHeap, false, DecodeUpload::kAuto, false);
 }
 
 // Without pinned output memory every layer's outputs are copied out of the slot's mapped buffer

@@ -54,7 +54,8 @@ TEST(CostModelTest, HandComputedSplitAndWorkQueueCosts) {
   const StepShape s = Shape({8192});
   const ArmCost split = m.SequenceSplit(s, 64);
   EXPECT_EQ(split.units, 8 * 64);
-  EXPECT_EQ(split.launches, 2);
+  EXPECT_EQ(split.launches, 1);  // the merge fused (priced as a second launch, as calibrated)
+  EXPECT_FALSE(split.separate_merge);
   // merge: 2 x 512 partials x G=4 x (128 + 2) x 4 B = 2129920 B
   EXPECT_EQ(split.merge_bytes, 2LL * 512 * 4 * 130 * 4);
   // streaming 33554432 / 2.5e6 = 13.42 µs beats longest 8 pages x 8192 / 2e4 = 3.28 µs.
@@ -112,7 +113,7 @@ TEST(SchedulerTest, FixedArmPicksItsBestParameter) {
   const StepPlan p = GpuScheduler(KernelId::kSequenceSplit).Plan(Shape({8192}));
   EXPECT_EQ(p.kernel, KernelId::kSequenceSplit);
   EXPECT_GE(p.num_splits, 16);
-  EXPECT_EQ(p.launches_per_layer, 2);
+  EXPECT_EQ(p.launches_per_layer, 1);  // the merge fused into the split launch
 }
 
 TEST(SchedulerTest, DeterministicAndCpuPlansTheReference) {
@@ -297,10 +298,65 @@ TEST(SchedulerTest, PlanCarriesTheWorkQueuesMerge) {
     EXPECT_FALSE(plan.separate_merge);
     EXPECT_EQ(plan.launches_per_layer, 1);
   }
-  // Another route never carries the flag.
+  // Per-request never carries the flag.
   o.separate_merge = true;
-  o.fixed_kernel = KernelId::kSequenceSplit;
+  o.fixed_kernel = KernelId::kPerRequest;
   EXPECT_FALSE(Scheduler::Create(o)->Plan(s).separate_merge);
+}
+
+// Sequence-split fuses its merge (one launch) unless the profile measured the separate merge
+// cheaper (ss_separate_merge_delta_us < 0: the plan then carries it, two launches, and the price
+// moves by the delta); an unsplit step has no merge; a scheduler option pins it; the profile file
+// keeps the delta, and an absurd one is refused.
+TEST(SchedulerTest, SequenceSplitMergeIsFusedOrSeparateByItsDelta) {
+  Scheduler::Options o;
+  o.available = {KernelId::kPerRequest, KernelId::kSequenceSplit, KernelId::kWorkQueue};
+  o.fixed_kernel = KernelId::kSequenceSplit;
+  StepShape s;
+  s.model.num_q_heads = 32;
+  s.model.num_kv_heads = 8;
+  s.model.head_dim = 128;
+  s.model.page_size = 16;
+  s.row_tokens = {8192};
+  s.device.is_gpu = true;
+  const double fused_us = CostModel(o.profile).SequenceSplit(s, 32).us;
+  {
+    const StepPlan plan = Scheduler::Create(o)->Plan(s);
+    EXPECT_GT(plan.num_splits, 1);
+    EXPECT_FALSE(plan.separate_merge);
+    EXPECT_EQ(plan.launches_per_layer, 1);
+  }
+  o.profile.ss_separate_merge_delta_us = 2.0;  // dearer: still fused
+  EXPECT_FALSE(Scheduler::Create(o)->Plan(s).separate_merge);
+  o.profile.ss_separate_merge_delta_us = -3.0;
+  {
+    const ArmCost c = CostModel(o.profile).SequenceSplit(s, 32);
+    EXPECT_TRUE(c.separate_merge);
+    EXPECT_EQ(c.launches, 2);
+    EXPECT_NEAR(c.us, fused_us - 3.0, 1e-9);
+    const ArmCost whole = CostModel(o.profile).SequenceSplit(s, 1);
+    EXPECT_FALSE(whole.separate_merge);
+    EXPECT_EQ(whole.launches, 1);
+    const StepPlan plan = Scheduler::Create(o)->Plan(s);
+    EXPECT_TRUE(plan.separate_merge);
+    EXPECT_EQ(plan.launches_per_layer, 2);
+  }
+  o.separate_merge = false;
+  EXPECT_FALSE(Scheduler::Create(o)->Plan(s).separate_merge);
+  o.separate_merge = true;
+  o.profile.ss_separate_merge_delta_us = 0.0;
+  EXPECT_TRUE(Scheduler::Create(o)->Plan(s).separate_merge);
+  // The profile file.
+  CostProfile p = DefaultCostProfile();
+  p.ss_separate_merge_delta_us = -3.25;
+  auto back = ParseCostProfile(CostProfileToJson(p));
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_DOUBLE_EQ(back->ss_separate_merge_delta_us, -3.25);
+  std::string json = CostProfileToJson(p);
+  const std::string priced = "\"ss_separate_merge_delta_us\": -3.250";
+  ASSERT_NE(json.find(priced), std::string::npos);
+  json.replace(json.find(priced), priced.size(), "\"ss_separate_merge_delta_us\": 5e6");
+  EXPECT_EQ(ParseCostProfile(json).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
 }  // namespace
