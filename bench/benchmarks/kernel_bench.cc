@@ -486,7 +486,7 @@ void Bench::RunCase(DType dtype, const Case& c, int64_t case_seed) {
     std::string label = "planned:";
     if (plan.kernel == KernelId::kSequenceSplit) {
       p.num_splits = plan.num_splits;
-      label += "split_fused/S" + std::to_string(plan.num_splits);
+      label += (plan.separate_merge ? "split_sep/S" : "split_fused/S") + std::to_string(plan.num_splits);
     } else if (plan.kernel == KernelId::kWorkQueue) {
       plan_mem.Upload(plan, &p);
       const std::string wq = plan.separate_merge ? "wq_sep" : "wq_fused";
