@@ -312,13 +312,7 @@ TEST(SchedulerTest, SequenceSplitMergeIsFusedOrSeparateByItsDelta) {
   Scheduler::Options o;
   o.available = {KernelId::kPerRequest, KernelId::kSequenceSplit, KernelId::kWorkQueue};
   o.fixed_kernel = KernelId::kSequenceSplit;
-  StepShape s;
-  s.model.num_q_heads = 32;
-  s.model.num_kv_heads = 8;
-  s.model.head_dim = 128;
-  s.model.page_size = 16;
-  s.row_tokens = {8192};
-  s.device.is_gpu = true;
+  const StepShape s = Shape({8192});
   const double fused_us = CostModel(o.profile).SequenceSplit(s, 32).us;
   {
     const StepPlan plan = Scheduler::Create(o)->Plan(s);
