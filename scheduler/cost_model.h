@@ -17,9 +17,10 @@
 // Sequence-split's merge is fused too (one launch; priced as two launches, as calibrated) unless
 // the profile's `ss_separate_merge_delta_us` (a launch of its own minus fused) is negative.
 // Routes differ in their units: per-request has one per (row, KV head); sequence-split cuts every
-// row into S equal page ranges (uniform S, one launch, two with a separate merge); the work queue cuts rows into tasks of
-// at most `pages_per_task` pages (only non-empty tasks; one launch, two with a separate merge), or, in
-// its balanced form, gives every CTA the same pages (a CTA may end one row and start the next).
+// row into S equal page ranges (uniform S; one launch, two with a separate merge); the work queue
+// cuts rows into tasks of at most `pages_per_task` pages (only non-empty tasks; one launch, two
+// with a separate merge), or, in its balanced form, gives every CTA the same pages (a CTA may end
+// one row and start the next).
 // Thread-safety: const methods, safe to share.
 #pragma once
 

@@ -1,6 +1,7 @@
 #include "scheduler/cost_profile.h"
 
 #include <cctype>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>

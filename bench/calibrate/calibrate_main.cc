@@ -57,7 +57,7 @@ class Calibrator {
         kv_(pkv::bench::RandomNormalBytes(shape.dtype, 2 * 64 * shape.num_kv_heads * shape.head_dim, 2)) {}
 
   // Median attention seconds of a layer-step over rows of `lens` with a pinned route (and, when
-  // set, the work queue's merge pinned: true a launch of its own, false fused).
+  // set, the split routes' merge pinned: true a launch of its own, false fused).
   // `samples` overrides the calibrator's sample count when > 0.
   double Measure(const std::vector<int64_t>& lens, KernelId kernel, int32_t parameter,
                  std::optional<bool> separate_merge = std::nullopt, int samples = 0) {
@@ -121,6 +121,25 @@ int32_t PinnedParameter(const pkv::scheduler::ArmCost& c) {
 double Median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return v.size() % 2 == 1 ? v[v.size() / 2] : 0.5 * (v[v.size() / 2 - 1] + v[v.size() / 2]);
+}
+
+// Two measurements (us) alternated over `rounds`: the first's values and each round's second minus
+// first, for constants that are small differences between noisy steps.
+struct Alternated {
+  std::vector<double> first, diff;
+  double min_diff() const { return *std::min_element(diff.begin(), diff.end()); }
+  double max_diff() const { return *std::max_element(diff.begin(), diff.end()); }
+};
+template <typename A, typename B>
+Alternated Alternate(int rounds, A measure_first, B measure_second) {
+  Alternated r;
+  for (int round = 0; round < rounds; ++round) {
+    const double a = measure_first();
+    const double b = measure_second();
+    r.first.push_back(a);
+    r.diff.push_back(b - a);
+  }
+  return r;
 }
 
 pkv::scheduler::StepShape ShapeOf(const pkv::ModelShape& m, const std::vector<int64_t>& lens) {
@@ -232,22 +251,19 @@ int main(int argc, char** argv) {
   // median over rounds of each round's difference, task_us the median per-request time less it.
   constexpr int kTinyRounds = 5;
   const int tiny_samples = std::max(64, 4 * f.samples);
-  std::vector<double> tiny_pr, tiny_diff;
-  for (int round = 0; round < kTinyRounds; ++round) {
-    const double a = cal.Measure({15}, KernelId::kPerRequest, 0, std::nullopt, tiny_samples);
-    const double b = cal.Measure({2 * shape.page_size - 1}, KernelId::kSequenceSplit, 2, std::nullopt, tiny_samples);
-    tiny_pr.push_back(a * 1e6);
-    tiny_diff.push_back((b - a) * 1e6);
-  }
-  const double t_tiny_us = Median(tiny_pr), diff_us = Median(tiny_diff);
+  const Alternated tiny = Alternate(
+      kTinyRounds, [&] { return cal.Measure({15}, KernelId::kPerRequest, 0, std::nullopt, tiny_samples) * 1e6; },
+      [&] {
+        return cal.Measure({2 * shape.page_size - 1}, KernelId::kSequenceSplit, 2, std::nullopt, tiny_samples) * 1e6;
+      });
+  const double t_tiny_us = Median(tiny.first), diff_us = Median(tiny.diff);
   p.launch_us = std::max(0.5, diff_us);
   p.task_us = std::max(0.1, t_tiny_us - p.launch_us);
   std::printf("  tiny, %d rounds of %d samples: per_request %.2f us (rounds %.2f-%.2f), split S=2 minus it %.2f us "
               "(rounds %.2f-%.2f) -> launch_us %.2f task_us %.2f\n",
-              kTinyRounds, tiny_samples, t_tiny_us, *std::min_element(tiny_pr.begin(), tiny_pr.end()),
-              *std::max_element(tiny_pr.begin(), tiny_pr.end()), diff_us,
-              *std::min_element(tiny_diff.begin(), tiny_diff.end()),
-              *std::max_element(tiny_diff.begin(), tiny_diff.end()), p.launch_us, p.task_us);
+              kTinyRounds, tiny_samples, t_tiny_us, *std::min_element(tiny.first.begin(), tiny.first.end()),
+              *std::max_element(tiny.first.begin(), tiny.first.end()), diff_us, tiny.min_diff(), tiny.max_diff(),
+              p.launch_us, p.task_us);
   // 4. One unit streaming alone: B1 x 64K per-request (Hkv units).
   const std::vector<int64_t> one(1, 65535);
   const double t_one = cal.Measure(one, KernelId::kPerRequest, 0);
@@ -313,18 +329,14 @@ int main(int argc, char** argv) {
     if (c.num_splits > 1) {
       constexpr int kRounds = 3;
       const int samples = std::max(32, 2 * f.samples);
-      std::vector<double> fused, diff;
-      for (int round = 0; round < kRounds; ++round) {
-        const double a = cal.Measure(row, KernelId::kSequenceSplit, c.num_splits, false, samples) * 1e6;
-        const double b = cal.Measure(row, KernelId::kSequenceSplit, c.num_splits, true, samples) * 1e6;
-        fused.push_back(a);
-        diff.push_back(b - a);
-      }
-      p.ss_separate_merge_delta_us = std::clamp(Median(diff), -50.0, 50.0);
+      const Alternated merge = Alternate(
+          kRounds, [&] { return cal.Measure(row, KernelId::kSequenceSplit, c.num_splits, false, samples) * 1e6; },
+          [&] { return cal.Measure(row, KernelId::kSequenceSplit, c.num_splits, true, samples) * 1e6; });
+      p.ss_separate_merge_delta_us = std::clamp(Median(merge.diff), -50.0, 50.0);
       std::printf("  bucketed B1 sequence_split S=%d: fused merge %.1f us, separate minus fused %.2f us (rounds "
                   "%.2f-%.2f) -> ss_separate_merge_delta_us %.2f\n",
-                  c.num_splits, Median(fused), Median(diff), *std::min_element(diff.begin(), diff.end()),
-                  *std::max_element(diff.begin(), diff.end()), p.ss_separate_merge_delta_us);
+                  c.num_splits, Median(merge.first), Median(merge.diff), merge.min_diff(), merge.max_diff(),
+                  p.ss_separate_merge_delta_us);
     }
   }
 
