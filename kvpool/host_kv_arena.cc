@@ -1,9 +1,11 @@
+#include <algorithm>
 #include <cstring>
 #include <new>
 
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "kvpool/kv_arena.h"
+#include "kvpool/parallel_copy.h"
 
 namespace pkv::kvpool {
 
@@ -50,6 +52,50 @@ absl::Status HostKvArena::WriteTokens(int32_t layer, std::span<const SlotAddr> s
       std::memcpy(base + v_dst, vin + (t * hkv + h) * d, d * sizeof(uint16_t));
     }
   }
+  return absl::OkStatus();
+}
+
+absl::Status HostKvArena::StageTokens(int32_t layer, std::span<const SlotAddr> slots, const PieceBytes& k,
+                                      const PieceBytes& v, StageScan* scan) {
+  if (auto s = CheckAccess(layer, slots); !s.ok()) return s;
+  const int64_t d = shape_.head_dim, hkv = shape_.num_kv_heads, ps = shape_.page_size;
+  const size_t row_bytes = static_cast<size_t>(d) * sizeof(uint16_t);
+  const size_t bytes = slots.size() * static_cast<size_t>(hkv) * row_bytes;
+  if (k.size() != bytes || v.size() != bytes) {
+    return absl::InvalidArgumentError("StageTokens: k and v must hold [tokens, num_kv_heads, head_dim] each");
+  }
+  if (scan != nullptr) {
+    // Scanned where the pieces lie (an element cut between two pieces is put together), on this
+    // thread: ParallelCopier without helpers runs every call on its caller.
+    static ParallelCopier* const inline_scanner = new ParallelCopier(0);
+    const PieceBytes* tensors[2] = {&k, &v};
+    int64_t first[2] = {-1, -1};
+    inline_scanner->FirstNonFinite(tensors, shape_.dtype, first);
+    scan->first_k = first[0];
+    scan->first_v = first[1];
+    if (!scan->clean()) return absl::OkStatus();
+  }
+  // Row r = t * Hkv + h of K (or V) goes to head h of slot t; a row may straddle two pieces.
+  auto* base = reinterpret_cast<uint8_t*>(layer_data(layer));
+  const size_t page_bytes = static_cast<size_t>(page_elems()) * sizeof(uint16_t);
+  auto copy_rows = [&](const PieceBytes& src, int64_t head_base) {
+    src.ForEachPart(0, bytes, [&](size_t at, const uint8_t* from, size_t len) {
+      while (len > 0) {
+        const size_t row = at / row_bytes, in_row = at % row_bytes;
+        const size_t n = std::min(len, row_bytes - in_row);
+        const SlotAddr& slot = slots[row / static_cast<size_t>(hkv)];
+        const int64_t h = static_cast<int64_t>(row % static_cast<size_t>(hkv));
+        uint8_t* dst = base + static_cast<size_t>(slot.page) * page_bytes +
+                       static_cast<size_t>((head_base + h) * ps + slot.slot) * row_bytes + in_row;
+        std::memcpy(dst, from, n);
+        at += n;
+        from += n;
+        len -= n;
+      }
+    });
+  };
+  copy_rows(k, 0);
+  copy_rows(v, hkv);
   return absl::OkStatus();
 }
 

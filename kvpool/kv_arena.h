@@ -129,6 +129,12 @@ class HostKvArena final : public KvArena {
   const char* kind() const override { return "host"; }
   absl::Status WriteTokens(int32_t layer, std::span<const SlotAddr> slots, const void* k,
                            const void* v) override;
+  // Copies at once, from the pieces where they lie (no gathered copy first): the scan reads
+  // them in place, then each row goes straight to its slot. Concurrent calls for different
+  // slots are safe (each writes only its own slots).
+  using KvArena::StageTokens;
+  absl::Status StageTokens(int32_t layer, std::span<const SlotAddr> slots, const PieceBytes& k, const PieceBytes& v,
+                           StageScan* scan) override;
   absl::Status ReadTokens(int32_t layer, std::span<const SlotAddr> slots, void* k,
                           void* v) const override;
   absl::Status CopyPage(PageId src, PageId dst) override;
