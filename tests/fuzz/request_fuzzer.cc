@@ -260,13 +260,11 @@ absl::Status RequestFuzzer::Finish() {
 }
 
 std::string RequestFuzzer::KnownCrashOf(const v1::WriteKVRequest& request) const {
-  // The pager's page count (tokens + page_size - 1) / page_size overflows int64 and aborts
-  // (negative reserve) instead of answering RESOURCE_EXHAUSTED or INVALID_ARGUMENT.
-  if (request.payload_case() == v1::WriteKVRequest::kHeader &&
-      request.header().num_tokens() > kInt64Max - (shape_.page_size - 1)) {
-    return absl::StrCat("WriteKV header num_tokens ", request.header().num_tokens(),
-                        " > INT64_MAX - (page_size - 1) overflows BlockPager::PagesForTokens");
-  }
+  // None known. The last one, a WriteKV header whose num_tokens near INT64_MAX overflowed the
+  // pager's page count, is fixed (BlockPager::PagesForTokens cannot overflow);
+  // request_fuzz_known_defects_test keeps its reproducer as a regression test, and the fuzzer
+  // sends such headers like any other.
+  (void)request;
   return "";
 }
 
@@ -1041,7 +1039,10 @@ void RequestFuzzer::MutateChunk(v1::KVChunk* chunk, int64_t prompt_tokens) {
       break;
     }
     case 1:
-      chunk->set_token_offset(Chance(0.5) ? prompt_tokens - chunk->num_tokens() + 1 : ExtremeInt64(prompt_tokens));
+      // One past the last offset that fits, wrapping like the wire's int64 when num_tokens is extreme.
+      chunk->set_token_offset(Chance(0.5) ? static_cast<int64_t>(static_cast<uint64_t>(prompt_tokens) -
+                                                                 static_cast<uint64_t>(chunk->num_tokens()) + 1)
+                                          : ExtremeInt64(prompt_tokens));
       break;
     case 2:
     case 3: {
