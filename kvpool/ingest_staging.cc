@@ -113,6 +113,46 @@ void CopyRows(void* dst, const void* src, size_t bytes) {
 #endif
 }
 
+bool CopyRowsFinite(void* dst, const void* src, size_t bytes, DType dtype) {
+  const uint16_t mask = dtype == DType::kF16 ? 0x7C00u : 0x7F80u;
+#if defined(__SSE2__)
+  auto* d = static_cast<char*>(dst);
+  const auto* s = static_cast<const char*>(src);
+  size_t i = std::min(bytes, (16 - reinterpret_cast<uintptr_t>(d) % 16) % 16);
+  if (i % 2 != 0) {  // the stores' alignment would cut elements in the registers: two passes
+    CopyRows(dst, src, bytes);
+    return FirstNonFinite(dtype, static_cast<const uint8_t*>(src), bytes) < 0;
+  }
+  bool finite = FirstNonFinite(dtype, reinterpret_cast<const uint8_t*>(s), i) < 0;
+  if (i > 0) std::memcpy(d, s, i);
+  const __m128i m = _mm_set1_epi16(static_cast<short>(mask));
+  __m128i hits = _mm_setzero_si128();
+  for (; i + 64 <= bytes; i += 64) {
+    const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i));
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i + 16));
+    const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i + 32));
+    const __m128i e = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i + 48));
+    _mm_stream_si128(reinterpret_cast<__m128i*>(d + i), a);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(d + i + 16), b);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(d + i + 32), c);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(d + i + 48), e);
+    const __m128i ab = _mm_or_si128(_mm_cmpeq_epi16(_mm_and_si128(a, m), m), _mm_cmpeq_epi16(_mm_and_si128(b, m), m));
+    const __m128i ce = _mm_or_si128(_mm_cmpeq_epi16(_mm_and_si128(c, m), m), _mm_cmpeq_epi16(_mm_and_si128(e, m), m));
+    hits = _mm_or_si128(hits, _mm_or_si128(ab, ce));
+  }
+  if (_mm_movemask_epi8(hits) != 0) finite = false;
+  if (i < bytes) {
+    finite = finite && FirstNonFinite(dtype, reinterpret_cast<const uint8_t*>(s + i), bytes - i) < 0;
+    std::memcpy(d + i, s + i, bytes - i);
+  }
+  _mm_sfence();
+  return finite;
+#else
+  std::memcpy(dst, src, bytes);
+  return FirstNonFinite(dtype, static_cast<const uint8_t*>(src), bytes) < 0;
+#endif
+}
+
 size_t IngestPacker::Finish(void* buffer, size_t* runs_offset) {
   const size_t at = Align16(static_cast<size_t>(data_bytes_));
   PKV_CHECK(Need(data_bytes_, num_runs()) <= static_cast<size_t>(capacity_)) << "packer overflow";

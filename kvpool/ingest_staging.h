@@ -93,6 +93,11 @@ class IngestPacker {
 // read-for-ownership of every destination line that a plain memcpy of a chunk smaller than the C
 // library's streaming threshold pays. Bytes before dst's first 16-byte boundary are stored plainly.
 void CopyRows(void* dst, const void* src, size_t bytes);
+// CopyRows that also checks the copied 2-byte elements of `dtype` for NaN and infinity in the same
+// pass (the loaded registers are tested before they are stored), so the source is read once.
+// `src` starts on a whole element. True when every whole element is finite; on false, find the
+// element with FirstNonFinite (the bytes are copied either way).
+bool CopyRowsFinite(void* dst, const void* src, size_t bytes, DType dtype);
 
 // Host model of the scatter kernel: applies `runs` with data from `staged` to the arena memory
 // `layer0` ([layers][pages][2][Hkv][P][d], `layer_stride_bytes` between layers).

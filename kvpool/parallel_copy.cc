@@ -185,15 +185,19 @@ void ParallelCopier::Work(const Job& job, const Piece& p, Found* found) {
     const size_t to = s == p.last ? p.end_offset : span.bytes;
     if (to <= from) continue;
     if (job.copy_scan != nullptr) {
-      // In blocks that stay in the cache between the copy and the scan.
+      // Copied and checked in one pass, in blocks: a block whose check fails is scanned again
+      // (from the cache) for the element.
       constexpr size_t kBlock = size_t{16} << 10;
       const ScanOf& of = job.copy_scan[s];
       bool clean = of.tensor >= 0;
       for (size_t b = from; b < to; b += kBlock) {
         const size_t len = std::min(kBlock, to - b);
         const char* src = static_cast<const char*>(span.src) + b;
-        CopyRows(static_cast<char*>(span.dst) + b, src, len);
-        if (!clean) continue;
+        if (!clean) {
+          CopyRows(static_cast<char*>(span.dst) + b, src, len);
+          continue;
+        }
+        if (CopyRowsFinite(static_cast<char*>(span.dst) + b, src, len, job.dtype)) continue;
         const int64_t i = pkv::FirstNonFinite(job.dtype, reinterpret_cast<const uint8_t*>(src), len);
         if (i >= 0) {
           found->emplace_back(static_cast<size_t>(of.tensor), of.first_element + static_cast<int64_t>(b / 2) + i);
