@@ -87,14 +87,14 @@ IngestPacker::Placement IngestPacker::Reserve(int32_t layer, std::span<const Slo
   return {n, k_at, v_at, first_run, runs_.size()};
 }
 
-void CopyRows(void* dst, const void* src, size_t bytes) {
 #if defined(__SSE2__)
-  auto* d = static_cast<char*>(dst);
-  const auto* s = static_cast<const char*>(src);
-  // Up to the destination's next 16-byte boundary with plain stores (a span that starts inside a
-  // row: a piece of a received message).
-  size_t i = std::min(bytes, (16 - reinterpret_cast<uintptr_t>(d) % 16) % 16);
-  if (i > 0) std::memcpy(d, s, i);
+namespace {
+
+// CopyRows' loop: 64 bytes per step from s + i to d + i (d + i on a 16-byte boundary) with
+// streaming stores, while at least 64 are left; returns where it stopped. With kCheck, each
+// 2-byte lane (elements start at even i) whose bits include all of `mask`'s is ORed into *hits.
+template <bool kCheck>
+size_t StreamBlocks(char* d, const char* s, size_t i, size_t bytes, __m128i mask, __m128i* hits) {
   for (; i + 64 <= bytes; i += 64) {
     const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i));
     const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i + 16));
@@ -104,7 +104,26 @@ void CopyRows(void* dst, const void* src, size_t bytes) {
     _mm_stream_si128(reinterpret_cast<__m128i*>(d + i + 16), b);
     _mm_stream_si128(reinterpret_cast<__m128i*>(d + i + 32), c);
     _mm_stream_si128(reinterpret_cast<__m128i*>(d + i + 48), e);
+    if constexpr (kCheck) {
+      auto hit = [mask](__m128i x) { return _mm_cmpeq_epi16(_mm_and_si128(x, mask), mask); };
+      *hits = _mm_or_si128(*hits, _mm_or_si128(_mm_or_si128(hit(a), hit(b)), _mm_or_si128(hit(c), hit(e))));
+    }
   }
+  return i;
+}
+
+}  // namespace
+#endif
+
+void CopyRows(void* dst, const void* src, size_t bytes) {
+#if defined(__SSE2__)
+  auto* d = static_cast<char*>(dst);
+  const auto* s = static_cast<const char*>(src);
+  // Up to the destination's next 16-byte boundary with plain stores (a span that starts inside a
+  // row: a piece of a received message).
+  size_t i = std::min(bytes, (16 - reinterpret_cast<uintptr_t>(d) % 16) % 16);
+  if (i > 0) std::memcpy(d, s, i);
+  i = StreamBlocks<false>(d, s, i, bytes, _mm_setzero_si128(), nullptr);
   if (i < bytes) std::memcpy(d + i, s + i, bytes - i);
   // Streaming stores are weakly ordered: fence them before anyone (the flush) reads the buffer.
   _mm_sfence();
@@ -114,7 +133,6 @@ void CopyRows(void* dst, const void* src, size_t bytes) {
 }
 
 bool CopyRowsFinite(void* dst, const void* src, size_t bytes, DType dtype) {
-  const uint16_t mask = dtype == DType::kF16 ? 0x7C00u : 0x7F80u;
 #if defined(__SSE2__)
   auto* d = static_cast<char*>(dst);
   const auto* s = static_cast<const char*>(src);
@@ -125,21 +143,9 @@ bool CopyRowsFinite(void* dst, const void* src, size_t bytes, DType dtype) {
   }
   bool finite = FirstNonFinite(dtype, reinterpret_cast<const uint8_t*>(s), i) < 0;
   if (i > 0) std::memcpy(d, s, i);
-  const __m128i m = _mm_set1_epi16(static_cast<short>(mask));
+  const __m128i mask = _mm_set1_epi16(static_cast<short>(dtype == DType::kF16 ? 0x7C00u : 0x7F80u));
   __m128i hits = _mm_setzero_si128();
-  for (; i + 64 <= bytes; i += 64) {
-    const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i));
-    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i + 16));
-    const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i + 32));
-    const __m128i e = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i + 48));
-    _mm_stream_si128(reinterpret_cast<__m128i*>(d + i), a);
-    _mm_stream_si128(reinterpret_cast<__m128i*>(d + i + 16), b);
-    _mm_stream_si128(reinterpret_cast<__m128i*>(d + i + 32), c);
-    _mm_stream_si128(reinterpret_cast<__m128i*>(d + i + 48), e);
-    const __m128i ab = _mm_or_si128(_mm_cmpeq_epi16(_mm_and_si128(a, m), m), _mm_cmpeq_epi16(_mm_and_si128(b, m), m));
-    const __m128i ce = _mm_or_si128(_mm_cmpeq_epi16(_mm_and_si128(c, m), m), _mm_cmpeq_epi16(_mm_and_si128(e, m), m));
-    hits = _mm_or_si128(hits, _mm_or_si128(ab, ce));
-  }
+  i = StreamBlocks<true>(d, s, i, bytes, mask, &hits);
   if (_mm_movemask_epi8(hits) != 0) finite = false;
   if (i < bytes) {
     finite = finite && FirstNonFinite(dtype, reinterpret_cast<const uint8_t*>(s + i), bytes - i) < 0;

@@ -11,13 +11,19 @@
 namespace pkv::kvpool {
 namespace {
 
-TEST(HostKvArenaTest, WriteThenReadRoundTripsAndUsesTheLayout) {
+// Two layers of d 64 and 4-token pages, with `hkv` KV heads (G 2).
+ModelShape ArenaShape(int32_t hkv) {
   ModelShape shape;
   shape.num_layers = 2;
-  shape.num_q_heads = 4;
-  shape.num_kv_heads = 2;
+  shape.num_q_heads = 2 * hkv;
+  shape.num_kv_heads = hkv;
   shape.head_dim = 64;
   shape.page_size = 4;
+  return shape;
+}
+
+TEST(HostKvArenaTest, WriteThenReadRoundTripsAndUsesTheLayout) {
+  const ModelShape shape = ArenaShape(2);
   auto arena = HostKvArena::Create(shape, 8);
   ASSERT_TRUE(arena.ok());
   std::mt19937 rng(1);
@@ -49,12 +55,7 @@ TEST(HostKvArenaTest, WriteThenReadRoundTripsAndUsesTheLayout) {
 // same rows writes; a NaN in an element split between two pieces refuses the chunk and changes
 // nothing.
 TEST(HostKvArenaTest, StageTokensFromPiecesCutAnywhereMatchesWriteTokens) {
-  ModelShape shape;
-  shape.num_layers = 2;
-  shape.num_q_heads = 8;
-  shape.num_kv_heads = 4;
-  shape.head_dim = 64;
-  shape.page_size = 4;
+  const ModelShape shape = ArenaShape(4);
   auto staged = HostKvArena::Create(shape, 16);
   auto written = HostKvArena::Create(shape, 16);
   ASSERT_TRUE(staged.ok()) << staged.status();
