@@ -69,8 +69,9 @@ class ParallelCopier {
   void FirstNonFinite(std::span<const PieceBytes* const> tensors, DType dtype, std::span<int64_t> first);
 
   // Copy and scan in one pass over the source: every span is copied as Copy does and, where
-  // scans[i].tensor >= 0, its elements are scanned in cache-sized blocks right after they were
-  // copied (so the source is read from memory once). Such a span starts on a whole element
+  // scans[i].tensor >= 0, its elements are checked in the copy's own loop (CopyRowsFinite,
+  // kvpool/ingest_staging.h: the source is read once; a 16 KiB block that fails the check is
+  // scanned again, from the cache, for the element). Such a span starts on a whole element
   // (its first element is element scans[i].first_element of tensor scans[i].tensor) and holds
   // whole elements. first[t]: tensor t's first NaN or infinity among its scanned spans, or -1.
   // Everything is copied either way.
