@@ -2,12 +2,15 @@
 // attention before it answers; the engine waits with cudaStreamSynchronize. Alternative: the
 // kernel's last CTA to finish writes a sequence number into mapped pinned host memory (after a
 // system-scope fence, so every CTA's mapped-memory outputs are visible first) and the host spins
-// on it. This probe times both round trips on the calling thread (host steady_clock, from before
+// on it; or the stream writes the flag after the kernel (cuStreamWriteValue32, a memory operation
+// of the stream that fences before its write: no change to the kernels). This probe times the three
+// round trips on the calling thread (host steady_clock, from before
 // the first call to the wake), for an empty kernel, for a 132-CTA kernel that spins about 15 us
 // (about a B1 layer's attention), and for the B1 layer pattern (12 KiB cudaMemcpyAsync, then that
 // kernel). Medians and p99 over many repetitions, after a warm-up; the spin variants also call
 // cudaStreamQuery once after waking (the engine would still poll the stream for errors), timed
 // inside the round trip.
+#include <cuda.h>
 #include <cuda_runtime.h>
 #include <immintrin.h>
 
@@ -62,6 +65,10 @@ int main() {
   unsigned *out_h, *out_d; CK(cudaHostAlloc(&out_h, 4096, cudaHostAllocMapped)); CK(cudaHostGetDevicePointer((void**)&out_d, out_h, 0));
   unsigned *flag_h, *flag_d; CK(cudaHostAlloc(&flag_h, 64, cudaHostAllocMapped)); CK(cudaHostGetDevicePointer((void**)&flag_d, flag_h, 0));
   *flag_h = 0;
+  const CUdeviceptr flag_dptr = reinterpret_cast<CUdeviceptr>(flag_d);
+  int can_write_value = 0;
+  cuDeviceGetAttribute(&can_write_value, CU_DEVICE_ATTRIBUTE_CAN_USE_STREAM_MEM_OPS_V1, 0);
+  printf("stream memory operations supported: %d\n\n", can_write_value);
   const size_t kB1 = 12 * 1024;  // B1 q|k|v at Hq 32, Hkv 8, d 128, fp16
   void* io_h; CK(cudaHostAlloc(&io_h, kB1, cudaHostAllocDefault));
   void* io_d; CK(cudaMalloc(&io_d, kB1));
@@ -86,11 +93,25 @@ int main() {
       Row(name, 20000, [&] { Work<<<ctas, 32, 0, s>>>(ns, done, out_d, nullptr, ++seq); cudaStreamSynchronize(s); });
       snprintf(name, sizeof(name), "%s + spin on a mapped flag", label);
       Row(name, 20000, [&] { ++seq; Work<<<ctas, 32, 0, s>>>(ns, done, out_d, flag_d, seq); spin(seq); });
+      snprintf(name, sizeof(name), "%s + cuStreamWriteValue32 + spin", label);
+      Row(name, 20000, [&] {
+        ++seq;
+        Work<<<ctas, 32, 0, s>>>(ns, done, out_d, nullptr, seq);
+        cuStreamWriteValue32(s, flag_dptr, seq, CU_STREAM_WRITE_VALUE_DEFAULT);
+        spin(seq);
+      });
     }
     Row("B1 pattern: memcpyAsync 12 KiB, 132 CTAs 15 us, cudaStreamSynchronize", 20000, [&] {
       cudaMemcpyAsync(io_d, io_h, kB1, cudaMemcpyHostToDevice, s);
       Work<<<132, 32, 0, s>>>(15000, done, out_d, nullptr, ++seq);
       cudaStreamSynchronize(s);
+    });
+    Row("B1 pattern: memcpyAsync 12 KiB, 132 CTAs 15 us, cuStreamWriteValue32, spin", 20000, [&] {
+      cudaMemcpyAsync(io_d, io_h, kB1, cudaMemcpyHostToDevice, s);
+      ++seq;
+      Work<<<132, 32, 0, s>>>(15000, done, out_d, nullptr, seq);
+      cuStreamWriteValue32(s, flag_dptr, seq, CU_STREAM_WRITE_VALUE_DEFAULT);
+      spin(seq);
     });
     Row("B1 pattern: memcpyAsync 12 KiB, 132 CTAs 15 us, spin on the flag", 20000, [&] {
       cudaMemcpyAsync(io_d, io_h, kB1, cudaMemcpyHostToDevice, s);
