@@ -8,8 +8,8 @@
 #                                  instrumented, so ThreadSanitizer cannot see their locks and
 #                                  reports every hand-off through them as a race; the tests that
 #                                  run a server are left out for that reason.
-# Set-up as scripts/setup.sh (run it once first on a fresh machine); takes 10-20 minutes on 2
-# cores. Extra arguments go to ctest (e.g. -R engine_test).
+# Set-up as scripts/setup.sh (run it once first on a fresh machine); takes 15-25 minutes on 2
+# cores from scratch. Extra arguments go to ctest (e.g. -R engine_test).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODE="${1:-address}"
