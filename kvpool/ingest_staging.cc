@@ -90,6 +90,12 @@ IngestPacker::Placement IngestPacker::Reserve(int32_t layer, std::span<const Slo
 #if defined(__SSE2__)
 namespace {
 
+// Bytes before the destination's next 16-byte boundary (at most `bytes`), stored plainly: a span
+// may start inside a row (a piece of a received message).
+size_t HeadBytes(const char* d, size_t bytes) {
+  return std::min(bytes, (16 - reinterpret_cast<uintptr_t>(d) % 16) % 16);
+}
+
 // CopyRows' loop: 64 bytes per step from s + i to d + i (d + i on a 16-byte boundary) with
 // streaming stores, while at least 64 are left; returns where it stopped. With kCheck, each
 // 2-byte lane (elements start at even i) whose bits include all of `mask`'s is ORed into *hits.
@@ -119,9 +125,7 @@ void CopyRows(void* dst, const void* src, size_t bytes) {
 #if defined(__SSE2__)
   auto* d = static_cast<char*>(dst);
   const auto* s = static_cast<const char*>(src);
-  // Up to the destination's next 16-byte boundary with plain stores (a span that starts inside a
-  // row: a piece of a received message).
-  size_t i = std::min(bytes, (16 - reinterpret_cast<uintptr_t>(d) % 16) % 16);
+  size_t i = HeadBytes(d, bytes);
   if (i > 0) std::memcpy(d, s, i);
   i = StreamBlocks<false>(d, s, i, bytes, _mm_setzero_si128(), nullptr);
   if (i < bytes) std::memcpy(d + i, s + i, bytes - i);
@@ -136,7 +140,7 @@ bool CopyRowsFinite(void* dst, const void* src, size_t bytes, DType dtype) {
 #if defined(__SSE2__)
   auto* d = static_cast<char*>(dst);
   const auto* s = static_cast<const char*>(src);
-  size_t i = std::min(bytes, (16 - reinterpret_cast<uintptr_t>(d) % 16) % 16);
+  size_t i = HeadBytes(d, bytes);
   if (i % 2 != 0) {  // the stores' alignment would cut elements in the registers: two passes
     CopyRows(dst, src, bytes);
     return FirstNonFinite(dtype, static_cast<const uint8_t*>(src), bytes) < 0;
